@@ -1,0 +1,179 @@
+"""Collators: lists of tokenised examples -> batches of tensors.
+
+Masks always come from the examples' lengths, never from comparing ids with the pad id
+(the pad id may equal eos). Training batches are right-padded; prompt batches for
+generation are left-padded. ``completion_mask`` is 1 on the tokens a loss is taken over.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lit_rlhf.data.tokenize import Example
+
+
+def pad_token_id_of(tokenizer) -> int:
+    """The tokenizer's pad id, else its eos id (a stated fallback: padding never enters a mask)."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with; set tokenizer.pad_token")
+
+
+def pad(sequences: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    """Pad int lists to one ``(len(sequences), max_len)`` long tensor."""
+    width = max((len(s) for s in sequences), default=0)
+    out = torch.full((len(sequences), width), value, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            start = width - len(s) if left else 0
+            out[i, start : start + len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def _sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int, completion_only: bool = True
+               ) -> dict[str, torch.Tensor]:
+    """Right-padded prompt + completion rows with their attention and completion masks."""
+    ids = [p + c for p, c in zip(prompts, completions)]
+    masks = [[0 if completion_only else 1] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)]
+    return {
+        "input_ids": pad(ids, pad_id),
+        "attention_mask": pad([[1] * len(s) for s in ids], 0),
+        "completion_mask": pad(masks, 0),
+    }
+
+
+class PreferenceCollator:
+    """Preference pairs, chosen and rejected stacked so one forward pass covers both.
+
+    Returns ``input_ids``, ``attention_mask``, ``completion_mask``: ``(2 * batch, seq)``,
+    right-padded; rows ``[:batch]`` are prompt + chosen, rows ``[batch:]`` prompt + rejected.
+
+    Args:
+        pad_token_id: the id padding is filled with.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        prompts = [e["prompt_ids"] for e in examples] * 2
+        completions = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+        return _sequences(prompts, completions, self.pad_token_id)
+
+
+class SFTCollator:
+    """Demonstrations, right-padded.
+
+    Returns ``input_ids``, ``attention_mask``, ``completion_mask``: ``(batch, seq)``.
+
+    Args:
+        pad_token_id: the id padding is filled with.
+        completion_only_loss: take the loss on completion tokens only; when False (and for
+            ``text`` rows, which have no prompt) every non-pad token is in ``completion_mask``.
+    """
+
+    def __init__(self, pad_token_id: int, completion_only_loss: bool = True):
+        self.pad_token_id = pad_token_id
+        self.completion_only_loss = completion_only_loss
+
+    def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        prompts = [e["prompt_ids"] for e in examples]
+        completions = [e["completion_ids"] for e in examples]
+        return _sequences(prompts, completions, self.pad_token_id, self.completion_only_loss)
+
+
+class PackingCollator:
+    """Padding-free packing: examples concatenated into rows, without an attention mask.
+
+    Each example's ``position_ids`` restart at 0; transformers models detect the packed
+    sequences from that (when ``attention_mask`` is absent) and keep attention inside each
+    example, so the result equals the padded batch token for token. With ``max_length``,
+    consecutive examples are packed greedily into rows of at most ``max_length`` tokens and
+    the rows are right-padded; the padding is a sequence of its own (positions from 0) that
+    ``completion_mask`` excludes.
+
+    Returns ``input_ids``, ``position_ids``, ``completion_mask``: ``(rows, seq)``, one row
+    when ``max_length`` is None.
+
+    Args:
+        pad_token_id: the id padding is filled with.
+        completion_only_loss: as in :class:`SFTCollator`.
+        max_length: the longest packed row; None packs the whole batch into one row.
+    """
+
+    def __init__(self, pad_token_id: int, completion_only_loss: bool = True, max_length: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.completion_only_loss = completion_only_loss
+        self.max_length = max_length
+
+    def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        rows: list[list[Example]] = [[]]
+        used = 0
+        for e in examples:
+            n = len(e["prompt_ids"]) + len(e["completion_ids"])
+            if self.max_length is not None and rows[-1] and used + n > self.max_length:
+                rows.append([])
+                used = 0
+            rows[-1].append(e)
+            used += n
+        ids, positions, masks = [], [], []
+        for row in rows:
+            ids.append([t for e in row for t in e["prompt_ids"] + e["completion_ids"]])
+            positions.append([i for e in row for i in range(len(e["prompt_ids"]) + len(e["completion_ids"]))])
+            masks.append([m for e in row for m in [0 if self.completion_only_loss else 1] * len(e["prompt_ids"])
+                          + [1] * len(e["completion_ids"])])
+        width = max(len(r) for r in ids)
+        positions = [p + list(range(width - len(p))) for p in positions]
+        return {"input_ids": pad(ids, self.pad_token_id), "position_ids": pad(positions, 0),
+                "completion_mask": pad(masks, 0)}
+
+
+class UnpairedCollator:
+    """Unpaired (KTO) examples plus the mismatched batch KTO estimates its KL term from.
+
+    Returns ``input_ids``, ``attention_mask``, ``completion_mask``: ``(batch, seq)``;
+    ``labels``: ``(batch,)`` bool (True = desirable); ``kl_input_ids``,
+    ``kl_attention_mask``, ``kl_completion_mask``: ``(batch, kl_seq)``, row ``i`` is prompt
+    ``i`` with completion ``(i + 1) % batch``.
+
+    Args:
+        pad_token_id: the id padding is filled with.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        prompts = [e["prompt_ids"] for e in examples]
+        completions = [e["completion_ids"] for e in examples]
+        batch = _sequences(prompts, completions, self.pad_token_id)
+        shifted = completions[1:] + completions[:1]
+        kl = _sequences(prompts, shifted, self.pad_token_id)
+        batch["labels"] = torch.tensor([bool(e["label"]) for e in examples], dtype=torch.bool)
+        batch.update({f"kl_{k}": v for k, v in kl.items()})
+        return batch
+
+
+class PromptCollator:
+    """Prompts for generation, left-padded so every row ends where generation starts.
+
+    Returns ``prompt_input_ids``, ``prompt_attention_mask``: ``(batch, seq)``;
+    ``prompts``: the rendered prompt strings; ``raw_prompts``: the original ``prompt``
+    fields (strings or message lists), e.g. for reward functions.
+
+    Args:
+        pad_token_id: the id padding is filled with.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[Example]) -> dict:
+        ids = [e["prompt_ids"] for e in examples]
+        return {
+            "prompt_input_ids": pad(ids, self.pad_token_id, left=True),
+            "prompt_attention_mask": pad([[1] * len(s) for s in ids], 0, left=True),
+            "prompts": [e["prompt_text"] for e in examples],
+            "raw_prompts": [e["prompt"] for e in examples],
+        }

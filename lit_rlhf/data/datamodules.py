@@ -1,0 +1,332 @@
+"""LightningDataModules for the four formats: load, validate every row, tokenise, collate.
+
+All the work happens in :meth:`_FormatDataModule.prepare` (idempotent), which ``setup()``
+calls and which a CLI may call earlier to fail fast: every row of ``train`` and ``val`` is
+checked before training starts, and the problems are reported together.
+
+The tokenizer is never loaded here: pass one as ``tokenizer``, or attach the DataModule to
+a Trainer whose LightningModule exposes ``.tokenizer`` (every lit_rlhf method does).
+
+The training loader shuffles with a ``DistributedSampler`` seeded with ``seed``: its order
+depends only on ``(seed, epoch)`` and Lightning calls its ``set_epoch`` every epoch, so a
+resumed run sees the same order as an uninterrupted one. It is built with the Trainer's
+world size and rank, so under DDP Lightning keeps it instead of injecting its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Callable, ClassVar, Literal, Optional, Union
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
+from transformers import PreTrainedTokenizerBase
+
+from lit_rlhf.data.collate import (
+    PackingCollator,
+    PreferenceCollator,
+    PromptCollator,
+    SFTCollator,
+    UnpairedCollator,
+    pad_token_id_of,
+)
+from lit_rlhf.data.formats import DataError, report_invalid
+from lit_rlhf.data.sources import load_rows
+from lit_rlhf.data.tokenize import Example, build_examples, resolve_conversational
+
+log = logging.getLogger("lit_rlhf.data")
+
+
+class ExampleDataset(Dataset):
+    """A list of tokenised examples as a map-style dataset."""
+
+    def __init__(self, examples: list[Example]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Example:
+        return self.examples[index]
+
+
+def epoch_sampler(dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0) -> DistributedSampler:
+    """A shuffling sampler whose order depends only on ``(seed, epoch)``; call ``set_epoch`` each epoch."""
+    return DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+
+
+class _FormatDataModule(L.LightningDataModule):
+    """Shared loading, validation, splitting and loaders; subclasses set ``format`` and the collator."""
+
+    format: ClassVar[str]
+
+    def __init__(
+        self,
+        train: Union[str, list[str]],
+        val: Optional[Union[str, list[str]]] = None,
+        val_fraction: float = 0.0,
+        split_seed: int = 0,
+        conversational: Optional[bool] = None,
+        batch_size: int = 8,
+        max_length: Optional[int] = 512,
+        max_prompt_length: Optional[int] = None,
+        truncation: Literal["error", "truncate"] = "error",
+        on_invalid: Literal["error", "skip"] = "error",
+        num_workers: int = 0,
+        seed: int = 0,
+        tokenizer: Optional[PreTrainedTokenizerBase] = None,
+        hub_split: str = "train",
+    ):
+        """
+        Args:
+            train: training data: a .jsonl/.json/.parquet/.csv file, a folder of them, a saved
+                ``datasets`` directory, a ``datasets`` hub name, or a list of these.
+            val: validation data, in the same forms; None holds out ``val_fraction`` of train.
+            val_fraction: the fraction of train held out for validation when ``val`` is None
+                (0 disables validation).
+            split_seed: the seed of that hold-out split.
+            conversational: whether rows are chat messages; None detects it from the first row.
+            batch_size: examples per batch (per device).
+            max_length: the longest prompt + completion in tokens; None for no limit.
+            max_prompt_length: the longest prompt in tokens; None for no separate limit.
+            truncation: "error" makes an over-long row an error at setup; "truncate" keeps the
+                end of the prompt and cuts the completion on the right.
+            on_invalid: "error" reports all invalid rows and stops before training; "skip"
+                drops them and logs how many.
+            num_workers: DataLoader worker processes.
+            seed: the shuffling seed; the order of an epoch depends only on (seed, epoch).
+            tokenizer: the tokenizer; None takes the LightningModule's ``.tokenizer`` in setup.
+            hub_split: the split to load from a hub dataset or a saved DatasetDict.
+        """
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if truncation not in ("error", "truncate"):
+            raise ValueError(f"truncation must be 'error' or 'truncate', got {truncation!r}")
+        if on_invalid not in ("error", "skip"):
+            raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.train = train
+        self.val = val
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.conversational = conversational
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
+        self.truncation = truncation
+        self.on_invalid = on_invalid
+        self.num_workers = num_workers
+        self.seed = seed
+        self.tokenizer = tokenizer
+        self.hub_split = hub_split
+        self.train_examples: list[Example] = []
+        self.val_examples: list[Example] = []
+        self.collator: Optional[Callable] = None
+        self._prepared_with: Any = None
+        self._resumed_state: Optional[dict] = None
+
+    # -- preparation ----------------------------------------------------------------------------
+
+    def make_collator(self, tokenizer) -> Callable:
+        raise NotImplementedError
+
+    def prepare(self, tokenizer: Optional[PreTrainedTokenizerBase] = None) -> _FormatDataModule:
+        """Load, validate and tokenise train and val; idempotent for the same tokenizer.
+
+        Raises:
+            DataError: listing every invalid row (file, line, field), unless on_invalid="skip".
+        """
+        tokenizer = tokenizer or self.tokenizer or self._prepared_with
+        if tokenizer is None:
+            raise ValueError(f"{type(self).__name__} needs a tokenizer: pass tokenizer=..., call prepare(tokenizer), "
+                             "or attach it to a Trainer whose LightningModule has a `.tokenizer` attribute")
+        if tokenizer is self._prepared_with:
+            return self
+        errors: list[DataError] = []
+        train_rows = load_rows(self.train, self.hub_split, errors)
+        val_rows = load_rows(self.val, self.hub_split, errors) if self.val is not None else []
+        flag, hint = resolve_conversational(self.format, train_rows or val_rows, self.conversational)
+        settings = dict(conversational=flag, hint=hint, max_length=self.max_length,
+                        max_prompt_length=self.max_prompt_length, truncation=self.truncation)
+        train, train_errors = build_examples(self.format, train_rows, tokenizer, **settings)
+        val, val_errors = build_examples(self.format, val_rows, tokenizer, **settings)
+        report_invalid(errors + train_errors + val_errors, self.on_invalid, f"the {self.format} data")
+        if not train:
+            raise DataError(f"no usable training rows in {self.train}")
+        if self.val is None and self.val_fraction > 0:
+            train, val = _hold_out(train, self.val_fraction, self.split_seed)
+        self.train_examples, self.val_examples = train, val
+        self.collator = self.make_collator(tokenizer)
+        self._prepared_with = tokenizer
+        log.info("%s: %d train / %d val examples (%s)", type(self).__name__, len(train), len(val),
+                 "conversational" if flag else "plain text")
+        self._check_resumed_state()
+        return self
+
+    def setup(self, stage: str) -> None:
+        tokenizer = self.tokenizer
+        if tokenizer is None and self.trainer is not None and self.trainer.lightning_module is not None:
+            tokenizer = getattr(self.trainer.lightning_module, "tokenizer", None)
+        self.prepare(tokenizer)
+
+    @property
+    def num_train_rows(self) -> int:
+        return len(self.train_examples)
+
+    @property
+    def num_val_rows(self) -> int:
+        return len(self.val_examples)
+
+    # -- loaders --------------------------------------------------------------------------------
+
+    def _require_prepared(self) -> None:
+        if self.collator is None:
+            raise RuntimeError(f"{type(self).__name__} is not prepared: call setup() or prepare(tokenizer) first")
+
+    def train_dataloader(self) -> DataLoader:
+        self._require_prepared()
+        dataset = ExampleDataset(self.train_examples)
+        replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=epoch_sampler(dataset, self.seed, replicas, rank),
+                          collate_fn=self.collator, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> Union[DataLoader, list]:
+        self._require_prepared()
+        if not self.val_examples:
+            return []  # Lightning skips validation
+        dataset = ExampleDataset(self.val_examples)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=SequentialSampler(dataset),
+                          collate_fn=self.collator, num_workers=self.num_workers)
+
+    # -- checkpoint state -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume needs to check it sees the same data: the epoch order follows from (seed, epoch)."""
+        return {"seed": self.seed, "num_train_rows": self.num_train_rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resumed_state = dict(state_dict)
+        self._check_resumed_state()
+
+    def _check_resumed_state(self) -> None:
+        state = self._resumed_state
+        if state is None or self._prepared_with is None:
+            return
+        now = self.state_dict()
+        if state != now:
+            log.warning("resuming with different data settings than the checkpoint (%s now, %s then): the data "
+                        "order will not match the interrupted run", now, state)
+
+
+def _hold_out(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[: max(1, round(fraction * len(examples)))])
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+
+
+class PromptDataModule(_FormatDataModule):
+    """Prompts for the online methods (PPO, RLOO, GRPO, on-policy GKD).
+
+    Rows: ``{"prompt"}``. Batches: ``prompt_input_ids``, ``prompt_attention_mask``
+    ``(batch, seq)`` left-padded; ``prompts`` (rendered strings); ``raw_prompts``.
+    ``max_prompt_length`` (or else ``max_length``) bounds the prompt.
+    """
+
+    format = "prompt"
+
+    def make_collator(self, tokenizer) -> Callable:
+        return PromptCollator(pad_token_id_of(tokenizer))
+
+
+class PreferenceDataModule(_FormatDataModule):
+    """Preference pairs for reward modelling and the DPO family.
+
+    Rows: ``{"prompt", "chosen", "rejected"}`` or implicit ``{"chosen", "rejected"}``.
+    Batches: ``input_ids``, ``attention_mask``, ``completion_mask`` ``(2 * batch, seq)``,
+    chosen rows first, then rejected rows.
+    """
+
+    format = "preference"
+
+    def make_collator(self, tokenizer) -> Callable:
+        return PreferenceCollator(pad_token_id_of(tokenizer))
+
+
+class UnpairedDataModule(_FormatDataModule):
+    """Unpaired, labelled completions for KTO.
+
+    Rows: ``{"prompt", "completion", "label"}``. Batches: ``input_ids``, ``attention_mask``,
+    ``completion_mask`` ``(batch, seq)``, ``labels`` ``(batch,)`` bool, and the mismatched KL
+    batch ``kl_input_ids``, ``kl_attention_mask``, ``kl_completion_mask``.
+    """
+
+    format = "unpaired"
+
+    def make_collator(self, tokenizer) -> Callable:
+        return UnpairedCollator(pad_token_id_of(tokenizer))
+
+
+class SFTDataModule(_FormatDataModule):
+    """Demonstrations for SFT and supervised distillation.
+
+    Rows: ``{"text"}``, ``{"messages"}`` (the last, assistant, message is the completion), or
+    ``{"prompt", "completion"}``. Batches: ``input_ids``, ``attention_mask``,
+    ``completion_mask`` ``(batch, seq)``; with ``packing``: ``input_ids``, ``position_ids``,
+    ``completion_mask`` ``(rows, seq)`` and no attention mask.
+    """
+
+    format = "sft"
+
+    def __init__(
+        self,
+        train: Union[str, list[str]],
+        val: Optional[Union[str, list[str]]] = None,
+        val_fraction: float = 0.0,
+        split_seed: int = 0,
+        conversational: Optional[bool] = None,
+        batch_size: int = 8,
+        max_length: Optional[int] = 512,
+        max_prompt_length: Optional[int] = None,
+        truncation: Literal["error", "truncate"] = "error",
+        on_invalid: Literal["error", "skip"] = "error",
+        num_workers: int = 0,
+        seed: int = 0,
+        tokenizer: Optional[PreTrainedTokenizerBase] = None,
+        hub_split: str = "train",
+        packing: bool = False,
+        completion_only_loss: bool = True,
+    ):
+        """
+        Args:
+            train: training data: a .jsonl/.json/.parquet/.csv file, a folder of them, a saved
+                ``datasets`` directory, a ``datasets`` hub name, or a list of these.
+            val: validation data, in the same forms; None holds out ``val_fraction`` of train.
+            val_fraction: the fraction of train held out for validation when ``val`` is None.
+            split_seed: the seed of that hold-out split.
+            conversational: whether rows are chat messages; None detects it from the first row.
+            batch_size: examples per batch (per device).
+            max_length: the longest prompt + completion in tokens, and the longest packed row.
+            max_prompt_length: the longest prompt in tokens; None for no separate limit.
+            truncation: "error" makes an over-long row an error at setup; "truncate" keeps the
+                end of the prompt and cuts the completion on the right.
+            on_invalid: "error" reports all invalid rows before training; "skip" drops them.
+            num_workers: DataLoader worker processes.
+            seed: the shuffling seed; the order of an epoch depends only on (seed, epoch).
+            tokenizer: the tokenizer; None takes the LightningModule's ``.tokenizer`` in setup.
+            hub_split: the split to load from a hub dataset or a saved DatasetDict.
+            packing: pack each batch's examples padding-free into rows of at most
+                ``max_length`` tokens (needs a model that reads packed ``position_ids``).
+            completion_only_loss: take the loss on completion tokens only.
+        """
+        super().__init__(train, val, val_fraction, split_seed, conversational, batch_size, max_length,
+                         max_prompt_length, truncation, on_invalid, num_workers, seed, tokenizer, hub_split)
+        self.packing = packing
+        self.completion_only_loss = completion_only_loss
+
+    def make_collator(self, tokenizer) -> Callable:
+        if self.packing:
+            return PackingCollator(pad_token_id_of(tokenizer), self.completion_only_loss, self.max_length)
+        return SFTCollator(pad_token_id_of(tokenizer), self.completion_only_loss)

@@ -1,0 +1,273 @@
+"""The four data formats, their schemas, and the row validation that runs before any training.
+
+| format     | fields                                                        |
+|------------|---------------------------------------------------------------|
+| prompt     | ``prompt``                                                    |
+| preference | ``prompt``, ``chosen``, ``rejected``; or implicit ``chosen``, ``rejected`` |
+| unpaired   | ``prompt``, ``completion``, ``label`` (bool)                  |
+| sft        | ``text``; or ``messages``; or ``prompt`` + ``completion``     |
+
+Every text field is either plain text (a string) or conversational (a list of
+``{"role", "content"}`` messages, roles ``system`` / ``user`` / ``assistant`` / ``tool``).
+A dataset is one or the other throughout. Unknown extra fields are ignored.
+
+``check_row`` turns one raw row into a normalised *record* (the fields the tokenizer
+needs) or a list of :class:`DataError`, one per problem, each naming the file, the line
+(or row) and the field, and saying what to do instead. ``report_invalid`` raises them
+together, or drops the rows and logs the count (``on_invalid="skip"``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+log = logging.getLogger("lit_rlhf.data")
+
+Format = Literal["prompt", "preference", "unpaired", "sft"]
+FORMATS: tuple[str, ...] = ("prompt", "preference", "unpaired", "sft")
+ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
+OnInvalid = Literal["error", "skip"]
+
+#: How many problems an aggregated error lists before it says "... and N more".
+MAX_LISTED = 20
+#: CSV cells have no booleans: these strings (any case) are accepted for ``label`` in CSV files.
+CSV_TRUE = ("true", "1")
+CSV_FALSE = ("false", "0")
+
+
+class DataError(ValueError):
+    """A problem with the data, found before training; the message says where and what to do.
+
+    ``errors`` holds the individual problems when several were collected into one error.
+    """
+
+    def __init__(self, message: str, errors: list[DataError] | None = None, where: Where | None = None):
+        super().__init__(message)
+        self.errors: list[DataError] = errors if errors is not None else [self]
+        self.where = where
+
+
+@dataclass(frozen=True)
+class Where:
+    """The provenance of a row.
+
+    Args:
+        source: the file (or saved dataset directory, or hub name) the row came from.
+        line: 1-based. For JSONL and CSV it is the physical line in the file (CSV counts
+            the header, so the first data row is line 2); for JSON arrays, Parquet and
+            ``datasets`` it is the row number (the first row is row 1).
+        unit: ``"line"`` (printed ``file:7``) or ``"row"`` (printed ``file: row 7``).
+        kind: the source type: ``jsonl``, ``json``, ``csv``, ``parquet``, ``dataset``, ``hub``.
+    """
+
+    source: str
+    line: int
+    unit: Literal["line", "row"] = "line"
+    kind: str = "jsonl"
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}" if self.unit == "line" else f"{self.source}: row {self.line}"
+
+
+def row_error(where: Where, field: str | None, problem: str) -> DataError:
+    """``file:7: field 'chosen': <problem>``; ``field=None`` for problems of the whole line."""
+    prefix = f"{where}: " if field is None else f"{where}: field '{field}': "
+    return DataError(prefix + problem, where=where)
+
+
+def report_invalid(errors: list[DataError], on_invalid: OnInvalid, what: str) -> None:
+    """Raise all ``errors`` as one :class:`DataError`, or log them when ``on_invalid="skip"``.
+
+    Args:
+        errors: one per problem; the caller has already dropped the rows they belong to.
+        on_invalid: ``"error"`` raises, ``"skip"`` logs the count and the first few reasons.
+        what: a name for the data in the message, e.g. ``"preference data (train)"``.
+    """
+    if not errors:
+        return
+    if on_invalid not in ("error", "skip"):
+        raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
+    if on_invalid == "skip":
+        rows = len({e.where for e in errors if e.where is not None})
+        first = "\n  ".join(str(e) for e in errors[:5])
+        log.warning("skipped %d invalid row(s) of %s (on_invalid='skip'); first reasons:\n  %s", rows, what, first)
+        return
+    listed = "\n  ".join(str(e) for e in errors[:MAX_LISTED])
+    more = f"\n  ... and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
+    raise DataError(
+        f"{len(errors)} problem(s) in {what}:\n  {listed}{more}\n"
+        "Fix these rows, or set on_invalid='skip' to drop them.",
+        errors,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Detection
+
+
+def is_conversational(value: Any) -> bool:
+    return isinstance(value, list)
+
+
+def detect_conversational(fmt: str, row: dict) -> bool:
+    """Whether a row is conversational: its main text field holds a list of messages."""
+    keys = {"prompt": ("prompt",), "preference": ("prompt", "chosen"), "unpaired": ("prompt", "completion")}
+    if fmt == "sft":
+        if "messages" in row:
+            return True
+        if "text" in row:
+            return False
+        return is_conversational(row.get("prompt")) or is_conversational(row.get("completion"))
+    return any(is_conversational(row.get(k)) for k in keys[fmt])
+
+
+# ---------------------------------------------------------------------------------------------
+# Field checks. Each returns the problems it found; an empty list means the field is usable.
+
+
+def _has_bad_bytes(text: str) -> bool:
+    # Sources decode with errors="surrogateescape", so an invalid UTF-8 byte b becomes U+DC00+b.
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+_BAD_BYTES = "contains bytes that are not valid UTF-8; re-save the file as UTF-8"
+
+
+def _check_messages(value: list, where: Where, field: str, *, allow_empty: bool) -> list[DataError]:
+    errors = []
+    if not value and not allow_empty:
+        return [row_error(where, field, "is an empty list of messages; give at least one message")]
+    for i, message in enumerate(value):
+        name = f"{field}[{i}]"
+        if not isinstance(message, dict):
+            errors.append(row_error(where, name, f"is a {type(message).__name__}; each message must be an object "
+                                    'like {"role": "user", "content": "..."}'))
+            continue
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            errors.append(row_error(where, f"{name}.role", f"unknown role {role!r}; use one of {', '.join(ROLES)}"))
+        if not isinstance(content, str):
+            errors.append(row_error(where, f"{name}.content",
+                                    f"is {_describe(content)}; a message's content must be a string"))
+        elif _has_bad_bytes(content):
+            errors.append(row_error(where, f"{name}.content", _BAD_BYTES))
+    return errors
+
+
+def _describe(value: Any) -> str:
+    return "missing" if value is None else f"a {type(value).__name__}"
+
+
+def _check_text(row: dict, field: str, where: Where, conversational: bool, *, required_nonempty: bool,
+                mode_hint: str) -> list[DataError]:
+    """A text field: a string in plain-text data, a list of messages in conversational data."""
+    if field not in row or row[field] is None:
+        return [row_error(where, field, "is missing; every row of this format needs it")]
+    value = row[field]
+    if conversational:
+        if not isinstance(value, list):
+            return [row_error(where, field, f"is {_describe(value)}; this dataset is conversational ({mode_hint}), "
+                              'so it must be a list of {"role", "content"} messages')]
+        errors = _check_messages(value, where, field, allow_empty=not required_nonempty)
+        if not errors and required_nonempty and not any(m["content"].strip() for m in value):
+            errors.append(row_error(where, field, "has only empty messages; give it some content"))
+        return errors
+    if not isinstance(value, str):
+        kind = "a list of messages" if isinstance(value, list) else _describe(value)
+        return [row_error(where, field, f"is {kind}; this dataset is plain text ({mode_hint}), so it must be a string")]
+    if _has_bad_bytes(value):
+        return [row_error(where, field, _BAD_BYTES)]
+    if required_nonempty and not value.strip():
+        return [row_error(where, field, "is empty; give it some text, or drop the row")]
+    return []
+
+
+def _check_label(row: dict, where: Where) -> tuple[bool | None, list[DataError]]:
+    if "label" not in row or row["label"] is None:
+        return None, [row_error(where, "label", "is missing; give true (desirable) or false (undesirable)")]
+    value = row["label"]
+    if isinstance(value, bool):
+        return value, []
+    if where.kind == "csv" and isinstance(value, str):
+        if value.strip().lower() in CSV_TRUE:
+            return True, []
+        if value.strip().lower() in CSV_FALSE:
+            return False, []
+    return None, [row_error(where, "label", f"is {value!r}; it must be a boolean, true or false "
+                            "(in CSV: true/false/1/0)")]
+
+
+def check_row(fmt: str, row: Any, where: Where, conversational: bool, mode_hint: str = "") -> tuple[dict | None, list[DataError]]:
+    """Validate one raw row and normalise it into a record.
+
+    Args:
+        fmt: one of ``FORMATS``.
+        row: the row as loaded (a dict of fields).
+        where: its provenance, used in every message.
+        conversational: whether the dataset is conversational (decided once per dataset).
+        mode_hint: why the dataset is (not) conversational, shown in type errors.
+
+    Returns:
+        ``(record, [])`` or ``(None, errors)``. Records are
+        prompt ``{"prompt"}``; preference ``{"prompt" (None when implicit), "chosen", "rejected"}``;
+        unpaired ``{"prompt", "completion", "label"}``; sft ``{"prompt", "completion"}`` where
+        ``prompt`` is None for a ``text`` row, and a ``messages`` row is split before its
+        last (assistant) message.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if not isinstance(row, dict):
+        return None, [row_error(where, None, f"is a {type(row).__name__}; each row must be an object with named fields")]
+    hint = mode_hint or ("conversational" if conversational else "plain text")
+
+    def text(field: str, nonempty: bool) -> list[DataError]:
+        return _check_text(row, field, where, conversational, required_nonempty=nonempty, mode_hint=hint)
+
+    if fmt == "prompt":
+        errors = text("prompt", nonempty=False)
+        return (None, errors) if errors else ({"prompt": row["prompt"]}, [])
+
+    if fmt == "preference":
+        implicit = row.get("prompt") is None  # no prompt field (or a null one): the shared prefix is the prompt
+        errors = ([] if implicit else text("prompt", nonempty=False)) + text("chosen", True) + text("rejected", True)
+        if not errors and row["chosen"] == row["rejected"]:
+            errors.append(row_error(where, "chosen", "is identical to 'rejected'; a preference pair needs two "
+                                    "different completions"))
+        if errors:
+            return None, errors
+        return {"prompt": None if implicit else row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}, []
+
+    if fmt == "unpaired":
+        errors = text("prompt", nonempty=False) + text("completion", True)
+        label, label_errors = _check_label(row, where)
+        errors += label_errors
+        if errors:
+            return None, errors
+        return {"prompt": row["prompt"], "completion": row["completion"], "label": label}, []
+
+    # sft: text | messages | prompt + completion
+    if "messages" in row and row["messages"] is not None:
+        if not conversational:
+            return None, [row_error(where, "messages", f"is present but this dataset is plain text ({hint}); "
+                                    "use either 'text' or 'messages' rows throughout")]
+        errors = text("messages", True)
+        if errors:
+            return None, errors
+        messages = row["messages"]
+        if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
+            return None, [row_error(where, "messages", "must end with a non-empty assistant message (the "
+                                    "completion the model learns)")]
+        return {"prompt": messages[:-1], "completion": messages[-1:]}, []
+    if "text" in row and row["text"] is not None:
+        if conversational:
+            return None, [row_error(where, "text", f"is present but this dataset is conversational ({hint}); "
+                                    "use 'messages' rows throughout")]
+        errors = text("text", True)
+        return (None, errors) if errors else ({"prompt": None, "completion": row["text"]}, [])
+    if "prompt" not in row and "completion" not in row:
+        return None, [row_error(where, "text", "is missing; an SFT row needs 'text', 'messages', or "
+                                "'prompt' and 'completion'")]
+    errors = text("prompt", nonempty=False) + text("completion", True)
+    return (None, errors) if errors else ({"prompt": row["prompt"], "completion": row["completion"]}, [])

@@ -1,0 +1,249 @@
+"""Render and tokenise validated records into examples of python int lists.
+
+The prompt/completion boundary is found on token ids, never by slicing strings: the prompt
+and the prompt + completion are tokenised separately, the prompt's ids must be a prefix of
+the full ids (otherwise the tokenizer merged tokens across the boundary and the row is an
+error), and the completion ids are the rest.
+
+- Plain text: the prompt is tokenised with the tokenizer's special tokens (its bos); prompt
+  and completion are joined with one space unless the prompt already ends, or the completion
+  already starts, with whitespace; the completion is followed by eos unless it already ends
+  with it. A ``text`` row (SFT) is all completion: ``prompt_ids`` is empty.
+- Conversational: the chat template renders the prompt messages with
+  ``add_generation_prompt=True`` (when the completion is an assistant turn) and the prompt +
+  completion messages without; both strings are tokenised with ``add_special_tokens=False``
+  because the template owns the special tokens (bos, turn ends, eos).
+- Implicit preference prompts (no ``prompt`` field): for conversational rows the common
+  leading messages of ``chosen`` and ``rejected``; for plain text the longest common prefix
+  of their token ids.
+
+Truncation (``max_length`` bounds prompt + completion, ``max_prompt_length`` the prompt):
+``truncation="error"`` makes an over-long row a :class:`DataError`; ``"truncate"`` keeps the
+*end* of the prompt (left-truncation) and cuts the completion on the right. When the prompt
+alone would fill ``max_length``, it keeps its last ``max_length - 1`` tokens so every
+completion keeps at least one token.
+
+Examples (all ids are ``list[int]``; ``prompt`` is the raw prompt field, ``prompt_text``
+the rendered prompt string):
+
+| format     | keys                                                             |
+|------------|------------------------------------------------------------------|
+| prompt     | ``prompt_ids``, ``prompt_text``, ``prompt``                      |
+| preference | ``prompt_ids``, ``chosen_ids``, ``rejected_ids``, ``prompt_text``, ``prompt`` |
+| unpaired   | ``prompt_ids``, ``completion_ids``, ``label``, ``prompt_text``, ``prompt`` |
+| sft        | ``prompt_ids``, ``completion_ids``, ``prompt_text``, ``prompt``  |
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from lit_rlhf.data.formats import DataError, Where, check_row, detect_conversational, row_error
+
+log = logging.getLogger("lit_rlhf.data")
+
+Truncation = Literal["error", "truncate"]
+Example = dict[str, Any]
+
+#: The completion fields of each format, in the order they are tokenised.
+COMPLETION_FIELDS = {"prompt": (), "preference": ("chosen", "rejected"), "unpaired": ("completion",), "sft": ("completion",)}
+#: Where each completion field's ids go in the example.
+IDS_KEY = {"chosen": "chosen_ids", "rejected": "rejected_ids", "completion": "completion_ids"}
+
+
+def resolve_conversational(fmt: str, rows: list[tuple[Where, Any]], conversational: bool | None) -> tuple[bool, str]:
+    """Decide whether a dataset is conversational; returns ``(flag, reason)`` for messages."""
+    if conversational is not None:
+        return bool(conversational), f"conversational={conversational} was set"
+    for where, row in rows:
+        if isinstance(row, dict):
+            flag = detect_conversational(fmt, row)
+            return flag, f"{'conversational' if flag else 'plain text'} as detected from the first row, {where}"
+    return False, "no rows"
+
+
+def encode(tokenizer, text: str, special_tokens: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    """The chat template's rendering of ``messages`` as a string."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _join(prompt: str, completion: str) -> str:
+    if not prompt or prompt[-1].isspace() or completion[:1].isspace():
+        return prompt + completion
+    return prompt + " " + completion
+
+
+def _common_prefix(a: list, b: list) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _split(prompt_ids: list[int], full_ids: list[int], where: Where, field: str) -> list[int]:
+    """Completion ids = full ids after the prompt ids, which must be their prefix."""
+    n = len(prompt_ids)
+    if full_ids[:n] != prompt_ids:
+        raise row_error(where, field, "the tokenizer merged tokens across the prompt/completion boundary (the prompt's "
+                        "ids are not a prefix of the prompt + completion ids); end the prompt with whitespace or "
+                        "a separator the tokenizer keeps apart")
+    if len(full_ids) == n:
+        raise row_error(where, field, "produces no tokens after the prompt; give it some text")
+    return full_ids[n:]
+
+
+def _with_eos(ids: list[int], eos: int | None) -> list[int]:
+    return ids if eos is None or (ids and ids[-1] == eos) else ids + [eos]
+
+
+def _tokenize_plain(fmt: str, record: dict, tokenizer, where: Where) -> tuple[list[int], dict[str, list[int]], str, Any]:
+    eos = tokenizer.eos_token_id
+    fields = COMPLETION_FIELDS[fmt]
+    prompt = record.get("prompt")
+    if fmt == "sft" and prompt is None:  # a `text` row: everything is completion
+        return [], {"completion": _with_eos(encode(tokenizer, record["completion"], True), eos)}, "", ""
+    if fmt == "preference" and prompt is None:  # implicit prompt: the common prefix on token ids
+        chosen, rejected = (encode(tokenizer, record[f], True) for f in ("chosen", "rejected"))
+        n = _common_prefix(chosen, rejected)
+        for field, ids in (("chosen", chosen), ("rejected", rejected)):
+            if len(ids) == n:
+                other = "rejected" if field == "chosen" else "chosen"
+                raise row_error(where, field, f"has no tokens after the prefix it shares with '{other}' (it is a "
+                                f"prefix of '{other}'), so nothing is left to compare; give an explicit 'prompt'")
+        prompt_ids = chosen[:n]
+        text = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+        return prompt_ids, {"chosen": _with_eos(chosen[n:], eos), "rejected": _with_eos(rejected[n:], eos)}, text, text
+    prompt_ids = encode(tokenizer, prompt, True)
+    completions = {}
+    for field in fields:
+        full = encode(tokenizer, _join(prompt, record[field]), True)
+        completions[field] = _with_eos(_split(prompt_ids, full, where, field), eos)
+    return prompt_ids, completions, prompt, prompt
+
+
+def _tokenize_chat(fmt: str, record: dict, tokenizer, where: Where) -> tuple[list[int], dict[str, list[int]], str, Any]:
+    fields = COMPLETION_FIELDS[fmt]
+    prompt = record.get("prompt")
+    messages = {f: record[f] for f in fields}
+    if fmt == "preference" and prompt is None:  # implicit prompt: the common leading messages
+        chosen, rejected = record["chosen"], record["rejected"]
+        n = _common_prefix(chosen, rejected)
+        for field, msgs in (("chosen", chosen), ("rejected", rejected)):
+            if len(msgs) == n:
+                other = "rejected" if field == "chosen" else "chosen"
+                raise row_error(where, field, f"has no messages after those it shares with '{other}'; an implicit "
+                                "prompt is the common leading messages, so each side needs its own final turn")
+        prompt, messages = chosen[:n], {"chosen": chosen[n:], "rejected": rejected[n:]}
+    # All completions of a row start with the same role in practice; the prompt is rendered per completion.
+    generation = not fields or messages[fields[0]][0]["role"] == "assistant"
+    prompt_text = render_chat(tokenizer, prompt, add_generation_prompt=generation)
+    prompt_ids = encode(tokenizer, prompt_text, False)
+    completions = {}
+    for field in fields:
+        full = encode(tokenizer, render_chat(tokenizer, prompt + messages[field], add_generation_prompt=False), False)
+        completions[field] = _split(prompt_ids, full, where, field)
+    return prompt_ids, completions, prompt_text, prompt
+
+
+def _fit(prompt_ids: list[int], completions: dict[str, list[int]], where: Where, *, max_length: int | None,
+         max_prompt_length: int | None, truncation: Truncation) -> tuple[list[int], dict[str, list[int]], bool]:
+    """Apply the truncation policy; returns the (possibly cut) ids and whether anything was cut."""
+    prompt_limit = max_prompt_length
+    if not completions and prompt_limit is None:  # prompt-only data: max_length bounds the prompt
+        prompt_limit = max_length
+    if truncation == "error":
+        if prompt_limit is not None and len(prompt_ids) > prompt_limit:
+            name = "max_prompt_length" if max_prompt_length is not None else "max_length"
+            raise row_error(where, "prompt", f"is {len(prompt_ids)} tokens, longer than {name}={prompt_limit}; shorten "
+                            f"it, raise {name}, or set truncation='truncate'")
+        for field, ids in completions.items():
+            if max_length is not None and len(prompt_ids) + len(ids) > max_length:
+                raise row_error(where, field, f"prompt + {field} is {len(prompt_ids) + len(ids)} tokens, longer than "
+                                f"max_length={max_length}; shorten it, raise max_length, or set truncation='truncate'")
+        return prompt_ids, completions, False
+    if truncation != "truncate":
+        raise ValueError(f"truncation must be 'error' or 'truncate', got {truncation!r}")
+    cut = False
+    if prompt_limit is not None and len(prompt_ids) > prompt_limit:
+        prompt_ids, cut = prompt_ids[len(prompt_ids) - prompt_limit:], True
+    if max_length is not None and completions:
+        if len(prompt_ids) > max_length - 1:  # leave every completion at least one token
+            prompt_ids, cut = prompt_ids[len(prompt_ids) - (max_length - 1):], True
+        room = max_length - len(prompt_ids)
+        for field, ids in completions.items():
+            if len(ids) > room:
+                completions[field], cut = ids[:room], True
+    return prompt_ids, completions, cut
+
+
+def tokenize_record(fmt: str, record: dict, tokenizer, where: Where, *, conversational: bool,
+                    max_length: int | None = 512, max_prompt_length: int | None = None,
+                    truncation: Truncation = "error") -> tuple[Example, bool]:
+    """Tokenise one validated record (from ``check_row``) into an example.
+
+    Returns:
+        ``(example, truncated)``. Raises :class:`DataError` for a row that cannot be
+        tokenised (boundary merge, over-long with ``truncation="error"``).
+    """
+    tokenize = _tokenize_chat if conversational else _tokenize_plain
+    prompt_ids, completions, prompt_text, raw_prompt = tokenize(fmt, record, tokenizer, where)
+    prompt_ids, completions, cut = _fit(prompt_ids, completions, where, max_length=max_length,
+                                        max_prompt_length=max_prompt_length, truncation=truncation)
+    example: Example = {"prompt_ids": prompt_ids, "prompt_text": prompt_text, "prompt": raw_prompt}
+    for field, ids in completions.items():
+        example[IDS_KEY[field]] = ids
+    if fmt == "unpaired":
+        example["label"] = record["label"]
+    return example, cut
+
+
+def build_examples(fmt: str, rows: list[tuple[Where, Any]], tokenizer, *, conversational: bool | None = None,
+                   max_length: int | None = 512, max_prompt_length: int | None = None,
+                   truncation: Truncation = "error", hint: str | None = None) -> tuple[list[Example], list[DataError]]:
+    """Validate and tokenise every row; collect the problems instead of stopping at the first.
+
+    Args:
+        fmt: ``prompt`` | ``preference`` | ``unpaired`` | ``sft``.
+        rows: ``(Where, row)`` pairs from :func:`lit_rlhf.data.sources.load_rows`.
+        tokenizer: a transformers tokenizer.
+        conversational: None detects it from the first row.
+        max_length: the longest prompt + completion in tokens (None: no limit).
+        max_prompt_length: the longest prompt in tokens (None: no separate limit; for the
+            prompt format ``max_length`` then bounds the prompt).
+        truncation: ``"error"`` or ``"truncate"`` (see the module docstring).
+        hint: why the data is (not) conversational, for messages; derived when None.
+
+    Returns:
+        ``(examples, errors)``: the examples of the good rows, in order, and one
+        :class:`DataError` per problem. Truncation counts are logged.
+    """
+    flag, derived = resolve_conversational(fmt, rows, conversational)
+    hint = hint or derived
+    if flag and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"the {fmt} data is conversational ({hint}) but the tokenizer has no chat template; set "
+                         "tokenizer.chat_template, or give plain-text data")
+    examples, errors, truncated = [], [], 0
+    for where, row in rows:
+        record, problems = check_row(fmt, row, where, flag, hint)
+        if problems:
+            errors.extend(problems)
+            continue
+        try:
+            example, cut = tokenize_record(fmt, record, tokenizer, where, conversational=flag, max_length=max_length,
+                                           max_prompt_length=max_prompt_length, truncation=truncation)
+        except DataError as e:
+            errors.append(e)
+            continue
+        examples.append(example)
+        truncated += cut
+    if truncated:
+        log.info("truncated %d of %d %s example(s) (max_length=%s, max_prompt_length=%s)", truncated, len(examples),
+                 fmt, max_length, max_prompt_length)
+    return examples, errors

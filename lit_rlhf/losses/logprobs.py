@@ -1,0 +1,180 @@
+"""Log-probabilities and entropies of language-model outputs, without a full float32 log-softmax.
+
+A causal LM produces logits of shape ``(batch, seq, vocab)``; for a 150k vocabulary, a
+float32 ``log_softmax`` of a whole batch costs ``4 * batch * seq * vocab`` bytes, often
+more than the model. Every function here works on chunks of rows (``chunk_size`` positions
+of the flattened ``batch * seq``), upcasting one chunk at a time to float32.
+
+This module is the single place where log-probs of tokens are computed (STYLE: one way to
+do each thing); methods call it, they do not re-derive it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["SequenceLogps", "entropy_from_logits", "sequence_logps", "token_logps"]
+
+
+class SequenceLogps(NamedTuple):
+    """Summed completion log-probs of each sequence.
+
+    Attributes:
+        logps: ``(batch,)`` float32, sum of ``log p(token)`` over completion tokens.
+        num_tokens: ``(batch,)`` int64, number of completion tokens summed (the length used by
+            length-normalised losses: IPO, SimPO, CPO-SimPO).
+    """
+
+    logps: torch.Tensor
+    num_tokens: torch.Tensor
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """``log p(label)`` computed and differentiated chunk by chunk.
+
+    A plain autograd graph would keep every chunk's float32 copy alive for the backward of
+    ``logsumexp`` (so the full float32 tensor would exist after all). Here only the logits
+    (already alive in their own dtype) and one float32 logsumexp per row are saved; the
+    softmax is recomputed per chunk in backward, where
+    ``d log p(y) / d logits = onehot(y) - softmax(logits)``.
+    """
+
+    @staticmethod
+    def forward(ctx, logits_2d: torch.Tensor, labels_1d: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        rows = logits_2d.size(0)
+        logps = torch.empty(rows, dtype=torch.float32, device=logits_2d.device)
+        lse = torch.empty(rows, dtype=torch.float32, device=logits_2d.device)
+        for start in range(0, rows, chunk_size):
+            end = min(start + chunk_size, rows)
+            chunk = logits_2d[start:end].float()
+            lse[start:end] = torch.logsumexp(chunk, dim=-1)
+            picked = chunk.gather(-1, labels_1d[start:end, None]).squeeze(-1)
+            logps[start:end] = picked - lse[start:end]
+        ctx.save_for_backward(logits_2d, labels_1d, lse)
+        ctx.chunk_size = chunk_size
+        return logps
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logps: torch.Tensor):
+        logits_2d, labels_1d, lse = ctx.saved_tensors
+        chunk_size = ctx.chunk_size
+        grad_logits = torch.empty_like(logits_2d)
+        grad_logps = grad_logps.float()
+        for start in range(0, logits_2d.size(0), chunk_size):
+            end = min(start + chunk_size, logits_2d.size(0))
+            g = grad_logps[start:end, None]
+            softmax = torch.exp(logits_2d[start:end].float() - lse[start:end, None])
+            chunk_grad = softmax.mul_(-g)
+            chunk_grad.scatter_add_(-1, labels_1d[start:end, None], g)
+            grad_logits[start:end] = chunk_grad.to(grad_logits.dtype)
+        return grad_logits, None, None
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, *, chunk_size: int = 1024) -> torch.Tensor:
+    """Log-probability of each label under the logits.
+
+    ``log p(y_t) = logits[t, y_t] - logsumexp_v logits[t, v]``, computed on chunks of
+    ``chunk_size`` rows of the flattened ``(batch * seq, vocab)`` logits, each upcast to
+    float32 on its own; the full-vocabulary float32 log-softmax of the batch never exists,
+    neither in forward nor in backward.
+
+    Args:
+        logits: ``(batch, seq, vocab)``, any float dtype, already aligned so that
+            ``logits[:, t]`` predicts ``labels[:, t]`` (shift before calling, or use
+            :func:`sequence_logps`).
+        labels: ``(batch, seq)`` integer token ids. Ignored positions (``-100``, pad) are
+            clamped to id 0 for the gather; their values are meaningless and the caller masks
+            them.
+        chunk_size: rows upcast to float32 at once; trades peak memory for kernel launches.
+
+    Returns:
+        ``(batch, seq)`` float32 log-probabilities (differentiable with respect to ``logits``).
+    """
+    _check_chunk_size(chunk_size)
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree: expected "
+            "logits (batch, seq, vocab) and labels (batch, seq), aligned position by position."
+        )
+    vocab = logits.size(-1)
+    if labels.numel() == 0:
+        return logits.new_zeros(labels.shape, dtype=torch.float32)
+    logits_2d = logits.reshape(-1, vocab)
+    labels_1d = labels.reshape(-1).long().clamp(min=0)
+    return _ChunkedTokenLogps.apply(logits_2d, labels_1d, chunk_size).view(labels.shape)
+
+
+def sequence_logps(
+    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
+) -> SequenceLogps:
+    """Summed log-probability of each sequence's completion under a causal LM.
+
+    ``logps[b] = sum_{t >= 1} completion_mask[b, t] * log p(input_ids[b, t] | input_ids[b, <t])``,
+    where ``p(. | input_ids[b, <t])`` is read from ``logits[b, t - 1]`` (the causal shift is
+    done here).
+
+    Args:
+        logits: ``(batch, seq, vocab)`` logits of a causal LM run on ``input_ids``.
+        input_ids: ``(batch, seq)`` token ids.
+        completion_mask: ``(batch, seq)``, 1 on completion tokens of ``input_ids`` and 0 on
+            prompt and padding tokens.
+
+    Returns:
+        :class:`SequenceLogps` with ``logps`` ``(batch,)`` float32 and ``num_tokens``
+        ``(batch,)`` int64.
+    """
+    if input_ids.shape != completion_mask.shape or logits.shape[:-1] != input_ids.shape:
+        raise ValueError(
+            f"expected logits (batch, seq, vocab) and input_ids, completion_mask (batch, seq); got "
+            f"{tuple(logits.shape)}, {tuple(input_ids.shape)}, {tuple(completion_mask.shape)}."
+        )
+    # Shift the labels rather than slicing logits[:, :-1]: the slice is not contiguous and
+    # would force a copy of the whole logits tensor. The last position predicts nothing and
+    # gets label 0 with mask 0.
+    pad_col = torch.zeros_like(input_ids[:, :1])
+    labels = torch.cat([input_ids[:, 1:], pad_col], dim=1)
+    mask = torch.cat([completion_mask[:, 1:], torch.zeros_like(completion_mask[:, :1])], dim=1).bool()
+    per_token = token_logps(logits, labels)
+    logps = torch.where(mask, per_token, torch.zeros_like(per_token)).sum(dim=-1)
+    return SequenceLogps(logps=logps, num_tokens=mask.sum(dim=-1))
+
+
+def _entropy_chunk(chunk: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(chunk.float(), dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, *, chunk_size: int = 1024) -> torch.Tensor:
+    """Entropy of the predictive distribution at each position.
+
+    ``H_t = -sum_v p_t(v) log p_t(v)``, ``p_t = softmax(logits[:, t])``, computed on chunks of
+    ``chunk_size`` rows upcast to float32 one at a time. When gradients are needed, each chunk
+    is recomputed in backward (activation checkpointing) so its float32 intermediates are not
+    kept for the whole batch.
+
+    Args:
+        logits: ``(batch, seq, vocab)``.
+        chunk_size: rows upcast to float32 at once.
+
+    Returns:
+        ``(batch, seq)`` float32 entropies in nats.
+    """
+    _check_chunk_size(chunk_size)
+    batch_shape = logits.shape[:-1]
+    if logits.numel() == 0:
+        return logits.new_zeros(batch_shape, dtype=torch.float32)
+    rows = logits.reshape(-1, logits.size(-1))
+    # torch.split (not indexing) so that backward assembles one gradient with a single cat.
+    chunks = torch.split(rows, chunk_size, dim=0)
+    needs_grad = torch.is_grad_enabled() and logits.requires_grad
+    out = [checkpoint(_entropy_chunk, c, use_reentrant=False) if needs_grad else _entropy_chunk(c) for c in chunks]
+    return torch.cat(out).view(batch_shape)

@@ -1,0 +1,484 @@
+"""Policy-gradient losses and advantage estimators: PPO, RLOO, GRPO (and DAPO, Dr. GRPO).
+
+Token-level tensors are ``(batch, seq)`` over the *response* tokens; ``mask`` is ``(batch,
+seq)`` with 1 on response tokens and 0 on padding. Padded positions never affect a result:
+they are replaced by 0 before any sum, so even ``nan`` / ``-inf`` there is harmless.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "GRPO_LOSS_TYPES",
+    "KL_PENALTY_KINDS",
+    "Advantages",
+    "GRPOLoss",
+    "GroupAdvantages",
+    "PolicyLoss",
+    "ValueLoss",
+    "gae_advantages",
+    "group_advantages",
+    "grpo_loss",
+    "kl_penalty",
+    "masked_mean",
+    "masked_var",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "rloo_advantages",
+    "whiten",
+]
+
+KL_PENALTY_KINDS = ("k1", "k2", "k3", "abs")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "token", "dr_grpo")
+
+
+class Advantages(NamedTuple):
+    """GAE output. Both ``(batch, seq)``, detached, 0 where ``mask`` is 0.
+
+    Attributes:
+        advantages: ``A_t``.
+        returns: ``A_t + V_t``, the value-function targets.
+    """
+
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+class PolicyLoss(NamedTuple):
+    """PPO policy loss. All scalars.
+
+    Attributes:
+        loss: differentiable clipped-surrogate loss.
+        clipfrac: fraction of response tokens where the clipped branch is taken, detached
+            (``policy/clipfrac``).
+        approxkl: ``½ mean((logp - old_logp)²)``, detached (``policy/approxkl``).
+    """
+
+    loss: torch.Tensor
+    clipfrac: torch.Tensor
+    approxkl: torch.Tensor
+
+
+class ValueLoss(NamedTuple):
+    """PPO value loss. Scalars: ``loss`` (differentiable), ``clipfrac`` (detached,
+    ``val/clipfrac``)."""
+
+    loss: torch.Tensor
+    clipfrac: torch.Tensor
+
+
+class GroupAdvantages(NamedTuple):
+    """Group-normalised advantages.
+
+    Attributes:
+        advantages: ``(num_prompts * k,)``.
+        zero_std: ``(num_prompts,)`` bool, True where every reward of the group is equal (the
+            group carries no learning signal; log ``zero_std.float().mean()``).
+    """
+
+    advantages: torch.Tensor
+    zero_std: torch.Tensor
+
+
+class GRPOLoss(NamedTuple):
+    """GRPO loss. All scalars.
+
+    Attributes:
+        loss: differentiable loss.
+        clipfrac: fraction of response tokens where the clipped branch is taken, detached.
+        kl: mean per-token k3 KL to the reference, detached (0 when no ``ref_logprobs``).
+    """
+
+    loss: torch.Tensor
+    clipfrac: torch.Tensor
+    kl: torch.Tensor
+
+
+def _zero_masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # where (not multiply) so that nan/inf in padding cannot leak through 0 * inf.
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over positions where ``mask`` is 1.
+
+    ``sum(x · mask) / sum(mask)`` over ``dim`` (all elements when ``None``). An all-zero mask
+    gives 0 rather than nan, so an empty micro-batch cannot put nan into the weights.
+
+    Args:
+        x: any shape, e.g. ``(batch, seq)``.
+        mask: same shape as ``x``, 0/1 (bool, int or float).
+        dim: dimension to reduce, or ``None`` for all.
+    """
+    mask = mask.to(x.dtype)
+    total = (_zero_masked(x, mask) * mask).sum() if dim is None else (_zero_masked(x, mask) * mask).sum(dim)
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return total / count.clamp(min=torch.finfo(x.dtype).tiny)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``x`` over positions where ``mask`` is 1 (scalar).
+
+    ``var = sum(mask · (x - mean)²) / (n - 1)`` when ``unbiased`` (Bessel), else ``/ n``, with
+    ``n = sum(mask)`` and ``mean`` the masked mean. With ``n <= 1`` the result is 0 instead of
+    nan or an error (TRL raises; we avoid a host sync on the mask sum).
+
+    Args:
+        x: ``(batch, seq)`` (any shape).
+        mask: same shape, 0/1.
+        unbiased: apply Bessel's correction.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.to(x.dtype).sum()
+        var = var * n / (n - 1).clamp(min=1)
+    return var
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise ``x`` to zero mean and unit variance over the masked elements.
+
+    ``(x - mean) / sqrt(var + eps)`` with :func:`masked_mean` and unbiased :func:`masked_var`;
+    with ``shift_mean=False`` the mean is added back (only the scale changes, as for PPO
+    rewards whose sign matters). Padded positions are returned as 0 and do not influence
+    the statistics.
+
+    Args:
+        x: ``(batch, seq)``.
+        mask: ``(batch, seq)``, 0/1.
+        shift_mean: keep the result centred at 0 (True) or at the original mean (False).
+        eps: added to the variance.
+
+    Returns:
+        ``(batch, seq)``.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask, unbiased=True)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return _zero_masked(whitened, mask)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, kind: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy ‖ reference) from sampled tokens' log-probs.
+
+    With ``d = logp - ref`` (Schulman 2020, "Approximating KL Divergence",
+    http://joschu.net/blog/kl-approx.html):
+
+    - ``k1``: ``d``, unbiased, can be negative per token (the PPO-RLHF reward penalty of
+      Ziegler et al. 2019, arXiv 1909.08593, and Stiennon et al. 2020, arXiv 2009.01325)
+    - ``k2``: ``½ d²``, biased, always >= 0
+    - ``k3``: ``exp(-d) + d - 1 = exp(ref - logp) - (ref - logp) - 1``, unbiased and >= 0
+      (GRPO's KL term)
+    - ``abs``: ``|d|``
+
+    Args:
+        logprobs, ref_logprobs: ``(batch, seq)`` log-probs of the sampled tokens.
+        kind: one of ``KL_PENALTY_KINDS``.
+
+    Returns:
+        ``(batch, seq)``; mask it yourself.
+    """
+    d = logprobs - ref_logprobs
+    if kind == "k1":
+        return d
+    if kind == "k2":
+        return 0.5 * d**2
+    if kind == "k3":
+        return torch.exp(-d) + d - 1
+    if kind == "abs":
+        return d.abs()
+    raise ValueError(f"kl_penalty: unknown kind {kind!r}; valid kinds are {', '.join(KL_PENALTY_KINDS)}.")
+
+
+@torch.no_grad()
+def gae_advantages(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> Advantages:
+    """Generalised advantage estimation.
+
+    Schulman et al. 2015, "High-Dimensional Continuous Control Using Generalized Advantage
+    Estimation", arXiv 1506.02438:
+
+        δ_t = r_t + γ V_{t+1} - V_t
+        A_t = δ_t + γλ A_{t+1}
+        R_t = A_t + V_t
+
+    over the tokens where ``mask`` is 1; ``t+1`` means the next *unmasked* token, and after
+    the last one ``V = 0`` and ``A = 0`` (the episode ends). Right padding is the usual case;
+    masked tokens inside a response (e.g. tool output) are skipped the same way. Computed
+    without gradient: advantages and returns are targets.
+
+    Args:
+        rewards: ``(batch, seq)`` per-token rewards (e.g. score on the last token minus a
+            per-token KL penalty).
+        values: ``(batch, seq)`` critic values ``V_t``.
+        mask: ``(batch, seq)``, 1 on response tokens.
+        gamma: discount γ.
+        lam: GAE λ; 1 gives Monte-Carlo returns minus values, 0 gives one-step TD.
+
+    Returns:
+        :class:`Advantages`, both ``(batch, seq)``, 0 where ``mask`` is 0.
+    """
+    valid = mask.bool()
+    rewards = rewards.float()
+    values = values.float()
+    next_value = torch.zeros_like(values[:, 0])
+    next_adv = torch.zeros_like(values[:, 0])
+    advantages = torch.zeros_like(values)
+    for t in reversed(range(values.size(1))):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv_t = delta + gamma * lam * next_adv
+        keep = valid[:, t]
+        advantages[:, t] = torch.where(keep, adv_t, torch.zeros_like(adv_t))
+        # Masked steps are skipped: the carried value and advantage pass through them.
+        next_value = torch.where(keep, values[:, t], next_value)
+        next_adv = torch.where(keep, adv_t, next_adv)
+    returns = _zero_masked(advantages + values, valid)
+    return Advantages(advantages, returns)
+
+
+def _clipped_surrogate(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO clipped objective (as a loss) and where its clipped branch is taken."""
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)  # one advantage per sequence, shared by its tokens
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    # The max of the two losses is the pessimistic (lower) bound of PPO's objective.
+    per_token = torch.maximum(unclipped, clipped)
+    return per_token, (clipped > unclipped)
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_range: float = 0.2,
+    clip_range_high: float | None = None,
+) -> PolicyLoss:
+    """PPO clipped-surrogate policy loss.
+
+    Schulman et al. 2017, "Proximal Policy Optimization Algorithms", arXiv 1707.06347. With
+    ``ρ_t = exp(logp_t - old_logp_t)``:
+
+        loss = masked_mean_t( max(-A_t ρ_t, -A_t clip(ρ_t, 1 - ε, 1 + ε_high)) )
+
+    ``ε_high`` defaults to ``ε``; a larger one is DAPO's clip-higher (arXiv 2503.14476).
+
+    Args:
+        logprobs: ``(batch, seq)`` current policy log-probs of the sampled tokens.
+        old_logprobs: ``(batch, seq)`` log-probs at rollout time.
+        advantages: ``(batch, seq)``, or ``(batch,)`` broadcast over each sequence's tokens.
+        mask: ``(batch, seq)``, 1 on response tokens.
+        clip_range: ε.
+        clip_range_high: ``ε_high``; ``None`` means ``ε``.
+
+    Returns:
+        :class:`PolicyLoss` of scalars.
+    """
+    high = clip_range if clip_range_high is None else clip_range_high
+    per_token, clipped = _clipped_surrogate(logprobs, old_logprobs, advantages, clip_range, high)
+    loss = masked_mean(per_token, mask)
+    with torch.no_grad():
+        clipfrac = masked_mean(clipped.float(), mask)
+        approxkl = 0.5 * masked_mean((logprobs - old_logprobs).float() ** 2, mask)
+    return PolicyLoss(loss, clipfrac, approxkl)
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_range_value: float = 0.2,
+) -> ValueLoss:
+    """PPO clipped value loss.
+
+    As in OpenAI baselines / TRL:
+
+        v_clip = clip(v, old - ε_v, old + ε_v)
+        loss = ½ masked_mean( max((v - R)², (v_clip - R)²) )
+
+    Args:
+        values: ``(batch, seq)`` current critic values.
+        old_values: ``(batch, seq)`` values at rollout time.
+        returns: ``(batch, seq)`` targets (:class:`Advantages` ``.returns``).
+        mask: ``(batch, seq)``, 1 on response tokens.
+        clip_range_value: ``ε_v``.
+
+    Returns:
+        :class:`ValueLoss` of scalars.
+    """
+    values_clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
+    unclipped = (values - returns) ** 2
+    clipped = (values_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    return ValueLoss(loss, clipfrac)
+
+
+def _grouped(rewards: torch.Tensor, k: int, where: str) -> torch.Tensor:
+    if rewards.dim() != 1 or rewards.numel() % k != 0:
+        raise ValueError(
+            f"{where}: rewards must be (num_prompts * k,) with each prompt's k completions consecutive; "
+            f"got shape {tuple(rewards.shape)} with k={k}."
+        )
+    return rewards.view(-1, k)
+
+
+def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """REINFORCE leave-one-out advantages.
+
+    Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for
+    Learning from Human Feedback in LLMs", arXiv 2402.14740 (after Kool et al. 2019):
+
+        A_i = r_i - (1/(k-1)) Σ_{j≠i} r_j
+
+    Args:
+        rewards: ``(num_prompts * k,)``; prompt ``p`` owns rows ``p*k .. p*k + k - 1``.
+        k: completions per prompt, ``>= 2`` (a single sample has no other to compare to).
+
+    Returns:
+        ``(num_prompts * k,)`` advantages.
+    """
+    if k < 2:
+        raise ValueError(f"rloo_advantages needs k >= 2 completions per prompt for a leave-one-out baseline, got k={k}.")
+    grouped = _grouped(rewards, k, "rloo_advantages")
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - baseline).reshape(-1)
+
+
+def group_advantages(
+    rewards: torch.Tensor, k: int, *, scale_rewards: bool = True, eps: float = 1e-4
+) -> GroupAdvantages:
+    """Group-relative advantages of GRPO.
+
+    Shao et al. 2024, "DeepSeekMath", arXiv 2402.03300:
+
+        A_i = (r_i - mean(group)) / (std(group) + eps)     if scale_rewards
+        A_i =  r_i - mean(group)                           otherwise (Dr. GRPO, arXiv 2503.20783)
+
+    ``std`` is unbiased (``/(k-1)``) as in GRPO and TRL. A group whose rewards are all equal
+    gets advantages exactly 0 (not float noise, never nan), including ``k == 1``.
+
+    Args:
+        rewards: ``(num_prompts * k,)``; prompt ``p`` owns rows ``p*k .. p*k + k - 1``.
+        k: completions per prompt, ``>= 1``.
+        scale_rewards: divide by the group's standard deviation.
+        eps: added to the standard deviation.
+
+    Returns:
+        :class:`GroupAdvantages`.
+    """
+    if k < 1:
+        raise ValueError(f"group_advantages needs k >= 1, got k={k}.")
+    grouped = _grouped(rewards, k, "group_advantages")
+    mean = grouped.mean(dim=1, keepdim=True)
+    centred = grouped - mean
+    zero_std = (grouped == grouped[:, :1]).all(dim=1)
+    if scale_rewards:
+        # Manual unbiased std: torch.std gives nan (and a warning) for k == 1.
+        std = torch.sqrt((centred**2).sum(dim=1, keepdim=True) / max(k - 1, 1))
+        centred = centred / (std + eps)
+    advantages = torch.where(zero_std[:, None], torch.zeros_like(centred), centred)
+    return GroupAdvantages(advantages.reshape(-1), zero_std)
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    ref_logprobs: torch.Tensor | None = None,
+    loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+) -> GRPOLoss:
+    """GRPO policy loss with its token-aggregation variants.
+
+    Per token (Shao et al. 2024, arXiv 2402.03300), with ``ρ_t = exp(logp_t - old_logp_t)``:
+
+        ℓ_t = max(-A ρ_t, -A clip(ρ_t, 1 - ε, 1 + ε_high)) + β · k3_t
+        k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1
+
+    aggregated by ``loss_type``:
+
+    - ``grpo``: mean over each sequence's tokens, then mean over sequences (GRPO paper);
+      longer sequences get less weight per token.
+    - ``bnpo`` / ``token``: ``Σ ℓ_t / Σ mask`` over the batch, every token weighted equally
+      (DAPO, Yu et al. 2025, arXiv 2503.14476). Normalised by this batch's tokens; for DAPO's
+      global normaliser across ranks, all-reduce yourself.
+    - ``dr_grpo``: ``Σ ℓ_t / (batch · max_completion_length)``, a constant normaliser that
+      removes the length bias (Liu et al. 2025, "Understanding R1-Zero-Like Training",
+      arXiv 2503.20783); needs ``max_completion_length``.
+
+    Args:
+        logprobs, old_logprobs: ``(batch, seq)`` current and rollout-time log-probs.
+        advantages: ``(batch,)`` (one per completion) or ``(batch, seq)``.
+        mask: ``(batch, seq)``, 1 on completion tokens.
+        epsilon: lower clip ε.
+        epsilon_high: upper clip ``ε_high``; ``None`` means ``ε``.
+        beta: KL coefficient β; when > 0, ``ref_logprobs`` is required.
+        ref_logprobs: ``(batch, seq)`` reference log-probs; if given, ``kl`` is reported even
+            with ``beta == 0``.
+        loss_type: one of ``GRPO_LOSS_TYPES``.
+        max_completion_length: generation length limit, required by ``dr_grpo``.
+
+    Returns:
+        :class:`GRPOLoss` of scalars.
+    """
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"grpo_loss: unknown loss_type {loss_type!r}; valid names are {', '.join(GRPO_LOSS_TYPES)}.")
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError(f"grpo_loss: beta={beta} > 0 adds a KL penalty to the reference; pass ref_logprobs.")
+    if loss_type == "dr_grpo" and not max_completion_length:
+        raise ValueError("grpo_loss: loss_type='dr_grpo' normalises by batch * max_completion_length; pass it.")
+    high = epsilon if epsilon_high is None else epsilon_high
+    per_token, clipped = _clipped_surrogate(logprobs, old_logprobs, advantages, epsilon, high)
+    per_token_kl = None
+    if ref_logprobs is not None:
+        per_token_kl = kl_penalty(logprobs, ref_logprobs, kind="k3")
+        if beta > 0:
+            per_token = per_token + beta * per_token_kl
+
+    mask_f = mask.to(per_token.dtype)
+    masked = _zero_masked(per_token, mask_f)
+    if loss_type == "grpo":
+        per_sequence = masked.sum(dim=1) / mask_f.sum(dim=1).clamp(min=1)
+        loss = per_sequence.mean()
+    elif loss_type in ("bnpo", "token"):
+        loss = masked.sum() / mask_f.sum().clamp(min=1)
+    else:  # dr_grpo
+        loss = masked.sum() / (per_token.size(0) * max_completion_length)
+
+    with torch.no_grad():
+        clipfrac = masked_mean(clipped.float(), mask)
+        if per_token_kl is None:
+            kl = torch.zeros((), dtype=torch.float32, device=logprobs.device)
+        else:
+            kl = masked_mean(per_token_kl.float(), mask)
+    return GRPOLoss(loss, clipfrac, kl)

@@ -1,0 +1,151 @@
+"""What every method shares: the bank built when the strategy asks, the optimizer,
+checkpoints that hold only trainable state, and export."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal
+
+import lightning.pytorch as pl
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer
+
+log = logging.getLogger("lit_rlhf.methods")
+
+
+def schedule_factor(step: int, *, warmup_steps: int, total_steps: int, kind: str) -> float:
+    """Learning-rate multiplier: linear warmup, then constant, linear or cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if kind == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class BankMethod(pl.LightningModule):
+    """Base of every method: owns an ``AdapterBank`` built from a light spec in ``configure_model``.
+
+    Subclasses say which adapters they need (``required_adapters``) and which one they
+    train and export (``trained_adapter``).
+
+    Args:
+        bank: the base model and its adapters.
+        learning_rate: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        adam_betas: AdamW betas.
+        warmup_steps: optimizer steps of linear warmup.
+        lr_scheduler: decay after warmup: ``constant``, ``linear`` or ``cosine`` to zero.
+    """
+
+    def __init__(
+        self,
+        bank: BankSpec | None = None,
+        *,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.0,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        lr_scheduler: Literal["constant", "linear", "cosine"] = "constant",
+    ):
+        super().__init__()
+        self.bank_spec = bank or BankSpec()
+        # Plain types only in hparams: checkpoints are read back with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["bank"])
+        self.hparams["bank"] = asdict(self.bank_spec)
+        self.bank: AdapterBank | None = None
+        self._tokenizer = None
+        # Checkpoints hold only trainable state, so the frozen base is missing from them by design.
+        self.strict_loading = False
+
+    # -- what subclasses declare ----------------------------------------------------------------
+
+    def required_adapters(self) -> list[AdapterSpec]:
+        """Adapters the bank must carry for this method; by default the one it trains."""
+        return [AdapterSpec(self.trained_adapter)]
+
+    @property
+    def trained_adapter(self) -> str:
+        """The adapter this method trains and exports."""
+        return "policy"
+
+    def needs_frozen_reference(self) -> bool:
+        """In full mode, whether the bank keeps a frozen copy of the base as reference."""
+        return False
+
+    # -- building -------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.bank_spec)
+        return self._tokenizer
+
+    def configure_model(self) -> None:
+        if self.bank is not None:
+            return
+        self.bank = AdapterBank(
+            self.bank_spec, require=self.required_adapters(), frozen_reference=self.needs_frozen_reference()
+        )
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(
+            self.bank.trainable_parameters(),
+            lr=self.hparams.learning_rate,
+            weight_decay=self.hparams.weight_decay,
+            betas=tuple(self.hparams.adam_betas),
+        )
+        total = self.total_optimizer_steps()
+        scheduler = LambdaLR(
+            optimizer,
+            lambda step: schedule_factor(
+                step, warmup_steps=self.hparams.warmup_steps, total_steps=total, kind=self.hparams.lr_scheduler
+            ),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def total_optimizer_steps(self) -> int:
+        return max(1, int(self.trainer.estimated_stepping_batches))
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def _trainable_keys(self) -> set[str]:
+        return {f"bank.{name}" for name in self.bank.trainable_names()}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = self._trainable_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.bank is None:
+            return
+        missing = self._trainable_keys() - set(checkpoint["state_dict"])
+        if missing:
+            raise KeyError(
+                f"checkpoint lacks {len(missing)} trainable tensors of this method (e.g. {sorted(missing)[:3]}); "
+                "was it written by a run with the same adapters and train_mode?"
+            )
+
+    # -- guards and export ----------------------------------------------------------------------
+
+    def finite_or_none(self, loss: torch.Tensor) -> torch.Tensor | None:
+        """The loss, or ``None`` (Lightning then skips backward and the step) when it is not finite."""
+        if torch.isfinite(loss):
+            return loss
+        log.warning("non-finite loss %s at step %d: step skipped", loss.item(), self.global_step)
+        self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum")
+        return None
+
+    def export(self, path: str | Path, *, merged: bool = False) -> Path:
+        """Save the trained adapter in PEFT format (``merged=False``) or a merged transformers model."""
+        self.configure_model()
+        if merged or self.bank.full:
+            return self.bank.export_merged(path, adapter=self.trained_adapter)
+        return self.bank.save_adapter(self.trained_adapter, path)

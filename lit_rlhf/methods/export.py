@@ -1,0 +1,32 @@
+"""Exporting what a run trained: a PEFT adapter directory or a merged transformers model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_rlhf.methods.base import BankMethod
+
+
+class ExportOnFitEnd(pl.Callback):
+    """Export the trained adapter (and optionally the merged model) when ``fit`` ends.
+
+    Args:
+        dirpath: where to write; ``<log_dir>/export`` when ``None``.
+        merged: also write a merged model (``save_pretrained``) under ``<dirpath>/merged``.
+    """
+
+    def __init__(self, dirpath: str | None = None, merged: bool = False):
+        self.dirpath = dirpath
+        self.merged = merged
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: BankMethod) -> None:
+        if not trainer.is_global_zero:
+            return
+        root = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "export")
+        if not pl_module.bank.full:
+            rank_zero_info(f"adapter {pl_module.trained_adapter!r} -> {pl_module.export(root / 'adapter')}")
+        if self.merged or pl_module.bank.full:
+            rank_zero_info(f"merged model -> {pl_module.export(root / 'merged', merged=True)}")

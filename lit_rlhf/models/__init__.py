@@ -1,0 +1,18 @@
+"""The AdapterBank and what builds it: specs, loading, heads."""
+
+from lit_rlhf.models.bank import AdapterBank, read_adapter_meta
+from lit_rlhf.models.heads import ScalarHead, last_token_index
+from lit_rlhf.models.loading import load_base, load_tokenizer
+from lit_rlhf.models.spec import AdapterSpec, BankSpec, LoraSpec
+
+__all__ = [
+    "AdapterBank",
+    "AdapterSpec",
+    "BankSpec",
+    "LoraSpec",
+    "ScalarHead",
+    "last_token_index",
+    "load_base",
+    "load_tokenizer",
+    "read_adapter_meta",
+]

@@ -1,0 +1,340 @@
+"""The AdapterBank: one base model, many named LoRA adapters and scalar heads.
+
+Roles (policy, reference, reward, value) are views of the same base: a role switch sets
+the active adapter and always restores the previous one, and the reference is the base
+with every adapter disabled (or, when the base itself trains, a frozen copy).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lit_rlhf.models.heads import ScalarHead, last_token_index
+from lit_rlhf.models.loading import fingerprint, load_base, load_tokenizer
+from lit_rlhf.models.saving import atomic_directory
+from lit_rlhf.models.spec import AdapterSpec, BankSpec
+
+log = logging.getLogger("lit_rlhf.models")
+
+HEAD_FILE = "head.safetensors"
+META_FILE = "lit_rlhf.json"
+
+
+def merge_adapter_specs(declared: Sequence[AdapterSpec], required: Sequence[AdapterSpec]) -> list[AdapterSpec]:
+    """The adapters a method requires, overridden field by field by those the user declared.
+
+    A required adapter fixes the head kind; the user chooses its path, LoRA shape and
+    trainability. Declared adapters the method does not require are kept as well.
+    """
+    declared_by_name = {a.name: a for a in declared}
+    if len(declared_by_name) != len(declared):
+        raise ValueError(f"adapter names must be unique, got {[a.name for a in declared]}")
+    merged = []
+    for need in required:
+        user = declared_by_name.pop(need.name, None)
+        if user is None:
+            merged.append(need)
+            continue
+        if user.head != need.head and user.head is not None:
+            raise ValueError(
+                f"adapter {need.name!r} must have head {need.head!r} for this method, but the config gives {user.head!r}"
+            )
+        merged.append(replace(user, head=need.head))
+    merged.extend(a for a in declared if a.name in declared_by_name)
+    return merged
+
+
+def read_adapter_meta(path: str | Path) -> dict:
+    meta = Path(path) / META_FILE
+    return json.loads(meta.read_text()) if meta.exists() else {}
+
+
+class AdapterBank(nn.Module):
+    """One transformers causal LM carrying named LoRA adapters and scalar heads.
+
+    Args:
+        spec: what to load and how (see ``BankSpec``).
+        require: adapters the calling method needs (merged with ``spec.adapters``).
+        frozen_reference: in ``full`` mode, keep a frozen copy of the base as the reference policy.
+    """
+
+    def __init__(self, spec: BankSpec, *, require: Sequence[AdapterSpec] = (), frozen_reference: bool = False):
+        super().__init__()
+        self.spec = spec
+        self.full = spec.train_mode == "full"
+        self.adapters = {a.name: a for a in merge_adapter_specs(spec.adapters, require)}
+        base = load_base(spec)
+        self.base_fingerprint = fingerprint(base)
+        for a in self.adapters.values():
+            if a.path:
+                self._check_compatible(a)
+        if spec.effective_quantization:
+            if self.full:
+                raise ValueError("train_mode 'full' cannot train a quantized base: use 'qlora' or drop quantization")
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=spec.gradient_checkpointing)
+        if spec.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+
+        if self.full:
+            if len([a for a in self.adapters.values() if a.trainable]) > 1:
+                raise ValueError(
+                    "train_mode 'full' trains the base itself, so it can play one trainable role; "
+                    f"got trainable adapters {list(self.adapters)}. Use train_mode 'lora' for several roles."
+                )
+            self.model = base
+            self.reference_model = self._frozen_copy(base) if frozen_reference else None
+        else:
+            self.model = self._attach_adapters(base) if self.adapters else base
+            self.reference_model = None
+        self.heads = nn.ModuleDict(
+            {a.name: self._make_head(a) for a in self.adapters.values() if a.head is not None}
+        )
+        self._active: str | None = None
+        self._use_reference = False
+        first_trainable = next((a.name for a in self.adapters.values() if a.trainable), None)
+        self._activate(first_trainable or next(iter(self.adapters), None))
+
+    # -- building -----------------------------------------------------------------------------
+
+    def _lora_config(self, adapter: AdapterSpec) -> LoraConfig:
+        lora = adapter.lora or self.spec.lora
+        return LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+
+    def _attach_adapters(self, base) -> PeftModel:
+        model = None
+        for a in self.adapters.values():
+            if model is None:
+                if a.path:
+                    model = PeftModel.from_pretrained(base, a.path, adapter_name=a.name, is_trainable=a.trainable)
+                else:
+                    model = get_peft_model(base, self._lora_config(a), adapter_name=a.name)
+            elif a.path:
+                model.load_adapter(a.path, adapter_name=a.name, is_trainable=a.trainable)
+            else:
+                model.add_adapter(a.name, self._lora_config(a))
+            log.info("adapter %r: %s, %s", a.name, a.path or "fresh", "trainable" if a.trainable else "frozen")
+        return model
+
+    def _check_compatible(self, adapter: AdapterSpec) -> None:
+        if not Path(adapter.path, "adapter_config.json").exists():
+            raise FileNotFoundError(f"adapter {adapter.name!r}: {adapter.path} is not a saved PEFT adapter (no adapter_config.json)")
+        saved = read_adapter_meta(adapter.path).get("base")
+        if saved is not None and saved != self.base_fingerprint:
+            diff = {k: (saved.get(k), v) for k, v in self.base_fingerprint.items() if saved.get(k) != v}
+            raise ValueError(
+                f"adapter {adapter.name!r} at {adapter.path} was trained on a different base model "
+                f"(saved vs this base: {diff}); load it onto the base it was trained on ({self.spec.model!r} is not)"
+            )
+
+    def _make_head(self, adapter: AdapterSpec) -> ScalarHead:
+        head = ScalarHead(self.model.config.hidden_size, adapter.head)
+        if adapter.path:
+            head_file = Path(adapter.path, HEAD_FILE)
+            if not head_file.exists():
+                raise FileNotFoundError(f"adapter {adapter.name!r} needs a {adapter.head} head but {head_file} is missing")
+            head.load_state_dict(load_file(str(head_file)))
+        return head
+
+    @staticmethod
+    def _frozen_copy(model) -> nn.Module:
+        reference = copy.deepcopy(model)
+        reference.requires_grad_(False)
+        reference.eval()
+        return reference
+
+    # -- roles --------------------------------------------------------------------------------
+
+    @property
+    def is_peft(self) -> bool:
+        return isinstance(self.model, PeftModel)
+
+    @property
+    def active(self) -> str | None:
+        """The active adapter (``None`` when the bank carries none)."""
+        return self._active
+
+    def _activate(self, name: str | None) -> None:
+        if name is not None and self.is_peft:
+            self.model.set_adapter(name)
+        self._active = name
+        # peft's set_adapter makes the adapter it activates trainable; trainability is ours to decide.
+        self._apply_trainability()
+
+    def _check_role(self, name: str) -> None:
+        if name not in self.adapters:
+            raise KeyError(f"no adapter named {name!r} in the bank; it has {sorted(self.adapters)}")
+
+    @contextmanager
+    def role(self, name: str) -> Iterator[AdapterBank]:
+        """Make adapter ``name`` active; the previously active adapter is restored on exit."""
+        self._check_role(name)
+        previous = self._active
+        self._activate(name)
+        try:
+            yield self
+        finally:
+            self._activate(previous)
+
+    @property
+    def has_reference(self) -> bool:
+        return self.is_peft or self.reference_model is not None
+
+    @contextmanager
+    def reference(self) -> Iterator[AdapterBank]:
+        """The reference policy, without gradients: adapters off, or the frozen copy in full mode."""
+        if not self.has_reference:
+            raise RuntimeError(
+                "this bank has no reference policy: in train_mode 'full' build it with frozen_reference=True "
+                "or use precomputed reference log-probs"
+            )
+        with torch.no_grad():
+            if self.is_peft:
+                with self.model.disable_adapter():
+                    yield self
+            else:
+                self._use_reference = True
+                try:
+                    yield self
+                finally:
+                    self._use_reference = False
+
+    # -- forward passes -----------------------------------------------------------------------
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+        """The causal LM output of the active role."""
+        model = self.reference_model if self._use_reference else self.model
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs)
+
+    def _hidden(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+        """Last hidden state of the active role, skipping the vocabulary projection."""
+        model = self.reference_model if self._use_reference else self.model
+        body = model.get_base_model().model if isinstance(model, PeftModel) else model.model
+        out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state
+
+    def _head(self, adapter: str, kind: str) -> ScalarHead:
+        self._check_role(adapter)
+        head = self.heads[adapter] if adapter in self.heads else None
+        if head is None or head.kind != kind:
+            raise KeyError(f"adapter {adapter!r} has no {kind} head (declare it with head: {kind})")
+        return head
+
+    def score(self, input_ids, attention_mask, *, adapter: str = "reward") -> torch.Tensor:
+        """Per-sequence scalar of ``adapter``'s score head at the last attended token. (batch,) float32."""
+        head = self._head(adapter, "score")
+        with self.role(adapter):
+            hidden = self._hidden(input_ids, attention_mask)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        return head(hidden)[rows, last_token_index(attention_mask)]
+
+    def values(self, input_ids, attention_mask, *, adapter: str = "value") -> torch.Tensor:
+        """Per-token values of ``adapter``'s value head. (batch, seq) float32."""
+        head = self._head(adapter, "value")
+        with self.role(adapter):
+            hidden = self._hidden(input_ids, attention_mask)
+        return head(hidden)
+
+    def logits_and_values(self, input_ids, attention_mask, *, adapter: str):
+        """One pass of ``adapter`` giving LM logits and the values of its own value head (shared trunk)."""
+        head = self._head(adapter, "value")
+        with self.role(adapter):
+            out = self.forward(input_ids, attention_mask, output_hidden_states=True)
+        return out.logits, head(out.hidden_states[-1])
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, *, adapter: str | None, **generate_kwargs) -> torch.Tensor:
+        """Sample from ``adapter`` (the reference policy when ``None``); returns prompt + response ids."""
+        generate_kwargs.setdefault("use_cache", True)
+        if adapter is None:
+            with self.reference():
+                model = self.reference_model if self.reference_model is not None else self.model
+                return model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+        with self.role(adapter):
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+
+    # -- trainable state ----------------------------------------------------------------------
+
+    def _is_trainable(self, name: str) -> bool:
+        """Whether the parameter ``name`` (relative to this bank) is trained."""
+        if name.startswith("heads."):
+            return self.adapters[name.split(".")[1]].trainable
+        if name.startswith("reference_model."):
+            return False
+        if self.full:
+            return any(a.trainable for a in self.adapters.values()) or not self.adapters
+        parts = name.split(".")
+        return any(p.startswith("lora_") for p in parts) and any(
+            a.trainable and a.name in parts for a in self.adapters.values()
+        )
+
+    def _apply_trainability(self) -> None:
+        for name, param in self.named_parameters():
+            param.requires_grad_(self._is_trainable(name))
+
+    def trainable_names(self) -> list[str]:
+        return [n for n, _ in self.named_parameters() if self._is_trainable(n)]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if self._is_trainable(n)]
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def save_adapter(self, name: str, path: str | Path, *, metadata: dict | None = None) -> Path:
+        """Save adapter ``name`` (and its head) in PEFT's own format, loadable by ``PeftModel.from_pretrained``."""
+        self._check_role(name)
+        if not self.is_peft:
+            raise RuntimeError("this bank trains the full model: use export_merged to save it")
+        with atomic_directory(path) as tmp:
+            config = copy.deepcopy(self.model.peft_config[name])
+            config.base_model_name_or_path = self.spec.model
+            config.inference_mode = True
+            config.save_pretrained(str(tmp))
+            state = get_peft_model_state_dict(self.model, adapter_name=name)
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"))
+            meta = {"base": self.base_fingerprint, "head": None, **(metadata or {})}
+            if name in self.heads:
+                save_file({k: v.detach().cpu().contiguous() for k, v in self.heads[name].state_dict().items()}, str(tmp / HEAD_FILE))
+                meta["head"] = self.heads[name].kind
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        return Path(path)
+
+    def export_merged(self, path: str | Path, *, adapter: str | None = None) -> Path:
+        """Save a plain transformers model (``save_pretrained``) with ``adapter`` merged into the base.
+
+        The merge happens on a fresh unquantized load of the base, so the bank's own base and
+        its reference policy are untouched and a 4-bit run exports full-precision weights.
+        """
+        tokenizer = load_tokenizer(self.spec)
+        if self.full:
+            with atomic_directory(path) as tmp:
+                self.model.save_pretrained(str(tmp))
+                tokenizer.save_pretrained(str(tmp))
+            return Path(path)
+        adapter = adapter or self._active
+        with tempfile.TemporaryDirectory() as adapter_dir:
+            self.save_adapter(adapter, Path(adapter_dir) / "adapter")
+            base = load_base(replace(self.spec, quantization=None, train_mode="lora"), quantize=False)
+            merged = PeftModel.from_pretrained(base, str(Path(adapter_dir) / "adapter")).merge_and_unload()
+            with atomic_directory(path) as tmp:
+                merged.save_pretrained(str(tmp))
+                tokenizer.save_pretrained(str(tmp))
+        return Path(path)

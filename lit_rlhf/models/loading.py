@@ -1,0 +1,82 @@
+"""Loading the base model and tokenizer: dtype, quantization, pad token, safe defaults."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from lit_rlhf.models.spec import BankSpec
+
+log = logging.getLogger("lit_rlhf.models")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(spec: BankSpec):
+    """The tokenizer of ``spec``, with a pad token guaranteed.
+
+    Pad-token rule for tokenizers that lack one: use the EOS token, else the UNK token,
+    else fail. Masks in lit_rlhf come from lengths, never from comparing ids with the pad
+    id, so pad == eos is safe.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(
+        spec.tokenizer or spec.model, trust_remote_code=spec.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        for name in ("eos_token", "unk_token"):
+            token = getattr(tokenizer, name)
+            if token is not None:
+                tokenizer.pad_token = token
+                log.warning("tokenizer %s has no pad token: using its %s %r as pad", spec.tokenizer or spec.model, name, token)
+                break
+        else:
+            raise ValueError(
+                f"tokenizer {spec.tokenizer or spec.model!r} has neither a pad, an EOS nor an UNK token; "
+                "set one with tokenizer.pad_token = ... or choose another tokenizer"
+            )
+    return tokenizer
+
+
+def quantization_config(spec: BankSpec) -> BitsAndBytesConfig | None:
+    mode = spec.effective_quantization
+    if mode is None:
+        return None
+    if mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=spec.quant_type,
+        bnb_4bit_use_double_quant=spec.double_quant,
+        # bf16 compute on a float32 spec would silently lose precision: compute in the spec's dtype.
+        bnb_4bit_compute_dtype=DTYPES[spec.dtype],
+    )
+
+
+def load_base(spec: BankSpec, *, quantize: bool = True):
+    """The transformers causal LM of ``spec`` (weights from safetensors; no remote code unless asked)."""
+    common = {"trust_remote_code": spec.trust_remote_code}
+    if spec.attn_implementation:
+        common["attn_implementation"] = spec.attn_implementation
+    if spec.random_init:
+        if spec.effective_quantization and quantize:
+            raise ValueError("random_init cannot be combined with quantization: quantize a saved model instead")
+        config = AutoConfig.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, dtype=DTYPES[spec.dtype], **common)
+    qconfig = quantization_config(spec) if quantize else None
+    kwargs = dict(common, dtype=DTYPES[spec.dtype], use_safetensors=True)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    return AutoModelForCausalLM.from_pretrained(spec.model, **kwargs)
+
+
+def fingerprint(model) -> dict:
+    """What an adapter saved on this base must match to load onto another base."""
+    config = model.config
+    return {
+        "model_type": config.model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+    }

@@ -1,0 +1,86 @@
+"""Light, typed specs of the bank: what LightningCLI parses; nothing heavy is built here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class LoraSpec:
+    """LoRA hyperparameters (Hu et al. 2021, arXiv 2106.09685).
+
+    Args:
+        r: rank of the update.
+        alpha: scaling numerator; the update is scaled by ``alpha / r``.
+        dropout: dropout on the adapter input.
+        target_modules: module names to adapt, or ``"all-linear"`` for every linear layer but the output.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+
+@dataclass
+class AdapterSpec:
+    """One named LoRA adapter on the shared base.
+
+    Args:
+        name: the role name methods ask for (``policy``, ``reward``, ``value``...).
+        path: a saved adapter directory (PEFT format, plus ``head.safetensors`` when it has a head);
+            ``None`` starts a fresh adapter.
+        trainable: whether the optimizer updates it.
+        head: a scalar head read at the last token (``score``, reward models) or at every token
+            (``value``, critics); ``None`` for a language-model adapter.
+        lora: hyperparameters of a fresh adapter; the bank's ``lora`` when ``None``.
+    """
+
+    name: str
+    path: str | None = None
+    trainable: bool = True
+    head: Literal["score", "value"] | None = None
+    lora: LoraSpec | None = None
+
+
+@dataclass
+class BankSpec:
+    """How to build the one base model and what it carries.
+
+    Args:
+        model: a local directory or hub id for ``from_pretrained``.
+        tokenizer: where to load the tokenizer from; ``model`` when ``None``.
+        dtype: weights dtype of the base (``float32``, ``bfloat16``, ``float16``).
+        train_mode: ``lora`` (adapters on a frozen base), ``qlora`` (adapters on a 4-bit base) or
+            ``full`` (the base itself is trained; the reference is a frozen copy).
+        quantization: ``4bit`` or ``8bit`` through bitsandbytes; ``qlora`` implies ``4bit``.
+        quant_type: 4-bit data type, ``nf4`` or ``fp4``.
+        double_quant: quantize the 4-bit quantization constants as well.
+        lora: default hyperparameters of fresh adapters.
+        adapters: adapters to create or load besides those a method asks for.
+        gradient_checkpointing: trade compute for activation memory.
+        random_init: build the architecture of ``model``'s config with fresh random weights.
+        trust_remote_code: allow code shipped with a hub model to run (off unless you trust it).
+        attn_implementation: passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``).
+    """
+
+    model: str = "assets/toy/base"
+    tokenizer: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    train_mode: Literal["lora", "qlora", "full"] = "lora"
+    quantization: Literal["4bit", "8bit"] | None = None
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    adapters: list[AdapterSpec] = field(default_factory=list)
+    gradient_checkpointing: bool = False
+    random_init: bool = False
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+
+    @property
+    def effective_quantization(self) -> str | None:
+        if self.train_mode == "qlora":
+            return self.quantization or "4bit"
+        return self.quantization

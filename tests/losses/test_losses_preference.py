@@ -1,0 +1,192 @@
+import math
+
+import pytest
+import torch
+
+from lit_rlhf.losses import DPO_LOSS_TYPES, cpo_loss, dpo_loss, simpo_loss
+
+from _hand import close, logsig, sig, t
+
+# Two pairs. a = πc - refc, b = πr - refr, h = a - b.
+PC, PR, RC, RR = [-1.0, -4.0], [-3.0, -2.0], [-1.5, -3.0], [-2.0, -3.0]
+A = [0.5, -1.0]
+B = [-1.0, 1.0]
+H = [1.5, -2.0]
+
+
+def _inputs(requires_grad=False):
+    return t(PC, requires_grad), t(PR, requires_grad), t(RC), t(RR)
+
+
+def test_dpo_sigmoid_by_hand():
+    beta = 0.1
+    out = dpo_loss(*_inputs(), beta=beta)
+    close(out.losses, [-logsig(beta * h) for h in H])
+    close(out.chosen_rewards, [beta * a for a in A])
+    close(out.rejected_rewards, [beta * b for b in B])
+    assert not out.chosen_rewards.requires_grad
+
+
+def test_dpo_sigmoid_label_smoothing():
+    beta, eps = 0.1, 0.1
+    out = dpo_loss(*_inputs(), beta=beta, label_smoothing=eps)
+    close(out.losses, [-(1 - eps) * logsig(beta * h) - eps * logsig(-beta * h) for h in H])
+
+
+def test_dpo_ipo_length_normalised():
+    beta = 0.1
+    lc, lr = [2.0, 4.0], [5.0, 2.0]
+    out = dpo_loss(*_inputs(), beta=beta, loss_type="ipo", chosen_lengths=t(lc), rejected_lengths=t(lr))
+    hn = [A[i] / lc[i] - B[i] / lr[i] for i in range(2)]  # 0.45, -0.75
+    close(out.losses, [(x - 1 / (2 * beta)) ** 2 for x in hn])
+    close(out.chosen_rewards, [beta * A[i] / lc[i] for i in range(2)])
+    # Doubling every log-prob and every length leaves IPO unchanged.
+    doubled = dpo_loss(
+        *(2 * x for x in _inputs()), beta=beta, loss_type="ipo",
+        chosen_lengths=2 * t(lc), rejected_lengths=2 * t(lr),
+    )
+    close(doubled.losses, out.losses)
+
+
+def test_dpo_ipo_requires_lengths():
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        dpo_loss(*_inputs(), loss_type="ipo")
+
+
+def test_dpo_hinge_and_zero_region():
+    out = dpo_loss(*_inputs(), beta=0.1, loss_type="hinge")
+    close(out.losses, [max(0.0, 1 - 0.1 * h) for h in H])
+    pc, pr, rc, rr = _inputs(requires_grad=True)
+    out = dpo_loss(pc, pr, rc, rr, beta=1.0, loss_type="hinge")
+    close(out.losses, [0.0, 3.0])  # βh = 1.5 > 1: past the margin, no loss
+    out.losses.sum().backward()
+    assert pc.grad[0] == 0 and pr.grad[0] == 0
+    assert pc.grad[1] == -1 and pr.grad[1] == 1
+
+
+def test_dpo_robust_debiased():
+    beta, eps = 0.5, 0.2
+    out = dpo_loss(*_inputs(), beta=beta, loss_type="robust", label_smoothing=eps)
+    expected = [((1 - eps) * -logsig(beta * h) - eps * -logsig(-beta * h)) / (1 - 2 * eps) for h in H]
+    close(out.losses, expected)
+    plain = dpo_loss(*_inputs(), beta=beta, loss_type="robust")
+    close(plain.losses, [-logsig(beta * h) for h in H])
+
+
+def test_dpo_bco_pair_batch_mean_delta():
+    beta = 0.1
+    out = dpo_loss(*_inputs(), beta=beta, loss_type="bco_pair")
+    delta = (beta * A[0] + beta * A[1] + beta * B[0] + beta * B[1]) / 4
+    close(out.losses, [-logsig(beta * A[i] - delta) - logsig(-(beta * B[i] - delta)) for i in range(2)])
+
+
+def test_dpo_sppo_hard():
+    beta = 0.1
+    out = dpo_loss(*_inputs(), beta=beta, loss_type="sppo_hard")
+    close(out.losses, [(A[i] - 5.0) ** 2 + (B[i] + 5.0) ** 2 for i in range(2)])
+
+
+def test_dpo_nca_pair():
+    beta = 0.1
+    out = dpo_loss(*_inputs(), beta=beta, loss_type="nca_pair")
+    close(
+        out.losses,
+        [-logsig(beta * A[i]) - 0.5 * logsig(-beta * A[i]) - 0.5 * logsig(-beta * B[i]) for i in range(2)],
+    )
+
+
+def test_dpo_apo_zero_and_down():
+    beta = 0.1
+    zero = dpo_loss(*_inputs(), beta=beta, loss_type="apo_zero")
+    close(zero.losses, [(1 - sig(beta * A[i])) + sig(beta * B[i]) for i in range(2)])
+    down = dpo_loss(*_inputs(), beta=beta, loss_type="apo_down")
+    close(down.losses, [sig(beta * A[i]) + (1 - sig(beta * (A[i] - B[i]))) for i in range(2)])
+
+
+@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
+def test_dpo_gradients_finite(loss_type):
+    pc, pr, rc, rr = _inputs(requires_grad=True)
+    out = dpo_loss(
+        pc, pr, rc, rr, beta=0.1, loss_type=loss_type, label_smoothing=0.1,
+        chosen_lengths=t([2.0, 3.0]), rejected_lengths=t([4.0, 1.0]),
+    )
+    assert out.losses.shape == (2,)
+    out.losses.mean().backward()
+    assert torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
+    assert pc.grad.abs().sum() > 0
+
+
+def test_dpo_errors():
+    with pytest.raises(ValueError, match="sigmoid, ipo, hinge"):
+        dpo_loss(*_inputs(), loss_type="kto")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(*_inputs(), label_smoothing=0.5)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(*_inputs(), label_smoothing=-0.1)
+
+
+def test_simpo_by_hand():
+    beta, ratio, eps = 2.0, 0.5, 0.1
+    pc, pr, lc, lr = [-6.0, -2.0], [-10.0, -9.0], [3.0, 2.0], [4.0, 3.0]
+    gamma = ratio * beta
+    h = [beta * (pc[i] / lc[i] - pr[i] / lr[i]) - gamma for i in range(2)]  # [0.0, 3.0]
+    out = simpo_loss(t(pc), t(pr), t(lc), t(lr), beta=beta, gamma_beta_ratio=ratio)
+    close(out.losses, [math.log(2.0), -logsig(3.0)])
+    close(out.losses, [-logsig(x) for x in h])
+    close(out.chosen_rewards, [beta * pc[i] / lc[i] for i in range(2)])
+    close(out.rejected_rewards, [beta * pr[i] / lr[i] for i in range(2)])
+    smoothed = simpo_loss(t(pc), t(pr), t(lc), t(lr), beta=beta, gamma_beta_ratio=ratio, label_smoothing=eps)
+    close(smoothed.losses, [-(1 - eps) * logsig(x) - eps * logsig(-x) for x in h])
+    # Length normalisation: twice the tokens with twice the log-prob is the same average.
+    same = simpo_loss(2 * t(pc), 2 * t(pr), 2 * t(lc), 2 * t(lr), beta=beta, gamma_beta_ratio=ratio)
+    close(same.losses, out.losses)
+
+
+def test_simpo_gradient_finite():
+    pc, pr = t([-6.0, -2.0], True), t([-10.0, -9.0], True)
+    simpo_loss(pc, pr, t([3.0, 2.0]), t([4.0, 3.0])).losses.mean().backward()
+    assert torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
+
+
+def test_cpo_by_hand():
+    beta, alpha = 0.1, 1.0
+    pc, pr, nll = [-1.0], [-3.0], [0.5]
+    out = cpo_loss(t(pc), t(pr), t(nll), beta=beta, alpha=alpha)
+    close(out.losses, [-logsig(beta * 2.0) + 0.5])
+    close(out.chosen_rewards, [-0.1])
+    close(out.rejected_rewards, [-0.3])
+    hinge = cpo_loss(t(pc), t(pr), t(nll), beta=beta, alpha=2.0, loss_type="hinge")
+    close(hinge.losses, [(1 - 0.2) + 2.0 * 0.5])
+    smooth = cpo_loss(t(pc), t(pr), t(nll), beta=beta, alpha=0.0, label_smoothing=0.2)
+    close(smooth.losses, [-0.8 * logsig(0.2) - 0.2 * logsig(-0.2)])
+
+
+def test_cpo_ipo_and_simpo_length_normalised():
+    pc, pr, nll, lc, lr = [-1.0], [-3.0], [0.5], [2.0], [3.0]
+    hn = -1.0 / 2.0 - (-3.0 / 3.0)  # 0.5
+    ipo = cpo_loss(t(pc), t(pr), t(nll), beta=0.1, loss_type="ipo", chosen_lengths=t(lc), rejected_lengths=t(lr))
+    close(ipo.losses, [(hn - 5.0) ** 2 + 0.5])
+    simpo = cpo_loss(
+        t(pc), t(pr), t(nll), beta=2.0, alpha=1.0, loss_type="simpo",
+        chosen_lengths=t(lc), rejected_lengths=t(lr), simpo_gamma=0.5,
+    )
+    close(simpo.losses, [-logsig(2.0 * hn - 0.5) + 0.5])
+    close(simpo.chosen_rewards, [2.0 * -0.5])
+    close(simpo.rejected_rewards, [2.0 * -1.0])
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "simpo"])
+def test_cpo_gradients_finite(loss_type):
+    pc, pr, nll = t([-1.0, -2.0], True), t([-3.0, -1.0], True), t([0.5, 0.7], True)
+    out = cpo_loss(pc, pr, nll, loss_type=loss_type, chosen_lengths=t([2.0, 2.0]), rejected_lengths=t([3.0, 1.0]))
+    out.losses.mean().backward()
+    for x in (pc, pr, nll):
+        assert torch.isfinite(x.grad).all()
+    close(nll.grad, [0.5, 0.5])  # α / batch
+
+
+def test_cpo_errors():
+    with pytest.raises(ValueError, match="sigmoid, hinge, ipo, simpo"):
+        cpo_loss(t([-1.0]), t([-2.0]), t([0.1]), loss_type="robust")
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        cpo_loss(t([-1.0]), t([-2.0]), t([0.1]), loss_type="simpo")
