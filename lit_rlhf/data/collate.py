@@ -88,7 +88,9 @@ class PackingCollator:
 
     Each example's ``position_ids`` restart at 0; transformers models detect the packed
     sequences from that (when ``attention_mask`` is absent) and keep attention inside each
-    example, so the result equals the padded batch token for token. With ``max_length``,
+    example, so the result equals the padded batch token for token. Call the model with
+    ``use_cache=False``: transformers only looks for packed sequences when there is neither an
+    attention mask nor a KV cache (and eval-mode models build a cache by default). With ``max_length``,
     consecutive examples are packed greedily into rows of at most ``max_length`` tokens and
     the rows are right-padded; the padding is a sequence of its own (positions from 0) that
     ``completion_mask`` excludes.

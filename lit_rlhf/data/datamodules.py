@@ -15,8 +15,10 @@ world size and rank, so under DDP Lightning keeps it instead of injecting its ow
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
+import warnings
 from typing import Any, Callable, ClassVar, Literal, Optional, Union
 
 import lightning as L
@@ -51,9 +53,38 @@ class ExampleDataset(Dataset):
         return self.examples[index]
 
 
-def epoch_sampler(dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0) -> DistributedSampler:
+# The DataModule restores the data position itself (see ResumableSampler), so Lightning's
+# warning that a mid-epoch checkpoint cannot resume the data does not apply to our loaders.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+
+
+class ResumableSampler(DistributedSampler):
+    """A shuffling sampler whose order depends only on ``(seed, epoch)``.
+
+    After a mid-epoch resume, the interrupted epoch skips the samples already trained on,
+    so the resumed run sees exactly the batches the uninterrupted run would have seen.
+
+    Args:
+        resume: ``(epoch, samples already consumed in it)``, or ``None``.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0,
+                 resume: Optional[tuple[int, int]] = None):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.resume = resume
+
+    def __iter__(self):
+        indices = super().__iter__()
+        if self.resume is not None and self.resume[0] == self.epoch:
+            skip, self.resume = self.resume[1], None
+            return itertools.islice(indices, skip, None)
+        return indices
+
+
+def epoch_sampler(dataset: Dataset, seed: int, num_replicas: int = 1, rank: int = 0,
+                  resume: Optional[tuple[int, int]] = None) -> ResumableSampler:
     """A shuffling sampler whose order depends only on ``(seed, epoch)``; call ``set_epoch`` each epoch."""
-    return DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+    return ResumableSampler(dataset, seed, num_replicas=num_replicas, rank=rank, resume=resume)
 
 
 class _FormatDataModule(L.LightningDataModule):
@@ -138,7 +169,10 @@ class _FormatDataModule(L.LightningDataModule):
         Raises:
             DataError: listing every invalid row (file, line, field), unless on_invalid="skip".
         """
-        tokenizer = tokenizer or self.tokenizer or self._prepared_with
+        for candidate in (tokenizer, self.tokenizer, self._prepared_with):
+            if candidate is not None:
+                tokenizer = candidate
+                break
         if tokenizer is None:
             raise ValueError(f"{type(self).__name__} needs a tokenizer: pass tokenizer=..., call prepare(tokenizer), "
                              "or attach it to a Trainer whose LightningModule has a `.tokenizer` attribute")
@@ -189,7 +223,12 @@ class _FormatDataModule(L.LightningDataModule):
         self._require_prepared()
         dataset = ExampleDataset(self.train_examples)
         replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=epoch_sampler(dataset, self.seed, replicas, rank),
+        resume = None
+        position = (self._resumed_state or {}).get("position")
+        if position is not None:
+            resume = (position["epoch"], position["batches"] * self.batch_size)
+        sampler = epoch_sampler(dataset, self.seed, replicas, rank, resume=resume)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
                           collate_fn=self.collator, num_workers=self.num_workers)
 
     def val_dataloader(self) -> Union[DataLoader, list]:
@@ -203,8 +242,15 @@ class _FormatDataModule(L.LightningDataModule):
     # -- checkpoint state -------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resume needs to check it sees the same data: the epoch order follows from (seed, epoch)."""
-        return {"seed": self.seed, "num_train_rows": self.num_train_rows}
+        """The data position: the epoch order follows from (seed, epoch), plus the batches done in it."""
+        state: dict[str, Any] = {"seed": self.seed, "num_train_rows": self.num_train_rows}
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            # `processed` counts the batches whose step ran, unlike the loader's own count, which
+            # runs ahead by the batch Lightning prefetches.
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            state["position"] = {"epoch": trainer.current_epoch, "batches": done}
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resumed_state = dict(state_dict)
@@ -214,8 +260,8 @@ class _FormatDataModule(L.LightningDataModule):
         state = self._resumed_state
         if state is None or self._prepared_with is None:
             return
-        now = self.state_dict()
-        if state != now:
+        now = {k: v for k, v in self.state_dict().items() if k != "position"}
+        if {k: v for k, v in state.items() if k != "position"} != now:
             log.warning("resuming with different data settings than the checkpoint (%s now, %s then): the data "
                         "order will not match the interrupted run", now, state)
 

@@ -110,6 +110,8 @@ def _load_json(path: Path, errors: list[DataError]) -> list[Row]:
         data = None  # not a single JSON document: read it as JSON lines
     if isinstance(data, list):
         return [(Where(str(path), i, "row", "json"), row) for i, row in enumerate(data, start=1)]
+    if isinstance(data, dict):  # a single object (or a one-line JSONL file)
+        return [(Where(str(path), 1, "row", "json"), data)]
     return _load_jsonl(path, errors, text)
 
 

@@ -363,7 +363,9 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
         ``(num_prompts * k,)`` advantages.
     """
     if k < 2:
-        raise ValueError(f"rloo_advantages needs k >= 2 completions per prompt for a leave-one-out baseline, got k={k}.")
+        raise ValueError(
+            f"rloo_advantages needs k >= 2 completions per prompt for a leave-one-out baseline, got k={k}."
+        )
     grouped = _grouped(rewards, k, "rloo_advantages")
     baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)
     return (grouped - baseline).reshape(-1)

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -28,6 +30,28 @@ def schedule_factor(step: int, *, warmup_steps: int, total_steps: int, kind: str
     if kind == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def rng_states() -> dict:
+    """Every RNG a training step may draw from, as tensors and ints (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class BankMethod(pl.LightningModule):
@@ -62,6 +86,7 @@ class BankMethod(pl.LightningModule):
         self.hparams["bank"] = asdict(self.bank_spec)
         self.bank: AdapterBank | None = None
         self._tokenizer = None
+        self._rng_to_restore: dict | None = None
         # Checkpoints hold only trainable state, so the frozen base is missing from them by design.
         self.strict_loading = False
 
@@ -122,8 +147,10 @@ class BankMethod(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._rng_to_restore = checkpoint.get("rng_states")
         if self.bank is None:
             return
         missing = self._trainable_keys() - set(checkpoint["state_dict"])
@@ -132,6 +159,13 @@ class BankMethod(pl.LightningModule):
                 f"checkpoint lacks {len(missing)} trainable tensors of this method (e.g. {sorted(missing)[:3]}); "
                 "was it written by a run with the same adapters and train_mode?"
             )
+
+    def on_train_start(self) -> None:
+        # Restored here, after Lightning has created the epoch's data iterator (which draws a seed
+        # from the global RNG), so a resumed run draws the same dropout masks and samples.
+        if self._rng_to_restore is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     # -- guards and export ----------------------------------------------------------------------
 

@@ -196,7 +196,7 @@ class AdapterBank(nn.Module):
 
     @property
     def has_reference(self) -> bool:
-        return self.is_peft or self.reference_model is not None
+        return not self.full or self.reference_model is not None
 
     @contextmanager
     def reference(self) -> Iterator[AdapterBank]:
@@ -210,6 +210,8 @@ class AdapterBank(nn.Module):
             if self.is_peft:
                 with self.model.disable_adapter():
                     yield self
+            elif not self.full:
+                yield self
             else:
                 self._use_reference = True
                 try:
@@ -238,26 +240,26 @@ class AdapterBank(nn.Module):
             raise KeyError(f"adapter {adapter!r} has no {kind} head (declare it with head: {kind})")
         return head
 
-    def score(self, input_ids, attention_mask, *, adapter: str = "reward") -> torch.Tensor:
+    def score(self, input_ids, attention_mask, *, adapter: str = "reward", position_ids=None) -> torch.Tensor:
         """Per-sequence scalar of ``adapter``'s score head at the last attended token. (batch,) float32."""
         head = self._head(adapter, "score")
         with self.role(adapter):
-            hidden = self._hidden(input_ids, attention_mask)
+            hidden = self._hidden(input_ids, attention_mask, position_ids)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         return head(hidden)[rows, last_token_index(attention_mask)]
 
-    def values(self, input_ids, attention_mask, *, adapter: str = "value") -> torch.Tensor:
+    def values(self, input_ids, attention_mask, *, adapter: str = "value", position_ids=None) -> torch.Tensor:
         """Per-token values of ``adapter``'s value head. (batch, seq) float32."""
         head = self._head(adapter, "value")
         with self.role(adapter):
-            hidden = self._hidden(input_ids, attention_mask)
+            hidden = self._hidden(input_ids, attention_mask, position_ids)
         return head(hidden)
 
-    def logits_and_values(self, input_ids, attention_mask, *, adapter: str):
+    def logits_and_values(self, input_ids, attention_mask, *, adapter: str, position_ids=None):
         """One pass of ``adapter`` giving LM logits and the values of its own value head (shared trunk)."""
         head = self._head(adapter, "value")
         with self.role(adapter):
-            out = self.forward(input_ids, attention_mask, output_hidden_states=True)
+            out = self.forward(input_ids, attention_mask, position_ids, output_hidden_states=True)
         return out.logits, head(out.hidden_states[-1])
 
     @torch.no_grad()

@@ -97,12 +97,13 @@ def build_datasets(out: Path, seed: int = 0) -> None:
         _write_jsonl(out / f"prompt_{split}.jsonl", [{"prompt": p} for p in prompts])
 
 
-def pretrain_base(tokenizer, seed: int = 0, steps: int = 400, hidden_size: int = 64, num_layers: int = 2):
+def pretrain_base(tokenizer, seed: int = 0, steps: int = 1500, hidden_size: int = 64, num_layers: int = 2):
     """A tiny Llama trained as a plain LM on neutral-sentiment toy text, so it is fluent but unaligned."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     model = LlamaForCausalLM(tiny_config(tokenizer, hidden_size, num_layers))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     train_prompts, _ = toy.split_prompts(seed)
     model.train()
     for _ in range(steps):
@@ -112,6 +113,7 @@ def pretrain_base(tokenizer, seed: int = 0, steps: int = 400, hidden_size: int =
         loss = model(**batch, labels=labels).loss
         loss.backward()
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad()
     model.eval()
     return model, loss.item()

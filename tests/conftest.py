@@ -1,0 +1,26 @@
+"""Shared test setup: every test runs from the repository root, where configs find assets/toy."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TOY_BASE = REPO / "assets" / "toy" / "base"
+TOY_DATA = REPO / "assets" / "toy" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _run_from_repo_root(monkeypatch):
+    monkeypatch.chdir(REPO)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_transformers():
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)

@@ -1,0 +1,158 @@
+import lightning as L
+import pytest
+import torch
+
+from lit_rlhf.data import (
+    DataError,
+    PreferenceDataModule,
+    PromptDataModule,
+    SFTDataModule,
+    UnpairedDataModule,
+    epoch_sampler,
+)
+from lit_rlhf.data.datamodules import ExampleDataset
+
+KEYS = {
+    PromptDataModule: {"prompt_input_ids", "prompt_attention_mask", "prompts", "raw_prompts"},
+    PreferenceDataModule: {"input_ids", "attention_mask", "completion_mask"},
+    UnpairedDataModule: {"input_ids", "attention_mask", "completion_mask", "labels", "kl_input_ids",
+                         "kl_attention_mask", "kl_completion_mask"},
+    SFTDataModule: {"input_ids", "attention_mask", "completion_mask"},
+}
+FILES = {PromptDataModule: "prompt", PreferenceDataModule: "preference", UnpairedDataModule: "unpaired",
+         SFTDataModule: "sft"}
+
+
+def test_sampler_order_depends_only_on_seed_and_epoch():
+    dataset = ExampleDataset(list(range(50)))
+
+    def order(seed, epoch):
+        sampler = epoch_sampler(dataset, seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert order(0, 3) == order(0, 3)
+    assert sorted(order(0, 3)) == list(range(50))
+    assert order(0, 0) != order(0, 1)
+    assert order(0, 1) != order(1, 1)
+
+
+class _Recorder(L.LightningModule):
+    """A stand-in method: exposes `.tokenizer` and records the batches it sees."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.batches, self.val_batches = [], []
+
+    def training_step(self, batch, batch_idx):
+        self.batches.append(batch)
+        return self.weight.sum() * 0 + self.weight.pow(2).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.val_batches.append(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("module_cls", list(KEYS), ids=lambda c: c.__name__)
+def test_setup_takes_tokenizer_from_lightning_module(module_cls, toy_tokenizer, toy_data, tmp_path):
+    name = FILES[module_cls]
+    data = module_cls(train=str(toy_data / f"{name}_train.jsonl"), val=str(toy_data / f"{name}_val.jsonl"),
+                      batch_size=4)
+    model = _Recorder(toy_tokenizer)
+    trainer = L.Trainer(max_steps=2, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path, accelerator="cpu")
+    trainer.fit(model, datamodule=data)
+    assert data.num_train_rows > 0 and len(model.batches) == 2 and len(model.val_batches) == 1
+    for batch in model.batches + model.val_batches:
+        assert set(batch) == KEYS[module_cls]
+    first = model.batches[0]
+    rows = 8 if module_cls is PreferenceDataModule else 4
+    tensor = first["prompt_input_ids"] if module_cls is PromptDataModule else first["input_ids"]
+    assert tensor.shape[0] == rows
+
+
+def test_packed_sft_batches(toy_tokenizer, toy_data):
+    data = SFTDataModule(train=str(toy_data / "sft_val.jsonl"), tokenizer=toy_tokenizer, packing=True, max_length=32,
+                         batch_size=8).prepare()
+    batch = next(iter(data.train_dataloader()))
+    assert set(batch) == {"input_ids", "position_ids", "completion_mask"} and batch["input_ids"].shape[1] <= 32
+
+
+def test_conversational_files(tmp_path, toy_tokenizer, write_jsonl):
+    rows = [{"prompt": [{"role": "user", "content": f"the {thing} was"}],
+             "chosen": [{"role": "assistant", "content": "good ."}],
+             "rejected": [{"role": "assistant", "content": "bad ."}]} for thing in ("class", "car", "team")]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    data = PreferenceDataModule(train=str(path), tokenizer=toy_tokenizer, batch_size=3).prepare()
+    batch = next(iter(data.train_dataloader()))
+    assert batch["input_ids"].shape == (6, 8)
+    assert toy_tokenizer.decode(batch["input_ids"][0]).startswith("<|user|> the")
+    assert batch["completion_mask"].sum(1).tolist() == [3] * 6  # "good . </s>" and "bad . </s>"
+
+
+def test_mixed_plain_and_conversational_rows_are_errors(tmp_path, toy_tokenizer, write_jsonl):
+    rows = [{"prompt": "the class was"}, {"prompt": [{"role": "user", "content": "the car was"}]}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    with pytest.raises(DataError, match=r"p.jsonl:2: field 'prompt': is a list of messages; this dataset is plain "
+                                        r"text \(plain text as detected from the first row"):
+        PromptDataModule(train=str(path), tokenizer=toy_tokenizer).prepare()
+
+
+def test_val_fraction_holds_out_a_seeded_split(toy_tokenizer, toy_data):
+    def split(seed):
+        data = PromptDataModule(train=str(toy_data / "prompt_train.jsonl"), val_fraction=0.25, split_seed=seed,
+                                tokenizer=toy_tokenizer).prepare()
+        return [e["prompt_text"] for e in data.train_examples], [e["prompt_text"] for e in data.val_examples]
+
+    train, val = split(0)
+    assert len(val) == 12 and len(train) == 36 and not set(train) & set(val)
+    assert split(0) == (train, val) and split(1) != (train, val)
+
+
+def test_prepare_is_idempotent(toy_tokenizer, toy_data, monkeypatch):
+    import lit_rlhf.data.datamodules as datamodules
+
+    calls = []
+    load = datamodules.load_rows
+    monkeypatch.setattr(datamodules, "load_rows", lambda *a, **k: calls.append(a) or load(*a, **k))
+    data = PromptDataModule(train=str(toy_data / "prompt_val.jsonl"))
+    data.prepare(toy_tokenizer)
+    data.prepare(toy_tokenizer)
+    data.setup("fit")  # no trainer, no tokenizer argument: reuses the prepared one
+    assert len(calls) == 1 and data.num_train_rows == 12
+
+
+def test_no_tokenizer_is_a_clear_error(toy_data):
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        PromptDataModule(train=str(toy_data / "prompt_val.jsonl")).setup("fit")
+
+
+def test_state_dict_round_trip_warns_on_different_data(toy_tokenizer, toy_data, caplog):
+    data = PromptDataModule(train=str(toy_data / "prompt_val.jsonl"), tokenizer=toy_tokenizer, seed=5).prepare()
+    state = data.state_dict()
+    assert state == {"seed": 5, "num_train_rows": 12}
+    other = PromptDataModule(train=str(toy_data / "prompt_train.jsonl"), tokenizer=toy_tokenizer, seed=5).prepare()
+    with caplog.at_level("WARNING", logger="lit_rlhf.data"):
+        other.load_state_dict(state)
+    assert "different data" in caplog.text
+
+
+def test_trainer_epochs_follow_seed_and_epoch(toy_tokenizer, toy_data, tmp_path):
+    data = PromptDataModule(train=str(toy_data / "prompt_val.jsonl"), batch_size=4, seed=3)  # no val: none run
+    model = _Recorder(toy_tokenizer)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
+    trainer.fit(model, datamodule=data)
+    seen = [p for batch in model.batches for p in batch["prompts"]]
+    assert len(seen) == 24 and not model.val_batches
+    expected = []
+    for epoch in (0, 1):
+        sampler = epoch_sampler(ExampleDataset(data.train_examples), seed=3)
+        sampler.set_epoch(epoch)
+        expected += [data.train_examples[i]["prompt_text"] for i in sampler]
+    assert seen == expected and seen[:12] != seen[12:]
