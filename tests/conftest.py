@@ -6,10 +6,17 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_BASE = REPO / "assets" / "toy" / "base"
 TOY_DATA = REPO / "assets" / "toy" / "data"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    # The toy models are tiny: one thread is faster than two, and immune to other jobs on the machine.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -48,6 +48,8 @@ class PreferenceCollator:
 
     Returns ``input_ids``, ``attention_mask``, ``completion_mask``: ``(2 * batch, seq)``,
     right-padded; rows ``[:batch]`` are prompt + chosen, rows ``[batch:]`` prompt + rejected.
+    Examples carrying precomputed ``ref_chosen_logps`` / ``ref_rejected_logps`` add them as
+    ``(batch,)`` float tensors.
 
     Args:
         pad_token_id: the id padding is filled with.
@@ -59,7 +61,12 @@ class PreferenceCollator:
     def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         prompts = [e["prompt_ids"] for e in examples] * 2
         completions = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
-        return _sequences(prompts, completions, self.pad_token_id)
+        batch = _sequences(prompts, completions, self.pad_token_id)
+        # Reference log-probs precomputed once by a method travel with their examples.
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in examples[0]:
+                batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
+        return batch
 
 
 class SFTCollator:
@@ -81,6 +88,15 @@ class SFTCollator:
         prompts = [e["prompt_ids"] for e in examples]
         completions = [e["completion_ids"] for e in examples]
         return _sequences(prompts, completions, self.pad_token_id, self.completion_only_loss)
+
+
+def _packed_mask(example: Example, completion_only: bool) -> list[int]:
+    """An example's loss mask inside a packed row. Its first token is never a target: in a
+    packed row it would be "predicted" from the previous example's last token."""
+    mask = [0 if completion_only else 1] * len(example["prompt_ids"]) + [1] * len(example["completion_ids"])
+    if mask:
+        mask[0] = 0
+    return mask
 
 
 class PackingCollator:
@@ -123,8 +139,7 @@ class PackingCollator:
         for row in rows:
             ids.append([t for e in row for t in e["prompt_ids"] + e["completion_ids"]])
             positions.append([i for e in row for i in range(len(e["prompt_ids"]) + len(e["completion_ids"]))])
-            masks.append([m for e in row for m in [0 if self.completion_only_loss else 1] * len(e["prompt_ids"])
-                          + [1] * len(e["completion_ids"])])
+            masks.append([m for e in row for m in _packed_mask(e, self.completion_only_loss)])
         width = max(len(r) for r in ids)
         positions = [p + list(range(width - len(p))) for p in positions]
         return {"input_ids": pad(ids, self.pad_token_id), "position_ids": pad(positions, 0),

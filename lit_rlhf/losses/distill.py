@@ -7,6 +7,8 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from lit_rlhf.losses.logprobs import resolve_chunk_size
+
 __all__ = ["JSD_REDUCTIONS", "generalized_jsd_loss"]
 
 JSD_REDUCTIONS = ("mean", "sum", "batchmean", "none")
@@ -38,7 +40,7 @@ def generalized_jsd_loss(
     beta: float = 0.5,
     temperature: float = 1.0,
     reduction: str = "mean",
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Generalised Jensen-Shannon divergence between teacher and student, per token.
 
@@ -72,7 +74,7 @@ def generalized_jsd_loss(
         reduction: ``"mean"`` (over masked tokens), ``"sum"``, ``"batchmean"`` (sum divided by
             ``batch``; note TRL's ``batchmean`` divides by the token count, which is our
             ``"mean"``), or ``"none"`` (``(batch, seq)`` with 0 at masked positions).
-        chunk_size: rows upcast to float32 at once.
+        chunk_size: rows upcast to float32 at once; ``None`` sizes chunks to about 64 MiB.
 
     Returns:
         scalar float32 tensor, or ``(batch, seq)`` for ``reduction="none"``.
@@ -83,8 +85,7 @@ def generalized_jsd_loss(
         raise ValueError(f"temperature must be > 0, got {temperature}.")
     if reduction not in JSD_REDUCTIONS:
         raise ValueError(f"unknown reduction {reduction!r}; valid names are {', '.join(JSD_REDUCTIONS)}.")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+    chunk_size = resolve_chunk_size(chunk_size, student_logits.size(-1))
     if student_logits.shape != teacher_logits.shape or student_logits.shape[:-1] != mask.shape:
         raise ValueError(
             "expected student_logits and teacher_logits (batch, seq, vocab) and mask (batch, seq); got "

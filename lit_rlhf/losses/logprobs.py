@@ -32,9 +32,20 @@ class SequenceLogps(NamedTuple):
     num_tokens: torch.Tensor
 
 
-def _check_chunk_size(chunk_size: int) -> None:
+CHUNK_ELEMENTS = 1 << 24  # 64 MiB of float32: the largest upcast a default chunk makes
+
+
+def resolve_chunk_size(chunk_size: int | None, vocab: int) -> int:
+    """Rows per chunk: ``chunk_size`` if given, else as many rows as fit in ``CHUNK_ELEMENTS``.
+
+    A fixed row count would make the float32 chunk grow with the vocabulary (1024 rows of a
+    128k vocabulary are 512 MiB), so the default is sized by elements instead.
+    """
+    if chunk_size is None:
+        return max(1, CHUNK_ELEMENTS // max(1, vocab))
     if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}.")
+    return chunk_size
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
@@ -79,7 +90,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         return grad_logits, None, None
 
 
-def token_logps(logits: torch.Tensor, labels: torch.Tensor, *, chunk_size: int = 1024) -> torch.Tensor:
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, *, chunk_size: int | None = None) -> torch.Tensor:
     """Log-probability of each label under the logits.
 
     ``log p(y_t) = logits[t, y_t] - logsumexp_v logits[t, v]``, computed on chunks of
@@ -94,12 +105,13 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, *, chunk_size: int =
         labels: ``(batch, seq)`` integer token ids. Ignored positions (``-100``, pad) are
             clamped to id 0 for the gather; their values are meaningless and the caller masks
             them.
-        chunk_size: rows upcast to float32 at once; trades peak memory for kernel launches.
+        chunk_size: rows upcast to float32 at once; ``None`` sizes chunks to about 64 MiB of
+            float32 whatever the vocabulary. Trades peak memory for kernel launches.
 
     Returns:
         ``(batch, seq)`` float32 log-probabilities (differentiable with respect to ``logits``).
     """
-    _check_chunk_size(chunk_size)
+    chunk_size = resolve_chunk_size(chunk_size, logits.size(-1))
     if logits.shape[:-1] != labels.shape:
         raise ValueError(
             f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree: expected "
@@ -153,7 +165,7 @@ def _entropy_chunk(chunk: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(dim=-1)
 
 
-def entropy_from_logits(logits: torch.Tensor, *, chunk_size: int = 1024) -> torch.Tensor:
+def entropy_from_logits(logits: torch.Tensor, *, chunk_size: int | None = None) -> torch.Tensor:
     """Entropy of the predictive distribution at each position.
 
     ``H_t = -sum_v p_t(v) log p_t(v)``, ``p_t = softmax(logits[:, t])``, computed on chunks of
@@ -163,12 +175,12 @@ def entropy_from_logits(logits: torch.Tensor, *, chunk_size: int = 1024) -> torc
 
     Args:
         logits: ``(batch, seq, vocab)``.
-        chunk_size: rows upcast to float32 at once.
+        chunk_size: rows upcast to float32 at once; ``None`` sizes chunks to about 64 MiB.
 
     Returns:
         ``(batch, seq)`` float32 entropies in nats.
     """
-    _check_chunk_size(chunk_size)
+    chunk_size = resolve_chunk_size(chunk_size, logits.size(-1))
     batch_shape = logits.shape[:-1]
     if logits.numel() == 0:
         return logits.new_zeros(batch_shape, dtype=torch.float32)

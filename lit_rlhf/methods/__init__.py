@@ -3,5 +3,20 @@
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.methods.dpo import CPO, DPO, PreferenceMethod, SimPO
 from lit_rlhf.methods.export import ExportOnFitEnd
+from lit_rlhf.methods.kto import KTO
+from lit_rlhf.methods.reward import Reward, RewardScorer, score_texts
+from lit_rlhf.methods.sft import SFT
 
-__all__ = ["BankMethod", "CPO", "DPO", "ExportOnFitEnd", "PreferenceMethod", "SimPO"]
+__all__ = [
+    "BankMethod",
+    "CPO",
+    "DPO",
+    "ExportOnFitEnd",
+    "KTO",
+    "PreferenceMethod",
+    "Reward",
+    "RewardScorer",
+    "SFT",
+    "SimPO",
+    "score_texts",
+]

@@ -1,6 +1,7 @@
-"""Build the embedded toy assets: tokenizer, datasets and a pre-trained tiny base model.
+"""Build the embedded toy assets: tokenizer, datasets, a pre-trained tiny base model and a GKD teacher.
 
     python -m lit_rlhf.toy.build assets/toy
+    python -m lit_rlhf.toy.build assets/toy --teacher-only   # the teacher alone (assets/toy/teacher)
 
 Deterministic for a given seed; the repository ships its output under ``assets/toy`` so
 that the quickstart and the tests need neither a network nor this build.
@@ -97,8 +98,17 @@ def build_datasets(out: Path, seed: int = 0) -> None:
         _write_jsonl(out / f"prompt_{split}.jsonl", [{"prompt": p} for p in prompts])
 
 
-def pretrain_base(tokenizer, seed: int = 0, steps: int = 1500, hidden_size: int = 64, num_layers: int = 2):
-    """A tiny Llama trained as a plain LM on neutral-sentiment toy text, so it is fluent but unaligned."""
+def pretrain_base(
+    tokenizer,
+    seed: int = 0,
+    steps: int = 1500,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    sentiment: float | None = None,
+):
+    """A tiny Llama trained as a plain LM on toy text, by default of neutral sentiment (each
+    completion's sentiment uniform in [-1, 1]), so it is fluent but unaligned; ``sentiment``
+    fixes the sentiment every completion is sampled with instead."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     model = LlamaForCausalLM(tiny_config(tokenizer, hidden_size, num_layers))
@@ -107,7 +117,11 @@ def pretrain_base(tokenizer, seed: int = 0, steps: int = 1500, hidden_size: int 
     train_prompts, _ = toy.split_prompts(seed)
     model.train()
     for _ in range(steps):
-        texts = [f"{rng.choice(train_prompts)} {toy.sample_completion(rng, rng.uniform(-1, 1))} </s>" for _ in range(32)]
+        texts = [
+            f"{rng.choice(train_prompts)} "
+            f"{toy.sample_completion(rng, rng.uniform(-1, 1) if sentiment is None else sentiment)} </s>"
+            for _ in range(32)
+        ]
         batch = tokenizer(texts, return_tensors="pt", padding=True)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         loss = model(**batch, labels=labels).loss
@@ -119,20 +133,41 @@ def pretrain_base(tokenizer, seed: int = 0, steps: int = 1500, hidden_size: int 
     return model, loss.item()
 
 
+def build_teacher(tokenizer, seed: int = 0, steps: int = 1500, hidden_size: int = 128, num_layers: int = 3):
+    """The distillation teacher (GKD, KD, SeqKD): a larger tiny Llama with the base's tokenizer,
+    pre-trained on positive-leaning toy text (sentiment 0.7, like the SFT demonstrations), so it
+    differs from the neutral base and distilling from it moves a student measurably."""
+    return pretrain_base(tokenizer, seed, steps, hidden_size, num_layers, sentiment=0.7)
+
+
+def save_teacher(out: Path, seed: int = 0) -> float:
+    """Build the teacher alone and write it (model and tokenizer) to ``out / "teacher"``."""
+    tokenizer = build_tokenizer()
+    model, final_loss = build_teacher(tokenizer, seed)
+    model.save_pretrained(out / "teacher")
+    tokenizer.save_pretrained(out / "teacher")
+    return final_loss
+
+
 def build(out: Path, seed: int = 0) -> None:
     tokenizer = build_tokenizer()
     model, final_loss = pretrain_base(tokenizer, seed)
     model.save_pretrained(out / "base")
     tokenizer.save_pretrained(out / "base")
     build_datasets(out / "data", seed)
-    print(f"wrote {out} (base LM final loss {final_loss:.3f})")
+    teacher_loss = save_teacher(out, seed)
+    print(f"wrote {out} (base LM final loss {final_loss:.3f}, teacher LM final loss {teacher_loss:.3f})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, nargs="?", default=Path("assets/toy"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--teacher-only", action="store_true", help="build only the GKD teacher (<out>/teacher)")
     args = parser.parse_args()
+    if args.teacher_only:
+        print(f"wrote {args.out / 'teacher'} (teacher LM final loss {save_teacher(args.out, args.seed):.3f})")
+        return
     build(args.out, args.seed)
 
 

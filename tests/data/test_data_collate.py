@@ -73,7 +73,8 @@ def test_packing_collator_layout():
     assert set(batch) == {"input_ids", "position_ids", "completion_mask"}  # no attention mask
     assert batch["input_ids"].tolist() == [[2, 10, 20, 3, 2, 11, 21, 3]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3]]
-    assert batch["completion_mask"].tolist() == [[0, 0, 1, 1, 1, 1, 1, 1]]
+    # Each example's first token is out of the mask: nothing in its own sequence predicts it.
+    assert batch["completion_mask"].tolist() == [[0, 0, 1, 1, 0, 1, 1, 1]]
 
 
 def test_packing_collator_bins_to_max_length():
@@ -81,7 +82,7 @@ def test_packing_collator_bins_to_max_length():
     batch = PackingCollator(PAD, max_length=7)(examples)
     assert batch["input_ids"].tolist() == [[2, 10, 20, 3, PAD, PAD, PAD], [2, 11, 21, 3, 2, 22, 3]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2], [0, 1, 2, 3, 0, 1, 2]]
-    assert batch["completion_mask"].tolist() == [[0, 0, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 1, 1]]
+    assert batch["completion_mask"].tolist() == [[0, 0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 0, 1, 1]]
 
 
 def _token_logps(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -107,6 +108,7 @@ def test_packed_log_probs_equal_padded(toy_tokenizer, toy_data):
         assert torch.equal(ids, padded["input_ids"][i, :n])
         torch.testing.assert_close(_token_logps(packed_logits[0, start : start + n], ids),
                                    _token_logps(padded_logits[i, :n], ids), atol=1e-5, rtol=0)
-        assert torch.equal(packed["completion_mask"][0, start : start + n], padded["completion_mask"][i, :n])
+        # Targets are tokens 1..n-1 of each example (token 0 is never predicted): same in both.
+        assert torch.equal(packed["completion_mask"][0, start + 1 : start + n], padded["completion_mask"][i, 1:n])
         start += n
     assert start == packed["input_ids"].shape[1]

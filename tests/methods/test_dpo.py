@@ -111,3 +111,33 @@ def test_reference_free_and_precomputed_reference(tmp_path):
     free_loss, _ = free.compute_loss(batch)
     torch.testing.assert_close(live_loss, torch.tensor(0.6931471805599453), atol=1e-6, rtol=0)
     assert abs(free_loss.item() - 0.6931) > 1e-3
+
+
+def test_precomputed_reference_matches_the_live_reference(tmp_path):
+    pl.seed_everything(0)
+    data = PreferenceDataModule(train=VAL, batch_size=8, max_length=64)
+    live = small_dpo()
+    trainer(tmp_path, max_steps=3).fit(live, data)
+    batch = data.collator(data.train_examples[:8])
+    assert "ref_chosen_logps" not in batch
+
+    pl.seed_everything(0)
+    data = PreferenceDataModule(train=VAL, batch_size=8, max_length=64)
+    cached = small_dpo(precompute_ref_logps=True)
+    trainer(tmp_path, max_steps=3).fit(cached, data)
+    batch = data.collator(data.train_examples[:8])
+    with live.bank.reference():
+        expected = live.pair_logps(batch)
+    torch.testing.assert_close(batch["ref_chosen_logps"], expected.chosen, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch["ref_rejected_logps"], expected.rejected, atol=1e-5, rtol=0)
+    # Same data order and same reference: the two runs end with the same weights.
+    for name, value in _trainable_state(live).items():
+        torch.testing.assert_close(_trainable_state(cached)[name], value, atol=1e-5, rtol=0)
+
+
+def test_full_mode_with_precomputed_reference_keeps_no_copy(tmp_path):
+    pl.seed_everything(0)
+    method = small_dpo(bank=BankSpec(train_mode="full"), precompute_ref_logps=True)
+    trainer(tmp_path, max_steps=2).fit(method, PreferenceDataModule(train=VAL, batch_size=8, max_length=64))
+    assert method.bank.reference_model is None
+    assert method._ref_cache["train"].shape == (96, 2)

@@ -1,0 +1,154 @@
+"""KTO: Kahneman-Tversky Optimization (Ethayarajh et al. 2024, arXiv 2402.01306) on unpaired data.
+
+Each row is a prompt, a completion and a label (desirable or not). The implicit reward is
+``beta * (log pi(y|x) - log ref(y|x))``, compared with a reference point ``z0``: the batch's
+KL estimate between policy and reference, taken on *mismatched* pairs (prompt i with
+completion i+1: the ``kl_*`` keys of the batch), detached and clamped at 0. The reference is
+the base with adapters off (LoRA), or a frozen copy of the base (full), as in DPO.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lit_rlhf.losses import SequenceLogps, kto_kl_estimate, kto_loss, sequence_logps
+from lit_rlhf.methods.base import BankMethod
+
+log = logging.getLogger("lit_rlhf.methods")
+
+#: The KTO paper's recommended range of desirable_weight * n_desirable / (undesirable_weight * n_undesirable).
+BALANCE_RANGE = (1.0, 4.0 / 3.0)
+
+
+def weight_balance_advice(n_desirable: int, n_undesirable: int, desirable_weight: float,
+                          undesirable_weight: float) -> str | None:
+    """``None`` when the weighted class ratio lies in the paper's range, else a message saying how to fix it."""
+    low, high = BALANCE_RANGE
+    if n_desirable == 0 or n_undesirable == 0:
+        missing = "desirable" if n_desirable == 0 else "undesirable"
+        return (f"the KTO training data has no {missing} rows (label {missing == 'desirable'}): KTO needs both kinds "
+                f"({n_desirable} desirable, {n_undesirable} undesirable)")
+    ratio = desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
+    if low <= ratio <= high:
+        return None
+    # Either weight alone can bring the ratio into range; name both intervals.
+    weighted_desirable, weighted_undesirable = desirable_weight * n_desirable, undesirable_weight * n_undesirable
+    d_low, d_high = low * weighted_undesirable / n_desirable, high * weighted_undesirable / n_desirable
+    u_low, u_high = weighted_desirable / (high * n_undesirable), weighted_desirable / (low * n_undesirable)
+    return (f"KTO class balance desirable_weight * n_desirable / (undesirable_weight * n_undesirable) = "
+            f"{desirable_weight} * {n_desirable} / ({undesirable_weight} * {n_undesirable}) = {ratio:.3f} is outside "
+            f"[{low}, {high:.3f}], the range the KTO paper recommends (arXiv 2402.01306, section 4.2). To balance it, "
+            f"set desirable_weight in [{d_low:.3f}, {d_high:.3f}] (keeping undesirable_weight={undesirable_weight}), "
+            f"or undesirable_weight in [{u_low:.3f}, {u_high:.3f}] (keeping desirable_weight={desirable_weight}).")
+
+
+class KTO(BankMethod):
+    """Kahneman-Tversky Optimization of the ``policy`` adapter (or of the base, in ``full`` mode).
+
+    Logs ``loss``, ``kl``, ``rewards/chosen`` and ``logps/chosen`` (desirable rows),
+    ``rewards/rejected`` and ``logps/rejected`` (undesirable rows), ``rewards/margins``, and the
+    same under ``val/``. Warns once at fit start when the weighted class balance is outside
+    the paper's recommended range.
+
+    Args:
+        beta: scale of the implicit reward, the strength of the KL constraint to the reference.
+        desirable_weight: loss weight ``w_d`` of desirable rows.
+        undesirable_weight: loss weight ``w_u`` of undesirable rows.
+        policy_adapter: the adapter trained as the policy.
+        **kwargs: optimizer and bank arguments of ``BankMethod``.
+    """
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0,
+        policy_adapter: str = "policy",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.beta = beta
+        self.desirable_weight = desirable_weight
+        self.undesirable_weight = undesirable_weight
+        self.policy_adapter = policy_adapter
+
+    @property
+    def trained_adapter(self) -> str:
+        return self.policy_adapter
+
+    def needs_frozen_reference(self) -> bool:
+        return True
+
+    def on_fit_start(self) -> None:
+        examples = getattr(self.trainer.datamodule, "train_examples", None) if self.trainer.datamodule else None
+        if not examples:
+            return
+        n_desirable = sum(bool(e["label"]) for e in examples)
+        advice = weight_balance_advice(n_desirable, len(examples) - n_desirable, self.desirable_weight,
+                                       self.undesirable_weight)
+        if advice:
+            rank_zero_warn(advice)
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def completion_logps(self, batch: dict, prefix: str = "") -> SequenceLogps:
+        """Summed completion log-probs of the active role on the batch's ``{prefix}*`` rows."""
+        ids = batch[f"{prefix}input_ids"]
+        logits = self.bank(ids, batch[f"{prefix}attention_mask"]).logits
+        return sequence_logps(logits, ids, batch[f"{prefix}completion_mask"])
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, int]]]:
+        """``(loss, metrics)``; each metric is ``(value, how many rows it averages)`` for weighted logging."""
+        with self.bank.role(self.trained_adapter):
+            policy = self.completion_logps(batch)
+            with torch.no_grad():  # the reference point carries no gradient (it is detached in the loss)
+                policy_kl = self.completion_logps(batch, "kl_")
+        with self.bank.reference():
+            reference = self.completion_logps(batch)
+            reference_kl = self.completion_logps(batch, "kl_")
+        kl = kto_kl_estimate(policy_kl.logps, reference_kl.logps)
+        labels = batch["labels"]
+        out = kto_loss(policy.logps, reference.logps, labels, kl, beta=self.beta,
+                       desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight)
+
+        batch_size = labels.shape[0]
+        desirable, undesirable = labels.bool(), ~labels.bool()
+        n_desirable, n_undesirable = int(desirable.sum()), int(undesirable.sum())
+        logps = policy.logps.detach()
+        metrics: dict[str, tuple[torch.Tensor, int]] = {"kl": (out.kl, batch_size)}
+        if n_desirable:
+            metrics["rewards/chosen"] = (out.rewards[desirable].mean(), n_desirable)
+            metrics["logps/chosen"] = (logps[desirable].mean(), n_desirable)
+        if n_undesirable:
+            metrics["rewards/rejected"] = (out.rewards[undesirable].mean(), n_undesirable)
+            metrics["logps/rejected"] = (logps[undesirable].mean(), n_undesirable)
+        if n_desirable and n_undesirable:
+            margin = metrics["rewards/chosen"][0] - metrics["rewards/rejected"][0]
+            metrics["rewards/margins"] = (margin, batch_size)
+        return out.losses.mean(), metrics
+
+    def _log_metrics(self, metrics: dict[str, tuple[torch.Tensor, int]], prefix: str = "") -> None:
+        # A batch without desirable (or undesirable) rows does not log their means, and each
+        # mean is weighted by its own row count, so epoch averages are over rows, not batches.
+        for name, (value, count) in metrics.items():
+            self.log(f"{prefix}{name}", value, batch_size=count, sync_dist=bool(prefix))
+
+    def training_step(self, batch: dict, batch_idx: int):
+        loss, metrics = self.compute_loss(batch)
+        self.log("loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
+        self._log_metrics(metrics)
+        return self.finite_or_none(loss)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, metrics = self.compute_loss(batch)
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0], sync_dist=True)
+        self._log_metrics(metrics, "val/")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        loss, metrics = self.compute_loss(batch)
+        self.log("test/loss", loss, batch_size=batch["labels"].shape[0], sync_dist=True)
+        self._log_metrics(metrics, "test/")

@@ -1,0 +1,115 @@
+"""Supervised fine-tuning: causal-LM loss on demonstrations, of an adapter or of the full model.
+
+The loss is the mean negative log-likelihood over the tokens of ``completion_mask``: the
+completion only when the DataModule knows the prompt and ``completion_only_loss`` is on,
+every token otherwise. Log-probs come from ``lit_rlhf.losses.sequence_logps`` (the one
+log-prob function of the project). Packed batches (``SFTDataModule(packing=True)``) carry
+``position_ids`` and no attention mask; the loss is the same as on the padded batch.
+
+Perplexity is token-weighted: ``ppl = exp(total NLL / total tokens)``, per step in training
+and over the whole epoch in validation (not a mean of per-batch perplexities).
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import MeanMetric
+
+from lit_rlhf.losses import sequence_logps
+from lit_rlhf.methods.base import BankMethod
+
+
+def completion_nll(
+    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL of the completion tokens of a batch, and how many tokens it sums.
+
+    Args:
+        logits: ``(batch, seq, vocab)`` of a causal LM run on ``input_ids``.
+        input_ids: ``(batch, seq)``.
+        completion_mask: ``(batch, seq)``, 1 on the tokens the loss is taken over (a packed
+            row's collator already leaves each sequence's first token out).
+
+    Returns:
+        ``(nll_sum, num_tokens)``: scalar float32 and scalar int64; the loss is their ratio.
+    """
+    logps, num_tokens = sequence_logps(logits, input_ids, completion_mask)
+    return -logps.sum(), num_tokens.sum()
+
+
+class SFT(BankMethod):
+    """Supervised fine-tuning (causal LM loss) of the ``policy`` adapter, or of the base in ``full`` mode.
+
+    Logs ``loss``, ``ppl`` and ``num_tokens`` per training step, and ``val/loss`` and ``val/ppl``
+    (token-weighted over the validation epoch).
+
+    Args:
+        policy_adapter: the adapter trained (and exported) as the policy.
+        **kwargs: optimizer and bank arguments of ``BankMethod``.
+    """
+
+    def __init__(self, *, policy_adapter: str = "policy", **kwargs):
+        super().__init__(**kwargs)
+        self.policy_adapter = policy_adapter
+        # Weighted by token counts: compute() = total NLL / total tokens (synced across ranks).
+        self.val_nll = MeanMetric()
+        self.test_nll = MeanMetric()
+
+    @property
+    def trained_adapter(self) -> str:
+        return self.policy_adapter
+
+    def nll(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(nll_sum, num_tokens)`` of the policy on a padded or packed SFT batch."""
+        position_ids = batch.get("position_ids")
+        with self.bank.role(self.trained_adapter):
+            logits = self.bank(batch["input_ids"], batch.get("attention_mask"), position_ids=position_ids).logits
+        return completion_nll(logits, batch["input_ids"], batch["completion_mask"])
+
+    def compute_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean NLL over the batch's loss tokens, and their number."""
+        nll_sum, num_tokens = self.nll(batch)
+        if num_tokens == 0:
+            # Nothing to learn from (e.g. every completion truncated away): a zero loss with a graph.
+            return nll_sum * 0.0, num_tokens
+        return nll_sum / num_tokens, num_tokens
+
+    def training_step(self, batch: dict, batch_idx: int):
+        loss, num_tokens = self.compute_loss(batch)
+        self.log("loss", loss, prog_bar=True)
+        self.log("ppl", torch.exp(loss.detach()))
+        self.log("num_tokens", num_tokens.float(), reduce_fx="sum")
+        return self.finite_or_none(loss)
+
+    def _accumulate(self, metric: MeanMetric, batch: dict) -> None:
+        loss, num_tokens = self.compute_loss(batch)
+        if num_tokens > 0:
+            metric.update(loss.detach(), weight=num_tokens)
+
+    def _log_epoch(self, metric: MeanMetric, prefix: str) -> None:
+        if metric.update_count == 0:
+            return
+        mean_nll = metric.compute()
+        self.log(f"{prefix}/loss", mean_nll, prog_bar=prefix == "val")
+        self.log(f"{prefix}/ppl", torch.exp(mean_nll))
+        metric.reset()
+
+    # Reset at the start too: a reset under inference mode (trainer.validate) leaves inference
+    # tensors that a later no-grad validation (inside fit) may not update in place.
+    def on_validation_epoch_start(self) -> None:
+        self.val_nll.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._accumulate(self.val_nll, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch(self.val_nll, "val")
+
+    def on_test_epoch_start(self) -> None:
+        self.test_nll.reset()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._accumulate(self.test_nll, batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch(self.test_nll, "test")
