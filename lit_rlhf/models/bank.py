@@ -2,7 +2,9 @@
 
 Roles (policy, reference, reward, value) are views of the same base: a role switch sets
 the active adapter and always restores the previous one, and the reference is the base
-with every adapter disabled (or, when the base itself trains, a frozen copy).
+with every adapter disabled (or, when the base itself trains, a frozen copy). The teacher
+(distillation) is a separate frozen model when ``BankSpec.teacher`` names one, else the
+reference.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoConfig
 
 from lit_rlhf.models.heads import ScalarHead, last_token_index
 from lit_rlhf.models.loading import fingerprint, load_base, load_tokenizer
 from lit_rlhf.models.saving import atomic_directory
-from lit_rlhf.models.spec import AdapterSpec, BankSpec
+from lit_rlhf.models.spec import AdapterSpec, BankSpec, TeacherSpec
 
 log = logging.getLogger("lit_rlhf.models")
 
@@ -56,6 +59,53 @@ def merge_adapter_specs(declared: Sequence[AdapterSpec], required: Sequence[Adap
     return merged
 
 
+def teacher_load_spec(teacher: TeacherSpec) -> BankSpec:
+    """The ``BankSpec`` that ``load_base`` / ``load_tokenizer`` read a teacher with (no adapters, no training)."""
+    return BankSpec(
+        model=teacher.model,
+        tokenizer=teacher.tokenizer,
+        dtype=teacher.dtype,
+        quantization=teacher.quantization,
+        quant_type=teacher.quant_type,
+        double_quant=teacher.double_quant,
+        trust_remote_code=teacher.trust_remote_code,
+        attn_implementation=teacher.attn_implementation,
+    )
+
+
+def check_shared_vocabulary(student: BankSpec, teacher: TeacherSpec, student_width: int) -> None:
+    """Fail unless the teacher's tokenizer maps every token to the student's id, and both
+    models' logits cover that vocabulary.
+
+    Distillation compares next-token distributions id by id, so a teacher with another
+    tokenizer would be compared on the wrong tokens. Logits widths may differ (models pad their
+    embedding matrices differently): the distillation then reads the common first columns.
+    """
+    student_vocab = load_tokenizer(student).get_vocab()
+    teacher_vocab = load_tokenizer(teacher_load_spec(teacher)).get_vocab()
+    student_name, teacher_name = student.tokenizer or student.model, teacher.tokenizer or teacher.model
+    if student_vocab != teacher_vocab:
+        differ = sorted(set(student_vocab.items()) ^ set(teacher_vocab.items()), key=lambda kv: kv[1])
+        examples = ", ".join(f"{tok!r}={i}" for tok, i in differ[:4])
+        raise ValueError(
+            f"the teacher {teacher_name!r} and the student {student_name!r} do not share a vocabulary "
+            f"(teacher tokenizer: {len(teacher_vocab)} tokens, student tokenizer: {len(student_vocab)} tokens; "
+            f"{len(differ)} (token, id) pairs are in one but not the other, e.g. {examples}). Distillation compares "
+            "next-token distributions id by id, so both models need the same tokenizer: choose a teacher of the "
+            "student's model family (same tokenizer), or set bank.teacher: null to distill from the base without adapters."
+        )
+    teacher_config = AutoConfig.from_pretrained(teacher.model, trust_remote_code=teacher.trust_remote_code)
+    teacher_width = getattr(teacher_config, "vocab_size", None)
+    if teacher_width is None and hasattr(teacher_config, "get_text_config"):
+        teacher_width = teacher_config.get_text_config().vocab_size
+    if min(student_width, teacher_width) < len(student_vocab):
+        raise ValueError(
+            f"the teacher {teacher.model!r} ({teacher_width} logits) and the student {student.model!r} "
+            f"({student_width} logits) share a {len(student_vocab)}-token tokenizer, but one model's logits do not "
+            "cover it; resize its embeddings to the tokenizer (model.resize_token_embeddings(len(tokenizer)))."
+        )
+
+
 def read_adapter_meta(path: str | Path) -> dict:
     meta = Path(path) / META_FILE
     return json.loads(meta.read_text()) if meta.exists() else {}
@@ -75,6 +125,10 @@ class AdapterBank(nn.Module):
         self.spec = spec
         self.full = spec.train_mode == "full"
         self.adapters = {a.name: a for a in merge_adapter_specs(spec.adapters, require)}
+        if spec.teacher is not None:
+            # Before any weights load: a teacher with another vocabulary is useless, say so at once.
+            check_shared_vocabulary(spec, spec.teacher, AutoConfig.from_pretrained(
+                spec.model, trust_remote_code=spec.trust_remote_code).vocab_size)
         base = load_base(spec)
         self.base_fingerprint = fingerprint(base)
         for a in self.adapters.values():
@@ -84,6 +138,13 @@ class AdapterBank(nn.Module):
             if self.full:
                 raise ValueError("train_mode 'full' cannot train a quantized base: use 'qlora' or drop quantization")
             base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=spec.gradient_checkpointing)
+            # bitsandbytes (0.50) repacks a 4-bit weight for CPU inference on its first eval-mode forward
+            # and keeps it so; training forwards then run gemv_4bit, which has no autograd, and the
+            # gradient through every quantized layer is silently dropped. Generation and validation run
+            # in eval mode, so keep the trainable layout.
+            for module in base.modules():
+                if hasattr(module, "support_avx512bf16_for_cpu"):
+                    module.support_avx512bf16_for_cpu = False
         if spec.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
@@ -102,8 +163,11 @@ class AdapterBank(nn.Module):
         self.heads = nn.ModuleDict(
             {a.name: self._make_head(a) for a in self.adapters.values() if a.head is not None}
         )
+        self.teacher_model = self._load_teacher(spec.teacher) if spec.teacher is not None else None
         self._active: str | None = None
         self._use_reference = False
+        self._use_teacher = False
+        self._reference_depth = 0
         first_trainable = next((a.name for a in self.adapters.values() if a.trainable), None)
         self._activate(first_trainable or next(iter(self.adapters), None))
 
@@ -153,6 +217,23 @@ class AdapterBank(nn.Module):
                 raise FileNotFoundError(f"adapter {adapter.name!r} needs a {adapter.head} head but {head_file} is missing")
             head.load_state_dict(load_file(str(head_file)))
         return head
+
+    @staticmethod
+    def _load_teacher(teacher: TeacherSpec) -> nn.Module:
+        """The separate teacher: frozen, in eval mode, in its own dtype (and quantization)."""
+        model = load_base(teacher_load_spec(teacher))
+        model.requires_grad_(False)
+        model.eval()
+        log.info("teacher: %s (%s%s), frozen", teacher.model, teacher.dtype,
+                 f", {teacher.quantization}" if teacher.quantization else "")
+        return model
+
+    def train(self, mode: bool = True) -> AdapterBank:
+        """As ``nn.Module.train``, but a separate teacher always stays in eval mode (no dropout)."""
+        super().train(mode)
+        if self.teacher_model is not None:
+            self.teacher_model.eval()
+        return self
 
     @staticmethod
     def _frozen_copy(model) -> nn.Module:
@@ -207,28 +288,69 @@ class AdapterBank(nn.Module):
                 "or use precomputed reference log-probs"
             )
         with torch.no_grad():
-            if self.is_peft:
-                with self.model.disable_adapter():
-                    yield self
-            elif not self.full:
+            if self._reference_depth > 0:
+                # Already inside: peft's disable_adapter does not nest (the inner exit would
+                # re-enable the adapters for the rest of the outer block).
                 yield self
-            else:
-                self._use_reference = True
-                try:
+                return
+            self._reference_depth += 1
+            try:
+                with self._reference_mode():
                     yield self
-                finally:
-                    self._use_reference = False
+            finally:
+                self._reference_depth -= 1
+
+    @contextmanager
+    def _reference_mode(self) -> Iterator[None]:
+        if self.is_peft:
+            with self.model.disable_adapter():
+                yield
+        elif not self.full:
+            yield
+        else:
+            self._use_reference = True
+            try:
+                yield
+            finally:
+                self._use_reference = False
+
+    @property
+    def has_separate_teacher(self) -> bool:
+        """Whether the teacher is a separate model (``BankSpec.teacher``), not the reference."""
+        return self.teacher_model is not None
+
+    @contextmanager
+    def teacher(self) -> Iterator[AdapterBank]:
+        """The distillation teacher, without gradients: the separate teacher model when the spec
+        names one, else the reference policy (see ``reference``). Inside, ``bank(...)`` runs the
+        teacher and ``generate(..., adapter=None)`` samples from it."""
+        if self.teacher_model is None:
+            with self.reference():
+                yield self
+            return
+        previous = self._use_teacher
+        with torch.no_grad():
+            self._use_teacher = True
+            try:
+                yield self
+            finally:
+                self._use_teacher = previous
 
     # -- forward passes -----------------------------------------------------------------------
 
+    def _current_model(self) -> nn.Module:
+        if self._use_teacher:
+            return self.teacher_model
+        return self.reference_model if self._use_reference else self.model
+
     def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
-        """The causal LM output of the active role."""
-        model = self.reference_model if self._use_reference else self.model
+        """The causal LM output of the active role (the teacher inside ``teacher()``)."""
+        model = self._current_model()
         return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs)
 
     def _hidden(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
         """Last hidden state of the active role, skipping the vocabulary projection."""
-        model = self.reference_model if self._use_reference else self.model
+        model = self._current_model()
         body = model.get_base_model().model if isinstance(model, PeftModel) else model.model
         out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
@@ -264,8 +386,11 @@ class AdapterBank(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, *, adapter: str | None, **generate_kwargs) -> torch.Tensor:
-        """Sample from ``adapter`` (the reference policy when ``None``); returns prompt + response ids."""
+        """Sample from ``adapter`` (the reference policy when ``None``; the separate teacher when
+        ``None`` inside ``teacher()``); returns prompt + response ids."""
         generate_kwargs.setdefault("use_cache", True)
+        if adapter is None and self._use_teacher:
+            return self.teacher_model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
         if adapter is None:
             with self.reference():
                 model = self.reference_model if self.reference_model is not None else self.model
@@ -279,7 +404,7 @@ class AdapterBank(nn.Module):
         """Whether the parameter ``name`` (relative to this bank) is trained."""
         if name.startswith("heads."):
             return self.adapters[name.split(".")[1]].trainable
-        if name.startswith("reference_model."):
+        if name.startswith(("reference_model.", "teacher_model.")):
             return False
         if self.full:
             return any(a.trainable for a in self.adapters.values()) or not self.adapters

@@ -45,6 +45,35 @@ class AdapterSpec:
 
 
 @dataclass
+class TeacherSpec:
+    """A separate, frozen teacher model for distillation (GKD, KD, SeqKD).
+
+    It is loaded beside the bank's base, never trained, and never written to checkpoints. It
+    must share the student's tokenizer (checked when the bank is built).
+
+    Args:
+        model: a local directory or hub id for ``from_pretrained``.
+        tokenizer: where to load the teacher's tokenizer from (to check it against the
+            student's); ``model`` when ``None``.
+        dtype: weights dtype of the teacher (``float32``, ``bfloat16``, ``float16``); independent of the student's.
+        quantization: ``4bit`` or ``8bit`` through bitsandbytes; ``None`` for none.
+        quant_type: 4-bit data type, ``nf4`` or ``fp4``.
+        double_quant: quantize the 4-bit quantization constants as well.
+        trust_remote_code: allow code shipped with a hub model to run (off unless you trust it).
+        attn_implementation: passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``).
+    """
+
+    model: str
+    tokenizer: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    quantization: Literal["4bit", "8bit"] | None = None
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+
+
+@dataclass
 class BankSpec:
     """How to build the one base model and what it carries.
 
@@ -63,6 +92,8 @@ class BankSpec:
         random_init: build the architecture of ``model``'s config with fresh random weights.
         trust_remote_code: allow code shipped with a hub model to run (off unless you trust it).
         attn_implementation: passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``).
+        teacher: a separate frozen teacher model (distillation); ``None`` makes the teacher the
+            reference policy (the base without adapters, or its frozen copy in ``full`` mode).
     """
 
     model: str = "assets/toy/base"
@@ -78,6 +109,7 @@ class BankSpec:
     random_init: bool = False
     trust_remote_code: bool = False
     attn_implementation: str | None = None
+    teacher: TeacherSpec | None = None
 
     @property
     def effective_quantization(self) -> str | None:

@@ -1,0 +1,201 @@
+"""PPO for language models (Ziegler et al. 2019, arXiv 1909.08593; Stiennon et al. 2020, arXiv
+2009.01325; implementation details after Huang et al. 2024, "The N+ Implementation Details of
+RLHF with PPO", arXiv 2403.17031).
+
+Each ``training_step`` takes a batch of prompts and:
+
+1. samples responses from the policy adapter and scores them (``OnlineMethod.rollout_and_score``);
+2. computes the critic's values ``V_t`` at rollout time;
+3. builds per-token rewards: ``r_t = -β KL_t`` with ``KL_t = log π(y_t) - log π_ref(y_t)``, plus
+   the score on the last response token;
+4. GAE advantages and returns (gamma, lam), advantages whitened over the rollout;
+5. ``ppo_epochs`` passes over ``num_mini_batches`` mini-batches with the clipped policy loss and
+   ``vf_coef`` x the clipped value loss;
+6. updates β when the KL controller is adaptive.
+
+Critic: a ``value`` adapter with a value head (its own LoRA, a second forward), or
+``critic: shared``, a value head on the policy's own trunk (one forward gives logits and values).
+
+Metric names follow TRL's PPOTrainer, except its ``val/*`` critic metrics, renamed because
+Lightning's validation metrics own the ``val/`` prefix:
+
+| lit_rlhf | TRL |
+|---|---|
+| ``objective/kl``, ``objective/entropy``, ``objective/scores``, ``objective/rlhf_reward``, ``objective/non_score_reward`` | same |
+| ``policy/clipfrac``, ``policy/approxkl``, ``policy/entropy`` | ``policy/clipfrac_avg``, ``policy/approxkl_avg``, ``policy/entropy_avg`` |
+| ``value/clipfrac``, ``value/vpred``, ``value/error`` | ``val/clipfrac_avg``, ``val/vpred``, ``val/error`` |
+| ``value/explained_variance`` | (none) |
+| ``loss/policy``, ``loss/value`` | ``loss/policy_avg``, ``loss/value_avg`` |
+| ``objective/kl_coef`` | (``beta`` of the controller) |
+| ``response_length``, ``rollout/count``, ``rollout/episodes``, ``lr`` | ``episode``, ``lr`` |
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from lit_rlhf.losses import gae_advantages, kl_penalty, masked_mean, masked_var, ppo_policy_loss, ppo_value_loss, whiten
+from lit_rlhf.methods.online import (
+    AdaptiveKLController,
+    FixedKLController,
+    MiniBatch,
+    OnlineMethod,
+    ScoredRollout,
+    eval_mode,
+)
+from lit_rlhf.models import AdapterSpec
+from lit_rlhf.rollout import Rollout
+
+
+class PPO(OnlineMethod):
+    """Proximal Policy Optimization from a reward signal, with a KL penalty to the reference.
+
+    Args:
+        kl_coef: β, the per-token KL penalty coefficient (the initial β when adaptive).
+        adaptive_kl: steer β towards ``kl_target`` (Ziegler et al. 2019) instead of keeping it fixed.
+        kl_target: target KL per sequence (nats) of the adaptive controller.
+        kl_horizon: horizon (in samples) of the adaptive controller.
+        kl_estimator: per-token KL estimate in the reward, ``k1`` (``log π - log π_ref``, as in
+            Ziegler et al.) or ``k3`` (always >= 0).
+        gamma: discount γ of GAE.
+        lam: λ of GAE.
+        cliprange: ε of the clipped policy objective.
+        cliprange_value: ε of the clipped value loss.
+        vf_coef: weight of the value loss.
+        whiten_rewards: scale the per-token rewards to unit variance before GAE.
+        critic: ``adapter`` (a separate value adapter + value head) or ``shared`` (a value head
+            on the policy adapter: one forward; the saved policy adapter then carries that head
+            in ``head.safetensors`` beside the PEFT files, which still load as an LM adapter).
+        value_adapter: the critic's adapter name when ``critic: adapter``.
+        **kwargs: rollout, update, optimizer and bank arguments of ``OnlineMethod``.
+    """
+
+    def __init__(
+        self,
+        *,
+        kl_coef: float = 0.05,
+        adaptive_kl: bool = False,
+        kl_target: float = 6.0,
+        kl_horizon: int = 10000,
+        kl_estimator: Literal["k1", "k3"] = "k1",
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        cliprange: float = 0.2,
+        cliprange_value: float = 0.2,
+        vf_coef: float = 0.1,
+        whiten_rewards: bool = False,
+        critic: Literal["adapter", "shared"] = "adapter",
+        value_adapter: str = "value",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if critic not in ("adapter", "shared"):
+            raise ValueError(f"critic must be 'adapter' or 'shared', got {critic!r}")
+        self.kl_controller = (
+            AdaptiveKLController(kl_coef, kl_target, kl_horizon) if adaptive_kl else FixedKLController(kl_coef)
+        )
+        self.kl_estimator = kl_estimator
+        self.gamma = gamma
+        self.lam = lam
+        self.cliprange = cliprange
+        self.cliprange_value = cliprange_value
+        self.vf_coef = vf_coef
+        self.whiten_rewards = whiten_rewards
+        self.critic = critic
+        self.value_adapter = value_adapter
+
+    # -- the bank: policy, critic, (reward) ----------------------------------------------------------
+
+    def required_adapters(self) -> list[AdapterSpec]:
+        adapters = super().required_adapters()
+        if self.critic == "shared":
+            return [AdapterSpec(a.name, head="value") if a.name == self.policy_adapter else a for a in adapters]
+        return adapters + [AdapterSpec(self.value_adapter, head="value")]
+
+    def policy_logits_and_values(self, input_ids, attention_mask, position_ids):
+        if self.critic == "shared":
+            return self.bank.logits_and_values(input_ids, attention_mask, adapter=self.policy_adapter,
+                                               position_ids=position_ids)
+        return super().policy_logits_and_values(input_ids, attention_mask, position_ids)
+
+    def critic_values(self, rollout: Rollout) -> torch.Tensor:
+        """``(b, T)`` values of the separate value adapter at the positions predicting each response token."""
+        values = self.bank.values(rollout.input_ids, rollout.attention_mask, adapter=self.value_adapter,
+                                  position_ids=rollout.position_ids)
+        return self.response_slice(values, rollout)
+
+    # -- advantages -----------------------------------------------------------------------------------
+
+    def compute_advantages(self, scored: ScoredRollout) -> dict[str, torch.Tensor]:
+        rollout = scored.rollout
+        mask = rollout.response_mask
+        if scored.old_values is not None:
+            values = scored.old_values
+        else:
+            with torch.no_grad(), eval_mode(self.bank):
+                values = self.critic_values(rollout)
+
+        beta = self.kl_controller.value
+        kl = kl_penalty(scored.old_logprobs, scored.ref_logprobs, kind=self.kl_estimator) * mask
+        non_score_reward = -beta * kl
+        rewards = non_score_reward.clone()
+        # The score is the reward of the whole response, given at its last token (its stop token when it has one).
+        rows = torch.arange(rewards.shape[0], device=rewards.device)
+        rewards[rows, rollout.response_lengths - 1] += scored.scores
+        if self.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae_advantages(rewards, values, mask, gamma=self.gamma, lam=self.lam)
+        advantages = whiten(advantages, mask)
+
+        kl_per_sequence = kl.sum(dim=1)
+        self.kl_controller.update(kl_per_sequence.mean().item(), n_steps=rewards.shape[0])
+        residual_var = masked_var(returns - values, mask)
+        self.log_rollout_metrics(
+            {
+                "objective/kl": kl_per_sequence.mean(),
+                "objective/entropy": (-scored.old_logprobs * mask).sum(dim=1).mean(),
+                "objective/non_score_reward": non_score_reward.sum(dim=1).mean(),
+                "objective/rlhf_reward": (scored.scores + non_score_reward.sum(dim=1)).mean(),
+                "objective/kl_coef": beta,
+                "value/explained_variance": 1.0 - residual_var / masked_var(returns, mask).clamp(min=1e-8),
+            },
+            batch_size=rewards.shape[0],
+        )
+        return {"advantages": advantages, "returns": returns, "old_values": values}
+
+    # -- the loss of one micro-batch ---------------------------------------------------------------------
+
+    def policy_loss(self, batch: MiniBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        rollout, mask = batch.rollout, batch.rollout.response_mask
+        out = self.policy_forward(rollout, with_entropy=True)
+        values = out.values if self.critic == "shared" else self.critic_values(rollout)
+        policy = ppo_policy_loss(out.logprobs, batch.old_logprobs, batch.data["advantages"], mask,
+                                 clip_range=self.cliprange)
+        value = ppo_value_loss(values, batch.data["old_values"], batch.data["returns"], mask,
+                               clip_range_value=self.cliprange_value)
+        loss = policy.loss + self.vf_coef * value.loss
+        with torch.no_grad():
+            metrics = {
+                "loss/policy": policy.loss.detach(),
+                "loss/value": value.loss.detach(),
+                "policy/clipfrac": policy.clipfrac,
+                "policy/approxkl": policy.approxkl,
+                "policy/entropy": masked_mean(out.entropy, mask),
+                "value/clipfrac": value.clipfrac,
+                "value/vpred": masked_mean(values, mask),
+                "value/error": masked_mean((values - batch.data["returns"]) ** 2, mask),
+            }
+        return loss, metrics
+
+    # -- checkpoints: the KL controller --------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["kl_controller"] = self.kl_controller.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if "kl_controller" in checkpoint:
+            self.kl_controller.load_state_dict(checkpoint["kl_controller"])

@@ -1,0 +1,55 @@
+"""Rollouts for the online methods: generation engines and reward sources.
+
+- :mod:`.engine`: ``SamplingConfig``, the ``Rollout`` tuple, the ``RolloutEngine`` protocol and
+  its registry (``hf``: transformers ``generate``; ``hf_static``: the same with a static KV cache)
+- :mod:`.rewards`: ``RewardSpec`` (config), the sources (bank adapter, separate model, Python
+  function) and ``Rewards``, their weighted, normalised, clipped combination
+"""
+
+from lit_rlhf.rollout.engine import (
+    ENGINES,
+    HFGenerateEngine,
+    HFStaticCacheEngine,
+    Rollout,
+    RolloutEngine,
+    SamplingConfig,
+    build_engine,
+    register_engine,
+    truncate_at_stop,
+)
+from lit_rlhf.rollout.rewards import (
+    AdapterReward,
+    FunctionReward,
+    ModelReward,
+    Normalizer,
+    RewardOutput,
+    RewardRequest,
+    RewardSource,
+    RewardSpec,
+    Rewards,
+    build_source,
+    load_function,
+)
+
+__all__ = [
+    "ENGINES",
+    "AdapterReward",
+    "FunctionReward",
+    "HFGenerateEngine",
+    "HFStaticCacheEngine",
+    "ModelReward",
+    "Normalizer",
+    "RewardOutput",
+    "RewardRequest",
+    "RewardSource",
+    "RewardSpec",
+    "Rewards",
+    "Rollout",
+    "RolloutEngine",
+    "SamplingConfig",
+    "build_engine",
+    "build_source",
+    "load_function",
+    "register_engine",
+    "truncate_at_stop",
+]
