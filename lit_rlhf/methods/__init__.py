@@ -3,6 +3,7 @@
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.methods.dpo import CPO, DPO, PreferenceMethod, SimPO
 from lit_rlhf.methods.export import ExportOnFitEnd
+from lit_rlhf.methods.gkd import GKD
 from lit_rlhf.methods.kto import KTO
 from lit_rlhf.methods.online import (
     AdaptiveKLController,
@@ -23,6 +24,7 @@ __all__ = [
     "DPO",
     "ExportOnFitEnd",
     "FixedKLController",
+    "GKD",
     "KTO",
     "MiniBatch",
     "OnlineMethod",

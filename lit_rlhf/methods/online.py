@@ -37,7 +37,7 @@ import torch
 from lit_rlhf.losses import entropy_from_logits, token_logps
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.models import AdapterSpec
-from lit_rlhf.rollout import RewardRequest, Rewards, RewardSpec, Rollout, SamplingConfig, build_engine
+from lit_rlhf.rollout import RewardOutput, RewardRequest, Rewards, RewardSpec, Rollout, SamplingConfig, build_engine
 
 log = logging.getLogger("lit_rlhf.methods")
 
@@ -328,9 +328,9 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
             out = self.rewards(RewardRequest(prompts, completions, rollout, raw_prompts), update_stats=update_stats)
         return completions, out
 
-    def rollout_and_score(self, batch: dict) -> ScoredRollout:
-        """Sample ``num_samples_per_prompt`` responses per prompt, score them, and compute the
-        behaviour and reference log-probs (no gradient)."""
+    def sample_and_score(self, batch: dict, *, update_stats: bool = True) -> tuple[Rollout, list[str], list[str], RewardOutput]:
+        """Sample ``num_samples_per_prompt`` responses per prompt (prompt ``p``'s are rows
+        ``p*k .. p*k+k-1``) and score them: ``(rollout, prompts, completions, reward)``."""
         k = self.num_samples_per_prompt
         prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
         prompts, raw_prompts = list(batch["prompts"]), batch.get("raw_prompts")
@@ -340,7 +340,13 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
             prompts = [p for p in prompts for _ in range(k)]
             raw_prompts = [p for p in raw_prompts for _ in range(k)] if raw_prompts is not None else None
         rollout = self.generate_rollout(prompt_ids, prompt_mask, self.train_sampling)
-        completions, reward = self.score_responses(rollout, prompts, raw_prompts)
+        completions, reward = self.score_responses(rollout, prompts, raw_prompts, update_stats=update_stats)
+        return rollout, prompts, completions, reward
+
+    def rollout_and_score(self, batch: dict) -> ScoredRollout:
+        """Sample ``num_samples_per_prompt`` responses per prompt, score them, and compute the
+        behaviour and reference log-probs (no gradient)."""
+        rollout, prompts, completions, reward = self.sample_and_score(batch)
         # Behaviour log-probs in eval mode too: with dropout (LoRA dropout > 0) the first PPO ratio would not be 1.
         with torch.no_grad(), eval_mode(self.bank):
             # Recomputed rather than read from generate: its scores are post-warping (temperature, top-k/p).

@@ -3,7 +3,7 @@
 from lit_rlhf.models.bank import AdapterBank, read_adapter_meta
 from lit_rlhf.models.heads import ScalarHead, last_token_index
 from lit_rlhf.models.loading import load_base, load_tokenizer
-from lit_rlhf.models.spec import AdapterSpec, BankSpec, LoraSpec
+from lit_rlhf.models.spec import AdapterSpec, BankSpec, LoraSpec, TeacherSpec
 
 __all__ = [
     "AdapterBank",
@@ -11,6 +11,7 @@ __all__ = [
     "BankSpec",
     "LoraSpec",
     "ScalarHead",
+    "TeacherSpec",
     "last_token_index",
     "load_base",
     "load_tokenizer",
