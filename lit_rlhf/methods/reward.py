@@ -26,7 +26,7 @@ from torchmetrics import MeanMetric
 from lit_rlhf.data import SFTCollator, Where, build_examples, pad_token_id_of, report_invalid
 from lit_rlhf.losses import bradley_terry_loss
 from lit_rlhf.methods.base import BankMethod
-from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer, read_adapter_meta
+from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer, model_identity, read_adapter_meta
 
 log = logging.getLogger("lit_rlhf.methods")
 
@@ -189,18 +189,12 @@ class Reward(BankMethod):
     def export_metadata(self) -> dict[str, Any]:
         """What a scorer needs beside the weights: base and tokenizer paths, normalisation statistics."""
         spec = self.bank_spec
-        meta: dict[str, Any] = {
-            "base_model": _absolute_if_local(spec.model),
-            "tokenizer": _absolute_if_local(spec.tokenizer or spec.model),
-        }
+        # base_model itself is recorded by bank.save_adapter.
+        meta: dict[str, Any] = {"tokenizer": model_identity(spec.tokenizer or spec.model)}
         if self.normalization is not None:
             meta["normalization"] = self.normalization
         return meta
 
-
-def _absolute_if_local(path: str) -> str:
-    """A local path made absolute (so the adapter finds its base from any directory); hub ids unchanged."""
-    return str(Path(path).resolve()) if Path(path).exists() else path
 
 
 # -- scoring from Python --------------------------------------------------------------------------

@@ -106,6 +106,12 @@ def check_shared_vocabulary(student: BankSpec, teacher: TeacherSpec, student_wid
         )
 
 
+def model_identity(model: str) -> str:
+    """A local model directory as an absolute path, a hub id as itself."""
+    path = Path(model)
+    return str(path.resolve()) if path.exists() else model
+
+
 def read_adapter_meta(path: str | Path) -> dict:
     meta = Path(path) / META_FILE
     return json.loads(meta.read_text()) if meta.exists() else {}
@@ -201,7 +207,12 @@ class AdapterBank(nn.Module):
     def _check_compatible(self, adapter: AdapterSpec) -> None:
         if not Path(adapter.path, "adapter_config.json").exists():
             raise FileNotFoundError(f"adapter {adapter.name!r}: {adapter.path} is not a saved PEFT adapter (no adapter_config.json)")
-        saved = read_adapter_meta(adapter.path).get("base")
+        meta = read_adapter_meta(adapter.path)
+        saved = meta.get("base")
+        if meta.get("base_model") and meta["base_model"] != model_identity(self.spec.model):
+            # Same shapes can still be another model (a merged SFT model vs its base): say so.
+            log.warning("adapter %r was trained on %s and is loaded onto %s", adapter.name, meta["base_model"],
+                        model_identity(self.spec.model))
         if saved is not None and saved != self.base_fingerprint:
             diff = {k: (saved.get(k), v) for k, v in self.base_fingerprint.items() if saved.get(k) != v}
             raise ValueError(
@@ -437,7 +448,8 @@ class AdapterBank(nn.Module):
             config.save_pretrained(str(tmp))
             state = get_peft_model_state_dict(self.model, adapter_name=name)
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"))
-            meta = {"base": self.base_fingerprint, "head": None, **(metadata or {})}
+            meta = {"base": self.base_fingerprint, "base_model": model_identity(self.spec.model), "head": None,
+                    **(metadata or {})}
             if name in self.heads:
                 save_file({k: v.detach().cpu().contiguous() for k, v in self.heads[name].state_dict().items()}, str(tmp / HEAD_FILE))
                 meta["head"] = self.heads[name].kind

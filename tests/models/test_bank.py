@@ -190,3 +190,16 @@ def test_atomic_directory_keeps_the_old_one_on_failure(tmp_path):
             raise OSError("disk full")
     assert (target / "a.txt").read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_adapter_loaded_onto_another_model_of_the_same_shape_warns(tmp_path, caplog):
+    import shutil
+
+    bank = three_role_bank()
+    bank.save_adapter("reward", tmp_path / "reward")
+    shutil.copytree("assets/toy/base", tmp_path / "sft-merged")  # same shapes, another model
+    spec = BankSpec(model=str(tmp_path / "sft-merged"),
+                    adapters=[AdapterSpec("reward", path=str(tmp_path / "reward"), head="score", trainable=False)])
+    with caplog.at_level(logging.WARNING, logger="lit_rlhf.models"):
+        AdapterBank(spec)
+    assert "adapter 'reward' was trained on" in caplog.text and "sft-merged" in caplog.text
