@@ -2,6 +2,7 @@
 
     lit-rlhf fit --config configs/dpo.yaml [--model.init_args.beta 0.2 ...]
     lit-rlhf export --config configs/dpo.yaml --ckpt_path runs/.../last.ckpt --out exported/ [--merged true]
+    lit-rlhf best-of-n --config configs/best_of_n.yaml --out data.jsonl --format preference
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else args
     if argv and argv[0] == "export":
         export_main(argv[1:])
+        return
+    if argv and argv[0] == "best-of-n":
+        from lit_rlhf.methods.best_of_n import main as best_of_n_main
+
+        best_of_n_main(argv[1:])
         return
     build_cli(args)
 

@@ -1,9 +1,11 @@
 """One LightningModule per method, each borrowing its networks from the AdapterBank."""
 
 from lit_rlhf.methods.base import BankMethod
+from lit_rlhf.methods.best_of_n import BestOfN, generate_best_of_n, write_jsonl_atomic
 from lit_rlhf.methods.dpo import CPO, DPO, PreferenceMethod, SimPO
 from lit_rlhf.methods.export import ExportOnFitEnd
 from lit_rlhf.methods.gkd import GKD
+from lit_rlhf.methods.grpo import GRPO
 from lit_rlhf.methods.kto import KTO
 from lit_rlhf.methods.online import (
     AdaptiveKLController,
@@ -15,26 +17,32 @@ from lit_rlhf.methods.online import (
 )
 from lit_rlhf.methods.ppo import PPO
 from lit_rlhf.methods.reward import Reward, RewardScorer, score_texts
+from lit_rlhf.methods.rloo import RLOO
 from lit_rlhf.methods.sft import SFT
 
 __all__ = [
     "AdaptiveKLController",
     "BankMethod",
+    "BestOfN",
     "CPO",
     "DPO",
     "ExportOnFitEnd",
     "FixedKLController",
     "GKD",
+    "GRPO",
     "KTO",
     "MiniBatch",
     "OnlineMethod",
     "PPO",
     "PolicyOutput",
+    "RLOO",
     "PreferenceMethod",
     "Reward",
     "RewardScorer",
     "SFT",
     "ScoredRollout",
     "SimPO",
+    "generate_best_of_n",
     "score_texts",
+    "write_jsonl_atomic",
 ]

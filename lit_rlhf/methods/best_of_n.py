@@ -1,0 +1,284 @@
+"""Rejection sampling (best-of-n) fine-tuning: sample ``n`` responses per prompt, keep the best by
+reward, fine-tune on it with the SFT loss, and repeat with the improved policy.
+
+Touvron et al. 2023, "Llama 2", arXiv 2307.09288, section 3.2.3 (rejection sampling fine-tuning);
+Dong et al. 2023, "RAFT: Reward rAnked FineTuning", arXiv 2304.06767.
+
+Two ways to use it:
+
+- as a method, ``BestOfN`` (``lit-rlhf fit --config configs/best_of_n.yaml``): each
+  ``training_step`` is one round of RAFT on the shared online loop. ``OnlineMethod`` samples
+  ``n = num_samples_per_prompt`` responses per prompt and scores them with the reward sources;
+  ``compute_advantages`` marks each prompt's best response (optionally only if it reaches
+  ``min_score``); ``update`` takes ``ppo_epochs`` x ``num_mini_batches`` optimizer steps of the
+  SFT loss (``completion_nll``: mean NLL per response token, stop token included) over the kept
+  prompt + response rows. No reference and no ratio: the samples are fresh each round.
+- as a data generator, ``generate_best_of_n`` / ``python -m lit_rlhf.methods.best_of_n``: a JSONL
+  dataset of ``sft`` rows (``{"prompt", "completion"}``, the best response) or ``preference``
+  rows (``{"prompt", "chosen": best, "rejected": worst}``) that ``SFTDataModule`` /
+  ``PreferenceDataModule`` load, written atomically (a temporary file renamed into place)::
+
+      python -m lit_rlhf.methods.best_of_n --config configs/best_of_n.yaml --out data.jsonl --format preference
+
+Metrics: ``objective/scores`` (mean over all ``n`` samples: the policy's best-of-1 score),
+``objective/best_score``, ``objective/worst_score``, ``frac_reward_zero_std``, ``best_of_n/kept``
+(fraction of prompts whose best response was trained on), ``loss/sft``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from lit_rlhf.methods.online import MiniBatch, OnlineMethod, ScoredRollout
+from lit_rlhf.methods.sft import completion_nll
+
+log = logging.getLogger("lit_rlhf.methods")
+
+FORMATS = ("sft", "preference")
+
+
+def best_and_worst(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices of each prompt's best and worst response (first one on ties).
+
+    Args:
+        scores: ``(num_prompts * k,)``; prompt ``p`` owns rows ``p*k .. p*k + k - 1``.
+        k: responses per prompt.
+
+    Returns:
+        ``(best, worst)``, each ``(num_prompts,)`` long indices into ``scores``.
+    """
+    if scores.dim() != 1 or scores.numel() % k != 0:
+        raise ValueError(f"scores must be (num_prompts * k,) with k={k}, got shape {tuple(scores.shape)}")
+    grouped = scores.view(-1, k)
+    offsets = torch.arange(grouped.shape[0], device=scores.device) * k
+    return offsets + grouped.argmax(dim=1), offsets + grouped.argmin(dim=1)
+
+
+class BestOfN(OnlineMethod):
+    """Rejection-sampling fine-tuning (RAFT): SFT on each prompt's best of ``n`` sampled responses.
+
+    Args:
+        num_samples_per_prompt: ``n``, responses sampled per prompt.
+        min_score: train on a prompt's best response only if its reward reaches this; ``None``
+            keeps every prompt's best.
+        **kwargs: rollout, update (``ppo_epochs``: passes over the kept rows; ``num_mini_batches``;
+            ``gradient_accumulation_steps``; ``max_grad_norm``), optimizer and bank arguments of
+            ``OnlineMethod``.
+    """
+
+    def __init__(self, *, num_samples_per_prompt: int = 4, min_score: float | None = None, **kwargs):
+        super().__init__(num_samples_per_prompt=num_samples_per_prompt, **kwargs)
+        self.min_score = min_score
+
+    def uses_reference(self) -> bool:
+        return False
+
+    def rollout_and_score(self, batch: dict) -> ScoredRollout:
+        """Sample and score only: the SFT loss needs no behaviour or reference log-probs, so their
+        forward is skipped (``old_logprobs`` is zeros, ``ref_logprobs`` ``None``)."""
+        rollout, prompts, completions, reward = self.sample_and_score(batch)
+        no_logprobs = torch.zeros(rollout.response_ids.shape, dtype=torch.float32, device=rollout.response_ids.device)
+        return ScoredRollout(rollout, prompts, completions, reward.scores, no_logprobs, None, None, reward.per_source)
+
+    def compute_advantages(self, scored: ScoredRollout) -> dict[str, torch.Tensor]:
+        """``{"keep": (B,) bool}``: each prompt's best response, if it reaches ``min_score``."""
+        k = self.num_samples_per_prompt
+        best, worst = best_and_worst(scored.scores, k)
+        keep = torch.zeros_like(scored.scores, dtype=torch.bool)
+        chosen = best if self.min_score is None else best[scored.scores[best] >= self.min_score]
+        keep[chosen] = True
+        grouped = scored.scores.view(-1, k)
+        self.log_rollout_metrics(
+            {
+                "objective/best_score": scored.scores[best].mean(),
+                "objective/worst_score": scored.scores[worst].mean(),
+                "frac_reward_zero_std": (grouped == grouped[:, :1]).all(dim=1).float().mean(),
+                "best_of_n/kept": chosen.numel() / best.numel(),
+            },
+            batch_size=scored.scores.shape[0],
+        )
+        return {"keep": keep}
+
+    def update(self, scored: ScoredRollout, data: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The shared optimisation loop over the kept rows only."""
+        rows = data["keep"].nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return {}
+        kept = ScoredRollout(
+            scored.rollout.select(rows), [scored.prompts[i] for i in rows.tolist()],
+            [scored.completions[i] for i in rows.tolist()], scored.scores[rows], scored.old_logprobs[rows], None,
+            None, {name: v[rows] for name, v in scored.raw_scores.items()},
+        )
+        return super().update(kept, {})
+
+    def policy_loss(self, batch: MiniBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        rollout = batch.rollout
+        logits, _ = self.policy_logits_and_values(rollout.input_ids, rollout.attention_mask, rollout.position_ids)
+        completion_mask = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)
+        nll_sum, num_tokens = completion_nll(logits, rollout.input_ids, completion_mask)
+        loss = nll_sum / num_tokens.clamp(min=1)
+        return loss, {"loss/sft": loss.detach()}
+
+
+# -- data generation -------------------------------------------------------------------------------
+
+
+def _as_completion(text: str, raw_prompt) -> str | list[dict]:
+    # A conversational prompt (a message list) gets its completion as an assistant message.
+    return [{"role": "assistant", "content": text}] if isinstance(raw_prompt, list) else text
+
+
+@torch.no_grad()
+def iter_best_of_n(
+    method: OnlineMethod,
+    batches: Iterable[dict],
+    *,
+    format: Literal["sft", "preference"] = "sft",
+    min_score: float | None = None,
+    with_scores: bool = False,
+) -> Iterator[dict]:
+    """Rows of a best-of-n dataset, one prompt at a time, sampled from ``method``'s policy.
+
+    ``method`` (usually a ``BestOfN``; any online method works) supplies the bank, the sampling
+    settings, ``n = num_samples_per_prompt`` and the reward sources. A prompt gives no row when
+    its best response is empty or below ``min_score`` (``sft``), or when best and worst tie in
+    reward or text (``preference``: no preference to learn).
+
+    Args:
+        method: the online method whose policy samples and whose rewards score.
+        batches: ``PromptDataModule`` batches (``prompt_input_ids``, ``prompt_attention_mask``,
+            ``prompts``, ``raw_prompts``).
+        format: ``sft`` (``{"prompt", "completion"}``) or ``preference`` (``{"prompt", "chosen", "rejected"}``).
+        min_score: drop prompts whose best reward is below this.
+        with_scores: add ``score`` (sft) or ``chosen_score`` / ``rejected_score`` (preference) to each row.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    k = method.num_samples_per_prompt
+    if format == "preference" and k < 2:
+        raise ValueError(f"a preference pair needs num_samples_per_prompt >= 2, got {k}")
+    method.configure_model()
+    skipped = 0
+    for batch in batches:
+        _, _, completions, reward = method.sample_and_score(batch, update_stats=False)
+        scores = reward.scores.float().cpu()
+        best, worst = best_and_worst(scores, k)
+        raw_prompts = batch.get("raw_prompts") or batch["prompts"]
+        for p, (b, w) in enumerate(zip(best.tolist(), worst.tolist())):
+            prompt, best_text, worst_text = raw_prompts[p], completions[b], completions[w]
+            if not best_text.strip() or (min_score is not None and scores[b] < min_score):
+                skipped += 1
+                continue
+            if format == "sft":
+                row = {"prompt": prompt, "completion": _as_completion(best_text, prompt)}
+                if with_scores:
+                    row["score"] = float(scores[b])
+            else:
+                if scores[b] == scores[w] or best_text == worst_text or not worst_text.strip():
+                    skipped += 1
+                    continue
+                row = {"prompt": prompt, "chosen": _as_completion(best_text, prompt),
+                       "rejected": _as_completion(worst_text, prompt)}
+                if with_scores:
+                    row.update(chosen_score=float(scores[b]), rejected_score=float(scores[w]))
+            yield row
+    if skipped:
+        log.info("best-of-n: %d prompts gave no %s row (empty, tied or below min_score)", skipped, format)
+
+
+def generate_best_of_n(method: OnlineMethod, batches: Iterable[dict], **kwargs) -> list[dict]:
+    """``list(iter_best_of_n(method, batches, **kwargs))``."""
+    return list(iter_best_of_n(method, batches, **kwargs))
+
+
+def write_jsonl_atomic(rows: Iterable[dict], path: str | Path) -> int:
+    """Write ``rows`` as JSONL to ``path`` through a temporary file in the same directory, renamed
+    into place at the end: an interruption leaves no half-written file (and any previous file
+    intact). Returns the number of rows written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    count = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                count += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return count
+
+
+def load_config(config: str | Path) -> tuple[OnlineMethod, object, int | bool | None]:
+    """The ``model`` and ``data`` of a LightningCLI YAML (``trainer`` and the rest ignored), built
+    with the same jsonargparse types as ``lit-rlhf fit``; and its ``seed_everything``."""
+    import yaml
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch import LightningDataModule
+
+    raw = yaml.safe_load(Path(config).read_text())
+    if not isinstance(raw, dict) or "model" not in raw or "data" not in raw:
+        raise ValueError(f"{config}: expected a LightningCLI config with 'model' and 'data' sections")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(OnlineMethod, "model", required=True)
+    parser.add_subclass_arguments(LightningDataModule, "data", required=True)
+    cfg = parser.parse_object({"model": raw["model"], "data": raw["data"]})
+    built = parser.instantiate_classes(cfg)
+    return built.model, built.data, raw.get("seed_everything")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Write a best-of-n dataset (sft or preference JSONL) from the prompts of a config's data."""
+    import argparse
+
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    parser = argparse.ArgumentParser(prog="python -m lit_rlhf.methods.best_of_n", description=main.__doc__)
+    parser.add_argument("--config", required=True, help="a best-of-n (or any online method) YAML, e.g. configs/best_of_n.yaml")
+    parser.add_argument("--out", required=True, help="the JSONL file to write")
+    parser.add_argument("--format", choices=FORMATS, default="sft")
+    parser.add_argument("--split", choices=("train", "val"), default="train", help="which prompts of the config's data")
+    parser.add_argument("--n", type=int, default=None, help="responses per prompt (default: the config's num_samples_per_prompt)")
+    parser.add_argument("--min_score", type=float, default=None, help="drop prompts whose best reward is below this")
+    parser.add_argument("--with_scores", action="store_true", help="also write the rewards of the kept responses")
+    parser.add_argument("--ckpt_path", default=None, help="sample from the policy of this checkpoint of the config's run")
+    parser.add_argument("--seed", type=int, default=None, help="default: the config's seed_everything")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    method, data, seed = load_config(args.config)
+    seed = args.seed if args.seed is not None else seed
+    if seed is not None and seed is not False:  # not `in (None, False)`: 0 == False
+        pl.seed_everything(0 if seed is True else int(seed))
+    if args.n is not None:
+        method.num_samples_per_prompt = args.n
+    method.configure_model()
+    if args.ckpt_path:
+        checkpoint = torch.load(args.ckpt_path, map_location="cpu", weights_only=True)
+        method.on_load_checkpoint(checkpoint)
+        method.load_state_dict(checkpoint["state_dict"], strict=False)
+    data.prepare(method.tokenizer)
+    examples = data.train_examples if args.split == "train" else data.val_examples
+    if not examples:
+        parser.error(f"the config's data has no {args.split} prompts")
+    batches = DataLoader(examples, batch_size=data.batch_size, shuffle=False, collate_fn=data.collator)
+    rows = iter_best_of_n(method, batches, format=args.format, min_score=args.min_score, with_scores=args.with_scores)
+    count = write_jsonl_atomic(rows, args.out)
+    print(f"{count} {args.format} rows from {len(examples)} prompts x {method.num_samples_per_prompt} samples -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

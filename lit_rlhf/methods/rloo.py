@@ -1,0 +1,149 @@
+"""RLOO: REINFORCE with a leave-one-out baseline (Ahmadian et al. 2024, "Back to Basics:
+Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs", arXiv
+2402.14740; the estimator is Kool et al. 2019's).
+
+Each ``training_step`` is one rollout of the shared online loop (``OnlineMethod``): ``k =
+num_samples_per_prompt`` responses per prompt are sampled and scored, then
+
+1. the KL to the reference, ``KL = Σ_t (log π(y_t) - log π_ref(y_t))`` per response, either folds
+   into the sequence reward, ``R = score - β KL`` (``kl_in_reward``, as in the paper and TRL's
+   RLOOTrainer), or becomes a loss term ``β · mean_t k3_t`` (the GRPO-style penalty);
+2. each response's advantage is its reward minus the mean reward of the other ``k - 1``
+   responses to the same prompt (``lit_rlhf.losses.rloo_advantages``), optionally whitened over
+   the rollout (``normalize_advantages``);
+3. ``ppo_epochs`` x ``num_mini_batches`` steps of the clipped surrogate (``ppo_policy_loss``) with
+   that one advantage shared by every token of the response. With ``ppo_epochs=1`` and
+   ``num_mini_batches=1`` the ratio is 1 at the only step and this is plain REINFORCE-LOO, as in
+   the paper.
+
+No critic: the baseline comes from the other samples of the same prompt, so ``k >= 2``.
+
+Metrics (TRL's names): ``objective/kl``, ``objective/entropy``, ``objective/non_score_reward``,
+``objective/rlhf_reward``, ``objective/scores``, ``objective/kl_coef``, ``frac_reward_zero_std``,
+``policy/clipfrac``, ``policy/approxkl``, ``policy/entropy``, ``loss/policy``, ``loss/kl`` (when
+the KL is a loss term).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from lit_rlhf.losses import KL_PENALTY_KINDS, kl_penalty, masked_mean, ppo_policy_loss, rloo_advantages, whiten
+from lit_rlhf.methods.online import AdaptiveKLController, FixedKLController, MiniBatch, OnlineMethod, ScoredRollout
+
+
+class RLOO(OnlineMethod):
+    """REINFORCE leave-one-out on the shared online loop: advantages and loss only.
+
+    Args:
+        num_samples_per_prompt: ``k``, responses per prompt (``>= 2``; the paper uses 2 to 4).
+        kl_coef: β of the KL to the reference (0 disables it and skips the reference forward).
+        kl_in_reward: fold ``β · KL`` into each response's reward (sequence level, the paper's
+            choice); ``False`` adds ``β · k3`` per token to the loss instead.
+        kl_estimator: the per-token KL estimate summed into the reward when ``kl_in_reward``:
+            ``k1`` (``log π - log π_ref``, the paper's) or ``k3`` (always >= 0). The loss term
+            always uses ``k3`` (unbiased for the gradient of KL as a loss, as in GRPO).
+        adaptive_kl: steer β towards ``kl_target`` (Ziegler et al. 2019) instead of keeping it fixed.
+        kl_target: target KL per sequence (nats) of the adaptive controller.
+        kl_horizon: horizon (in samples) of the adaptive controller.
+        normalize_advantages: whiten the advantages over the rollout (mean 0, std 1).
+        cliprange: ε of the clipped surrogate.
+        **kwargs: rollout, update, optimizer and bank arguments of ``OnlineMethod``.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_samples_per_prompt: int = 4,
+        kl_coef: float = 0.05,
+        kl_in_reward: bool = True,
+        kl_estimator: Literal["k1", "k3"] = "k1",
+        adaptive_kl: bool = False,
+        kl_target: float = 6.0,
+        kl_horizon: int = 10000,
+        normalize_advantages: bool = False,
+        cliprange: float = 0.2,
+        **kwargs,
+    ):
+        super().__init__(num_samples_per_prompt=num_samples_per_prompt, **kwargs)
+        if num_samples_per_prompt < 2:
+            raise ValueError(
+                f"RLOO needs num_samples_per_prompt >= 2 (the baseline is the other samples of the same prompt), "
+                f"got {num_samples_per_prompt}"
+            )
+        if kl_coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+        if kl_estimator not in KL_PENALTY_KINDS:
+            raise ValueError(f"kl_estimator must be one of {KL_PENALTY_KINDS}, got {kl_estimator!r}")
+        self.kl_controller = (
+            AdaptiveKLController(kl_coef, kl_target, kl_horizon) if adaptive_kl else FixedKLController(kl_coef)
+        )
+        self.kl_in_reward = kl_in_reward
+        self.kl_estimator = kl_estimator
+        self.normalize_advantages = normalize_advantages
+        self.cliprange = cliprange
+
+    def uses_reference(self) -> bool:
+        return self.kl_controller.value > 0 or isinstance(self.kl_controller, AdaptiveKLController)
+
+    # -- advantages -----------------------------------------------------------------------------------
+
+    def compute_advantages(self, scored: ScoredRollout) -> dict[str, torch.Tensor]:
+        k = self.num_samples_per_prompt
+        mask = scored.rollout.response_mask
+        beta = self.kl_controller.value
+        metrics: dict[str, float | torch.Tensor] = {"objective/kl_coef": beta}
+        rewards = scored.scores
+        if scored.ref_logprobs is not None:
+            kl = (kl_penalty(scored.old_logprobs, scored.ref_logprobs, kind=self.kl_estimator) * mask).sum(dim=1)
+            if self.kl_in_reward:
+                non_score_reward = -beta * kl
+                rewards = scored.scores + non_score_reward
+                metrics["objective/non_score_reward"] = non_score_reward.mean()
+            self.kl_controller.update(kl.mean().item(), n_steps=kl.shape[0])
+            metrics["objective/kl"] = kl.mean()
+        advantages = rloo_advantages(rewards, k)
+        if self.normalize_advantages:
+            # One advantage per response: whiten over responses, not tokens.
+            advantages = whiten(advantages, torch.ones_like(advantages))
+        grouped = rewards.view(-1, k)
+        metrics.update({
+            "objective/rlhf_reward": rewards.mean(),
+            "objective/entropy": (-scored.old_logprobs * mask).sum(dim=1).mean(),
+            "frac_reward_zero_std": (grouped == grouped[:, :1]).all(dim=1).float().mean(),
+        })
+        self.log_rollout_metrics(metrics, batch_size=rewards.shape[0])
+        return {"advantages": advantages}
+
+    # -- the loss of one micro-batch ------------------------------------------------------------------
+
+    def policy_loss(self, batch: MiniBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        mask = batch.rollout.response_mask
+        out = self.policy_forward(batch.rollout, with_entropy=True)
+        policy = ppo_policy_loss(out.logprobs, batch.old_logprobs, batch.data["advantages"], mask,
+                                 clip_range=self.cliprange)
+        loss = policy.loss
+        metrics = {
+            "loss/policy": policy.loss.detach(),
+            "policy/clipfrac": policy.clipfrac,
+            "policy/approxkl": policy.approxkl,
+            "policy/entropy": masked_mean(out.entropy, mask).detach(),
+        }
+        if not self.kl_in_reward and batch.ref_logprobs is not None:
+            kl_loss = masked_mean(kl_penalty(out.logprobs, batch.ref_logprobs, kind="k3"), mask)
+            loss = loss + self.kl_controller.value * kl_loss
+            metrics["loss/kl"] = kl_loss.detach()
+        return loss, metrics
+
+    # -- checkpoints: the KL controller ---------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["kl_controller"] = self.kl_controller.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if "kl_controller" in checkpoint:
+            self.kl_controller.load_state_dict(checkpoint["kl_controller"])
