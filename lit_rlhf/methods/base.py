@@ -96,10 +96,13 @@ class BankMethod(pl.LightningModule):
         """Adapters the bank must carry for this method; by default the one it trains."""
         return [AdapterSpec(self.trained_adapter)]
 
+    #: The adapter a policy-training method trains; subclasses set it from their ``policy_adapter`` argument.
+    policy_adapter: str = "policy"
+
     @property
     def trained_adapter(self) -> str:
-        """The adapter this method trains and exports."""
-        return "policy"
+        """The adapter this method trains and exports (the policy, unless a subclass says otherwise)."""
+        return self.policy_adapter
 
     def needs_frozen_reference(self) -> bool:
         """In full mode, whether the bank keeps a frozen copy of the base as reference."""

@@ -113,10 +113,6 @@ class DPO(PreferenceMethod):
         self.policy_adapter = policy_adapter
         self._ref_cache: dict[str, torch.Tensor] | None = None
 
-    @property
-    def trained_adapter(self) -> str:
-        return self.policy_adapter
-
     def needs_frozen_reference(self) -> bool:
         return not (self.reference_free or self.precompute_ref_logps)
 
@@ -217,10 +213,6 @@ class SimPO(PreferenceMethod):
         self.label_smoothing = label_smoothing
         self.policy_adapter = policy_adapter
 
-    @property
-    def trained_adapter(self) -> str:
-        return self.policy_adapter
-
     def compute_loss(self, batch: dict):
         policy = self.policy_pair_logps(batch)
         out = simpo_loss(
@@ -268,10 +260,6 @@ class CPO(PreferenceMethod):
         self.simpo_gamma = simpo_gamma
         self.label_smoothing = label_smoothing
         self.policy_adapter = policy_adapter
-
-    @property
-    def trained_adapter(self) -> str:
-        return self.policy_adapter
 
     def compute_loss(self, batch: dict):
         policy = self.policy_pair_logps(batch)

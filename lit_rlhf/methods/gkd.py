@@ -176,10 +176,6 @@ class GKD(BankMethod):
         self.test_loss = MeanMetric()
         self.test_kl_teacher = MeanMetric()
 
-    @property
-    def trained_adapter(self) -> str:
-        return self.policy_adapter
-
     def needs_frozen_reference(self) -> bool:
         # Without a separate teacher the teacher is the reference: in full mode, a frozen copy.
         return self.bank_spec.teacher is None

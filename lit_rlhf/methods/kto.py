@@ -76,10 +76,6 @@ class KTO(BankMethod):
         self.undesirable_weight = undesirable_weight
         self.policy_adapter = policy_adapter
 
-    @property
-    def trained_adapter(self) -> str:
-        return self.policy_adapter
-
     def needs_frozen_reference(self) -> bool:
         return True
 

@@ -270,10 +270,6 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
 
     # -- bank ------------------------------------------------------------------------------------
 
-    @property
-    def trained_adapter(self) -> str:
-        return self.policy_adapter
-
     def required_adapters(self) -> list[AdapterSpec]:
         frozen = [AdapterSpec(name, trainable=False, head="score") for name in self.rewards.adapter_names]
         return [AdapterSpec(self.policy_adapter)] + frozen

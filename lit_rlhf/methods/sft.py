@@ -55,10 +55,6 @@ class SFT(BankMethod):
         self.val_nll = MeanMetric()
         self.test_nll = MeanMetric()
 
-    @property
-    def trained_adapter(self) -> str:
-        return self.policy_adapter
-
     def nll(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """``(nll_sum, num_tokens)`` of the policy on a padded or packed SFT batch."""
         position_ids = batch.get("position_ids")
