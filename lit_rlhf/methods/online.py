@@ -200,6 +200,9 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         **kwargs: optimizer and bank arguments of ``BankMethod``.
     """
 
+    #: A method with a KL penalty sets it; its state then travels in checkpoints.
+    kl_controller: FixedKLController | None = None
+
     def __init__(
         self,
         *,
@@ -512,6 +515,8 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["lit_rlhf_online"] = {"rollout_count": self.rollout_count, "rewards": self.rewards.state_dict()}
+        if self.kl_controller is not None:
+            checkpoint["kl_controller"] = self.kl_controller.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -519,3 +524,5 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         if state is not None:
             self.rollout_count = int(state["rollout_count"])
             self.rewards.load_state_dict(state["rewards"])
+        if self.kl_controller is not None and "kl_controller" in checkpoint:
+            self.kl_controller.load_state_dict(checkpoint["kl_controller"])

@@ -188,14 +188,3 @@ class PPO(OnlineMethod):
                 "value/error": masked_mean((values - batch.data["returns"]) ** 2, mask),
             }
         return loss, metrics
-
-    # -- checkpoints: the KL controller --------------------------------------------------------------
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["kl_controller"] = self.kl_controller.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        if "kl_controller" in checkpoint:
-            self.kl_controller.load_state_dict(checkpoint["kl_controller"])

@@ -136,14 +136,3 @@ class RLOO(OnlineMethod):
             loss = loss + self.kl_controller.value * kl_loss
             metrics["loss/kl"] = kl_loss.detach()
         return loss, metrics
-
-    # -- checkpoints: the KL controller ---------------------------------------------------------------
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["kl_controller"] = self.kl_controller.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        if "kl_controller" in checkpoint:
-            self.kl_controller.load_state_dict(checkpoint["kl_controller"])
