@@ -88,7 +88,10 @@ def epoch_sampler(dataset: Dataset, seed: int, num_replicas: int = 1, rank: int 
 
 
 class _FormatDataModule(L.LightningDataModule):
-    """Shared loading, validation, splitting and loaders; subclasses set ``format`` and the collator."""
+    """Shared loading, validation, splitting and loaders.
+
+    Subclasses set ``format`` and define ``make_collator(tokenizer) -> Callable``.
+    """
 
     format: ClassVar[str]
 
@@ -159,9 +162,6 @@ class _FormatDataModule(L.LightningDataModule):
         self._resumed_state: Optional[dict] = None
 
     # -- preparation ----------------------------------------------------------------------------
-
-    def make_collator(self, tokenizer) -> Callable:
-        raise NotImplementedError
 
     def prepare(self, tokenizer: Optional[PreTrainedTokenizerBase] = None) -> _FormatDataModule:
         """Load, validate and tokenise train and val; idempotent for the same tokenizer.
