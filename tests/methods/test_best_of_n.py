@@ -11,39 +11,17 @@ import pytest
 import torch
 
 from lit_rlhf.cli import main as cli_main
-from lit_rlhf.data import PreferenceDataModule, PromptDataModule, SFTDataModule
+from lit_rlhf.data import PreferenceDataModule, SFTDataModule
 from lit_rlhf.methods import best_of_n as bon
 from lit_rlhf.methods.best_of_n import BestOfN, best_and_worst, generate_best_of_n, write_jsonl_atomic
-from lit_rlhf.models import BankSpec
-from lit_rlhf.rollout import RewardSpec, SamplingConfig
 from lit_rlhf.toy import score
 from lit_rlhf.toy.evaluate import mean_score
-
-TOY = "assets/toy/base"
-DATA = "assets/toy/data"
-TOY_REWARD = RewardSpec("function", function="lit_rlhf.toy:reward")
+from online_helpers import DATA, make_online, prompts, trainer
 
 
 def make_bon(cls=BestOfN, *, max_new_tokens=10, **kwargs) -> BestOfN:
-    defaults = dict(learning_rate=3e-3, ppo_epochs=2, num_mini_batches=2, num_samples_per_prompt=4,
-                    log_samples_every_n_rollouts=0, sampling=SamplingConfig(max_new_tokens=max_new_tokens))
-    defaults.update(kwargs)
-    bank = BankSpec(model=TOY)
-    bank.lora.r, bank.lora.alpha = 8, 16
-    return cls(bank=bank, rewards=[TOY_REWARD], **defaults)
+    return make_online(cls, max_new_tokens=max_new_tokens, **kwargs)
 
-
-def prompts(batch_size=4) -> PromptDataModule:
-    return PromptDataModule(train=f"{DATA}/prompt_train.jsonl", val=f"{DATA}/prompt_val.jsonl",
-                            batch_size=batch_size, max_length=32)
-
-
-def trainer(rollouts: int, **kwargs) -> pl.Trainer:
-    options = dict(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=rollouts, limit_val_batches=0,
-                   num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False)
-    options.update(kwargs)
-    return pl.Trainer(**options)
 
 
 def test_best_and_worst_by_hand():

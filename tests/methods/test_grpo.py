@@ -11,66 +11,23 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lit_rlhf import toy
 from lit_rlhf.cli import main as cli_main
-from lit_rlhf.data import PromptDataModule
 from lit_rlhf.losses import group_advantages, grpo_loss
 from lit_rlhf.methods.grpo import GRPO
 from lit_rlhf.models import BankSpec
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
 from lit_rlhf.toy.evaluate import mean_score
 from lit_rlhf.toy.rules import positive_check
+from online_helpers import (
+    DATA, TOY, first_batch, make_online, perturbed, prompts, trainer,
+)
 
-TOY = "assets/toy/base"
-DATA = "assets/toy/data"
-TOY_REWARD = RewardSpec("function", function="lit_rlhf.toy:reward")
 RULE_REWARD = RewardSpec("function", function="lit_rlhf.toy.rules:positive_check")
 
 
-def flat_for_the_prompts(prompts, completions):
-    """1.0 for every completion of a prompt starting with "the", the toy score otherwise."""
-    return [1.0 if p.startswith("the ") else toy.score(c) for p, c in zip(prompts, completions)]
+def make_grpo(**kwargs) -> GRPO:
+    return make_online(GRPO, **kwargs)
 
-
-def flat(prompts, completions):
-    return [0.25] * len(completions)
-
-
-def make_grpo(*, rewards=(TOY_REWARD,), max_new_tokens=8, **kwargs) -> GRPO:
-    defaults = dict(learning_rate=3e-3, ppo_epochs=2, num_mini_batches=2, num_samples_per_prompt=4,
-                    log_samples_every_n_rollouts=0, sampling=SamplingConfig(max_new_tokens=max_new_tokens))
-    defaults.update(kwargs)
-    bank = BankSpec(model=TOY)
-    bank.lora.r, bank.lora.alpha = 8, 16
-    return GRPO(bank=bank, rewards=list(rewards), **defaults)
-
-
-def prompts(batch_size=4) -> PromptDataModule:
-    return PromptDataModule(train=f"{DATA}/prompt_train.jsonl", val=f"{DATA}/prompt_val.jsonl",
-                            batch_size=batch_size, max_length=32)
-
-
-def trainer(rollouts: int, **kwargs) -> pl.Trainer:
-    options = dict(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=rollouts, limit_val_batches=0,
-                   num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False)
-    options.update(kwargs)
-    return pl.Trainer(**options)
-
-
-def perturbed(method):
-    """Configure the bank and move the policy's LoRA off zero, so the policy differs from the reference."""
-    method.configure_model()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in method.bank.named_parameters():
-            if "lora_B" in name and ".policy." in name:
-                p.normal_(0, 0.05)
-    return method
-
-
-def first_batch(method, batch_size=4) -> dict:
-    return next(iter(prompts(batch_size).prepare(method.tokenizer).train_dataloader()))
 
 
 @pytest.mark.parametrize("scale_rewards", [True, False])
@@ -170,7 +127,7 @@ def recording(rewards, **kwargs) -> RecordingGRPO:
 
 def test_frac_reward_zero_std_counts_the_flat_groups():
     pl.seed_everything(0)
-    method = recording([RewardSpec("function", function=f"{__name__}:flat_for_the_prompts")])
+    method = recording([RewardSpec("function", function="online_helpers:flat_for_the_prompts")])
     fit = trainer(rollouts=1)
     fit.fit(method, datamodule=prompts(batch_size=8))
     grouped = method.seen_scores.view(-1, 4)
@@ -184,7 +141,7 @@ def test_frac_reward_zero_std_counts_the_flat_groups():
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
 def test_all_flat_groups_log_one_and_put_no_nan_anywhere(loss_type):
     pl.seed_everything(0)
-    method = recording([RewardSpec("function", function=f"{__name__}:flat")], beta=0.04, loss_type=loss_type)
+    method = recording([RewardSpec("function", function="online_helpers:flat")], beta=0.04, loss_type=loss_type)
     fit = trainer(rollouts=1)
     fit.fit(method, datamodule=prompts())
     assert float(fit.callback_metrics["frac_reward_zero_std"]) == 1.0

@@ -11,15 +11,11 @@ import torch
 from peft import PeftModel
 
 from lit_rlhf.cli import main as cli_main
-from lit_rlhf.data import PromptDataModule
 from lit_rlhf.methods.ppo import PPO
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_base
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
 from lit_rlhf.toy.evaluate import mean_score
-
-TOY = "assets/toy/base"
-DATA = "assets/toy/data"
-TOY_REWARD = RewardSpec("function", function="lit_rlhf.toy:reward")
+from online_helpers import DATA, TOY, TOY_REWARD, make_online, prompts, trainer
 
 
 @pytest.fixture(scope="module")
@@ -36,27 +32,10 @@ def reward_adapter(tmp_path_factory) -> str:
     return str(path)
 
 
-def make_ppo(adapters=(), *, train_mode="lora", rewards=(TOY_REWARD,), max_new_tokens=8, **kwargs) -> PPO:
-    defaults = dict(learning_rate=3e-3, ppo_epochs=2, num_mini_batches=2, num_samples_per_prompt=2,
-                    log_samples_every_n_rollouts=1)
-    defaults.update(kwargs)
-    bank = BankSpec(model=TOY, train_mode=train_mode, adapters=list(adapters))
-    bank.lora.r, bank.lora.alpha = 8, 16
-    defaults.setdefault("sampling", SamplingConfig(max_new_tokens=max_new_tokens))
-    return PPO(bank=bank, rewards=list(rewards), **defaults)
-
-
-def prompts(batch_size=4) -> PromptDataModule:
-    return PromptDataModule(train=f"{DATA}/prompt_train.jsonl", val=f"{DATA}/prompt_val.jsonl",
-                            batch_size=batch_size, max_length=32)
-
-
-def trainer(rollouts: int, root=None, **kwargs) -> pl.Trainer:
-    options = dict(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=rollouts, limit_val_batches=0,
-                   num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False, default_root_dir=root)
-    options.update(kwargs)
-    return pl.Trainer(**options)
+def make_ppo(adapters=(), **kwargs) -> PPO:
+    kwargs.setdefault("num_samples_per_prompt", 2)
+    kwargs.setdefault("log_samples_every_n_rollouts", 1)
+    return make_online(PPO, adapters=adapters, **kwargs)
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

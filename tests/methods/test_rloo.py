@@ -10,64 +10,19 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lit_rlhf import toy
 from lit_rlhf.cli import main as cli_main
-from lit_rlhf.data import PromptDataModule
 from lit_rlhf.losses import kl_penalty, rloo_advantages, whiten
 from lit_rlhf.methods.rloo import RLOO
 from lit_rlhf.models import BankSpec
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
 from lit_rlhf.toy.evaluate import mean_score
-
-TOY = "assets/toy/base"
-DATA = "assets/toy/data"
-TOY_REWARD = RewardSpec("function", function="lit_rlhf.toy:reward")
-
-
-def flat_for_the_prompts(prompts, completions):
-    """1.0 for every completion of a prompt starting with "the", the toy score otherwise."""
-    return [1.0 if p.startswith("the ") else toy.score(c) for p, c in zip(prompts, completions)]
+from online_helpers import (
+    DATA, TOY, first_batch, make_online, perturbed, prompts, trainer,
+)
 
 
-def flat(prompts, completions):
-    return [0.25] * len(completions)
-
-
-def make_rloo(*, rewards=(TOY_REWARD,), max_new_tokens=8, **kwargs) -> RLOO:
-    defaults = dict(learning_rate=3e-3, ppo_epochs=2, num_mini_batches=2, num_samples_per_prompt=4,
-                    log_samples_every_n_rollouts=0, sampling=SamplingConfig(max_new_tokens=max_new_tokens))
-    defaults.update(kwargs)
-    bank = BankSpec(model=TOY)
-    bank.lora.r, bank.lora.alpha = 8, 16
-    return RLOO(bank=bank, rewards=list(rewards), **defaults)
-
-
-def prompts(batch_size=4) -> PromptDataModule:
-    return PromptDataModule(train=f"{DATA}/prompt_train.jsonl", val=f"{DATA}/prompt_val.jsonl",
-                            batch_size=batch_size, max_length=32)
-
-
-def trainer(rollouts: int, **kwargs) -> pl.Trainer:
-    options = dict(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=rollouts, limit_val_batches=0,
-                   num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False)
-    options.update(kwargs)
-    return pl.Trainer(**options)
-
-
-def perturbed(method):
-    """Configure the bank and move the policy's LoRA off zero, so the policy differs from the reference."""
-    method.configure_model()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in method.bank.named_parameters():
-            if "lora_B" in name and ".policy." in name:
-                p.normal_(0, 0.05)
-    return method
-
-
-def first_batch(method, batch_size=4) -> dict:
-    return next(iter(prompts(batch_size).prepare(method.tokenizer).train_dataloader()))
+def make_rloo(**kwargs) -> RLOO:
+    return make_online(RLOO, **kwargs)
 
 
 @pytest.mark.parametrize("kl_in_reward, normalize", [(True, False), (False, False), (True, True)])
@@ -143,7 +98,7 @@ def test_masked_padding_contributes_nothing(kl_in_reward):
 
 def test_groups_with_equal_rewards_are_counted_and_never_give_nan():
     pl.seed_everything(0)
-    fn = RewardSpec("function", function=f"{__name__}:flat_for_the_prompts")
+    fn = RewardSpec("function", function="online_helpers:flat_for_the_prompts")
     method = make_rloo(rewards=[fn], kl_coef=0.0, normalize_advantages=True)
     method.configure_model()
     scored = method.rollout_and_score(first_batch(method, batch_size=8))
@@ -155,7 +110,7 @@ def test_groups_with_equal_rewards_are_counted_and_never_give_nan():
     assert (grouped[flat_groups] == 0).all()
 
     # Every prompt's completions get the same reward: nothing to learn, nothing non-finite.
-    method = make_rloo(rewards=[RewardSpec("function", function=f"{__name__}:flat")], normalize_advantages=True)
+    method = make_rloo(rewards=[RewardSpec("function", function="online_helpers:flat")], normalize_advantages=True)
     fit = trainer(rollouts=1)
     fit.fit(method, datamodule=prompts())
     assert float(fit.callback_metrics["frac_reward_zero_std"]) == 1.0
@@ -171,7 +126,7 @@ class RecordingRLOO(RLOO):
 
 def test_frac_reward_zero_std_is_logged_as_computed():
     pl.seed_everything(0)
-    fn = RewardSpec("function", function=f"{__name__}:flat_for_the_prompts")
+    fn = RewardSpec("function", function="online_helpers:flat_for_the_prompts")
     bank = BankSpec(model=TOY)
     method = RecordingRLOO(bank=bank, rewards=[fn], kl_coef=0.0, sampling=SamplingConfig(max_new_tokens=8))
     fit = trainer(rollouts=1)

@@ -1,0 +1,63 @@
+"""What the online-method tests (PPO, RLOO, GRPO, best-of-n) share: the toy assets, a small
+method on them, the prompt data, a short Trainer, and a policy moved off the reference."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+
+from lit_rlhf import toy
+from lit_rlhf.data import PromptDataModule
+from lit_rlhf.models import BankSpec
+from lit_rlhf.rollout import RewardSpec, SamplingConfig
+
+TOY = "assets/toy/base"
+DATA = "assets/toy/data"
+TOY_REWARD = RewardSpec("function", function="lit_rlhf.toy:reward")
+
+
+def flat_for_the_prompts(prompts, completions):
+    """1.0 for every completion of a prompt starting with "the", the toy score otherwise."""
+    return [1.0 if p.startswith("the ") else toy.score(c) for p, c in zip(prompts, completions)]
+
+
+def flat(prompts, completions):
+    return [0.25] * len(completions)
+
+
+def make_online(cls, *, rewards=(TOY_REWARD,), max_new_tokens=8, adapters=(), train_mode="lora", **kwargs):
+    """``cls`` on the toy base with small LoRA adapters and the options the tests share."""
+    defaults = dict(learning_rate=3e-3, ppo_epochs=2, num_mini_batches=2, num_samples_per_prompt=4,
+                    log_samples_every_n_rollouts=0, sampling=SamplingConfig(max_new_tokens=max_new_tokens))
+    defaults.update(kwargs)
+    bank = BankSpec(model=TOY, train_mode=train_mode, adapters=list(adapters))
+    bank.lora.r, bank.lora.alpha = 8, 16
+    return cls(bank=bank, rewards=list(rewards), **defaults)
+
+
+def prompts(batch_size=4) -> PromptDataModule:
+    return PromptDataModule(train=f"{DATA}/prompt_train.jsonl", val=f"{DATA}/prompt_val.jsonl",
+                            batch_size=batch_size, max_length=32)
+
+
+def trainer(rollouts: int, root=None, **kwargs) -> pl.Trainer:
+    options = dict(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=rollouts, limit_val_batches=0,
+                   num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=root)
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def perturbed(method):
+    """Configure the bank and move the policy's LoRA off zero, so the policy differs from the reference."""
+    method.configure_model()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in method.bank.named_parameters():
+            if "lora_B" in name and ".policy." in name:
+                p.normal_(0, 0.05)
+    return method
+
+
+def first_batch(method, batch_size=4) -> dict:
+    return next(iter(prompts(batch_size).prepare(method.tokenizer).train_dataloader()))
