@@ -61,3 +61,26 @@ def perturbed(method):
 
 def first_batch(method, batch_size=4) -> dict:
     return next(iter(prompts(batch_size).prepare(method.tokenizer).train_dataloader()))
+
+
+def held_out_sampled_score(method, adapter: str | None = "policy", *, seeds: int = 8, max_new_tokens: int = 10) -> float:
+    """Mean ground-truth score of sampled completions of the held-out prompts, over ``seeds`` samplings."""
+    from lit_rlhf.toy.evaluate import mean_score
+
+    _, held_out = toy.split_prompts()
+    scores = [mean_score(method.bank, method.tokenizer, held_out, adapter=adapter, do_sample=True, seed=s,
+                         max_new_tokens=max_new_tokens) for s in range(seeds)]
+    return sum(scores) / len(scores)
+
+
+def train_and_measure(method, *, rollouts: int = 6, batch_size: int = 8) -> tuple[float, float, float, float]:
+    """``(score before, score after, last objective/kl, training seconds)`` of a short fit on the toy prompts."""
+    import time
+
+    method.configure_model()
+    before = held_out_sampled_score(method)
+    fit = trainer(rollouts=rollouts)
+    start = time.perf_counter()
+    fit.fit(method, datamodule=prompts(batch_size=batch_size))
+    seconds = time.perf_counter() - start
+    return before, held_out_sampled_score(method), float(fit.callback_metrics["objective/kl"]), seconds

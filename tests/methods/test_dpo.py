@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
 
 from lit_rlhf import toy
-from lit_rlhf.cli import main as cli_main
 from lit_rlhf.data import PreferenceDataModule
-from lit_rlhf.losses import sequence_logps
-from lit_rlhf.methods import CPO, DPO, SimPO
+from lit_rlhf.methods import DPO
 from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.toy.evaluate import mean_score
 

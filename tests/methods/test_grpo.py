@@ -3,9 +3,7 @@ beta=0 skips the reference, padding is inert, equal-reward groups are counted (`
 and never give NaN, rule-based rewards plug in by name, the shipped config fits through the CLI, and the
 toy task's ground-truth score goes up."""
 
-import json
 import time
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -16,10 +14,9 @@ from lit_rlhf.losses import group_advantages, grpo_loss
 from lit_rlhf.methods.grpo import GRPO
 from lit_rlhf.models import BankSpec
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
-from lit_rlhf.toy.evaluate import mean_score
 from lit_rlhf.toy.rules import positive_check
 from online_helpers import (
-    DATA, TOY, first_batch, make_online, perturbed, prompts, trainer,
+    TOY, first_batch, make_online, perturbed, prompts, train_and_measure, trainer,
 )
 
 RULE_REWARD = RewardSpec("function", function="lit_rlhf.toy.rules:positive_check")
@@ -203,21 +200,7 @@ def test_grpo_raises_the_ground_truth_score_on_held_out_prompts():
     (0.75-0.77 over seeds 0-4 with beta 0.04, about a second of training on one CPU thread); the test asserts a margin of 0.4."""
     pl.seed_everything(0)
     method = make_grpo(max_new_tokens=10, beta=0.04)
-    method.configure_model()
-    val_prompts = [json.loads(line)["prompt"] for line in Path(f"{DATA}/prompt_val.jsonl").read_text().splitlines()]
-
-    def sampled_score() -> float:
-        scores = [mean_score(method.bank, method.tokenizer, val_prompts, adapter="policy", do_sample=True, seed=s,
-                             max_new_tokens=10) for s in range(8)]
-        return sum(scores) / len(scores)
-
-    before = sampled_score()
-    fit = trainer(rollouts=6)
-    start = time.perf_counter()
-    fit.fit(method, datamodule=prompts(batch_size=8))
-    seconds = time.perf_counter() - start
-    after = sampled_score()
-    kl = float(fit.callback_metrics["objective/kl"])
+    before, after, kl, seconds = train_and_measure(method)
     print(f"GRPO held-out sampled score {before:.3f} -> {after:.3f}, k3 KL {kl:.3f} nats/token, {seconds:.1f} s")
     assert after - before >= 0.4
     assert 0.0 < kl < float("inf")

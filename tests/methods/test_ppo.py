@@ -1,9 +1,7 @@
 """PPO on the bank: what one step touches, the critic options, log-probs, checkpoints, the CLI,
 4-bit with one base copy, and the toy task's ground-truth score going up."""
 
-import json
 import time
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -14,8 +12,7 @@ from lit_rlhf.cli import main as cli_main
 from lit_rlhf.methods.ppo import PPO
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_base
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
-from lit_rlhf.toy.evaluate import mean_score
-from online_helpers import DATA, TOY, TOY_REWARD, make_online, prompts, trainer
+from online_helpers import TOY, TOY_REWARD, make_online, prompts, train_and_measure, trainer
 
 
 @pytest.fixture(scope="module")
@@ -245,21 +242,7 @@ def test_ppo_raises_the_ground_truth_score_on_held_out_prompts():
     from about 0 to about 0.7; the test asserts a margin of 0.4."""
     pl.seed_everything(0)
     method = make_ppo(max_new_tokens=10)
-    method.configure_model()
-    val_prompts = [json.loads(line)["prompt"] for line in Path(f"{DATA}/prompt_val.jsonl").read_text().splitlines()]
-
-    def sampled_score() -> float:
-        scores = [mean_score(method.bank, method.tokenizer, val_prompts, adapter="policy", do_sample=True, seed=s,
-                             max_new_tokens=10) for s in range(8)]
-        return sum(scores) / len(scores)
-
-    before = sampled_score()
-    fit = trainer(rollouts=6)
-    start = time.perf_counter()
-    fit.fit(method, datamodule=prompts(batch_size=8))
-    seconds = time.perf_counter() - start
-    after = sampled_score()
-    kl = float(fit.callback_metrics["objective/kl"])
+    before, after, kl, seconds = train_and_measure(method)
     print(f"held-out sampled score {before:.3f} -> {after:.3f}, KL to reference {kl:.3f} nats/response, {seconds:.1f} s")
     assert after - before >= 0.4
     assert 0.0 < kl < float("inf")  # reported, not bounded: 2-11 nats per response over seeds 0-4

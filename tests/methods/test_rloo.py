@@ -2,9 +2,7 @@
 (KL-folded) scores, padding is inert, equal-reward groups are counted and harmless, the shipped
 config fits through the CLI, and the toy task's ground-truth score goes up."""
 
-import json
 import time
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -15,9 +13,8 @@ from lit_rlhf.losses import kl_penalty, rloo_advantages, whiten
 from lit_rlhf.methods.rloo import RLOO
 from lit_rlhf.models import BankSpec
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
-from lit_rlhf.toy.evaluate import mean_score
 from online_helpers import (
-    DATA, TOY, first_batch, make_online, perturbed, prompts, trainer,
+    TOY, first_batch, make_online, perturbed, prompts, train_and_measure, trainer,
 )
 
 
@@ -169,21 +166,7 @@ def test_rloo_raises_the_ground_truth_score_on_held_out_prompts():
     (0.73-0.76 over seeds 0-4, about a second of training on one CPU thread); the test asserts a margin of 0.4."""
     pl.seed_everything(0)
     method = make_rloo(max_new_tokens=10)
-    method.configure_model()
-    val_prompts = [json.loads(line)["prompt"] for line in Path(f"{DATA}/prompt_val.jsonl").read_text().splitlines()]
-
-    def sampled_score() -> float:
-        scores = [mean_score(method.bank, method.tokenizer, val_prompts, adapter="policy", do_sample=True, seed=s,
-                             max_new_tokens=10) for s in range(8)]
-        return sum(scores) / len(scores)
-
-    before = sampled_score()
-    fit = trainer(rollouts=6)
-    start = time.perf_counter()
-    fit.fit(method, datamodule=prompts(batch_size=8))
-    seconds = time.perf_counter() - start
-    after = sampled_score()
-    kl = float(fit.callback_metrics["objective/kl"])
+    before, after, kl, seconds = train_and_measure(method)
     print(f"RLOO held-out sampled score {before:.3f} -> {after:.3f}, KL {kl:.3f} nats/response, {seconds:.1f} s")
     assert after - before >= 0.4
     assert 0.0 < kl < float("inf")
