@@ -76,3 +76,22 @@ def test_cli_overrides_and_print_config(capsys):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "beta: 0.25" in printed and "class_path: lit_rlhf.methods.DPO" in printed
+
+
+@pytest.mark.parametrize("config", ["dpo", "ppo"])
+def test_ddp_on_two_cpu_processes_fits_and_exports(tmp_path, config):
+    """DDP (gloo) on this CPU: every rank takes part in the collectives through fit and export."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "lit_rlhf.cli", "fit", "--config", f"configs/{config}.yaml", "--trainer.strategy", "ddp",
+         "--trainer.devices", "2", "--trainer.accelerator", "cpu", "--trainer.max_steps", "2",
+         "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+         "--trainer.default_root_dir", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "lightning_logs" / "version_0" / "export" / "adapter" / "adapter_config.json").exists()

@@ -23,9 +23,10 @@ class ExportOnFitEnd(pl.Callback):
         self.merged = merged
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: BankMethod) -> None:
+        # trainer.log_dir is a collective under DDP (a broadcast): every rank must ask for it.
+        root = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "export")
         if not trainer.is_global_zero:
             return
-        root = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "export")
         if not pl_module.bank.full:
             rank_zero_info(f"adapter {pl_module.trained_adapter!r} -> {pl_module.export(root / 'adapter')}")
         if self.merged or pl_module.bank.full:
