@@ -165,6 +165,11 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
             m.training = training
 
 
+def kl_controller(kl_coef: float, *, adaptive: bool, target: float, horizon: int) -> FixedKLController:
+    """The KL coefficient's controller: fixed, or adaptive towards ``target`` (Ziegler et al. 2019)."""
+    return AdaptiveKLController(kl_coef, target, horizon) if adaptive else FixedKLController(kl_coef)
+
+
 # -- the base ------------------------------------------------------------------------------------
 
 

@@ -37,14 +37,7 @@ from typing import Literal
 import torch
 
 from lit_rlhf.losses import gae_advantages, kl_penalty, masked_mean, masked_var, ppo_policy_loss, ppo_value_loss, whiten
-from lit_rlhf.methods.online import (
-    AdaptiveKLController,
-    FixedKLController,
-    MiniBatch,
-    OnlineMethod,
-    ScoredRollout,
-    eval_mode,
-)
+from lit_rlhf.methods.online import MiniBatch, OnlineMethod, ScoredRollout, eval_mode, kl_controller
 from lit_rlhf.models import AdapterSpec
 from lit_rlhf.rollout import Rollout
 
@@ -93,9 +86,7 @@ class PPO(OnlineMethod):
         super().__init__(**kwargs)
         if critic not in ("adapter", "shared"):
             raise ValueError(f"critic must be 'adapter' or 'shared', got {critic!r}")
-        self.kl_controller = (
-            AdaptiveKLController(kl_coef, kl_target, kl_horizon) if adaptive_kl else FixedKLController(kl_coef)
-        )
+        self.kl_controller = kl_controller(kl_coef, adaptive=adaptive_kl, target=kl_target, horizon=kl_horizon)
         self.kl_estimator = kl_estimator
         self.gamma = gamma
         self.lam = lam

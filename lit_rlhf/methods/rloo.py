@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 
 from lit_rlhf.losses import KL_PENALTY_KINDS, kl_penalty, masked_mean, ppo_policy_loss, rloo_advantages, whiten
-from lit_rlhf.methods.online import AdaptiveKLController, FixedKLController, MiniBatch, OnlineMethod, ScoredRollout
+from lit_rlhf.methods.online import AdaptiveKLController, MiniBatch, OnlineMethod, ScoredRollout, kl_controller
 
 
 class RLOO(OnlineMethod):
@@ -77,9 +77,7 @@ class RLOO(OnlineMethod):
             raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
         if kl_estimator not in KL_PENALTY_KINDS:
             raise ValueError(f"kl_estimator must be one of {KL_PENALTY_KINDS}, got {kl_estimator!r}")
-        self.kl_controller = (
-            AdaptiveKLController(kl_coef, kl_target, kl_horizon) if adaptive_kl else FixedKLController(kl_coef)
-        )
+        self.kl_controller = kl_controller(kl_coef, adaptive=adaptive_kl, target=kl_target, horizon=kl_horizon)
         self.kl_in_reward = kl_in_reward
         self.kl_estimator = kl_estimator
         self.normalize_advantages = normalize_advantages
