@@ -104,8 +104,9 @@ class BankMethod(pl.LightningModule):
         """The adapter this method trains and exports (the policy, unless a subclass says otherwise)."""
         return self.policy_adapter
 
-    def needs_frozen_reference(self) -> bool:
-        """In full mode, whether the bank keeps a frozen copy of the base as reference."""
+    def needs_reference(self) -> bool:
+        """Whether this method reads a reference policy (the bank then keeps the starting policy:
+        a frozen copy of a loaded policy adapter, or of the base in ``full`` mode)."""
         return False
 
     # -- building -------------------------------------------------------------------------------
@@ -120,7 +121,9 @@ class BankMethod(pl.LightningModule):
         if self.bank is not None:
             return
         self.bank = AdapterBank(
-            self.bank_spec, require=self.required_adapters(), frozen_reference=self.needs_frozen_reference()
+            self.bank_spec,
+            require=self.required_adapters(),
+            reference_of=self.trained_adapter if self.needs_reference() else None,
         )
 
     def configure_optimizers(self):

@@ -113,7 +113,7 @@ class DPO(PreferenceMethod):
         self.policy_adapter = policy_adapter
         self._ref_cache: dict[str, torch.Tensor] | None = None
 
-    def needs_frozen_reference(self) -> bool:
+    def needs_reference(self) -> bool:
         return not (self.reference_free or self.precompute_ref_logps)
 
     # -- reference log-probs computed once ------------------------------------------------------

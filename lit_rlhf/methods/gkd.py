@@ -53,7 +53,7 @@ from torchmetrics import MeanMetric
 from lit_rlhf.data.collate import pad, pad_token_id_of
 from lit_rlhf.losses import generalized_jsd_loss
 from lit_rlhf.methods.base import BankMethod
-from lit_rlhf.methods.online import eval_mode
+from lit_rlhf.models import eval_mode
 from lit_rlhf.rollout import Rollout, SamplingConfig, build_engine
 
 CompletionSource = Literal["dataset", "student", "teacher"]
@@ -176,9 +176,9 @@ class GKD(BankMethod):
         self.test_loss = MeanMetric()
         self.test_kl_teacher = MeanMetric()
 
-    def needs_frozen_reference(self) -> bool:
-        # Without a separate teacher the teacher is the reference: in full mode, a frozen copy.
-        return self.bank_spec.teacher is None
+    def needs_reference(self) -> bool:
+        # Without a separate teacher the teacher is the base as loaded: in full mode, a frozen copy of it.
+        return self.bank_spec.teacher is None and self.bank_spec.train_mode == "full"
 
     @property
     def generates(self) -> bool:

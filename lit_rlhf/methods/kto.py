@@ -76,7 +76,7 @@ class KTO(BankMethod):
         self.undesirable_weight = undesirable_weight
         self.policy_adapter = policy_adapter
 
-    def needs_frozen_reference(self) -> bool:
+    def needs_reference(self) -> bool:
         return True
 
     def on_fit_start(self) -> None:

@@ -27,8 +27,6 @@ from abc import ABCMeta, abstractmethod
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, replace
 from typing import NamedTuple
 
@@ -36,7 +34,7 @@ import torch
 
 from lit_rlhf.losses import entropy_from_logits, token_logps
 from lit_rlhf.methods.base import BankMethod
-from lit_rlhf.models import AdapterSpec
+from lit_rlhf.models import AdapterSpec, eval_mode
 from lit_rlhf.rollout import RewardOutput, RewardRequest, Rewards, RewardSpec, Rollout, SamplingConfig, build_engine
 
 log = logging.getLogger("lit_rlhf.methods")
@@ -150,19 +148,6 @@ class AdaptiveKLController(FixedKLController):
 
     def state_dict(self) -> dict:
         return {"value": self.value, "target": self.target, "horizon": self.horizon}
-
-
-@contextmanager
-def eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode (no dropout; generate keeps its KV cache under gradient
-    checkpointing), each restored to its own previous mode after (not a blanket ``train()``)."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def kl_controller(kl_coef: float, *, adaptive: bool, target: float, horizon: int) -> FixedKLController:
@@ -282,7 +267,7 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         frozen = [AdapterSpec(name, trainable=False, head="score") for name in self.rewards.adapter_names]
         return [AdapterSpec(self.policy_adapter)] + frozen
 
-    def needs_frozen_reference(self) -> bool:
+    def needs_reference(self) -> bool:
         return self.uses_reference()
 
     def configure_model(self) -> None:

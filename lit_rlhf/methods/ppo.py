@@ -37,8 +37,8 @@ from typing import Literal
 import torch
 
 from lit_rlhf.losses import gae_advantages, kl_penalty, masked_mean, masked_var, ppo_policy_loss, ppo_value_loss, whiten
-from lit_rlhf.methods.online import MiniBatch, OnlineMethod, ScoredRollout, eval_mode, kl_controller
-from lit_rlhf.models import AdapterSpec
+from lit_rlhf.methods.online import MiniBatch, OnlineMethod, ScoredRollout, kl_controller
+from lit_rlhf.models import AdapterSpec, eval_mode
 from lit_rlhf.rollout import Rollout
 
 

@@ -13,8 +13,9 @@ import copy
 import json
 import logging
 import tempfile
+import weakref
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig
+from transformers.pytorch_utils import Conv1D
 
 from lit_rlhf.models.heads import ScalarHead, last_token_index
 from lit_rlhf.models.loading import fingerprint, load_base, load_tokenizer
@@ -33,6 +35,63 @@ log = logging.getLogger("lit_rlhf.models")
 
 HEAD_FILE = "head.safetensors"
 META_FILE = "lit_rlhf.json"
+#: The adapter holding a frozen copy of a loaded policy adapter: the reference policy.
+REFERENCE = "reference"
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout of ``model`` to 0: ``nn.Dropout`` modules (peft's LoRA dropout among them) and
+    the float rates that attention and layer code read at call time (``attention_dropout``, OPT's ``dropout``)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode (no dropout, no checkpointing; ``generate`` keeps its KV cache),
+    each restored to its own previous mode after (not a blanket ``train()``)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+class RecomputeInRole:
+    """``context_fn`` of activation checkpointing: the backward recomputation of a layer runs with the
+    adapter that was active in its forward.
+
+    A role switch is a change of peft's active adapter, which layers read when they run; the
+    recomputation runs during ``backward``, usually after the role was switched back (the value
+    adapter's forward, then one backward of policy + value loss). Without this it would recompute
+    the critic's activations with the policy adapter and silently give the critic wrong gradients.
+    """
+
+    def __init__(self, bank: AdapterBank):
+        self._bank = weakref.ref(bank)  # the base must not keep the bank alive (nor be deep-copied with it)
+
+    def __call__(self):
+        bank = self._bank()
+        return nullcontext(), _recompute_with(bank, bank.active if bank is not None else None)
+
+
+@contextmanager
+def _recompute_with(bank: AdapterBank | None, adapter: str | None) -> Iterator[None]:
+    if bank is None or adapter is None or bank.active == adapter:
+        yield
+        return
+    previous = bank.active
+    bank._activate(adapter)
+    try:
+        yield
+    finally:
+        bank._activate(previous)
 
 
 def merge_adapter_specs(declared: Sequence[AdapterSpec], required: Sequence[AdapterSpec]) -> list[AdapterSpec]:
@@ -120,17 +179,27 @@ def read_adapter_meta(path: str | Path) -> dict:
 class AdapterBank(nn.Module):
     """One transformers causal LM carrying named LoRA adapters and scalar heads.
 
+    Modes are set here, not left to Lightning (which keeps each submodule's mode at fit start, and
+    ``from_pretrained`` returns eval mode): the trainable path is in train mode, so gradient
+    checkpointing really runs; the reference and the teacher always run in eval mode.
+
     Args:
         spec: what to load and how (see ``BankSpec``).
         require: adapters the calling method needs (merged with ``spec.adapters``).
-        frozen_reference: in ``full`` mode, keep a frozen copy of the base as the reference policy.
+        reference_of: the policy adapter whose *starting* weights are the reference policy, or
+            ``None`` when the method needs no reference. A policy loaded from a path gets a frozen
+            copy, the ``reference`` adapter (unless ``spec.reference == "base"``); in ``full`` mode
+            the bank keeps a frozen copy of the base.
     """
 
-    def __init__(self, spec: BankSpec, *, require: Sequence[AdapterSpec] = (), frozen_reference: bool = False):
+    def __init__(self, spec: BankSpec, *, require: Sequence[AdapterSpec] = (), reference_of: str | None = None):
         super().__init__()
         self.spec = spec
         self.full = spec.train_mode == "full"
         self.adapters = {a.name: a for a in merge_adapter_specs(spec.adapters, require)}
+        self.reference_adapter = self._reference_adapter_of(reference_of)
+        if self.reference_adapter is not None:
+            self.adapters[REFERENCE] = self.reference_adapter
         if spec.teacher is not None:
             # Before any weights load: a teacher with another vocabulary is useless, say so at once.
             check_shared_vocabulary(spec, spec.teacher, AutoConfig.from_pretrained(
@@ -143,7 +212,8 @@ class AdapterBank(nn.Module):
         if spec.effective_quantization:
             if self.full:
                 raise ValueError("train_mode 'full' cannot train a quantized base: use 'qlora' or drop quantization")
-            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=spec.gradient_checkpointing)
+            # Checkpointing is enabled below, with the role-aware recomputation.
+            base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
             # bitsandbytes (0.50) repacks a 4-bit weight for CPU inference on its first eval-mode forward
             # and keeps it so; training forwards then run gemv_4bit, which has no autograd, and the
             # gradient through every quantized layer is silently dropped. Generation and validation run
@@ -151,9 +221,9 @@ class AdapterBank(nn.Module):
             for module in base.modules():
                 if hasattr(module, "support_avx512bf16_for_cpu"):
                     module.support_avx512bf16_for_cpu = False
-        if spec.gradient_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.config.use_cache = False
+        if spec.disable_dropout:
+            disable_dropout(base)
 
         if self.full:
             if len([a for a in self.adapters.values() if a.trainable]) > 1:
@@ -161,11 +231,18 @@ class AdapterBank(nn.Module):
                     "train_mode 'full' trains the base itself, so it can play one trainable role; "
                     f"got trainable adapters {list(self.adapters)}. Use train_mode 'lora' for several roles."
                 )
+            # Copied before checkpointing is enabled: the frozen reference never recomputes anything.
+            self.reference_model = self._frozen_copy(base) if reference_of is not None else None
             self.model = base
-            self.reference_model = self._frozen_copy(base) if frozen_reference else None
         else:
             self.model = self._attach_adapters(base) if self.adapters else base
             self.reference_model = None
+        if spec.disable_dropout:
+            disable_dropout(self.model)  # the LoRA dropouts too
+        if spec.gradient_checkpointing:
+            base.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": RecomputeInRole(self)}
+            )
         self.heads = nn.ModuleDict(
             {a.name: self._make_head(a) for a in self.adapters.values() if a.head is not None}
         )
@@ -173,19 +250,37 @@ class AdapterBank(nn.Module):
         self._active: str | None = None
         self._use_reference = False
         self._use_teacher = False
-        self._reference_depth = 0
+        self._frozen_depth = 0
+        self._adapters_off = False
         first_trainable = next((a.name for a in self.adapters.values() if a.trainable), None)
         self._activate(first_trainable or next(iter(self.adapters), None))
+        self.train()
 
     # -- building -----------------------------------------------------------------------------
 
-    def _lora_config(self, adapter: AdapterSpec) -> LoraConfig:
+    def _reference_adapter_of(self, policy: str | None) -> AdapterSpec | None:
+        """The frozen copy of ``policy`` that is the reference, when it starts from a saved adapter."""
+        if policy is None or self.full or self.spec.reference == "base":
+            return None
+        start = self.adapters.get(policy)
+        if start is None or start.path is None:
+            return None  # a fresh adapter starts as the base itself: adapters off is the starting policy
+        if REFERENCE in self.adapters:
+            raise ValueError(
+                f"adapter name {REFERENCE!r} is reserved for the frozen copy of the loaded policy {policy!r} "
+                "(the reference policy): rename the declared adapter, or set bank.reference: base"
+            )
+        return AdapterSpec(REFERENCE, path=start.path, trainable=False, lora=start.lora)
+
+    def _lora_config(self, adapter: AdapterSpec, base: nn.Module) -> LoraConfig:
         lora = adapter.lora or self.spec.lora
         return LoraConfig(
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
             target_modules=lora.target_modules,
+            # GPT-2-style Conv1D layers store the weight transposed.
+            fan_in_fan_out=any(isinstance(m, Conv1D) for m in base.modules()),
             task_type="CAUSAL_LM",
         )
 
@@ -196,11 +291,11 @@ class AdapterBank(nn.Module):
                 if a.path:
                     model = PeftModel.from_pretrained(base, a.path, adapter_name=a.name, is_trainable=a.trainable)
                 else:
-                    model = get_peft_model(base, self._lora_config(a), adapter_name=a.name)
+                    model = get_peft_model(base, self._lora_config(a, base), adapter_name=a.name)
             elif a.path:
                 model.load_adapter(a.path, adapter_name=a.name, is_trainable=a.trainable)
             else:
-                model.add_adapter(a.name, self._lora_config(a))
+                model.add_adapter(a.name, self._lora_config(a, base))
             log.info("adapter %r: %s, %s", a.name, a.path or "fresh", "trainable" if a.trainable else "frozen")
         return model
 
@@ -221,7 +316,8 @@ class AdapterBank(nn.Module):
             )
 
     def _make_head(self, adapter: AdapterSpec) -> ScalarHead:
-        head = ScalarHead(self.model.config.hidden_size, adapter.head)
+        # The width the LM head reads, i.e. the trunk's output (some configs project it: OPT's word_embed_proj_dim).
+        head = ScalarHead(self.model.get_output_embeddings().weight.shape[-1], adapter.head)
         if adapter.path:
             head_file = Path(adapter.path, HEAD_FILE)
             if not head_file.exists():
@@ -233,6 +329,7 @@ class AdapterBank(nn.Module):
     def _load_teacher(teacher: TeacherSpec) -> nn.Module:
         """The separate teacher: frozen, in eval mode, in its own dtype (and quantization)."""
         model = load_base(teacher_load_spec(teacher))
+        disable_dropout(model)
         model.requires_grad_(False)
         model.eval()
         log.info("teacher: %s (%s%s), frozen", teacher.model, teacher.dtype,
@@ -240,10 +337,12 @@ class AdapterBank(nn.Module):
         return model
 
     def train(self, mode: bool = True) -> AdapterBank:
-        """As ``nn.Module.train``, but a separate teacher always stays in eval mode (no dropout)."""
+        """As ``nn.Module.train``, but the frozen reference copy and a separate teacher always stay in
+        eval mode (deterministic, never checkpointed)."""
         super().train(mode)
-        if self.teacher_model is not None:
-            self.teacher_model.eval()
+        for frozen in (self.reference_model, self.teacher_model):
+            if frozen is not None:
+                frozen.eval()
         return self
 
     @staticmethod
@@ -292,51 +391,68 @@ class AdapterBank(nn.Module):
 
     @contextmanager
     def reference(self) -> Iterator[AdapterBank]:
-        """The reference policy, without gradients: adapters off, or the frozen copy in full mode."""
+        """The reference policy, without gradients and in eval mode: the starting policy (the frozen
+        ``reference`` adapter when the policy was loaded from a path, else the base with adapters
+        off; the frozen copy in ``full`` mode)."""
         if not self.has_reference:
             raise RuntimeError(
-                "this bank has no reference policy: in train_mode 'full' build it with frozen_reference=True "
-                "or use precomputed reference log-probs"
+                "this bank has no reference policy: in train_mode 'full' the method must ask for one "
+                "(reference_of) or use precomputed reference log-probs"
             )
-        with torch.no_grad():
-            if self._reference_depth > 0:
-                # Already inside: peft's disable_adapter does not nest (the inner exit would
-                # re-enable the adapters for the rest of the outer block).
+        if self.reference_adapter is None:
+            with self._as_loaded():
                 yield self
-                return
-            self._reference_depth += 1
-            try:
-                with self._reference_mode():
-                    yield self
-            finally:
-                self._reference_depth -= 1
+            return
+        with torch.no_grad(), self._frozen(), self.role(REFERENCE):
+            yield self
 
     @contextmanager
-    def _reference_mode(self) -> Iterator[None]:
-        if self.is_peft:
-            with self.model.disable_adapter():
-                yield
-        elif not self.full:
+    def _frozen(self) -> Iterator[None]:
+        """Eval mode for a frozen role's pass (the trainable path may be in train mode); nests."""
+        if self._frozen_depth > 0:
             yield
-        else:
-            self._use_reference = True
-            try:
+            return
+        self._frozen_depth += 1
+        try:
+            with eval_mode(self.model):
                 yield
-            finally:
-                self._use_reference = False
+        finally:
+            self._frozen_depth -= 1
+
+    @contextmanager
+    def _as_loaded(self) -> Iterator[None]:
+        """The base as loaded, without gradients, in eval mode: adapters off, or the frozen copy in full mode."""
+        with torch.no_grad(), self._frozen():
+            if self.is_peft and not self._adapters_off:
+                # peft's disable_adapter does not nest: only the outermost block switches adapters off and on.
+                self._adapters_off = True
+                try:
+                    with self.model.disable_adapter():
+                        yield
+                finally:
+                    self._adapters_off = False
+            elif self.full:
+                previous = self._use_reference
+                self._use_reference = True
+                try:
+                    yield
+                finally:
+                    self._use_reference = previous
+            else:
+                yield
 
     @property
     def has_separate_teacher(self) -> bool:
-        """Whether the teacher is a separate model (``BankSpec.teacher``), not the reference."""
+        """Whether the teacher is a separate model (``BankSpec.teacher``), not the base."""
         return self.teacher_model is not None
 
     @contextmanager
     def teacher(self) -> Iterator[AdapterBank]:
         """The distillation teacher, without gradients: the separate teacher model when the spec
-        names one, else the reference policy (see ``reference``). Inside, ``bank(...)`` runs the
-        teacher and ``generate(..., adapter=None)`` samples from it."""
+        names one, else the base as loaded (adapters off; the frozen copy in full mode). Inside,
+        ``bank(...)`` runs the teacher and ``generate(..., adapter=None)`` samples from it."""
         if self.teacher_model is None:
-            with self.reference():
+            with self._as_loaded():
                 yield self
             return
         previous = self._use_teacher
@@ -359,11 +475,20 @@ class AdapterBank(nn.Module):
         model = self._current_model()
         return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs)
 
+    def _trunk(self) -> nn.Module:
+        """The decoder stack of the active model without its LM head, found the transformers way
+        (``base_model_prefix``: ``model`` for Llama, ``transformer`` for GPT-2, ``gpt_neox``...)."""
+        model = self._current_model()
+        if isinstance(model, PeftModel):
+            model = model.get_base_model()
+        trunk = model.base_model
+        if trunk is model:
+            raise TypeError(f"{type(model).__name__} has no decoder stack under base_model_prefix {model.base_model_prefix!r}")
+        return trunk
+
     def _hidden(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
         """Last hidden state of the active role, skipping the vocabulary projection."""
-        model = self._current_model()
-        body = model.get_base_model().model if isinstance(model, PeftModel) else model.model
-        out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        out = self._trunk()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
 
     def _head(self, adapter: str, kind: str) -> ScalarHead:
@@ -389,25 +514,33 @@ class AdapterBank(nn.Module):
         return head(hidden)
 
     def logits_and_values(self, input_ids, attention_mask, *, adapter: str, position_ids=None):
-        """One pass of ``adapter`` giving LM logits and the values of its own value head (shared trunk)."""
+        """One pass of ``adapter`` giving LM logits and the values of its own value head (shared trunk).
+
+        The values read the trunk's output captured on the way (a hook), so they see exactly what
+        ``values`` would, and the logits keep whatever the LM head adds (Gemma 2's soft-capping)."""
         head = self._head(adapter, "value")
-        with self.role(adapter):
-            out = self.forward(input_ids, attention_mask, position_ids, output_hidden_states=True)
-        return out.logits, head(out.hidden_states[-1])
+        captured = []
+        hook = self._trunk().register_forward_hook(lambda module, args, out: captured.append(out.last_hidden_state))
+        try:
+            with self.role(adapter):
+                out = self.forward(input_ids, attention_mask, position_ids)
+        finally:
+            hook.remove()
+        return out.logits, head(captured[-1])
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, *, adapter: str | None, **generate_kwargs) -> torch.Tensor:
-        """Sample from ``adapter`` (the reference policy when ``None``; the separate teacher when
-        ``None`` inside ``teacher()``); returns prompt + response ids."""
+        """Sample from ``adapter``, or with ``None`` from the reference policy (inside ``teacher()``:
+        the teacher); returns prompt + response ids."""
         generate_kwargs.setdefault("use_cache", True)
-        if adapter is None and self._use_teacher:
-            return self.teacher_model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
-        if adapter is None:
-            with self.reference():
-                model = self.reference_model if self.reference_model is not None else self.model
-                return model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
-        with self.role(adapter):
-            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+        if adapter is not None:
+            with self.role(adapter):
+                return self.model.generate(**kwargs)
+        if self._use_teacher or self._frozen_depth > 0:  # inside teacher() or reference() already
+            return self._current_model().generate(**kwargs)
+        with self.reference():
+            return self._current_model().generate(**kwargs)
 
     # -- trainable state ----------------------------------------------------------------------
 

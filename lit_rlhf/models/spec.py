@@ -88,7 +88,15 @@ class BankSpec:
         double_quant: quantize the 4-bit quantization constants as well.
         lora: default hyperparameters of fresh adapters.
         adapters: adapters to create or load besides those a method asks for.
-        gradient_checkpointing: trade compute for activation memory.
+        gradient_checkpointing: trade compute for activation memory: the trainable path recomputes
+            each decoder layer's activations in backward (the frozen reference and teacher never do).
+        disable_dropout: set every dropout of the base, the adapters and the teacher to 0 (as TRL does):
+            the reference is then deterministic and an online method's first update has ratio
+            exactly 1. ``false`` trains with the configured dropouts (``lora.dropout``, the base's own).
+        reference: the reference policy of DPO, KTO, PPO, RLOO and GRPO. ``start`` (default): the
+            starting policy, i.e. a frozen copy of the policy adapter when it is loaded from a path
+            (an SFT adapter), else the base with adapters off (a fresh LoRA adapter starts as the
+            base); in ``full`` mode a frozen copy of the base. ``base``: always the base with adapters off.
         random_init: build the architecture of ``model``'s config with fresh random weights.
         trust_remote_code: allow code shipped with a hub model to run (off unless you trust it).
         attn_implementation: passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``).
@@ -106,6 +114,8 @@ class BankSpec:
     lora: LoraSpec = field(default_factory=LoraSpec)
     adapters: list[AdapterSpec] = field(default_factory=list)
     gradient_checkpointing: bool = False
+    disable_dropout: bool = True
+    reference: Literal["start", "base"] = "start"
     random_init: bool = False
     trust_remote_code: bool = False
     attn_implementation: str | None = None

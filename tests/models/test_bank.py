@@ -33,6 +33,7 @@ def perturb(bank: AdapterBank, adapter: str, seed: int = 0) -> None:
 
 
 def three_role_bank(**spec_kwargs) -> AdapterBank:
+    torch.manual_seed(0)  # fresh LoRA A matrices are drawn from the global RNG: same bank whatever ran before
     spec = BankSpec(adapters=[AdapterSpec("reward", head="score", trainable=False)], **spec_kwargs)
     return AdapterBank(spec, require=[AdapterSpec("policy"), AdapterSpec("value", head="value")])
 
@@ -166,7 +167,7 @@ def test_qlora_base_is_4bit_and_trains(batch):
 
 
 def test_full_mode_reference_is_a_frozen_copy(batch):
-    bank = AdapterBank(BankSpec(train_mode="full"), require=[AdapterSpec("policy")], frozen_reference=True)
+    bank = AdapterBank(BankSpec(train_mode="full"), require=[AdapterSpec("policy")], reference_of="policy")
     assert len(bank.trainable_names()) == len(list(bank.model.parameters()))
     with torch.no_grad():
         for p in bank.model.parameters():
