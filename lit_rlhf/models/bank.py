@@ -516,11 +516,13 @@ class AdapterBank(nn.Module):
     def logits_and_values(self, input_ids, attention_mask, *, adapter: str, position_ids=None):
         """One pass of ``adapter`` giving LM logits and the values of its own value head (shared trunk).
 
-        The values read the trunk's output captured on the way (a hook), so they see exactly what
-        ``values`` would, and the logits keep whatever the LM head adds (Gemma 2's soft-capping)."""
+        The values read the hidden state the LM head reads (captured by a hook: some models, e.g.
+        OPT, call their decoder around the trunk module), and the logits keep whatever the model
+        adds after the head (Gemma 2's soft-capping)."""
         head = self._head(adapter, "value")
         captured = []
-        hook = self._trunk().register_forward_hook(lambda module, args, out: captured.append(out.last_hidden_state))
+        lm_head = self._current_model().get_output_embeddings()
+        hook = lm_head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
         try:
             with self.role(adapter):
                 out = self.forward(input_ids, attention_mask, position_ids)

@@ -1,0 +1,83 @@
+"""Tiny random models of the transformers families users bring, built offline from a config.
+
+One Llama never shows what breaks on GPT-2 (Conv1D layers, absolute positions, dropout 0.1 in
+its config), GPT-NeoX (a ``gpt_neox`` trunk), OPT (float dropout rates read at call time, a
+learned position offset), Gemma 2 (soft-capped logits, tied embeddings) or Phi-3 (fused
+projections). Each model here speaks the toy tokenizer's vocabulary, so every method and config
+runs on it unchanged: ``--model.init_args.bank.model <dir>``.
+
+    python -m lit_rlhf.toy.families OUT_DIR        # one directory per family
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from lit_rlhf.models import BankSpec, load_tokenizer
+
+TOY_TOKENIZER = "assets/toy/base"
+HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, POSITIONS = 32, 2, 4, 2, 64, 128
+
+#: model_type -> config fields of a tiny model (vocabulary and special ids are added from the tokenizer).
+FAMILIES: dict[str, dict] = {
+    "llama": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                  num_key_value_heads=KV_HEADS, intermediate_size=FFN, max_position_embeddings=POSITIONS),
+    "qwen2": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                  num_key_value_heads=KV_HEADS, intermediate_size=FFN, max_position_embeddings=POSITIONS,
+                  tie_word_embeddings=True),
+    "qwen3": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, head_dim=8,
+                  num_key_value_heads=KV_HEADS, intermediate_size=FFN, max_position_embeddings=POSITIONS,
+                  tie_word_embeddings=True),
+    "mistral": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                    num_key_value_heads=KV_HEADS, intermediate_size=FFN, max_position_embeddings=POSITIONS,
+                    sliding_window=16),
+    "gemma2": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, head_dim=8,
+                   num_key_value_heads=KV_HEADS, intermediate_size=FFN, max_position_embeddings=POSITIONS,
+                   sliding_window=16, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                   query_pre_attn_scalar=8),
+    "phi3": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                 num_key_value_heads=KV_HEADS, intermediate_size=FFN, max_position_embeddings=POSITIONS,
+                 original_max_position_embeddings=POSITIONS, resid_pdrop=0.1, embd_pdrop=0.1),
+    "gpt2": dict(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=FFN, n_positions=POSITIONS),
+    "gpt_neox": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                     intermediate_size=FFN, max_position_embeddings=POSITIONS, rotary_pct=0.5,
+                     hidden_dropout=0.1, attention_dropout=0.1),
+    "opt": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, ffn_dim=FFN,
+                max_position_embeddings=POSITIONS, word_embed_proj_dim=HIDDEN, dropout=0.1,
+                attention_dropout=0.1),
+}
+
+
+def build_tiny(family: str, out: str | Path, *, seed: int = 0) -> Path:
+    """Save a random tiny ``family`` model with the toy tokenizer to ``out`` (safetensors)."""
+    tokenizer = load_tokenizer(BankSpec(model=TOY_TOKENIZER))
+    config = AutoConfig.for_model(
+        family,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **FAMILIES[family],
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    out = Path(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m lit_rlhf.toy.families OUT_DIR")
+    for family in FAMILIES:
+        print(build_tiny(family, Path(argv[0]) / family))
+
+
+if __name__ == "__main__":
+    main()
