@@ -286,6 +286,9 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
             self.bank_spec, adapters=[replace(a, trainable=False) if a.name in frozen else a for a in self.bank_spec.adapters]
         )
         super().configure_model()
+        if not self.bank_spec.disable_dropout:
+            log.warning("bank.disable_dropout is false: the update's forward drops units the rollout's did not, so "
+                        "the importance ratio is not 1 on the first update and clipping sees dropout noise")
         self.rewards.setup(self.bank, self.tokenizer)
 
     def total_optimizer_steps(self) -> int:

@@ -1,10 +1,11 @@
 """The AdapterBank: one base model, many named LoRA adapters and scalar heads.
 
 Roles (policy, reference, reward, value) are views of the same base: a role switch sets
-the active adapter and always restores the previous one, and the reference is the base
-with every adapter disabled (or, when the base itself trains, a frozen copy). The teacher
-(distillation) is a separate frozen model when ``BankSpec.teacher`` names one, else the
-reference.
+the active adapter and always restores the previous one. The reference is the *starting*
+policy: a frozen copy of a policy adapter loaded from a path (the ``reference`` adapter), else
+the base with every adapter disabled (or, when the base itself trains, a frozen copy). The
+teacher (distillation) is a separate frozen model when ``BankSpec.teacher`` names one, else the
+base as loaded.
 """
 
 from __future__ import annotations
@@ -224,6 +225,10 @@ class AdapterBank(nn.Module):
         base.config.use_cache = False
         if spec.disable_dropout:
             disable_dropout(base)
+            dropping = sorted(a.name for a in self.adapters.values() if (a.lora or spec.lora).dropout > 0)
+            if dropping:
+                log.warning("LoRA dropout of %s is off: bank.disable_dropout is true (set it to false to train with it)",
+                            dropping)
 
         if self.full:
             if len([a for a in self.adapters.values() if a.trainable]) > 1:
