@@ -14,6 +14,7 @@ import copy
 import json
 import logging
 import tempfile
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -290,6 +291,12 @@ class AdapterBank(nn.Module):
         )
 
     def _attach_adapters(self, base) -> PeftModel:
+        with warnings.catch_warnings():
+            # peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model.
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            return self._wrap_with_adapters(base)
+
+    def _wrap_with_adapters(self, base) -> PeftModel:
         model = None
         for a in self.adapters.values():
             if model is None:
