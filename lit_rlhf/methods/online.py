@@ -303,6 +303,23 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         super().configure_model()
         self.rewards.setup(self.bank, self.tokenizer)
 
+    def setup(self, stage: str) -> None:
+        # Lightning calls setup before configure_model, so a bad split fails before any weights load.
+        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
+        if stage == "fit" and batch_size is not None:
+            self.check_rollout_split(batch_size)
+
+    def check_rollout_split(self, batch_size: int) -> None:
+        """A rollout of ``batch_size`` prompts must split into equal mini- and micro-batches."""
+        rows, parts = batch_size * self.num_samples_per_prompt, self.num_mini_batches * self.gradient_accumulation_steps
+        if rows % parts:
+            raise ValueError(
+                f"a rollout of batch_size={batch_size} prompts x num_samples_per_prompt={self.num_samples_per_prompt} "
+                f"= {rows} rows does not split into num_mini_batches={self.num_mini_batches} x "
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps} = {parts} equal parts; make {rows} a "
+                f"multiple of {parts}"
+            )
+
     def total_optimizer_steps(self) -> int:
         rollouts = max(1, int(self.trainer.estimated_stepping_batches))
         return rollouts * self.ppo_epochs * self.num_mini_batches

@@ -25,7 +25,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from lit_rlhf.models.heads import ScalarHead, last_token_index
-from lit_rlhf.models.loading import fingerprint, load_base, load_tokenizer
+from lit_rlhf.models.loading import CONVERT_ADAPTER, fingerprint, load_base, load_tokenizer, require_safetensors
 from lit_rlhf.models.saving import atomic_directory
 from lit_rlhf.models.spec import AdapterSpec, BankSpec, TeacherSpec
 
@@ -131,18 +131,18 @@ class AdapterBank(nn.Module):
         self.spec = spec
         self.full = spec.train_mode == "full"
         self.adapters = {a.name: a for a in merge_adapter_specs(spec.adapters, require)}
-        if spec.teacher is not None:
-            # Before any weights load: a teacher with another vocabulary is useless, say so at once.
-            check_shared_vocabulary(spec, spec.teacher, AutoConfig.from_pretrained(
-                spec.model, trust_remote_code=spec.trust_remote_code).vocab_size)
-        base = load_base(spec)
-        self.base_fingerprint = fingerprint(base)
+        # Everything that can be checked from config files is checked before any weights load.
+        config = AutoConfig.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code)
+        self.base_fingerprint = fingerprint(config)
+        if self.full:
+            self._check_full_mode()
         for a in self.adapters.values():
             if a.path:
                 self._check_compatible(a)
+        if spec.teacher is not None:
+            check_shared_vocabulary(spec, spec.teacher, config.vocab_size)
+        base = load_base(spec)
         if spec.effective_quantization:
-            if self.full:
-                raise ValueError("train_mode 'full' cannot train a quantized base: use 'qlora' or drop quantization")
             base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=spec.gradient_checkpointing)
             # bitsandbytes (0.50) repacks a 4-bit weight for CPU inference on its first eval-mode forward
             # and keeps it so; training forwards then run gemv_4bit, which has no autograd, and the
@@ -156,11 +156,6 @@ class AdapterBank(nn.Module):
         base.config.use_cache = False
 
         if self.full:
-            if len([a for a in self.adapters.values() if a.trainable]) > 1:
-                raise ValueError(
-                    "train_mode 'full' trains the base itself, so it can play one trainable role; "
-                    f"got trainable adapters {list(self.adapters)}. Use train_mode 'lora' for several roles."
-                )
             self.model = base
             self.reference_model = self._frozen_copy(base) if frozen_reference else None
         else:
@@ -204,9 +199,27 @@ class AdapterBank(nn.Module):
             log.info("adapter %r: %s, %s", a.name, a.path or "fresh", "trainable" if a.trainable else "frozen")
         return model
 
+    def _check_full_mode(self) -> None:
+        """``full`` trains the base weights themselves: one trainable role, no LoRA to load, no quantization."""
+        if self.spec.effective_quantization:
+            raise ValueError("train_mode 'full' cannot train a quantized base: use 'qlora' or drop quantization")
+        trainable = [a.name for a in self.adapters.values() if a.trainable]
+        if len(trainable) > 1:
+            raise ValueError(
+                "train_mode 'full' trains the base itself, so it can play one trainable role; "
+                f"got trainable adapters {trainable}. Use train_mode 'lora' for several roles."
+            )
+        loaded = [a.name for a in self.adapters.values() if a.path]
+        if loaded:
+            raise ValueError(
+                f"train_mode 'full' has no LoRA adapters, so adapter(s) {loaded} cannot be loaded from a path; merge "
+                "an adapter into its base (lit-rlhf export --merged true) and set bank.model to that, or use train_mode 'lora'"
+            )
+
     def _check_compatible(self, adapter: AdapterSpec) -> None:
         if not Path(adapter.path, "adapter_config.json").exists():
             raise FileNotFoundError(f"adapter {adapter.name!r}: {adapter.path} is not a saved PEFT adapter (no adapter_config.json)")
+        require_safetensors(adapter.path, what=f"adapter {adapter.name!r}", convert=CONVERT_ADAPTER)
         meta = read_adapter_meta(adapter.path)
         saved = meta.get("base")
         if meta.get("base_model") and meta["base_model"] != model_identity(self.spec.model):

@@ -325,8 +325,10 @@ class ModelReward(RewardSource):
         else:
             from transformers import AutoModelForSequenceClassification
 
-            from lit_rlhf.models.loading import DTYPES
+            from lit_rlhf.models.loading import DTYPES, require_safetensors
 
+            require_safetensors(self.path, what="reward model", convert=(
+                "AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=False).save_pretrained(path)"))
             spec = BankSpec(model=self.path, tokenizer=self.tokenizer_path)
             self.tokenizer = load_tokenizer(spec)
             self.model = AutoModelForSequenceClassification.from_pretrained(
