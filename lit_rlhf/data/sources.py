@@ -163,7 +163,7 @@ def _load_saved_dataset(path: Path, split: str) -> list[Row]:
 def _load_hub(name: str, split: str) -> list[Row]:
     import datasets
 
-    try:
+    try:  # datasets >= 4 (pinned) runs no loading scripts: a hub dataset is data files only
         data = datasets.load_dataset(name, split=split)
     except Exception as e:  # noqa: BLE001 - re-raised with the reason we tried the hub at all
         raise FileNotFoundError(f"{name!r} is not a local file or directory, so it was loaded as a `datasets` hub "

@@ -38,6 +38,7 @@ from typing import Literal
 
 import torch
 
+from lit_rlhf.methods.base import read_checkpoint
 from lit_rlhf.methods.online import MiniBatch, OnlineMethod, ScoredRollout
 from lit_rlhf.methods.sft import completion_nll
 
@@ -268,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         method.num_samples_per_prompt = args.n
     method.configure_model()
     if args.ckpt_path:
-        checkpoint = torch.load(args.ckpt_path, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(args.ckpt_path)
         method.on_load_checkpoint(checkpoint)
         method.load_state_dict(checkpoint["state_dict"], strict=False)
     data.prepare(method.tokenizer)
