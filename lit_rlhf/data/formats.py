@@ -229,14 +229,15 @@ def _check_format(fmt: str, row: dict, where: Where) -> list[DataError]:
     return []
 
 
-def _check_role_order(messages: list, where: Where, field: str, *, opens: bool) -> list[DataError]:
-    """A system message only as the first message of a conversation (``opens``: this list starts
-    it); chat templates otherwise drop it or render it mid-dialogue."""
-    for i, message in enumerate(messages):
-        if isinstance(message, dict) and message.get("role") == "system" and (i > 0 or not opens):
-            place = f"at position {i}" if opens else "in a completion, after the prompt"
-            return [row_error(where, f"{field}[{i}].role", f"is 'system' {place}; a system message may only be the "
-                              "first message of the conversation")]
+def _check_role_order(messages: list, where: Where, field: str) -> list[DataError]:
+    """A system message only first: chat templates drop a later one or render it mid-dialogue.
+
+    Any list may open with one, as a completion that repeats the whole conversation does.
+    """
+    for i, message in enumerate(messages[1:], start=1):
+        if isinstance(message, dict) and message.get("role") == "system":
+            return [row_error(where, f"{field}[{i}].role", f"is 'system' at position {i}; a system message may only "
+                              "be the first message of the conversation")]
     return []
 
 
@@ -275,22 +276,21 @@ def check_row(fmt: str, row: Any, where: Where, conversational: bool, mode_hint:
     if wrong_format:
         return None, wrong_format
 
-    def text(field: str, nonempty: bool, opens: bool = False) -> list[DataError]:
+    def text(field: str, nonempty: bool) -> list[DataError]:
         errors = _check_text(row, field, where, conversational, required_nonempty=nonempty, mode_hint=hint)
         if not errors and conversational:
-            errors = _check_role_order(row[field], where, field, opens=opens)
+            errors = _check_role_order(row[field], where, field)
         return errors
 
     if fmt == "prompt":
-        errors = text("prompt", nonempty=True, opens=True)
+        errors = text("prompt", nonempty=True)
         if not errors and conversational:
             errors = _check_prompt_turn(row["prompt"], where)
         return (None, errors) if errors else ({"prompt": row["prompt"]}, [])
 
     if fmt == "preference":
         implicit = row.get("prompt") is None  # no prompt field (or a null one): the shared prefix is the prompt
-        errors = (([] if implicit else text("prompt", nonempty=True, opens=True))
-                  + text("chosen", True, opens=implicit) + text("rejected", True, opens=implicit))
+        errors = ([] if implicit else text("prompt", nonempty=True)) + text("chosen", True) + text("rejected", True)
         if not errors and row["chosen"] == row["rejected"]:
             errors.append(row_error(where, "chosen", "is identical to 'rejected'; a preference pair needs two "
                                     "different completions"))
@@ -299,7 +299,7 @@ def check_row(fmt: str, row: Any, where: Where, conversational: bool, mode_hint:
         return {"prompt": None if implicit else row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}, []
 
     if fmt == "unpaired":
-        errors = text("prompt", nonempty=True, opens=True) + text("completion", True)
+        errors = text("prompt", nonempty=True) + text("completion", True)
         label, label_errors = _check_label(row, where)
         errors += label_errors
         if errors:
@@ -311,7 +311,7 @@ def check_row(fmt: str, row: Any, where: Where, conversational: bool, mode_hint:
         if not conversational:
             return None, [row_error(where, "messages", f"is present but this dataset is plain text ({hint}); "
                                     "use either 'text' or 'messages' rows throughout")]
-        errors = text("messages", True, opens=True)
+        errors = text("messages", True)
         if errors:
             return None, errors
         messages = row["messages"]
@@ -329,5 +329,5 @@ def check_row(fmt: str, row: Any, where: Where, conversational: bool, mode_hint:
         return None, [row_error(where, "text", "is missing; an SFT row needs 'text', 'messages', or "
                                 "'prompt' and 'completion'")]
     # An empty SFT prompt is allowed: the row is then all completion, like a 'text' row.
-    errors = text("prompt", nonempty=False, opens=True) + text("completion", True)
+    errors = text("prompt", nonempty=False) + text("completion", True)
     return (None, errors) if errors else ({"prompt": row["prompt"], "completion": row["completion"]}, [])
