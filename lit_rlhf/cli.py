@@ -9,30 +9,44 @@ from __future__ import annotations
 
 import sys
 
-import torch
 from jsonargparse import ArgumentParser
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
-from lit_rlhf.methods.base import BankMethod
+from lit_rlhf.methods.base import BankMethod, read_checkpoint
 
 
 class LitRLHFCLI(LightningCLI):
     """LightningCLI over every method and DataModule, validating the data before the Trainer runs."""
 
     def _prepare_data(self) -> None:
-        # Every row is validated (and tokenized) here, so bad data fails before any model is built.
+        # The model's config files and every row are checked here, so a bad config or bad data fails
+        # before any weights load and before the Trainer creates its log directory.
+        self.model.check_config()
         prepare = getattr(self.datamodule, "prepare", None)
         if prepare is not None:
             prepare(self.model.tokenizer)
+        check_split = getattr(self.model, "check_rollout_split", None)
+        if check_split is not None and getattr(self.datamodule, "batch_size", None) is not None:
+            check_split(self.datamodule.batch_size)
+
+    def _read_checkpoints_safely(self) -> None:
+        # Lightning hands weights_only=None to torch.load, whose default was False before torch 2.6
+        # (and TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD makes it so again); lit_rlhf checkpoints need no pickles.
+        arguments = self.config_init[self.subcommand]
+        if arguments.get("weights_only") is None:
+            arguments["weights_only"] = True
 
     def before_fit(self) -> None:
+        self._read_checkpoints_safely()
         self._prepare_data()
 
     def before_validate(self) -> None:
+        self._read_checkpoints_safely()
         self._prepare_data()
 
     def before_test(self) -> None:
+        self._read_checkpoints_safely()
         self._prepare_data()
 
 
@@ -58,7 +72,7 @@ def export_main(args: list[str]) -> None:
     cli = build_cli(["--config", opts.config], run=False)
     method: BankMethod = cli.model
     method.configure_model()
-    checkpoint = torch.load(opts.ckpt_path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(opts.ckpt_path)
     method.on_load_checkpoint(checkpoint)
     method.load_state_dict(checkpoint["state_dict"], strict=False)
     print(method.export(opts.out, merged=opts.merged))

@@ -199,6 +199,57 @@ def _check_label(row: dict, where: Where) -> tuple[bool | None, list[DataError]]
                             "(in CSV: true/false/1/0)")]
 
 
+#: The fields that tell the formats apart, for the hint when a row of one reaches another's DataModule.
+SIGNATURES: dict[str, tuple[frozenset[str], ...]] = {
+    "preference": (frozenset({"chosen", "rejected"}),),
+    "unpaired": (frozenset({"completion", "label"}),),
+    "sft": (frozenset({"messages"}), frozenset({"text"}), frozenset({"prompt", "completion"})),
+    "prompt": (frozenset({"prompt"}),),
+}
+_DATAMODULES = {"prompt": "PromptDataModule", "preference": "PreferenceDataModule", "unpaired": "UnpairedDataModule",
+                "sft": "SFTDataModule"}
+
+
+def _check_format(fmt: str, row: dict, where: Where) -> list[DataError]:
+    """One error for a row that has none of ``fmt``'s own fields but all of another format's.
+
+    A prompt row in preference data would otherwise report 'chosen' and 'rejected' missing,
+    without saying that the file is simply the wrong kind of data.
+    """
+    own = {"prompt": ("prompt",), "preference": ("chosen", "rejected"), "unpaired": ("completion", "label"),
+           "sft": ("text", "messages", "completion")}[fmt]
+    keys = {k for k, v in row.items() if v is not None}
+    if keys & set(own):
+        return []
+    for other, signatures in SIGNATURES.items():
+        if other != fmt and any(sig <= keys for sig in signatures):
+            return [row_error(where, own[0], f"is missing: the row has {', '.join(sorted(keys))}, which looks like "
+                              f"{other} data; {fmt} data goes to {_DATAMODULES[fmt]}, {other} data to "
+                              f"{_DATAMODULES[other]}")]
+    return []
+
+
+def _check_role_order(messages: list, where: Where, field: str) -> list[DataError]:
+    """A system message only first: chat templates drop a later one or render it mid-dialogue.
+
+    Any list may open with one, as a completion that repeats the whole conversation does.
+    """
+    for i, message in enumerate(messages[1:], start=1):
+        if isinstance(message, dict) and message.get("role") == "system":
+            return [row_error(where, f"{field}[{i}].role", f"is 'system' at position {i}; a system message may only "
+                              "be the first message of the conversation")]
+    return []
+
+
+def _check_prompt_turn(prompt: list, where: Where) -> list[DataError]:
+    """A prompt to answer (the prompt format) must not end with the assistant's own turn."""
+    last = prompt[-1] if prompt else None
+    if isinstance(last, dict) and last.get("role") == "assistant":
+        return [row_error(where, f"prompt[{len(prompt) - 1}].role", "is 'assistant', the last message of a prompt; "
+                          "the model answers the last user (or tool) message, so end the prompt with one")]
+    return []
+
+
 def check_row(fmt: str, row: Any, where: Where, conversational: bool, mode_hint: str = "") -> tuple[dict | None, list[DataError]]:
     """Validate one raw row and normalise it into a record.
 
@@ -221,17 +272,25 @@ def check_row(fmt: str, row: Any, where: Where, conversational: bool, mode_hint:
     if not isinstance(row, dict):
         return None, [row_error(where, None, f"is a {type(row).__name__}; each row must be an object with named fields")]
     hint = mode_hint or ("conversational" if conversational else "plain text")
+    wrong_format = _check_format(fmt, row, where)
+    if wrong_format:
+        return None, wrong_format
 
     def text(field: str, nonempty: bool) -> list[DataError]:
-        return _check_text(row, field, where, conversational, required_nonempty=nonempty, mode_hint=hint)
+        errors = _check_text(row, field, where, conversational, required_nonempty=nonempty, mode_hint=hint)
+        if not errors and conversational:
+            errors = _check_role_order(row[field], where, field)
+        return errors
 
     if fmt == "prompt":
-        errors = text("prompt", nonempty=False)
+        errors = text("prompt", nonempty=True)
+        if not errors and conversational:
+            errors = _check_prompt_turn(row["prompt"], where)
         return (None, errors) if errors else ({"prompt": row["prompt"]}, [])
 
     if fmt == "preference":
         implicit = row.get("prompt") is None  # no prompt field (or a null one): the shared prefix is the prompt
-        errors = ([] if implicit else text("prompt", nonempty=False)) + text("chosen", True) + text("rejected", True)
+        errors = ([] if implicit else text("prompt", nonempty=True)) + text("chosen", True) + text("rejected", True)
         if not errors and row["chosen"] == row["rejected"]:
             errors.append(row_error(where, "chosen", "is identical to 'rejected'; a preference pair needs two "
                                     "different completions"))
@@ -240,7 +299,7 @@ def check_row(fmt: str, row: Any, where: Where, conversational: bool, mode_hint:
         return {"prompt": None if implicit else row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}, []
 
     if fmt == "unpaired":
-        errors = text("prompt", nonempty=False) + text("completion", True)
+        errors = text("prompt", nonempty=True) + text("completion", True)
         label, label_errors = _check_label(row, where)
         errors += label_errors
         if errors:
@@ -269,5 +328,6 @@ def check_row(fmt: str, row: Any, where: Where, conversational: bool, mode_hint:
     if "prompt" not in row and "completion" not in row:
         return None, [row_error(where, "text", "is missing; an SFT row needs 'text', 'messages', or "
                                 "'prompt' and 'completion'")]
+    # An empty SFT prompt is allowed: the row is then all completion, like a 'text' row.
     errors = text("prompt", nonempty=False) + text("completion", True)
     return (None, errors) if errors else ({"prompt": row["prompt"], "completion": row["completion"]}, [])

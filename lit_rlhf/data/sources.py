@@ -70,15 +70,22 @@ def _load_one(source: Union[str, Path], hub_split: str, errors: list[DataError])
 
 
 def _load_file(path: Path, errors: list[DataError]) -> list[Row]:
+    found = len(errors)
     if path.suffix == ".jsonl":
-        return _load_jsonl(path, errors)
-    if path.suffix == ".json":
-        return _load_json(path, errors)
-    if path.suffix == ".csv":
-        return _load_csv(path)
-    if path.suffix == ".parquet":
-        return _load_parquet(path)
-    raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+        rows = _load_jsonl(path, errors)
+    elif path.suffix == ".json":
+        rows = _load_json(path, errors)
+    elif path.suffix == ".csv":
+        rows = _load_csv(path, errors)
+    elif path.suffix == ".parquet":
+        rows = _load_parquet(path)
+    else:
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+    if not rows and len(errors) == found:
+        # Most often a failed export or a wrong path inside a folder: say so rather than train on less.
+        errors.append(row_error(Where(str(path), 1, "line", path.suffix.lstrip(".")), None,
+                                "the file holds no rows; fill it or remove it"))
+    return rows
 
 
 def _read_text(path: Path) -> str:
@@ -115,12 +122,18 @@ def _load_json(path: Path, errors: list[DataError]) -> list[Row]:
     return _load_jsonl(path, errors, text)
 
 
-def _load_csv(path: Path) -> list[Row]:
+def _load_csv(path: Path, errors: list[DataError]) -> list[Row]:
     reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
     rows, last_line = [], 1  # line 1 is the header
     for row in reader:
-        rows.append((Where(str(path), last_line + 1, "line", "csv"), {k: v for k, v in row.items() if k is not None}))
+        where = Where(str(path), last_line + 1, "line", "csv")
         last_line = reader.line_num
+        if None in row:  # DictReader files the cells beyond the header under the key None
+            errors.append(row_error(where, None, f"has {len(reader.fieldnames) + len(row[None])} cells but the header "
+                                    f"has {len(reader.fieldnames)} columns ({', '.join(reader.fieldnames)}); quote "
+                                    "cells that contain commas"))
+            continue
+        rows.append((where, row))
     return rows
 
 
@@ -150,7 +163,7 @@ def _load_saved_dataset(path: Path, split: str) -> list[Row]:
 def _load_hub(name: str, split: str) -> list[Row]:
     import datasets
 
-    try:
+    try:  # datasets >= 4 (pinned) runs no loading scripts: a hub dataset is data files only
         data = datasets.load_dataset(name, split=split)
     except Exception as e:  # noqa: BLE001 - re-raised with the reason we tried the hub at all
         raise FileNotFoundError(f"{name!r} is not a local file or directory, so it was loaded as a `datasets` hub "

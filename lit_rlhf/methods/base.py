@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import random
 from dataclasses import asdict
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer
+from lit_rlhf.models.bank import check_bank_spec, merge_adapter_specs
 
 log = logging.getLogger("lit_rlhf.methods")
 
@@ -52,6 +54,18 @@ def set_rng_states(states: dict) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint read with ``torch.load(weights_only=True)``: tensors and plain values only, so
+    reading it cannot run code. lit_rlhf's own checkpoints hold nothing else."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path}: refused to load, it holds pickled objects other than tensors and plain values, and unpickling "
+            f"them could run code (lit_rlhf reads checkpoints with weights_only=True). Torch said: {e}"
+        ) from e
 
 
 class BankMethod(pl.LightningModule):
@@ -116,6 +130,11 @@ class BankMethod(pl.LightningModule):
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.bank_spec)
         return self._tokenizer
+
+    def check_config(self) -> None:
+        """What the bank's config files can tell, checked before the Trainer starts or any weights
+        load (the CLI calls it first; ``AdapterBank`` checks the same again when it is built)."""
+        check_bank_spec(self.bank_spec, merge_adapter_specs(self.bank_spec.adapters, self.required_adapters()))
 
     def configure_model(self) -> None:
         if self.bank is not None:

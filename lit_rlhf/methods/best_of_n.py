@@ -38,6 +38,7 @@ from typing import Literal
 
 import torch
 
+from lit_rlhf.methods.base import read_checkpoint
 from lit_rlhf.methods.online import MiniBatch, OnlineMethod, ScoredRollout
 from lit_rlhf.methods.sft import completion_nll
 
@@ -85,7 +86,7 @@ class BestOfN(OnlineMethod):
     def rollout_and_score(self, batch: dict) -> ScoredRollout:
         """Sample and score only: the SFT loss needs no behaviour or reference log-probs, so their
         forward is skipped (``old_logprobs`` is zeros, ``ref_logprobs`` ``None``)."""
-        rollout, prompts, completions, reward = self.sample_and_score(batch)
+        rollout, prompts, completions, reward = self.drop_unscored(*self.sample_and_score(batch))
         no_logprobs = torch.zeros(rollout.response_ids.shape, dtype=torch.float32, device=rollout.response_ids.device)
         return ScoredRollout(rollout, prompts, completions, reward.scores, no_logprobs, None, None, reward.per_source)
 
@@ -173,9 +174,10 @@ def iter_best_of_n(
         scores = reward.scores.float().cpu()
         best, worst = best_and_worst(scores, k)
         raw_prompts = batch.get("raw_prompts") or batch["prompts"]
+        scored = reward.valid.view(-1, k).all(dim=1).tolist()  # False: a sample's reward was skipped (non-finite)
         for p, (b, w) in enumerate(zip(best.tolist(), worst.tolist())):
             prompt, best_text, worst_text = raw_prompts[p], completions[b], completions[w]
-            if not best_text.strip() or (min_score is not None and scores[b] < min_score):
+            if not scored[p] or not best_text.strip() or (min_score is not None and scores[b] < min_score):
                 skipped += 1
                 continue
             if format == "sft":
@@ -192,7 +194,7 @@ def iter_best_of_n(
                     row.update(chosen_score=float(scores[b]), rejected_score=float(scores[w]))
             yield row
     if skipped:
-        log.info("best-of-n: %d prompts gave no %s row (empty, tied or below min_score)", skipped, format)
+        log.info("best-of-n: %d prompts gave no %s row (empty, tied, below min_score or unscored)", skipped, format)
 
 
 def generate_best_of_n(method: OnlineMethod, batches: Iterable[dict], **kwargs) -> list[dict]:
@@ -267,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         method.num_samples_per_prompt = args.n
     method.configure_model()
     if args.ckpt_path:
-        checkpoint = torch.load(args.ckpt_path, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(args.ckpt_path)
         method.on_load_checkpoint(checkpoint)
         method.load_state_dict(checkpoint["state_dict"], strict=False)
     data.prepare(method.tokenizer)

@@ -291,6 +291,23 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
                         "the importance ratio is not 1 on the first update and clipping sees dropout noise")
         self.rewards.setup(self.bank, self.tokenizer)
 
+    def setup(self, stage: str) -> None:
+        # Lightning calls setup before configure_model, so a bad split fails before any weights load.
+        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
+        if stage == "fit" and batch_size is not None:
+            self.check_rollout_split(batch_size)
+
+    def check_rollout_split(self, batch_size: int) -> None:
+        """A rollout of ``batch_size`` prompts must split into equal mini- and micro-batches."""
+        rows, parts = batch_size * self.num_samples_per_prompt, self.num_mini_batches * self.gradient_accumulation_steps
+        if rows % parts:
+            raise ValueError(
+                f"a rollout of batch_size={batch_size} prompts x num_samples_per_prompt={self.num_samples_per_prompt} "
+                f"= {rows} rows does not split into num_mini_batches={self.num_mini_batches} x "
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps} = {parts} equal parts; make {rows} a "
+                f"multiple of {parts}"
+            )
+
     def total_optimizer_steps(self) -> int:
         rollouts = max(1, int(self.trainer.estimated_stepping_batches))
         return rollouts * self.ppo_epochs * self.num_mini_batches
@@ -338,7 +355,10 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
     def rollout_and_score(self, batch: dict) -> ScoredRollout:
         """Sample ``num_samples_per_prompt`` responses per prompt, score them, and compute the
         behaviour and reference log-probs (no gradient)."""
-        rollout, prompts, completions, reward = self.sample_and_score(batch)
+        rollout, prompts, completions, reward = self.drop_unscored(*self.sample_and_score(batch))
+        if not prompts:  # every prompt had an unscored sample: training_step makes no update
+            empty = torch.zeros(rollout.response_ids.shape, dtype=torch.float32, device=rollout.response_ids.device)
+            return ScoredRollout(rollout, prompts, completions, reward.scores, empty, None, None, reward.per_source)
         # Behaviour log-probs in eval mode too: with dropout (LoRA dropout > 0) the first PPO ratio would not be 1.
         with torch.no_grad(), eval_mode(self.bank):
             # Recomputed rather than read from generate: its scores are post-warping (temperature, top-k/p).
@@ -346,6 +366,21 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
             ref_logprobs = self.reference_logprobs(rollout) if self.uses_reference() else None
         return ScoredRollout(rollout, prompts, completions, reward.scores, behaviour.logprobs, ref_logprobs,
                              behaviour.values, reward.per_source)
+
+    def drop_unscored(self, rollout: Rollout, prompts: list[str], completions: list[str],
+                      reward: RewardOutput) -> tuple[Rollout, list[str], list[str], RewardOutput]:
+        """The rows of the prompts whose every sample has a reward (a source with ``nonfinite: skip``
+        leaves some unscored). Whole prompts go, so each keeps its ``k`` samples for group baselines."""
+        if bool(reward.valid.all()):
+            return rollout, prompts, completions, reward
+        k = self.num_samples_per_prompt
+        keep = reward.valid.view(-1, k).all(dim=1).repeat_interleave(k).nonzero().flatten()
+        dropped = reward.valid.numel() - keep.numel()
+        log.warning("rollout %d: dropped %d row(s) of prompts with a non-finite reward", self.rollout_count, dropped)
+        self.log_rollout_metrics({"rollout/skipped_nonfinite": float(dropped)}, batch_size=reward.valid.numel())
+        rows = keep.tolist()
+        reward = RewardOutput(reward.scores[keep], {n: v[keep] for n, v in reward.per_source.items()}, reward.valid[keep])
+        return rollout.select(keep), [prompts[i] for i in rows], [completions[i] for i in rows], reward
 
     # -- log-probs: one path (lit_rlhf.losses.token_logps) --------------------------------------------
 
@@ -441,6 +476,9 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         scored = self.rollout_and_score(batch)
+        if not scored.prompts:  # nothing was scored (nonfinite: skip dropped every prompt)
+            self.rollout_count += 1
+            return
         data = self.compute_advantages(scored)
         metrics = self.update(scored, data)
         self.rollout_count += 1
@@ -497,7 +535,7 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         rollout = self.generate_rollout(batch["prompt_input_ids"], batch["prompt_attention_mask"], self.train_sampling.greedy())
         _, reward = self.score_responses(rollout, list(batch["prompts"]), batch.get("raw_prompts"), update_stats=False)
         size = rollout.response_ids.shape[0]
-        self.log("val/score", reward.scores.mean(), prog_bar=True, batch_size=size, sync_dist=True)
+        self.log("val/score", reward.scores.nanmean(), prog_bar=True, batch_size=size, sync_dist=True)
         self.log("val/response_length", rollout.response_lengths.float().mean(), batch_size=size, sync_dist=True)
         if len(reward.per_source) > 1:
             for name, value in reward.per_source.items():

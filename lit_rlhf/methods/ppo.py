@@ -86,6 +86,10 @@ class PPO(OnlineMethod):
         super().__init__(**kwargs)
         if critic not in ("adapter", "shared"):
             raise ValueError(f"critic must be 'adapter' or 'shared', got {critic!r}")
+        if critic == "adapter" and self.bank_spec.train_mode == "full":
+            # Full mode trains the base weights themselves: there is no LoRA for a separate critic.
+            raise ValueError("critic 'adapter' needs LoRA adapters, and train_mode 'full' has none: use critic: shared "
+                             "(a value head on the policy's trunk) or train_mode: lora")
         self.kl_controller = kl_controller(kl_coef, adaptive=adaptive_kl, target=kl_target, horizon=kl_horizon)
         self.kl_estimator = kl_estimator
         self.gamma = gamma

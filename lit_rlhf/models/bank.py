@@ -29,7 +29,14 @@ from transformers import AutoConfig
 from transformers.pytorch_utils import Conv1D
 
 from lit_rlhf.models.heads import ScalarHead, last_token_index
-from lit_rlhf.models.loading import fingerprint, load_base, load_tokenizer
+from lit_rlhf.models.loading import (
+    CONVERT_ADAPTER,
+    CONVERT_MODEL,
+    fingerprint,
+    load_base,
+    load_tokenizer,
+    require_safetensors,
+)
 from lit_rlhf.models.saving import atomic_directory
 from lit_rlhf.models.spec import AdapterSpec, BankSpec, TeacherSpec
 
@@ -178,6 +185,66 @@ def read_adapter_meta(path: str | Path) -> dict:
     return json.loads(meta.read_text()) if meta.exists() else {}
 
 
+def check_bank_spec(spec: BankSpec, adapters: Sequence[AdapterSpec]) -> dict:
+    """Everything about a bank that config files can tell, checked before any weights load: the
+    ``full`` mode rules, each saved adapter's files and base fingerprint, safetensors weights, the
+    teacher's vocabulary. Returns the base's fingerprint.
+
+    Args:
+        spec: the bank.
+        adapters: its adapters, merged with those the method requires (``merge_adapter_specs``).
+    """
+    config = AutoConfig.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code)
+    base_fingerprint = fingerprint(config)
+    if spec.train_mode == "full":
+        _check_full_mode(spec, adapters)
+    if not spec.random_init:
+        require_safetensors(spec.model, what="model", convert=CONVERT_MODEL)
+    for adapter in adapters:
+        if adapter.path:
+            _check_saved_adapter(adapter, spec.model, base_fingerprint)
+    if spec.teacher is not None:
+        check_shared_vocabulary(spec, spec.teacher, config.vocab_size)
+    return base_fingerprint
+
+
+def _check_full_mode(spec: BankSpec, adapters: Sequence[AdapterSpec]) -> None:
+    """``full`` trains the base weights themselves: one trainable role, no LoRA to load, no quantization."""
+    if spec.effective_quantization:
+        raise ValueError("train_mode 'full' cannot train a quantized base: use 'qlora' or drop quantization")
+    trainable = [a.name for a in adapters if a.trainable]
+    if len(trainable) > 1:
+        raise ValueError(
+            "train_mode 'full' trains the base itself, so it can play one trainable role; "
+            f"got trainable adapters {trainable}. Use train_mode 'lora' for several roles."
+        )
+    loaded = [a.name for a in adapters if a.path]
+    if loaded:
+        raise ValueError(
+            f"train_mode 'full' has no LoRA adapters, so adapter(s) {loaded} cannot be loaded from a path; merge "
+            "an adapter into its base (lit-rlhf export --merged true) and set bank.model to that, or use train_mode 'lora'"
+        )
+
+
+def _check_saved_adapter(adapter: AdapterSpec, model: str, base_fingerprint: dict) -> None:
+    """A saved adapter: PEFT files, safetensors weights, and the fingerprint of the base it was trained on."""
+    if not Path(adapter.path, "adapter_config.json").exists():
+        raise FileNotFoundError(f"adapter {adapter.name!r}: {adapter.path} is not a saved PEFT adapter (no adapter_config.json)")
+    require_safetensors(adapter.path, what=f"adapter {adapter.name!r}", convert=CONVERT_ADAPTER)
+    meta = read_adapter_meta(adapter.path)
+    saved = meta.get("base")
+    if meta.get("base_model") and meta["base_model"] != model_identity(model):
+        # Same shapes can still be another model (a merged SFT model vs its base): say so.
+        log.warning("adapter %r was trained on %s and is loaded onto %s", adapter.name, meta["base_model"],
+                    model_identity(model))
+    if saved is not None and saved != base_fingerprint:
+        diff = {k: (saved.get(k), v) for k, v in base_fingerprint.items() if saved.get(k) != v}
+        raise ValueError(
+            f"adapter {adapter.name!r} at {adapter.path} was trained on a different base model "
+            f"(saved vs this base: {diff}); load it onto the base it was trained on ({model!r} is not)"
+        )
+
+
 class AdapterBank(nn.Module):
     """One transformers causal LM carrying named LoRA adapters and scalar heads.
 
@@ -202,18 +269,9 @@ class AdapterBank(nn.Module):
         self.reference_adapter = self._reference_adapter_of(reference_of)
         if self.reference_adapter is not None:
             self.adapters[REFERENCE] = self.reference_adapter
-        if spec.teacher is not None:
-            # Before any weights load: a teacher with another vocabulary is useless, say so at once.
-            check_shared_vocabulary(spec, spec.teacher, AutoConfig.from_pretrained(
-                spec.model, trust_remote_code=spec.trust_remote_code).vocab_size)
+        self.base_fingerprint = check_bank_spec(spec, list(self.adapters.values()))
         base = load_base(spec)
-        self.base_fingerprint = fingerprint(base)
-        for a in self.adapters.values():
-            if a.path:
-                self._check_compatible(a)
         if spec.effective_quantization:
-            if self.full:
-                raise ValueError("train_mode 'full' cannot train a quantized base: use 'qlora' or drop quantization")
             # Checkpointing is enabled below, with the role-aware recomputation.
             base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
             # bitsandbytes (0.50) repacks a 4-bit weight for CPU inference on its first eval-mode forward
@@ -232,11 +290,6 @@ class AdapterBank(nn.Module):
                             dropping)
 
         if self.full:
-            if len([a for a in self.adapters.values() if a.trainable]) > 1:
-                raise ValueError(
-                    "train_mode 'full' trains the base itself, so it can play one trainable role; "
-                    f"got trainable adapters {list(self.adapters)}. Use train_mode 'lora' for several roles."
-                )
             # Copied before checkpointing is enabled: the frozen reference never recomputes anything.
             self.reference_model = self._frozen_copy(base) if reference_of is not None else None
             self.model = base
@@ -310,22 +363,6 @@ class AdapterBank(nn.Module):
                 model.add_adapter(a.name, self._lora_config(a, base))
             log.info("adapter %r: %s, %s", a.name, a.path or "fresh", "trainable" if a.trainable else "frozen")
         return model
-
-    def _check_compatible(self, adapter: AdapterSpec) -> None:
-        if not Path(adapter.path, "adapter_config.json").exists():
-            raise FileNotFoundError(f"adapter {adapter.name!r}: {adapter.path} is not a saved PEFT adapter (no adapter_config.json)")
-        meta = read_adapter_meta(adapter.path)
-        saved = meta.get("base")
-        if meta.get("base_model") and meta["base_model"] != model_identity(self.spec.model):
-            # Same shapes can still be another model (a merged SFT model vs its base): say so.
-            log.warning("adapter %r was trained on %s and is loaded onto %s", adapter.name, meta["base_model"],
-                        model_identity(self.spec.model))
-        if saved is not None and saved != self.base_fingerprint:
-            diff = {k: (saved.get(k), v) for k, v in self.base_fingerprint.items() if saved.get(k) != v}
-            raise ValueError(
-                f"adapter {adapter.name!r} at {adapter.path} was trained on a different base model "
-                f"(saved vs this base: {diff}); load it onto the base it was trained on ({self.spec.model!r} is not)"
-            )
 
     def _make_head(self, adapter: AdapterSpec) -> ScalarHead:
         # The width the LM head reads, i.e. the trunk's output (some configs project it: OPT's word_embed_proj_dim).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -54,6 +55,35 @@ def quantization_config(spec: BankSpec) -> BitsAndBytesConfig | None:
     )
 
 
+def require_safetensors(path: str, *, what: str, convert: str) -> None:
+    """Fail clearly when a local directory holds its weights only as pickles (``.bin``, ``.pt``).
+
+    Unpickling can run arbitrary code, so weights load from safetensors only; without this
+    check transformers and peft fail with a message that does not say what to do (or, for
+    adapters, fall back to the pickle). Hub ids are left to ``use_safetensors=True``.
+
+    Args:
+        path: the model or adapter directory.
+        what: how the message names it (``model``, ``adapter 'reward'``).
+        convert: the one-line conversion the message suggests.
+    """
+    directory = Path(path)
+    if not directory.is_dir() or any(directory.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise ValueError(
+            f"{what} at {path} has its weights only as pickle file(s) ({', '.join(pickles)}); lit_rlhf loads weights "
+            f"from safetensors only (unpickling can run arbitrary code). Convert it once, in a session you trust: "
+            f"{convert}"
+        )
+
+
+#: The conversions ``require_safetensors`` suggests (save_pretrained writes safetensors by default).
+CONVERT_MODEL = "AutoModelForCausalLM.from_pretrained(path, use_safetensors=False).save_pretrained(path)"
+CONVERT_ADAPTER = "PeftModel.from_pretrained(base_model, path).save_pretrained(path)"
+
+
 def load_base(spec: BankSpec, *, quantize: bool = True):
     """The transformers causal LM of ``spec`` (weights from safetensors; no remote code unless asked)."""
     common = {"trust_remote_code": spec.trust_remote_code}
@@ -64,6 +94,7 @@ def load_base(spec: BankSpec, *, quantize: bool = True):
             raise ValueError("random_init cannot be combined with quantization: quantize a saved model instead")
         config = AutoConfig.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code)
         return AutoModelForCausalLM.from_config(config, dtype=DTYPES[spec.dtype], **common)
+    require_safetensors(spec.model, what="model", convert=CONVERT_MODEL)
     qconfig = quantization_config(spec) if quantize else None
     kwargs = dict(common, dtype=DTYPES[spec.dtype], use_safetensors=True)
     if qconfig is not None:
@@ -71,9 +102,9 @@ def load_base(spec: BankSpec, *, quantize: bool = True):
     return AutoModelForCausalLM.from_pretrained(spec.model, **kwargs)
 
 
-def fingerprint(model) -> dict:
-    """What an adapter saved on this base must match to load onto another base."""
-    config = model.config
+def fingerprint(config) -> dict:
+    """What an adapter saved on a base must match to load onto another base: from the base's
+    ``config.json`` (a ``PretrainedConfig``), so it is checked before any weights load."""
     return {
         "model_type": config.model_type,
         "vocab_size": config.vocab_size,

@@ -8,12 +8,19 @@ A source maps a batch of (prompt, response) to one float per row:
   (``AutoModelForSequenceClassification``), or a saved lit_rlhf reward adapter directory on its
   own base. It may use another tokenizer: the text is decoded and re-tokenised.
 - ``function``: a Python function named ``module:function``, called as
-  ``fn(prompts: list[str], completions: list[str]) -> list[float]``.
+  ``fn(prompts: list[str], completions: list[str]) -> list[float]``. It is imported from the
+  module the name gives, nowhere else; what it returns is checked (one real number per
+  completion) and an exception it raises is reported with its name (:class:`RewardError`).
 
 ``Rewards`` combines them: each source's score is normalised (none, fixed mean/std, the
 ``normalization`` saved in a reward adapter's ``lit_rlhf.json``, or running statistics),
 weighted and summed; the sum is clipped, then the missing-EOS rule is applied to responses that
 hit ``max_new_tokens`` without a stop token (so a replaced score is exactly the configured value).
+
+A non-finite score (NaN, Inf) from any source is an error naming the source (``nonfinite:
+error``, the default), or, with ``nonfinite: skip``, the row is marked invalid (``RewardOutput.valid``,
+its score NaN), counted, and left out of the running statistics; the online methods then drop
+the rollout rows of every prompt with an invalid row (see ``OnlineMethod.drop_unscored``).
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import importlib
 import json
 import logging
 import math
+import numbers
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -40,6 +49,7 @@ __all__ = [
     "FunctionReward",
     "ModelReward",
     "Normalizer",
+    "RewardError",
     "RewardOutput",
     "RewardRequest",
     "RewardSource",
@@ -78,6 +88,9 @@ class RewardSpec:
         mean: for ``fixed``.
         std: for ``fixed``.
         name: the metric name (``objective/scores/<name>``); derived from the source when ``None``.
+        nonfinite: what a NaN or infinite score does: ``error`` stops the run naming the source;
+            ``skip`` drops the rollout rows of the prompts it happened to (all their samples,
+            so group baselines stay whole) and counts them (``rollout/skipped_nonfinite``).
     """
 
     kind: Literal["adapter", "model", "function"]
@@ -93,6 +106,15 @@ class RewardSpec:
     mean: float = 0.0
     std: float = 1.0
     name: str | None = None
+    nonfinite: Literal["error", "skip"] = "error"
+
+    def __post_init__(self):
+        if self.nonfinite not in ("error", "skip"):
+            raise ValueError(f"reward nonfinite must be 'error' or 'skip', got {self.nonfinite!r}")
+
+
+class RewardError(ValueError):
+    """A reward source failed or returned something that is not one finite number per completion."""
 
 
 class RewardRequest(NamedTuple):
@@ -115,6 +137,8 @@ class RewardSource(ABC):
     """Scores (prompt, response) rows. ``setup`` is called once with the policy's bank and tokenizer."""
 
     name: str = "reward"
+    #: What error messages call the source, e.g. ``reward function 'my_rewards:length'``.
+    label: str = "reward source"
 
     def setup(self, bank: AdapterBank, tokenizer) -> None:  # noqa: B027 - optional hook
         """Load what the source needs (models, functions); called once before the first call."""
@@ -141,6 +165,7 @@ class AdapterReward(RewardSource):
     def __init__(self, adapter: str = "reward"):
         self.adapter = adapter
         self.name = adapter
+        self.label = f"reward adapter {adapter!r}"
         self.bank: AdapterBank | None = None
 
     def setup(self, bank: AdapterBank, tokenizer) -> None:
@@ -162,11 +187,19 @@ class AdapterReward(RewardSource):
         return read_adapter_meta(path).get("normalization") if path else None
 
 
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
 def load_function(target: str) -> Callable:
-    """The callable named ``"package.module:function"`` (dots after the colon reach attributes)."""
+    """The callable named ``"package.module:function"`` (dots after the colon reach attributes).
+
+    Only that module is imported and only its attributes are read: no ``eval``, no search of
+    other modules, so the config says exactly which code runs.
+    """
     module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"a reward function is named 'module:function', e.g. 'lit_rlhf.toy:reward'; got {target!r}")
+    if not sep or not _DOTTED.fullmatch(module_name) or not _DOTTED.fullmatch(attr):
+        raise ValueError(f"a reward function is named 'module:function' (dotted Python names), e.g. "
+                         f"'lit_rlhf.toy:reward'; got {target!r}")
     obj: Any = importlib.import_module(module_name)
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -175,6 +208,45 @@ def load_function(target: str) -> Callable:
     if not callable(obj):
         raise TypeError(f"reward function {target!r} is not callable")
     return obj
+
+
+_INTEGER_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _kind(value: Any) -> str:
+    return "None" if value is None else f"a {type(value).__name__} ({repr(value)[:40]})"
+
+
+def _is_real(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.is_complex()
+    return isinstance(value, numbers.Real)
+
+
+def check_scores(values: Any, n: int, label: str) -> torch.Tensor:
+    """``values`` as a ``(n,)`` float32 tensor, or a :class:`RewardError` saying what is wrong.
+
+    Accepted: a list or tuple of ``n`` real numbers (Python, numpy or 0-d tensors; booleans are
+    0/1), or a tensor / array of shape ``(n,)``. NaN and Inf pass here; ``Rewards`` decides on them.
+    """
+    if isinstance(values, torch.Tensor) or (hasattr(values, "__array__") and not isinstance(values, (list, tuple))):
+        tensor = torch.as_tensor(values)
+        if tuple(tensor.shape) != (n,):
+            raise RewardError(f"{label} returned a tensor of shape {tuple(tensor.shape)} for {n} completions; "
+                              f"return one number per completion, shape ({n},)")
+        if tensor.is_complex() or not (tensor.is_floating_point() or tensor.dtype in _INTEGER_DTYPES):
+            raise RewardError(f"{label} returned a tensor of dtype {tensor.dtype}; return real numbers")
+        return tensor.detach().to("cpu", torch.float32)
+    if not isinstance(values, (list, tuple)):
+        raise RewardError(f"{label} returned {_kind(values)}; return a list of {n} numbers, one per completion")
+    if len(values) != n:
+        raise RewardError(f"{label} returned {len(values)} values for {n} completions; return one number per completion")
+    bad = [i for i, v in enumerate(values) if not _is_real(v)]
+    if bad:
+        more = f" (and {len(bad) - 1} more non-numbers)" if len(bad) > 1 else ""
+        raise RewardError(f"{label} returned {_kind(values[bad[0]])} at index {bad[0]}{more}; every value must be a "
+                          "real number (int, float or bool)")
+    return torch.tensor([float(v) for v in values], dtype=torch.float32)
 
 
 class FunctionReward(RewardSource):
@@ -187,14 +259,16 @@ class FunctionReward(RewardSource):
     def __init__(self, function: str | Callable):
         self.fn = load_function(function) if isinstance(function, str) else function
         self.name = function.rpartition(":")[2] if isinstance(function, str) else getattr(function, "__name__", "function")
+        target = function if isinstance(function, str) else (
+            f"{getattr(function, '__module__', '?')}:{getattr(function, '__qualname__', repr(function))}")
+        self.label = f"reward function {target!r}"
 
     def __call__(self, request: RewardRequest) -> torch.Tensor:
-        values = self.fn(list(request.prompts), list(request.completions))
-        scores = torch.as_tensor([float(v) for v in values], dtype=torch.float32)
-        if scores.shape != (len(request.completions),):
-            raise ValueError(
-                f"reward function {self.name!r} returned {scores.numel()} values for {len(request.completions)} completions"
-            )
+        try:
+            values = self.fn(list(request.prompts), list(request.completions))
+        except Exception as e:  # noqa: BLE001 - user code: re-raised with its name, the cause chained
+            raise RewardError(f"{self.label} raised {type(e).__name__}: {e}") from e
+        scores = check_scores(values, len(request.completions), self.label)
         return scores.to(request.rollout.response_ids.device)
 
 
@@ -232,6 +306,7 @@ class ModelReward(RewardSource):
         self.dtype = dtype
         self.append_eos = append_eos
         self.name = Path(path).name or "model"
+        self.label = f"reward model {path!r}"
         self.model = None
         self.tokenizer = None
         self.is_adapter = Path(path, "adapter_config.json").exists()
@@ -250,8 +325,10 @@ class ModelReward(RewardSource):
         else:
             from transformers import AutoModelForSequenceClassification
 
-            from lit_rlhf.models.loading import DTYPES
+            from lit_rlhf.models.loading import DTYPES, require_safetensors
 
+            require_safetensors(self.path, what="reward model", convert=(
+                "AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=False).save_pretrained(path)"))
             spec = BankSpec(model=self.path, tokenizer=self.tokenizer_path)
             self.tokenizer = load_tokenizer(spec)
             self.model = AutoModelForSequenceClassification.from_pretrained(
@@ -372,12 +449,16 @@ class Normalizer:
 
 class RewardOutput(NamedTuple):
     """Attributes:
-        scores: ``(batch,)`` float32, the final reward (normalised, weighted, clipped, EOS rule applied).
+        scores: ``(batch,)`` float32, the final reward (normalised, weighted, clipped, EOS rule
+            applied); NaN in the rows that are not ``valid``.
         per_source: ``{name: (batch,)}`` each source's raw score, before normalisation.
+        valid: ``(batch,)`` bool, the rows every source scored with a finite number (all of them
+            unless a source has ``nonfinite: skip``).
     """
 
     scores: torch.Tensor
     per_source: dict[str, torch.Tensor]
+    valid: torch.Tensor
 
 
 class Rewards:
@@ -398,6 +479,9 @@ class Rewards:
         if not specs:
             raise ValueError("the online methods need at least one reward source under `rewards`")
         self.specs = [s if isinstance(s, RewardSpec) else None for s in specs]
+        self.nonfinite = [s.nonfinite if isinstance(s, RewardSpec) else "error" for s in specs]
+        #: Rows whose score was non-finite and skipped, over the whole run (saved in checkpoints).
+        self.skipped_nonfinite = 0
         self.sources = [build_source(s) if isinstance(s, RewardSpec) else s for s in specs]
         self.weights = [s.weight if isinstance(s, RewardSpec) else 1.0 for s in specs]
         # ``saved`` statistics are read in setup(), once the reward model is known.
@@ -436,13 +520,17 @@ class Rewards:
     def __call__(self, request: RewardRequest, *, update_stats: bool = True) -> RewardOutput:
         """Score the request; ``update_stats=False`` (validation) leaves running statistics alone."""
         device = request.rollout.response_ids.device
-        total = torch.zeros(len(request.completions), dtype=torch.float32, device=device)
+        n = len(request.completions)
+        total = torch.zeros(n, dtype=torch.float32, device=device)
+        valid = torch.ones(n, dtype=torch.bool, device=device)
         per_source = {}
-        for source, weight, normalizer in zip(self.sources, self.weights, self.normalizers):
+        for source, weight, normalizer, nonfinite in zip(self.sources, self.weights, self.normalizers, self.nonfinite):
             raw = source(request).to(device=device, dtype=torch.float32)
+            finite = self._check_finite(raw, source, nonfinite, request)
+            valid &= finite
             per_source[source.name] = raw
             if update_stats:
-                normalizer.update(raw)
+                normalizer.update(raw[finite])
             total = total + weight * normalizer(raw)
         if self.clip is not None:
             total = total.clamp(-self.clip, self.clip)
@@ -451,11 +539,31 @@ class Rewards:
             total = torch.where(missing, total - self.missing_eos_penalty, total)
         if self.missing_eos_score is not None:
             total = torch.where(missing, torch.full_like(total, self.missing_eos_score), total)
-        return RewardOutput(total, per_source)
+        # A skipped row has no reward: the EOS rule must not hand it a plausible one.
+        total = total.masked_fill(~valid, float("nan"))
+        return RewardOutput(total, per_source, valid)
+
+    def _check_finite(self, raw: torch.Tensor, source: RewardSource, nonfinite: str, request: RewardRequest) -> torch.Tensor:
+        """``(batch,)`` bool, the finite scores; a non-finite one is an error unless the source skips them."""
+        finite = torch.isfinite(raw)
+        if bool(finite.all()):
+            return finite
+        bad = (~finite).nonzero().flatten().tolist()
+        first = bad[0]
+        where = (f"{len(bad)} of {raw.numel()} completions, first at row {first} "
+                 f"({raw[first].item()} for completion {request.completions[first][:60]!r})")
+        if nonfinite == "error":
+            raise RewardError(f"{source.label} returned a non-finite score for {where}; fix the source, or set "
+                              "nonfinite: skip on its reward spec to drop those prompts' rollout rows")
+        self.skipped_nonfinite += len(bad)
+        log.warning("%s returned a non-finite score for %s: skipped (nonfinite: skip; %d so far)",
+                    source.label, where, self.skipped_nonfinite)
+        return finite
 
     def state_dict(self) -> dict:
-        return {"normalizers": [n.state_dict() for n in self.normalizers]}
+        return {"normalizers": [n.state_dict() for n in self.normalizers], "skipped_nonfinite": self.skipped_nonfinite}
 
     def load_state_dict(self, state: dict) -> None:
+        self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
         for normalizer, saved in zip(self.normalizers, state.get("normalizers", [])):
             normalizer.load_state_dict(saved)

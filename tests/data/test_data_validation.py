@@ -137,11 +137,11 @@ def test_sft_messages_must_end_with_assistant(tmp_path, toy_tokenizer, write_jso
 
 
 def test_all_errors_reported_together(tmp_path, toy_tokenizer, write_jsonl):
-    rows = [GOOD] + [{"prompt": "the class was"}] * 30
+    rows = [GOOD] + [{"prompt": "the class was", "chosen": 5}] * 30
     path = write_jsonl(tmp_path / "p.jsonl", rows)
     with pytest.raises(DataError) as info:
         PreferenceDataModule(train=str(path), tokenizer=toy_tokenizer).prepare()
-    assert len(info.value.errors) == 60  # chosen and rejected missing on 30 rows
+    assert len(info.value.errors) == 60  # chosen not a string and rejected missing on 30 rows
     assert "... and 40 more" in str(info.value) and "on_invalid='skip'" in str(info.value)
 
 
