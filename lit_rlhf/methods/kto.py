@@ -141,7 +141,7 @@ class KTO(BankMethod):
         loss, metrics = self.compute_loss(batch)
         self.log("loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
         self._log_metrics(metrics)
-        return self.finite_or_none(loss)
+        return self.skip_if_nonfinite(loss)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, metrics = self.compute_loss(batch)
