@@ -186,10 +186,10 @@ class BankMethod(pl.LightningModule):
         """The loss of an automatic-optimization step, with the step dropped on every rank if it is
         not finite on any (a collective: call it in every ``training_step``).
 
-        Returning ``None`` instead would make Lightning skip backward on that rank only, and under
-        DDP the other ranks would wait forever in backward's gradient all-reduce. So backward runs
-        everywhere and ``on_before_optimizer_step`` drops the gradients of the whole step
-        (with ``accumulate_grad_batches``, every micro-batch of it).
+        Returning ``None`` instead would skip backward on that rank only while the others wait in
+        DDP's gradient all-reduce (Lightning 2.6 refuses a ``None`` under distributed training and
+        the run dies). So backward runs everywhere and ``on_before_optimizer_step`` drops the
+        gradients of the whole step (with ``accumulate_grad_batches``, every micro-batch of it).
         """
         if not every_rank(torch.isfinite(loss), loss.device):
             log.warning("non-finite loss at step %d on some rank: optimizer step skipped on every rank", self.global_step)

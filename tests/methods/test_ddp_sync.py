@@ -20,8 +20,8 @@ SCRIPT = Path(__file__).with_name("ddp_sync_script.py")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SCRIPT.parents[2]))
-    # Before the fix a rank that returned None for its loss skipped backward while the other waited
-    # in the gradient all-reduce: the timeout turns that hang into a failure.
+    # A rank that skips a step alone either crashes the run (Lightning refuses a None loss under DDP)
+    # or leaves the other waiting in the gradient all-reduce: the timeout turns a hang into a failure.
     result = subprocess.run([sys.executable, str(SCRIPT), str(out)], capture_output=True, text=True, env=env,
                             timeout=240, cwd=SCRIPT.parents[2])
     assert result.returncode == 0, result.stderr[-3000:]
