@@ -162,6 +162,10 @@ class UnpairedCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        if len(examples) < 2:
+            # One row would be paired with its own completion: the "KL" would be its matched log-ratio.
+            raise ValueError(f"a KTO batch needs at least 2 rows to pair prompts with other rows' completions, "
+                             f"got {len(examples)}: use batch_size >= 2 (UnpairedDataModule drops a 1-row remainder)")
         prompts = [e["prompt_ids"] for e in examples]
         completions = [e["completion_ids"] for e in examples]
         batch = _sequences(prompts, completions, self.pad_token_id)

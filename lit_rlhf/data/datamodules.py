@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import random
 import warnings
 from typing import Any, Callable, ClassVar, Literal, Optional, Union
@@ -94,6 +95,11 @@ class _FormatDataModule(L.LightningDataModule):
     """
 
     format: ClassVar[str]
+    #: The fewest rows a batch may hold: ``batch_size`` below it is refused, and a loader drops a
+    #: last batch that would be smaller (at most ``min_batch_rows - 1`` rows of an epoch per rank).
+    min_batch_rows: ClassVar[int] = 1
+    #: Appended to the ``batch_size`` error: why this format needs ``min_batch_rows``.
+    min_batch_rows_reason: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -140,6 +146,9 @@ class _FormatDataModule(L.LightningDataModule):
             raise ValueError(f"truncation must be 'error' or 'truncate', got {truncation!r}")
         if on_invalid not in ("error", "skip"):
             raise ValueError(f"on_invalid must be 'error' or 'skip', got {on_invalid!r}")
+        if batch_size < self.min_batch_rows:
+            raise ValueError(f"{type(self).__name__}: batch_size must be >= {self.min_batch_rows}, got {batch_size}"
+                             + self.min_batch_rows_reason)
         self.save_hyperparameters(ignore=["tokenizer"])
         self.train = train
         self.val = val
@@ -228,7 +237,7 @@ class _FormatDataModule(L.LightningDataModule):
         if position is not None:
             resume = (position["epoch"], position["batches"] * self.batch_size)
         sampler = epoch_sampler(dataset, self.seed, replicas, rank, resume=resume)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=self._drop_last(len(sampler)),
                           collate_fn=self.collator, num_workers=self.num_workers)
 
     def val_dataloader(self) -> Union[DataLoader, list]:
@@ -236,8 +245,16 @@ class _FormatDataModule(L.LightningDataModule):
         if not self.val_examples:
             return []  # Lightning skips validation
         dataset = ExampleDataset(self.val_examples)
+        # Under DDP Lightning swaps in a DistributedSampler: each rank then holds ceil(rows / world) rows.
+        world = self.trainer.world_size if self.trainer is not None else 1
         return DataLoader(dataset, batch_size=self.batch_size, sampler=SequentialSampler(dataset),
+                          drop_last=self._drop_last(math.ceil(len(dataset) / world)),
                           collate_fn=self.collator, num_workers=self.num_workers)
+
+    def _drop_last(self, rows_per_rank: int) -> bool:
+        """Whether an epoch of ``rows_per_rank`` rows would end with a batch below ``min_batch_rows``."""
+        remainder = rows_per_rank % self.batch_size
+        return 0 < remainder < self.min_batch_rows
 
     # -- checkpoint state -------------------------------------------------------------------------
 
@@ -307,9 +324,16 @@ class UnpairedDataModule(_FormatDataModule):
     Rows: ``{"prompt", "completion", "label"}``. Batches: ``input_ids``, ``attention_mask``,
     ``completion_mask`` ``(batch, seq)``, ``labels`` ``(batch,)`` bool, and the mismatched KL
     batch ``kl_input_ids``, ``kl_attention_mask``, ``kl_completion_mask``.
+
+    KTO pairs each prompt with another row's completion, so ``batch_size`` must be at least 2,
+    and when an epoch's rows (per rank) leave a last batch of one row, that row is dropped
+    from this epoch (the order reshuffles each epoch, so it is a different row each time).
     """
 
     format = "unpaired"
+    min_batch_rows = 2
+    min_batch_rows_reason = (": KTO estimates its KL reference point by pairing each prompt with another row's "
+                             "completion, so a batch of one row would pair a row with itself")
 
     def make_collator(self, tokenizer) -> Callable:
         return UnpairedCollator(pad_token_id_of(tokenizer))

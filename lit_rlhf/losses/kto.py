@@ -35,8 +35,8 @@ def kto_kl_estimate(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -
 
     over *mismatched* pairs (a prompt with another row's completion), so the estimate does
     not use the completion being scored. Detached: no gradient flows through the reference
-    point. Under data parallelism, all-reduce the mean across ranks before calling
-    :func:`kto_loss` if every rank should share one estimate (TRL does).
+    point. Under data parallelism pass the rows of every rank (``lit_rlhf.distributed.all_rows``),
+    so that every rank shares one estimate, as TRL does.
 
     Args:
         policy_kl_logps, ref_kl_logps: ``(batch,)`` summed log-probs of the mismatched

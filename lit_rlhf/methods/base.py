@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from lit_rlhf.distributed import every_rank
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer
 from lit_rlhf.models.bank import check_bank_spec, merge_adapter_specs
 
@@ -81,6 +82,8 @@ class BankMethod(pl.LightningModule):
         adam_betas: AdamW betas.
         warmup_steps: optimizer steps of linear warmup.
         lr_scheduler: decay after warmup: ``constant``, ``linear`` or ``cosine`` to zero.
+        max_consecutive_nonfinite: stop the run after this many optimizer steps in a row were
+            skipped for a non-finite loss (a diverged run would otherwise loop doing nothing).
     """
 
     def __init__(
@@ -92,8 +95,11 @@ class BankMethod(pl.LightningModule):
         adam_betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
         lr_scheduler: Literal["constant", "linear", "cosine"] = "constant",
+        max_consecutive_nonfinite: int = 10,
     ):
         super().__init__()
+        if max_consecutive_nonfinite < 1:
+            raise ValueError(f"max_consecutive_nonfinite must be >= 1, got {max_consecutive_nonfinite}")
         self.bank_spec = bank or BankSpec()
         # Plain types only in hparams: checkpoints are read back with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["bank"])
@@ -101,6 +107,10 @@ class BankMethod(pl.LightningModule):
         self.bank: AdapterBank | None = None
         self._tokenizer = None
         self._rng_to_restore: dict | None = None
+        self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.skipped_nonfinite = 0  # optimizer steps skipped for a non-finite loss, in this process's run
+        self._consecutive_nonfinite = 0
+        self._drop_next_step = False
         # Checkpoints hold only trainable state, so the frozen base is missing from them by design.
         self.strict_loading = False
 
@@ -194,13 +204,43 @@ class BankMethod(pl.LightningModule):
 
     # -- guards and export ----------------------------------------------------------------------
 
-    def finite_or_none(self, loss: torch.Tensor) -> torch.Tensor | None:
-        """The loss, or ``None`` (Lightning then skips backward and the step) when it is not finite."""
-        if torch.isfinite(loss):
-            return loss
-        log.warning("non-finite loss %s at step %d: step skipped", loss.item(), self.global_step)
-        self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum")
-        return None
+    def skip_if_nonfinite(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss of an automatic-optimization step, with the step dropped on every rank if it is
+        not finite on any (a collective: call it in every ``training_step``).
+
+        Returning ``None`` instead would skip backward on that rank only while the others wait in
+        DDP's gradient all-reduce (Lightning 2.6 refuses a ``None`` under distributed training and
+        the run dies). So backward runs everywhere and ``on_before_optimizer_step`` drops the
+        gradients of the whole step (with ``accumulate_grad_batches``, every micro-batch of it).
+        """
+        if not every_rank(torch.isfinite(loss), loss.device):
+            log.warning("non-finite loss at step %d on some rank: optimizer step skipped on every rank", self.global_step)
+            self._drop_next_step = True
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Runs before every optimizer step, automatic or manual: a step that runs ends a streak of skips.
+        if not self._drop_next_step:
+            self._consecutive_nonfinite = 0
+            return
+        self._drop_next_step = False
+        # Without gradients, torch optimizers leave the parameters and their state (moments, step
+        # count, weight decay) alone; zeroed gradients would still apply momentum and decay.
+        optimizer.zero_grad(set_to_none=True)
+        self.count_skipped_step()
+        self.log("train/skipped_nonfinite", float(self.skipped_nonfinite))
+
+    def count_skipped_step(self) -> None:
+        """Count an optimizer step skipped for a non-finite loss; stop the run after
+        ``max_consecutive_nonfinite`` in a row. Every rank calls it together (the decision is shared)."""
+        self.skipped_nonfinite += 1
+        self._consecutive_nonfinite += 1
+        if self._consecutive_nonfinite >= self.max_consecutive_nonfinite:
+            raise RuntimeError(
+                f"{self._consecutive_nonfinite} optimizer steps in a row had a non-finite loss (step {self.global_step}, "
+                f"{self.skipped_nonfinite} skipped in all): training has diverged. Lower the learning rate, check the "
+                f"data and the precision, or raise max_consecutive_nonfinite (now {self.max_consecutive_nonfinite})."
+            )
 
     def export(self, path: str | Path, *, merged: bool = False) -> Path:
         """Save the trained adapter in PEFT format (``merged=False``) or a merged transformers model."""

@@ -62,7 +62,7 @@ class PreferenceMethod(BankMethod):
         self.log("loss", loss, prog_bar=True, batch_size=batch_size)
         self.log("rewards/accuracies", metrics.pop("rewards/accuracies"), prog_bar=True, batch_size=batch_size)
         self.log_dict(metrics, batch_size=batch_size)
-        return self.finite_or_none(loss)
+        return self.skip_if_nonfinite(loss)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, metrics = self.compute_loss(batch)

@@ -264,7 +264,7 @@ class GKD(BankMethod):
         self.log("loss", loss, prog_bar=True, batch_size=size)
         self.log("on_policy", self.on_policy_batches / self.distill_batches, prog_bar=True, batch_size=size)
         self.log("completion_length", mask.sum() / size, batch_size=size)
-        return self.finite_or_none(loss)
+        return self.skip_if_nonfinite(loss)
 
     # -- validation and test: the dataset's completions, token-weighted over the epoch -----------
 

@@ -3,8 +3,10 @@
 Each row is a prompt, a completion and a label (desirable or not). The implicit reward is
 ``beta * (log pi(y|x) - log ref(y|x))``, compared with a reference point ``z0``: the batch's
 KL estimate between policy and reference, taken on *mismatched* pairs (prompt i with
-completion i+1: the ``kl_*`` keys of the batch), detached and clamped at 0. The reference is
-the base with adapters off (LoRA), or a frozen copy of the base (full), as in DPO.
+completion i+1: the ``kl_*`` keys of the batch), detached and clamped at 0; under data
+parallelism the mean runs over the rows of every rank. A batch therefore needs two rows at
+least (``UnpairedDataModule`` refuses ``batch_size < 2`` and drops a one-row remainder). The
+reference is the base with adapters off (LoRA), or a frozen copy of the base (full), as in DPO.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lit_rlhf.distributed import all_rows
 from lit_rlhf.losses import SequenceLogps, kto_kl_estimate, kto_loss, sequence_logps
 from lit_rlhf.methods.base import BankMethod
 
@@ -106,7 +109,8 @@ class KTO(BankMethod):
         with self.bank.reference():
             reference = self.completion_logps(batch)
             reference_kl = self.completion_logps(batch, "kl_")
-        kl = kto_kl_estimate(policy_kl.logps, reference_kl.logps)
+        # One reference point for the whole data-parallel batch, the same on every rank (TRL gathers it too).
+        kl = kto_kl_estimate(all_rows(policy_kl.logps), all_rows(reference_kl.logps))
         labels = batch["labels"]
         out = kto_loss(policy.logps, reference.logps, labels, kl, beta=self.beta,
                        desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight)
@@ -137,7 +141,7 @@ class KTO(BankMethod):
         loss, metrics = self.compute_loss(batch)
         self.log("loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
         self._log_metrics(metrics)
-        return self.finite_or_none(loss)
+        return self.skip_if_nonfinite(loss)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, metrics = self.compute_loss(batch)

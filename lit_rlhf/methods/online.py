@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 
+from lit_rlhf.distributed import all_rows, every_rank
 from lit_rlhf.losses import entropy_from_logits, token_logps
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.models import AdapterSpec, eval_mode
@@ -116,6 +117,9 @@ class FixedKLController:
     def update(self, current_kl: float, n_steps: int) -> None:
         pass
 
+    def observe(self, kl_per_sequence: torch.Tensor) -> None:
+        """Update from one rollout's per-sequence KL ``(B,)`` (a no-op here; see ``AdaptiveKLController``)."""
+
     def state_dict(self) -> dict:
         return {"value": self.value}
 
@@ -145,6 +149,12 @@ class AdaptiveKLController(FixedKLController):
     def update(self, current_kl: float, n_steps: int) -> None:
         proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+    def observe(self, kl_per_sequence: torch.Tensor) -> None:
+        """``update`` from the mean KL and the count of the sequences of every rank (a collective), so
+        β stays the same on every rank under DDP; TRL likewise steps by the global batch size."""
+        kl = all_rows(kl_per_sequence)
+        self.update(kl.float().mean().item(), n_steps=kl.shape[0])
 
     def state_dict(self) -> dict:
         return {"value": self.value, "target": self.target, "horizon": self.horizon}
@@ -435,7 +445,7 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         scheduler = self.lr_schedulers()
         rows = scored.scores.shape[0]
         sums: dict[str, float] = defaultdict(float)
-        count = 0
+        count = skipped = 0
         for _ in range(self.ppo_epochs):
             order = torch.randperm(rows, device=scored.scores.device)
             for mini in order.tensor_split(self.num_mini_batches):
@@ -446,7 +456,9 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
                     if micro.numel() == 0:
                         continue
                     loss, metrics = self.policy_loss(self.select(scored, data, micro))
-                    if not torch.isfinite(loss):
+                    # Every rank decides together: under DDP each manual_backward all-reduces gradients,
+                    # so a rank leaving the loop alone would leave the others waiting.
+                    if not every_rank(torch.isfinite(loss), loss.device):
                         finite = False
                         break
                     # Each micro-batch's mean loss weighted by its share of rows: the step sees the mini-batch mean.
@@ -456,9 +468,11 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
                     count += 1
                 if not finite:
                     # A non-finite loss never reaches the weights: drop this mini-batch's gradients.
-                    log.warning("non-finite loss at rollout %d: optimizer step skipped", self.rollout_count)
-                    sums["train/skipped_nonfinite"] += 1.0
+                    log.warning("non-finite loss at rollout %d on some rank: optimizer step skipped on every rank",
+                                self.rollout_count)
                     optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    self.count_skipped_step()
                     continue
                 if self.max_grad_norm is not None:
                     self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
@@ -466,10 +480,9 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
                 optimizer.zero_grad(set_to_none=True)
                 if scheduler is not None:
                     scheduler.step()
-        skipped = sums.pop("train/skipped_nonfinite", 0.0)
         means = {name: total / max(count, 1) for name, total in sums.items()}
         if skipped:
-            means["train/skipped_nonfinite"] = skipped
+            means["train/skipped_nonfinite"] = float(self.skipped_nonfinite)
         return means
 
     # -- the step --------------------------------------------------------------------------------

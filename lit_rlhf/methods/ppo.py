@@ -145,7 +145,7 @@ class PPO(OnlineMethod):
         advantages = whiten(advantages, mask)
 
         kl_per_sequence = kl.sum(dim=1)
-        self.kl_controller.update(kl_per_sequence.mean().item(), n_steps=rewards.shape[0])
+        self.kl_controller.observe(kl_per_sequence)
         residual_var = masked_var(returns - values, mask)
         self.log_rollout_metrics(
             {

@@ -104,7 +104,7 @@ class Reward(BankMethod):
         self.train_accuracy(correct)
         self.log("accuracy", self.train_accuracy, prog_bar=True, batch_size=batch_size)
         self.log_dict(metrics, batch_size=batch_size)
-        return self.finite_or_none(loss)
+        return self.skip_if_nonfinite(loss)
 
     def _eval_step(self, batch: dict, prefix: str, accuracy: MeanMetric) -> None:
         loss, correct, metrics = self.compute_loss(batch)

@@ -100,7 +100,7 @@ class RLOO(OnlineMethod):
                 non_score_reward = -beta * kl
                 rewards = scored.scores + non_score_reward
                 metrics["objective/non_score_reward"] = non_score_reward.mean()
-            self.kl_controller.update(kl.mean().item(), n_steps=kl.shape[0])
+            self.kl_controller.observe(kl)
             metrics["objective/kl"] = kl.mean()
         advantages = rloo_advantages(rewards, k)
         if self.normalize_advantages:

@@ -75,7 +75,7 @@ class SFT(BankMethod):
         self.log("loss", loss, prog_bar=True)
         self.log("ppl", torch.exp(loss.detach()))
         self.log("num_tokens", num_tokens.float(), reduce_fx="sum")
-        return self.finite_or_none(loss)
+        return self.skip_if_nonfinite(loss)
 
     def _accumulate(self, metric: MeanMetric, batch: dict) -> None:
         loss, num_tokens = self.compute_loss(batch)

@@ -14,11 +14,14 @@ kernels. The online methods recompute them with one forward pass of the policy
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
+from torch import nn
+from transformers import GenerationConfig, GenerationMixin
 
 __all__ = [
     "ENGINES",
@@ -28,6 +31,8 @@ __all__ = [
     "RolloutEngine",
     "SamplingConfig",
     "build_engine",
+    "generating_with",
+    "generation_config",
     "register_engine",
     "truncate_at_stop",
 ]
@@ -41,6 +46,12 @@ class SamplingConfig:
     top-p), which is what the PPO ratio and the KL estimate assume. With another temperature
     the methods divide the logits by it when they recompute log-probs; top-k and top-p
     truncation are not reflected in the recomputed log-probs (as in TRL).
+
+    These fields are the whole generation config: the model's own ``generation_config.json``
+    (repetition penalty, n-gram bans, minimum length, ... common in instruct models) is ignored,
+    so the same weights roll out the same way with or without it. Knobs that reshape the
+    distribution are deliberately absent: the log-probs recomputed for the loss would not describe
+    the samples.
 
     Args:
         max_new_tokens: the longest response in tokens; a response that reaches it without a
@@ -191,33 +202,62 @@ def build_engine(name: str) -> RolloutEngine:
     return ENGINES[name]()
 
 
-def _generate_kwargs(sampling: SamplingConfig) -> dict:
+def generation_config(sampling: SamplingConfig, **extra) -> GenerationConfig:
+    """Every setting a rollout is generated with, from ``sampling`` alone (``extra``: how, never what,
+    e.g. ``cache_implementation``).
+
+    Nothing else reaches ``generate`` (see ``generating_with``): a knob that reshapes the
+    distribution (repetition penalty, n-gram bans, minimum length, banned words) would make the
+    samples come from a policy the recomputed log-probs do not describe, so ``SamplingConfig`` has
+    no such field.
+    """
     if sampling.stop_token_ids is None or sampling.pad_token_id is None:
         raise ValueError("resolve the sampling config first: sampling.resolved(tokenizer)")
-    kwargs = dict(
+    # Unset warpers fall back to transformers' global defaults (top_k=50): set them explicitly.
+    warpers = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p) if sampling.do_sample else {}
+    return GenerationConfig(
         max_new_tokens=sampling.max_new_tokens,
         eos_token_id=list(sampling.stop_token_ids),
         pad_token_id=sampling.pad_token_id,
         do_sample=sampling.do_sample,
+        use_cache=True,
+        **warpers,
+        **extra,
     )
-    if sampling.do_sample:
-        # Explicit values, so a model's generation_config.json (often top_k=50) cannot change the policy sampled from.
-        kwargs.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
-    else:
-        kwargs.update(temperature=None, top_k=None, top_p=None)
-    return kwargs
+
+
+@contextmanager
+def generating_with(module: nn.Module, config: GenerationConfig) -> Iterator[None]:
+    """Make ``config`` the generation config of every generating model inside ``module`` for the duration.
+
+    Passing ``generation_config=`` to ``generate`` is not enough: transformers (5.x,
+    ``GenerationMixin._prepare_generation_config``) fills every field left unset in it from the
+    model's own ``generation_config.json``, so a base shipping ``repetition_penalty`` would still
+    apply it. Swapping the model's config itself leaves nothing to fill in but transformers'
+    neutral global defaults. (peft's ``PeftModel.generate`` reads the wrapped model's config, so
+    this covers LoRA roles, full-mode reference copies and a separate teacher alike.)
+    """
+    models = [m for m in module.modules() if isinstance(m, GenerationMixin)]
+    saved = [m.generation_config for m in models]
+    try:
+        for m in models:
+            m.generation_config = config
+        yield
+    finally:
+        for m, own in zip(models, saved):
+            m.generation_config = own
 
 
 @register_engine("hf")
 class HFGenerateEngine:
     """transformers ``generate`` with its dynamic KV cache: works for every model, on every device."""
 
-    extra_generate_kwargs: dict = {}
+    cache_implementation: str | None = None
 
     def generate(self, bank, adapter, prompt_ids, prompt_mask, sampling: SamplingConfig) -> Rollout:
-        out = bank.generate(
-            prompt_ids, prompt_mask, adapter=adapter, **_generate_kwargs(sampling), **self.extra_generate_kwargs
-        )
+        config = generation_config(sampling, cache_implementation=self.cache_implementation)
+        with generating_with(bank, config):
+            out = bank.generate(prompt_ids, prompt_mask, adapter=adapter)
         response = out[:, prompt_ids.shape[1]:]
         return truncate_at_stop(prompt_ids, prompt_mask, response, sampling.stop_token_ids, sampling.pad_token_id)
 
@@ -227,4 +267,4 @@ class HFStaticCacheEngine(HFGenerateEngine):
     """``generate`` with a static (preallocated) KV cache; on CUDA transformers then compiles the
     decode step (``generation_config.compile_config``). The first call per shape pays the compile."""
 
-    extra_generate_kwargs = {"cache_implementation": "static"}
+    cache_implementation = "static"

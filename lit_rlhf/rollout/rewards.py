@@ -39,6 +39,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
+from lit_rlhf.distributed import all_rows
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer, read_adapter_meta
 from lit_rlhf.rollout.engine import Rollout
 
@@ -422,9 +423,14 @@ class Normalizer:
         self.count, self.m2 = 0, 0.0
 
     def update(self, x: torch.Tensor) -> None:
-        if self.kind != "running" or x.numel() == 0:
+        """Fold the scores ``x`` ``(n,)`` of every rank (a collective) into running statistics, so
+        they stay the same on every rank under DDP."""
+        if self.kind != "running":
             return
-        x = x.detach().double().cpu()
+        x = all_rows(x)
+        if x.numel() == 0:
+            return
+        x = x.double().cpu()
         n, mean, m2 = x.numel(), x.mean().item(), ((x - x.mean()) ** 2).sum().item()
         total = self.count + n
         delta = mean - self.mean

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from lit_rlhf import toy
+from lit_rlhf.rollout import SamplingConfig, build_engine
 
 
 @torch.no_grad()
@@ -16,16 +17,11 @@ def completions(bank, tokenizer, prompts: list[str], *, adapter: str | None, max
     torch.manual_seed(seed)
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     device = next(bank.parameters()).device
-    output = bank.generate(
-        encoded["input_ids"].to(device),
-        encoded["attention_mask"].to(device),
-        adapter=adapter,
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, do_sample=do_sample).resolved(tokenizer)
+    rollout = build_engine("hf").generate(
+        bank, adapter, encoded["input_ids"].to(device), encoded["attention_mask"].to(device), sampling
     )
-    return tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.batch_decode(rollout.response_ids, skip_special_tokens=True)
 
 
 def mean_score(bank, tokenizer, prompts: list[str], *, adapter: str | None, **kwargs) -> float:

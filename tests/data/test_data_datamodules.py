@@ -156,3 +156,19 @@ def test_trainer_epochs_follow_seed_and_epoch(toy_tokenizer, toy_data, tmp_path)
         sampler.set_epoch(epoch)
         expected += [data.train_examples[i]["prompt_text"] for i in sampler]
     assert seen == expected and seen[:12] != seen[12:]
+
+
+def test_kto_batches_never_hold_a_single_row(tmp_path, toy_tokenizer, write_jsonl):
+    """KTO pairs each prompt with another row's completion: one row would be paired with itself."""
+    with pytest.raises(ValueError, match=r"UnpairedDataModule: batch_size must be >= 2, got 1: KTO"):
+        UnpairedDataModule(str(tmp_path / "unused.jsonl"), batch_size=1)
+    rows = [{"prompt": f"the car {i} was", "completion": "good .", "label": i % 2 == 0} for i in range(7)]
+    train, val = write_jsonl(tmp_path / "train.jsonl", rows[:5]), write_jsonl(tmp_path / "val.jsonl", rows)
+    dm = UnpairedDataModule(str(train), val=str(val), batch_size=2).prepare(toy_tokenizer)
+    # 5 rows in batches of 2 leave one: dropped (7 val rows likewise).
+    assert [len(b["labels"]) for b in dm.train_dataloader()] == [2, 2]
+    assert [len(b["labels"]) for b in dm.val_dataloader()] == [2, 2, 2]
+    dm = UnpairedDataModule(str(val), batch_size=4).prepare(toy_tokenizer)
+    assert [len(b["labels"]) for b in dm.train_dataloader()] == [4, 3]  # a remainder of 2 or more is kept
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        dm.collator(dm.train_examples[:1])

@@ -136,3 +136,52 @@ def test_engines_are_registered_by_name():
             register_engine("test_echo")(Echo)
     finally:
         ENGINES.pop("test_echo")
+
+
+def _generations(bank, tokenizer):
+    """Greedy and seeded-sampled responses of both engines, as lists of ids."""
+    ids, mask = encode(tokenizer, PROMPTS * 2)
+    out = {}
+    for name in ("hf", "hf_static"):
+        engine = build_engine(name)
+        out[name, "greedy"] = engine.generate(bank, "policy", ids, mask,
+                                              sampling(tokenizer, do_sample=False, max_new_tokens=12)).response_ids
+        torch.manual_seed(7)
+        out[name, "sampled"] = engine.generate(bank, "policy", ids, mask,
+                                               sampling(tokenizer, max_new_tokens=12)).response_ids
+    return out
+
+
+def test_a_models_generation_config_does_not_change_rollouts(tmp_path, tokenizer):
+    """A base's generation_config.json (common in instruct models) must not reach the rollouts:
+    the recomputed log-probs describe the plain policy, not a repetition-penalised one."""
+    import json
+    import shutil
+
+    from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec
+
+    from _rollout_helpers import TOY
+
+    penalised = tmp_path / "base"
+    shutil.copytree(TOY, penalised)
+    config = json.loads((penalised / "generation_config.json").read_text())
+    config.update(repetition_penalty=5.0, no_repeat_ngram_size=1)
+    (penalised / "generation_config.json").write_text(json.dumps(config))
+
+    banks = {}
+    for label, path in (("plain", TOY), ("penalised", str(penalised))):
+        torch.manual_seed(0)
+        banks[label] = AdapterBank(BankSpec(model=path, adapters=[AdapterSpec("policy")])).eval()
+    # The file does change transformers' own generate (else this test would prove nothing).
+    ids, mask = encode(tokenizer, PROMPTS)
+    plain_default, penalised_default = (
+        b.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
+                         pad_token_id=tokenizer.pad_token_id)
+        for b in banks.values()
+    )
+    assert not torch.equal(plain_default, penalised_default)
+
+    plain, penalised_out = _generations(banks["plain"], tokenizer), _generations(banks["penalised"], tokenizer)
+    for key in plain:
+        assert torch.equal(plain[key], penalised_out[key]), key
+        assert torch.equal(plain[key], plain["hf", key[1]]), key  # hf_static samples what hf samples
