@@ -8,7 +8,7 @@ import torch
 
 from lit_rlhf import toy
 from lit_rlhf.data import PromptDataModule
-from lit_rlhf.models import BankSpec
+from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, LoraSpec
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
 
 TOY = "assets/toy/base"
@@ -84,3 +84,15 @@ def train_and_measure(method, *, rollouts: int = 6, batch_size: int = 8) -> tupl
     fit.fit(method, datamodule=prompts(batch_size=batch_size))
     seconds = time.perf_counter() - start
     return before, held_out_sampled_score(method), float(fit.callback_metrics["objective/kl"]), seconds
+
+
+def saved_random_adapter(path, name: str, *, head: str | None = None) -> str:
+    """Save a LoRA adapter (and head) of the toy base moved off zero: a trained stage's output stand-in."""
+    torch.manual_seed(0)
+    bank = AdapterBank(BankSpec(model=TOY, lora=LoraSpec(r=8, alpha=16)), require=[AdapterSpec(name, head=head)])
+    with torch.no_grad():
+        for param_name, p in bank.named_parameters():
+            if "lora_B" in param_name:
+                p.normal_(0, 0.1)
+    bank.save_adapter(name, path)
+    return str(path)

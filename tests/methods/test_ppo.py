@@ -12,21 +12,13 @@ from lit_rlhf.cli import main as cli_main
 from lit_rlhf.methods.ppo import PPO
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_base
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
-from online_helpers import TOY, TOY_REWARD, make_online, prompts, train_and_measure, trainer
+from online_helpers import TOY, TOY_REWARD, make_online, prompts, saved_random_adapter, train_and_measure, trainer
 
 
 @pytest.fixture(scope="module")
 def reward_adapter(tmp_path_factory) -> str:
     """A saved (random, non-trivial) score adapter on the toy base: the reward stage's output stand-in."""
-    torch.manual_seed(0)
-    bank = AdapterBank(BankSpec(model=TOY, adapters=[AdapterSpec("reward", head="score")]))
-    with torch.no_grad():
-        for name, p in bank.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    path = tmp_path_factory.mktemp("reward") / "adapter"
-    bank.save_adapter("reward", path)
-    return str(path)
+    return saved_random_adapter(tmp_path_factory.mktemp("reward") / "adapter", "reward", head="score")
 
 
 def make_ppo(adapters=(), **kwargs) -> PPO:

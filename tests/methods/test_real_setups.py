@@ -15,9 +15,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from lit_rlhf.cli import build_cli
 from lit_rlhf.data import PreferenceDataModule
 from lit_rlhf.methods import DPO, GRPO, PPO
-from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, LoraSpec
+from lit_rlhf.models import AdapterSpec, BankSpec, LoraSpec
 from lit_rlhf.toy.families import FAMILIES, build_tiny
-from online_helpers import TOY, first_batch, make_online, prompts, trainer
+from online_helpers import TOY, first_batch, make_online, prompts, saved_random_adapter, trainer
 
 TRAIN = "assets/toy/data/preference_train.jsonl"
 VAL = "assets/toy/data/preference_val.jsonl"
@@ -26,15 +26,7 @@ VAL = "assets/toy/data/preference_val.jsonl"
 @pytest.fixture(scope="module")
 def sft_adapter(tmp_path_factory) -> str:
     """A saved policy adapter away from the base: the SFT stage's output stand-in."""
-    torch.manual_seed(0)
-    bank = AdapterBank(BankSpec(model=TOY, lora=LoraSpec(r=8, alpha=16)), require=[AdapterSpec("policy")])
-    with torch.no_grad():
-        for name, p in bank.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    path = tmp_path_factory.mktemp("sft") / "adapter"
-    bank.save_adapter("policy", path)
-    return str(path)
+    return saved_random_adapter(tmp_path_factory.mktemp("sft") / "adapter", "policy")
 
 
 def recompute_counter(method) -> list[int]:
