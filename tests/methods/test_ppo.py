@@ -10,7 +10,7 @@ from peft import PeftModel
 
 from lit_rlhf.cli import main as cli_main
 from lit_rlhf.methods.ppo import PPO
-from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_base
+from lit_rlhf.models import AdapterSpec, BankSpec, load_base
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
 from online_helpers import TOY, TOY_REWARD, make_online, prompts, saved_random_adapter, train_and_measure, trainer
 
