@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 KL_PENALTY_KINDS = ("k1", "k2", "k3", "abs")
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "token", "dr_grpo")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "token", "dapo", "dr_grpo")
 
 
 class Advantages(NamedTuple):
@@ -419,6 +419,7 @@ def grpo_loss(
     ref_logprobs: torch.Tensor | None = None,
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
+    num_tokens: float | torch.Tensor | None = None,
 ) -> GRPOLoss:
     """GRPO policy loss with its token-aggregation variants.
 
@@ -431,9 +432,15 @@ def grpo_loss(
 
     - ``grpo``: mean over each sequence's tokens, then mean over sequences (GRPO paper);
       longer sequences get less weight per token.
-    - ``bnpo`` / ``token``: ``Σ ℓ_t / Σ mask`` over the batch, every token weighted equally
-      (DAPO, Yu et al. 2025, arXiv 2503.14476). Normalised by this batch's tokens; for DAPO's
-      global normaliser across ranks, all-reduce yourself.
+    - ``bnpo`` / ``token``: ``Σ ℓ_t / Σ mask`` over the tokens *of this call* (one micro-batch
+      on one rank). Every token of the micro-batch weighs the same, but under gradient
+      accumulation or DDP micro-batches with fewer tokens weigh more per token: this is not
+      DAPO's loss unless the optimizer step is one micro-batch on one rank.
+    - ``dapo``: ``Σ ℓ_t / num_tokens`` with ``num_tokens`` the response tokens of the whole
+      optimizer step (all micro-batches, all ranks; divided by the number of ranks, since DDP
+      averages gradients over ranks): every token of the step weighs the same, DAPO's
+      token-level loss (Yu et al. 2025, arXiv 2503.14476; TRL's ``dapo``). The caller sums the
+      micro-batch losses without reweighting them.
     - ``dr_grpo``: ``Σ ℓ_t / (batch · max_completion_length)``, a constant normaliser that
       removes the length bias (Liu et al. 2025, "Understanding R1-Zero-Like Training",
       arXiv 2503.20783); needs ``max_completion_length``.
@@ -449,6 +456,7 @@ def grpo_loss(
             with ``beta == 0``.
         loss_type: one of ``GRPO_LOSS_TYPES``.
         max_completion_length: generation length limit, required by ``dr_grpo``.
+        num_tokens: the optimizer step's response tokens per rank, required by ``dapo``.
 
     Returns:
         :class:`GRPOLoss` of scalars.
@@ -459,6 +467,8 @@ def grpo_loss(
         raise ValueError(f"grpo_loss: beta={beta} > 0 adds a KL penalty to the reference; pass ref_logprobs.")
     if loss_type == "dr_grpo" and not max_completion_length:
         raise ValueError("grpo_loss: loss_type='dr_grpo' normalises by batch * max_completion_length; pass it.")
+    if loss_type == "dapo" and num_tokens is None:
+        raise ValueError("grpo_loss: loss_type='dapo' normalises by the optimizer step's response tokens; pass num_tokens.")
     high = epsilon if epsilon_high is None else epsilon_high
     per_token, clipped = _clipped_surrogate(logprobs, old_logprobs, advantages, epsilon, high)
     per_token_kl = None
@@ -474,6 +484,8 @@ def grpo_loss(
         loss = per_sequence.mean()
     elif loss_type in ("bnpo", "token"):
         loss = masked.sum() / mask_f.sum().clamp(min=1)
+    elif loss_type == "dapo":
+        loss = masked.sum() / torch.as_tensor(num_tokens, dtype=masked.dtype, device=masked.device).clamp(min=1)
     else:  # dr_grpo
         loss = masked.sum() / (per_token.size(0) * max_completion_length)
 

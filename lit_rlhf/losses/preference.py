@@ -92,6 +92,7 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
+    bco_delta: float | torch.Tensor = 0.0,
 ) -> PreferenceLoss:
     """DPO and its variants that compare policy and reference log-ratios.
 
@@ -100,7 +101,10 @@ def dpo_loss(
 
     - ``sigmoid``: DPO (Rafailov et al. 2023, "Direct Preference Optimization", arXiv
       2305.18290), with conservative label smoothing (cDPO, Mitchell 2023, "A note on DPO
-      with noisy preferences"): ``-(1-ε) logσ(βh) - ε logσ(-βh)``.
+      with noisy preferences"): ``-(1-ε) logσ(βh) - ε logσ(-βh)``. TRL 1.16 ignores
+      ``label_smoothing`` for ``sigmoid`` (it uses ε only in ``robust``, ``exo_pair`` and ``aot``);
+      we keep cDPO's formula because ε > 0 asks for it and ε = 0 (the default) is plain DPO,
+      identical to TRL.
     - ``ipo``: IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning
       from Human Preferences", arXiv 2310.12036): ``(h' - 1/(2β))²`` with length-normalised
       log-ratios ``h' = a/|c| - b/|r|`` (as TRL does); needs ``chosen_lengths`` and
@@ -112,10 +116,9 @@ def dpo_loss(
       the debiased form ``[(1-ε)(-logσ(βh)) - ε(-logσ(-βh))] / (1-2ε)``; unbiased for labels
       flipped with probability ε.
     - ``bco_pair``: BCO (Jung et al. 2024, "Binary Classifier Optimization", arXiv
-      2404.04656): ``-logσ(βa - δ) - logσ(-(βb - δ))``. TRL takes ``δ`` as a running mean of
-      past rewards; here ``δ`` is the detached mean of this batch's chosen and rejected rewards
-      so that the function stays pure (a caller wanting TRL's running mean can keep it
-      outside and use the same formula).
+      2404.04656): ``-logσ(βa - δ) - logσ(-(βb - δ))`` with ``δ = bco_delta``. The paper's δ is
+      a running mean of past rewards (the DPO method keeps it and passes it in, as TRL did up
+      to 0.x); TRL 1.16 uses δ = 0, this function's default.
     - ``sppo_hard``: SPPO with hard labels (Wu et al. 2024, "Self-Play Preference
       Optimization", arXiv 2405.00675): ``(a - 1/(2β))² + (b + 1/(2β))²``.
     - ``nca_pair``: NCA (Chen et al. 2024, "Noise Contrastive Alignment", arXiv 2402.05369):
@@ -133,6 +136,7 @@ def dpo_loss(
         label_smoothing: ε in ``[0, 0.5)``, used by ``sigmoid`` and ``robust``.
         chosen_lengths, rejected_lengths: ``(batch,)`` completion token counts; required by
             ``ipo``.
+        bco_delta: the reward offset δ of ``bco_pair`` (a float or a detached scalar tensor).
 
     Returns:
         :class:`PreferenceLoss`: ``losses`` ``(batch,)``; ``chosen_rewards = β a`` and
@@ -161,8 +165,7 @@ def dpo_loss(
         losses = ((1 - eps) * -F.logsigmoid(beta * h) - eps * -F.logsigmoid(-beta * h)) / (1 - 2 * eps)
     elif loss_type == "bco_pair":
         chosen_r, rejected_r = beta * a, beta * b
-        delta = torch.cat([chosen_r, rejected_r]).mean().detach()
-        losses = -F.logsigmoid(chosen_r - delta) - F.logsigmoid(-(rejected_r - delta))
+        losses = -F.logsigmoid(chosen_r - bco_delta) - F.logsigmoid(-(rejected_r - bco_delta))
     elif loss_type == "sppo_hard":
         # Hard labels: the winner's target win-probability is 1, the loser's 0, so the
         # log-ratios are regressed to +1/(2β) and -1/(2β).

@@ -84,7 +84,8 @@ class DPO(PreferenceMethod):
         beta: strength of the implicit KL constraint to the reference policy.
         loss_type: ``sigmoid`` (DPO), ``ipo``, ``hinge``, ``robust``, ``bco_pair``, ``sppo_hard``,
             ``nca_pair``, ``apo_zero``, ``apo_down``.
-        label_smoothing: probability that a preference label is flipped (``sigmoid``, ``robust``).
+        label_smoothing: probability that a preference label is flipped (``sigmoid`` as cDPO, which
+            TRL 1.16 ignores there; ``robust``).
         reference_free: compare against a uniform reference (log-prob 0) instead of a model.
         precompute_ref_logps: compute the reference log-probs of every training and validation
             row once before training, so the reference never runs again (and, in ``full`` mode, no
@@ -112,6 +113,9 @@ class DPO(PreferenceMethod):
         self.precompute_ref_logps = precompute_ref_logps
         self.policy_adapter = policy_adapter
         self._ref_cache: dict[str, torch.Tensor] | None = None
+        # bco_pair's δ (Jung et al. 2024): the running mean of the batch-mean implicit rewards seen in training.
+        self._bco_reward_sum = 0.0
+        self._bco_batches = 0
 
     def needs_frozen_reference(self) -> bool:
         return not (self.reference_free or self.precompute_ref_logps)
@@ -156,10 +160,23 @@ class DPO(PreferenceMethod):
         super().on_save_checkpoint(checkpoint)
         if self._ref_cache is not None:
             checkpoint["ref_logps"] = self._ref_cache
+        checkpoint["bco_running_mean"] = (self._bco_reward_sum, self._bco_batches)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         self._ref_cache = checkpoint.get("ref_logps")
+        self._bco_reward_sum, self._bco_batches = checkpoint.get("bco_running_mean", (0.0, 0))
+
+    def bco_delta(self, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> float:
+        """δ of ``bco_pair``: the running mean of batch-mean rewards, this training batch included (the
+        mean over every rank's batch under DDP); validation reads it without updating it."""
+        if self._trainer is not None and self.trainer.training:
+            batch_mean = torch.cat([chosen_rewards, rejected_rewards]).mean().detach()
+            if self.trainer.world_size > 1:
+                batch_mean = self.trainer.strategy.reduce(batch_mean, reduce_op="mean")
+            self._bco_reward_sum += float(batch_mean)
+            self._bco_batches += 1
+        return self._bco_reward_sum / max(self._bco_batches, 1)
 
     def reference_pair_logps(self, batch: dict) -> PairLogps:
         if "ref_chosen_logps" in batch:
@@ -173,6 +190,10 @@ class DPO(PreferenceMethod):
     def compute_loss(self, batch: dict):
         reference = self.reference_pair_logps(batch)
         policy = self.policy_pair_logps(batch)
+        bco_delta = 0.0
+        if self.loss_type == "bco_pair":
+            bco_delta = self.bco_delta(self.beta * (policy.chosen - reference.chosen),
+                                       self.beta * (policy.rejected - reference.rejected))
         out = dpo_loss(
             policy.chosen,
             policy.rejected,
@@ -183,6 +204,7 @@ class DPO(PreferenceMethod):
             label_smoothing=self.label_smoothing,
             chosen_lengths=policy.chosen_lengths,
             rejected_lengths=policy.rejected_lengths,
+            bco_delta=bco_delta,
         )
         return out.losses.mean(), self.pair_metrics(policy, out.chosen_rewards, out.rejected_rewards)
 

@@ -18,8 +18,12 @@ Each ``training_step`` is one rollout of the shared online loop (``OnlineMethod`
 
    - ``grpo``: mean over each response's tokens, then over responses (the GRPO paper);
      longer responses get less weight per token.
-   - ``bnpo``: every token of the micro-batch weighted equally (DAPO's token-level loss,
-     arXiv 2503.14476).
+   - ``bnpo``: every token of the *micro-batch* weighted equally; each micro-batch is then
+     weighted by its share of rows, so under gradient accumulation (or DDP) a token of a short
+     micro-batch weighs more than one of a long micro-batch.
+   - ``dapo``: every token of the *optimizer step* weighted equally, across micro-batches and
+     ranks (the token count is all-reduced): DAPO's token-level loss (Yu et al. 2025, arXiv
+     2503.14476), TRL's ``dapo``.
    - ``dr_grpo``: the token sum over ``batch x max_new_tokens``, a constant normaliser without
      the length bias (Liu et al. 2025, "Understanding R1-Zero-Like Training", arXiv 2503.20783).
 
@@ -52,7 +56,7 @@ class GRPO(OnlineMethod):
         scale_rewards: divide the centred rewards by the group's std (GRPO); ``False`` only
             centres them (Dr. GRPO).
         eps: added to the group std.
-        loss_type: token aggregation: ``grpo``, ``bnpo`` or ``dr_grpo`` (see the module docstring).
+        loss_type: token aggregation: ``grpo``, ``bnpo``, ``dapo`` or ``dr_grpo`` (see the module docstring).
         **kwargs: rollout, update, optimizer and bank arguments of ``OnlineMethod``.
     """
 
@@ -65,7 +69,7 @@ class GRPO(OnlineMethod):
         beta: float = 0.0,
         scale_rewards: bool = True,
         eps: float = 1e-4,
-        loss_type: Literal["grpo", "bnpo", "dr_grpo"] = "grpo",
+        loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = "grpo",
         **kwargs,
     ):
         super().__init__(num_samples_per_prompt=num_samples_per_prompt, **kwargs)
@@ -86,6 +90,10 @@ class GRPO(OnlineMethod):
 
     def uses_reference(self) -> bool:
         return self.beta > 0
+
+    def accumulation_weight(self, batch: MiniBatch) -> float:
+        # dapo's loss is already divided by the whole step's tokens: micro-batch losses just add up.
+        return 1.0 if self.loss_type == "dapo" else super().accumulation_weight(batch)
 
     # -- advantages -----------------------------------------------------------------------------------
 
@@ -110,7 +118,8 @@ class GRPO(OnlineMethod):
         out = self.policy_forward(batch.rollout)
         result = grpo_loss(out.logprobs, batch.old_logprobs, batch.data["advantages"], mask, epsilon=self.epsilon,
                            epsilon_high=self.epsilon_high, beta=self.beta, ref_logprobs=batch.ref_logprobs,
-                           loss_type=self.loss_type, max_completion_length=self.sampling.max_new_tokens)
+                           loss_type=self.loss_type, max_completion_length=self.sampling.max_new_tokens,
+                           num_tokens=mask.sum() if batch.step_tokens is None else batch.step_tokens)
         metrics = {
             "loss/policy": result.loss.detach(),
             "policy/clipfrac": result.clipfrac,

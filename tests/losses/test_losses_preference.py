@@ -28,6 +28,7 @@ def test_dpo_sigmoid_by_hand():
 
 
 def test_dpo_sigmoid_label_smoothing():
+    """cDPO (Mitchell 2023) where TRL 1.16 ignores ε for sigmoid; ε = 0 is TRL's plain DPO."""
     beta, eps = 0.1, 0.1
     out = dpo_loss(*_inputs(), beta=beta, label_smoothing=eps)
     close(out.losses, [-(1 - eps) * logsig(beta * h) - eps * logsig(-beta * h) for h in H])
@@ -73,11 +74,15 @@ def test_dpo_robust_debiased():
     close(plain.losses, [-logsig(beta * h) for h in H])
 
 
-def test_dpo_bco_pair_batch_mean_delta():
+def test_dpo_bco_pair_offset_delta():
+    """BCO (Jung et al. 2024, eq. 9): -logσ(βa - δ) - logσ(-(βb - δ)); δ = 0 by default (TRL 1.16),
+    the paper's running mean when the caller passes it."""
     beta = 0.1
-    out = dpo_loss(*_inputs(), beta=beta, loss_type="bco_pair")
-    delta = (beta * A[0] + beta * A[1] + beta * B[0] + beta * B[1]) / 4
-    close(out.losses, [-logsig(beta * A[i] - delta) - logsig(-(beta * B[i] - delta)) for i in range(2)])
+    plain = dpo_loss(*_inputs(), beta=beta, loss_type="bco_pair")
+    close(plain.losses, [-logsig(beta * A[i]) - logsig(-beta * B[i]) for i in range(2)])
+    delta = 0.37
+    shifted = dpo_loss(*_inputs(), beta=beta, loss_type="bco_pair", bco_delta=delta)
+    close(shifted.losses, [-logsig(beta * A[i] - delta) - logsig(-(beta * B[i] - delta)) for i in range(2)])
 
 
 def test_dpo_sppo_hard():

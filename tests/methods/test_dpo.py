@@ -135,3 +135,19 @@ def test_full_mode_with_precomputed_reference_keeps_no_copy(tmp_path):
     trainer(tmp_path, max_steps=2).fit(method, PreferenceDataModule(train=VAL, batch_size=8, max_length=64))
     assert method.bank.reference_model is None
     assert method._ref_cache["train"].shape == (96, 2)
+
+
+def test_bco_pair_delta_is_the_running_mean_of_training_batch_rewards(tmp_path):
+    """BCO's δ (Jung et al. 2024): the mean of every training batch's mean reward so far, this one
+    included; validation reads it without moving it; a checkpoint restores it."""
+    method = small_dpo(loss_type="bco_pair")
+    fit = trainer(tmp_path)
+    method.trainer = fit
+    fit.training = True
+    assert method.bco_delta(torch.tensor([1.0, 2.0]), torch.tensor([0.0, -1.0])) == pytest.approx(0.5)
+    assert method.bco_delta(torch.tensor([3.0, 3.0]), torch.tensor([3.0, 3.0])) == pytest.approx((0.5 + 3.0) / 2)
+    fit.validating = True
+    assert method.bco_delta(torch.tensor([100.0]), torch.tensor([100.0])) == pytest.approx(1.75)
+    resumed = small_dpo(loss_type="bco_pair")
+    resumed.on_load_checkpoint({"state_dict": {}, "bco_running_mean": (3.5, 2)})
+    assert resumed.bco_delta(torch.tensor([0.0]), torch.tensor([0.0])) == pytest.approx(1.75)

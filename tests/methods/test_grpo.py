@@ -204,3 +204,45 @@ def test_grpo_raises_the_ground_truth_score_on_held_out_prompts():
     print(f"GRPO held-out sampled score {before:.3f} -> {after:.3f}, k3 KL {kl:.3f} nats/token, {seconds:.1f} s")
     assert after - before >= 0.4
     assert 0.0 < kl < float("inf")
+
+
+class FirstStepGradients(pl.Callback):
+    """The trainable gradients at the first optimizer step, and the response-token count of each micro-batch."""
+
+    def __init__(self):
+        self.grads = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.grads is None:
+            self.grads = {n: p.grad.clone() for n, p in pl_module.bank.named_parameters() if p.grad is not None}
+
+
+def first_step_gradients(loss_type: str, accumulation: int):
+    pl.seed_everything(0)
+    method = make_grpo(loss_type=loss_type, gradient_accumulation_steps=accumulation, ppo_epochs=1,
+                       num_mini_batches=1, max_grad_norm=None)
+    tokens = []
+    policy_loss = method.policy_loss
+    method.policy_loss = lambda batch: (tokens.append(int(batch.rollout.response_mask.sum())), policy_loss(batch))[1]
+    grads = FirstStepGradients()
+    trainer(rollouts=1, callbacks=[grads]).fit(method, datamodule=prompts(batch_size=4))
+    return grads.grads, tokens
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    assert a and a.keys() == b.keys()
+    return max((a[n] - b[n]).abs().max().item() for n in a)
+
+
+def test_dapo_normalises_by_the_whole_step_under_gradient_accumulation_bnpo_does_not():
+    """dapo: one micro-batch or two give the same gradient (every token of the step weighs the same).
+    bnpo divides each micro-batch by its own tokens, so with uneven micro-batches it differs."""
+    dapo_one, _ = first_step_gradients("dapo", 1)
+    dapo_two, tokens = first_step_gradients("dapo", 2)
+    bnpo_one, _ = first_step_gradients("bnpo", 1)
+    bnpo_two, _ = first_step_gradients("bnpo", 2)
+    assert len(tokens) == 2 and tokens[0] != tokens[1], tokens  # uneven micro-batches, else the test proves nothing
+    scale = max(v.abs().max().item() for v in dapo_one.values())
+    assert _max_difference(dapo_one, bnpo_one) < 1e-6 * scale  # one micro-batch: the same loss
+    assert _max_difference(dapo_two, dapo_one) < 1e-5 * scale
+    assert _max_difference(bnpo_two, bnpo_one) > 1e-3 * scale
