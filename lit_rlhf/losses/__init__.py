@@ -1,7 +1,7 @@
 """Loss functions of lit_rlhf: pure functions of torch tensors, one family per module.
 
 - :mod:`.logprobs`: token / sequence log-probs and entropies without a full float32 log-softmax
-- :mod:`.preference`: DPO and variants, SimPO, CPO
+- :mod:`.preference`: DPO and variants, SimPO, CPO, ORPO
 - :mod:`.reward`: Bradley-Terry reward-model loss
 - :mod:`.kto`: KTO
 - :mod:`.policy_gradient`: PPO, GAE, RLOO, GRPO and helpers
@@ -30,7 +30,15 @@ from lit_rlhf.losses.policy_gradient import (
     rloo_advantages,
     whiten,
 )
-from lit_rlhf.losses.preference import CPO_LOSS_TYPES, DPO_LOSS_TYPES, PreferenceLoss, cpo_loss, dpo_loss, simpo_loss
+from lit_rlhf.losses.preference import (
+    CPO_LOSS_TYPES,
+    DPO_LOSS_TYPES,
+    PreferenceLoss,
+    cpo_loss,
+    dpo_loss,
+    orpo_loss,
+    simpo_loss,
+)
 from lit_rlhf.losses.reward import RewardLoss, bradley_terry_loss
 
 __all__ = [
@@ -61,6 +69,7 @@ __all__ = [
     "kto_loss",
     "masked_mean",
     "masked_var",
+    "orpo_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
     "rloo_advantages",

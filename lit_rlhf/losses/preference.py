@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DPO_LOSS_TYPES", "CPO_LOSS_TYPES", "PreferenceLoss", "cpo_loss", "dpo_loss", "simpo_loss"]
+__all__ = ["DPO_LOSS_TYPES", "CPO_LOSS_TYPES", "PreferenceLoss", "cpo_loss", "dpo_loss", "orpo_loss", "simpo_loss"]
 
 DPO_LOSS_TYPES = (
     "sigmoid",
@@ -280,4 +280,47 @@ def cpo_loss(
     else:  # simpo
         pref = _smoothed_sigmoid_loss(beta * h - simpo_gamma, label_smoothing)
     losses = pref + alpha * chosen_nll
+    return PreferenceLoss(losses, (beta * chosen).detach(), (beta * rejected).detach())
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, accurate at both ends (Mächler 2012, "Accurately Computing
+    log(1 - exp(-|a|))"): ``log(-expm1(x))`` near 0, ``log1p(-exp(x))`` far from it."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    *,
+    beta: float = 0.1,
+) -> PreferenceLoss:
+    """ORPO: SFT on the chosen completion plus an odds-ratio penalty, no reference model.
+
+    Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference Model", arXiv
+    2403.07691 (eqs. 4-7). With length-normalised log-probs ``pc = πc/|c|``, ``pr = πr/|r|`` and
+    ``odds(p) = P/(1-P)``:
+
+        log_odds = (pc - pr) - (log(1 - e^pc) - log(1 - e^pr))
+        loss = -pc - β logσ(log_odds)
+
+    ``-pc`` is the NLL of the chosen completion (mean over its tokens); β is the paper's λ.
+
+    Args:
+        chosen_logps, rejected_logps: ``(batch,)`` summed policy log-probs.
+        chosen_lengths, rejected_lengths: ``(batch,)`` completion token counts.
+        beta: weight λ of the odds-ratio term (the paper uses 0.1 to 1.0).
+
+    Returns:
+        :class:`PreferenceLoss` with rewards ``β pc`` and ``β pr`` detached (as TRL logs them).
+    """
+    _check_beta(beta)
+    chosen_len, rejected_len = _require_lengths(chosen_lengths, rejected_lengths, "orpo_loss")
+    # A completion of probability 1 has infinite odds; keep the mean log-prob strictly below 0.
+    chosen = (chosen_logps / chosen_len).clamp(max=-1e-6)
+    rejected = (rejected_logps / rejected_len).clamp(max=-1e-6)
+    log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+    losses = -chosen - beta * F.logsigmoid(log_odds)
     return PreferenceLoss(losses, (beta * chosen).detach(), (beta * rejected).detach())

@@ -1,4 +1,4 @@
-"""Offline preference optimisation: DPO and its family, SimPO, CPO (and CPO-SimPO).
+"""Offline preference optimisation: DPO and its family, SimPO, CPO (and CPO-SimPO), ORPO.
 
 Every step runs ONE forward over chosen and rejected rows together (the collator stacks
 them), takes the log-probs of the completion tokens only, and hands per-sequence sums to
@@ -11,7 +11,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from lit_rlhf.losses import cpo_loss, dpo_loss, sequence_logps, simpo_loss
+from lit_rlhf.losses import cpo_loss, dpo_loss, orpo_loss, sequence_logps, simpo_loss
 from lit_rlhf.methods.base import BankMethod
 
 DPOLossType = Literal[
@@ -300,4 +300,29 @@ class CPO(PreferenceMethod):
         )
         metrics = self.pair_metrics(policy, out.chosen_rewards, out.rejected_rewards)
         metrics["nll_loss"] = chosen_nll.detach().mean()
+        return out.losses.mean(), metrics
+
+
+class ORPO(PreferenceMethod):
+    """Odds Ratio Preference Optimization (Hong et al. 2024, arXiv 2403.07691): SFT on the chosen
+    completion plus an odds-ratio penalty on the rejected one, in one stage, no reference model.
+
+    Args:
+        beta: weight λ of the odds-ratio term (the paper's λ; TRL's ``beta``).
+        policy_adapter: the adapter trained as the policy.
+        **kwargs: optimizer and bank arguments of ``BankMethod``.
+    """
+
+    def __init__(self, *, beta: float = 0.1, policy_adapter: str = "policy", **kwargs):
+        super().__init__(**kwargs)
+        if beta <= 0:
+            raise ValueError(f"ORPO: beta must be > 0, got {beta}")
+        self.beta = beta
+        self.policy_adapter = policy_adapter
+
+    def compute_loss(self, batch: dict):
+        policy = self.policy_pair_logps(batch)
+        out = orpo_loss(policy.chosen, policy.rejected, policy.chosen_lengths, policy.rejected_lengths, beta=self.beta)
+        metrics = self.pair_metrics(policy, out.chosen_rewards, out.rejected_rewards)
+        metrics["nll_loss"] = (-policy.chosen / policy.chosen_lengths.clamp(min=1)).detach().mean()
         return out.losses.mean(), metrics

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lit_rlhf.losses import DPO_LOSS_TYPES, cpo_loss, dpo_loss, simpo_loss
+from lit_rlhf.losses import DPO_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, simpo_loss
 
 from _losses_hand import close, logsig, sig, t
 
@@ -195,3 +195,23 @@ def test_cpo_errors():
         cpo_loss(t([-1.0]), t([-2.0]), t([0.1]), loss_type="robust")
     with pytest.raises(ValueError, match="chosen_lengths"):
         cpo_loss(t([-1.0]), t([-2.0]), t([0.1]), loss_type="simpo")
+
+
+def test_orpo_by_hand():
+    """ORPO (Hong et al. 2024, eqs. 4-7): -pc - β logσ(log odds(pc) - log odds(pr)), p = mean log-prob."""
+    beta = 0.3
+    pc, pr, lc, lr = [-6.0, -1.0], [-10.0, -0.5], [3.0, 4.0], [4.0, 1.0]
+    out = orpo_loss(t(pc), t(pr), t(lc), t(lr), beta=beta)
+    expected = []
+    for i in range(2):
+        c, r = pc[i] / lc[i], pr[i] / lr[i]
+        odds_c, odds_r = math.exp(c) / (1 - math.exp(c)), math.exp(r) / (1 - math.exp(r))
+        expected.append(-c - beta * logsig(math.log(odds_c / odds_r)))
+    close(out.losses, expected)
+    close(out.chosen_rewards, [beta * pc[i] / lc[i] for i in range(2)])
+    close(out.rejected_rewards, [beta * pr[i] / lr[i] for i in range(2)])
+    # Near probability 1 (mean log-prob -1e-9) the loss and its gradient stay finite.
+    near_one = t([-1e-9], requires_grad=True)
+    edge = orpo_loss(near_one, t([-3.0]), t([1.0]), t([2.0]), beta=beta)
+    edge.losses.sum().backward()
+    assert torch.isfinite(edge.losses).all() and torch.isfinite(near_one.grad).all()
