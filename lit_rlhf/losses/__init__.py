@@ -10,7 +10,14 @@
 
 from lit_rlhf.losses.distill import JSD_REDUCTIONS, generalized_jsd_loss
 from lit_rlhf.losses.kto import KTOLoss, kto_kl_estimate, kto_loss
-from lit_rlhf.losses.logprobs import SequenceLogps, entropy_from_logits, sequence_logps, token_logps
+from lit_rlhf.losses.logprobs import (
+    SequenceLogps,
+    completion_token_logps,
+    entropy_from_logits,
+    log_sum_squared_probs,
+    sequence_logps,
+    token_logps,
+)
 from lit_rlhf.losses.policy_gradient import (
     GRPO_LOSS_TYPES,
     KL_PENALTY_KINDS,
@@ -33,17 +40,24 @@ from lit_rlhf.losses.policy_gradient import (
 from lit_rlhf.losses.preference import (
     CPO_LOSS_TYPES,
     DPO_LOSS_TYPES,
+    F_DIVERGENCE_LOSS_TYPES,
+    F_DIVERGENCES,
     PreferenceLoss,
     cpo_loss,
     dpo_loss,
+    f_divergence_scores,
+    length_desensitized_logps,
     orpo_loss,
     simpo_loss,
+    wpo_weights,
 )
 from lit_rlhf.losses.reward import RewardLoss, bradley_terry_loss
 
 __all__ = [
     "CPO_LOSS_TYPES",
     "DPO_LOSS_TYPES",
+    "F_DIVERGENCES",
+    "F_DIVERGENCE_LOSS_TYPES",
     "GRPO_LOSS_TYPES",
     "JSD_REDUCTIONS",
     "KL_PENALTY_KINDS",
@@ -57,9 +71,11 @@ __all__ = [
     "SequenceLogps",
     "ValueLoss",
     "bradley_terry_loss",
+    "completion_token_logps",
     "cpo_loss",
     "dpo_loss",
     "entropy_from_logits",
+    "f_divergence_scores",
     "generalized_jsd_loss",
     "gae_advantages",
     "group_advantages",
@@ -67,6 +83,8 @@ __all__ = [
     "kl_penalty",
     "kto_kl_estimate",
     "kto_loss",
+    "length_desensitized_logps",
+    "log_sum_squared_probs",
     "masked_mean",
     "masked_var",
     "orpo_loss",
@@ -77,4 +95,5 @@ __all__ = [
     "simpo_loss",
     "token_logps",
     "whiten",
+    "wpo_weights",
 ]

@@ -113,12 +113,13 @@ def test_dpo_gradients_finite(loss_type):
     pc, pr, rc, rr = _inputs(requires_grad=True)
     out = dpo_loss(
         pc, pr, rc, rr, beta=0.1, loss_type=loss_type, label_smoothing=0.1,
-        chosen_lengths=t([2.0, 3.0]), rejected_lengths=t([4.0, 1.0]),
+        chosen_lengths=t([2.0, 3.0]), rejected_lengths=t([4.0, 1.0]), chosen_nll=-pc / t([2.0, 3.0]),
     )
     assert out.losses.shape == (2,)
     out.losses.mean().backward()
-    assert torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
-    assert pc.grad.abs().sum() > 0
+    assert torch.isfinite(pc.grad).all() and pc.grad.abs().sum() > 0
+    assert (pr.grad is None) == (loss_type == "sft")  # sft reads only the chosen completion
+    assert pr.grad is None or torch.isfinite(pr.grad).all()
 
 
 def test_dpo_errors():
@@ -215,3 +216,113 @@ def test_orpo_by_hand():
     edge = orpo_loss(near_one, t([-3.0]), t([1.0]), t([2.0]), beta=beta)
     edge.losses.sum().backward()
     assert torch.isfinite(edge.losses).all() and torch.isfinite(near_one.grad).all()
+
+
+# -- loss types and f-divergences added for TRL 1.16 parity: random inputs, formulas written out --------
+
+def _random_pairs(n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pc, pr, rc, rr = (-(torch.rand(n, generator=g, dtype=torch.float64) * 6 + 0.5) for _ in range(4))
+    lc, lr = (torch.randint(1, 9, (n,), generator=g).double() for _ in range(2))
+    return pc, pr, rc, rr, lc, lr
+
+
+def test_dpo_exo_pair_by_hand():
+    """EXO (Ji et al. 2024, eq. 16): KL((σ(z), σ(-z)) ‖ (1-ε, ε)), z = βh; ε = 0 means 1e-3."""
+    pc, pr, rc, rr, _, _ = _random_pairs()
+    beta = 0.7
+    for eps_in, eps in ((0.05, 0.05), (0.0, 1e-3)):
+        out = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="exo_pair", label_smoothing=eps_in)
+        expected = []
+        for i in range(5):
+            z = beta * ((pc[i] - rc[i]) - (pr[i] - rr[i])).item()
+            expected.append(sig(z) * (logsig(z) - math.log(1 - eps)) + sig(-z) * (logsig(-z) - math.log(eps)))
+        close(out.losses, expected)
+
+
+def test_dpo_aot_paired_and_unpaired_by_hand():
+    """AOT (Melnyk et al. 2024): cDPO on sorted margins (paired) or sorted log-ratios (unpaired)."""
+    pc, pr, rc, rr, _, _ = _random_pairs()
+    beta, eps = 0.5, 0.1
+    paired = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="aot", label_smoothing=eps)
+    policy = sorted((pc - pr).tolist())
+    ref = sorted((rc - rr).tolist())
+    smoothed = [-(1 - eps) * logsig(beta * (p - q)) - eps * logsig(-beta * (p - q)) for p, q in zip(policy, ref)]
+    close(paired.losses, smoothed)
+    unpaired = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="aot_unpaired", label_smoothing=eps)
+    sa, sb = sorted((pc - rc).tolist()), sorted((pr - rr).tolist())
+    close(unpaired.losses, [-(1 - eps) * logsig(beta * (x - y)) - eps * logsig(-beta * (x - y)) for x, y in zip(sa, sb)])
+
+
+def test_dpo_discopop_by_hand():
+    """DiscoPOP (Lu et al. 2024, eq. 5): (1 - σ(z/τ)) (-logσ(z)) + σ(z/τ) e^(-z), z = βh."""
+    pc, pr, rc, rr, _, _ = _random_pairs()
+    beta, tau = 0.4, 0.05
+    out = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="discopop", discopop_tau=tau)
+    expected = []
+    for i in range(5):
+        z = beta * ((pc[i] - rc[i]) - (pr[i] - rr[i])).item()
+        m = sig(z / tau)
+        expected.append((1 - m) * -logsig(z) + m * math.exp(-z))
+    close(out.losses, expected)
+    with pytest.raises(ValueError, match="discopop_tau"):
+        dpo_loss(pc, pr, rc, rr, loss_type="discopop", discopop_tau=0.0)
+
+
+def test_dpo_sigmoid_norm_by_hand():
+    pc, pr, rc, rr, lc, lr = _random_pairs()
+    beta = 2.0
+    out = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="sigmoid_norm", chosen_lengths=lc, rejected_lengths=lr)
+    hn = [((pc[i] - rc[i]) / lc[i] - (pr[i] - rr[i]) / lr[i]).item() for i in range(5)]
+    close(out.losses, [-logsig(beta * x) for x in hn])
+    close(out.chosen_rewards, [beta * ((pc[i] - rc[i]) / lc[i]).item() for i in range(5)])
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        dpo_loss(pc, pr, rc, rr, loss_type="sigmoid_norm")
+
+
+def test_dpo_sft_is_the_chosen_nll():
+    pc, pr, rc, rr, lc, _ = _random_pairs()
+    out = dpo_loss(pc, pr, rc, rr, loss_type="sft", chosen_nll=-pc / lc)
+    close(out.losses, (-pc / lc).tolist())
+    with pytest.raises(ValueError, match="chosen_nll"):
+        dpo_loss(pc, pr, rc, rr, loss_type="sft")
+
+
+def _f_prime(u: float, kind: str, alpha: float) -> float:
+    """f'(u) of Wang et al. 2023, Table 1, written out."""
+    if kind == "reverse_kl":
+        return math.log(u)
+    if kind == "forward_kl":
+        return 1 - 1 / u
+    if kind == "js_divergence":
+        return math.log(2 * u / (1 + u))
+    return (u ** (alpha - 1) - 1) / (alpha - 1)
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
+def test_dpo_f_divergences_by_hand(kind, loss_type):
+    """f-DPO (Wang et al. 2023): the loss type applied to f'(π/π_ref) in place of the log-ratio."""
+    pc, pr, rc, rr, lc, lr = _random_pairs(seed=1)
+    beta, alpha = 0.3, 0.3
+    out = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, f_divergence=kind, f_alpha=alpha,
+                   chosen_lengths=lc, rejected_lengths=lr)
+    expected = []
+    for i in range(5):
+        a = _f_prime(math.exp((pc[i] - rc[i]).item()), kind, alpha)
+        b = _f_prime(math.exp((pr[i] - rr[i]).item()), kind, alpha)
+        if loss_type == "ipo":
+            h = a / lc[i].item() - b / lr[i].item()
+            expected.append((h - 1 / (2 * beta)) ** 2)
+        else:
+            h = a - b
+            expected.append(-logsig(beta * h) if loss_type == "sigmoid" else max(0.0, 1 - beta * h))
+    close(out.losses, expected)
+
+
+def test_dpo_f_divergence_refused_where_undefined():
+    for loss_type in ("bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down", "aot", "aot_unpaired"):
+        with pytest.raises(ValueError, match="undefined for loss_type"):
+            dpo_loss(*_inputs(), loss_type=loss_type, f_divergence="forward_kl")
+    with pytest.raises(ValueError, match="valid names are reverse_kl"):
+        dpo_loss(*_inputs(), f_divergence="chi2")
