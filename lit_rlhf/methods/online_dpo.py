@@ -96,7 +96,8 @@ class OnlineDPO(OnlineMethod):
         ref_chosen, ref_rejected = chosen_rejected(ref_logps)
         chosen_len, rejected_len = chosen_rejected(lengths)
         out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.beta, loss_type=self.loss_type,
-                       label_smoothing=self.label_smoothing, chosen_lengths=chosen_len, rejected_lengths=rejected_len)
+                       label_smoothing=self.label_smoothing, chosen_lengths=chosen_len, rejected_lengths=rejected_len,
+                       chosen_nll=-chosen / chosen_len.clamp(min=1))
         pairs = weight.sum().clamp(min=1)
         loss = (out.losses * weight).sum() / pairs
 
