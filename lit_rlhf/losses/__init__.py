@@ -9,7 +9,7 @@
 """
 
 from lit_rlhf.losses.distill import JSD_REDUCTIONS, generalized_jsd_loss
-from lit_rlhf.losses.kto import KTOLoss, kto_kl_estimate, kto_loss
+from lit_rlhf.losses.kto import KTO_LOSS_TYPES, KTOLoss, kto_kl_estimate, kto_loss
 from lit_rlhf.losses.logprobs import (
     SequenceLogps,
     completion_token_logps,
@@ -67,6 +67,7 @@ __all__ = [
     "IMPORTANCE_SAMPLING_LEVELS",
     "JSD_REDUCTIONS",
     "KL_PENALTY_KINDS",
+    "KTO_LOSS_TYPES",
     "SCALE_REWARDS",
     "Advantages",
     "GRPOLoss",

@@ -350,6 +350,7 @@ def cpo_loss(
     rejected_lengths: torch.Tensor | None = None,
     simpo_gamma: float = 0.5,
     label_smoothing: float = 0.0,
+    alphapo_alpha: float = 0.0,
 ) -> PreferenceLoss:
     """CPO: reference-free preference loss plus a behaviour-cloning NLL on the chosen response.
 
@@ -364,7 +365,10 @@ def cpo_loss(
     - ``simpo``: ``-(1-ε) logσ(β h' - γ) - ε logσ(-(β h' - γ))`` with ``γ = simpo_gamma``
       (needs lengths)
 
-    and to each ``+ α · chosen_nll``.
+    and to each ``+ α · chosen_nll``. With ``alphapo_alpha = a ≠ 0`` (AlphaPO, Gupta et al. 2025,
+    "AlphaPO: Reward Shape Matters for LLM Alignment", arXiv 2501.03884) each log-prob ``ℓ``
+    (length-normalised where the loss type normalises) is first reshaped into the reward
+    ``(1 - e^(-a ℓ)) / a`` (``ℓ`` itself as ``a → 0``), and ``h`` is the difference of those.
 
     Args:
         chosen_logps, rejected_logps: ``(batch,)`` summed policy log-probs.
@@ -377,10 +381,11 @@ def cpo_loss(
             ``simpo``.
         simpo_gamma: margin γ of ``simpo`` (absolute, not divided by β).
         label_smoothing: ε in ``[0, 0.5)``, used by ``sigmoid`` and ``simpo``.
+        alphapo_alpha: AlphaPO's shape parameter ``a`` (TRL's CPO ``alpha``); 0 keeps log-probs.
 
     Returns:
         :class:`PreferenceLoss` with rewards ``β πc``, ``β πr`` detached (``β πc/|c|``,
-        ``β πr/|r|`` for ``ipo`` and ``simpo``).
+        ``β πr/|r|`` for ``ipo`` and ``simpo``; AlphaPO's reshaped rewards times β when ``a ≠ 0``).
     """
     _check_loss_type(loss_type, CPO_LOSS_TYPES, "cpo_loss")
     _check_label_smoothing(label_smoothing)
@@ -390,6 +395,9 @@ def cpo_loss(
         chosen_len, rejected_len = _require_lengths(chosen_lengths, rejected_lengths, f"loss_type={loss_type!r}")
         chosen = chosen / chosen_len
         rejected = rejected / rejected_len
+    if alphapo_alpha != 0.0:
+        chosen = (1 - torch.exp(-alphapo_alpha * chosen)) / alphapo_alpha
+        rejected = (1 - torch.exp(-alphapo_alpha * rejected)) / alphapo_alpha
     h = chosen - rejected
     if loss_type == "sigmoid":
         pref = _smoothed_sigmoid_loss(beta * h, label_smoothing)

@@ -12,6 +12,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from lit_rlhf.losses import (
+    CPO_LOSS_TYPES,
     DPO_LOSS_TYPES,
     F_DIVERGENCE_LOSS_TYPES,
     F_DIVERGENCES,
@@ -456,6 +457,10 @@ class SimPO(PreferenceMethod):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if beta <= 0:
+            raise ValueError(f"SimPO: beta must be > 0, got {beta}")
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"SimPO: label_smoothing must be in [0, 0.5), got {label_smoothing}")
         self.beta = beta
         self.gamma_beta_ratio = gamma_beta_ratio
         self.label_smoothing = label_smoothing
@@ -486,6 +491,10 @@ class CPO(PreferenceMethod):
         loss_type: ``sigmoid``, ``hinge``, ``ipo`` or ``simpo``.
         simpo_gamma: target margin of ``simpo``.
         label_smoothing: probability that a preference label is flipped.
+        alphapo_alpha: AlphaPO's reward shape (Gupta et al. 2025, arXiv 2501.03884): each
+            log-prob ``ℓ`` becomes ``(1 - e^(-aℓ))/a``; 0 (default) is plain CPO. TRL's CPO calls
+            it ``alpha`` (and our ``alpha``, the NLL weight, ``cpo_alpha``); TRL's ``alphapo``
+            loss type is ``loss_type: simpo, alpha: 0, alphapo_alpha: a`` here.
         policy_adapter: the adapter trained as the policy.
         **kwargs: optimizer and bank arguments of ``BankMethod``.
     """
@@ -498,15 +507,23 @@ class CPO(PreferenceMethod):
         loss_type: Literal["sigmoid", "hinge", "ipo", "simpo"] = "sigmoid",
         simpo_gamma: float = 0.5,
         label_smoothing: float = 0.0,
+        alphapo_alpha: float = 0.0,
         policy_adapter: str = "policy",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if loss_type not in CPO_LOSS_TYPES:
+            raise ValueError(f"CPO: unknown loss_type {loss_type!r}; valid names are {', '.join(CPO_LOSS_TYPES)}")
+        if beta <= 0:
+            raise ValueError(f"CPO: beta must be > 0, got {beta}")
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"CPO: label_smoothing must be in [0, 0.5), got {label_smoothing}")
         self.beta = beta
         self.alpha = alpha
         self.loss_type = loss_type
         self.simpo_gamma = simpo_gamma
         self.label_smoothing = label_smoothing
+        self.alphapo_alpha = alphapo_alpha
         self.policy_adapter = policy_adapter
 
     def compute_loss(self, batch: dict):
@@ -523,6 +540,7 @@ class CPO(PreferenceMethod):
             rejected_lengths=policy.rejected_lengths,
             simpo_gamma=self.simpo_gamma,
             label_smoothing=self.label_smoothing,
+            alphapo_alpha=self.alphapo_alpha,
         )
         metrics = self.pair_metrics(policy, out.chosen_rewards, out.rejected_rewards)
         metrics["nll_loss"] = chosen_nll.detach().mean()

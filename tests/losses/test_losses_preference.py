@@ -326,3 +326,23 @@ def test_dpo_f_divergence_refused_where_undefined():
             dpo_loss(*_inputs(), loss_type=loss_type, f_divergence="forward_kl")
     with pytest.raises(ValueError, match="valid names are reverse_kl"):
         dpo_loss(*_inputs(), f_divergence="chi2")
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "simpo"])
+def test_cpo_alphapo_reward_shape_by_hand(loss_type):
+    """AlphaPO (Gupta et al. 2025): each log-prob ℓ becomes (1 - e^(-aℓ))/a before the CPO loss."""
+    beta, a, gamma = 0.5, 0.3, 0.4
+    pc, pr, lc, lr, nll = [-6.0, -2.0], [-10.0, -9.0], [3.0, 2.0], [4.0, 3.0], [0.7, 1.1]
+    out = cpo_loss(t(pc), t(pr), t(nll), beta=beta, alpha=0.5, loss_type=loss_type, chosen_lengths=t(lc),
+                   rejected_lengths=t(lr), simpo_gamma=gamma, alphapo_alpha=a)
+    expected = []
+    for i in range(2):
+        c, r = (pc[i] / lc[i], pr[i] / lr[i]) if loss_type == "simpo" else (pc[i], pr[i])
+        rc, rr = (1 - math.exp(-a * c)) / a, (1 - math.exp(-a * r)) / a
+        z = beta * (rc - rr) - (gamma if loss_type == "simpo" else 0.0)
+        expected.append(-logsig(z) + 0.5 * nll[i])
+    close(out.losses, expected)
+    plain = cpo_loss(t(pc), t(pr), t(nll), beta=beta, loss_type=loss_type, chosen_lengths=t(lc),
+                     rejected_lengths=t(lr), simpo_gamma=gamma, alphapo_alpha=1e-9)
+    close(plain.losses, cpo_loss(t(pc), t(pr), t(nll), beta=beta, loss_type=loss_type, chosen_lengths=t(lc),
+                                 rejected_lengths=t(lr), simpo_gamma=gamma).losses, atol=1e-6)
