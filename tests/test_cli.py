@@ -24,7 +24,7 @@ def test_every_shipped_config_parses_and_builds(config):
     assert cli.datamodule is not None
 
 
-@pytest.mark.parametrize("config", ["dpo", "simpo", "cpo"])
+@pytest.mark.parametrize("config", ["dpo", "simpo", "cpo", "orpo"])
 def test_preference_config_fits_logs_and_exports_a_peft_adapter(tmp_path, config):
     cli = build_cli(["fit", "--config", f"configs/{config}.yaml", "--trainer.default_root_dir", str(tmp_path), *QUICK])
     log_dir = Path(cli.trainer.log_dir)

@@ -49,7 +49,8 @@ class PreferenceCollator:
     Returns ``input_ids``, ``attention_mask``, ``completion_mask``: ``(2 * batch, seq)``,
     right-padded; rows ``[:batch]`` are prompt + chosen, rows ``[batch:]`` prompt + rejected.
     Examples carrying precomputed ``ref_chosen_logps`` / ``ref_rejected_logps`` add them as
-    ``(batch,)`` float tensors.
+    ``(batch,)`` float tensors; a ``margin`` field (reward modelling) adds ``margin`` ``(batch,)``,
+    0 for rows without one.
 
     Args:
         pad_token_id: the id padding is filled with.
@@ -66,6 +67,9 @@ class PreferenceCollator:
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if key in examples[0]:
                 batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
+        # A row without a margin in data that has some states no preference strength: margin 0.
+        if any("margin" in e for e in examples):
+            batch["margin"] = torch.tensor([e.get("margin", 0.0) for e in examples], dtype=torch.float32)
         return batch
 
 
@@ -152,7 +156,8 @@ class UnpairedCollator:
     Returns ``input_ids``, ``attention_mask``, ``completion_mask``: ``(batch, seq)``;
     ``labels``: ``(batch,)`` bool (True = desirable); ``kl_input_ids``,
     ``kl_attention_mask``, ``kl_completion_mask``: ``(batch, kl_seq)``, row ``i`` is prompt
-    ``i`` with completion ``(i + 1) % batch``.
+    ``i`` with completion ``(i + 1) % batch``; ``ref_logps``: ``(batch,)`` float, when the
+    examples carry precomputed reference log-probs.
 
     Args:
         pad_token_id: the id padding is filled with.
@@ -173,6 +178,9 @@ class UnpairedCollator:
         kl = _sequences(prompts, shifted, self.pad_token_id)
         batch["labels"] = torch.tensor([bool(e["label"]) for e in examples], dtype=torch.bool)
         batch.update({f"kl_{k}": v for k, v in kl.items()})
+        # Reference log-probs precomputed once by a method travel with their examples.
+        if "ref_logps" in examples[0]:
+            batch["ref_logps"] = torch.tensor([e["ref_logps"] for e in examples], dtype=torch.float32)
         return batch
 
 

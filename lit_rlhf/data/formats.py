@@ -3,7 +3,7 @@
 | format     | fields                                                        |
 |------------|---------------------------------------------------------------|
 | prompt     | ``prompt``                                                    |
-| preference | ``prompt``, ``chosen``, ``rejected``; or implicit ``chosen``, ``rejected`` |
+| preference | ``prompt``, ``chosen``, ``rejected``; or implicit ``chosen``, ``rejected``; optional ``margin`` |
 | unpaired   | ``prompt``, ``completion``, ``label`` (bool)                  |
 | sft        | ``text``; or ``messages``; or ``prompt`` + ``completion``     |
 
@@ -20,6 +20,7 @@ together, or drops the rows and logs the count (``on_invalid="skip"``).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -250,6 +251,22 @@ def _check_prompt_turn(prompt: list, where: Where) -> list[DataError]:
     return []
 
 
+def _check_margin(row: dict, where: Where) -> tuple[float | None, list[DataError]]:
+    """The optional ``margin`` of a preference row: a finite number (how much better ``chosen`` is,
+    read by the reward model's loss), or absent / null."""
+    value = row.get("margin")
+    if value is None:
+        return None, []
+    if where.kind == "csv" and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None, [row_error(where, "margin", f"is {value!r}; it must be a finite number (or left out)")]
+    return float(value), []
+
+
 def check_row(fmt: str, row: Any, where: Where, conversational: bool, mode_hint: str = "") -> tuple[dict | None, list[DataError]]:
     """Validate one raw row and normalise it into a record.
 
@@ -262,7 +279,8 @@ def check_row(fmt: str, row: Any, where: Where, conversational: bool, mode_hint:
 
     Returns:
         ``(record, [])`` or ``(None, errors)``. Records are
-        prompt ``{"prompt"}``; preference ``{"prompt" (None when implicit), "chosen", "rejected"}``;
+        prompt ``{"prompt"}``; preference ``{"prompt" (None when implicit), "chosen", "rejected"}``
+        plus ``"margin"`` (float) when the row has one;
         unpaired ``{"prompt", "completion", "label"}``; sft ``{"prompt", "completion"}`` where
         ``prompt`` is None for a ``text`` row, and a ``messages`` row is split before its
         last (assistant) message.
@@ -294,9 +312,14 @@ def check_row(fmt: str, row: Any, where: Where, conversational: bool, mode_hint:
         if not errors and row["chosen"] == row["rejected"]:
             errors.append(row_error(where, "chosen", "is identical to 'rejected'; a preference pair needs two "
                                     "different completions"))
+        margin, margin_errors = _check_margin(row, where)
+        errors += margin_errors
         if errors:
             return None, errors
-        return {"prompt": None if implicit else row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}, []
+        record = {"prompt": None if implicit else row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
+        if margin is not None:
+            record["margin"] = margin
+        return record, []
 
     if fmt == "unpaired":
         errors = text("prompt", nonempty=True) + text("completion", True)

@@ -201,6 +201,8 @@ def tokenize_record(fmt: str, record: dict, tokenizer, where: Where, *, conversa
         example[IDS_KEY[field]] = ids
     if fmt == "unpaired":
         example["label"] = record["label"]
+    if "margin" in record:
+        example["margin"] = record["margin"]
     return example, cut
 
 

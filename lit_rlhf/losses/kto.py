@@ -6,7 +6,9 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["KTOLoss", "kto_kl_estimate", "kto_loss"]
+__all__ = ["KTO_LOSS_TYPES", "KTOLoss", "kto_kl_estimate", "kto_loss"]
+
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
 class KTOLoss(NamedTuple):
@@ -57,6 +59,7 @@ def kto_loss(
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    loss_type: str = "kto",
 ) -> KTOLoss:
     """KTO loss on unpaired examples.
 
@@ -65,6 +68,10 @@ def kto_loss(
 
         desirable   (label True):  w_d · (1 - σ(β (r - z0)))
         undesirable (label False): w_u · (1 - σ(β (z0 - r)))
+
+    ``loss_type="apo_zero_unpaired"`` is the unpaired APO-zero loss (D'Oosterlinck et al. 2024,
+    "Anchored Preference Optimization", arXiv 2408.06266): the same with the anchor at 0,
+    ``w_d (1 - σ(βr))`` and ``w_u σ(βr)``; ``kl`` is ignored (pass 0 and skip its estimate).
 
     Choose the weights so that ``w_d · n_desirable / (w_u · n_undesirable)`` lies in
     ``[1, 4/3]`` (paper, section 4.2).
@@ -75,12 +82,17 @@ def kto_loss(
         kl: scalar reference point, e.g. from :func:`kto_kl_estimate`.
         beta: β > 0.
         desirable_weight, undesirable_weight: ``w_d``, ``w_u``.
+        loss_type: one of ``KTO_LOSS_TYPES``.
 
     Returns:
         :class:`KTOLoss` with ``losses`` ``(batch,)``, ``rewards = β r`` detached, and ``kl``.
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}.")
+    if loss_type not in KTO_LOSS_TYPES:
+        raise ValueError(f"kto_loss: unknown loss_type {loss_type!r}; valid names are {', '.join(KTO_LOSS_TYPES)}.")
+    if loss_type == "apo_zero_unpaired":
+        kl = 0.0
     if labels.shape != policy_logps.shape:
         raise ValueError(
             f"labels {tuple(labels.shape)} must match policy_logps {tuple(policy_logps.shape)}: one bool per row."

@@ -16,7 +16,14 @@ from typing import NamedTuple
 import torch
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["SequenceLogps", "entropy_from_logits", "sequence_logps", "token_logps"]
+__all__ = [
+    "SequenceLogps",
+    "completion_token_logps",
+    "entropy_from_logits",
+    "log_sum_squared_probs",
+    "sequence_logps",
+    "token_logps",
+]
 
 
 class SequenceLogps(NamedTuple):
@@ -125,6 +132,35 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, *, chunk_size: int |
     return _ChunkedTokenLogps.apply(logits_2d, labels_1d, chunk_size).view(labels.shape)
 
 
+def completion_token_logps(
+    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of the completion tokens, aligned with the logits that predict them.
+
+    Position ``t`` holds ``log p(input_ids[b, t+1] | input_ids[b, <=t])`` (read from
+    ``logits[b, t]``) where ``input_ids[b, t+1]`` is a completion token, else 0.
+
+    Returns:
+        ``(per_token, mask)``: ``(batch, seq)`` float32 log-probs (0 off the completion) and the
+        ``(batch, seq)`` bool mask of the positions that predict a completion token.
+    """
+    # Shift the labels rather than slicing logits[:, :-1]: the slice is not contiguous and
+    # would force a copy of the whole logits tensor. The last position predicts nothing and
+    # gets label 0 with mask 0.
+    pad_col = torch.zeros_like(input_ids[:, :1])
+    labels = torch.cat([input_ids[:, 1:], pad_col], dim=1)
+    mask = torch.cat([completion_mask[:, 1:], torch.zeros_like(completion_mask[:, :1])], dim=1).bool()
+    per_token = token_logps(logits, labels)
+    return torch.where(mask, per_token, torch.zeros_like(per_token)), mask
+
+
+@torch.no_grad()
+def log_sum_squared_probs(logits: torch.Tensor) -> torch.Tensor:
+    """``log Σ_v p(v)²`` at every position, ``(batch, seq)`` float32, without gradient: the
+    normaliser of WPO's sampling weights (Zhou et al. 2024, arXiv 2406.11827, eq. 2)."""
+    return torch.logsumexp(2 * torch.log_softmax(logits.float(), dim=-1), dim=-1)
+
+
 def sequence_logps(
     logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
 ) -> SequenceLogps:
@@ -149,14 +185,8 @@ def sequence_logps(
             f"expected logits (batch, seq, vocab) and input_ids, completion_mask (batch, seq); got "
             f"{tuple(logits.shape)}, {tuple(input_ids.shape)}, {tuple(completion_mask.shape)}."
         )
-    # Shift the labels rather than slicing logits[:, :-1]: the slice is not contiguous and
-    # would force a copy of the whole logits tensor. The last position predicts nothing and
-    # gets label 0 with mask 0.
-    pad_col = torch.zeros_like(input_ids[:, :1])
-    labels = torch.cat([input_ids[:, 1:], pad_col], dim=1)
-    mask = torch.cat([completion_mask[:, 1:], torch.zeros_like(completion_mask[:, :1])], dim=1).bool()
-    per_token = token_logps(logits, labels)
-    logps = torch.where(mask, per_token, torch.zeros_like(per_token)).sum(dim=-1)
+    per_token, mask = completion_token_logps(logits, input_ids, completion_mask)
+    logps = per_token.sum(dim=-1)
     return SequenceLogps(logps=logps, num_tokens=mask.sum(dim=-1))
 
 

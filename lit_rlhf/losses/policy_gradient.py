@@ -13,7 +13,9 @@ import torch
 
 __all__ = [
     "GRPO_LOSS_TYPES",
+    "IMPORTANCE_SAMPLING_LEVELS",
     "KL_PENALTY_KINDS",
+    "SCALE_REWARDS",
     "Advantages",
     "GRPOLoss",
     "GroupAdvantages",
@@ -22,17 +24,21 @@ __all__ = [
     "gae_advantages",
     "group_advantages",
     "grpo_loss",
+    "high_entropy_mask",
+    "importance_log_ratio",
     "kl_penalty",
     "masked_mean",
     "masked_var",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "resolve_scale_rewards",
     "rloo_advantages",
     "whiten",
 ]
 
 KL_PENALTY_KINDS = ("k1", "k2", "k3", "abs")
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "token", "dr_grpo")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "token", "dapo", "dr_grpo", "cispo")
+SCALE_REWARDS = ("group", "batch", "none")
 
 
 class Advantages(NamedTuple):
@@ -248,22 +254,48 @@ def gae_advantages(
     return Advantages(advantages, returns)
 
 
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+
+
+def importance_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor,
+                         level: str = "token") -> torch.Tensor:
+    """``log ρ``: per token ``logp_t - old_logp_t`` (``(batch, seq)``), or per sequence the mean of
+    those over the sequence's tokens (``(batch, 1)``, GSPO: Zheng et al. 2025, "Group Sequence
+    Policy Optimization", arXiv 2507.18071, eq. 7, a length-normalised sequence likelihood ratio).
+    """
+    log_ratio = logprobs - old_logprobs
+    if level == "token":
+        return log_ratio
+    if level == "sequence":
+        return masked_mean(log_ratio, mask, dim=1).unsqueeze(-1)
+    raise ValueError(f"unknown importance_sampling_level {level!r}; valid values are {', '.join(IMPORTANCE_SAMPLING_LEVELS)}.")
+
+
 def _clipped_surrogate(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     clip_low: float,
     clip_high: float,
+    *,
+    mask: torch.Tensor | None = None,
+    level: str = "token",
+    delta: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token PPO clipped objective (as a loss) and where its clipped branch is taken."""
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(-1)  # one advantage per sequence, shared by its tokens
-    ratio = torch.exp(logprobs - old_logprobs)
-    unclipped = -advantages * ratio
+    log_ratio = logprobs - old_logprobs if mask is None else importance_log_ratio(logprobs, old_logprobs, mask, level)
+    ratio = torch.exp(log_ratio)
     clipped = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    if delta is not None:
+        # Two-sided clipping (INTELLECT-2, arXiv 2505.07291): the unclipped branch is capped at δ too,
+        # so a negative advantage cannot push an already large ratio arbitrarily far.
+        ratio = torch.clamp(ratio, max=delta)
+    unclipped = -advantages * ratio
     # The max of the two losses is the pessimistic (lower) bound of PPO's objective.
-    per_token = torch.maximum(unclipped, clipped)
-    return per_token, (clipped > unclipped)
+    per_token = torch.maximum(unclipped, clipped).expand_as(logprobs)
+    return per_token, (clipped > unclipped).expand_as(logprobs)
 
 
 def ppo_policy_loss(
@@ -274,6 +306,7 @@ def ppo_policy_loss(
     *,
     clip_range: float = 0.2,
     clip_range_high: float | None = None,
+    importance_sampling_level: str = "token",
 ) -> PolicyLoss:
     """PPO clipped-surrogate policy loss.
 
@@ -282,7 +315,9 @@ def ppo_policy_loss(
 
         loss = masked_mean_t( max(-A_t ρ_t, -A_t clip(ρ_t, 1 - ε, 1 + ε_high)) )
 
-    ``ε_high`` defaults to ``ε``; a larger one is DAPO's clip-higher (arXiv 2503.14476).
+    ``ε_high`` defaults to ``ε``; a larger one is DAPO's clip-higher (arXiv 2503.14476). With
+    ``importance_sampling_level="sequence"`` every token of a sequence shares the sequence-level
+    ratio ``ρ = exp(mean_t(logp_t - old_logp_t))`` (GSPO, arXiv 2507.18071).
 
     Args:
         logprobs: ``(batch, seq)`` current policy log-probs of the sampled tokens.
@@ -291,12 +326,14 @@ def ppo_policy_loss(
         mask: ``(batch, seq)``, 1 on response tokens.
         clip_range: ε.
         clip_range_high: ``ε_high``; ``None`` means ``ε``.
+        importance_sampling_level: ``token`` or ``sequence``.
 
     Returns:
         :class:`PolicyLoss` of scalars.
     """
     high = clip_range if clip_range_high is None else clip_range_high
-    per_token, clipped = _clipped_surrogate(logprobs, old_logprobs, advantages, clip_range, high)
+    per_token, clipped = _clipped_surrogate(logprobs, old_logprobs, advantages, clip_range, high, mask=mask,
+                                            level=importance_sampling_level)
     loss = masked_mean(per_token, mask)
     with torch.no_grad():
         clipfrac = masked_mean(clipped.float(), mask)
@@ -371,23 +408,39 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     return (grouped - baseline).reshape(-1)
 
 
+def resolve_scale_rewards(scale_rewards: bool | str) -> str:
+    """``scale_rewards`` as one of ``SCALE_REWARDS``; the booleans of earlier configs are aliases:
+    ``True`` is ``group``, ``False`` is ``none`` (as in TRL)."""
+    if scale_rewards is True:
+        return "group"
+    if scale_rewards is False:
+        return "none"
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards must be one of {', '.join(SCALE_REWARDS)} (or true = group, false = none), "
+                         f"got {scale_rewards!r}")
+    return scale_rewards
+
+
 def group_advantages(
-    rewards: torch.Tensor, k: int, *, scale_rewards: bool = True, eps: float = 1e-4
+    rewards: torch.Tensor, k: int, *, scale_rewards: bool | str = "group", eps: float = 1e-4
 ) -> GroupAdvantages:
     """Group-relative advantages of GRPO.
 
     Shao et al. 2024, "DeepSeekMath", arXiv 2402.03300:
 
-        A_i = (r_i - mean(group)) / (std(group) + eps)     if scale_rewards
-        A_i =  r_i - mean(group)                           otherwise (Dr. GRPO, arXiv 2503.20783)
+        A_i = (r_i - mean(group)) / (std(group) + eps)     scale_rewards = group (True)
+        A_i = (r_i - mean(group)) / (std(batch) + eps)     scale_rewards = batch (Hu et al. 2025,
+                                                           REINFORCE++, arXiv 2501.03262; TRL's "batch")
+        A_i =  r_i - mean(group)                           scale_rewards = none (False; Dr. GRPO,
+                                                           arXiv 2503.20783)
 
-    ``std`` is unbiased (``/(k-1)``) as in GRPO and TRL. A group whose rewards are all equal
+    ``std`` is unbiased (``/(n-1)``) as in GRPO and TRL. A group whose rewards are all equal
     gets advantages exactly 0 (not float noise, never nan), including ``k == 1``.
 
     Args:
         rewards: ``(num_prompts * k,)``; prompt ``p`` owns rows ``p*k .. p*k + k - 1``.
         k: completions per prompt, ``>= 1``.
-        scale_rewards: divide by the group's standard deviation.
+        scale_rewards: ``group``, ``batch`` or ``none`` (``True``/``False`` are ``group``/``none``).
         eps: added to the standard deviation.
 
     Returns:
@@ -395,16 +448,32 @@ def group_advantages(
     """
     if k < 1:
         raise ValueError(f"group_advantages needs k >= 1, got k={k}.")
+    scale = resolve_scale_rewards(scale_rewards)
     grouped = _grouped(rewards, k, "group_advantages")
     mean = grouped.mean(dim=1, keepdim=True)
     centred = grouped - mean
     zero_std = (grouped == grouped[:, :1]).all(dim=1)
-    if scale_rewards:
-        # Manual unbiased std: torch.std gives nan (and a warning) for k == 1.
-        std = torch.sqrt((centred**2).sum(dim=1, keepdim=True) / max(k - 1, 1))
-        centred = centred / (std + eps)
+    # Manual unbiased std: torch.std gives nan (and a warning) for a single element.
+    if scale == "group":
+        centred = centred / (torch.sqrt((centred**2).sum(dim=1, keepdim=True) / max(k - 1, 1)) + eps)
+    elif scale == "batch":
+        n = grouped.numel()
+        centred = centred / (torch.sqrt(((grouped - grouped.mean()) ** 2).sum() / max(n - 1, 1)) + eps)
     advantages = torch.where(zero_std[:, None], torch.zeros_like(centred), centred)
     return GroupAdvantages(advantages.reshape(-1), zero_std)
+
+
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
+    """The response tokens whose entropy is in the top ``quantile`` of this batch's tokens
+    ("Beyond the 80/20 Rule", Wang et al. 2025, arXiv 2506.01939; their ρ = 0.2): tokens with
+    entropy ``>=`` the ``1 - quantile`` quantile of the masked entropies. ``quantile = 1`` keeps
+    every token, ``0`` only the highest. ``(batch, seq)`` bool, False on padding."""
+    valid = mask.bool()
+    values = entropy.detach()[valid].float()
+    if values.numel() == 0:
+        return valid
+    threshold = torch.quantile(values, 1.0 - quantile)
+    return (entropy.detach() >= threshold) & valid
 
 
 def grpo_loss(
@@ -419,36 +488,67 @@ def grpo_loss(
     ref_logprobs: torch.Tensor | None = None,
     loss_type: str = "grpo",
     max_completion_length: int | None = None,
+    num_tokens: float | torch.Tensor | None = None,
+    importance_sampling_level: str = "token",
+    delta: float | None = None,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    top_entropy_quantile: float = 1.0,
 ) -> GRPOLoss:
-    """GRPO policy loss with its token-aggregation variants.
+    """GRPO policy loss with its surrogate and token-aggregation variants.
 
     Per token (Shao et al. 2024, arXiv 2402.03300), with ``ρ_t = exp(logp_t - old_logp_t)``:
 
-        ℓ_t = max(-A ρ_t, -A clip(ρ_t, 1 - ε, 1 + ε_high)) + β · k3_t
+        ℓ_t = max(-A min(ρ_t, δ), -A clip(ρ_t, 1 - ε, 1 + ε_high)) + β · k3_t
         k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1
 
-    aggregated by ``loss_type``:
+    ``δ = delta`` is INTELLECT-2's two-sided clipping (arXiv 2505.07291; ``None``: no cap). With
+    ``importance_sampling_level="sequence"``, ``ρ`` is the sequence's
+    ``exp(mean_t(logp_t - old_logp_t))`` shared by its tokens (GSPO, arXiv 2507.18071). With
+    ``top_entropy_quantile = q < 1`` only the tokens in the top ``q`` of entropy keep a policy
+    term (:func:`high_entropy_mask`, arXiv 2506.01939; the KL term keeps every token). With
+    ``entropy_coef = c``, ``- c · mean_t H_t`` over the same tokens is added (an entropy bonus,
+    a mean whatever the aggregation, as TRL).
+
+    ``loss_type`` picks the aggregation (and, for ``cispo``, the surrogate):
 
     - ``grpo``: mean over each sequence's tokens, then mean over sequences (GRPO paper);
       longer sequences get less weight per token.
-    - ``bnpo`` / ``token``: ``Σ ℓ_t / Σ mask`` over the batch, every token weighted equally
-      (DAPO, Yu et al. 2025, arXiv 2503.14476). Normalised by this batch's tokens; for DAPO's
-      global normaliser across ranks, all-reduce yourself.
+    - ``bnpo`` / ``token``: ``Σ ℓ_t / Σ mask`` over the tokens *of this call* (one micro-batch
+      on one rank). Every token of the micro-batch weighs the same, but under gradient
+      accumulation or DDP micro-batches with fewer tokens weigh more per token: this is not
+      DAPO's loss unless the optimizer step is one micro-batch on one rank.
+    - ``dapo``: ``Σ ℓ_t / num_tokens`` with ``num_tokens`` the response tokens of the whole
+      optimizer step (all micro-batches, all ranks; divided by the number of ranks, since DDP
+      averages gradients over ranks): every token of the step weighs the same, DAPO's
+      token-level loss (Yu et al. 2025, arXiv 2503.14476; TRL's ``dapo``). The caller sums the
+      micro-batch losses without reweighting them.
     - ``dr_grpo``: ``Σ ℓ_t / (batch · max_completion_length)``, a constant normaliser that
       removes the length bias (Liu et al. 2025, "Understanding R1-Zero-Like Training",
       arXiv 2503.20783); needs ``max_completion_length``.
+    - ``cispo``: CISPO (MiniMax-M1, arXiv 2506.13585; ScaleRL, arXiv 2510.13786): no clipped
+      branch; the gradient of every token flows through ``logp_t`` weighted by the clipped,
+      detached ratio, ``ℓ_t = -sg(min(ρ_t, ε_high)) A log p_t``, aggregated as ``dapo``.
+      ``epsilon_high`` is the cap ``ε_max`` itself here (the paper's 5.0 is typical), required.
 
     Args:
         logprobs, old_logprobs: ``(batch, seq)`` current and rollout-time log-probs.
         advantages: ``(batch,)`` (one per completion) or ``(batch, seq)``.
-        mask: ``(batch, seq)``, 1 on completion tokens.
+        mask: ``(batch, seq)``, 1 on completion tokens that enter the loss.
         epsilon: lower clip ε.
-        epsilon_high: upper clip ``ε_high``; ``None`` means ``ε``.
+        epsilon_high: upper clip ``ε_high``; ``None`` means ``ε``. For ``cispo``, the cap on ρ.
         beta: KL coefficient β; when > 0, ``ref_logprobs`` is required.
         ref_logprobs: ``(batch, seq)`` reference log-probs; if given, ``kl`` is reported even
             with ``beta == 0``.
         loss_type: one of ``GRPO_LOSS_TYPES``.
         max_completion_length: generation length limit, required by ``dr_grpo``.
+        num_tokens: the optimizer step's response tokens per rank, required by ``dapo`` and ``cispo``.
+        importance_sampling_level: ``token`` or ``sequence``.
+        delta: cap δ > 1 + ε_high of the unclipped ratio, or ``None``.
+        entropy: ``(batch, seq)`` policy entropy per token, required when ``entropy_coef`` > 0 or
+            ``top_entropy_quantile`` < 1.
+        entropy_coef: weight of the entropy bonus.
+        top_entropy_quantile: fraction ``q`` in ``[0, 1]`` of highest-entropy tokens kept.
 
     Returns:
         :class:`GRPOLoss` of scalars.
@@ -459,23 +559,45 @@ def grpo_loss(
         raise ValueError(f"grpo_loss: beta={beta} > 0 adds a KL penalty to the reference; pass ref_logprobs.")
     if loss_type == "dr_grpo" and not max_completion_length:
         raise ValueError("grpo_loss: loss_type='dr_grpo' normalises by batch * max_completion_length; pass it.")
-    high = epsilon if epsilon_high is None else epsilon_high
-    per_token, clipped = _clipped_surrogate(logprobs, old_logprobs, advantages, epsilon, high)
+    if loss_type in ("dapo", "cispo") and num_tokens is None:
+        raise ValueError(f"grpo_loss: loss_type={loss_type!r} normalises by the optimizer step's response tokens; "
+                         "pass num_tokens.")
+    if loss_type == "cispo" and epsilon_high is None:
+        raise ValueError("grpo_loss: loss_type='cispo' caps the ratio at epsilon_high (e.g. 5.0); pass it.")
+    if (entropy_coef > 0 or top_entropy_quantile < 1.0) and entropy is None:
+        raise ValueError("grpo_loss: entropy_coef and top_entropy_quantile need the per-token entropy; pass entropy.")
+    mask_f = mask.to(logprobs.dtype)
+    if loss_type == "cispo":
+        ratio = torch.exp(importance_log_ratio(logprobs, old_logprobs, mask, importance_sampling_level))
+        adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
+        per_token = -(torch.clamp(ratio, max=epsilon_high).detach() * adv * logprobs)
+        clipped = (ratio > epsilon_high).expand_as(logprobs)
+    else:
+        high = epsilon if epsilon_high is None else epsilon_high
+        per_token, clipped = _clipped_surrogate(logprobs, old_logprobs, advantages, epsilon, high, mask=mask,
+                                                level=importance_sampling_level, delta=delta)
+    policy_mask = mask_f
+    if top_entropy_quantile < 1.0:
+        policy_mask = high_entropy_mask(entropy, mask, top_entropy_quantile).to(per_token.dtype)
+        per_token = per_token * policy_mask
     per_token_kl = None
     if ref_logprobs is not None:
         per_token_kl = kl_penalty(logprobs, ref_logprobs, kind="k3")
         if beta > 0:
             per_token = per_token + beta * per_token_kl
 
-    mask_f = mask.to(per_token.dtype)
     masked = _zero_masked(per_token, mask_f)
     if loss_type == "grpo":
         per_sequence = masked.sum(dim=1) / mask_f.sum(dim=1).clamp(min=1)
         loss = per_sequence.mean()
     elif loss_type in ("bnpo", "token"):
         loss = masked.sum() / mask_f.sum().clamp(min=1)
+    elif loss_type in ("dapo", "cispo"):
+        loss = masked.sum() / torch.as_tensor(num_tokens, dtype=masked.dtype, device=masked.device).clamp(min=1)
     else:  # dr_grpo
         loss = masked.sum() / (per_token.size(0) * max_completion_length)
+    if entropy_coef > 0:
+        loss = loss - entropy_coef * masked_mean(entropy, policy_mask)
 
     with torch.no_grad():
         clipfrac = masked_mean(clipped.float(), mask)

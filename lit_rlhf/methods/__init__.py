@@ -2,7 +2,7 @@
 
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.methods.best_of_n import BestOfN, generate_best_of_n, write_jsonl_atomic
-from lit_rlhf.methods.dpo import CPO, DPO, PreferenceMethod, SimPO
+from lit_rlhf.methods.dpo import CPO, DPO, ORPO, PreferenceMethod, SimPO
 from lit_rlhf.methods.export import ExportOnFitEnd
 from lit_rlhf.methods.gkd import GKD
 from lit_rlhf.methods.grpo import GRPO
@@ -15,6 +15,7 @@ from lit_rlhf.methods.online import (
     PolicyOutput,
     ScoredRollout,
 )
+from lit_rlhf.methods.online_dpo import OnlineDPO
 from lit_rlhf.methods.ppo import PPO
 from lit_rlhf.methods.reward import Reward, RewardScorer, score_texts
 from lit_rlhf.methods.rloo import RLOO
@@ -32,6 +33,8 @@ __all__ = [
     "GRPO",
     "KTO",
     "MiniBatch",
+    "ORPO",
+    "OnlineDPO",
     "OnlineMethod",
     "PPO",
     "PolicyOutput",

@@ -12,12 +12,13 @@ reference is the base with adapters off (LoRA), or a frozen copy of the base (fu
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_rlhf.distributed import all_rows
-from lit_rlhf.losses import SequenceLogps, kto_kl_estimate, kto_loss, sequence_logps
+from lit_rlhf.losses import KTO_LOSS_TYPES, SequenceLogps, kto_kl_estimate, kto_loss, sequence_logps
 from lit_rlhf.methods.base import BankMethod
 
 log = logging.getLogger("lit_rlhf.methods")
@@ -60,6 +61,13 @@ class KTO(BankMethod):
         beta: scale of the implicit reward, the strength of the KL constraint to the reference.
         desirable_weight: loss weight ``w_d`` of desirable rows.
         undesirable_weight: loss weight ``w_u`` of undesirable rows.
+        loss_type: ``kto`` (the paper's, anchored at the KL estimate) or ``apo_zero_unpaired``
+            (unpaired APO-zero, D'Oosterlinck et al. 2024, arXiv 2408.06266: anchored at 0, so the
+            mismatched KL rows are never run).
+        precompute_ref_logps: compute the reference log-probs of every training and validation
+            row once before training. With ``apo_zero_unpaired`` the reference then never runs
+            again; with ``kto`` the mismatched KL rows still take a reference forward (their pairing
+            depends on the shuffled batch).
         policy_adapter: the adapter trained as the policy.
         **kwargs: optimizer and bank arguments of ``BankMethod``.
     """
@@ -70,19 +78,34 @@ class KTO(BankMethod):
         beta: float = 0.1,
         desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0,
+        loss_type: Literal["kto", "apo_zero_unpaired"] = "kto",
+        precompute_ref_logps: bool = False,
         policy_adapter: str = "policy",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if loss_type not in KTO_LOSS_TYPES:
+            raise ValueError(f"KTO: unknown loss_type {loss_type!r}; valid names are {', '.join(KTO_LOSS_TYPES)}")
+        if beta <= 0:
+            raise ValueError(f"KTO: beta must be > 0, got {beta}")
         self.beta = beta
         self.desirable_weight = desirable_weight
         self.undesirable_weight = undesirable_weight
+        self.loss_type = loss_type
+        self.precompute_ref_logps = precompute_ref_logps
         self.policy_adapter = policy_adapter
+        self._ref_cache: dict[str, torch.Tensor] | None = None
+
+    @property
+    def uses_kl_estimate(self) -> bool:
+        return self.loss_type == "kto"
 
     def needs_reference(self) -> bool:
-        return True
+        return self.uses_kl_estimate or not self.precompute_ref_logps
 
     def on_fit_start(self) -> None:
+        if self.precompute_ref_logps:
+            self._attach_reference_logps()
         examples = getattr(self.trainer.datamodule, "train_examples", None) if self.trainer.datamodule else None
         if not examples:
             return
@@ -91,6 +114,48 @@ class KTO(BankMethod):
                                        self.undesirable_weight)
         if advice:
             rank_zero_warn(advice)
+
+    # -- reference log-probs computed once ------------------------------------------------------
+
+    def _attach_reference_logps(self) -> None:
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "train_examples"):
+            raise RuntimeError("precompute_ref_logps needs a lit_rlhf unpaired DataModule passed to Trainer.fit")
+        if self._ref_cache is None:
+            if self.global_step > 0:
+                raise RuntimeError("resuming with precompute_ref_logps needs the reference log-probs in the checkpoint")
+            self._ref_cache = {split: self._reference_of(getattr(datamodule, f"{split}_examples"), datamodule.collator)
+                               for split in ("train", "val")}
+        for split, values in self._ref_cache.items():
+            examples = getattr(datamodule, f"{split}_examples")
+            if len(examples) != values.shape[0]:
+                raise RuntimeError(f"precomputed reference log-probs cover {values.shape[0]} {split} rows, "
+                                   f"the data has {len(examples)}")
+            for example, value in zip(examples, values.tolist()):
+                example["ref_logps"] = value
+
+    @torch.no_grad()
+    def _reference_of(self, examples: list[dict], collator, batch_size: int = 32) -> torch.Tensor:
+        """(rows,) reference log-probs of each row's own completion, before any training step."""
+        out = []
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(self.device) for k, v in collator(examples[start : start + batch_size]).items()}
+            if self.bank.has_reference:
+                with self.bank.reference():
+                    out.append(self.completion_logps(batch).logps.cpu())
+            else:  # full mode without a frozen copy: the policy before its first step is the reference
+                with self.bank.role(self.trained_adapter):
+                    out.append(self.completion_logps(batch).logps.cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self._ref_cache is not None:
+            checkpoint["ref_logps"] = self._ref_cache
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._ref_cache = checkpoint.get("ref_logps")
 
     # -- the step -------------------------------------------------------------------------------
 
@@ -104,16 +169,24 @@ class KTO(BankMethod):
         """``(loss, metrics)``; each metric is ``(value, how many rows it averages)`` for weighted logging."""
         with self.bank.role(self.trained_adapter):
             policy = self.completion_logps(batch)
-            with torch.no_grad():  # the reference point carries no gradient (it is detached in the loss)
-                policy_kl = self.completion_logps(batch, "kl_")
-        with self.bank.reference():
-            reference = self.completion_logps(batch)
-            reference_kl = self.completion_logps(batch, "kl_")
-        # One reference point for the whole data-parallel batch, the same on every rank (TRL gathers it too).
-        kl = kto_kl_estimate(all_rows(policy_kl.logps), all_rows(reference_kl.logps))
+            if self.uses_kl_estimate:
+                with torch.no_grad():  # the reference point carries no gradient (it is detached in the loss)
+                    policy_kl = self.completion_logps(batch, "kl_")
+        if "ref_logps" in batch:
+            reference_logps = batch["ref_logps"]
+        else:
+            with self.bank.reference():
+                reference_logps = self.completion_logps(batch).logps
+        kl = 0.0
+        if self.uses_kl_estimate:
+            with self.bank.reference():
+                reference_kl = self.completion_logps(batch, "kl_")
+            # One reference point for the whole data-parallel batch, the same on every rank (TRL gathers it too).
+            kl = kto_kl_estimate(all_rows(policy_kl.logps), all_rows(reference_kl.logps))
         labels = batch["labels"]
-        out = kto_loss(policy.logps, reference.logps, labels, kl, beta=self.beta,
-                       desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight)
+        out = kto_loss(policy.logps, reference_logps, labels, kl, beta=self.beta,
+                       desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight,
+                       loss_type=self.loss_type)
 
         batch_size = labels.shape[0]
         desirable, undesirable = labels.bool(), ~labels.bool()

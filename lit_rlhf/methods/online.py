@@ -27,6 +27,7 @@ from abc import ABCMeta, abstractmethod
 
 import logging
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from typing import NamedTuple
 
@@ -81,6 +82,9 @@ class MiniBatch(NamedTuple):
         ref_logprobs: ``(b, T)`` or ``None``.
         old_values: ``(b, T)`` or ``None``.
         data: what ``compute_advantages`` returned, each tensor's rows selected.
+        step_rows: rows of the optimizer step this micro-batch belongs to (its mini-batch, on this rank).
+        step_tokens: loss tokens of that optimizer step summed over every rank and divided by the
+            number of ranks (DDP averages gradients), scalar; the normaliser of a global token-level loss.
     """
 
     rollout: Rollout
@@ -89,6 +93,8 @@ class MiniBatch(NamedTuple):
     ref_logprobs: torch.Tensor | None
     old_values: torch.Tensor | None
     data: dict[str, torch.Tensor]
+    step_rows: int = 0
+    step_tokens: torch.Tensor | None = None
 
 
 class PolicyOutput(NamedTuple):
@@ -266,6 +272,15 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         """Whether the reference's log-probs are computed for each rollout."""
         return True
 
+    #: Consecutive rows the update never separates (2 for a method whose loss compares the two samples of a prompt).
+    rows_kept_together: int = 1
+
+    def accumulation_weight(self, batch: MiniBatch) -> float:
+        """Factor on a micro-batch's loss before backward. By default its share of the step's rows,
+        so the step sees the mean over the mini-batch; a loss already normalised by the whole step
+        (``batch.step_tokens``) returns 1."""
+        return batch.rollout.response_ids.shape[0] / batch.step_rows
+
     def policy_logits_and_values(self, input_ids, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of the policy over whole sequences, and critic values if the same pass gives them."""
         with self.bank.role(self.policy_adapter):
@@ -432,12 +447,32 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
     # -- update ------------------------------------------------------------------------------------
 
     @staticmethod
-    def select(scored: ScoredRollout, data: dict[str, torch.Tensor], index: torch.Tensor) -> MiniBatch:
+    def select(scored: ScoredRollout, data: dict[str, torch.Tensor], index: torch.Tensor, *,
+               step_rows: int | None = None, step_tokens: torch.Tensor | None = None) -> MiniBatch:
         def rows(t):
             return None if t is None else t[index]
 
         return MiniBatch(scored.rollout.select(index), scored.scores[index], scored.old_logprobs[index],
-                         rows(scored.ref_logprobs), rows(scored.old_values), {k: v[index] for k, v in data.items()})
+                         rows(scored.ref_logprobs), rows(scored.old_values), {k: v[index] for k, v in data.items()},
+                         index.numel() if step_rows is None else step_rows, step_tokens)
+
+    def step_token_count(self, loss_mask: torch.Tensor) -> torch.Tensor:
+        """Loss tokens of one optimizer step, summed over ranks and divided by their number (a collective)."""
+        tokens = loss_mask.sum().float()
+        if self._trainer is None or self.trainer.world_size == 1:
+            return tokens
+        return self.trainer.strategy.reduce(tokens, reduce_op="sum") / self.trainer.world_size
+
+    def mini_batches(self, rows: int, device) -> Iterator[list[torch.Tensor]]:
+        """One pass over the rollout: shuffled mini-batches, each a list of micro-batch row indices.
+        Groups of ``rows_kept_together`` consecutive rows stay in one micro-batch."""
+        group = self.rows_kept_together
+        within = torch.arange(group, device=device)
+        for mini in torch.randperm(rows // group, device=device).tensor_split(self.num_mini_batches):
+            micros = [(m[:, None] * group + within).reshape(-1) for m in mini.tensor_split(self.gradient_accumulation_steps)]
+            micros = [m for m in micros if m.numel()]
+            if micros:
+                yield micros
 
     def update(self, scored: ScoredRollout, data: dict[str, torch.Tensor]) -> dict[str, float]:
         """``ppo_epochs`` x ``num_mini_batches`` optimizer steps over the rollout; returns mean metrics."""
@@ -446,23 +481,21 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         rows = scored.scores.shape[0]
         sums: dict[str, float] = defaultdict(float)
         count = skipped = 0
+        loss_mask = data.get("loss_mask", scored.rollout.response_mask)
         for _ in range(self.ppo_epochs):
-            order = torch.randperm(rows, device=scored.scores.device)
-            for mini in order.tensor_split(self.num_mini_batches):
-                if mini.numel() == 0:
-                    continue
+            for micros in self.mini_batches(rows, scored.scores.device):
+                step_rows = sum(m.numel() for m in micros)
+                step_tokens = self.step_token_count(loss_mask[torch.cat(micros)])
                 finite = True
-                for micro in mini.tensor_split(self.gradient_accumulation_steps):
-                    if micro.numel() == 0:
-                        continue
-                    loss, metrics = self.policy_loss(self.select(scored, data, micro))
+                for micro in micros:
+                    batch = self.select(scored, data, micro, step_rows=step_rows, step_tokens=step_tokens)
+                    loss, metrics = self.policy_loss(batch)
                     # Every rank decides together: under DDP each manual_backward all-reduces gradients,
                     # so a rank leaving the loop alone would leave the others waiting.
                     if not every_rank(torch.isfinite(loss), loss.device):
                         finite = False
                         break
-                    # Each micro-batch's mean loss weighted by its share of rows: the step sees the mini-batch mean.
-                    self.manual_backward(loss * (micro.numel() / mini.numel()))
+                    self.manual_backward(loss * self.accumulation_weight(batch))
                     for name, value in metrics.items():
                         sums[name] += float(value)
                     count += 1

@@ -40,7 +40,8 @@ class Reward(BankMethod):
     Trains the ``reward`` adapter and its score head (``train_mode: lora``), or the whole base
     plus the head (``train_mode: full``). Logs ``loss``, ``accuracy`` (fraction of pairs with
     score(chosen) > score(rejected)), ``rewards/chosen``, ``rewards/rejected``,
-    ``rewards/margins``, and the same under ``val/``.
+    ``rewards/margins``, and the same under ``val/``. Preference rows may carry a ``margin``
+    (how much better ``chosen`` is): the loss is then ``-logσ(r_c - r_r - margin)`` (Llama 2).
 
     Args:
         reward_adapter: the adapter (with a ``score`` head) trained and exported.
@@ -89,7 +90,8 @@ class Reward(BankMethod):
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """``(loss, correct (batch,) float, metrics)`` of a preference batch."""
         chosen, rejected = self.pair_scores(batch)
-        out = bradley_terry_loss(chosen, rejected, center_coefficient=self.center_coefficient)
+        # An optional per-row target margin from the data (Llama 2, arXiv 2307.09288): `margin` in preference rows.
+        out = bradley_terry_loss(chosen, rejected, margin=batch.get("margin"), center_coefficient=self.center_coefficient)
         metrics = {
             "rewards/chosen": chosen.detach().mean(),
             "rewards/rejected": rejected.detach().mean(),

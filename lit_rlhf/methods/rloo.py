@@ -30,7 +30,15 @@ from typing import Literal
 
 import torch
 
-from lit_rlhf.losses import KL_PENALTY_KINDS, kl_penalty, masked_mean, ppo_policy_loss, rloo_advantages, whiten
+from lit_rlhf.losses import (
+    IMPORTANCE_SAMPLING_LEVELS,
+    KL_PENALTY_KINDS,
+    kl_penalty,
+    masked_mean,
+    ppo_policy_loss,
+    rloo_advantages,
+    whiten,
+)
 from lit_rlhf.methods.online import AdaptiveKLController, MiniBatch, OnlineMethod, ScoredRollout, kl_controller
 
 
@@ -50,6 +58,9 @@ class RLOO(OnlineMethod):
         kl_horizon: horizon (in samples) of the adaptive controller.
         normalize_advantages: whiten the advantages over the rollout (mean 0, std 1).
         cliprange: ε of the clipped surrogate.
+        epsilon_high: upper clip of the ratio (DAPO's clip-higher); ``None`` means ``cliprange``.
+        importance_sampling_level: ``token`` ratios, or one ``sequence`` ratio per response, the
+            geometric mean of its token ratios (GSPO, arXiv 2507.18071).
         **kwargs: rollout, update, optimizer and bank arguments of ``OnlineMethod``.
     """
 
@@ -65,6 +76,8 @@ class RLOO(OnlineMethod):
         kl_horizon: int = 10000,
         normalize_advantages: bool = False,
         cliprange: float = 0.2,
+        epsilon_high: float | None = None,
+        importance_sampling_level: Literal["token", "sequence"] = "token",
         **kwargs,
     ):
         super().__init__(num_samples_per_prompt=num_samples_per_prompt, **kwargs)
@@ -81,7 +94,12 @@ class RLOO(OnlineMethod):
         self.kl_in_reward = kl_in_reward
         self.kl_estimator = kl_estimator
         self.normalize_advantages = normalize_advantages
+        if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ValueError(f"importance_sampling_level must be one of {', '.join(IMPORTANCE_SAMPLING_LEVELS)}, "
+                             f"got {importance_sampling_level!r}")
         self.cliprange = cliprange
+        self.epsilon_high = epsilon_high
+        self.importance_sampling_level = importance_sampling_level
 
     def uses_reference(self) -> bool:
         return self.kl_controller.value > 0 or isinstance(self.kl_controller, AdaptiveKLController)
@@ -121,7 +139,8 @@ class RLOO(OnlineMethod):
         mask = batch.rollout.response_mask
         out = self.policy_forward(batch.rollout, with_entropy=True)
         policy = ppo_policy_loss(out.logprobs, batch.old_logprobs, batch.data["advantages"], mask,
-                                 clip_range=self.cliprange)
+                                 clip_range=self.cliprange, clip_range_high=self.epsilon_high,
+                                 importance_sampling_level=self.importance_sampling_level)
         loss = policy.loss
         metrics = {
             "loss/policy": policy.loss.detach(),

@@ -168,3 +168,11 @@ def test_skip_drops_exactly_the_bad_rows(tmp_path, toy_tokenizer, write_jsonl, c
         module = PreferenceDataModule(train=str(path), tokenizer=toy_tokenizer, on_invalid="skip").prepare()
     assert [e["prompt"] for e in module.train_examples] == ["the class was", "the car was", "the team was"]
     assert "skipped 3 invalid row(s)" in caplog.text and f"{path}:2" in caplog.text
+
+
+@pytest.mark.parametrize("bad", ["big", True, float("inf")])
+def test_preference_margin_must_be_a_finite_number(tmp_path, toy_tokenizer, write_jsonl, bad):
+    path = write_jsonl(tmp_path / "p.jsonl", [{**GOOD, "margin": 1.5}, {**GOOD, "margin": bad}])
+    message = _error(PreferenceDataModule, path, toy_tokenizer)
+    _assert_names(message, path, 2, "margin")
+    assert "finite number" in message

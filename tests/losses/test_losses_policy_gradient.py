@@ -218,9 +218,136 @@ def test_grpo_clipping_matches_ppo_per_token():
 
 def test_grpo_errors():
     logprobs, old, adv, mask = _grpo_case()
-    with pytest.raises(ValueError, match="grpo, bnpo, token, dr_grpo"):
+    with pytest.raises(ValueError, match="grpo, bnpo, token, dapo, dr_grpo, cispo"):
         grpo_loss(logprobs, old, adv, mask, loss_type="dapo2")
     with pytest.raises(ValueError, match="ref_logprobs"):
         grpo_loss(logprobs, old, adv, mask, beta=0.1)
     with pytest.raises(ValueError, match="max_completion_length"):
         grpo_loss(logprobs, old, adv, mask, loss_type="dr_grpo")
+
+
+# -- GRPO / RLOO options for TRL 1.16 parity: random inputs, formulas written out per token -------------
+
+def _random_case(seed=0, rows=3, cols=5):
+    g = torch.Generator().manual_seed(seed)
+    logprobs = (-torch.rand(rows, cols, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    old = logprobs.detach() + (torch.rand(rows, cols, generator=g, dtype=torch.float64) - 0.5) * 0.8
+    ref = logprobs.detach() + (torch.rand(rows, cols, generator=g, dtype=torch.float64) - 0.5)
+    advantages = torch.randn(rows, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0]])[:rows]
+    entropy = torch.rand(rows, cols, generator=g, dtype=torch.float64) * 2
+    return logprobs, old, ref, advantages, mask, entropy
+
+
+def _tokens(mask):
+    return [(i, j) for i in range(mask.shape[0]) for j in range(mask.shape[1]) if mask[i, j]]
+
+
+def test_grpo_dapo_by_hand():
+    logprobs, old, _, adv, mask, _ = _random_case()
+    eps = 0.2
+    total = 0.0
+    for i, j in _tokens(mask):
+        r = math.exp(logprobs[i, j].item() - old[i, j].item())
+        total += max(-adv[i].item() * r, -adv[i].item() * min(max(r, 1 - eps), 1 + eps))
+    close(grpo_loss(logprobs, old, adv, mask, loss_type="dapo", num_tokens=17.0).loss, total / 17.0)
+    with pytest.raises(ValueError, match="num_tokens"):
+        grpo_loss(logprobs, old, adv, mask, loss_type="dapo")
+
+
+def test_grpo_sequence_level_ratio_gspo_by_hand():
+    logprobs, old, _, adv, mask, _ = _random_case(1)
+    eps = 0.2
+    per_sequence = []
+    for i in range(3):
+        tokens = [j for j in range(5) if mask[i, j]]
+        s = math.exp(sum(logprobs[i, j].item() - old[i, j].item() for j in tokens) / len(tokens))
+        loss_t = max(-adv[i].item() * s, -adv[i].item() * min(max(s, 1 - eps), 1 + eps))
+        per_sequence.append(loss_t)  # every token of the sequence has the same loss
+    out = grpo_loss(logprobs, old, adv, mask, importance_sampling_level="sequence")
+    close(out.loss, sum(per_sequence) / 3)
+    with pytest.raises(ValueError, match="token, sequence"):
+        grpo_loss(logprobs, old, adv, mask, importance_sampling_level="prompt")
+
+
+def test_two_sided_clipping_delta_by_hand():
+    logprobs = t([[-1.0, -1.0]], True)
+    old = t([[-2.0, -1.1]])  # ratios e^1 = 2.72 and e^0.1 = 1.105
+    adv = t([-1.0])  # negative advantage: the unclipped branch is the max
+    mask = torch.tensor([[1, 1]])
+    plain = grpo_loss(logprobs, old, adv, mask, loss_type="bnpo")
+    close(plain.loss, (math.e + math.exp(0.1)) / 2)
+    capped = grpo_loss(logprobs, old, adv, mask, loss_type="bnpo", delta=1.5)
+    close(capped.loss, (1.5 + math.exp(0.1)) / 2)  # the first ratio is capped at δ
+
+
+def test_cispo_by_hand_and_gradient_through_every_token():
+    logprobs, old, _, adv, mask, _ = _random_case(2)
+    cap = 1.1
+    total = 0.0
+    grad = torch.zeros_like(logprobs)
+    for i, j in _tokens(mask):
+        w = min(math.exp(logprobs[i, j].item() - old[i, j].item()), cap)
+        total += -w * adv[i].item() * logprobs[i, j].item()
+        grad[i, j] = -w * adv[i].item() / 10.0
+    out = grpo_loss(logprobs, old, adv, mask, loss_type="cispo", epsilon_high=cap, num_tokens=10.0)
+    close(out.loss, total / 10.0)
+    out.loss.backward()
+    close(logprobs.grad, grad)
+    with pytest.raises(ValueError, match="epsilon_high"):
+        grpo_loss(logprobs, old, adv, mask, loss_type="cispo", num_tokens=10.0)
+
+
+def test_entropy_bonus_and_top_entropy_quantile_by_hand():
+    logprobs, old, _, adv, mask, entropy = _random_case(3)
+    eps, coef, q = 0.2, 0.05, 0.4
+    tokens = _tokens(mask)
+    values = sorted(entropy[i, j].item() for i, j in tokens)
+    # torch.quantile's linear interpolation at 1 - q, written out.
+    pos = (1 - q) * (len(values) - 1)
+    lo = int(math.floor(pos))
+    threshold = values[lo] + (pos - lo) * (values[min(lo + 1, len(values) - 1)] - values[lo])
+    kept = [(i, j) for i, j in tokens if entropy[i, j].item() >= threshold]
+    total = 0.0
+    for i, j in kept:
+        r = math.exp(logprobs[i, j].item() - old[i, j].item())
+        total += max(-adv[i].item() * r, -adv[i].item() * min(max(r, 1 - eps), 1 + eps))
+    bonus = sum(entropy[i, j].item() for i, j in kept) / len(kept)
+    out = grpo_loss(logprobs, old, adv, mask, loss_type="bnpo", entropy=entropy, entropy_coef=coef,
+                    top_entropy_quantile=q)
+    close(out.loss, total / len(tokens) - coef * bonus)
+    assert 0 < len(kept) < len(tokens)
+
+
+def test_scale_rewards_group_batch_none_and_bool_aliases():
+    rewards = t([1.0, 3.0, 0.0, 4.0, 4.0, 4.0])  # k = 3: groups [1, 3, 0] and [4, 4, 4]
+    eps = 1e-4
+    g_mean, g_std = 4.0 / 3, math.sqrt(((1 - 4 / 3) ** 2 + (3 - 4 / 3) ** 2 + (0 - 4 / 3) ** 2) / 2)
+    mean_all = sum([1, 3, 0, 4, 4, 4]) / 6
+    b_std = math.sqrt(sum((x - mean_all) ** 2 for x in [1, 3, 0, 4, 4, 4]) / 5)
+    centred = [1 - g_mean, 3 - g_mean, 0 - g_mean, 0.0, 0.0, 0.0]
+    for scale, alias, expected in (
+        ("group", True, [c / (g_std + eps) for c in centred[:3]] + [0.0] * 3),
+        ("batch", None, [c / (b_std + eps) for c in centred[:3]] + [0.0] * 3),
+        ("none", False, centred),
+    ):
+        close(group_advantages(rewards, 3, scale_rewards=scale).advantages, expected)
+        if alias is not None:
+            close(group_advantages(rewards, 3, scale_rewards=alias).advantages, expected)
+    with pytest.raises(ValueError, match="group, batch, none"):
+        group_advantages(rewards, 3, scale_rewards="rank")
+
+
+def test_ppo_policy_loss_sequence_level_ratio_by_hand():
+    logprobs, old, _, adv, mask, _ = _random_case(4)
+    eps, high = 0.2, 0.28
+    total, count = 0.0, 0
+    for i in range(3):
+        tokens = [j for j in range(5) if mask[i, j]]
+        s = math.exp(sum(logprobs[i, j].item() - old[i, j].item() for j in tokens) / len(tokens))
+        loss_t = max(-adv[i].item() * s, -adv[i].item() * min(max(s, 1 - eps), 1 + high))
+        total += loss_t * len(tokens)
+        count += len(tokens)
+    out = ppo_policy_loss(logprobs, old, adv, mask, clip_range=eps, clip_range_high=high,
+                          importance_sampling_level="sequence")
+    close(out.loss, total / count)

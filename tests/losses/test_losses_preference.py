@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lit_rlhf.losses import DPO_LOSS_TYPES, cpo_loss, dpo_loss, simpo_loss
+from lit_rlhf.losses import DPO_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, simpo_loss
 
 from _losses_hand import close, logsig, sig, t
 
@@ -28,6 +28,7 @@ def test_dpo_sigmoid_by_hand():
 
 
 def test_dpo_sigmoid_label_smoothing():
+    """cDPO (Mitchell 2023) where TRL 1.16 ignores ε for sigmoid; ε = 0 is TRL's plain DPO."""
     beta, eps = 0.1, 0.1
     out = dpo_loss(*_inputs(), beta=beta, label_smoothing=eps)
     close(out.losses, [-(1 - eps) * logsig(beta * h) - eps * logsig(-beta * h) for h in H])
@@ -73,11 +74,15 @@ def test_dpo_robust_debiased():
     close(plain.losses, [-logsig(beta * h) for h in H])
 
 
-def test_dpo_bco_pair_batch_mean_delta():
+def test_dpo_bco_pair_offset_delta():
+    """BCO (Jung et al. 2024, eq. 9): -logσ(βa - δ) - logσ(-(βb - δ)); δ = 0 by default (TRL 1.16),
+    the paper's running mean when the caller passes it."""
     beta = 0.1
-    out = dpo_loss(*_inputs(), beta=beta, loss_type="bco_pair")
-    delta = (beta * A[0] + beta * A[1] + beta * B[0] + beta * B[1]) / 4
-    close(out.losses, [-logsig(beta * A[i] - delta) - logsig(-(beta * B[i] - delta)) for i in range(2)])
+    plain = dpo_loss(*_inputs(), beta=beta, loss_type="bco_pair")
+    close(plain.losses, [-logsig(beta * A[i]) - logsig(-beta * B[i]) for i in range(2)])
+    delta = 0.37
+    shifted = dpo_loss(*_inputs(), beta=beta, loss_type="bco_pair", bco_delta=delta)
+    close(shifted.losses, [-logsig(beta * A[i] - delta) - logsig(-(beta * B[i] - delta)) for i in range(2)])
 
 
 def test_dpo_sppo_hard():
@@ -108,12 +113,13 @@ def test_dpo_gradients_finite(loss_type):
     pc, pr, rc, rr = _inputs(requires_grad=True)
     out = dpo_loss(
         pc, pr, rc, rr, beta=0.1, loss_type=loss_type, label_smoothing=0.1,
-        chosen_lengths=t([2.0, 3.0]), rejected_lengths=t([4.0, 1.0]),
+        chosen_lengths=t([2.0, 3.0]), rejected_lengths=t([4.0, 1.0]), chosen_nll=-pc / t([2.0, 3.0]),
     )
     assert out.losses.shape == (2,)
     out.losses.mean().backward()
-    assert torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
-    assert pc.grad.abs().sum() > 0
+    assert torch.isfinite(pc.grad).all() and pc.grad.abs().sum() > 0
+    assert (pr.grad is None) == (loss_type == "sft")  # sft reads only the chosen completion
+    assert pr.grad is None or torch.isfinite(pr.grad).all()
 
 
 def test_dpo_errors():
@@ -190,3 +196,153 @@ def test_cpo_errors():
         cpo_loss(t([-1.0]), t([-2.0]), t([0.1]), loss_type="robust")
     with pytest.raises(ValueError, match="chosen_lengths"):
         cpo_loss(t([-1.0]), t([-2.0]), t([0.1]), loss_type="simpo")
+
+
+def test_orpo_by_hand():
+    """ORPO (Hong et al. 2024, eqs. 4-7): -pc - β logσ(log odds(pc) - log odds(pr)), p = mean log-prob."""
+    beta = 0.3
+    pc, pr, lc, lr = [-6.0, -1.0], [-10.0, -0.5], [3.0, 4.0], [4.0, 1.0]
+    out = orpo_loss(t(pc), t(pr), t(lc), t(lr), beta=beta)
+    expected = []
+    for i in range(2):
+        c, r = pc[i] / lc[i], pr[i] / lr[i]
+        odds_c, odds_r = math.exp(c) / (1 - math.exp(c)), math.exp(r) / (1 - math.exp(r))
+        expected.append(-c - beta * logsig(math.log(odds_c / odds_r)))
+    close(out.losses, expected)
+    close(out.chosen_rewards, [beta * pc[i] / lc[i] for i in range(2)])
+    close(out.rejected_rewards, [beta * pr[i] / lr[i] for i in range(2)])
+    # Near probability 1 (mean log-prob -1e-9) the loss and its gradient stay finite.
+    near_one = t([-1e-9], requires_grad=True)
+    edge = orpo_loss(near_one, t([-3.0]), t([1.0]), t([2.0]), beta=beta)
+    edge.losses.sum().backward()
+    assert torch.isfinite(edge.losses).all() and torch.isfinite(near_one.grad).all()
+
+
+# -- loss types and f-divergences added for TRL 1.16 parity: random inputs, formulas written out --------
+
+def _random_pairs(n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pc, pr, rc, rr = (-(torch.rand(n, generator=g, dtype=torch.float64) * 6 + 0.5) for _ in range(4))
+    lc, lr = (torch.randint(1, 9, (n,), generator=g).double() for _ in range(2))
+    return pc, pr, rc, rr, lc, lr
+
+
+def test_dpo_exo_pair_by_hand():
+    """EXO (Ji et al. 2024, eq. 16): KL((σ(z), σ(-z)) ‖ (1-ε, ε)), z = βh; ε = 0 means 1e-3."""
+    pc, pr, rc, rr, _, _ = _random_pairs()
+    beta = 0.7
+    for eps_in, eps in ((0.05, 0.05), (0.0, 1e-3)):
+        out = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="exo_pair", label_smoothing=eps_in)
+        expected = []
+        for i in range(5):
+            z = beta * ((pc[i] - rc[i]) - (pr[i] - rr[i])).item()
+            expected.append(sig(z) * (logsig(z) - math.log(1 - eps)) + sig(-z) * (logsig(-z) - math.log(eps)))
+        close(out.losses, expected)
+
+
+def test_dpo_aot_paired_and_unpaired_by_hand():
+    """AOT (Melnyk et al. 2024): cDPO on sorted margins (paired) or sorted log-ratios (unpaired)."""
+    pc, pr, rc, rr, _, _ = _random_pairs()
+    beta, eps = 0.5, 0.1
+    paired = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="aot", label_smoothing=eps)
+    policy = sorted((pc - pr).tolist())
+    ref = sorted((rc - rr).tolist())
+    smoothed = [-(1 - eps) * logsig(beta * (p - q)) - eps * logsig(-beta * (p - q)) for p, q in zip(policy, ref)]
+    close(paired.losses, smoothed)
+    unpaired = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="aot_unpaired", label_smoothing=eps)
+    sa, sb = sorted((pc - rc).tolist()), sorted((pr - rr).tolist())
+    close(unpaired.losses, [-(1 - eps) * logsig(beta * (x - y)) - eps * logsig(-beta * (x - y)) for x, y in zip(sa, sb)])
+
+
+def test_dpo_discopop_by_hand():
+    """DiscoPOP (Lu et al. 2024, eq. 5): (1 - σ(z/τ)) (-logσ(z)) + σ(z/τ) e^(-z), z = βh."""
+    pc, pr, rc, rr, _, _ = _random_pairs()
+    beta, tau = 0.4, 0.05
+    out = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="discopop", discopop_tau=tau)
+    expected = []
+    for i in range(5):
+        z = beta * ((pc[i] - rc[i]) - (pr[i] - rr[i])).item()
+        m = sig(z / tau)
+        expected.append((1 - m) * -logsig(z) + m * math.exp(-z))
+    close(out.losses, expected)
+    with pytest.raises(ValueError, match="discopop_tau"):
+        dpo_loss(pc, pr, rc, rr, loss_type="discopop", discopop_tau=0.0)
+
+
+def test_dpo_sigmoid_norm_by_hand():
+    pc, pr, rc, rr, lc, lr = _random_pairs()
+    beta = 2.0
+    out = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type="sigmoid_norm", chosen_lengths=lc, rejected_lengths=lr)
+    hn = [((pc[i] - rc[i]) / lc[i] - (pr[i] - rr[i]) / lr[i]).item() for i in range(5)]
+    close(out.losses, [-logsig(beta * x) for x in hn])
+    close(out.chosen_rewards, [beta * ((pc[i] - rc[i]) / lc[i]).item() for i in range(5)])
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        dpo_loss(pc, pr, rc, rr, loss_type="sigmoid_norm")
+
+
+def test_dpo_sft_is_the_chosen_nll():
+    pc, pr, rc, rr, lc, _ = _random_pairs()
+    out = dpo_loss(pc, pr, rc, rr, loss_type="sft", chosen_nll=-pc / lc)
+    close(out.losses, (-pc / lc).tolist())
+    with pytest.raises(ValueError, match="chosen_nll"):
+        dpo_loss(pc, pr, rc, rr, loss_type="sft")
+
+
+def _f_prime(u: float, kind: str, alpha: float) -> float:
+    """f'(u) of Wang et al. 2023, Table 1, written out."""
+    if kind == "reverse_kl":
+        return math.log(u)
+    if kind == "forward_kl":
+        return 1 - 1 / u
+    if kind == "js_divergence":
+        return math.log(2 * u / (1 + u))
+    return (u ** (alpha - 1) - 1) / (alpha - 1)
+
+
+@pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
+def test_dpo_f_divergences_by_hand(kind, loss_type):
+    """f-DPO (Wang et al. 2023): the loss type applied to f'(π/π_ref) in place of the log-ratio."""
+    pc, pr, rc, rr, lc, lr = _random_pairs(seed=1)
+    beta, alpha = 0.3, 0.3
+    out = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type, f_divergence=kind, f_alpha=alpha,
+                   chosen_lengths=lc, rejected_lengths=lr)
+    expected = []
+    for i in range(5):
+        a = _f_prime(math.exp((pc[i] - rc[i]).item()), kind, alpha)
+        b = _f_prime(math.exp((pr[i] - rr[i]).item()), kind, alpha)
+        if loss_type == "ipo":
+            h = a / lc[i].item() - b / lr[i].item()
+            expected.append((h - 1 / (2 * beta)) ** 2)
+        else:
+            h = a - b
+            expected.append(-logsig(beta * h) if loss_type == "sigmoid" else max(0.0, 1 - beta * h))
+    close(out.losses, expected)
+
+
+def test_dpo_f_divergence_refused_where_undefined():
+    for loss_type in ("bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down", "aot", "aot_unpaired"):
+        with pytest.raises(ValueError, match="undefined for loss_type"):
+            dpo_loss(*_inputs(), loss_type=loss_type, f_divergence="forward_kl")
+    with pytest.raises(ValueError, match="valid names are reverse_kl"):
+        dpo_loss(*_inputs(), f_divergence="chi2")
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "simpo"])
+def test_cpo_alphapo_reward_shape_by_hand(loss_type):
+    """AlphaPO (Gupta et al. 2025): each log-prob ℓ becomes (1 - e^(-aℓ))/a before the CPO loss."""
+    beta, a, gamma = 0.5, 0.3, 0.4
+    pc, pr, lc, lr, nll = [-6.0, -2.0], [-10.0, -9.0], [3.0, 2.0], [4.0, 3.0], [0.7, 1.1]
+    out = cpo_loss(t(pc), t(pr), t(nll), beta=beta, alpha=0.5, loss_type=loss_type, chosen_lengths=t(lc),
+                   rejected_lengths=t(lr), simpo_gamma=gamma, alphapo_alpha=a)
+    expected = []
+    for i in range(2):
+        c, r = (pc[i] / lc[i], pr[i] / lr[i]) if loss_type == "simpo" else (pc[i], pr[i])
+        rc, rr = (1 - math.exp(-a * c)) / a, (1 - math.exp(-a * r)) / a
+        z = beta * (rc - rr) - (gamma if loss_type == "simpo" else 0.0)
+        expected.append(-logsig(z) + 0.5 * nll[i])
+    close(out.losses, expected)
+    plain = cpo_loss(t(pc), t(pr), t(nll), beta=beta, loss_type=loss_type, chosen_lengths=t(lc),
+                     rejected_lengths=t(lr), simpo_gamma=gamma, alphapo_alpha=1e-9)
+    close(plain.losses, cpo_loss(t(pc), t(pr), t(nll), beta=beta, loss_type=loss_type, chosen_lengths=t(lc),
+                                 rejected_lengths=t(lr), simpo_gamma=gamma).losses, atol=1e-6)

@@ -73,3 +73,25 @@ def test_kto_kl_estimate():
 def test_kto_label_shape_error():
     with pytest.raises(ValueError, match="labels"):
         kto_loss(t([-1.0, -2.0]), t([-1.0, -2.0]), torch.tensor([True]), 0.0)
+
+
+def test_kto_apo_zero_unpaired_by_hand():
+    """Unpaired APO-zero (D'Oosterlinck et al. 2024): w_d (1 - σ(βr)) and w_u σ(βr); the KL is ignored."""
+    beta, wd, wu = 0.7, 1.3, 0.8
+    policy, ref = t([-2.0, -3.0, -1.0, -4.0]), t([-2.5, -2.0, -1.2, -3.0])
+    labels = torch.tensor([True, False, True, False])
+    out = kto_loss(policy, ref, labels, 5.0, beta=beta, desirable_weight=wd, undesirable_weight=wu,
+                   loss_type="apo_zero_unpaired")
+    r = [0.5, -1.0, 0.2, -1.0]
+    close(out.losses, [wd * (1 - sig(beta * r[0])), wu * sig(beta * r[1]), wd * (1 - sig(beta * r[2])),
+                       wu * sig(beta * r[3])])
+    close(out.kl, 0.0)
+    with pytest.raises(ValueError, match="kto, apo_zero_unpaired"):
+        kto_loss(policy, ref, labels, 0.0, loss_type="apo")
+
+
+def test_bradley_terry_per_row_margin_by_hand():
+    rc, rr, m = t([2.0, 0.5, 1.0]), t([1.0, 1.5, 1.0]), t([0.5, 0.0, 2.0])
+    out = bradley_terry_loss(rc, rr, margin=m)
+    close(out.losses, [-logsig(2.0 - 1.0 - 0.5), -logsig(0.5 - 1.5), -logsig(1.0 - 1.0 - 2.0)])
+    close(out.margins, [1.0, -1.0, 0.0])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 import lightning.pytorch as pl
 import pytest
@@ -10,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_rlhf import toy
 from lit_rlhf.data import PreferenceDataModule
+from lit_rlhf.losses import dpo_loss
 from lit_rlhf.methods import DPO
 from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.toy.evaluate import mean_score
@@ -135,3 +138,173 @@ def test_full_mode_with_precomputed_reference_keeps_no_copy(tmp_path):
     trainer(tmp_path, max_steps=2).fit(method, PreferenceDataModule(train=VAL, batch_size=8, max_length=64))
     assert method.bank.reference_model is None
     assert method._ref_cache["train"].shape == (96, 2)
+
+
+def test_bco_pair_delta_is_the_running_mean_of_training_batch_rewards(tmp_path):
+    """BCO's δ (Jung et al. 2024): the mean of every training batch's mean reward so far, this one
+    included; validation reads it without moving it; a checkpoint restores it."""
+    method = small_dpo(loss_type="bco_pair")
+    fit = trainer(tmp_path)
+    method.trainer = fit
+    fit.training = True
+    assert method.bco_delta(torch.tensor([1.0, 2.0]), torch.tensor([0.0, -1.0])) == pytest.approx(0.5)
+    assert method.bco_delta(torch.tensor([3.0, 3.0]), torch.tensor([3.0, 3.0])) == pytest.approx((0.5 + 3.0) / 2)
+    fit.validating = True
+    assert method.bco_delta(torch.tensor([100.0]), torch.tensor([100.0])) == pytest.approx(1.75)
+    resumed = small_dpo(loss_type="bco_pair")
+    resumed.on_load_checkpoint({"state_dict": {}, "bco_running_mean": (3.5, 2)})
+    assert resumed.bco_delta(torch.tensor([0.0]), torch.tensor([0.0])) == pytest.approx(1.75)
+
+
+# -- DPO options (TRL 1.16 parity): each checked against its formula on a real batch ---------------------
+
+def _perturbed(method):
+    method.configure_model()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in method.bank.named_parameters():
+            if "lora_B" in name and ".policy." in name:
+                p.normal_(0, 0.05)
+    method.bank.eval()
+    return method
+
+
+def _batch(method, rows=6):
+    data = PreferenceDataModule(train=VAL, batch_size=rows, max_length=64)
+    data.prepare(method.tokenizer)
+    return data.collator(data.train_examples[:rows])
+
+
+def _token_table(method, batch, adapter="policy"):
+    """Per-row lists of (log p(token), log Σ_v p(v)²) of the completion tokens, by plain loops."""
+    with torch.no_grad(), method.bank.role(adapter):
+        logits = method.bank(batch["input_ids"], batch["attention_mask"]).logits.double()
+    rows = []
+    for b in range(logits.shape[0]):
+        row = []
+        for t in range(1, logits.shape[1]):
+            if batch["completion_mask"][b, t]:
+                probs = torch.softmax(logits[b, t - 1], dim=-1)
+                row.append((math.log(probs[batch["input_ids"][b, t]].item()), math.log((probs**2).sum().item())))
+        rows.append(row)
+    return rows
+
+
+def test_weighted_loss_types_and_rpo_alpha_sum_the_losses_by_hand():
+    method = _perturbed(small_dpo(loss_type=["sigmoid", "bco_pair", "ipo"], loss_weights=[0.8, 0.2, 0.5],
+                                  rpo_alpha=0.3))
+    batch = _batch(method)
+    loss, _ = method.compute_loss(batch)
+    policy = method.policy_pair_logps(batch)
+    with method.bank.reference():
+        ref = method.pair_logps(batch)
+    args = (policy.chosen, policy.rejected, ref.chosen, ref.rejected)
+    lengths = dict(chosen_lengths=policy.chosen_lengths, rejected_lengths=policy.rejected_lengths)
+    nll = -policy.chosen / policy.chosen_lengths
+    expected = (0.8 * dpo_loss(*args, beta=1.0).losses.mean()
+                + 0.2 * dpo_loss(*args, beta=1.0, loss_type="bco_pair").losses.mean()  # δ = 0: no training batch yet
+                + 0.5 * dpo_loss(*args, beta=1.0, loss_type="ipo", **lengths).losses.mean()
+                + 0.3 * nll.mean())
+    torch.testing.assert_close(loss, expected)
+
+
+def test_ld_alpha_weighs_the_tokens_beyond_the_shorter_completion():
+    method = _perturbed(small_dpo(ld_alpha=0.25))
+    batch = _batch(method)
+    table = _token_table(method, batch)
+    half = len(table) // 2
+    expected_chosen, expected_rejected = [], []
+    for c, r in zip(table[:half], table[half:]):
+        shared = min(len(c), len(r))
+        for row, out in ((c, expected_chosen), (r, expected_rejected)):
+            out.append(sum(lp for lp, _ in row[:shared]) + 0.25 * sum(lp for lp, _ in row[shared:]))
+    assert any(len(c) != len(r) for c, r in zip(table[:half], table[half:]))  # else LD changes nothing
+    with method.bank.role("policy"):
+        got = method.pair_logps(batch)
+    torch.testing.assert_close(got.chosen.double(), torch.tensor(expected_chosen, dtype=torch.float64), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(got.rejected.double(), torch.tensor(expected_rejected, dtype=torch.float64), atol=1e-4, rtol=1e-5)
+
+
+def test_use_weighting_multiplies_each_pair_by_its_wpo_weight():
+    method = _perturbed(small_dpo(use_weighting=True))
+    batch = _batch(method)
+    table = _token_table(method, batch)
+    half = len(table) // 2
+
+    def w(row):
+        return math.exp(sum(lp - lss for lp, lss in row) / len(row))
+
+    weights = torch.tensor([w(c) * w(r) for c, r in zip(table[:half], table[half:])])
+    policy = method.policy_pair_logps(batch)
+    torch.testing.assert_close(policy.wpo_weights, weights.float(), atol=1e-5, rtol=1e-4)
+    with method.bank.reference():
+        ref = method.pair_logps(batch)
+    loss, _ = method.compute_loss(batch)
+    plain = dpo_loss(policy.chosen, policy.rejected, ref.chosen, ref.rejected, beta=1.0).losses
+    torch.testing.assert_close(loss, (plain * policy.wpo_weights).mean())
+
+
+def test_f_divergence_reaches_the_loss():
+    method = _perturbed(small_dpo(f_divergence="alpha_divergence", f_alpha=0.3))
+    batch = _batch(method)
+    loss, _ = method.compute_loss(batch)
+    policy = method.policy_pair_logps(batch)
+    with method.bank.reference():
+        ref = method.pair_logps(batch)
+    u_c, u_r = torch.exp(policy.chosen - ref.chosen), torch.exp(policy.rejected - ref.rejected)
+    h = (u_c ** -0.7 - 1) / -0.7 - (u_r ** -0.7 - 1) / -0.7
+    torch.testing.assert_close(loss, -torch.nn.functional.logsigmoid(h).mean())
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(loss_type="kto"), "valid names are sigmoid, ipo"),
+    (dict(loss_type=["sigmoid", "nope"]), "unknown loss_type 'nope'"),
+    (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0]), "1 loss_weights for 2 loss types"),
+    (dict(f_divergence="forward_kl", loss_type="bco_pair"), "undefined for loss_type"),
+    (dict(f_divergence="chi2"), "valid names are reverse_kl"),
+    (dict(use_weighting=True, loss_type="aot"), "aot"),
+    (dict(ld_alpha=1.5), "ld_alpha must be in"),
+    (dict(discopop_tau=0.0), "discopop_tau"),
+    (dict(sync_ref_model=True, precompute_ref_logps=True), "needs a live reference"),
+    (dict(sync_ref_model=True, ref_model_mixup_alpha=0.0), "ref_model_mixup_alpha"),
+    (dict(label_smoothing=0.5), "label_smoothing"),
+])
+def test_bad_dpo_arguments_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        small_dpo(**kwargs)
+
+
+def test_mix_adapter_weights_is_a_convex_step_toward_the_policy():
+    from lit_rlhf.methods.dpo import mix_adapter_weights
+
+    method = _configured(small_dpo(sync_ref_model=True))
+    params = dict(method.bank.named_parameters())
+    ref_names = [n for n in params if ".policy_reference." in n]
+    assert ref_names and not any(params[n].requires_grad for n in ref_names)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in params.items():
+            if ".policy." in name or ".policy_reference." in name:
+                p.normal_()
+    before = {n: params[n].detach().clone() for n in ref_names}
+    mix_adapter_weights(method.bank, "policy", "policy_reference", 0.3)
+    for name in ref_names:
+        policy = params[name.replace(".policy_reference.", ".policy.")]
+        torch.testing.assert_close(params[name], 0.3 * policy + 0.7 * before[name])
+
+
+def test_tr_dpo_reference_follows_the_policy(tmp_path):
+    """With α = 1 and a sync after every step, the reference is the policy of the last step: the
+    implicit rewards are 0 again, while against the bare base they are not."""
+    pl.seed_everything(0)
+    method = small_dpo(sync_ref_model=True, ref_model_mixup_alpha=1.0, ref_model_sync_steps=1)
+    data = PreferenceDataModule(train=VAL, batch_size=8, max_length=64)
+    trainer(tmp_path, max_steps=3).fit(method, data)
+    assert method._last_sync_step == 3
+    method.bank.eval()
+    batch = data.collator(data.train_examples[:8])
+    _, metrics = method.compute_loss(batch)
+    assert metrics["rewards/chosen"].abs() < 1e-5 and metrics["rewards/rejected"].abs() < 1e-5
+    with method.bank.reference():
+        base = method.pair_logps(batch)
+    assert (method.policy_pair_logps(batch).chosen - base.chosen).abs().max() > 1e-3

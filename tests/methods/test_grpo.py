@@ -27,7 +27,7 @@ def make_grpo(**kwargs) -> GRPO:
 
 
 
-@pytest.mark.parametrize("scale_rewards", [True, False])
+@pytest.mark.parametrize("scale_rewards", [True, False, "batch"])
 def test_advantages_on_a_real_rollout_are_group_advantages_of_the_scores(scale_rewards):
     pl.seed_everything(0)
     method = make_grpo(scale_rewards=scale_rewards, eps=1e-4)
@@ -165,11 +165,18 @@ def test_rule_based_reward_by_name_trains_and_reports_flat_groups():
     assert float(fit.callback_metrics["frac_reward_zero_std"]) == pytest.approx(expected)
 
 
-def test_needs_a_group():
+def test_needs_a_group_and_valid_options():
     with pytest.raises(ValueError, match="num_samples_per_prompt >= 2"):
         make_grpo(num_samples_per_prompt=1)
     with pytest.raises(ValueError, match="loss_type"):
         make_grpo(loss_type="sum")
+    for kwargs, message in ((dict(loss_type="cispo"), "epsilon_high"),
+                            (dict(importance_sampling_level="prompt"), "token, sequence"),
+                            (dict(delta=1.1), "delta"),
+                            (dict(top_entropy_quantile=1.5), "top_entropy_quantile"),
+                            (dict(scale_rewards="rank"), "group, batch, none")):
+        with pytest.raises(ValueError, match=message):
+            make_grpo(**kwargs)
 
 
 def test_cli_fit_with_the_shipped_config(tmp_path):
@@ -204,3 +211,77 @@ def test_grpo_raises_the_ground_truth_score_on_held_out_prompts():
     print(f"GRPO held-out sampled score {before:.3f} -> {after:.3f}, k3 KL {kl:.3f} nats/token, {seconds:.1f} s")
     assert after - before >= 0.4
     assert 0.0 < kl < float("inf")
+
+
+class FirstStepGradients(pl.Callback):
+    """The trainable gradients at the first optimizer step, and the response-token count of each micro-batch."""
+
+    def __init__(self):
+        self.grads = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.grads is None:
+            self.grads = {n: p.grad.clone() for n, p in pl_module.bank.named_parameters() if p.grad is not None}
+
+
+def first_step_gradients(loss_type: str, accumulation: int):
+    pl.seed_everything(0)
+    method = make_grpo(loss_type=loss_type, gradient_accumulation_steps=accumulation, ppo_epochs=1,
+                       num_mini_batches=1, max_grad_norm=None)
+    tokens = []
+    policy_loss = method.policy_loss
+    method.policy_loss = lambda batch: (tokens.append(int(batch.rollout.response_mask.sum())), policy_loss(batch))[1]
+    grads = FirstStepGradients()
+    trainer(rollouts=1, callbacks=[grads]).fit(method, datamodule=prompts(batch_size=4))
+    return grads.grads, tokens
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    assert a and a.keys() == b.keys()
+    return max((a[n] - b[n]).abs().max().item() for n in a)
+
+
+def test_dapo_normalises_by_the_whole_step_under_gradient_accumulation_bnpo_does_not():
+    """dapo: one micro-batch or two give the same gradient (every token of the step weighs the same).
+    bnpo divides each micro-batch by its own tokens, so with uneven micro-batches it differs."""
+    dapo_one, _ = first_step_gradients("dapo", 1)
+    dapo_two, tokens = first_step_gradients("dapo", 2)
+    bnpo_one, _ = first_step_gradients("bnpo", 1)
+    bnpo_two, _ = first_step_gradients("bnpo", 2)
+    assert len(tokens) == 2 and tokens[0] != tokens[1], tokens  # uneven micro-batches, else the test proves nothing
+    scale = max(v.abs().max().item() for v in dapo_one.values())
+    assert _max_difference(dapo_one, bnpo_one) < 1e-6 * scale  # one micro-batch: the same loss
+    assert _max_difference(dapo_two, dapo_one) < 1e-5 * scale
+    assert _max_difference(bnpo_two, bnpo_one) > 1e-3 * scale
+
+
+@pytest.mark.parametrize("options", [
+    dict(loss_type="cispo", epsilon_high=5.0),
+    dict(importance_sampling_level="sequence", delta=3.0),
+    dict(loss_type="bnpo", entropy_coef=0.01, top_entropy_quantile=0.3),
+    dict(loss_type="dapo", mask_truncated_completions=True),
+])
+def test_grpo_options_reach_the_loss(options):
+    """Each option's policy_loss on a real rollout is grpo_loss with that option (the formulas are
+    checked by hand in tests/losses); truncated responses leave the loss mask."""
+    pl.seed_everything(0)
+    method = perturbed(make_grpo(beta=0.05, max_new_tokens=8, **options))
+    scored = method.rollout_and_score(first_batch(method))
+    data = method.compute_advantages(scored)
+    mask = scored.rollout.response_mask
+    if options.get("mask_truncated_completions"):
+        assert (~scored.rollout.ended).any() and scored.rollout.ended.any()
+        expected_mask = mask * scored.rollout.ended.unsqueeze(1)
+        torch.testing.assert_close(data["loss_mask"], expected_mask)
+        mask = expected_mask
+    rows = torch.arange(scored.scores.shape[0])
+    method.bank.eval()
+    batch = method.select(scored, data, rows, step_tokens=mask.sum().float())
+    loss, _ = method.policy_loss(batch)
+    with torch.no_grad():
+        out = method.policy_forward(batch.rollout, with_entropy=True)
+    grpo_options = {k: v for k, v in options.items() if k != "mask_truncated_completions"}
+    expected = grpo_loss(out.logprobs, batch.old_logprobs, data["advantages"], mask, beta=0.05,
+                         ref_logprobs=batch.ref_logprobs, num_tokens=mask.sum().float(), entropy=out.entropy,
+                         max_completion_length=8, **grpo_options)
+    torch.testing.assert_close(loss.detach(), expected.loss)

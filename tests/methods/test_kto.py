@@ -157,3 +157,23 @@ def test_bad_unpaired_row_fails_before_training(tmp_path, monkeypatch, row, fiel
                   "--data.init_args.train", str(bad)])
     assert f"{bad}:2: field '{field}': {problem}" in str(info.value)
     assert not root.exists()
+
+
+def test_apo_zero_unpaired_skips_the_kl_rows_and_precomputed_reference_matches_live(tmp_path):
+    """apo_zero_unpaired never runs the mismatched KL rows; with precompute_ref_logps the reference
+    log-probs come from the batch and equal the live reference's."""
+    pl.seed_everything(0)
+    method = make_kto(beta=0.5, loss_type="apo_zero_unpaired", precompute_ref_logps=True, learning_rate=3e-3)
+    data = unpaired_data(batch_size=6)
+    calls = []
+    completion_logps = method.completion_logps
+    method.completion_logps = lambda batch, prefix="": (calls.append(prefix), completion_logps(batch, prefix))[1]
+    trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(method, data)
+    assert "kl_" not in calls
+    assert not method.bank.full and method._ref_cache["train"].shape[0] == len(data.train_examples)
+    batch = data.collator(data.train_examples[:6])
+    with torch.no_grad(), method.bank.reference():
+        live = completion_logps(batch).logps
+    torch.testing.assert_close(batch["ref_logps"], live, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="kto, apo_zero_unpaired"):
+        make_kto(loss_type="apo")

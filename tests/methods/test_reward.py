@@ -219,3 +219,24 @@ def test_bad_preference_row_fails_before_training(tmp_path, monkeypatch, row, fi
                   "--data.init_args.train", str(bad)])
     assert f"{bad}:3: field '{field}': {problem}" in str(info.value)
     assert not root.exists()
+
+
+def test_per_row_margin_from_the_data_reaches_the_loss(tmp_path):
+    """Preference rows with a `margin` (rows without one: 0): the loss is -logσ(r_c - r_r - m) per row."""
+    rows = [dict(p, margin=m) if m is not None else p for p, m in zip(val_pairs()[:4], [0.5, None, 2.0, 1.0])]
+    path = tmp_path / "margins.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    method = make_reward()
+    method.configure_model()
+    with torch.no_grad():
+        for name, p in method.bank.named_parameters():
+            if "lora_B" in name or "heads" in name:
+                p.normal_(0, 0.1)
+    data = PreferenceDataModule(str(path), max_length=64).prepare(method.tokenizer)
+    batch = data.collator(data.train_examples)
+    torch.testing.assert_close(batch["margin"], torch.tensor([0.5, 0.0, 2.0, 1.0]))
+    loss, _, _ = method.compute_loss(batch)
+    chosen, rejected = method.pair_scores(batch)
+    expected = -F.logsigmoid(chosen - rejected - batch["margin"]).mean()
+    torch.testing.assert_close(loss, expected)
+    assert (expected - (-F.logsigmoid(chosen - rejected).mean())).abs() > 1e-3  # the margins matter

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lit_rlhf.cli import main as cli_main
-from lit_rlhf.losses import kl_penalty, rloo_advantages, whiten
+from lit_rlhf.losses import kl_penalty, ppo_policy_loss, rloo_advantages, whiten
 from lit_rlhf.methods.rloo import RLOO
 from lit_rlhf.models import BankSpec
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
@@ -170,3 +170,22 @@ def test_rloo_raises_the_ground_truth_score_on_held_out_prompts():
     print(f"RLOO held-out sampled score {before:.3f} -> {after:.3f}, KL {kl:.3f} nats/response, {seconds:.1f} s")
     assert after - before >= 0.4
     assert 0.0 < kl < float("inf")
+
+
+def test_epsilon_high_and_sequence_level_ratio_reach_the_loss():
+    """policy_loss on a real rollout is ppo_policy_loss with clip-higher and GSPO's sequence ratio
+    (the formula is checked by hand in tests/losses); a bad level fails at construction."""
+    pl.seed_everything(0)
+    method = perturbed(make_rloo(epsilon_high=0.28, importance_sampling_level="sequence", kl_coef=0.0))
+    scored = method.rollout_and_score(first_batch(method))
+    data = method.compute_advantages(scored)
+    method.bank.eval()
+    batch = method.select(scored, data, torch.arange(scored.scores.shape[0]))
+    loss, _ = method.policy_loss(batch)
+    with torch.no_grad():
+        logprobs = method.policy_forward(batch.rollout).logprobs
+    expected = ppo_policy_loss(logprobs, batch.old_logprobs, data["advantages"], batch.rollout.response_mask,
+                               clip_range=0.2, clip_range_high=0.28, importance_sampling_level="sequence")
+    torch.testing.assert_close(loss.detach(), expected.loss)
+    with pytest.raises(ValueError, match="token, sequence"):
+        make_rloo(importance_sampling_level="prompt")

@@ -1,0 +1,116 @@
+"""Online DPO (Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback", arXiv
+2402.04792): DPO on pairs the policy samples inside the step.
+
+Each ``training_step`` is one rollout of the shared online loop (``OnlineMethod``):
+
+1. two responses are sampled per prompt from the current policy and scored by the configured
+   reward sources (a reward adapter, a reward model, or a Python function: the online methods'
+   ``rewards``);
+2. the higher-scored response of each pair is ``chosen``, the other ``rejected``; a pair whose
+   two scores are equal states no preference and gets weight 0 (its fraction is logged as
+   ``frac_ties``);
+3. ``ppo_epochs`` x ``num_mini_batches`` optimizer steps of ``lit_rlhf.losses.dpo_loss`` on the
+   pairs (any DPO ``loss_type``), with the reference's log-probs taken at rollout time. The two
+   responses of a prompt always stay in the same micro-batch.
+
+Metrics (TRL's names): ``objective/scores``, ``rewards/chosen``, ``rewards/rejected``,
+``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``, ``loss/dpo``,
+``frac_ties``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lit_rlhf.losses import DPO_LOSS_TYPES, dpo_loss
+from lit_rlhf.methods.online import MiniBatch, OnlineMethod, ScoredRollout
+
+
+class OnlineDPO(OnlineMethod):
+    """DPO on the policy's own samples, ranked by the reward sources, on the shared online loop.
+
+    Args:
+        beta: DPO's β, the strength of the implicit KL constraint to the reference.
+        loss_type: any of ``lit_rlhf.losses.DPO_LOSS_TYPES`` (``sigmoid`` is DPO, ``ipo`` IPO, ...).
+        label_smoothing: ε of ``sigmoid`` (cDPO) and ``robust``.
+        ppo_epochs: passes over each rollout (TRL's Online DPO takes one).
+        num_mini_batches: optimizer steps per pass.
+        **kwargs: rollout, update, optimizer and bank arguments of ``OnlineMethod``
+            (``num_samples_per_prompt`` is always 2).
+    """
+
+    rows_kept_together = 2
+
+    def __init__(
+        self,
+        *,
+        beta: float = 0.1,
+        loss_type: str = "sigmoid",
+        label_smoothing: float = 0.0,
+        ppo_epochs: int = 1,
+        num_mini_batches: int = 1,
+        **kwargs,
+    ):
+        if kwargs.get("num_samples_per_prompt", 2) != 2:
+            raise ValueError(f"OnlineDPO samples a pair per prompt: num_samples_per_prompt must be 2, got "
+                             f"{kwargs['num_samples_per_prompt']}")
+        kwargs["num_samples_per_prompt"] = 2
+        super().__init__(ppo_epochs=ppo_epochs, num_mini_batches=num_mini_batches, **kwargs)
+        if loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(f"OnlineDPO: unknown loss_type {loss_type!r}; valid names are {', '.join(DPO_LOSS_TYPES)}")
+        if beta <= 0:
+            raise ValueError(f"OnlineDPO: beta must be > 0, got {beta}")
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"OnlineDPO: label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        self.beta = beta
+        self.loss_type = loss_type
+        self.label_smoothing = label_smoothing
+
+    # -- rank each pair ------------------------------------------------------------------------------
+
+    def compute_advantages(self, scored: ScoredRollout) -> dict[str, torch.Tensor]:
+        pairs = scored.scores.view(-1, 2)
+        first_wins = pairs[:, 0] > pairs[:, 1]
+        tie = pairs[:, 0] == pairs[:, 1]
+        self.log_rollout_metrics({"frac_ties": tie.float().mean()}, batch_size=scored.scores.shape[0])
+        return {
+            # Per row so that the update can select rows: both rows of a pair carry the pair's values.
+            "first_is_chosen": first_wins.repeat_interleave(2),
+            "pair_weight": (~tie).float().repeat_interleave(2),
+        }
+
+    # -- the loss of one micro-batch of whole pairs --------------------------------------------------
+
+    def policy_loss(self, batch: MiniBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        mask = batch.rollout.response_mask
+        logps = self.policy_forward(batch.rollout).logprobs.sum(dim=1).view(-1, 2)
+        ref_logps = batch.ref_logprobs.sum(dim=1).view(-1, 2)
+        lengths = mask.sum(dim=1).view(-1, 2)
+        first = batch.data["first_is_chosen"].view(-1, 2)[:, 0]
+        weight = batch.data["pair_weight"].view(-1, 2)[:, 0]
+
+        def chosen_rejected(pair: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.where(first, pair[:, 0], pair[:, 1]), torch.where(first, pair[:, 1], pair[:, 0])
+
+        chosen, rejected = chosen_rejected(logps)
+        ref_chosen, ref_rejected = chosen_rejected(ref_logps)
+        chosen_len, rejected_len = chosen_rejected(lengths)
+        out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=self.beta, loss_type=self.loss_type,
+                       label_smoothing=self.label_smoothing, chosen_lengths=chosen_len, rejected_lengths=rejected_len,
+                       chosen_nll=-chosen / chosen_len.clamp(min=1))
+        pairs = weight.sum().clamp(min=1)
+        loss = (out.losses * weight).sum() / pairs
+
+        def mean(x: torch.Tensor) -> torch.Tensor:
+            return (x.detach() * weight).sum() / pairs
+
+        metrics = {
+            "loss/dpo": loss.detach(),
+            "rewards/chosen": mean(out.chosen_rewards),
+            "rewards/rejected": mean(out.rejected_rewards),
+            "rewards/margins": mean(out.chosen_rewards - out.rejected_rewards),
+            "rewards/accuracies": mean((out.chosen_rewards > out.rejected_rewards).float()),
+            "logps/chosen": mean(chosen),
+            "logps/rejected": mean(rejected),
+        }
+        return loss, metrics
