@@ -321,6 +321,11 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         batch_size = getattr(self.trainer.datamodule, "batch_size", None)
         if stage == "fit" and batch_size is not None:
             self.check_rollout_split(batch_size)
+        skipping = [spec.function or spec.adapter or spec.model for spec in self.reward_specs if spec.nonfinite == "skip"]
+        if stage == "fit" and skipping and self.trainer.world_size > 1:
+            # Dropped rows change each rank's number of optimizer steps, and every step is a collective.
+            raise ValueError(f"reward nonfinite: skip ({skipping}) runs on one process only; under "
+                             f"{self.trainer.world_size} processes use nonfinite: error")
 
     def check_rollout_split(self, batch_size: int) -> None:
         """A rollout of ``batch_size`` prompts must split into equal mini- and micro-batches."""

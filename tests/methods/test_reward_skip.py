@@ -72,3 +72,12 @@ def test_default_nan_stops_the_fit_before_any_step():
     with pytest.raises(RewardError, match="'test_reward_skip:always_nan' returned a non-finite score"):
         trainer(rollouts=1).fit(method, datamodule=prompts())
     assert all(torch.equal(before[n], p) for n, p in _lora(method).items())
+
+
+def test_skip_is_refused_under_several_processes():
+    from types import SimpleNamespace
+
+    method = _grpo("nan_for_the_prompts", nonfinite="skip")
+    method.trainer = SimpleNamespace(world_size=2, datamodule=None)  # Lightning's setup hook, two ranks
+    with pytest.raises(ValueError, match="runs on one process only"):
+        method.setup("fit")
