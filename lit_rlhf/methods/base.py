@@ -54,6 +54,23 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def mark_cut_epoch_unfinished(loops: dict, trainer: pl.Trainer) -> None:
+    """Record an epoch that ``max_steps`` (or a stop request) cut short as unfinished in a checkpoint's loop state.
+
+    When ``max_steps`` stops a run mid-epoch, Lightning still counts the epoch as processed before
+    ``on_train_epoch_end``, where ``last.ckpt`` is written; a resume from it would then start the
+    next epoch (the sampler's next order) instead of finishing this one, as a checkpoint written
+    between steps does.
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+    ran = epoch_loop.batch_progress.current.ready
+    if epoch_loop.batch_progress.is_last_batch or ran >= trainer.num_training_batches:
+        return  # the epoch really ended
+    epoch = loops["fit_loop"]["epoch_progress"]
+    for counts in (epoch["current"], epoch["total"]):
+        counts["completed"] = counts["processed"] = counts["started"] - 1
+
+
 class BankMethod(pl.LightningModule):
     """Base of every method: owns an ``AdapterBank`` built from a light spec in ``configure_model``.
 
@@ -151,6 +168,8 @@ class BankMethod(pl.LightningModule):
         keep = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["rng_states"] = rng_states()
+        if self._trainer is not None and "loops" in checkpoint:
+            mark_cut_epoch_unfinished(checkpoint["loops"], self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._rng_to_restore = checkpoint.get("rng_states")
