@@ -22,6 +22,7 @@ import warnings
 from typing import Any, Callable, ClassVar, Literal, Optional, Union
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 from transformers import PreTrainedTokenizerBase
 
@@ -228,7 +229,10 @@ class _FormatDataModule(L.LightningDataModule):
         if position is not None:
             resume = (position["epoch"], position["batches"] * self.batch_size)
         sampler = epoch_sampler(dataset, self.seed, replicas, rank, resume=resume)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler,
+        # Its own generator: each new iterator would otherwise draw its workers' base seed from the
+        # global RNG, one draw more in a resumed run than in the uninterrupted one.
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, generator=generator,
                           collate_fn=self.collator, num_workers=self.num_workers)
 
     def val_dataloader(self) -> Union[DataLoader, list]:
@@ -237,6 +241,7 @@ class _FormatDataModule(L.LightningDataModule):
             return []  # Lightning skips validation
         dataset = ExampleDataset(self.val_examples)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=SequentialSampler(dataset),
+                          generator=torch.Generator().manual_seed(self.seed),
                           collate_fn=self.collator, num_workers=self.num_workers)
 
     # -- checkpoint state -------------------------------------------------------------------------

@@ -54,21 +54,31 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def mark_cut_epoch_unfinished(loops: dict, trainer: pl.Trainer) -> None:
-    """Record an epoch that ``max_steps`` (or a stop request) cut short as unfinished in a checkpoint's loop state.
+def settle_epoch_progress(loops: dict, trainer: pl.Trainer) -> None:
+    """Make a checkpoint written at ``on_train_epoch_end`` resume like one written between steps.
 
-    When ``max_steps`` stops a run mid-epoch, Lightning still counts the epoch as processed before
-    ``on_train_epoch_end``, where ``last.ckpt`` is written; a resume from it would then start the
-    next epoch (the sampler's next order) instead of finishing this one, as a checkpoint written
-    between steps does.
+    Lightning counts an epoch as processed before ``on_train_epoch_end`` (where ``last.ckpt`` is
+    written) and completed after it. Resumed from such a checkpoint with ``max_steps`` set, it
+    either starts the next epoch's order where ``max_steps`` had cut this one short, or runs one
+    more batch as part of the finished epoch and then restarts the next one. So the checkpoint
+    says plainly where the run is: in an unfinished epoch (its data position says how far), or
+    at the start of the next one.
     """
-    epoch_loop = trainer.fit_loop.epoch_loop
-    ran = epoch_loop.batch_progress.current.ready
-    if epoch_loop.batch_progress.is_last_batch or ran >= trainer.num_training_batches:
-        return  # the epoch really ended
-    epoch = loops["fit_loop"]["epoch_progress"]
+    fit = loops["fit_loop"]
+    epoch = fit["epoch_progress"]
+    if epoch["current"]["processed"] == epoch["current"]["completed"]:
+        return  # written between steps: Lightning resumes these exactly
+    batches = trainer.fit_loop.epoch_loop.batch_progress
+    finished = batches.is_last_batch or batches.current.ready >= trainer.num_training_batches
     for counts in (epoch["current"], epoch["total"]):
-        counts["completed"] = counts["processed"] = counts["started"] - 1
+        if finished:
+            counts["completed"] = counts["processed"]
+        else:
+            counts["completed"] = counts["processed"] = counts["started"] - 1
+    if finished:
+        progress = fit["epoch_loop.batch_progress"]
+        progress["current"] = {name: 0 for name in progress["current"]}
+        progress["is_last_batch"] = False
 
 
 class BankMethod(pl.LightningModule):
@@ -169,7 +179,7 @@ class BankMethod(pl.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["rng_states"] = rng_states()
         if self._trainer is not None and "loops" in checkpoint:
-            mark_cut_epoch_unfinished(checkpoint["loops"], self.trainer)
+            settle_epoch_progress(checkpoint["loops"], self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._rng_to_restore = checkpoint.get("rng_states")
@@ -183,8 +193,8 @@ class BankMethod(pl.LightningModule):
             )
 
     def on_train_start(self) -> None:
-        # Restored here, after Lightning has created the epoch's data iterator (which draws a seed
-        # from the global RNG), so a resumed run draws the same dropout masks and samples.
+        # The data loaders draw nothing from the global RNG (they have their own generators), so
+        # any point before the first step restores the dropout masks and samples of the next one.
         if self._rng_to_restore is not None:
             set_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
