@@ -15,6 +15,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
 from lit_rlhf.methods.base import BankMethod
+from lit_rlhf.methods.checkpoints import find_last_checkpoint, finished_message
 
 
 class LitRLHFCLI(LightningCLI):
@@ -25,6 +26,26 @@ class LitRLHFCLI(LightningCLI):
         prepare = getattr(self.datamodule, "prepare", None)
         if prepare is not None:
             prepare(self.model.tokenizer)
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # `--ckpt_path last` names the newest last.ckpt of any version of this run, resolved before
+        # LightningCLI reads the checkpoint's hyperparameters (which it does for a file path only).
+        config = self.config.get(self.config.get("subcommand") or "", None)
+        if config is not None and config.get("ckpt_path") == "last":
+            root = config["trainer"].get("default_root_dir") or "."
+            found = find_last_checkpoint(root)
+            print(f"--ckpt_path last: {found or f'no last*.ckpt under {root}, starting from scratch'}", file=sys.stderr)
+            config["ckpt_path"] = str(found) if found else None
+
+    def fit(self, model, datamodule=None, ckpt_path=None, **kwargs) -> None:
+        """``Trainer.fit``, unless the checkpoint already reached the run's limits (then it says so)."""
+        if ckpt_path is not None:
+            message = finished_message(ckpt_path, self.trainer.max_steps, self.trainer.max_epochs)
+            if message is not None:
+                print(message, file=sys.stderr)
+                return
+        self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
 
     def before_fit(self) -> None:
         self._prepare_data()

@@ -254,7 +254,10 @@ class _FormatDataModule(L.LightningDataModule):
             # `processed` counts the batches whose step ran, unlike the loader's own count, which
             # runs ahead by the batch Lightning prefetches.
             done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            state["position"] = {"epoch": trainer.current_epoch, "batches": done}
+            # The epoch those batches belong to: `current_epoch` already counts it once it ended
+            # (a checkpoint written after max_steps cut it short).
+            epoch = max(trainer.fit_loop.epoch_progress.current.started - 1, 0)
+            state["position"] = {"epoch": epoch, "batches": done}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -55,18 +55,18 @@ def set_rng_states(states: dict) -> None:
 
 
 def settle_epoch_progress(loops: dict, trainer: pl.Trainer) -> None:
-    """Make a checkpoint written at ``on_train_epoch_end`` resume like one written between steps.
+    """Make a checkpoint written at ``on_train_epoch_end`` or after training resume like one written between steps.
 
     Lightning counts an epoch as processed before ``on_train_epoch_end`` (where ``last.ckpt`` is
-    written) and completed after it. Resumed from such a checkpoint with ``max_steps`` set, it
-    either starts the next epoch's order where ``max_steps`` had cut this one short, or runs one
-    more batch as part of the finished epoch and then restarts the next one. So the checkpoint
-    says plainly where the run is: in an unfinished epoch (its data position says how far), or
-    at the start of the next one.
+    written) and completed after it, even when ``max_steps`` cut it short. Resumed from such a
+    checkpoint with ``max_steps`` set, it either starts the next epoch's order where ``max_steps``
+    had cut this one short, or runs one more batch as part of the finished epoch and then restarts
+    the next one. So the checkpoint says plainly where the run is: in an unfinished epoch (its
+    data position says how far), or at the start of the next one.
     """
     fit = loops["fit_loop"]
     epoch = fit["epoch_progress"]
-    if epoch["current"]["processed"] == epoch["current"]["completed"]:
+    if epoch["current"]["started"] > epoch["current"]["processed"]:
         return  # written between steps: Lightning resumes these exactly
     batches = trainer.fit_loop.epoch_loop.batch_progress
     finished = batches.is_last_batch or batches.current.ready >= trainer.num_training_batches
