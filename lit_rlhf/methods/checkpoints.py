@@ -173,6 +173,13 @@ class ResumableCheckpoint(ModelCheckpoint):
             self._save_last_now(trainer)
         super().on_train_end(trainer, pl_module)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # A resumed CLI run writes into a new version folder by design; the old folder's top-k
+        # bookkeeping stays with it, which ModelCheckpoint would warn about on every resume.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The dirpath has changed from")
+            super().load_state_dict(state_dict)
+
     def _save_last_now(self, trainer: pl.Trainer) -> None:
         if self._last_global_step_saved == trainer.global_step and self.last_model_path:
             return  # this step is saved already

@@ -1,0 +1,134 @@
+"""Resuming: every method continues from the ``last.ckpt`` a run leaves (``max_steps`` reached, SIGTERM,
+Ctrl-C) exactly as if it had never stopped; a killed or failed checkpoint write keeps the previous one."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lit_rlhf.data import PreferenceDataModule, PromptDataModule, SFTDataModule, UnpairedDataModule
+from lit_rlhf.methods import (
+    CPO, DPO, GKD, GRPO, KTO, PPO, RLOO, SFT, AtomicCheckpointIO, BestOfN, CheckpointWriteError, Reward,
+    ResumableCheckpoint, SimPO,
+)
+from lit_rlhf.models import BankSpec, LoraSpec
+from lit_rlhf.models.spec import TeacherSpec
+from lit_rlhf.rollout import SamplingConfig
+from online_helpers import DATA, TOY, make_online
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _bank(**kwargs) -> BankSpec:
+    # LoRA dropout makes the RNG state part of what a resume must restore.
+    return BankSpec(model=TOY, lora=LoraSpec(r=4, alpha=8, dropout=0.1), **kwargs)
+
+
+def _offline(cls, data_cls, rows):
+    def build():
+        return cls(bank=_bank(), learning_rate=3e-3), data_cls(f"{DATA}/{rows}", batch_size=8, max_length=64, seed=3)
+    return build
+
+
+def _online(cls, **kwargs):
+    def build():
+        method = make_online(cls, ppo_epochs=1, num_mini_batches=1, num_samples_per_prompt=2, max_new_tokens=4,
+                             **kwargs)
+        method.bank_spec.lora.dropout = 0.1
+        return method, PromptDataModule(f"{DATA}/prompt_val.jsonl", batch_size=2, max_length=32, seed=3)
+    return build
+
+
+def _gkd():
+    method = GKD(bank=_bank(teacher=TeacherSpec(model="assets/toy/teacher")), lmbda=0.5, learning_rate=3e-3,
+                 sampling=SamplingConfig(max_new_tokens=4))
+    return method, SFTDataModule(f"{DATA}/sft_val.jsonl", batch_size=8, max_length=64, seed=3)
+
+
+#: Every method, on a tiny run whose epoch is longer than the steps taken (so the stops are mid-epoch).
+METHODS = {
+    "dpo": _offline(DPO, PreferenceDataModule, "preference_val.jsonl"),
+    "simpo": _offline(SimPO, PreferenceDataModule, "preference_val.jsonl"),
+    "cpo": _offline(CPO, PreferenceDataModule, "preference_val.jsonl"),
+    "sft": _offline(SFT, SFTDataModule, "sft_val.jsonl"),
+    "reward": _offline(Reward, PreferenceDataModule, "preference_val.jsonl"),
+    "kto": _offline(partial(KTO, desirable_weight=2.1), UnpairedDataModule, "unpaired_val.jsonl"),  # 31:65 rows
+    # PPO with the adaptive KL controller and reward normalisation: both travel in the checkpoint.
+    "ppo": _online(PPO, adaptive_kl=True, kl_coef=0.05, kl_target=0.1, kl_horizon=100),
+    "rloo": _online(RLOO),
+    "grpo": _online(GRPO),
+    "best_of_n": _online(BestOfN),
+    "gkd": _gkd,
+}
+
+
+def fit(name, root, max_steps, *, ckpt_path=None, callbacks=(), **kwargs):
+    """One run of method ``name`` (seed 0), checkpointing into ``root``; its trainable tensors at the end."""
+    pl.seed_everything(0)
+    method, data = METHODS[name]()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=root, num_sanity_val_steps=0, limit_val_batches=0, max_steps=max_steps,
+        callbacks=[ResumableCheckpoint(dirpath=root), *callbacks], plugins=[AtomicCheckpointIO()], **kwargs,
+    )
+    trainer.fit(method, data, ckpt_path=ckpt_path)
+    trainable = set(method.bank.trainable_names())
+    return {n: p.detach().clone() for n, p in method.bank.named_parameters() if n in trainable}
+
+
+def assert_same(resumed, straight):
+    assert resumed.keys() == straight.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
+
+
+class SignalAt(pl.Callback):
+    """Sends ``signum`` to this process when step ``step`` starts: the signal lands mid-step."""
+
+    def __init__(self, step: int, signum=signal.SIGTERM):
+        self.step, self.signum = step, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+# Online methods here take one optimizer step per rollout; N = 2 steps, 2N = 4, all inside the first epoch.
+N = 2
+QUICK = ["dpo", "grpo", "ppo"]
+
+
+def check_max_steps_then_signal(name, tmp_path, signals):
+    straight = fit(name, tmp_path / "straight", 2 * N)
+    # Stopped by max_steps: last.ckpt is written at the epoch's (cut) end.
+    fit(name, tmp_path / "a", N)
+    assert torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)["global_step"] == N
+    assert_same(fit(name, tmp_path / "a" / "resumed", 2 * N, ckpt_path=tmp_path / "a" / "last.ckpt"), straight)
+    for signum in signals:
+        # Stopped by a signal during step 1 (mid-epoch): the step finishes, last.ckpt holds it, exit status 0.
+        root = tmp_path / signal.Signals(signum).name
+        with pytest.raises(SystemExit) as stopped:
+            fit(name, root, 2 * N, callbacks=[SignalAt(1, signum)])
+        assert stopped.value.code == 0
+        assert torch.load(root / "last.ckpt", weights_only=True)["global_step"] == 2
+        assert_same(fit(name, root / "resumed", 2 * N, ckpt_path=root / "last.ckpt"), straight)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_resume_from_last_ckpt_after_max_steps_equals_the_straight_run(name, tmp_path):
+    check_max_steps_then_signal(name, tmp_path, [signal.SIGTERM] if name in QUICK else [])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(set(METHODS) - set(QUICK)))
+def test_resume_after_sigterm_and_ctrl_c_equals_the_straight_run(name, tmp_path):
+    check_max_steps_then_signal(name, tmp_path, [signal.SIGTERM, signal.SIGINT])
