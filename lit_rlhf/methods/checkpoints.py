@@ -23,6 +23,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lit_rlhf.models.saving import fsync_directory
+
 # ModelCheckpoint warns, at every periodic save of a manually optimized method, that the state saved
 # is the one after the optimizer step: for a resume that is the step boundary it needs.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
@@ -30,17 +32,6 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written; the file that was there before is unchanged."""
-
-
-def fsync_directory(path: Path) -> None:
-    """Make a rename inside ``path`` durable (POSIX: the directory entry is data of the directory)."""
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
