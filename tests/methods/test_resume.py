@@ -135,6 +135,16 @@ def test_resume_after_sigterm_and_ctrl_c_equals_the_straight_run(name, tmp_path)
     check_max_steps_then_signal(name, tmp_path, [signal.SIGTERM, signal.SIGINT])
 
 
+@pytest.mark.parametrize("name", QUICK)
+def test_resume_at_an_epoch_boundary_equals_the_straight_run(name, tmp_path):
+    # Epochs of N batches: the first run stops exactly at the end of epoch 0, the resumed one trains epoch 1.
+    straight = fit(name, tmp_path / "straight", 2 * N, limit_train_batches=N)
+    fit(name, tmp_path / "a", N, limit_train_batches=N)
+    resumed = fit(name, tmp_path / "a" / "resumed", 2 * N, ckpt_path=tmp_path / "a" / "last.ckpt",
+                  limit_train_batches=N)
+    assert_same(resumed, straight)
+
+
 # -- checkpoint writes ---------------------------------------------------------------------------------
 
 #: Runs DPO with a checkpoint every 2 steps and SIGKILLs itself halfway through writing the second
