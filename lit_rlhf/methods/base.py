@@ -55,7 +55,7 @@ def set_rng_states(states: dict) -> None:
 
 
 def settle_epoch_progress(loops: dict, trainer: pl.Trainer) -> None:
-    """Make a checkpoint written at ``on_train_epoch_end`` or after training resume like one written between steps.
+    """Make a checkpoint written at ``on_train_epoch_end`` (or after fit) resume like one written between steps.
 
     Lightning counts an epoch as processed before ``on_train_epoch_end`` (where ``last.ckpt`` is
     written) and completed after it, even when ``max_steps`` cut it short. Resumed from such a

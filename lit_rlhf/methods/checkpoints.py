@@ -188,6 +188,8 @@ def find_last_checkpoint(root: str | os.PathLike) -> Optional[Path]:
 
 def finished_message(ckpt_path: str | os.PathLike, max_steps: int, max_epochs: Optional[int]) -> Optional[str]:
     """Why resuming from ``ckpt_path`` would train nothing under these limits, or ``None``."""
+    if Path(ckpt_path).is_dir():
+        return None  # a DeepSpeed checkpoint directory: Lightning reads it, and the limits, itself
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     if max_steps is not None and 0 <= max_steps <= checkpoint["global_step"]:
         return f"nothing to do: the run reached max_steps={max_steps}; raise it to continue"
