@@ -66,8 +66,9 @@ def settle_epoch_progress(loops: dict, trainer: pl.Trainer) -> None:
     """
     fit = loops["fit_loop"]
     epoch = fit["epoch_progress"]
-    if epoch["current"]["started"] > epoch["current"]["processed"]:
-        return  # written between steps: Lightning resumes these exactly
+    started, processed = epoch["current"]["started"], epoch["current"]["processed"]
+    if started == 0 or started > processed:
+        return  # before any training, or between steps: Lightning resumes these exactly
     batches = trainer.fit_loop.epoch_loop.batch_progress
     finished = batches.is_last_batch or batches.current.ready >= trainer.num_training_batches
     for counts in (epoch["current"], epoch["total"]):
