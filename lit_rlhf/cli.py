@@ -14,6 +14,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
 from lit_rlhf.methods.base import BankMethod, read_checkpoint
+from lit_rlhf.methods.checkpoints import find_last_checkpoint, finished_message
 
 
 class LitRLHFCLI(LightningCLI):
@@ -36,6 +37,26 @@ class LitRLHFCLI(LightningCLI):
         arguments = self.config_init[self.subcommand]
         if arguments.get("weights_only") is None:
             arguments["weights_only"] = True
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # `--ckpt_path last` names the newest last.ckpt of any version of this run, resolved before
+        # LightningCLI reads the checkpoint's hyperparameters (which it does for a file path only).
+        config = self.config.get(self.config.get("subcommand") or "", None)
+        if config is not None and config.get("ckpt_path") == "last":
+            root = config["trainer"].get("default_root_dir") or "."
+            found = find_last_checkpoint(root)
+            print(f"--ckpt_path last: {found or f'no last*.ckpt under {root}, starting from scratch'}", file=sys.stderr)
+            config["ckpt_path"] = str(found) if found else None
+
+    def fit(self, model, datamodule=None, ckpt_path=None, **kwargs) -> None:
+        """``Trainer.fit``, unless the checkpoint already reached the run's limits (then it says so)."""
+        if ckpt_path is not None:
+            message = finished_message(ckpt_path, self.trainer.max_steps, self.trainer.max_epochs)
+            if message is not None:
+                print(message, file=sys.stderr)
+                return
+        self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
 
     def before_fit(self) -> None:
         self._read_checkpoints_safely()

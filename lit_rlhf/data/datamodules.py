@@ -23,6 +23,7 @@ import warnings
 from typing import Any, Callable, ClassVar, Literal, Optional, Union
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 from transformers import PreTrainedTokenizerBase
 
@@ -237,7 +238,11 @@ class _FormatDataModule(L.LightningDataModule):
         if position is not None:
             resume = (position["epoch"], position["batches"] * self.batch_size)
         sampler = epoch_sampler(dataset, self.seed, replicas, rank, resume=resume)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=self._drop_last(len(sampler)),
+        # Its own generator: each new iterator would otherwise draw its workers' base seed from the
+        # global RNG, one draw more in a resumed run than in the uninterrupted one.
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, generator=generator,
+                          drop_last=self._drop_last(len(sampler)),
                           collate_fn=self.collator, num_workers=self.num_workers)
 
     def val_dataloader(self) -> Union[DataLoader, list]:
@@ -249,6 +254,7 @@ class _FormatDataModule(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         return DataLoader(dataset, batch_size=self.batch_size, sampler=SequentialSampler(dataset),
                           drop_last=self._drop_last(math.ceil(len(dataset) / world)),
+                          generator=torch.Generator().manual_seed(self.seed),
                           collate_fn=self.collator, num_workers=self.num_workers)
 
     def _drop_last(self, rows_per_rank: int) -> bool:
@@ -266,7 +272,10 @@ class _FormatDataModule(L.LightningDataModule):
             # `processed` counts the batches whose step ran, unlike the loader's own count, which
             # runs ahead by the batch Lightning prefetches.
             done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            state["position"] = {"epoch": trainer.current_epoch, "batches": done}
+            # The epoch those batches belong to: `current_epoch` already counts it once it ended
+            # (a checkpoint written after max_steps cut it short).
+            epoch = max(trainer.fit_loop.epoch_progress.current.started - 1, 0)
+            state["position"] = {"epoch": epoch, "batches": done}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

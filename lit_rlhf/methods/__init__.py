@@ -2,6 +2,7 @@
 
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.methods.best_of_n import BestOfN, generate_best_of_n, write_jsonl_atomic
+from lit_rlhf.methods.checkpoints import AtomicCheckpointIO, CheckpointWriteError, ResumableCheckpoint
 from lit_rlhf.methods.dpo import CPO, DPO, ORPO, PreferenceMethod, SimPO
 from lit_rlhf.methods.export import ExportOnFitEnd
 from lit_rlhf.methods.gkd import GKD
@@ -23,9 +24,11 @@ from lit_rlhf.methods.sft import SFT
 
 __all__ = [
     "AdaptiveKLController",
+    "AtomicCheckpointIO",
     "BankMethod",
     "BestOfN",
     "CPO",
+    "CheckpointWriteError",
     "DPO",
     "ExportOnFitEnd",
     "FixedKLController",
@@ -40,6 +43,7 @@ __all__ = [
     "PolicyOutput",
     "RLOO",
     "PreferenceMethod",
+    "ResumableCheckpoint",
     "Reward",
     "RewardScorer",
     "SFT",

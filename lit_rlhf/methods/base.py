@@ -69,6 +69,34 @@ def read_checkpoint(path: str | Path) -> dict:
         ) from e
 
 
+def settle_epoch_progress(loops: dict, trainer: pl.Trainer) -> None:
+    """Make a checkpoint written at ``on_train_epoch_end`` (or after fit) resume like one written between steps.
+
+    Lightning counts an epoch as processed before ``on_train_epoch_end`` (where ``last.ckpt`` is
+    written) and completed after it, even when ``max_steps`` cut it short. Resumed from such a
+    checkpoint with ``max_steps`` set, it either starts the next epoch's order where ``max_steps``
+    had cut this one short, or runs one more batch as part of the finished epoch and then restarts
+    the next one. So the checkpoint says plainly where the run is: in an unfinished epoch (its
+    data position says how far), or at the start of the next one.
+    """
+    fit = loops["fit_loop"]
+    epoch = fit["epoch_progress"]
+    started, processed = epoch["current"]["started"], epoch["current"]["processed"]
+    if started == 0 or started > processed:
+        return  # before any training, or between steps: Lightning resumes these exactly
+    batches = trainer.fit_loop.epoch_loop.batch_progress
+    finished = batches.is_last_batch or batches.current.ready >= trainer.num_training_batches
+    for counts in (epoch["current"], epoch["total"]):
+        if finished:
+            counts["completed"] = counts["processed"]
+        else:
+            counts["completed"] = counts["processed"] = counts["started"] - 1
+    if finished:
+        progress = fit["epoch_loop.batch_progress"]
+        progress["current"] = {name: 0 for name in progress["current"]}
+        progress["is_last_batch"] = False
+
+
 class BankMethod(pl.LightningModule):
     """Base of every method: owns an ``AdapterBank`` built from a light spec in ``configure_model``.
 
@@ -183,6 +211,8 @@ class BankMethod(pl.LightningModule):
         keep = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["rng_states"] = rng_states()
+        if self._trainer is not None and "loops" in checkpoint:
+            settle_epoch_progress(checkpoint["loops"], self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._rng_to_restore = checkpoint.get("rng_states")
@@ -196,8 +226,8 @@ class BankMethod(pl.LightningModule):
             )
 
     def on_train_start(self) -> None:
-        # Restored here, after Lightning has created the epoch's data iterator (which draws a seed
-        # from the global RNG), so a resumed run draws the same dropout masks and samples.
+        # The data loaders draw nothing from the global RNG (they have their own generators), so
+        # any point before the first step restores the dropout masks and samples of the next one.
         if self._rng_to_restore is not None:
             set_rng_states(self._rng_to_restore)
             self._rng_to_restore = None

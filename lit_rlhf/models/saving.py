@@ -14,7 +14,9 @@ from pathlib import Path
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of ``path``; on success it replaces ``path`` in one rename.
 
-    On failure the temporary directory is removed and an existing ``path`` is left intact.
+    Every file written is fsynced before the rename, and the rename itself after it, so a crash
+    or power loss leaves either the old directory or the complete new one. On failure the
+    temporary directory is removed and an existing ``path`` is left intact.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -24,10 +26,31 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _fsync_tree(tmp)
     old = None
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
         os.replace(target, old / target.name)
     os.replace(tmp, target)
+    fsync_directory(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def fsync_directory(path: str | os.PathLike) -> None:
+    """Make the entries of ``path`` (a rename into it) durable; POSIX only."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_directory(folder)

@@ -193,6 +193,33 @@ def test_atomic_directory_keeps_the_old_one_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_atomic_directory_fsyncs_every_file_before_the_rename(tmp_path, monkeypatch):
+    import os
+
+    from lit_rlhf.models import saving
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", os.path.basename(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(saving.os, "fsync", fsync)
+    monkeypatch.setattr(saving.os, "replace", replace)
+    with atomic_directory(tmp_path / "out") as d:
+        (d / "weights.safetensors").write_bytes(b"w")
+        (d / "config.json").write_text("{}")
+    rename = events.index(("rename", "out"))
+    synced_before = {name for kind, name in events[:rename] if kind == "fsync"}
+    assert {"weights.safetensors", "config.json"} <= synced_before
+    assert ("fsync", tmp_path.name) in events[rename:], "the rename itself was not made durable"
+
+
 def test_adapter_loaded_onto_another_model_of_the_same_shape_warns(tmp_path, caplog):
     import shutil
 

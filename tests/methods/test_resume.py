@@ -1,0 +1,229 @@
+"""Resuming: every method continues from the ``last.ckpt`` a run leaves (``max_steps`` reached, SIGTERM,
+Ctrl-C) exactly as if it had never stopped; a killed or failed checkpoint write keeps the previous one."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lit_rlhf.data import PreferenceDataModule, PromptDataModule, SFTDataModule, UnpairedDataModule
+from lit_rlhf.methods import (
+    CPO, DPO, GKD, GRPO, KTO, PPO, RLOO, SFT, AtomicCheckpointIO, BestOfN, CheckpointWriteError, Reward,
+    ResumableCheckpoint, SimPO,
+)
+from lit_rlhf.models import BankSpec, LoraSpec
+from lit_rlhf.models.spec import TeacherSpec
+from lit_rlhf.rollout import SamplingConfig
+from online_helpers import DATA, TOY, make_online
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _bank(**kwargs) -> BankSpec:
+    # LoRA dropout makes the RNG state part of what a resume must restore.
+    return BankSpec(model=TOY, lora=LoraSpec(r=4, alpha=8, dropout=0.1), **kwargs)
+
+
+def _offline(cls, data_cls, rows):
+    def build():
+        return cls(bank=_bank(), learning_rate=3e-3), data_cls(f"{DATA}/{rows}", batch_size=8, max_length=64, seed=3)
+    return build
+
+
+def _online(cls, **kwargs):
+    def build():
+        method = make_online(cls, ppo_epochs=1, num_mini_batches=1, num_samples_per_prompt=2, max_new_tokens=4,
+                             **kwargs)
+        method.bank_spec.lora.dropout = 0.1
+        return method, PromptDataModule(f"{DATA}/prompt_val.jsonl", batch_size=2, max_length=32, seed=3)
+    return build
+
+
+def _gkd():
+    method = GKD(bank=_bank(teacher=TeacherSpec(model="assets/toy/teacher")), lmbda=0.5, learning_rate=3e-3,
+                 sampling=SamplingConfig(max_new_tokens=4))
+    return method, SFTDataModule(f"{DATA}/sft_val.jsonl", batch_size=8, max_length=64, seed=3)
+
+
+#: Every method, on a tiny run whose epoch is longer than the steps taken (so the stops are mid-epoch).
+METHODS = {
+    "dpo": _offline(DPO, PreferenceDataModule, "preference_val.jsonl"),
+    "simpo": _offline(SimPO, PreferenceDataModule, "preference_val.jsonl"),
+    "cpo": _offline(CPO, PreferenceDataModule, "preference_val.jsonl"),
+    "sft": _offline(SFT, SFTDataModule, "sft_val.jsonl"),
+    "reward": _offline(Reward, PreferenceDataModule, "preference_val.jsonl"),
+    "kto": _offline(partial(KTO, desirable_weight=2.1), UnpairedDataModule, "unpaired_val.jsonl"),  # 31:65 rows
+    # PPO with the adaptive KL controller and reward normalisation: both travel in the checkpoint.
+    "ppo": _online(PPO, adaptive_kl=True, kl_coef=0.05, kl_target=0.1, kl_horizon=100),
+    "rloo": _online(RLOO),
+    "grpo": _online(GRPO),
+    "best_of_n": _online(BestOfN),
+    "gkd": _gkd,
+}
+
+
+def fit(name, root, max_steps, *, ckpt_path=None, callbacks=(), every_n_train_steps=None, **kwargs):
+    """One run of method ``name`` (seed 0), checkpointing into ``root``; its trainable tensors at the end."""
+    pl.seed_everything(0)
+    method, data = METHODS[name]()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=root, num_sanity_val_steps=0, limit_val_batches=0, max_steps=max_steps,
+        callbacks=[ResumableCheckpoint(dirpath=root, every_n_train_steps=every_n_train_steps), *callbacks],
+        plugins=[AtomicCheckpointIO()], **kwargs,
+    )
+    trainer.fit(method, data, ckpt_path=ckpt_path)
+    trainable = set(method.bank.trainable_names())
+    return {n: p.detach().clone() for n, p in method.bank.named_parameters() if n in trainable}
+
+
+def assert_same(resumed, straight):
+    assert resumed.keys() == straight.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
+
+
+class SignalAt(pl.Callback):
+    """Sends ``signum`` to this process when step ``step`` starts: the signal lands mid-step."""
+
+    def __init__(self, step: int, signum=signal.SIGTERM):
+        self.step, self.signum = step, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+# Online methods here take one optimizer step per rollout; N = 2 steps, 2N = 4, all inside the first epoch.
+N = 2
+QUICK = ["dpo", "grpo"]
+
+
+def check_max_steps_then_signal(name, tmp_path, signals):
+    straight = fit(name, tmp_path / "straight", 2 * N)
+    # Stopped by max_steps: last.ckpt is written at the epoch's (cut) end.
+    fit(name, tmp_path / "a", N)
+    assert torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)["global_step"] == N
+    assert_same(fit(name, tmp_path / "a" / "resumed", 2 * N, ckpt_path=tmp_path / "a" / "last.ckpt"), straight)
+    for signum in signals:
+        # Stopped by a signal during step 1 (mid-epoch): the step finishes, last.ckpt holds it, exit status 0.
+        root = tmp_path / signal.Signals(signum).name
+        with pytest.raises(SystemExit) as stopped:
+            fit(name, root, 2 * N, callbacks=[SignalAt(1, signum)])
+        assert stopped.value.code == 0
+        assert torch.load(root / "last.ckpt", weights_only=True)["global_step"] == 2
+        assert_same(fit(name, root / "resumed", 2 * N, ckpt_path=root / "last.ckpt"), straight)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_resume_from_last_ckpt_after_max_steps_equals_the_straight_run(name, tmp_path):
+    check_max_steps_then_signal(name, tmp_path, [signal.SIGTERM] if name in QUICK else [])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(set(METHODS) - set(QUICK)))
+def test_resume_after_sigterm_and_ctrl_c_equals_the_straight_run(name, tmp_path):
+    check_max_steps_then_signal(name, tmp_path, [signal.SIGTERM, signal.SIGINT])
+
+
+@pytest.mark.parametrize("name", QUICK)
+def test_resume_at_an_epoch_boundary_equals_the_straight_run(name, tmp_path):
+    # Epochs of N batches: the first run stops exactly at the end of epoch 0, the resumed one trains epoch 1.
+    straight = fit(name, tmp_path / "straight", 2 * N, limit_train_batches=N)
+    fit(name, tmp_path / "a", N, limit_train_batches=N)
+    resumed = fit(name, tmp_path / "a" / "resumed", 2 * N, ckpt_path=tmp_path / "a" / "last.ckpt",
+                  limit_train_batches=N)
+    assert_same(resumed, straight)
+
+
+# -- checkpoint writes ---------------------------------------------------------------------------------
+
+#: Runs DPO with a checkpoint every 2 steps and SIGKILLs itself halfway through writing the second
+#: last.ckpt (step 4), as a preempted or OOM-killed job dies: no cleanup runs.
+DIE_WHILE_WRITING = """
+import io, os, signal, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, "tests/methods")
+from test_resume import fit
+root = Path(sys.argv[1])
+real_save = torch.save
+def save(obj, f, *args, **kwargs):
+    if ".last.ckpt." in getattr(f, "name", "") and (root / "last.ckpt").exists():
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        f.write(buffer.getvalue()[: buffer.tell() // 2])
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(obj, f, *args, **kwargs)
+torch.save = save
+fit("dpo", root, 6, every_n_train_steps=2)
+"""
+
+
+def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path):
+    root = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", DIE_WHILE_WRITING, str(root)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert list(root.glob(".last.ckpt.*.tmp")), "the write was not under way when the process died"
+    from lit_rlhf.methods.checkpoints import find_last_checkpoint
+
+    assert find_last_checkpoint(tmp_path) == root / "last.ckpt"  # the half-written file is not a candidate
+    assert torch.load(root / "last.ckpt", weights_only=True)["global_step"] == 2
+    resumed = fit("dpo", tmp_path / "resumed", 2 * N, ckpt_path=root / "last.ckpt", every_n_train_steps=2)
+    assert_same(resumed, fit("dpo", tmp_path / "straight", 2 * N))
+
+
+def test_a_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if ".last.ckpt." in getattr(f, "name", "") and (tmp_path / "last.ckpt").exists():
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(CheckpointWriteError, match="the disk is full; the previous checkpoint there is unchanged"):
+        fit("dpo", tmp_path, 2 * N, every_n_train_steps=1)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 1
+    assert not list(tmp_path.glob(".*.tmp")), "the temporary file was left behind"
+
+
+# -- the command line ------------------------------------------------------------------------------------
+
+
+def test_cli_resumes_from_last_and_says_when_there_is_nothing_to_do(tmp_path, capsys, monkeypatch):
+    from lit_rlhf.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["lit-rlhf"])
+
+    def run(max_steps, *extra):
+        main(["fit", "--config", "configs/dpo.yaml", "--trainer.default_root_dir", str(tmp_path),
+              "--trainer.max_steps", str(max_steps), "--trainer.limit_val_batches", "0",
+              "--trainer.enable_progress_bar", "false", *extra])
+        return capsys.readouterr().err
+
+    run(2)
+    first = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(first, weights_only=True)["global_step"] == 2
+    # A resumed run logs into a new version folder; `last` finds the newest last.ckpt of any version.
+    assert f"--ckpt_path last: {first}" in run(4, "--ckpt_path", "last")
+    second = tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"
+    assert torch.load(second, weights_only=True)["global_step"] == 4
+    before = sorted(tmp_path.rglob("*"))
+    err = run(4, "--ckpt_path", "last")
+    assert f"--ckpt_path last: {second}" in err
+    assert "nothing to do: the run reached max_steps=4; raise it to continue" in err
+    assert sorted(tmp_path.rglob("*")) == before, "resuming a finished run wrote something"
