@@ -235,15 +235,21 @@ def dispatch(argv: list[str]) -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    """The ``lit-rlhf`` entry point: ``args`` defaults to ``sys.argv[1:]``."""
+    """Run one ``lit-rlhf`` command (``args`` defaults to ``sys.argv[1:]``); errors propagate, for
+    Python callers and tests. The ``lit-rlhf`` script is :func:`console`."""
     from lit_rlhf import quiet
 
+    quiet.install()
+    dispatch(list(sys.argv[1:] if args is None else args))
+
+
+def console(args: list[str] | None = None) -> None:
+    """The ``lit-rlhf`` script: :func:`main`, with a data, config or file error printed as one line
+    and exit status 1; ``--debug`` or ``LIT_RLHF_DEBUG=1`` lets the traceback through."""
     argv = list(sys.argv[1:] if args is None else args)
     debug = "--debug" in argv or os.environ.get("LIT_RLHF_DEBUG", "") not in ("", "0")
-    argv = [a for a in argv if a != "--debug"]
-    quiet.install()
     try:
-        dispatch(argv)
+        main([a for a in argv if a != "--debug"])
     except Exception as error:
         message = clean_message(error)
         if debug or message is None:
@@ -253,4 +259,4 @@ def main(args: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    console()
