@@ -126,7 +126,8 @@ def sample(policy: Policy, batch: dict, sampling: SamplingConfig, *, adapter: st
 def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="an adapter directory, a merged model directory, or a run directory "
                         "(its newest export/adapter is used)")
-    parser.add_argument("--base", default=None, help="the adapter's base model (default: read from adapter_config.json)")
+    parser.add_argument("--base", default=None,
+                        help="the adapter's base model (default: read from adapter_config.json)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--seed", type=int, default=0)
 

@@ -163,7 +163,8 @@ class ReportOnFitEnd(pl.Callback):
 def main(argv: list[str]) -> None:
     """Plots (PNG) and a markdown summary of a run from its TensorBoard logs, in <log_dir>/report."""
     parser = argparse.ArgumentParser(prog="lit-rlhf report", description=main.__doc__)
-    parser.add_argument("run", help="a log directory (e.g. runs/dpo/lightning_logs/version_0) or a folder above several")
+    parser.add_argument("run",
+                        help="a log directory (e.g. runs/dpo/lightning_logs/version_0) or a folder above several")
     parser.add_argument("--out", default=None, help="where to write (default: <log_dir>/report)")
     args = parser.parse_args(argv)
     run = Path(args.run)

@@ -85,7 +85,8 @@ def _failing_fit(tmp_path: Path, case: str) -> tuple[list[str], str]:
         return args + ["--data.init_args.train", str(tmp_path / "nope.jsonl")], \
             f"lit-rlhf: error: {tmp_path / 'nope.jsonl'}: no such file or directory"
     return args + ["--model.init_args.betta", "0.2"], \
-        "lit-rlhf: error: config key 'model.init_args.betta': lit_rlhf.methods.DPO has no option 'betta'; did you mean 'beta'?"
+        ("lit-rlhf: error: config key 'model.init_args.betta': lit_rlhf.methods.DPO has no option 'betta'; "
+         "did you mean 'beta'?")
 
 
 @pytest.mark.parametrize("case", ["bad row", "missing file", "typo key"])
@@ -131,7 +132,8 @@ def test_fit_writes_a_report_and_an_adapter_model_card(dpo_run):
     summary = (dpo_run / "report" / "summary.md").read_text()
     assert "lit_rlhf.methods.DPO" in summary and "| loss |" in summary and "![loss](loss.png)" in summary
     card = (dpo_run / "export" / "adapter" / "README.md").read_text()
-    for expected in ("base_model: assets/toy/base", "library_name: peft", "DPO", "assets/toy/data/preference_train.jsonl",
+    for expected in ("base_model: assets/toy/base", "library_name: peft", "DPO",
+                     "assets/toy/data/preference_train.jsonl",
                      "| beta | `1.0` |", "## Final metrics", "| loss |", "PeftModel.from_pretrained(base, "):
         assert expected in card, expected
 

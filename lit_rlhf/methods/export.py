@@ -36,7 +36,8 @@ def write_model_card(path: str | Path, method: BankMethod, *, datamodule=None, m
     path = Path(path)
     spec = method.bank_spec
     name = type(method).__name__
-    hparams = {k: v for k, v in dict(method.hparams).items() if k != "bank" and not k.startswith("_") and v is not None}
+    hparams = {k: v for k, v in dict(method.hparams).items()
+               if k != "bank" and not k.startswith("_") and v is not None}  # _class_path etc.: LightningCLI's
     rows = [("base model", f"`{spec.model}`"), ("method", f"{name} (`{type(method).__module__}.{name}`)"),
             ("train mode", spec.train_mode)]
     if spec.train_mode != "full":

@@ -14,6 +14,10 @@ def _jsonl(path, rows):
     return str(path)
 
 
+def _prepare(datamodule, path, rows, tokenizer):
+    return datamodule(train=_jsonl(path, rows), val=None, val_fraction=0).prepare(tokenizer)
+
+
 def _user(text):
     return {"role": "user", "content": text}
 
@@ -30,7 +34,7 @@ def test_hh_rlhf_implicit_prompt_is_the_shared_prefix(tmp_path, toy_tokenizer):
     # Anthropic/hh-rlhf: only `chosen` and `rejected`, whole transcripts sharing the dialogue so far.
     rows = [{"chosen": "the movie was great fun .", "rejected": "the movie was awful ."},
             {"chosen": "i think the food is good .", "rejected": "i think the food is bad ."}]
-    data = PreferenceDataModule(train=_jsonl(tmp_path / "hh.jsonl", rows), val=None, val_fraction=0).prepare(toy_tokenizer)
+    data = _prepare(PreferenceDataModule, tmp_path / "hh.jsonl", rows, toy_tokenizer)
     first = data.train_examples[0]
     assert first["prompt_text"].strip() == "the movie was"
     assert _decode(toy_tokenizer, first["chosen_ids"]).split()[:2] == ["great", "fun"]
@@ -42,7 +46,7 @@ def test_ultrafeedback_raw_string_prompt_beside_whole_conversations(tmp_path, to
     rows = [{"prompt": prompt, "prompt_id": "x1", "score_chosen": 8.0, "score_rejected": 3.0,
              "chosen": [_user(prompt), _assistant("great fun .")],
              "rejected": [_user(prompt), _assistant("awful .")]}]
-    data = PreferenceDataModule(train=_jsonl(tmp_path / "uf.jsonl", rows), val=None, val_fraction=0).prepare(toy_tokenizer)
+    data = _prepare(PreferenceDataModule, tmp_path / "uf.jsonl", rows, toy_tokenizer)
     example = data.train_examples[0]
     # The prompt is the shared user turn rendered with the chat template, not the string twice.
     assert example["prompt"] == [_user(prompt)]
@@ -63,7 +67,7 @@ def test_ultrafeedback_raw_with_a_prompt_the_conversation_does_not_repeat_is_an_
 def test_ultrafeedback_binarized_trl_shape_explicit_conversational(tmp_path, toy_tokenizer):
     # trl-lib/ultrafeedback_binarized: prompt messages, chosen/rejected the assistant turn only.
     rows = [{"prompt": [_user("the food was")], "chosen": [_assistant("good .")], "rejected": [_assistant("bad .")]}]
-    data = PreferenceDataModule(train=_jsonl(tmp_path / "trl.jsonl", rows), val=None, val_fraction=0).prepare(toy_tokenizer)
+    data = _prepare(PreferenceDataModule, tmp_path / "trl.jsonl", rows, toy_tokenizer)
     example = data.train_examples[0]
     assert example["prompt"] == [_user("the food was")]
     assert "good" in _decode(toy_tokenizer, example["chosen_ids"])
@@ -73,6 +77,6 @@ def test_kto_unpaired_conversational(tmp_path, toy_tokenizer):
     # trl-lib/kto-mix-14k: prompt messages, a single completion turn, and a boolean label.
     rows = [{"prompt": [_user("the song was")], "completion": [_assistant("great .")], "label": True},
             {"prompt": [_user("the song was")], "completion": [_assistant("awful .")], "label": False}]
-    data = UnpairedDataModule(train=_jsonl(tmp_path / "kto.jsonl", rows), val=None, val_fraction=0).prepare(toy_tokenizer)
+    data = _prepare(UnpairedDataModule, tmp_path / "kto.jsonl", rows, toy_tokenizer)
     assert [e["label"] for e in data.train_examples] == [True, False]
     assert "great" in _decode(toy_tokenizer, data.train_examples[0]["completion_ids"])
