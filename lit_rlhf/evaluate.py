@@ -136,12 +136,12 @@ def evaluate(policy: Policy, prompts: list, where: list[Where], *, sampling: Sam
 
 def table(result: dict) -> str:
     """The result as a small text table."""
-    rows = [("reward (mean)", "reward", "+.3f"), ("toy score, sampled", "toy_score", "+.3f"),
-            ("toy score, greedy", "toy_score_greedy", "+.3f"), ("response length", "response_length", ".3f")]
+    rows = [("reward (mean)", "reward", "+"), ("toy score, sampled", "toy_score", "+"),
+            ("toy score, greedy", "toy_score_greedy", "+"), ("response length", "response_length", "")]
     lines = [f"{'':<22}{'reference':>12}{'policy':>12}"]
-    for label, key, fmt in rows:
+    for label, key, sign in rows:
         if key in result["policy"]:
-            lines.append(f"{label:<22}{result['reference'][key]:>12{fmt}}{result['policy'][key]:>12{fmt}}")
+            lines.append(f"{label:<22}{result['reference'][key]:>{sign}12.3f}{result['policy'][key]:>{sign}12.3f}")
     if "win_rate" in result:
         lines.append(f"{'win rate vs reference':<22}{'':>12}{result['win_rate']:>12.3f}")
     lines.append(f"{'KL to reference':<22}{'':>12}{result['kl']:>12.3f}")
