@@ -44,7 +44,14 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 
 class ConfigError(Exception):
-    """A bad command line or config, as jsonargparse reported it; the message is made readable by ``explain``."""
+    """A bad command line or config, as jsonargparse reported it; the message is made readable by ``explain``.
+
+    ``options`` are the keys the reporting parser accepts (for "did you mean").
+    """
+
+    def __init__(self, message: str, options: list[str] | None = None):
+        super().__init__(message)
+        self.options = options or []
 
 
 def usage() -> str:
@@ -57,6 +64,16 @@ def usage() -> str:
 
 
 # -- LightningCLI ------------------------------------------------------------------------------------
+
+
+def _option_keys(parser) -> list[str]:
+    """Every key ``parser`` and its subcommand parsers accept (``trainer.max_epochs``, ...)."""
+    keys = []
+    for action in parser._actions:
+        keys.append(action.dest)
+        for sub in (getattr(action, "_name_parser_map", None) or {}).values():
+            keys += _option_keys(sub)
+    return keys
 
 
 def _cli_classes():
@@ -72,7 +89,7 @@ def _cli_classes():
 
         def error(self, message: str, ex: Exception | None = None):
             if self.exit_on_error:
-                raise ConfigError(message) from ex
+                raise ConfigError(message, _option_keys(self)) from ex
             return super().error(message, ex)
 
     class LitRLHFCLI(LightningCLI):
@@ -174,14 +191,20 @@ def _accepted_options(class_path: str) -> list[str]:
     return [a.dest.removeprefix("x.") for a in parser._actions if a.dest.startswith("x.")]
 
 
-def explain(message: str) -> str:
-    """jsonargparse's nested error text as one or two lines, with "did you mean" for an unknown option."""
+def explain(message: str, options: list[str] = ()) -> str:
+    """jsonargparse's nested error text as one line, with "did you mean" for an unknown option
+    (``options``: the keys of the parser that reported it)."""
+    rejected = re.search(r"does not accept option '([^']+)'", message) or \
+        re.search(r"unrecognized arguments: --(\S+)", message)
+    if rejected:
+        close = difflib.get_close_matches(rejected.group(1), options, n=1, cutoff=0.6)
+        return f"config key '{rejected.group(1)}' does not exist" + (f"; did you mean '{close[0]}'?" if close else "")
     unknown = re.findall(r"Option '([^']+)' is not accepted", message)
     classes = re.findall(r"class_path '([^']+)'", message)
     given = re.findall(r"NestedArg\(key='([^']+)'", message)
     top = re.match(r'Parser key "([^"]+)"', message)
     if unknown and classes:
-        key = f"{top.group(1)}.init_args.{given[-1]}" if top and given else unknown[-1]
+        key = f"{top.group(1)}.init_args.{given[-1] if given else unknown[-1]}" if top else unknown[-1]
         options = _accepted_options(classes[-1])
         close = difflib.get_close_matches(unknown[-1], options, n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else (f"; options: {', '.join(options)}" if options else "")
@@ -201,7 +224,7 @@ def explain(message: str) -> str:
 def clean_message(error: BaseException) -> str | None:
     """The one-line message for a user error, or ``None`` for a bug (whose traceback should show)."""
     if isinstance(error, ConfigError):
-        return explain(str(error))
+        return explain(str(error), error.options)
     from lit_rlhf.data import DataError
 
     if isinstance(error, (DataError, OSError)):

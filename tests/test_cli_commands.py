@@ -101,6 +101,18 @@ def test_user_errors_exit_1_with_the_message_only(tmp_path, capsys, case):
     assert not list((tmp_path / "run").rglob("*.ckpt"))
 
 
+def test_typos_in_a_config_file_and_in_trainer_keys_get_the_closest_key(tmp_path, capsys):
+    config = tmp_path / "typo.yaml"
+    config.write_text((REPO / "configs" / "dpo.yaml").read_text().replace("    beta: 1.0", "    betta: 1.0"))
+    with pytest.raises(SystemExit):
+        console(["fit", "--config", str(config)])
+    assert "config key 'model.init_args.betta': lit_rlhf.methods.DPO has no option 'betta'; did you mean 'beta'?" \
+        in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        console(["fit", "--config", "configs/dpo.yaml", "--trainer.max_epochz", "2"])
+    assert "config key 'trainer.max_epochz' does not exist; did you mean 'trainer.max_epochs'?" in capsys.readouterr().err
+
+
 def test_the_lit_rlhf_process_exits_1_without_a_traceback(tmp_path):
     args, expected = _failing_fit(tmp_path, "typo key")
     result = subprocess.run([sys.executable, "-m", "lit_rlhf.cli", *args], capture_output=True, text=True,
