@@ -1,116 +1,318 @@
-"""``lit-rlhf``: LightningCLI for fit / validate / test, plus ``export`` beside it.
+"""``lit-rlhf``: one command for a run and everything around it.
 
     lit-rlhf fit --config configs/dpo.yaml [--model.init_args.beta 0.2 ...]
+    lit-rlhf evaluate runs/dpo
     lit-rlhf export --config configs/dpo.yaml --ckpt_path runs/.../last.ckpt --out exported/ [--merged true]
-    lit-rlhf best-of-n --config configs/best_of_n.yaml --out data.jsonl --format preference
+
+``fit``, ``validate`` and ``test`` are LightningCLI's; the other commands go through the small
+dispatcher in ``main`` beside it. Data, config and file errors print one message and exit 1
+(``--debug`` or ``LIT_RLHF_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
 
-import sys
+import os
 
-from jsonargparse import ArgumentParser
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.cli import LightningCLI
+# libgomp's default OpenMP wait policy spins at every barrier; the toy models' tiny ops hit thousands
+# of barriers per step, and on a small machine shared with other processes a spinning thread waits
+# for a descheduled peer: fits ran 4-10x slower than with one thread. Passive waiting keeps the
+# intra-op threads without the spinning. libgomp reads this once, when torch loads it, so it is set
+# here, before any import of torch; a value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from lit_rlhf.methods.base import BankMethod, read_checkpoint
-from lit_rlhf.methods.checkpoints import find_last_checkpoint, finished_message
+import difflib  # noqa: E402
+import importlib  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-
-class LitRLHFCLI(LightningCLI):
-    """LightningCLI over every method and DataModule, validating the data before the Trainer runs."""
-
-    def _prepare_data(self) -> None:
-        # The model's config files and every row are checked here, so a bad config or bad data fails
-        # before any weights load and before the Trainer creates its log directory.
-        self.model.check_config()
-        prepare = getattr(self.datamodule, "prepare", None)
-        if prepare is not None:
-            prepare(self.model.tokenizer)
-        check_split = getattr(self.model, "check_rollout_split", None)
-        if check_split is not None and getattr(self.datamodule, "batch_size", None) is not None:
-            check_split(self.datamodule.batch_size)
-
-    def _read_checkpoints_safely(self) -> None:
-        # Lightning hands weights_only=None to torch.load, whose default was False before torch 2.6
-        # (and TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD makes it so again); lit_rlhf checkpoints need no pickles.
-        arguments = self.config_init[self.subcommand]
-        if arguments.get("weights_only") is None:
-            arguments["weights_only"] = True
-
-    def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
-        # `--ckpt_path last` names the newest last.ckpt of any version of this run, resolved before
-        # LightningCLI reads the checkpoint's hyperparameters (which it does for a file path only).
-        config = self.config.get(self.config.get("subcommand") or "", None)
-        if config is not None and config.get("ckpt_path") == "last":
-            root = config["trainer"].get("default_root_dir") or "."
-            found = find_last_checkpoint(root)
-            print(f"--ckpt_path last: {found or f'no last*.ckpt under {root}, starting from scratch'}", file=sys.stderr)
-            config["ckpt_path"] = str(found) if found else None
-
-    def fit(self, model, datamodule=None, ckpt_path=None, **kwargs) -> None:
-        """``Trainer.fit``, unless the checkpoint already reached the run's limits (then it says so)."""
-        if ckpt_path is not None:
-            message = finished_message(ckpt_path, self.trainer.max_steps, self.trainer.max_epochs)
-            if message is not None:
-                print(message, file=sys.stderr)
-                return
-        self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
-
-    def before_fit(self) -> None:
-        self._read_checkpoints_safely()
-        self._prepare_data()
-
-    def before_validate(self) -> None:
-        self._read_checkpoints_safely()
-        self._prepare_data()
-
-    def before_test(self) -> None:
-        self._read_checkpoints_safely()
-        self._prepare_data()
+#: Every subcommand: (one line of help, "module:function" for those beside LightningCLI).
+COMMANDS: dict[str, tuple[str, str | None]] = {
+    "fit": ("train a method on its data (LightningCLI: --config configs/<method>.yaml)", None),
+    "validate": ("run a method's validation loop on a checkpoint (LightningCLI)", None),
+    "test": ("run a method's test loop on a checkpoint (LightningCLI)", None),
+    "export": ("write a checkpoint's adapter (PEFT) or merged model, with a model card", "lit_rlhf.cli:export_main"),
+    "best-of-n": ("write a dataset (sft or preference JSONL) from the best/worst of n samples",
+                  "lit_rlhf.methods.best_of_n:main"),
+    "generate": ("completions of prompts (a file or --prompt) as JSONL", "lit_rlhf.inference:generate_main"),
+    "chat": ("talk to a policy in the terminal (chat template, history)", "lit_rlhf.inference:chat_main"),
+    "evaluate": ("a policy against its reference on held-out prompts: reward win rate, KL, length",
+                 "lit_rlhf.evaluate:main"),
+    "report": ("PNG plots and a markdown summary of a run from its logs", "lit_rlhf.report:main"),
+}
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 
-def build_cli(args: list[str] | None = None, *, run: bool = True) -> LitRLHFCLI:
-    return LitRLHFCLI(
-        BankMethod,
-        LightningDataModule,
+class ConfigError(Exception):
+    """A bad command line or config, as jsonargparse reported it; the message is made readable by ``explain``.
+
+    ``options`` are the keys the reporting parser accepts (for "did you mean").
+    """
+
+    def __init__(self, message: str, options: list[str] | None = None):
+        super().__init__(message)
+        self.options = options or []
+
+
+def usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: lit-rlhf COMMAND [options]   (lit-rlhf COMMAND --help for a command's options)", "",
+             "Align language models on PyTorch Lightning: one base model, many LoRA adapters.", "", "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (summary, _) in COMMANDS.items()]
+    lines += ["", "--debug (or LIT_RLHF_DEBUG=1) shows tracebacks for data, config and file errors."]
+    return "\n".join(lines)
+
+
+# -- LightningCLI ------------------------------------------------------------------------------------
+
+
+def _option_keys(parser) -> list[str]:
+    """Every key ``parser`` and its subcommand parsers accept (``trainer.max_epochs``, ...)."""
+    keys = []
+    for action in parser._actions:
+        keys.append(action.dest)
+        for sub in (getattr(action, "_name_parser_map", None) or {}).values():
+            keys += _option_keys(sub)
+    return keys
+
+
+def _cli_classes():
+    from lightning.pytorch import LightningDataModule
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+    from lit_rlhf.methods.base import BankMethod
+    from lit_rlhf.methods.checkpoints import find_last_checkpoint, finished_message
+
+    class Parser(LightningArgumentParser):
+        """The parsers of ``lit-rlhf`` and its subcommands raise their final error instead of
+        printing the whole usage (jsonargparse turns ``exit_on_error`` off while it tries alternatives,
+        and nested parsers are not this class, so only the final, user-facing error lands here)."""
+
+        def error(self, message: str, ex: Exception | None = None):
+            if self.exit_on_error:
+                raise ConfigError(message, _option_keys(self)) from ex
+            return super().error(message, ex)
+
+    class LitRLHFCLI(LightningCLI):
+        """LightningCLI over every method and DataModule, validating the data before the Trainer runs."""
+
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            return {name: keys for name, keys in LightningCLI.subcommands().items() if name in LIGHTNING_COMMANDS}
+
+        def parse_arguments(self, parser, args) -> None:
+            # lit-rlhf always passes the arguments explicitly (from sys.argv or a caller), so
+            # LightningCLI's warning about `args` beside a non-empty sys.argv does not apply.
+            self.config = parser.parse_args(args)
+            # `--ckpt_path last` names the newest last.ckpt of any version of this run, resolved before
+            # LightningCLI reads the checkpoint's hyperparameters (which it does for a file path only).
+            config = self.config.get(self.config.get("subcommand") or "", None)
+            if config is not None and config.get("ckpt_path") == "last":
+                root = config["trainer"].get("default_root_dir") or "."
+                found = find_last_checkpoint(root)
+                print(f"--ckpt_path last: {found or f'no last*.ckpt under {root}, starting from scratch'}",
+                      file=sys.stderr)
+                config["ckpt_path"] = str(found) if found else None
+
+        def _prepare_data(self) -> None:
+            # The model's config files and every row are checked here, so a bad config or bad data fails
+            # before any weights load and before the Trainer creates its log directory.
+            self.model.check_config()
+            prepare = getattr(self.datamodule, "prepare", None)
+            if prepare is not None:
+                prepare(self.model.tokenizer)
+            check_split = getattr(self.model, "check_rollout_split", None)
+            if check_split is not None and getattr(self.datamodule, "batch_size", None) is not None:
+                check_split(self.datamodule.batch_size)
+
+        def _read_checkpoints_safely(self) -> None:
+            # Lightning hands weights_only=None to torch.load, whose default was False before torch 2.6
+            # (and TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD makes it so again); lit_rlhf checkpoints need no pickles.
+            arguments = self.config_init[self.subcommand]
+            if arguments.get("weights_only") is None:
+                arguments["weights_only"] = True
+
+        def fit(self, model, datamodule=None, ckpt_path=None, **kwargs) -> None:
+            """``Trainer.fit``, unless the checkpoint already reached the run's limits (then it says so)."""
+            if ckpt_path is not None:
+                message = finished_message(ckpt_path, self.trainer.max_steps, self.trainer.max_epochs)
+                if message is not None:
+                    print(message, file=sys.stderr)
+                    return
+            self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
+
+        def before_fit(self) -> None:
+            self._read_checkpoints_safely()
+            self._prepare_data()
+
+        def before_validate(self) -> None:
+            self._read_checkpoints_safely()
+            self._prepare_data()
+
+        def before_test(self) -> None:
+            self._read_checkpoints_safely()
+            self._prepare_data()
+
+    return LitRLHFCLI, Parser, BankMethod, LightningDataModule
+
+
+def build_cli(args: list[str], *, run: bool = True):
+    """The LightningCLI of ``lit-rlhf fit|validate|test`` (``run=False``: parse and build only)."""
+    cli_class, parser_class, method, datamodule = _cli_classes()
+    return cli_class(
+        method,
+        datamodule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
+        parser_class=parser_class,
+        parser_kwargs={"prog": "lit-rlhf"},
         args=args,
         run=run,
     )
 
 
 def export_main(args: list[str]) -> None:
-    parser = ArgumentParser(prog="lit-rlhf export", description="Export the adapter or merged model of a checkpoint.")
+    """Export the adapter (PEFT format) or the merged model of a checkpoint, with a model card."""
+    import argparse
+
+    from lit_rlhf.methods.base import read_checkpoint
+    from lit_rlhf.methods.export import write_model_card
+
+    parser = argparse.ArgumentParser(prog="lit-rlhf export", description=export_main.__doc__)
     parser.add_argument("--config", required=True, help="the YAML the run was trained with")
     parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by that run")
     parser.add_argument("--out", required=True, help="directory to write")
-    parser.add_argument("--merged", type=bool, default=False, help="merge the adapter into the base (save_pretrained)")
+    parser.add_argument("--merged", type=lambda s: s.lower() in ("true", "1", "yes"), default=False,
+                        help="merge the adapter into the base (save_pretrained): true or false")
     opts = parser.parse_args(args)
     cli = build_cli(["--config", opts.config], run=False)
-    method: BankMethod = cli.model
+    method = cli.model
     method.configure_model()
     checkpoint = read_checkpoint(opts.ckpt_path)
     method.on_load_checkpoint(checkpoint)
     method.load_state_dict(checkpoint["state_dict"], strict=False)
-    print(method.export(opts.out, merged=opts.merged))
+    out = method.export(opts.out, merged=opts.merged)
+    write_model_card(out, method, datamodule=cli.datamodule, merged=opts.merged or method.bank.full,
+                     metrics=_last_logged(Path(opts.ckpt_path).parent.parent), source=f"checkpoint `{opts.ckpt_path}`")
+    print(out)
+
+
+def _last_logged(log_dir: Path) -> dict[str, float] | None:
+    """The last value of each scalar in a run's TensorBoard logs (a checkpoint lives in <log_dir>/checkpoints)."""
+    from lit_rlhf.report import SKIP, read_scalars
+
+    if not list(log_dir.glob("events.out.tfevents.*")):
+        return None
+    return {tag: points[-1][1] for tag, points in read_scalars(log_dir).items() if points and not SKIP.match(tag)}
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+def _accepted_options(class_path: str) -> list[str]:
+    """The init options jsonargparse accepts for ``class_path`` (empty if it cannot be imported)."""
+    from jsonargparse import ArgumentParser
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        parser = ArgumentParser()
+        parser.add_class_arguments(cls, "x")
+    except Exception:  # a suggestion is a courtesy; never let it hide the real error
+        return []
+    return [a.dest.removeprefix("x.") for a in parser._actions if a.dest.startswith("x.")]
+
+
+def explain(message: str, options: list[str] = ()) -> str:
+    """jsonargparse's nested error text as one line, with "did you mean" for an unknown option
+    (``options``: the keys of the parser that reported it)."""
+    rejected = re.search(r"does not accept option '([^']+)'", message) or \
+        re.search(r"unrecognized arguments: --(\S+)", message)
+    if rejected:
+        close = difflib.get_close_matches(rejected.group(1), options, n=1, cutoff=0.6)
+        return f"config key '{rejected.group(1)}' does not exist" + (f"; did you mean '{close[0]}'?" if close else "")
+    unknown = re.findall(r"Option '([^']+)' is not accepted", message)
+    classes = re.findall(r"class_path '([^']+)'", message)
+    given = re.findall(r"NestedArg\(key='([^']+)'", message)
+    top = re.match(r'Parser key "([^"]+)"', message)
+    if unknown and classes:
+        key = f"{top.group(1)}.init_args.{given[-1] if given else unknown[-1]}" if top else unknown[-1]
+        options = _accepted_options(classes[-1])
+        close = difflib.get_close_matches(unknown[-1], options, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else (f"; options: {', '.join(options)}" if options else "")
+        return f"config key '{key}': {classes[-1]} has no option '{unknown[-1]}'{hint}"
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    expected = re.search(r"Expected a <class '([^']+)'>\. Got value: (.*)", message)
+    if keys and expected:
+        key = keys[0] + "".join(f".init_args.{k}" for k in keys[1:])
+        return f"config key '{key}': expected a {expected.group(1)}, got {expected.group(2).strip()!r}"
+    # Otherwise the innermost lines that say something (not the Union bookkeeping around them).
+    noise = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value",
+             "- Expected a <class 'NoneType'>")
+    lines = [ln.strip(" -") for ln in message.splitlines() if ln.strip() and not any(n in ln for n in noise)]
+    return " / ".join(dict.fromkeys(lines)) or message
+
+
+def clean_message(error: BaseException) -> str | None:
+    """The one-line message for a user error, or ``None`` for a bug (whose traceback should show)."""
+    if isinstance(error, ConfigError):
+        return explain(str(error), error.options)
+    from lit_rlhf.data import DataError
+
+    if isinstance(error, (DataError, OSError)):
+        return str(error)
+    return None
+
+
+# -- the dispatcher --------------------------------------------------------------------------------
+
+
+def dispatch(argv: list[str]) -> None:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        if not argv:
+            raise SystemExit(2)
+        return
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown command '{command}'{hint} (lit-rlhf --help lists them)")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    _, target = COMMANDS[command]
+    if target is None:
+        build_cli([command, *rest])
+        return
+    module, _, function = target.partition(":")
+    getattr(importlib.import_module(module), function)(rest)
 
 
 def main(args: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if args is None else args
-    if argv and argv[0] == "export":
-        export_main(argv[1:])
-        return
-    if argv and argv[0] == "best-of-n":
-        from lit_rlhf.methods.best_of_n import main as best_of_n_main
+    """Run one ``lit-rlhf`` command (``args`` defaults to ``sys.argv[1:]``); errors propagate, for
+    Python callers and tests. The ``lit-rlhf`` script is :func:`console`."""
+    from lit_rlhf import quiet
 
-        best_of_n_main(argv[1:])
-        return
-    build_cli(args)
+    quiet.install()
+    dispatch(list(sys.argv[1:] if args is None else args))
+
+
+def console(args: list[str] | None = None) -> None:
+    """The ``lit-rlhf`` script: :func:`main`, with a data, config or file error printed as one line
+    and exit status 1; ``--debug`` or ``LIT_RLHF_DEBUG=1`` lets the traceback through."""
+    argv = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in argv or os.environ.get("LIT_RLHF_DEBUG", "") not in ("", "0")
+    try:
+        main([a for a in argv if a != "--debug"])
+    except Exception as error:
+        message = clean_message(error)
+        if debug or message is None:
+            raise
+        print(f"lit-rlhf: error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
-    main()
+    console()

@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from lit_rlhf import quiet
+
+# Known library noise (litlogger tip, bitsandbytes' optional kernel note); real warnings still show.
+quiet.install()
+
 REPO = Path(__file__).resolve().parents[1]
 TOY_BASE = REPO / "assets" / "toy" / "base"
 TOY_DATA = REPO / "assets" / "toy" / "data"

@@ -267,6 +267,20 @@ def _check_margin(row: dict, where: Where) -> tuple[float | None, list[DataError
     return float(value), []
 
 
+def _check_repeated_prompt(row: dict, where: Where) -> list[DataError]:
+    shared = []
+    for a, b in zip(row["chosen"], row["rejected"]):
+        if a != b:
+            break
+        shared.append(a)
+    prompt = row["prompt"].strip()
+    if any(m["role"] == "user" and m["content"].strip() == prompt for m in shared):
+        return []
+    return [row_error(where, "prompt", "is a string while 'chosen' and 'rejected' are conversations, and their "
+                      "shared leading messages hold no user turn equal to it; give the prompt as a list of "
+                      "messages, or drop it and let the shared leading messages be the prompt")]
+
+
 def check_row(fmt: str, row: Any, where: Where, conversational: bool, mode_hint: str = "") -> tuple[dict | None, list[DataError]]:
     """Validate one raw row and normalise it into a record.
 
@@ -308,7 +322,16 @@ def check_row(fmt: str, row: Any, where: Where, conversational: bool, mode_hint:
 
     if fmt == "preference":
         implicit = row.get("prompt") is None  # no prompt field (or a null one): the shared prefix is the prompt
-        errors = ([] if implicit else text("prompt", nonempty=True)) + text("chosen", True) + text("rejected", True)
+        repeated = conversational and isinstance(row.get("prompt"), str) and all(
+            isinstance(row.get(f), list) for f in ("chosen", "rejected"))
+        errors = ([] if implicit or repeated else text("prompt", nonempty=True)) + text("chosen", True) + \
+            text("rejected", True)
+        if repeated and not errors:
+            # HuggingFaceH4/ultrafeedback_binarized as published: `prompt` a string, `chosen` and `rejected`
+            # whole conversations that repeat it as a user turn. As TRL does, the prompt is their shared
+            # leading messages; the string only has to match one of their user turns.
+            errors = _check_repeated_prompt(row, where)
+            implicit = True
         if not errors and row["chosen"] == row["rejected"]:
             errors.append(row_error(where, "chosen", "is identical to 'rejected'; a preference pair needs two "
                                     "different completions"))

@@ -13,12 +13,12 @@ Two ways to use it:
   ``min_score``); ``update`` takes ``ppo_epochs`` x ``num_mini_batches`` optimizer steps of the
   SFT loss (``completion_nll``: mean NLL per response token, stop token included) over the kept
   prompt + response rows. No reference and no ratio: the samples are fresh each round.
-- as a data generator, ``generate_best_of_n`` / ``python -m lit_rlhf.methods.best_of_n``: a JSONL
+- as a data generator, ``generate_best_of_n`` / ``lit-rlhf best-of-n``: a JSONL
   dataset of ``sft`` rows (``{"prompt", "completion"}``, the best response) or ``preference``
   rows (``{"prompt", "chosen": best, "rejected": worst}``) that ``SFTDataModule`` /
   ``PreferenceDataModule`` load, written atomically (a temporary file renamed into place)::
 
-      python -m lit_rlhf.methods.best_of_n --config configs/best_of_n.yaml --out data.jsonl --format preference
+      lit-rlhf best-of-n --config configs/best_of_n.yaml --out data.jsonl --format preference
 
 Metrics: ``objective/scores`` (mean over all ``n`` samples: the policy's best-of-1 score),
 ``objective/best_score``, ``objective/worst_score``, ``frac_reward_zero_std``, ``best_of_n/kept``
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
-    parser = argparse.ArgumentParser(prog="python -m lit_rlhf.methods.best_of_n", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="lit-rlhf best-of-n", description=main.__doc__)
     parser.add_argument("--config", required=True, help="a best-of-n (or any online method) YAML, e.g. configs/best_of_n.yaml")
     parser.add_argument("--out", required=True, help="the JSONL file to write")
     parser.add_argument("--format", choices=FORMATS, default="sft")

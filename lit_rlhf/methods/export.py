@@ -1,7 +1,9 @@
-"""Exporting what a run trained: a PEFT adapter directory or a merged transformers model."""
+"""Exporting what a run trained: a PEFT adapter directory or a merged transformers model, each with
+a model card (``README.md``) the way the Hugging Face Hub expects one."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -10,8 +12,73 @@ from lightning.pytorch.utilities import rank_zero_info
 from lit_rlhf.methods.base import BankMethod
 
 
+def _data_files(datamodule) -> dict[str, object]:
+    return {split: getattr(datamodule, split, None) for split in ("train", "val") if getattr(datamodule, split, None)}
+
+
+def _value(value) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
+
+
+def write_model_card(path: str | Path, method: BankMethod, *, datamodule=None, merged: bool = False,
+                     metrics: dict[str, float] | None = None, source: str | None = None) -> Path:
+    """Write ``<path>/README.md``: base model, method, data files, key hyperparameters, final
+    metrics and the lines that load the export with plain peft / transformers.
+
+    Args:
+        path: the exported adapter or merged model directory.
+        method: the method that trained it (its ``hparams`` and bank spec are reported).
+        datamodule: the run's data (its ``train`` / ``val`` sources are listed).
+        merged: whether ``path`` is a merged model (else a PEFT adapter).
+        metrics: final metric values (e.g. ``trainer.callback_metrics``).
+        source: where the weights came from (e.g. a checkpoint path), if not the end of ``fit``.
+    """
+    path = Path(path)
+    spec = method.bank_spec
+    name = type(method).__name__
+    hparams = {k: v for k, v in dict(method.hparams).items()
+               if k != "bank" and not k.startswith("_") and v is not None}  # _class_path etc.: LightningCLI's
+    rows = [("base model", f"`{spec.model}`"), ("method", f"{name} (`{type(method).__module__}.{name}`)"),
+            ("train mode", spec.train_mode)]
+    if spec.train_mode != "full":
+        rows.append(("LoRA", f"r={spec.lora.r}, alpha={spec.lora.alpha}, dropout={spec.lora.dropout}, "
+                             f"target modules {_value(spec.lora.target_modules)}"))
+    rows += [(f"{split} data", f"`{_value(files)}`") for split, files in _data_files(datamodule).items()]
+    if source:
+        rows.append(("weights from", source))
+    library = "transformers" if merged else "peft"
+    tags = ["lit-rlhf", name.lower(), "lora" if spec.train_mode != "full" else "full-fine-tune"]
+    lines = ["---", f"base_model: {spec.model}", f"library_name: {library}", "tags:"] + [f"- {t}" for t in tags]
+    lines += ["---", "", f"# {name} {'model (adapter merged)' if merged else 'LoRA adapter'} trained with lit_rlhf", ""]
+    lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    lines += ["", "## Hyperparameters", "", "| name | value |", "|---|---|"]
+    lines += [f"| {k} | `{_value(v)}` |" for k, v in sorted(hparams.items())]
+    if metrics:
+        lines += ["", "## Final metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())]
+    lines += ["", "## Load it", "", "```python"]
+    if merged:
+        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f'model = AutoModelForCausalLM.from_pretrained("{path}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{path}")']
+    else:
+        lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f'base = AutoModelForCausalLM.from_pretrained("{spec.model}")',
+                  f'model = PeftModel.from_pretrained(base, "{path}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{spec.tokenizer or spec.model}")']
+    lines += ["```", "", f"or try it: `lit-rlhf chat {path}`, `lit-rlhf evaluate {path}`"]
+    card = path / "README.md"
+    card.write_text("\n".join(lines) + "\n")
+    return card
+
+
+def final_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    """The last logged value of every scalar metric (``trainer.callback_metrics``)."""
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+
+
 class ExportOnFitEnd(pl.Callback):
-    """Export the trained adapter (and optionally the merged model) when ``fit`` ends.
+    """Export the trained adapter (and optionally the merged model), each with a model card, when ``fit`` ends.
 
     Args:
         dirpath: where to write; ``<log_dir>/export`` when ``None``.
@@ -27,7 +94,12 @@ class ExportOnFitEnd(pl.Callback):
         root = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "export")
         if not trainer.is_global_zero:
             return
+        card = dict(datamodule=trainer.datamodule, metrics=final_metrics(trainer))
         if not pl_module.bank.full:
-            rank_zero_info(f"adapter {pl_module.trained_adapter!r} -> {pl_module.export(root / 'adapter')}")
+            out = pl_module.export(root / "adapter")
+            write_model_card(out, pl_module, merged=False, **card)
+            rank_zero_info(f"adapter {pl_module.trained_adapter!r} -> {out}")
         if self.merged or pl_module.bank.full:
-            rank_zero_info(f"merged model -> {pl_module.export(root / 'merged', merged=True)}")
+            out = pl_module.export(root / "merged", merged=True)
+            write_model_card(out, pl_module, merged=True, **card)
+            rank_zero_info(f"merged model -> {out}")
