@@ -12,15 +12,14 @@ from pathlib import Path
 import torch
 
 from lit_rlhf import toy
-from lit_rlhf.rollout import SamplingConfig, build_engine
+from lit_rlhf.rollout import SamplingConfig
 
 
 @torch.no_grad()
 def completions(bank, tokenizer, prompts: list[str], *, adapter: str | None, max_new_tokens: int = 8,
                 do_sample: bool = False, seed: int = 0) -> list[str]:
     """Completions of ``prompts`` by ``adapter`` (the reference when ``None``), greedy unless sampling."""
-    from lit_rlhf.inference import Policy, prompt_batches, sample
-    from lit_rlhf.rollout import SamplingConfig
+    from lit_rlhf.inference import Policy, prompt_batches, sample  # inference imports this module
 
     torch.manual_seed(seed)
     policy = Policy(bank, tokenizer, adapter, Path("."))
