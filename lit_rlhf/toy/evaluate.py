@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from lit_rlhf import toy
+from lit_rlhf.inference import Policy, prompt_batches, sample
 from lit_rlhf.rollout import SamplingConfig
 
 
@@ -19,7 +20,6 @@ from lit_rlhf.rollout import SamplingConfig
 def completions(bank, tokenizer, prompts: list[str], *, adapter: str | None, max_new_tokens: int = 8,
                 do_sample: bool = False, seed: int = 0) -> list[str]:
     """Completions of ``prompts`` by ``adapter`` (the reference when ``None``), greedy unless sampling."""
-    from lit_rlhf.inference import Policy, prompt_batches, sample  # inference imports this module
 
     torch.manual_seed(seed)
     policy = Policy(bank, tokenizer, adapter, Path("."))
