@@ -260,8 +260,12 @@ def clean_message(error: BaseException) -> str | None:
         return explain(str(error), error.options)
     from lit_rlhf.data import DataError
 
+    # lit_rlhf raises ValueError for a value it refuses (an impossible config, a bad argument), always
+    # with the reason and the fix; a bug's traceback still shows with --debug.
     if isinstance(error, (DataError, OSError)):
         return str(error)
+    if isinstance(error, ValueError):  # raised in a constructor, jsonargparse wraps it in its Union report
+        return explain(str(error))
     return None
 
 

@@ -81,6 +81,9 @@ def _failing_fit(tmp_path: Path, case: str) -> tuple[list[str], str]:
         bad = _bad_row_file(tmp_path)
         return args + ["--data.init_args.train", str(bad), "--data.init_args.val", "null"], \
             f"{bad}:2: field 'chosen': is identical to 'rejected'"
+    if case == "impossible config":
+        return ["fit", "--config", "configs/grpo.yaml", "--model.init_args.num_samples_per_prompt", "1",
+                "--trainer.default_root_dir", str(tmp_path / "run")], "lit-rlhf: error: GRPO"
     if case == "missing file":
         return args + ["--data.init_args.train", str(tmp_path / "nope.jsonl")], \
             f"lit-rlhf: error: {tmp_path / 'nope.jsonl'}: no such file or directory"
@@ -89,7 +92,7 @@ def _failing_fit(tmp_path: Path, case: str) -> tuple[list[str], str]:
          "did you mean 'beta'?")
 
 
-@pytest.mark.parametrize("case", ["bad row", "missing file", "typo key"])
+@pytest.mark.parametrize("case", ["bad row", "missing file", "typo key", "impossible config"])
 def test_user_errors_exit_1_with_the_message_only(tmp_path, capsys, case):
     args, expected = _failing_fit(tmp_path, case)
     with pytest.raises(SystemExit) as info:
