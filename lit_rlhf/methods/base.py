@@ -16,6 +16,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer
+from lit_rlhf.strategies import check_trainer_support, shard_bank, synchronise_generation
 
 log = logging.getLogger("lit_rlhf.methods")
 
@@ -116,12 +117,24 @@ class BankMethod(pl.LightningModule):
             self._tokenizer = load_tokenizer(self.bank_spec)
         return self._tokenizer
 
+    def generates_during_training(self) -> bool:
+        """Whether a training step samples from the policy (which some strategies cannot shard)."""
+        return False
+
+    def setup(self, stage: str) -> None:
+        # Before configure_model: an unsupported strategy fails here, before any weights load.
+        check_trainer_support(self.trainer, self)
+        if hasattr(self, "engine"):
+            synchronise_generation(self.engine, self.trainer)
+
     def configure_model(self) -> None:
         if self.bank is not None:
             return
         self.bank = AdapterBank(
             self.bank_spec, require=self.required_adapters(), frozen_reference=self.needs_frozen_reference()
         )
+        if self.device_mesh is not None:  # ModelParallelStrategy (configs/strategy/fsdp.yaml)
+            shard_bank(self.bank, self.device_mesh["data_parallel"])
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(
@@ -179,6 +192,18 @@ class BankMethod(pl.LightningModule):
         log.warning("non-finite loss %s at step %d: step skipped", loss.item(), self.global_step)
         self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum")
         return None
+
+    def unsharded_copy(self, trained: dict[str, torch.Tensor]) -> BankMethod:
+        """A shallow copy of this method with a fresh, unsharded bank (on CPU) holding ``trained``
+        (``bank``-relative names): what a rank exports from after FSDP training."""
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        copy._modules = dict(self._modules)
+        copy._modules["bank"] = None
+        copy._device_mesh = None  # or configure_model would shard the copy too
+        copy.configure_model()
+        copy.bank.load_state_dict(trained, strict=False)
+        return copy
 
     def export(self, path: str | Path, *, merged: bool = False) -> Path:
         """Save the trained adapter in PEFT format (``merged=False``) or a merged transformers model."""

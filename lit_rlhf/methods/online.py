@@ -285,6 +285,9 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
     def needs_frozen_reference(self) -> bool:
         return self.uses_reference()
 
+    def generates_during_training(self) -> bool:
+        return True
+
     def configure_model(self) -> None:
         if self.bank is not None:
             return
