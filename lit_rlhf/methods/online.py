@@ -26,18 +26,21 @@ from __future__ import annotations
 from abc import ABCMeta, abstractmethod
 
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, replace
 from typing import NamedTuple
 
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 
 from lit_rlhf.losses import entropy_from_logits, token_logps
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.models import AdapterSpec
 from lit_rlhf.rollout import RewardOutput, RewardRequest, Rewards, RewardSpec, Rollout, SamplingConfig, build_engine
+from lit_rlhf.strategies import rank_seed
 
 log = logging.getLogger("lit_rlhf.methods")
 
@@ -255,6 +258,7 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         self.num_logged_samples = num_logged_samples
         self.policy_adapter = policy_adapter
         self.rollout_count = 0
+        self._sampling_seed: int | None = None  # seed_everything's seed, read at the first rollout
         self.last_samples: list[tuple[str, str, float]] = []
 
     # -- what subclasses implement ----------------------------------------------------------------
@@ -346,7 +350,14 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
             prompt_mask = prompt_mask.repeat_interleave(k, dim=0)
             prompts = [p for p in prompts for _ in range(k)]
             raw_prompts = [p for p in raw_prompts for _ in range(k)] if raw_prompts is not None else None
-        rollout = self.generate_rollout(prompt_ids, prompt_mask, self.train_sampling)
+        # Each rank samples with its own seed, fixed by (seed, rank, rollout): ranks never share random
+        # draws, and a resumed run draws what the uninterrupted one did whatever the global RNG saw.
+        if self._sampling_seed is None:
+            self._sampling_seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+        seed = rank_seed(self._sampling_seed, self.global_rank, self.rollout_count)
+        with torch.random.fork_rng(devices=[prompt_ids.device] if prompt_ids.is_cuda else []):
+            torch.manual_seed(seed)
+            rollout = self.generate_rollout(prompt_ids, prompt_mask, self.train_sampling)
         completions, reward = self.score_responses(rollout, prompts, raw_prompts, update_stats=update_stats)
         return rollout, prompts, completions, reward
 
@@ -422,15 +433,16 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
                 if mini.numel() == 0:
                     continue
                 finite = True
-                for micro in mini.tensor_split(self.gradient_accumulation_steps):
-                    if micro.numel() == 0:
-                        continue
+                micros = [m for m in mini.tensor_split(self.gradient_accumulation_steps) if m.numel() > 0]
+                for i, micro in enumerate(micros):
                     loss, metrics = self.policy_loss(self.select(scored, data, micro))
                     if not torch.isfinite(loss):
                         finite = False
                         break
                     # Each micro-batch's mean loss weighted by its share of rows: the step sees the mini-batch mean.
-                    self.manual_backward(loss * (micro.numel() / mini.numel()))
+                    # Gradients are all-reduced once per step, on the last micro-batch (DDP no_sync before it).
+                    with self.gradient_sync(i == len(micros) - 1):
+                        self.manual_backward(loss * (micro.numel() / mini.numel()))
                     for name, value in metrics.items():
                         sums[name] += float(value)
                     count += 1
@@ -453,6 +465,11 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         return means
 
     # -- the step --------------------------------------------------------------------------------
+
+    def gradient_sync(self, sync: bool):
+        """No gradient all-reduce in this backward unless ``sync`` (DDP's ``no_sync``; a no-op elsewhere)."""
+        strategy = self.trainer.strategy
+        return nullcontext() if sync or not isinstance(strategy, ParallelStrategy) else strategy.block_backward_sync()
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         scored = self.rollout_and_score(batch)

@@ -30,8 +30,9 @@ from typing import Literal
 
 import torch
 
-from lit_rlhf.losses import KL_PENALTY_KINDS, kl_penalty, masked_mean, ppo_policy_loss, rloo_advantages, whiten
+from lit_rlhf.losses import KL_PENALTY_KINDS, kl_penalty, masked_mean, ppo_policy_loss, rloo_advantages
 from lit_rlhf.methods.online import AdaptiveKLController, MiniBatch, OnlineMethod, ScoredRollout, kl_controller
+from lit_rlhf.strategies import global_whiten
 
 
 class RLOO(OnlineMethod):
@@ -105,7 +106,7 @@ class RLOO(OnlineMethod):
         advantages = rloo_advantages(rewards, k)
         if self.normalize_advantages:
             # One advantage per response: whiten over responses, not tokens.
-            advantages = whiten(advantages, torch.ones_like(advantages))
+            advantages = global_whiten(advantages, torch.ones_like(advantages))
         grouped = rewards.view(-1, k)
         metrics.update({
             "objective/rlhf_reward": rewards.mean(),
