@@ -190,10 +190,13 @@ def shard_bank(bank: nn.Module, mesh) -> None:
     """
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
+    # Every group is its own root (the bank's forward passes enter the base at several places), and a
+    # root keeps its parameters gathered after forward by default; resharding after forward keeps the
+    # sharded tensors registered between passes, where peft toggles requires_grad (disable_adapter).
     for layer in decoder_layers(bank.model):
-        fully_shard(layer, mesh=mesh)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
     for head in bank.heads.values():
-        fully_shard(head, mesh=mesh)
+        fully_shard(head, mesh=mesh, reshard_after_forward=True)
     sharded = {id(p) for m in bank.modules() if isinstance(m, FSDPModule) for p in m.parameters()}
     loose = [n for n, p in bank.named_parameters() if p.requires_grad and id(p) not in sharded]
     if loose:
@@ -211,9 +214,11 @@ def gather_trainable(bank: nn.Module) -> dict[str, torch.Tensor]:
     A collective: every rank must call it (and gets the whole tensors)."""
     from torch.distributed.tensor import DTensor
 
+    # By name, not requires_grad: peft toggles requires_grad on whichever tensors a layer holds at the time.
+    trainable = set(bank.trainable_names())
     state = {}
     for name, param in bank.named_parameters():
-        if param.requires_grad:
+        if name in trainable:
             whole = param.full_tensor() if isinstance(param, DTensor) else param
             state[name] = whole.detach().cpu()
     return state
