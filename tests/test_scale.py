@@ -17,6 +17,9 @@ What the multi-process tests prove, with 2 ranks of batch ``b`` against 1 proces
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -230,3 +233,26 @@ def test_resume_from_a_data_parallel_checkpoint_continues_the_run(tmp_path, stra
     assert resumed["resumed"][0]["steps"] == 4
     assert_same_weights(resumed["resumed"][0]["state"], runs["whole"][0]["state"], **TOL)
     assert_same_weights(resumed["resumed"][1]["state"], runs["whole"][1]["state"], **TOL)
+
+
+def test_one_optimizer_with_a_parameter_group_per_role():
+    """DeepSpeed takes one optimizer: PPO's policy, value adapter and value head are groups of it."""
+    cli = build_cli(["--config", "configs/ppo.yaml"], run=False)
+    method = cli.model
+    method.configure_model()
+    groups = {g["name"]: g["params"] for g in method.parameter_groups()}
+    assert set(groups) == {"policy", "value", "value.head"}
+    grouped = [id(p) for params in groups.values() for p in params]
+    assert sorted(grouped) == sorted(id(p) for p in method.bank.trainable_parameters())
+    assert all(p.requires_grad for params in groups.values() for p in params)
+
+
+@pytest.mark.slow
+def test_gpu_scale_dry_run_parses_every_run(tmp_path):
+    """benchmarks/gpu_scale.sh up to where CUDA is needed: model config and every run's arguments."""
+    done = subprocess.run(["bash", "benchmarks/gpu_scale.sh", "--dry-run", "--workdir", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "model: 0.45B parameters" in done.stderr
+    assert done.stderr.count("ok: ") == 12
+    assert (tmp_path / "llama-0.5b" / "config.json").exists()

@@ -138,7 +138,7 @@ class BankMethod(pl.LightningModule):
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(
-            self.bank.trainable_parameters(),
+            self.parameter_groups(),
             lr=self.hparams.learning_rate,
             weight_decay=self.hparams.weight_decay,
             betas=tuple(self.hparams.adam_betas),
@@ -151,6 +151,23 @@ class BankMethod(pl.LightningModule):
             ),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def parameter_groups(self) -> list[dict]:
+        """The trainable tensors as one parameter group per role (``policy``, ``value``, ``value.head``,
+        ...; ``base`` in full mode) of one optimizer: DeepSpeed takes exactly one, and a group per role
+        is where a role-specific setting goes."""
+        trainable = set(self.bank.trainable_names())
+        groups: dict[str, list] = {}
+        for name, param in self.bank.named_parameters():
+            if name in trainable:
+                groups.setdefault(self._role_of(name), []).append(param)
+        return [{"name": role, "params": params} for role, params in groups.items()]
+
+    def _role_of(self, name: str) -> str:
+        parts = name.split(".")
+        if parts[0] == "heads":
+            return f"{parts[1]}.head"
+        return next((a for a in self.bank.adapters if a in parts), "base")
 
     def total_optimizer_steps(self) -> int:
         return max(1, int(self.trainer.estimated_stepping_batches))
