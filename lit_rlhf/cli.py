@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentParser
@@ -48,17 +49,27 @@ def build_cli(args: list[str] | None = None, *, run: bool = True) -> LitRLHFCLI:
     )
 
 
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint file, or a sharded checkpoint directory (FSDP, ``torch.distributed.checkpoint``)
+    consolidated in this one process's memory."""
+    if path.is_dir():
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+        return _load_distributed_checkpoint(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def export_main(args: list[str]) -> None:
     parser = ArgumentParser(prog="lit-rlhf export", description="Export the adapter or merged model of a checkpoint.")
     parser.add_argument("--config", required=True, help="the YAML the run was trained with")
-    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by that run")
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by that run (file, or FSDP directory)")
     parser.add_argument("--out", required=True, help="directory to write")
     parser.add_argument("--merged", type=bool, default=False, help="merge the adapter into the base (save_pretrained)")
     opts = parser.parse_args(args)
     cli = build_cli(["--config", opts.config], run=False)
     method: BankMethod = cli.model
     method.configure_model()
-    checkpoint = torch.load(opts.ckpt_path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(Path(opts.ckpt_path))
     method.on_load_checkpoint(checkpoint)
     method.load_state_dict(checkpoint["state_dict"], strict=False)
     print(method.export(opts.out, merged=opts.merged))

@@ -71,6 +71,8 @@ def check_scale_support(
     engine: str | None = None,
     gradient_accumulation_steps: int = 1,
     accelerator: str | None = None,
+    quant_storage: str = "uint8",
+    dtype: str = "float32",
 ) -> None:
     """Raise ``ScaleError`` when ``method`` cannot run this way, naming what to use instead.
 
@@ -83,6 +85,7 @@ def check_scale_support(
         engine: the rollout engine's name, when the method has one.
         gradient_accumulation_steps: the method's own micro-batching (manual optimization).
         accelerator: ``cpu``, ``gpu``/``cuda``, ... as given to the Trainer.
+        quant_storage, dtype: the bank's storage dtype of 4-bit weights and its weights dtype.
     """
     where = f"{method} with {kind if stage is None else f'DeepSpeed ZeRO-{stage}'}"
     if kind == "fsdp1":
@@ -118,6 +121,11 @@ def check_scale_support(
                 "accumulation boundary, which manual micro-batching would double-scale; use "
                 "gradient_accumulation_steps: 1 (more num_mini_batches for less memory), or DDP"
             )
+        if stage == 3 and train_mode == "qlora" and quant_storage != dtype:
+            raise ScaleError(
+                f"{where} and train_mode qlora: ZeRO-3 partitions tensors of the model's dtype, but the 4-bit "
+                f"weights are stored as {quant_storage}; set bank.quant_storage: {dtype} (or use ZeRO-2)"
+            )
         if stage == 3 and generates and engine not in (None, "hf"):
             raise ScaleError(
                 f"{where} and rollout engine {engine!r}: under ZeRO-3 only the 'hf' engine gathers parameters "
@@ -139,6 +147,8 @@ def check_trainer_support(trainer, method) -> None:
         engine=method.hparams.get("engine"),
         gradient_accumulation_steps=getattr(method, "gradient_accumulation_steps", 1),
         accelerator=accelerator,
+        quant_storage=method.bank_spec.quant_storage,
+        dtype=method.bank_spec.dtype,
     )
 
 

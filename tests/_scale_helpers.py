@@ -56,6 +56,7 @@ def fit_command(config: str, root: Path, *, devices: int, strategy: str | None, 
         "  limit_val_batches: 0\n"
         "  callbacks:\n"
         "    - class_path: _scale_helpers.DumpTrainable\n"
+        "    - class_path: lit_rlhf.methods.ExportOnFitEnd\n"
         "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
         f"      init_args: {{dirpath: {root / 'ckpt'}, save_last: true, every_n_train_steps: 1}}\n"
     )

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from _scale_helpers import assert_same_weights, fit_command, run_all
-from lit_rlhf.cli import build_cli
+from lit_rlhf.cli import build_cli, main
 from lit_rlhf.strategies import (
     FSDP2Strategy,
     ScaleError,
@@ -81,6 +82,8 @@ def test_fsdp2_strategy_shards_over_every_process():
         ("deepspeed", 2, True, True, "lora", {"gradient_accumulation_steps": 2, "accelerator": "cuda"},
          r"gradient_accumulation_steps 2.*gradient_accumulation_steps: 1"),
         ("deepspeed", 3, True, True, "lora", {"engine": "hf_static", "accelerator": "cuda"}, r"engine 'hf_static'.*engine: hf"),
+        ("deepspeed", 3, False, False, "qlora", {"dtype": "bfloat16", "accelerator": "cuda"},
+         r"stored as uint8; set bank.quant_storage: bfloat16"),
     ],
 )
 def test_unsupported_combinations_are_refused_naming_what_to_use(kind, stage, generates, manual, mode, extra, message):
@@ -97,6 +100,17 @@ def test_unsupported_combinations_are_refused_naming_what_to_use(kind, stage, ge
 def test_supported_combinations_pass(kind, stage, generates, manual, mode):
     check_scale_support("M", kind=kind, stage=stage, generates=generates, manual_optimization=manual,
                         train_mode=mode, engine="hf", accelerator="cuda")
+    check_scale_support("M", kind="deepspeed", stage=3, generates=False, manual_optimization=False,
+                        train_mode="qlora", accelerator="cuda", quant_storage="bfloat16", dtype="bfloat16")
+
+
+def test_quant_storage_reaches_bitsandbytes():
+    from lit_rlhf.models.loading import quantization_config
+    from lit_rlhf.models.spec import BankSpec
+
+    assert quantization_config(BankSpec(train_mode="qlora")).bnb_4bit_quant_storage == torch.uint8
+    spec = BankSpec(train_mode="qlora", dtype="bfloat16", quant_storage="bfloat16")
+    assert quantization_config(spec).bnb_4bit_quant_storage == torch.bfloat16
 
 
 def test_online_method_under_fsdp_fails_in_setup_before_the_bank_loads():
@@ -193,8 +207,16 @@ def test_fsdp_dpo_on_two_processes_matches_one_process(tmp_path):
     one, _ = _compare_with_one_process(tmp_path, "dpo", "fsdp", per_rank_batch=4, steps=3)
     # The weights moved: equal initial weights would make the comparison empty.
     assert any(v.abs().max() > 0 for k, v in one["state"].items() if "lora_B" in k)
-    # The sharded checkpoint is a directory with one file per rank.
-    assert len(list((tmp_path / "two" / "ckpt" / "last.ckpt").glob("*.distcp"))) == 2
+    # The sharded checkpoint is a directory with one file per rank; the adapter exported at the end of
+    # fit (gathered, written by rank 0) and the one `lit-rlhf export` writes from that directory hold
+    # the trained weights (LoRA B moved off zero).
+    last = tmp_path / "two" / "ckpt" / "last.ckpt"
+    assert len(list(last.glob("*.distcp"))) == 2
+    main(["export", "--config", "configs/dpo.yaml", "--ckpt_path", str(last), "--out", str(tmp_path / "from_ckpt")])
+    trained = sorted(round(float(v.norm()), 5) for v in one["state"].values())
+    for adapter in (tmp_path / "two" / "export" / "adapter", tmp_path / "from_ckpt"):
+        exported = load_file(str(adapter / "adapter_model.safetensors"))
+        assert sorted(round(float(v.norm()), 5) for v in exported.values()) == pytest.approx(trained, abs=1e-4)
 
 
 @pytest.mark.slow
