@@ -20,6 +20,7 @@ combination that is not supported, naming what to use instead.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -176,6 +177,38 @@ class FSDP2Strategy(ModelParallelStrategy):
         # group per node); pure FSDP shards over every process.
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Load a sharded checkpoint that holds only the trainable tensors (lit_rlhf never writes the
+        frozen base): ``torch.distributed.checkpoint`` loads exactly the keys it asks for, so ask for
+        those the checkpoint has. A single-file checkpoint goes the parent's way."""
+        from torch.distributed.checkpoint import FileSystemReader, load
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(self.broadcast(checkpoint_path))
+        if not path.is_dir():
+            return super().load_checkpoint(path, weights_only=weights_only)
+        saved = FileSystemReader(path).read_metadata().state_dict_metadata
+        model_state = {k: v for k, v in get_model_state_dict(self.model).items() if f"state_dict.{k}" in saved}
+        load({"state_dict": model_state}, checkpoint_id=path)
+        set_model_state_dict(self.model, model_state, options=StateDictOptions(strict=False))
+        for index, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{index}"
+            optimizer_state = {key: get_optimizer_state_dict(self.model, optimizer)}
+            load(optimizer_state, checkpoint_id=path)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optimizer_state[key])
+        from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+        checkpoint = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+        # The names of what was restored, for the module's on_load_checkpoint (the tensors are in place).
+        checkpoint["state_dict"] = model_state
+        return checkpoint
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

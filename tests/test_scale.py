@@ -246,12 +246,12 @@ def test_resume_from_a_data_parallel_checkpoint_continues_the_run(tmp_path, stra
         "whole": (fit_command("dpo", tmp_path / "whole", devices=2, strategy=strategy, steps=4, args=constant),
                   tmp_path / "whole" / "dump"),
         "first": (fit_command("dpo", tmp_path / "part", devices=2, strategy=strategy, steps=2, args=constant),
-                  tmp_path / "part" / "dump1"),
+                  tmp_path / "part" / "dump"),
     })
     last = tmp_path / "part" / "ckpt" / "last.ckpt"
     assert last.is_dir() == (strategy == "fsdp")
-    resumed = run_all({"resumed": (fit_command("dpo", tmp_path / "part", devices=2, strategy=strategy, steps=4,
-                                               args=[*constant, "--ckpt_path", str(last)]), tmp_path / "part" / "dump2")})
+    resumed = run_all({"resumed": (fit_command("dpo", tmp_path / "resumed", devices=2, strategy=strategy, steps=4,
+                                               args=[*constant, "--ckpt_path", str(last)]), tmp_path / "resumed" / "dump")})
     assert resumed["resumed"][0]["steps"] == 4
     assert_same_weights(resumed["resumed"][0]["state"], runs["whole"][0]["state"], **TOL)
     assert_same_weights(resumed["resumed"][1]["state"], runs["whole"][1]["state"], **TOL)

@@ -163,11 +163,14 @@ class BankMethod(pl.LightningModule):
                 groups.setdefault(self._role_of(name), []).append(param)
         return [{"name": role, "params": params} for role, params in groups.items()]
 
-    def _role_of(self, name: str) -> str:
+    @staticmethod
+    def _role_of(name: str) -> str:
+        """``heads.<adapter>.*`` -> ``<adapter>.head``; ``...lora_A.<adapter>.weight`` -> ``<adapter>``; else ``base``."""
         parts = name.split(".")
         if parts[0] == "heads":
             return f"{parts[1]}.head"
-        return next((a for a in self.bank.adapters if a in parts), "base")
+        lora = next((i for i, part in enumerate(parts) if part.startswith("lora_")), None)
+        return parts[lora + 1] if lora is not None and lora + 1 < len(parts) else "base"
 
     def total_optimizer_steps(self) -> int:
         return max(1, int(self.trainer.estimated_stepping_batches))
