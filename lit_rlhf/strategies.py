@@ -38,26 +38,16 @@ class ScaleError(ValueError):
 # -- what runs where ------------------------------------------------------------------------------
 
 
-def strategy_kind(strategy: Strategy | str | None) -> tuple[StrategyKind, int | None]:
-    """``(kind, ZeRO stage or None)`` of a Lightning strategy object or name."""
-    if strategy is None or isinstance(strategy, str):
-        name = (strategy or "auto").lower()
-        if name.startswith("deepspeed"):
-            stage = int(name.rsplit("_", 1)[1]) if name[-1].isdigit() else 2
-            return "deepspeed", stage
-        if name.startswith("fsdp"):
-            return "fsdp1", None
-        if name.startswith("ddp"):
-            return "ddp", None
-        return ("single", None) if name in ("auto", "single_device") else ("other", None)
+def strategy_kind(strategy: Strategy) -> tuple[StrategyKind, int | None]:
+    """``(kind, ZeRO stage or None)`` of the Lightning strategy a Trainer built."""
     if isinstance(strategy, ModelParallelStrategy):
         return "fsdp", None
     if isinstance(strategy, FSDPStrategy):
         return "fsdp1", None
+    if isinstance(strategy, LightningDeepSpeedStrategy):  # before DDP: Lightning's DeepSpeed subclasses it
+        return "deepspeed", int(strategy.config["zero_optimization"]["stage"])
     if isinstance(strategy, DDPStrategy):
         return "ddp", None
-    if isinstance(strategy, LightningDeepSpeedStrategy):
-        return "deepspeed", int(strategy.config["zero_optimization"]["stage"])
     return ("single", None) if type(strategy).__name__.startswith("SingleDevice") else ("other", None)
 
 
@@ -85,7 +75,7 @@ def check_scale_support(
         train_mode: ``lora``, ``qlora`` or ``full``.
         engine: the rollout engine's name, when the method has one.
         gradient_accumulation_steps: the method's own micro-batching (manual optimization).
-        accelerator: ``cpu``, ``gpu``/``cuda``, ... as given to the Trainer.
+        accelerator: the Trainer's accelerator, ``cpu``, ``cuda``, ...
         quant_storage, dtype: the bank's storage dtype of 4-bit weights and its weights dtype.
     """
     where = f"{method} with {kind if stage is None else f'DeepSpeed ZeRO-{stage}'}"
@@ -109,13 +99,11 @@ def check_scale_support(
                 "(configs/strategy/deepspeed_zero3.yaml) for full fine-tuning, or DDP / ZeRO-2 for QLoRA"
             )
     if kind == "deepspeed":
-        if accelerator is not None and accelerator not in ("gpu", "cuda", "auto"):
+        if accelerator is not None and accelerator not in ("gpu", "cuda"):
             raise ScaleError(
                 f"{where}: DeepSpeed runs on CUDA GPUs only (Lightning refuses accelerator {accelerator!r}); "
                 "on CPU use configs/strategy/ddp.yaml"
             )
-        if accelerator == "auto" and not torch.cuda.is_available():
-            raise ScaleError(f"{where}: DeepSpeed needs a CUDA GPU and none is visible; on CPU use configs/strategy/ddp.yaml")
         if manual_optimization and gradient_accumulation_steps > 1:
             raise ScaleError(
                 f"{where} and gradient_accumulation_steps {gradient_accumulation_steps}: DeepSpeed steps on its own "

@@ -148,6 +148,8 @@ def test_deepspeed_clipping_comes_from_max_grad_norm_in_manual_optimization():
     cli = build_cli(["--config", "configs/ppo.yaml", "--model.init_args.max_grad_norm", "0.5"], run=False)
     strategy = object.__new__(DeepSpeedZeRO)  # without deepspeed installed: only the config logic is exercised
     strategy.config = deepspeed_config(2)
+    # Lightning's DeepSpeedStrategy subclasses DDPStrategy: it must still be told apart.
+    assert strategy_kind(strategy) == ("deepspeed", 2)
     strategy._lightning_module = cli.model
     cli.model._trainer = type("T", (), {"accumulate_grad_batches": 1, "gradient_clip_val": None})()
     strategy._auto_select_batch_size = lambda: 8
