@@ -38,6 +38,14 @@ from lit_rlhf.strategies import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _cli_reads_only_its_args(monkeypatch):
+    # LightningCLI warns when pytest's own command line is in sys.argv beside args=.
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+
+
 METHODS = ["dpo", "sft", "reward", "kto", "ppo", "grpo", "rloo", "gkd"]
 TOL = {"atol": 1e-5, "rtol": 1e-4}
 
