@@ -28,12 +28,12 @@ from safetensors.torch import load_file
 
 from _scale_helpers import assert_same_weights, fit_command, run_all
 from lit_rlhf.cli import build_cli, main
+from lit_rlhf.distributed import rank_seed
 from lit_rlhf.strategies import (
     FSDP2Strategy,
     ScaleError,
     check_scale_support,
     deepspeed_config,
-    rank_seed,
     strategy_kind,
 )
 
@@ -172,23 +172,12 @@ def test_rank_seeds_differ_per_rank_and_rollout_and_repeat():
     assert rank_seed(3, 1, 7) == rank_seed(3, 1, 7) != rank_seed(4, 1, 7)
 
 
-def _whiten_worker(rank: int, path: str, out: str) -> None:
-    import torch.distributed as dist
-
-    from lit_rlhf.strategies import global_whiten
-
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
-    torch.manual_seed(0)
-    x, mask = torch.randn(6, 5), (torch.rand(6, 5) > 0.3).float()
-    rows = slice(0, 2) if rank == 0 else slice(2, 6)  # unequal shares: a mean of per-rank means would differ
-    torch.save(global_whiten(x[rows], mask[rows]), f"{out}/{rank}.pt")
-    dist.destroy_process_group()
-
-
 def test_global_whiten_on_two_ranks_equals_whiten_of_the_whole_rollout(tmp_path):
     from lit_rlhf.losses import whiten
 
-    torch.multiprocessing.spawn(_whiten_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2)
+    from _whiten_worker import whiten_on_a_rank
+
+    torch.multiprocessing.spawn(whiten_on_a_rank, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2)
     got = torch.cat([torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")])
     torch.manual_seed(0)
     x, mask = torch.randn(6, 5), (torch.rand(6, 5) > 0.3).float()

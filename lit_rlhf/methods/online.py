@@ -40,7 +40,7 @@ from lit_rlhf.losses import entropy_from_logits, token_logps
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.models import AdapterSpec
 from lit_rlhf.rollout import RewardOutput, RewardRequest, Rewards, RewardSpec, Rollout, SamplingConfig, build_engine
-from lit_rlhf.strategies import rank_seed
+from lit_rlhf.distributed import rank_seed
 
 log = logging.getLogger("lit_rlhf.methods")
 

@@ -40,7 +40,7 @@ from lit_rlhf.losses import gae_advantages, kl_penalty, masked_mean, masked_var,
 from lit_rlhf.methods.online import MiniBatch, OnlineMethod, ScoredRollout, eval_mode, kl_controller
 from lit_rlhf.models import AdapterSpec
 from lit_rlhf.rollout import Rollout
-from lit_rlhf.strategies import global_whiten
+from lit_rlhf.distributed import global_whiten
 
 
 class PPO(OnlineMethod):

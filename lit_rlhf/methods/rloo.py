@@ -32,7 +32,7 @@ import torch
 
 from lit_rlhf.losses import KL_PENALTY_KINDS, kl_penalty, masked_mean, ppo_policy_loss, rloo_advantages
 from lit_rlhf.methods.online import AdaptiveKLController, MiniBatch, OnlineMethod, ScoredRollout, kl_controller
-from lit_rlhf.strategies import global_whiten
+from lit_rlhf.distributed import global_whiten
 
 
 class RLOO(OnlineMethod):

@@ -18,7 +18,7 @@ from torchmetrics import MeanMetric
 
 from lit_rlhf.losses import sequence_logps
 from lit_rlhf.methods.base import BankMethod
-from lit_rlhf.strategies import global_sum
+from lit_rlhf.distributed import global_sum
 
 
 def completion_nll(
