@@ -181,7 +181,7 @@ def export_main(args: list[str]) -> None:
 
     parser = argparse.ArgumentParser(prog="lit-rlhf export", description=export_main.__doc__)
     parser.add_argument("--config", required=True, help="the YAML the run was trained with")
-    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by that run")
+    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by that run (file, or FSDP directory)")
     parser.add_argument("--out", required=True, help="directory to write")
     parser.add_argument("--merged", type=lambda s: s.lower() in ("true", "1", "yes"), default=False,
                         help="merge the adapter into the base (save_pretrained): true or false")

@@ -1,11 +1,12 @@
-"""Cross-rank reductions for state that must stay identical on every data-parallel rank.
+"""Cross-rank reductions for state that must stay identical on every data-parallel rank, computed as
+one process holding the global batch would compute it.
 
-A KL coefficient, a running reward normaliser, KTO's reference point or the decision to skip
-a step, each computed from one rank's rows, drifts apart between ranks under DDP; a step that
-one rank skips and another takes also deadlocks DDP's gradient all-reduce. These helpers use
-the default ``torch.distributed`` process group, which Lightning's DDP and DeepSpeed strategies
-initialise, and are the identity in a single process. Each is a collective: every rank must
-call it at the same point of the step.
+A KL coefficient, a running reward normaliser, KTO's reference point, advantage whitening or the
+decision to skip a step, each computed from one rank's rows, drifts apart between ranks under DDP;
+a step that one rank skips and another takes also deadlocks DDP's gradient all-reduce. These
+helpers use the default ``torch.distributed`` process group, which Lightning's DDP, FSDP and
+DeepSpeed strategies initialise, and are the local computation in a single process. Each is a
+collective: every rank must call it at the same point of the step. Torch only (no Lightning).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_rows", "every_rank", "is_distributed"]
+from lit_rlhf.losses import whiten
+
+__all__ = ["all_rows", "every_rank", "global_sum", "global_whiten", "is_distributed", "rank_seed"]
 
 
 def is_distributed() -> bool:
@@ -58,3 +61,38 @@ def every_rank(flag: bool | torch.Tensor, device: torch.device | str = "cpu") ->
     if is_distributed():
         dist.all_reduce(local, op=dist.ReduceOp.MIN)
     return bool(local.item())
+
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def global_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """``lit_rlhf.losses.whiten`` with the mean and (unbiased) variance of the masked elements of
+    every data-parallel rank's ``x``: the whole rollout, as one process holding it would compute.
+    A collective under DDP/FSDP/DeepSpeed (every rank must call it); ``whiten`` on one process."""
+    if not is_distributed():
+        return whiten(x, mask, shift_mean=shift_mean, eps=eps)
+    mask = mask.to(x.dtype)
+    totals = _all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum()]).double())
+    mean = (totals[0] / totals[1].clamp(min=1)).to(x.dtype)
+    square = _all_reduce_sum((((x - mean) ** 2) * mask).sum().double().reshape(1))[0]
+    var = (square / (totals[1] - 1).clamp(min=1)).to(x.dtype)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def global_sum(value: torch.Tensor) -> torch.Tensor:
+    """``value`` summed over the data-parallel ranks (a collective); itself on one process."""
+    return _all_reduce_sum(value.detach().clone())
+
+
+def rank_seed(base_seed: int, rank: int, step: int) -> int:
+    """A sampling seed distinct per ``(rank, step)`` and reproducible from them alone, so resumed
+    runs draw the same samples and no two ranks draw the same random numbers."""
+    return ((base_seed * 1_000_003 + rank) * 1_000_003 + step) % (2**63 - 1)

@@ -170,6 +170,7 @@ class _FormatDataModule(L.LightningDataModule):
         self.collator: Optional[Callable] = None
         self._prepared_with: Any = None
         self._resumed_state: Optional[dict] = None
+        self._train_sampler: Optional[ResumableSampler] = None
 
     # -- preparation ----------------------------------------------------------------------------
 
@@ -233,11 +234,8 @@ class _FormatDataModule(L.LightningDataModule):
         self._require_prepared()
         dataset = ExampleDataset(self.train_examples)
         replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
-        resume = None
-        position = (self._resumed_state or {}).get("position")
-        if position is not None:
-            resume = (position["epoch"], position["batches"] * self.batch_size)
-        sampler = epoch_sampler(dataset, self.seed, replicas, rank, resume=resume)
+        sampler = epoch_sampler(dataset, self.seed, replicas, rank, resume=self._resume_position())
+        self._train_sampler = sampler
         # Its own generator: each new iterator would otherwise draw its workers' base seed from the
         # global RNG, one draw more in a resumed run than in the uninterrupted one.
         generator = torch.Generator().manual_seed(self.seed)
@@ -281,6 +279,15 @@ class _FormatDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resumed_state = dict(state_dict)
         self._check_resumed_state()
+        if self._train_sampler is not None:
+            # A strategy that restores after setup (ModelParallelStrategy, configs/strategy/fsdp.yaml) does
+            # so after the train loader was built to estimate the stepping batches: tell its sampler.
+            self._train_sampler.resume = self._resume_position()
+
+    def _resume_position(self) -> Optional[tuple[int, int]]:
+        """``(epoch, samples of it already consumed on this rank)`` of a resumed run, else ``None``."""
+        position = (self._resumed_state or {}).get("position")
+        return None if position is None else (position["epoch"], position["batches"] * self.batch_size)
 
     def _check_resumed_state(self) -> None:
         state = self._resumed_state

@@ -19,6 +19,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from lit_rlhf.distributed import every_rank
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer
 from lit_rlhf.models.bank import check_bank_spec, merge_adapter_specs
+from lit_rlhf.strategies import check_trainer_support, shard_bank, synchronise_generation
 
 log = logging.getLogger("lit_rlhf.methods")
 
@@ -59,7 +60,12 @@ def set_rng_states(states: dict) -> None:
 
 def read_checkpoint(path: str | Path) -> dict:
     """A checkpoint read with ``torch.load(weights_only=True)``: tensors and plain values only, so
-    reading it cannot run code. lit_rlhf's own checkpoints hold nothing else."""
+    reading it cannot run code. lit_rlhf's own checkpoints hold nothing else. A directory is a
+    sharded checkpoint (FSDP, ``torch.distributed.checkpoint``), consolidated in this process's memory."""
+    if Path(path).is_dir():
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+        return _load_distributed_checkpoint(Path(path))
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -174,6 +180,16 @@ class BankMethod(pl.LightningModule):
         load (the CLI calls it first; ``AdapterBank`` checks the same again when it is built)."""
         check_bank_spec(self.bank_spec, merge_adapter_specs(self.bank_spec.adapters, self.required_adapters()))
 
+    def generates_during_training(self) -> bool:
+        """Whether a training step samples from the policy (which some strategies cannot shard)."""
+        return False
+
+    def setup(self, stage: str) -> None:
+        # Before configure_model: an unsupported strategy fails here, before any weights load.
+        check_trainer_support(self.trainer, self)
+        if hasattr(self, "engine"):
+            synchronise_generation(self.engine, self.trainer)
+
     def configure_model(self) -> None:
         if self.bank is not None:
             return
@@ -182,10 +198,12 @@ class BankMethod(pl.LightningModule):
             require=self.required_adapters(),
             reference_of=self.trained_adapter if self.needs_reference() else None,
         )
+        if self.device_mesh is not None:  # ModelParallelStrategy (configs/strategy/fsdp.yaml)
+            shard_bank(self.bank, self.device_mesh["data_parallel"])
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(
-            self.bank.trainable_parameters(),
+            self.parameter_groups(),
             lr=self.hparams.learning_rate,
             weight_decay=self.hparams.weight_decay,
             betas=tuple(self.hparams.adam_betas),
@@ -198,6 +216,26 @@ class BankMethod(pl.LightningModule):
             ),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def parameter_groups(self) -> list[dict]:
+        """The trainable tensors as one parameter group per role (``policy``, ``value``, ``value.head``,
+        ...; ``base`` in full mode) of one optimizer: DeepSpeed takes exactly one, and a group per role
+        is where a role-specific setting goes."""
+        trainable = set(self.bank.trainable_names())
+        groups: dict[str, list] = {}
+        for name, param in self.bank.named_parameters():
+            if name in trainable:
+                groups.setdefault(self._role_of(name), []).append(param)
+        return [{"name": role, "params": params} for role, params in groups.items()]
+
+    @staticmethod
+    def _role_of(name: str) -> str:
+        """``heads.<adapter>.*`` -> ``<adapter>.head``; ``...lora_A.<adapter>.weight`` -> ``<adapter>``; else ``base``."""
+        parts = name.split(".")
+        if parts[0] == "heads":
+            return f"{parts[1]}.head"
+        lora = next((i for i, part in enumerate(parts) if part.startswith("lora_")), None)
+        return parts[lora + 1] if lora is not None and lora + 1 < len(parts) else "base"
 
     def total_optimizer_steps(self) -> int:
         return max(1, int(self.trainer.estimated_stepping_batches))
@@ -271,6 +309,18 @@ class BankMethod(pl.LightningModule):
                 f"{self.skipped_nonfinite} skipped in all): training has diverged. Lower the learning rate, check the "
                 f"data and the precision, or raise max_consecutive_nonfinite (now {self.max_consecutive_nonfinite})."
             )
+
+    def unsharded_copy(self, trained: dict[str, torch.Tensor]) -> BankMethod:
+        """A shallow copy of this method with a fresh, unsharded bank (on CPU) holding ``trained``
+        (``bank``-relative names): what a rank exports from after FSDP training."""
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        copy._modules = dict(self._modules)
+        copy._modules["bank"] = None
+        copy._device_mesh = None  # or configure_model would shard the copy too
+        copy.configure_model()
+        copy.bank.load_state_dict(trained, strict=False)
+        return copy
 
     def export(self, path: str | Path, *, merged: bool = False) -> Path:
         """Save the trained adapter in PEFT format (``merged=False``) or a merged transformers model."""

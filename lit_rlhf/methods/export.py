@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_rlhf.methods.base import BankMethod
+from lit_rlhf.strategies import gather_trainable, is_sharded
 
 
 def _data_files(datamodule) -> dict[str, object]:
@@ -92,6 +93,13 @@ class ExportOnFitEnd(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: BankMethod) -> None:
         # trainer.log_dir is a collective under DDP (a broadcast): every rank must ask for it.
         root = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "export")
+        if is_sharded(pl_module.bank):
+            # FSDP: every rank gathers the trainable shards (a collective); rank 0 loads them into an
+            # unsharded bank of its own (on CPU) and writes from it.
+            trained = gather_trainable(pl_module.bank)
+            if not trainer.is_global_zero:
+                return
+            pl_module = pl_module.unsharded_copy(trained)
         if not trainer.is_global_zero:
             return
         card = dict(datamodule=trainer.datamodule, metrics=final_metrics(trainer))

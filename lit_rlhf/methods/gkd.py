@@ -185,6 +185,9 @@ class GKD(BankMethod):
         """Whether training ever samples completions (on-policy or SeqKD)."""
         return self.lmbda > 0 or self.seq_kd
 
+    def generates_during_training(self) -> bool:
+        return self.generates
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -26,18 +26,22 @@ from __future__ import annotations
 from abc import ABCMeta, abstractmethod
 
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 from typing import NamedTuple
 
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 
 from lit_rlhf.distributed import all_rows, every_rank
 from lit_rlhf.losses import entropy_from_logits, token_logps
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.models import AdapterSpec, eval_mode
 from lit_rlhf.rollout import RewardOutput, RewardRequest, Rewards, RewardSpec, Rollout, SamplingConfig, build_engine
+from lit_rlhf.distributed import rank_seed
 
 log = logging.getLogger("lit_rlhf.methods")
 
@@ -256,6 +260,7 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         self.num_logged_samples = num_logged_samples
         self.policy_adapter = policy_adapter
         self.rollout_count = 0
+        self._sampling_seed: int | None = None  # seed_everything's seed, read at the first rollout
         self.last_samples: list[tuple[str, str, float]] = []
 
     # -- what subclasses implement ----------------------------------------------------------------
@@ -295,6 +300,9 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
     def needs_reference(self) -> bool:
         return self.uses_reference()
 
+    def generates_during_training(self) -> bool:
+        return True
+
     def configure_model(self) -> None:
         if self.bank is not None:
             return
@@ -317,6 +325,7 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         self.rewards.setup(self.bank, self.tokenizer)
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         # Lightning calls setup before configure_model, so a bad split fails before any weights load.
         batch_size = getattr(self.trainer.datamodule, "batch_size", None)
         if stage == "fit" and batch_size is not None:
@@ -378,7 +387,14 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
             prompt_mask = prompt_mask.repeat_interleave(k, dim=0)
             prompts = [p for p in prompts for _ in range(k)]
             raw_prompts = [p for p in raw_prompts for _ in range(k)] if raw_prompts is not None else None
-        rollout = self.generate_rollout(prompt_ids, prompt_mask, self.train_sampling)
+        # Each rank samples with its own seed, fixed by (seed, rank, rollout): ranks never share random
+        # draws, and a resumed run draws what the uninterrupted one did whatever the global RNG saw.
+        if self._sampling_seed is None:
+            self._sampling_seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed()))
+        seed = rank_seed(self._sampling_seed, self.global_rank, self.rollout_count)
+        with torch.random.fork_rng(devices=[prompt_ids.device] if prompt_ids.is_cuda else []):
+            torch.manual_seed(seed)
+            rollout = self.generate_rollout(prompt_ids, prompt_mask, self.train_sampling)
         completions, reward = self.score_responses(rollout, prompts, raw_prompts, update_stats=update_stats)
         return rollout, prompts, completions, reward
 
@@ -492,7 +508,7 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
                 step_rows = sum(m.numel() for m in micros)
                 step_tokens = self.step_token_count(loss_mask[torch.cat(micros)])
                 finite = True
-                for micro in micros:
+                for i, micro in enumerate(micros):
                     batch = self.select(scored, data, micro, step_rows=step_rows, step_tokens=step_tokens)
                     loss, metrics = self.policy_loss(batch)
                     # Every rank decides together: under DDP each manual_backward all-reduces gradients,
@@ -500,7 +516,9 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
                     if not every_rank(torch.isfinite(loss), loss.device):
                         finite = False
                         break
-                    self.manual_backward(loss * self.accumulation_weight(batch))
+                    # Gradients are all-reduced once per step, on the last micro-batch (DDP no_sync before it).
+                    with self.gradient_sync(i == len(micros) - 1):
+                        self.manual_backward(loss * self.accumulation_weight(batch))
                     for name, value in metrics.items():
                         sums[name] += float(value)
                     count += 1
@@ -524,6 +542,11 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         return means
 
     # -- the step --------------------------------------------------------------------------------
+
+    def gradient_sync(self, sync: bool):
+        """No gradient all-reduce in this backward unless ``sync`` (DDP's ``no_sync``; a no-op elsewhere)."""
+        strategy = self.trainer.strategy
+        return nullcontext() if sync or not isinstance(strategy, ParallelStrategy) else strategy.block_backward_sync()
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         scored = self.rollout_and_score(batch)

@@ -36,10 +36,11 @@ from typing import Literal
 
 import torch
 
-from lit_rlhf.losses import gae_advantages, kl_penalty, masked_mean, masked_var, ppo_policy_loss, ppo_value_loss, whiten
+from lit_rlhf.losses import gae_advantages, kl_penalty, masked_mean, masked_var, ppo_policy_loss, ppo_value_loss
 from lit_rlhf.methods.online import MiniBatch, OnlineMethod, ScoredRollout, kl_controller
 from lit_rlhf.models import AdapterSpec, eval_mode
 from lit_rlhf.rollout import Rollout
+from lit_rlhf.distributed import global_whiten
 
 
 class PPO(OnlineMethod):
@@ -140,9 +141,9 @@ class PPO(OnlineMethod):
         rows = torch.arange(rewards.shape[0], device=rewards.device)
         rewards[rows, rollout.response_lengths - 1] += scored.scores
         if self.whiten_rewards:
-            rewards = whiten(rewards, mask, shift_mean=False)
+            rewards = global_whiten(rewards, mask, shift_mean=False)
         advantages, returns = gae_advantages(rewards, values, mask, gamma=self.gamma, lam=self.lam)
-        advantages = whiten(advantages, mask)
+        advantages = global_whiten(advantages, mask)
 
         kl_per_sequence = kl.sum(dim=1)
         self.kl_controller.observe(kl_per_sequence)

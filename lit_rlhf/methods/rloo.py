@@ -37,9 +37,9 @@ from lit_rlhf.losses import (
     masked_mean,
     ppo_policy_loss,
     rloo_advantages,
-    whiten,
 )
 from lit_rlhf.methods.online import AdaptiveKLController, MiniBatch, OnlineMethod, ScoredRollout, kl_controller
+from lit_rlhf.distributed import global_whiten
 
 
 class RLOO(OnlineMethod):
@@ -123,7 +123,7 @@ class RLOO(OnlineMethod):
         advantages = rloo_advantages(rewards, k)
         if self.normalize_advantages:
             # One advantage per response: whiten over responses, not tokens.
-            advantages = whiten(advantages, torch.ones_like(advantages))
+            advantages = global_whiten(advantages, torch.ones_like(advantages))
         grouped = rewards.view(-1, k)
         metrics.update({
             "objective/rlhf_reward": rewards.mean(),

@@ -2,7 +2,8 @@
 
 The loss is the mean negative log-likelihood over the tokens of ``completion_mask``: the
 completion only when the DataModule knows the prompt and ``completion_only_loss`` is on,
-every token otherwise. Log-probs come from ``lit_rlhf.losses.sequence_logps`` (the one
+every token otherwise; under data parallelism, over the loss tokens of every rank together (as
+one process holding the global batch). Log-probs come from ``lit_rlhf.losses.sequence_logps`` (the one
 log-prob function of the project). Packed batches (``SFTDataModule(packing=True)``) carry
 ``position_ids`` and no attention mask; the loss is the same as on the padded batch.
 
@@ -17,6 +18,7 @@ from torchmetrics import MeanMetric
 
 from lit_rlhf.losses import sequence_logps
 from lit_rlhf.methods.base import BankMethod
+from lit_rlhf.distributed import global_sum
 
 
 def completion_nll(
@@ -71,9 +73,15 @@ class SFT(BankMethod):
         return nll_sum / num_tokens, num_tokens
 
     def training_step(self, batch: dict, batch_idx: int):
-        loss, num_tokens = self.compute_loss(batch)
-        self.log("loss", loss, prog_bar=True)
-        self.log("ppl", torch.exp(loss.detach()))
+        nll_sum, num_tokens = self.nll(batch)
+        # The mean over the loss tokens of every data-parallel rank, as one process holding the global
+        # batch takes it. Gradients are averaged over ranks, so each rank's sum is scaled by
+        # world_size / global token count (a per-rank mean would weight a token by 1 / its rank's count).
+        total_tokens = global_sum(num_tokens).clamp(min=1)
+        loss = nll_sum * (self.trainer.world_size / total_tokens)
+        mean_nll = global_sum(nll_sum) / total_tokens
+        self.log("loss", mean_nll, prog_bar=True)
+        self.log("ppl", torch.exp(mean_nll))
         self.log("num_tokens", num_tokens.float(), reduce_fx="sum")
         return self.skip_if_nonfinite(loss)
 

@@ -52,6 +52,7 @@ def quantization_config(spec: BankSpec) -> BitsAndBytesConfig | None:
         bnb_4bit_use_double_quant=spec.double_quant,
         # bf16 compute on a float32 spec would silently lose precision: compute in the spec's dtype.
         bnb_4bit_compute_dtype=DTYPES[spec.dtype],
+        bnb_4bit_quant_storage=getattr(torch, spec.quant_storage),
     )
 
 

@@ -86,6 +86,8 @@ class BankSpec:
         quantization: ``4bit`` or ``8bit`` through bitsandbytes; ``qlora`` implies ``4bit``.
         quant_type: 4-bit data type, ``nf4`` or ``fp4``.
         double_quant: quantize the 4-bit quantization constants as well.
+        quant_storage: the dtype the packed 4-bit weights are stored in. DeepSpeed ZeRO-3 partitions
+            only tensors of the model's dtype: set it to ``dtype`` (e.g. ``bfloat16``) there.
         lora: default hyperparameters of fresh adapters.
         adapters: adapters to create or load besides those a method asks for.
         gradient_checkpointing: trade compute for activation memory: the trainable path recomputes
@@ -111,6 +113,7 @@ class BankSpec:
     quantization: Literal["4bit", "8bit"] | None = None
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
     lora: LoraSpec = field(default_factory=LoraSpec)
     adapters: list[AdapterSpec] = field(default_factory=list)
     gradient_checkpointing: bool = False

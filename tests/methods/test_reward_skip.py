@@ -75,9 +75,11 @@ def test_default_nan_stops_the_fit_before_any_step():
 
 
 def test_skip_is_refused_under_several_processes():
-    from types import SimpleNamespace
+    import lightning.pytorch as pl
 
     method = _grpo("nan_for_the_prompts", nonfinite="skip")
-    method.trainer = SimpleNamespace(world_size=2, datamodule=None)  # Lightning's setup hook, two ranks
+    # A DDP Trainer of two processes, not launched: Lightning's setup hook runs as on each rank.
+    method.trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
+                                enable_checkpointing=False, enable_model_summary=False)
     with pytest.raises(ValueError, match="runs on one process only"):
         method.setup("fit")

@@ -104,8 +104,8 @@ def test_groups_with_equal_rewards_are_counted_and_never_give_nan():
     assert flat_groups.any() and not flat_groups.all()
     grouped = advantages.view(-1, 4)
     assert torch.isfinite(advantages).all()
-    # Zero up to the whitening's floating-point mean (the leave-one-out advantages sum to 0 only in exact arithmetic).
-    torch.testing.assert_close(grouped[flat_groups], torch.zeros_like(grouped[flat_groups]), rtol=0, atol=1e-6)
+    # Zero before whitening; after it, -mean/std, where the mean of leave-one-out advantages is 0 up to rounding.
+    torch.testing.assert_close(grouped[flat_groups], torch.zeros_like(grouped[flat_groups]), atol=1e-6, rtol=0)
 
     # Every prompt's completions get the same reward: nothing to learn, nothing non-finite.
     method = make_rloo(rewards=[RewardSpec("function", function="online_helpers:flat")], normalize_advantages=True)
