@@ -22,11 +22,11 @@ class FlakySFT(SFT):
         super().__init__(bank=BankSpec(model=f"{TOY}/base", lora=LoraSpec(r=4, alpha=8)), **kwargs)
         self.nan_steps = set(nan_steps)
 
-    def compute_loss(self, batch):
-        loss, num_tokens = super().compute_loss(batch)
+    def nll(self, batch):
+        nll_sum, num_tokens = super().nll(batch)
         if self.trainer.training and self.global_step in self.nan_steps:
-            loss = loss * float("nan")
-        return loss, num_tokens
+            nll_sum = nll_sum * float("nan")
+        return nll_sum, num_tokens
 
 
 class Snapshots(pl.Callback):
