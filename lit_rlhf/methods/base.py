@@ -141,6 +141,7 @@ class BankMethod(pl.LightningModule):
         self.bank: AdapterBank | None = None
         self._tokenizer = None
         self._rng_to_restore: dict | None = None
+        self._ref_cache: dict[str, torch.Tensor] | None = None
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
         self.skipped_nonfinite = 0  # optimizer steps skipped for a non-finite loss, in this process's run
         self._consecutive_nonfinite = 0
@@ -240,6 +241,49 @@ class BankMethod(pl.LightningModule):
     def total_optimizer_steps(self) -> int:
         return max(1, int(self.trainer.estimated_stepping_batches))
 
+    # -- reference log-probs computed once (precompute_ref_logps) -------------------------------
+
+    #: Example fields the precomputed reference log-probs go to, one per column of ``reference_row_logps``.
+    reference_fields: tuple[str, ...] = ()
+
+    def reference_row_logps(self, batch: dict) -> torch.Tensor:
+        """``(rows, len(reference_fields))`` log-probs of a collated batch under the active role."""
+        raise NotImplementedError(f"{type(self).__name__} does not precompute reference log-probs")
+
+    def attach_reference_logps(self) -> None:
+        """Write the reference log-probs of every training and validation row into its example, so the
+        reference never runs during training. Computed once before the first step; a resumed run
+        reads them from its checkpoint (the reference is the *starting* policy, gone by then)."""
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "train_examples"):
+            raise RuntimeError("precompute_ref_logps needs a lit_rlhf DataModule passed to Trainer.fit")
+        if self._ref_cache is None:
+            if self.global_step > 0:
+                raise RuntimeError("resuming with precompute_ref_logps needs the reference log-probs in the checkpoint")
+            self._ref_cache = {split: self._reference_logps_of(getattr(datamodule, f"{split}_examples"),
+                                                               datamodule.collator)
+                               for split in ("train", "val")}
+        for split, values in self._ref_cache.items():
+            examples = getattr(datamodule, f"{split}_examples")
+            if len(examples) != values.shape[0]:
+                raise RuntimeError(f"precomputed reference log-probs cover {values.shape[0]} {split} rows, "
+                                   f"the data has {len(examples)}")
+            for example, row in zip(examples, values.tolist()):
+                example.update(zip(self.reference_fields, row))
+
+    @torch.no_grad()
+    def _reference_logps_of(self, examples: list[dict], collator, batch_size: int = 32) -> torch.Tensor:
+        out = []
+        for start in range(0, len(examples), batch_size):
+            batch = {k: v.to(self.device) for k, v in collator(examples[start : start + batch_size]).items()}
+            if self.bank.has_reference:
+                with self.bank.reference():
+                    out.append(self.reference_row_logps(batch).cpu())
+            else:  # full mode without a frozen copy: the policy before its first step is the reference
+                with self.bank.role(self.trained_adapter):
+                    out.append(self.reference_row_logps(batch).cpu())
+        return torch.cat(out) if out else torch.zeros(0, len(self.reference_fields))
+
     # -- checkpoints ----------------------------------------------------------------------------
 
     def _trainable_keys(self) -> set[str]:
@@ -249,11 +293,14 @@ class BankMethod(pl.LightningModule):
         keep = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["rng_states"] = rng_states()
+        if self._ref_cache is not None:
+            checkpoint["ref_logps"] = self._ref_cache
         if self._trainer is not None and "loops" in checkpoint:
             settle_epoch_progress(checkpoint["loops"], self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._rng_to_restore = checkpoint.get("rng_states")
+        self._ref_cache = checkpoint.get("ref_logps")
         if self.bank is None:
             return
         missing = self._trainable_keys() - set(checkpoint["state_dict"])

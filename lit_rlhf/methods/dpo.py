@@ -217,7 +217,6 @@ class DPO(PreferenceMethod):
         self.reference_free = reference_free
         self.precompute_ref_logps = precompute_ref_logps
         self.policy_adapter = policy_adapter
-        self._ref_cache: dict[str, torch.Tensor] | None = None
         # bco_pair's δ (Jung et al. 2024): the running mean of the batch-mean implicit rewards seen in training.
         self._bco_reward_sum = 0.0
         self._bco_batches = 0
@@ -270,48 +269,22 @@ class DPO(PreferenceMethod):
             self._start_synced_reference()
         if not self.precompute_ref_logps:
             return
-        datamodule = self.trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "train_examples"):
-            raise RuntimeError("precompute_ref_logps needs a lit_rlhf preference DataModule passed to Trainer.fit")
-        if self._ref_cache is None:
-            if self.global_step > 0:
-                raise RuntimeError("resuming with precompute_ref_logps needs the reference log-probs in the checkpoint")
-            self._ref_cache = {
-                split: self._reference_of(getattr(datamodule, f"{split}_examples"), datamodule.collator)
-                for split in ("train", "val")
-            }
-        for split, values in self._ref_cache.items():
-            examples = getattr(datamodule, f"{split}_examples")
-            if len(examples) != values.shape[0]:
-                raise RuntimeError(f"precomputed reference log-probs cover {values.shape[0]} {split} rows, the data has {len(examples)}")
-            for example, (chosen, rejected) in zip(examples, values.tolist()):
-                example["ref_chosen_logps"], example["ref_rejected_logps"] = chosen, rejected
+        self.attach_reference_logps()
 
-    @torch.no_grad()
-    def _reference_of(self, examples: list[dict], collator, batch_size: int = 32) -> torch.Tensor:
-        """(rows, 2) reference log-probs of chosen and rejected, before any training step."""
-        out = []
-        for start in range(0, len(examples), batch_size):
-            batch = {k: v.to(self.device) for k, v in collator(examples[start : start + batch_size]).items()}
-            if self.bank.has_reference:
-                with self.bank.reference():
-                    logps = self.pair_logps(batch)
-            else:  # full mode without a frozen copy: the policy before its first step is the reference
-                logps = self.policy_pair_logps(batch)
-            out.append(torch.stack([logps.chosen, logps.rejected], dim=1).cpu())
-        return torch.cat(out) if out else torch.zeros(0, 2)
+    reference_fields = ("ref_chosen_logps", "ref_rejected_logps")
+
+    def reference_row_logps(self, batch: dict) -> torch.Tensor:
+        logps = self.pair_logps(batch)
+        return torch.stack([logps.chosen, logps.rejected], dim=1)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        if self._ref_cache is not None:
-            checkpoint["ref_logps"] = self._ref_cache
         checkpoint["bco_running_mean"] = (self._bco_reward_sum, self._bco_batches)
         if self.sync_ref_model:
             checkpoint["tr_dpo_reference"] = {"weights": self._reference_state(), "last_sync_step": self._last_sync_step}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        self._ref_cache = checkpoint.get("ref_logps")
         self._bco_reward_sum, self._bco_batches = checkpoint.get("bco_running_mean", (0.0, 0))
         if "tr_dpo_reference" in checkpoint:
             self._synced_reference = checkpoint["tr_dpo_reference"]["weights"]

@@ -94,7 +94,6 @@ class KTO(BankMethod):
         self.loss_type = loss_type
         self.precompute_ref_logps = precompute_ref_logps
         self.policy_adapter = policy_adapter
-        self._ref_cache: dict[str, torch.Tensor] | None = None
 
     @property
     def uses_kl_estimate(self) -> bool:
@@ -105,7 +104,7 @@ class KTO(BankMethod):
 
     def on_fit_start(self) -> None:
         if self.precompute_ref_logps:
-            self._attach_reference_logps()
+            self.attach_reference_logps()
         examples = getattr(self.trainer.datamodule, "train_examples", None) if self.trainer.datamodule else None
         if not examples:
             return
@@ -117,45 +116,10 @@ class KTO(BankMethod):
 
     # -- reference log-probs computed once ------------------------------------------------------
 
-    def _attach_reference_logps(self) -> None:
-        datamodule = self.trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "train_examples"):
-            raise RuntimeError("precompute_ref_logps needs a lit_rlhf unpaired DataModule passed to Trainer.fit")
-        if self._ref_cache is None:
-            if self.global_step > 0:
-                raise RuntimeError("resuming with precompute_ref_logps needs the reference log-probs in the checkpoint")
-            self._ref_cache = {split: self._reference_of(getattr(datamodule, f"{split}_examples"), datamodule.collator)
-                               for split in ("train", "val")}
-        for split, values in self._ref_cache.items():
-            examples = getattr(datamodule, f"{split}_examples")
-            if len(examples) != values.shape[0]:
-                raise RuntimeError(f"precomputed reference log-probs cover {values.shape[0]} {split} rows, "
-                                   f"the data has {len(examples)}")
-            for example, value in zip(examples, values.tolist()):
-                example["ref_logps"] = value
+    reference_fields = ("ref_logps",)
 
-    @torch.no_grad()
-    def _reference_of(self, examples: list[dict], collator, batch_size: int = 32) -> torch.Tensor:
-        """(rows,) reference log-probs of each row's own completion, before any training step."""
-        out = []
-        for start in range(0, len(examples), batch_size):
-            batch = {k: v.to(self.device) for k, v in collator(examples[start : start + batch_size]).items()}
-            if self.bank.has_reference:
-                with self.bank.reference():
-                    out.append(self.completion_logps(batch).logps.cpu())
-            else:  # full mode without a frozen copy: the policy before its first step is the reference
-                with self.bank.role(self.trained_adapter):
-                    out.append(self.completion_logps(batch).logps.cpu())
-        return torch.cat(out) if out else torch.zeros(0)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if self._ref_cache is not None:
-            checkpoint["ref_logps"] = self._ref_cache
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self._ref_cache = checkpoint.get("ref_logps")
+    def reference_row_logps(self, batch: dict) -> torch.Tensor:
+        return self.completion_logps(batch).logps.unsqueeze(1)
 
     # -- the step -------------------------------------------------------------------------------
 
