@@ -16,6 +16,7 @@ from lit_rlhf.losses import dpo_loss
 from lit_rlhf.methods import DPO
 from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.toy.evaluate import mean_score
+from online_helpers import perturbed
 
 TRAIN = "assets/toy/data/preference_train.jsonl"
 VAL = "assets/toy/data/preference_val.jsonl"
@@ -159,12 +160,7 @@ def test_bco_pair_delta_is_the_running_mean_of_training_batch_rewards(tmp_path):
 # -- DPO options (TRL 1.16 parity): each checked against its formula on a real batch ---------------------
 
 def _perturbed(method):
-    method.configure_model()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in method.bank.named_parameters():
-            if "lora_B" in name and ".policy." in name:
-                p.normal_(0, 0.05)
+    perturbed(method)
     method.bank.eval()
     return method
 
