@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import difflib  # noqa: E402
 import importlib  # noqa: E402
 import re  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -139,7 +140,22 @@ def _cli_classes():
                 if message is not None:
                     print(message, file=sys.stderr)
                     return
-            self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
+            try:
+                self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **kwargs)
+            except BaseException:
+                self._remove_run_that_trained_nothing()
+                raise
+
+        def _remove_run_that_trained_nothing(self) -> None:
+            # A fit that fails before its first optimizer step (a reward function that raises, say) has
+            # written only its config and an empty event file: remove them rather than leave a
+            # half-made version directory. A run that trained keeps its logs and checkpoints.
+            trainer = self.trainer
+            log_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger is not None else None
+            if trainer.global_step > 0 or not trainer.is_global_zero or log_dir is None or not Path(log_dir).is_dir():
+                return
+            if not any(Path(log_dir).rglob("*.ckpt")):
+                shutil.rmtree(log_dir, ignore_errors=True)
 
         def before_fit(self) -> None:
             self._read_checkpoints_safely()
