@@ -75,6 +75,8 @@ def _trainable_state(method) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in method.bank.named_parameters() if n in set(method.bank.trainable_names())}
 
 
+# The resumed Trainer deliberately lacks the checkpoint callback: only the checkpoint's own state may matter.
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint")
 def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path):
     def run(max_steps, ckpt_path=None, callbacks=()):
         pl.seed_everything(0)

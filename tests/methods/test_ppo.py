@@ -156,6 +156,8 @@ def test_reward_adapter_without_a_path_is_a_clear_error():
         method.configure_model()
 
 
+# The resumed Trainer deliberately lacks the checkpoint callback: only the checkpoint's own state may matter.
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint")
 def test_adaptive_kl_controller_round_trips_through_a_checkpoint(tmp_path):
     pl.seed_everything(0)
     method = make_ppo(adaptive_kl=True, kl_coef=0.2, kl_target=0.5, kl_horizon=50, ppo_epochs=1, num_mini_batches=1)
