@@ -441,7 +441,8 @@ def resolve_scale_rewards(scale_rewards: bool | str) -> str:
 
 
 def group_advantages(
-    rewards: torch.Tensor, k: int, *, scale_rewards: bool | str = "group", eps: float = 1e-4
+    rewards: torch.Tensor, k: int, *, scale_rewards: bool | str = "group", eps: float = 1e-4,
+    batch_std: torch.Tensor | None = None,
 ) -> GroupAdvantages:
     """Group-relative advantages of GRPO.
 
@@ -461,6 +462,8 @@ def group_advantages(
         k: completions per prompt, ``>= 1``.
         scale_rewards: ``group``, ``batch`` or ``none`` (``True``/``False`` are ``group``/``none``).
         eps: added to the standard deviation.
+        batch_std: ``std(batch)`` of ``scale_rewards = batch`` when the batch is more than ``rewards``
+            (the rollout of every data-parallel rank); ``None``: the std of ``rewards``.
 
     Returns:
         :class:`GroupAdvantages`.
@@ -476,8 +479,9 @@ def group_advantages(
     if scale == "group":
         centred = centred / (torch.sqrt((centred**2).sum(dim=1, keepdim=True) / max(k - 1, 1)) + eps)
     elif scale == "batch":
-        n = grouped.numel()
-        centred = centred / (torch.sqrt(((grouped - grouped.mean()) ** 2).sum() / max(n - 1, 1)) + eps)
+        if batch_std is None:
+            batch_std = torch.sqrt(((grouped - grouped.mean()) ** 2).sum() / max(grouped.numel() - 1, 1))
+        centred = centred / (batch_std + eps)
     advantages = torch.where(zero_std[:, None], torch.zeros_like(centred), centred)
     return GroupAdvantages(advantages.reshape(-1), zero_std)
 

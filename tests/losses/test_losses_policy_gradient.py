@@ -356,6 +356,9 @@ def test_scale_rewards_group_batch_none_and_bool_aliases():
             close(group_advantages(rewards, 3, scale_rewards=alias).advantages, expected)
     with pytest.raises(ValueError, match="group, batch, none"):
         group_advantages(rewards, 3, scale_rewards="rank")
+    # Under DDP a rank holding only the first group divides by the std of every rank's rewards, not its own.
+    first = group_advantages(rewards[:3], 3, scale_rewards="batch", batch_std=torch.tensor(b_std, dtype=torch.float64))
+    close(first.advantages, [c / (b_std + eps) for c in centred[:3]])
 
 
 def test_ppo_policy_loss_sequence_level_ratio_by_hand():
