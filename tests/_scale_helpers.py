@@ -1,6 +1,6 @@
 """Running `lit-rlhf fit` on 1 or 2 CPU processes (gloo) and reading back every rank's trainable weights.
 
-The callback below is loaded by the child processes (this directory is put on their PYTHONPATH).
+The callbacks below are loaded by the child processes (this directory is put on their PYTHONPATH).
 """
 
 from __future__ import annotations
@@ -8,10 +8,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
+
+from lit_rlhf.rollout import Rollout, truncate_at_stop
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +51,38 @@ class DumpTrainable(pl.Callback):
                    out / f"rank{trainer.global_rank}.pt")
 
 
-def fit_command(config: str, root: Path, *, devices: int, strategy: str | None, steps: int, args=()) -> list[str]:
+class PromptSeededEngine:
+    """The method's engine, generating each prompt's group (its ``k`` consecutive rows) in a ``generate``
+    call of its own, without the batch's left padding, seeded from the prompt's token ids and the
+    rollout count: a prompt's samples are then the same whichever rank holds it and whatever prompts
+    share its batch, so one process sees the samples that two ranks drew between them."""
+
+    def __init__(self, inner, method) -> None:
+        self.inner, self.method = inner, method
+
+    def generate(self, bank, adapter, prompt_ids, prompt_mask, sampling) -> Rollout:
+        k = self.method.num_samples_per_prompt
+        responses = []
+        for start in range(0, prompt_ids.shape[0], k):
+            kept = prompt_mask[start].bool()  # the k rows are one prompt: the same columns are padding
+            ids, mask = prompt_ids[start : start + k, kept], prompt_mask[start : start + k, kept]
+            torch.manual_seed(zlib.crc32(repr((self.method.rollout_count, ids[0].tolist())).encode()))
+            responses.append(self.inner.generate(bank, adapter, ids, mask, sampling).response_ids)
+        width = max(r.shape[1] for r in responses)
+        response = torch.cat([F.pad(r, (0, width - r.shape[1]), value=sampling.pad_token_id) for r in responses])
+        return truncate_at_stop(prompt_ids, prompt_mask, response, sampling.stop_token_ids, sampling.pad_token_id)
+
+
+class SeedSamplesByPrompt(pl.Callback):
+    """Puts ``PromptSeededEngine`` around an online method's engine."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        pl_module.engine = PromptSeededEngine(pl_module.engine, pl_module)
+
+
+def fit_command(config: str, root: Path, *, devices: int, strategy: str | None, steps: int, args=(),
+                callbacks: Sequence[str] = ()) -> list[str]:
+    """The command line of one fit; ``callbacks``: class paths of more callbacks (no arguments)."""
     overlay = root / "overlay.yaml"
     overlay.parent.mkdir(parents=True, exist_ok=True)
     overlay.write_text(
@@ -56,6 +92,7 @@ def fit_command(config: str, root: Path, *, devices: int, strategy: str | None, 
         "  limit_val_batches: 0\n"
         "  callbacks:\n"
         "    - class_path: _scale_helpers.DumpTrainable\n"
+        + "".join(f"    - class_path: {path}\n" for path in callbacks) +
         "    - class_path: lit_rlhf.methods.ExportOnFitEnd\n"
         "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
         f"      init_args: {{dirpath: {root / 'ckpt'}, save_last: true, every_n_train_steps: 1}}\n"

@@ -7,10 +7,14 @@ What the multi-process tests prove, with 2 ranks of batch ``b`` against 1 proces
   ``atol=1e-5, rtol=1e-4`` (float32; only the order of the gradient reduction differs); every rank
   holds the same weights. SFT's loss is a mean over the tokens of every rank (it would not match
   with per-rank token means).
-- PPO and GRPO (online: each rank samples its own responses from its own seed, so no one-process
-  run sees the same samples): ranks hold identical weights after every step, and with
-  ``gradient_accumulation_steps: 2`` gradients are all-reduced once per optimizer step (``no_sync``
-  on the first micro-batch).
+- PPO and GRPO under DDP reach the one-process weights after N optimizer steps, same tolerance. Each
+  rank samples with its own seed, so no one-process run would see the same samples: both runs
+  sample through ``_scale_helpers.PromptSeededEngine`` (each prompt's group generated alone, seeded
+  from its token ids), with ``num_mini_batches: 1`` (each rank shuffles its own mini-batches). This
+  needs PPO's policy and value token means over the step's all-reduced token count and GRPO's
+  ``scale_rewards: batch`` std over every rank (per-rank, both fail). Ranks hold identical weights
+  after every step, and with ``gradient_accumulation_steps: 2`` gradients are all-reduced once per
+  optimizer step (``no_sync`` on the first micro-batch).
 - A run resumed from a DDP or an FSDP (sharded, ``torch.distributed.checkpoint``) checkpoint
   reaches the weights of the uninterrupted run.
 """
@@ -187,12 +191,12 @@ def test_global_whiten_on_two_ranks_equals_whiten_of_the_whole_rollout(tmp_path)
 # -- two processes against one ------------------------------------------------------------------------
 
 
-def _compare_with_one_process(tmp_path, config, strategy, *, per_rank_batch, steps, args=()):
+def _compare_with_one_process(tmp_path, config, strategy, *, per_rank_batch, steps, args=(), callbacks=()):
     batch = "--data.init_args.batch_size"
     runs = run_all({
-        "one": (fit_command(config, tmp_path / "one", devices=1, strategy=None, steps=steps,
+        "one": (fit_command(config, tmp_path / "one", devices=1, strategy=None, steps=steps, callbacks=callbacks,
                             args=[batch, str(2 * per_rank_batch), *args]), tmp_path / "one" / "dump"),
-        "two": (fit_command(config, tmp_path / "two", devices=2, strategy=strategy, steps=steps,
+        "two": (fit_command(config, tmp_path / "two", devices=2, strategy=strategy, steps=steps, callbacks=callbacks,
                             args=[batch, str(per_rank_batch), *args]), tmp_path / "two" / "dump"),
     })
     (one,), (rank0, rank1) = runs["one"], runs["two"]
@@ -222,6 +226,34 @@ def test_fsdp_dpo_on_two_processes_matches_one_process(tmp_path):
 @pytest.mark.parametrize(("config", "strategy"), [("dpo", "ddp"), ("sft", "ddp"), ("sft", "fsdp")])
 def test_two_processes_match_one_process(tmp_path, config, strategy):
     _compare_with_one_process(tmp_path, config, strategy, per_rank_batch=4, steps=3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["grpo", "ppo"])
+def test_online_two_processes_match_one_process(tmp_path, config):
+    """GRPO and PPO under DDP reach the weights of one process holding both ranks' prompts (2 x 2 against
+    1 x 4 prompts, two rollouts of two optimizer steps), within the tolerance of DPO.
+
+    Each rank samples with its own seed, so both runs sample through ``PromptSeededEngine``: every
+    prompt's group is generated alone, seeded from its token ids, the same on whichever rank holds it.
+    ``num_mini_batches: 1`` and ``gradient_accumulation_steps: 1`` because each rank shuffles its own
+    rows into mini-batches: with more, the mini-batches of two ranks together would hold other rows
+    than the one process's. Everything else must be global, and is exercised: the clipped gradient
+    norm (``max_grad_norm`` below the norm, so every step clips the all-reduced gradient); GRPO
+    (``loss_type: grpo``, ``beta: 0.04``): group advantages (groups are whole on a rank) divided by the
+    std of every rank's rewards (``scale_rewards: batch``; a per-rank std fails this test), the k3 KL
+    term, the per-sequence mean over equal rows per rank; PPO: advantages whitened over every rank,
+    and policy and value token means normalised by the step's all-reduced token count (per-rank
+    token means fail this test: the ranks' responses have different lengths).
+    """
+    args = ["--model.init_args.num_mini_batches", "1", "--model.init_args.gradient_accumulation_steps", "1",
+            "--model.init_args.max_grad_norm", "0.02"]  # below the gradient norm (about 0.1): every step clips
+    if config == "grpo":
+        args += ["--model.init_args.scale_rewards", "batch"]  # the one advantage piece that is not group-local
+    # Two rollouts of ppo_epochs 2 optimizer steps each.
+    one, _ = _compare_with_one_process(tmp_path, config, "ddp", per_rank_batch=2, steps=4, args=args,
+                                       callbacks=["_scale_helpers.SeedSamplesByPrompt"])
+    assert any(v.abs().max() > 0 for k, v in one["state"].items() if "lora_B" in k)
 
 
 @pytest.mark.slow

@@ -125,6 +125,16 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return total / count.clamp(min=torch.finfo(x.dtype).tiny)
 
 
+def _token_mean(x: torch.Tensor, mask: torch.Tensor, num_tokens: float | torch.Tensor | None = None) -> torch.Tensor:
+    """``sum(x · mask) / num_tokens``: a token mean whose normaliser may span more than ``x``, e.g. the
+    tokens of a whole optimizer step (every micro-batch, every rank); ``masked_mean`` when ``None``."""
+    if num_tokens is None:
+        return masked_mean(x, mask)
+    mask = mask.to(x.dtype)
+    count = torch.as_tensor(num_tokens, dtype=x.dtype, device=x.device)
+    return (_zero_masked(x, mask) * mask).sum() / count.clamp(min=torch.finfo(x.dtype).tiny)
+
+
 def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
     """Variance of ``x`` over positions where ``mask`` is 1 (scalar).
 
@@ -307,13 +317,17 @@ def ppo_policy_loss(
     clip_range: float = 0.2,
     clip_range_high: float | None = None,
     importance_sampling_level: str = "token",
+    num_tokens: float | torch.Tensor | None = None,
 ) -> PolicyLoss:
     """PPO clipped-surrogate policy loss.
 
     Schulman et al. 2017, "Proximal Policy Optimization Algorithms", arXiv 1707.06347. With
     ``ρ_t = exp(logp_t - old_logp_t)``:
 
-        loss = masked_mean_t( max(-A_t ρ_t, -A_t clip(ρ_t, 1 - ε, 1 + ε_high)) )
+        loss = Σ_t max(-A_t ρ_t, -A_t clip(ρ_t, 1 - ε, 1 + ε_high)) / N
+
+over the masked tokens, ``N`` = ``num_tokens`` (the tokens of the whole optimizer step, so
+that micro-batches and ranks add up to the step's token mean) or this call's tokens when ``None``.
 
     ``ε_high`` defaults to ``ε``; a larger one is DAPO's clip-higher (arXiv 2503.14476). With
     ``importance_sampling_level="sequence"`` every token of a sequence shares the sequence-level
@@ -327,14 +341,15 @@ def ppo_policy_loss(
         clip_range: ε.
         clip_range_high: ``ε_high``; ``None`` means ``ε``.
         importance_sampling_level: ``token`` or ``sequence``.
+        num_tokens: ``N``; ``None`` for the masked tokens of this call.
 
     Returns:
-        :class:`PolicyLoss` of scalars.
+        :class:`PolicyLoss` of scalars (``clipfrac`` and ``approxkl`` over this call's tokens).
     """
     high = clip_range if clip_range_high is None else clip_range_high
     per_token, clipped = _clipped_surrogate(logprobs, old_logprobs, advantages, clip_range, high, mask=mask,
                                             level=importance_sampling_level)
-    loss = masked_mean(per_token, mask)
+    loss = _token_mean(per_token, mask, num_tokens)
     with torch.no_grad():
         clipfrac = masked_mean(clipped.float(), mask)
         approxkl = 0.5 * masked_mean((logprobs - old_logprobs).float() ** 2, mask)
@@ -348,13 +363,16 @@ def ppo_value_loss(
     mask: torch.Tensor,
     *,
     clip_range_value: float = 0.2,
+    num_tokens: float | torch.Tensor | None = None,
 ) -> ValueLoss:
     """PPO clipped value loss.
 
     As in OpenAI baselines / TRL:
 
         v_clip = clip(v, old - ε_v, old + ε_v)
-        loss = ½ masked_mean( max((v - R)², (v_clip - R)²) )
+        loss = ½ Σ_t max((v - R)², (v_clip - R)²) / N
+
+over the masked tokens, ``N`` as in :func:`ppo_policy_loss`.
 
     Args:
         values: ``(batch, seq)`` current critic values.
@@ -362,6 +380,7 @@ def ppo_value_loss(
         returns: ``(batch, seq)`` targets (:class:`Advantages` ``.returns``).
         mask: ``(batch, seq)``, 1 on response tokens.
         clip_range_value: ``ε_v``.
+        num_tokens: ``N``; ``None`` for the masked tokens of this call.
 
     Returns:
         :class:`ValueLoss` of scalars.
@@ -369,7 +388,7 @@ def ppo_value_loss(
     values_clipped = old_values + torch.clamp(values - old_values, -clip_range_value, clip_range_value)
     unclipped = (values - returns) ** 2
     clipped = (values_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = 0.5 * _token_mean(torch.maximum(unclipped, clipped), mask, num_tokens)
     with torch.no_grad():
         clipfrac = masked_mean((clipped > unclipped).float(), mask)
     return ValueLoss(loss, clipfrac)
@@ -422,7 +441,8 @@ def resolve_scale_rewards(scale_rewards: bool | str) -> str:
 
 
 def group_advantages(
-    rewards: torch.Tensor, k: int, *, scale_rewards: bool | str = "group", eps: float = 1e-4
+    rewards: torch.Tensor, k: int, *, scale_rewards: bool | str = "group", eps: float = 1e-4,
+    batch_std: torch.Tensor | None = None,
 ) -> GroupAdvantages:
     """Group-relative advantages of GRPO.
 
@@ -442,6 +462,8 @@ def group_advantages(
         k: completions per prompt, ``>= 1``.
         scale_rewards: ``group``, ``batch`` or ``none`` (``True``/``False`` are ``group``/``none``).
         eps: added to the standard deviation.
+        batch_std: ``std(batch)`` of ``scale_rewards = batch`` when the batch is more than ``rewards``
+            (the rollout of every data-parallel rank); ``None``: the std of ``rewards``.
 
     Returns:
         :class:`GroupAdvantages`.
@@ -457,8 +479,9 @@ def group_advantages(
     if scale == "group":
         centred = centred / (torch.sqrt((centred**2).sum(dim=1, keepdim=True) / max(k - 1, 1)) + eps)
     elif scale == "batch":
-        n = grouped.numel()
-        centred = centred / (torch.sqrt(((grouped - grouped.mean()) ** 2).sum() / max(n - 1, 1)) + eps)
+        if batch_std is None:
+            batch_std = torch.sqrt(((grouped - grouped.mean()) ** 2).sum() / max(grouped.numel() - 1, 1))
+        centred = centred / (batch_std + eps)
     advantages = torch.where(zero_std[:, None], torch.zeros_like(centred), centred)
     return GroupAdvantages(advantages.reshape(-1), zero_std)
 

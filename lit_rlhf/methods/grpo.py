@@ -6,7 +6,7 @@ Each ``training_step`` is one rollout of the shared online loop (``OnlineMethod`
 
 1. each response's advantage is its reward normalised within its group,
    ``A_i = (r_i - mean(r)) / (std(r) + eps)`` (``lit_rlhf.losses.group_advantages``); with
-   ``scale_rewards: batch`` divided by the std of the whole rollout instead, with ``none`` only
+   ``scale_rewards: batch`` divided by the std of the whole rollout (every rank's rows) instead, with ``none`` only
    centred, ``r_i - mean(r)`` (Dr. GRPO: dividing by the group's std over-weights groups that
    are almost all right or all wrong). ``true``/``false`` still mean ``group``/``none``. A group whose rewards are all
    equal gets advantage 0 and teaches nothing; the fraction of such prompts is logged as
@@ -50,6 +50,7 @@ from typing import Literal
 
 import torch
 
+from lit_rlhf.distributed import all_rows
 from lit_rlhf.losses import (
     GRPO_LOSS_TYPES,
     IMPORTANCE_SAMPLING_LEVELS,
@@ -143,7 +144,10 @@ class GRPO(OnlineMethod):
 
     def compute_advantages(self, scored: ScoredRollout) -> dict[str, torch.Tensor]:
         k = self.num_samples_per_prompt
-        advantages, zero_std = group_advantages(scored.scores, k, scale_rewards=self.scale_rewards, eps=self.eps)
+        # The batch std is over the rollout of every rank, as one process holding it (and TRL) computes it.
+        batch_std = all_rows(scored.scores).std() if self.scale_rewards == "batch" else None
+        advantages, zero_std = group_advantages(scored.scores, k, scale_rewards=self.scale_rewards, eps=self.eps,
+                                                batch_std=batch_std)
         mask = scored.rollout.response_mask
         self.log_rollout_metrics(
             {

@@ -10,7 +10,10 @@ Each ``training_step`` takes a batch of prompts and:
    the score on the last response token;
 4. GAE advantages and returns (gamma, lam), advantages whitened over the rollout;
 5. ``ppo_epochs`` passes over ``num_mini_batches`` mini-batches with the clipped policy loss and
-   ``vf_coef`` x the clipped value loss;
+   ``vf_coef`` x the clipped value loss, both token means over the whole optimizer step: every
+   micro-batch and every rank divides its token sum by the step's all-reduced token count, so
+   gradient accumulation and DDP give the loss of one micro-batch holding the step's rows (TRL
+   averages per-micro-batch token means instead, which weighs a token of a short micro-batch more);
 6. updates β when the KL controller is adaptive.
 
 Critic: a ``value`` adapter with a value head (its own LoRA, a second forward), or
@@ -163,14 +166,19 @@ class PPO(OnlineMethod):
 
     # -- the loss of one micro-batch ---------------------------------------------------------------------
 
+    def accumulation_weight(self, batch: MiniBatch) -> float:
+        # The losses are already divided by the whole step's tokens: micro-batch losses just add up.
+        return 1.0
+
     def policy_loss(self, batch: MiniBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rollout, mask = batch.rollout, batch.rollout.response_mask
         out = self.policy_forward(rollout, with_entropy=True)
         values = out.values if self.critic == "shared" else self.critic_values(rollout)
+        num_tokens = mask.sum() if batch.step_tokens is None else batch.step_tokens
         policy = ppo_policy_loss(out.logprobs, batch.old_logprobs, batch.data["advantages"], mask,
-                                 clip_range=self.cliprange)
+                                 clip_range=self.cliprange, num_tokens=num_tokens)
         value = ppo_value_loss(values, batch.data["old_values"], batch.data["returns"], mask,
-                               clip_range_value=self.cliprange_value)
+                               clip_range_value=self.cliprange_value, num_tokens=num_tokens)
         loss = policy.loss + self.vf_coef * value.loss
         with torch.no_grad():
             metrics = {

@@ -145,6 +145,26 @@ def test_ppo_value_loss_by_hand():
     close(values.grad, [[0.0, 0.5 * 2 * (2.0 - 1.0) / 3, 0.0, 0.0]])
 
 
+def test_ppo_losses_over_the_tokens_of_the_whole_step_by_hand():
+    """With ``num_tokens`` (the optimizer step's tokens), micro-batch losses add up to the step's token mean."""
+    logprobs, old, advantages, mask, _ = _ppo_case()
+    # Per-token losses (test above): row 0 (3 tokens) -1.2, 1.5, -0.5; row 1 (2 tokens) 0.8, -2.2.
+    first = ppo_policy_loss(logprobs[:1], old[:1], advantages[:1], mask[:1], clip_range=0.2, num_tokens=5)
+    second = ppo_policy_loss(logprobs[1:], old[1:], advantages[1:], mask[1:], clip_range=0.2, num_tokens=5)
+    close(first.loss, (-1.2 + 1.5 - 0.5) / 5)
+    close(second.loss, (0.8 - 2.2) / 5)
+    close(first.loss + second.loss, ppo_policy_loss(logprobs, old, advantages, mask, clip_range=0.2).loss)
+    # Per-micro-batch means weighted by rows would give 0.5 * (-0.2 / 3) + 0.5 * (-1.4 / 2), not -1.6 / 5.
+    close(first.clipfrac, 1 / 3)  # metrics stay this call's own
+
+    values = t([[1.0, 2.0, 0.0, 7.0]], True)
+    value = ppo_value_loss(values, t([[0.5, 2.0, 0.5, 0.0]]), t([[1.5, 1.0, 0.0, -3.0]]), torch.tensor([[1, 1, 1, 0]]),
+                           clip_range_value=0.2, num_tokens=torch.tensor(6.0))
+    close(value.loss, 0.5 * (0.64 + 1.0 + 0.09) / 6)
+    value.loss.backward()
+    close(values.grad, [[0.0, 0.5 * 2 * (2.0 - 1.0) / 6, 0.0, 0.0]])
+
+
 def test_rloo_advantages():
     close(rloo_advantages(t([1.0, 3.0, 0.0, 0.5]), 2), [1 - 3, 3 - 1, 0 - 0.5, 0.5 - 0])
     close(rloo_advantages(t([1.0, 2.0, 6.0]), 3), [1 - 4.0, 2 - 3.5, 6 - 1.5])
@@ -336,6 +356,9 @@ def test_scale_rewards_group_batch_none_and_bool_aliases():
             close(group_advantages(rewards, 3, scale_rewards=alias).advantages, expected)
     with pytest.raises(ValueError, match="group, batch, none"):
         group_advantages(rewards, 3, scale_rewards="rank")
+    # Under DDP a rank holding only the first group divides by the std of every rank's rewards, not its own.
+    first = group_advantages(rewards[:3], 3, scale_rewards="batch", batch_std=torch.tensor(b_std, dtype=torch.float64))
+    close(first.advantages, [c / (b_std + eps) for c in centred[:3]])
 
 
 def test_ppo_policy_loss_sequence_level_ratio_by_hand():
