@@ -38,6 +38,7 @@ from typing import Literal
 
 import torch
 
+from lit_rlhf.distributed import every_rank
 from lit_rlhf.methods.base import read_checkpoint
 from lit_rlhf.methods.online import MiniBatch, OnlineMethod, ScoredRollout
 from lit_rlhf.methods.sft import completion_nll
@@ -91,40 +92,49 @@ class BestOfN(OnlineMethod):
         return ScoredRollout(rollout, prompts, completions, reward.scores, no_logprobs, None, None, reward.per_source)
 
     def compute_advantages(self, scored: ScoredRollout) -> dict[str, torch.Tensor]:
-        """``{"keep": (B,) bool}``: each prompt's best response, if it reaches ``min_score``."""
+        """``{"keep": (B,) bool, "weight": (B,) float}``: each prompt's best response, weighted 1 if it
+        reaches ``min_score`` (else 0).
+
+        Every prompt's best row stays in the update, below ``min_score`` with weight 0, so every
+        data-parallel rank runs the same number of micro-batches (each backward is a collective)."""
         k = self.num_samples_per_prompt
         best, worst = best_and_worst(scored.scores, k)
         keep = torch.zeros_like(scored.scores, dtype=torch.bool)
-        chosen = best if self.min_score is None else best[scored.scores[best] >= self.min_score]
-        keep[chosen] = True
+        keep[best] = True
+        weight = keep.float()
+        if self.min_score is not None:
+            weight = weight * (scored.scores >= self.min_score).float()
         grouped = scored.scores.view(-1, k)
         self.log_rollout_metrics(
             {
                 "objective/best_score": scored.scores[best].mean(),
                 "objective/worst_score": scored.scores[worst].mean(),
                 "frac_reward_zero_std": (grouped == grouped[:, :1]).all(dim=1).float().mean(),
-                "best_of_n/kept": chosen.numel() / best.numel(),
+                "best_of_n/kept": weight.sum() / best.numel(),
             },
             batch_size=scored.scores.shape[0],
         )
-        return {"keep": keep}
+        return {"keep": keep, "weight": weight}
 
     def update(self, scored: ScoredRollout, data: dict[str, torch.Tensor]) -> dict[str, float]:
-        """The shared optimisation loop over the kept rows only."""
+        """The shared optimisation loop over each prompt's best row (weighted by ``min_score``);
+        no step at all when no rank kept a row."""
         rows = data["keep"].nonzero().squeeze(1)
-        if rows.numel() == 0:
+        weight = data["weight"][rows]
+        if every_rank(weight.sum() == 0, weight.device):
             return {}
         kept = ScoredRollout(
             scored.rollout.select(rows), [scored.prompts[i] for i in rows.tolist()],
             [scored.completions[i] for i in rows.tolist()], scored.scores[rows], scored.old_logprobs[rows], None,
             None, {name: v[rows] for name, v in scored.raw_scores.items()},
         )
-        return super().update(kept, {})
+        return super().update(kept, {"weight": weight})
 
     def policy_loss(self, batch: MiniBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rollout = batch.rollout
         logits, _ = self.policy_logits_and_values(rollout.input_ids, rollout.attention_mask, rollout.position_ids)
-        completion_mask = torch.cat([torch.zeros_like(rollout.prompt_mask), rollout.response_mask], dim=1)
+        response_mask = rollout.response_mask * batch.data["weight"].unsqueeze(1).to(rollout.response_mask.dtype)
+        completion_mask = torch.cat([torch.zeros_like(rollout.prompt_mask), response_mask], dim=1)
         nll_sum, num_tokens = completion_nll(logits, rollout.input_ids, completion_mask)
         loss = nll_sum / num_tokens.clamp(min=1)
         return loss, {"loss/sft": loss.detach()}

@@ -36,7 +36,7 @@ class RecordingBestOfN(BestOfN):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.rollouts, self.trained = [], []
+        self.rollouts, self.updated, self.trained = [], [], []
 
     def rollout_and_score(self, batch):
         scored = super().rollout_and_score(batch)
@@ -44,11 +44,12 @@ class RecordingBestOfN(BestOfN):
         return scored
 
     def policy_loss(self, batch):
-        self.trained.append(batch.rollout.response_ids)
+        self.updated.append(batch.rollout.response_ids)
+        self.trained.append(batch.rollout.response_ids[batch.data["weight"] > 0])
         return super().policy_loss(batch)
 
 
-@pytest.mark.parametrize("min_score", [None, 0.2])
+@pytest.mark.parametrize("min_score", [None, 0.5])  # 0.5: some prompts below it, some above
 def test_a_step_takes_sft_steps_on_each_prompts_best_sample_only(min_score):
     pl.seed_everything(0)
     method = make_bon(RecordingBestOfN, min_score=min_score, ppo_epochs=1, num_mini_batches=1)
@@ -58,11 +59,14 @@ def test_a_step_takes_sft_steps_on_each_prompts_best_sample_only(min_score):
     best, _ = best_and_worst(scored.scores, 4)
     if min_score is not None:
         best = best[scored.scores[best] >= min_score]
-    assert 0 < best.numel()
+    assert 0 < best.numel() and (min_score is None or best.numel() < scored.scores.shape[0] // 4)
     trained = torch.cat(method.trained)
     expected = scored.rollout.response_ids[best]
     # The update shuffles the kept rows: compare them as a multiset.
     assert sorted(map(tuple, trained.tolist())) == sorted(map(tuple, expected.tolist()))
+    # Every prompt's best row goes through the update (weight 0 below min_score): the same number of
+    # micro-batches on every data-parallel rank, whatever each rank kept.
+    assert torch.cat(method.updated).shape[0] == scored.scores.shape[0] // 4
     assert method.global_step == 1
     assert float(fit.callback_metrics["best_of_n/kept"]) == pytest.approx(best.numel() / 4)
     assert float(fit.callback_metrics["objective/best_score"]) >= float(fit.callback_metrics["objective/scores"])
@@ -76,7 +80,7 @@ def test_the_sft_loss_is_completion_nll_of_prompt_plus_response():
     scored = method.rollout_and_score(batch)
     rows = torch.arange(scored.scores.shape[0])
     method.bank.eval()
-    loss, _ = method.policy_loss(method.select(scored, {}, rows))
+    loss, _ = method.policy_loss(method.select(scored, {"weight": torch.ones(rows.numel())}, rows))
     with torch.no_grad():
         logps = method.policy_forward(scored.rollout).logprobs  # temperature 1: plain log-probs
     expected = -(logps * scored.rollout.response_mask).sum() / scored.rollout.response_mask.sum()
