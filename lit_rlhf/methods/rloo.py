@@ -135,12 +135,19 @@ class RLOO(OnlineMethod):
 
     # -- the loss of one micro-batch ------------------------------------------------------------------
 
+    def accumulation_weight(self, batch: MiniBatch) -> float:
+        # The losses are already divided by the whole step's tokens: micro-batch losses just add up.
+        return 1.0
+
     def policy_loss(self, batch: MiniBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         mask = batch.rollout.response_mask
         out = self.policy_forward(batch.rollout, with_entropy=True)
+        # Token means over the whole optimizer step (every micro-batch, every rank), as one process
+        # holding the step's rows in one micro-batch would take them.
+        num_tokens = mask.sum() if batch.step_tokens is None else batch.step_tokens
         policy = ppo_policy_loss(out.logprobs, batch.old_logprobs, batch.data["advantages"], mask,
                                  clip_range=self.cliprange, clip_range_high=self.epsilon_high,
-                                 importance_sampling_level=self.importance_sampling_level)
+                                 importance_sampling_level=self.importance_sampling_level, num_tokens=num_tokens)
         loss = policy.loss
         metrics = {
             "loss/policy": policy.loss.detach(),
@@ -149,7 +156,7 @@ class RLOO(OnlineMethod):
             "policy/entropy": masked_mean(out.entropy, mask).detach(),
         }
         if not self.kl_in_reward and batch.ref_logprobs is not None:
-            kl_loss = masked_mean(kl_penalty(out.logprobs, batch.ref_logprobs, kind="k3"), mask)
+            kl_loss = (kl_penalty(out.logprobs, batch.ref_logprobs, kind="k3") * mask).sum() / num_tokens
             loss = loss + self.kl_controller.value * kl_loss
             metrics["loss/kl"] = kl_loss.detach()
         return loss, metrics

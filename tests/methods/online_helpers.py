@@ -96,3 +96,28 @@ def saved_random_adapter(path, name: str, *, head: str | None = None) -> str:
                 p.normal_(0, 0.1)
     bank.save_adapter(name, path)
     return str(path)
+
+
+def assert_step_gradient_is_split_invariant(method) -> None:
+    """The step's gradient with all rows in one micro-batch equals that of two micro-batches holding
+    different token counts (token means over ``MiniBatch.step_tokens``, the whole step's tokens)."""
+    scored = method.rollout_and_score(first_batch(method))
+    data = method.compute_advantages(scored)
+    mask = scored.rollout.response_mask
+    rows = torch.arange(mask.shape[0])
+    halves = [rows[:1], rows[1:]]  # one row, then the rest: different token counts
+    assert mask[halves[0]].sum() != mask[halves[1]].sum()  # else the split proves nothing
+    params = list(method.bank.trainable_parameters())
+
+    def step_gradient(micros):
+        for p in params:
+            p.grad = None
+        for micro in micros:
+            batch = method.select(scored, data, micro, step_rows=rows.numel(), step_tokens=mask.sum().float())
+            loss, _ = method.policy_loss(batch)
+            (loss * method.accumulation_weight(batch)).backward()
+        return [p.grad.clone() for p in params]
+
+    method.bank.eval()
+    for whole, split in zip(step_gradient([rows]), step_gradient(halves)):
+        torch.testing.assert_close(split, whole)

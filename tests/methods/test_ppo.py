@@ -12,8 +12,8 @@ from lit_rlhf.cli import main as cli_main
 from lit_rlhf.methods.ppo import PPO
 from lit_rlhf.models import AdapterSpec, BankSpec, load_base
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
-from online_helpers import (TOY, TOY_REWARD, first_batch, make_online, perturbed, prompts, saved_random_adapter,
-                            train_and_measure, trainer)
+from online_helpers import (TOY, TOY_REWARD, assert_step_gradient_is_split_invariant, make_online,
+                            perturbed, prompts, saved_random_adapter, train_and_measure, trainer)
 
 
 @pytest.fixture(scope="module")
@@ -115,27 +115,7 @@ def test_micro_batches_of_unequal_lengths_give_the_gradient_of_the_whole_step():
     split into micro-batches holding different token counts (or across DDP ranks), the step's gradient
     is that of one micro-batch with every row. Per-micro-batch means weighted by rows would not be."""
     pl.seed_everything(0)
-    method = perturbed(make_ppo(max_new_tokens=8))
-    scored = method.rollout_and_score(first_batch(method))
-    data = method.compute_advantages(scored)
-    mask = scored.rollout.response_mask
-    rows = torch.arange(mask.shape[0])
-    halves = list(rows.tensor_split(2))
-    assert mask[halves[0]].sum() != mask[halves[1]].sum()
-    params = list(method.bank.trainable_parameters())
-
-    def step_gradient(micros):
-        for p in params:
-            p.grad = None
-        for micro in micros:
-            batch = method.select(scored, data, micro, step_rows=rows.numel(), step_tokens=mask.sum().float())
-            loss, _ = method.policy_loss(batch)
-            (loss * method.accumulation_weight(batch)).backward()
-        return [p.grad.clone() for p in params]
-
-    method.bank.eval()
-    for whole, split in zip(step_gradient([rows]), step_gradient(halves)):
-        torch.testing.assert_close(split, whole)
+    assert_step_gradient_is_split_invariant(perturbed(make_ppo(max_new_tokens=8)))
 
 
 def test_behaviour_logprobs_equal_the_sampler_distribution():

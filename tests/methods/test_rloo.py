@@ -14,7 +14,8 @@ from lit_rlhf.methods.rloo import RLOO
 from lit_rlhf.models import BankSpec
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
 from online_helpers import (
-    TOY, first_batch, make_online, perturbed, prompts, train_and_measure, trainer,
+    TOY, assert_step_gradient_is_split_invariant, first_batch, make_online, perturbed, prompts, train_and_measure,
+    trainer,
 )
 
 
@@ -190,3 +191,12 @@ def test_epsilon_high_and_sequence_level_ratio_reach_the_loss():
     torch.testing.assert_close(loss.detach(), expected.loss)
     with pytest.raises(ValueError, match="token, sequence"):
         make_rloo(importance_sampling_level="prompt")
+
+
+@pytest.mark.parametrize("kl_in_reward", [True, False])
+def test_micro_batches_of_unequal_lengths_give_the_gradient_of_the_whole_step(kl_in_reward):
+    """RLOO's policy loss (and its KL term when it is a loss) are token means over the optimizer step,
+    as PPO's: the same gradient whatever the micro-batch (or rank) split."""
+    pl.seed_everything(0)
+    method = make_online(RLOO, max_new_tokens=8, kl_in_reward=kl_in_reward, kl_coef=0.1)
+    assert_step_gradient_is_split_invariant(perturbed(method))
