@@ -7,6 +7,7 @@ import logging
 import math
 import pickle
 import random
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -243,17 +244,15 @@ class BankMethod(pl.LightningModule):
 
     # -- reference log-probs computed once (precompute_ref_logps) -------------------------------
 
-    #: Example fields the precomputed reference log-probs go to, one per column of ``reference_row_logps``.
-    reference_fields: tuple[str, ...] = ()
-
-    def reference_row_logps(self, batch: dict) -> torch.Tensor:
-        """``(rows, len(reference_fields))`` log-probs of a collated batch under the active role."""
-        raise NotImplementedError(f"{type(self).__name__} does not precompute reference log-probs")
-
-    def attach_reference_logps(self) -> None:
+    def attach_reference_logps(self, fields: tuple[str, ...], row_logps: Callable[[dict], torch.Tensor]) -> None:
         """Write the reference log-probs of every training and validation row into its example, so the
         reference never runs during training. Computed once before the first step; a resumed run
-        reads them from its checkpoint (the reference is the *starting* policy, gone by then)."""
+        reads them from its checkpoint (the reference is the *starting* policy, gone by then).
+
+        Args:
+            fields: the example fields to write, one per column of ``row_logps``' result.
+            row_logps: a collated batch -> ``(rows, len(fields))`` log-probs under the active role.
+        """
         datamodule = self.trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "train_examples"):
             raise RuntimeError("precompute_ref_logps needs a lit_rlhf DataModule passed to Trainer.fit")
@@ -261,7 +260,7 @@ class BankMethod(pl.LightningModule):
             if self.global_step > 0:
                 raise RuntimeError("resuming with precompute_ref_logps needs the reference log-probs in the checkpoint")
             self._ref_cache = {split: self._reference_logps_of(getattr(datamodule, f"{split}_examples"),
-                                                               datamodule.collator)
+                                                               datamodule.collator, row_logps, len(fields))
                                for split in ("train", "val")}
         for split, values in self._ref_cache.items():
             examples = getattr(datamodule, f"{split}_examples")
@@ -269,20 +268,21 @@ class BankMethod(pl.LightningModule):
                 raise RuntimeError(f"precomputed reference log-probs cover {values.shape[0]} {split} rows, "
                                    f"the data has {len(examples)}")
             for example, row in zip(examples, values.tolist()):
-                example.update(zip(self.reference_fields, row))
+                example.update(zip(fields, row))
 
     @torch.no_grad()
-    def _reference_logps_of(self, examples: list[dict], collator, batch_size: int = 32) -> torch.Tensor:
+    def _reference_logps_of(self, examples: list[dict], collator, row_logps, width: int,
+                            batch_size: int = 32) -> torch.Tensor:
         out = []
         for start in range(0, len(examples), batch_size):
             batch = {k: v.to(self.device) for k, v in collator(examples[start : start + batch_size]).items()}
             if self.bank.has_reference:
                 with self.bank.reference():
-                    out.append(self.reference_row_logps(batch).cpu())
+                    out.append(row_logps(batch).cpu())
             else:  # full mode without a frozen copy: the policy before its first step is the reference
                 with self.bank.role(self.trained_adapter):
-                    out.append(self.reference_row_logps(batch).cpu())
-        return torch.cat(out) if out else torch.zeros(0, len(self.reference_fields))
+                    out.append(row_logps(batch).cpu())
+        return torch.cat(out) if out else torch.zeros(0, width)
 
     # -- checkpoints ----------------------------------------------------------------------------
 

@@ -269,11 +269,9 @@ class DPO(PreferenceMethod):
             self._start_synced_reference()
         if not self.precompute_ref_logps:
             return
-        self.attach_reference_logps()
+        self.attach_reference_logps(("ref_chosen_logps", "ref_rejected_logps"), self._chosen_and_rejected_logps)
 
-    reference_fields = ("ref_chosen_logps", "ref_rejected_logps")
-
-    def reference_row_logps(self, batch: dict) -> torch.Tensor:
+    def _chosen_and_rejected_logps(self, batch: dict) -> torch.Tensor:
         logps = self.pair_logps(batch)
         return torch.stack([logps.chosen, logps.rejected], dim=1)
 

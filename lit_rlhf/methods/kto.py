@@ -104,7 +104,7 @@ class KTO(BankMethod):
 
     def on_fit_start(self) -> None:
         if self.precompute_ref_logps:
-            self.attach_reference_logps()
+            self.attach_reference_logps(("ref_logps",), self._own_completion_logps)
         examples = getattr(self.trainer.datamodule, "train_examples", None) if self.trainer.datamodule else None
         if not examples:
             return
@@ -116,9 +116,7 @@ class KTO(BankMethod):
 
     # -- reference log-probs computed once ------------------------------------------------------
 
-    reference_fields = ("ref_logps",)
-
-    def reference_row_logps(self, batch: dict) -> torch.Tensor:
+    def _own_completion_logps(self, batch: dict) -> torch.Tensor:
         return self.completion_logps(batch).logps.unsqueeze(1)
 
     # -- the step -------------------------------------------------------------------------------
