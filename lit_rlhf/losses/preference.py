@@ -26,6 +26,9 @@ __all__ = [
     "F_DIVERGENCES",
     "F_DIVERGENCE_LOSS_TYPES",
     "PreferenceLoss",
+    "check_beta",
+    "check_label_smoothing",
+    "check_loss_type",
     "cpo_loss",
     "dpo_loss",
     "f_divergence_scores",
@@ -73,19 +76,21 @@ class PreferenceLoss(NamedTuple):
     rejected_rewards: torch.Tensor
 
 
-def _check_label_smoothing(label_smoothing: float) -> None:
-    # At ε = 0.5 the conservative loss no longer depends on which completion was preferred,
-    # and the robust loss divides by 1 - 2ε = 0.
+def check_label_smoothing(label_smoothing: float, where: str = "") -> None:
+    """Refuse ε outside [0, 0.5): at 0.5 the conservative loss no longer depends on which completion
+    was preferred, and the robust loss divides by 1 - 2ε = 0. ``where`` prefixes the message."""
     if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}.")
+        raise ValueError(f"{where}{': ' if where else ''}label_smoothing must be in [0, 0.5), got {label_smoothing}.")
 
 
-def _check_beta(beta: float) -> None:
+def check_beta(beta: float, where: str = "") -> None:
+    """Refuse β <= 0 (the implicit reward scale). ``where`` prefixes the message."""
     if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}.")
+        raise ValueError(f"{where}{': ' if where else ''}beta must be > 0, got {beta}.")
 
 
-def _check_loss_type(loss_type: str, valid: tuple[str, ...], where: str) -> None:
+def check_loss_type(loss_type: str, valid: tuple[str, ...], where: str) -> None:
+    """Refuse a loss type outside ``valid``, naming the valid ones."""
     if loss_type not in valid:
         raise ValueError(f"{where}: unknown loss_type {loss_type!r}; valid names are {', '.join(valid)}.")
 
@@ -229,9 +234,9 @@ def dpo_loss(
         ``rejected_rewards = β b`` detached (length-normalised for ``ipo`` and ``sigmoid_norm``;
         ``a``, ``b`` the plain log-ratios whatever the f-divergence).
     """
-    _check_loss_type(loss_type, DPO_LOSS_TYPES, "dpo_loss")
-    _check_label_smoothing(label_smoothing)
-    _check_beta(beta)
+    check_loss_type(loss_type, DPO_LOSS_TYPES, "dpo_loss")
+    check_label_smoothing(label_smoothing)
+    check_beta(beta)
     if f_divergence not in F_DIVERGENCES:
         raise ValueError(f"dpo_loss: unknown f_divergence {f_divergence!r}; valid names are {', '.join(F_DIVERGENCES)}.")
     if f_divergence != "reverse_kl" and loss_type not in F_DIVERGENCE_LOSS_TYPES:
@@ -329,8 +334,8 @@ def simpo_loss(
     Returns:
         :class:`PreferenceLoss` with rewards ``β πc/|c|`` and ``β πr/|r|`` detached.
     """
-    _check_label_smoothing(label_smoothing)
-    _check_beta(beta)
+    check_label_smoothing(label_smoothing)
+    check_beta(beta)
     chosen_len, rejected_len = _require_lengths(chosen_lengths, rejected_lengths, "simpo_loss")
     chosen_r = beta * chosen_logps / chosen_len
     rejected_r = beta * rejected_logps / rejected_len
@@ -387,9 +392,9 @@ def cpo_loss(
         :class:`PreferenceLoss` with rewards ``β πc``, ``β πr`` detached (``β πc/|c|``,
         ``β πr/|r|`` for ``ipo`` and ``simpo``; AlphaPO's reshaped rewards times β when ``a ≠ 0``).
     """
-    _check_loss_type(loss_type, CPO_LOSS_TYPES, "cpo_loss")
-    _check_label_smoothing(label_smoothing)
-    _check_beta(beta)
+    check_loss_type(loss_type, CPO_LOSS_TYPES, "cpo_loss")
+    check_label_smoothing(label_smoothing)
+    check_beta(beta)
     chosen, rejected = chosen_logps, rejected_logps
     if loss_type in ("ipo", "simpo"):
         chosen_len, rejected_len = _require_lengths(chosen_lengths, rejected_lengths, f"loss_type={loss_type!r}")
@@ -444,7 +449,7 @@ def orpo_loss(
     Returns:
         :class:`PreferenceLoss` with rewards ``β pc`` and ``β pr`` detached (as TRL logs them).
     """
-    _check_beta(beta)
+    check_beta(beta)
     chosen_len, rejected_len = _require_lengths(chosen_lengths, rejected_lengths, "orpo_loss")
     # A completion of probability 1 has infinite odds; keep the mean log-prob strictly below 0.
     chosen = (chosen_logps / chosen_len).clamp(max=-1e-6)

@@ -16,6 +16,9 @@ from lit_rlhf.losses import (
     DPO_LOSS_TYPES,
     F_DIVERGENCE_LOSS_TYPES,
     F_DIVERGENCES,
+    check_beta,
+    check_label_smoothing,
+    check_loss_type,
     completion_token_logps,
     cpo_loss,
     dpo_loss,
@@ -27,8 +30,7 @@ from lit_rlhf.losses import (
     wpo_weights,
 )
 from lit_rlhf.methods.base import BankMethod
-from lit_rlhf.methods.online import eval_mode
-from lit_rlhf.models import AdapterSpec
+from lit_rlhf.models import AdapterSpec, eval_mode
 
 DPOLossType = Literal[
     "sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
@@ -382,14 +384,11 @@ def check_dpo_options(loss_types: list[str], weights: list[float], *, beta: floa
     if not loss_types:
         raise ValueError("DPO: loss_type is an empty list; name at least one of " + ", ".join(DPO_LOSS_TYPES))
     for loss_type in loss_types:
-        if loss_type not in DPO_LOSS_TYPES:
-            raise ValueError(f"DPO: unknown loss_type {loss_type!r}; valid names are {', '.join(DPO_LOSS_TYPES)}")
+        check_loss_type(loss_type, DPO_LOSS_TYPES, "DPO")
     if len(weights) != len(loss_types):
         raise ValueError(f"DPO: {len(weights)} loss_weights for {len(loss_types)} loss types {loss_types}")
-    if beta <= 0:
-        raise ValueError(f"DPO: beta must be > 0, got {beta}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"DPO: label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    check_beta(beta, "DPO")
+    check_label_smoothing(label_smoothing, "DPO")
     if discopop_tau <= 0:
         raise ValueError(f"DPO: discopop_tau must be > 0, got {discopop_tau}")
     if f_divergence not in F_DIVERGENCES:
@@ -428,10 +427,8 @@ class SimPO(PreferenceMethod):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if beta <= 0:
-            raise ValueError(f"SimPO: beta must be > 0, got {beta}")
-        if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"SimPO: label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        check_beta(beta, "SimPO")
+        check_label_smoothing(label_smoothing, "SimPO")
         self.beta = beta
         self.gamma_beta_ratio = gamma_beta_ratio
         self.label_smoothing = label_smoothing
@@ -483,12 +480,9 @@ class CPO(PreferenceMethod):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if loss_type not in CPO_LOSS_TYPES:
-            raise ValueError(f"CPO: unknown loss_type {loss_type!r}; valid names are {', '.join(CPO_LOSS_TYPES)}")
-        if beta <= 0:
-            raise ValueError(f"CPO: beta must be > 0, got {beta}")
-        if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"CPO: label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        check_loss_type(loss_type, CPO_LOSS_TYPES, "CPO")
+        check_beta(beta, "CPO")
+        check_label_smoothing(label_smoothing, "CPO")
         self.beta = beta
         self.alpha = alpha
         self.loss_type = loss_type
@@ -530,8 +524,7 @@ class ORPO(PreferenceMethod):
 
     def __init__(self, *, beta: float = 0.1, policy_adapter: str = "policy", **kwargs):
         super().__init__(**kwargs)
-        if beta <= 0:
-            raise ValueError(f"ORPO: beta must be > 0, got {beta}")
+        check_beta(beta, "ORPO")
         self.beta = beta
         self.policy_adapter = policy_adapter
 

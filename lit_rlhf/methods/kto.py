@@ -18,7 +18,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_rlhf.distributed import all_rows
-from lit_rlhf.losses import KTO_LOSS_TYPES, SequenceLogps, kto_kl_estimate, kto_loss, sequence_logps
+from lit_rlhf.losses import (
+    KTO_LOSS_TYPES, SequenceLogps, check_beta, check_loss_type, kto_kl_estimate, kto_loss, sequence_logps,
+)
 from lit_rlhf.methods.base import BankMethod
 
 log = logging.getLogger("lit_rlhf.methods")
@@ -84,10 +86,8 @@ class KTO(BankMethod):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if loss_type not in KTO_LOSS_TYPES:
-            raise ValueError(f"KTO: unknown loss_type {loss_type!r}; valid names are {', '.join(KTO_LOSS_TYPES)}")
-        if beta <= 0:
-            raise ValueError(f"KTO: beta must be > 0, got {beta}")
+        check_loss_type(loss_type, KTO_LOSS_TYPES, "KTO")
+        check_beta(beta, "KTO")
         self.beta = beta
         self.desirable_weight = desirable_weight
         self.undesirable_weight = undesirable_weight

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from lit_rlhf.losses import DPO_LOSS_TYPES, dpo_loss
+from lit_rlhf.losses import DPO_LOSS_TYPES, check_beta, check_label_smoothing, check_loss_type, dpo_loss
 from lit_rlhf.methods.online import MiniBatch, OnlineMethod, ScoredRollout
 
 
@@ -56,12 +56,9 @@ class OnlineDPO(OnlineMethod):
                              f"{kwargs['num_samples_per_prompt']}")
         kwargs["num_samples_per_prompt"] = 2
         super().__init__(ppo_epochs=ppo_epochs, num_mini_batches=num_mini_batches, **kwargs)
-        if loss_type not in DPO_LOSS_TYPES:
-            raise ValueError(f"OnlineDPO: unknown loss_type {loss_type!r}; valid names are {', '.join(DPO_LOSS_TYPES)}")
-        if beta <= 0:
-            raise ValueError(f"OnlineDPO: beta must be > 0, got {beta}")
-        if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"OnlineDPO: label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        check_loss_type(loss_type, DPO_LOSS_TYPES, "OnlineDPO")
+        check_beta(beta, "OnlineDPO")
+        check_label_smoothing(label_smoothing, "OnlineDPO")
         self.beta = beta
         self.loss_type = loss_type
         self.label_smoothing = label_smoothing

@@ -121,3 +121,15 @@ def assert_step_gradient_is_split_invariant(method) -> None:
     method.bank.eval()
     for whole, split in zip(step_gradient([rows]), step_gradient(halves)):
         torch.testing.assert_close(split, whole)
+
+
+def greedy_and_sampled_scores(method) -> tuple[float, float, float, float]:
+    """Held-out ground-truth scores ``(greedy reference, greedy policy, sampled reference, sampled policy)``
+    (sampled: each prompt four times)."""
+    from lit_rlhf.toy.evaluate import mean_score
+
+    _, held_out = toy.split_prompts()
+    bank, tokenizer = method.bank, method.tokenizer
+    return (mean_score(bank, tokenizer, held_out, adapter=None), mean_score(bank, tokenizer, held_out, adapter="policy"),
+            mean_score(bank, tokenizer, held_out * 4, adapter=None, do_sample=True),
+            mean_score(bank, tokenizer, held_out * 4, adapter="policy", do_sample=True))

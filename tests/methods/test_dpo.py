@@ -10,13 +10,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lit_rlhf import toy
 from lit_rlhf.data import PreferenceDataModule
 from lit_rlhf.losses import dpo_loss
 from lit_rlhf.methods import DPO
 from lit_rlhf.models import BankSpec, LoraSpec
-from lit_rlhf.toy.evaluate import mean_score
-from online_helpers import perturbed
+from online_helpers import greedy_and_sampled_scores, perturbed
 
 TRAIN = "assets/toy/data/preference_train.jsonl"
 VAL = "assets/toy/data/preference_val.jsonl"
@@ -41,11 +39,7 @@ def test_dpo_raises_ground_truth_score_on_held_out_prompts(tmp_path):
     method = small_dpo()
     data = PreferenceDataModule(train=TRAIN, batch_size=16, max_length=64)
     trainer(tmp_path, max_epochs=2).fit(method, data)
-    _, held_out = toy.split_prompts()
-    before = mean_score(method.bank, method.tokenizer, held_out, adapter=None)
-    after = mean_score(method.bank, method.tokenizer, held_out, adapter="policy")
-    sampled_before = mean_score(method.bank, method.tokenizer, held_out * 4, adapter=None, do_sample=True)
-    sampled_after = mean_score(method.bank, method.tokenizer, held_out * 4, adapter="policy", do_sample=True)
+    before, after, sampled_before, sampled_after = greedy_and_sampled_scores(method)
     # Measured (seeds 0 and 1): greedy 0.0 -> 1.0, sampled -0.05 -> 0.5-0.75.
     assert after > before + 0.3, (before, after)
     assert sampled_after > sampled_before + 0.3, (sampled_before, sampled_after)

@@ -2,10 +2,9 @@
 
 import pytest
 
-from lit_rlhf import toy
 from lit_rlhf.cli import build_cli
 from lit_rlhf.methods import ORPO
-from lit_rlhf.toy.evaluate import mean_score
+from online_helpers import greedy_and_sampled_scores
 
 
 def test_shipped_orpo_config_raises_the_ground_truth_score_on_held_out_prompts(tmp_path):
@@ -15,11 +14,7 @@ def test_shipped_orpo_config_raises_the_ground_truth_score_on_held_out_prompts(t
                      "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false"])
     method = cli.model
     assert isinstance(method, ORPO)
-    _, held_out = toy.split_prompts()
-    before = mean_score(method.bank, method.tokenizer, held_out, adapter=None)
-    after = mean_score(method.bank, method.tokenizer, held_out, adapter="policy")
-    sampled_before = mean_score(method.bank, method.tokenizer, held_out * 4, adapter=None, do_sample=True)
-    sampled_after = mean_score(method.bank, method.tokenizer, held_out * 4, adapter="policy", do_sample=True)
+    before, after, sampled_before, sampled_after = greedy_and_sampled_scores(method)
     assert after > before + 0.5, (before, after)
     assert sampled_after > sampled_before + 0.2, (sampled_before, sampled_after)
 
