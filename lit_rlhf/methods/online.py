@@ -36,12 +36,11 @@ from typing import NamedTuple
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
-from lit_rlhf.distributed import all_rows, every_rank
+from lit_rlhf.distributed import all_rows, every_rank, global_sum, rank_seed
 from lit_rlhf.losses import entropy_from_logits, token_logps
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.models import AdapterSpec, eval_mode
 from lit_rlhf.rollout import RewardOutput, RewardRequest, Rewards, RewardSpec, Rollout, SamplingConfig, build_engine
-from lit_rlhf.distributed import rank_seed
 
 log = logging.getLogger("lit_rlhf.methods")
 
@@ -479,10 +478,8 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
 
     def step_token_count(self, loss_mask: torch.Tensor) -> torch.Tensor:
         """Loss tokens of one optimizer step, summed over ranks and divided by their number (a collective)."""
-        tokens = loss_mask.sum().float()
-        if self._trainer is None or self.trainer.world_size == 1:
-            return tokens
-        return self.trainer.strategy.reduce(tokens, reduce_op="sum") / self.trainer.world_size
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return global_sum(loss_mask.sum().float()) / world
 
     def mini_batches(self, rows: int, device) -> Iterator[list[torch.Tensor]]:
         """One pass over the rollout: shuffled mini-batches, each a list of micro-batch row indices.
