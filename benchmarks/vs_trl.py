@@ -31,6 +31,7 @@ TRL/lit for step time and peak memory (> 1: lit_rlhf faster or smaller).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -364,8 +365,10 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def schedule(workloads: list[str], repeats: int) -> list[tuple[str, int, str]]:
-    """Run order: per workload, ``repeats`` interleaved pairs (lit, TRL, lit, TRL, ...)."""
-    return [(w, r, fw) for w in workloads for r in range(repeats) for fw in FRAMEWORKS]
+    """Run order: ``repeats`` rounds, each running every workload once per framework, lit then TRL
+    (lit, TRL, lit, TRL, ...). Round-major, so a run cut short by ``--budget`` still has every
+    workload measured on both sides."""
+    return [(w, r, fw) for r in range(repeats) for w in workloads for fw in FRAMEWORKS]
 
 
 #: Per metric: True when higher is better (the advantage is lit/TRL), else TRL/lit.
@@ -421,6 +424,7 @@ def run_one(workload: str, framework: str, assets: Path, work: Workload, args: a
     return {"workload": workload, "framework": framework, "error": f"rc={done.returncode}: " + "\n".join(tail)}
 
 
+@functools.cache
 def versions() -> str:
     import importlib.metadata as md
 
@@ -462,6 +466,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="save every run and the summary here")
     parser.add_argument("--threads", type=int, default=None, help="torch/OMP threads per run (default: $OMP_NUM_THREADS or 1)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for all runs: no run starts that would likely end past it (the summary keeps "
+                             "what ran)")
     parser.add_argument("--prompts", type=int, default=None, help="prompts per rollout (RLOO, GRPO)")
     parser.add_argument("--generations", type=int, default=None, help="samples per prompt")
     parser.add_argument("--prompt-len", type=int, default=None, help="longest rollout prompt in tokens")
@@ -510,18 +517,27 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         write_assets(Path(tmp), args.size, args.dtype, args.device, work)
         print(f"assets written in {time.perf_counter() - started:.1f} s", flush=True)
-        for workload, repeat, framework in plan:
+        loop_start = time.perf_counter()
+        for i, (workload, repeat, framework) in enumerate(plan):
+            longest = max((r.get("wall_s", 0.0) for r in results), default=0.0)
+            if args.budget and time.perf_counter() - loop_start + 1.2 * longest > args.budget:
+                print(f"budget of {args.budget:.0f} s reached: {len(plan) - i} run(s) left out", flush=True)
+                break
             result = run_one(workload, framework, Path(tmp), work, args)
             results.append(result)
             shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
             print(json.dumps(shown), flush=True)
-    rows = summarize([r for r in results if "error" not in r])
-    print(format_table(rows))
+            save(args, work, results)  # after every run: a killed benchmark keeps what it measured
+    print(format_table(summarize([r for r in results if "error" not in r])))
     failed = [r for r in results if "error" in r]
     if failed:
         print(f"{len(failed)} run(s) failed (first: {failed[0]['workload']}/{failed[0]['framework']}: {failed[0]['error']})")
+
+
+def save(args: argparse.Namespace, work: Workload, results: list[dict]) -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        rows = summarize([r for r in results if "error" not in r])
         Path(args.json).write_text(json.dumps({"args": vars(args), "workload": asdict(work), "versions": versions(),
                                                "runs": results, "summary": rows}, indent=1))
 

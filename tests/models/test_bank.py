@@ -73,6 +73,20 @@ def test_reference_is_the_base_with_adapters_off(batch):
     assert (policy_logits - base_logits).abs().max() > 1e-2
 
 
+def test_reference_inside_a_frozen_role_leaves_adapters_and_trainability_as_they_were(batch):
+    bank = three_role_bank()
+    perturb(bank, "reward")
+    trainable = {n for n, p in bank.named_parameters() if p.requires_grad}
+    with bank.role("reward"):
+        before = bank(*batch).logits
+        with bank.reference():
+            bank(*batch)
+        # peft's disable_adapter() re-enables through set_adapter, which makes the active adapter trainable
+        assert {n for n, p in bank.named_parameters() if p.requires_grad} == trainable
+        torch.testing.assert_close(bank(*batch).logits, before)  # the frozen adapter is on again
+    assert {n for n, p in bank.named_parameters() if p.requires_grad} == trainable
+
+
 def test_trainable_set_is_ours_not_peft_s(batch):
     bank = three_role_bank()
     trainable = set(bank.trainable_names())
