@@ -1,0 +1,93 @@
+"""benchmarks/vs_trl.py plumbing that needs no TRL: the synthetic data, the run order, the summary,
+and gpu.sh's plan. No timings are asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def vs_trl():
+    spec = importlib.util.spec_from_file_location("vs_trl_under_test", REPO / "benchmarks/vs_trl.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_synthetic_rows_vary_within_bounds_and_tokenize_one_token_per_word(vs_trl):
+    work = vs_trl.Workload(prompt_lens=(3, 9), completion_lens=(2, 5), prompt_len=12, seed=1)
+    rows = vs_trl.synthetic_rows("preference", 200, 50, work)
+    assert rows == vs_trl.synthetic_rows("preference", 200, 50, work)  # same seed, same data for both frameworks
+    prompt_lens = {len(r["prompt"].split()) for r in rows}
+    chosen_lens = {len(r["chosen"].split()) for r in rows}
+    assert prompt_lens == set(range(3, 10)) and chosen_lens == set(range(2, 6))  # every length drawn, none outside
+    prompts = vs_trl.synthetic_rows("prompt", 100, 50, work)
+    assert {len(r["prompt"].split()) for r in prompts} == set(range(6, 12))  # half of prompt_len up to prompt_len - 1
+    tokenizer = vs_trl.build_tokenizer(50)
+    ids = tokenizer(rows[0]["prompt"])["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and len(ids) == len(rows[0]["prompt"].split()) + 1
+    assert tokenizer.pad_token_id == vs_trl.PAD_ID and tokenizer.eos_token_id == vs_trl.EOS_ID
+    assert all(3 < i < 50 for i in ids[1:])  # words never collide with pad/unk/bos/eos
+    with pytest.raises(ValueError, match="unknown row kind"):
+        vs_trl.synthetic_rows("pairs", 1, 50, work)
+
+
+def test_runs_interleave_lit_and_trl_round_by_round(vs_trl):
+    plan = vs_trl.schedule(["dpo_lora", "grpo"], repeats=2)
+    assert plan == [("dpo_lora", 0, "lit"), ("dpo_lora", 0, "trl"), ("grpo", 0, "lit"), ("grpo", 0, "trl"),
+                    ("dpo_lora", 1, "lit"), ("dpo_lora", 1, "trl"), ("grpo", 1, "lit"), ("grpo", 1, "trl")]
+
+
+def test_summary_takes_medians_and_orients_the_advantage(vs_trl):
+    runs = [
+        {"workload": "dpo_lora", "framework": "lit", "tokens_per_s": 300.0, "step_s": 2.0},
+        {"workload": "dpo_lora", "framework": "trl", "tokens_per_s": 100.0, "step_s": 6.0},
+        {"workload": "dpo_lora", "framework": "lit", "tokens_per_s": 100.0, "step_s": 4.0},
+        {"workload": "dpo_lora", "framework": "trl", "tokens_per_s": 150.0, "step_s": 5.0, "peak_gib": 2.0},
+        {"workload": "dpo_lora", "framework": "lit", "tokens_per_s": 240.0, "step_s": 3.0, "peak_gib": 1.0},
+    ]
+    rows = {r["metric"]: r for r in vs_trl.summarize(runs)}
+    assert rows["tokens_per_s"]["lit"] == 240.0 and rows["tokens_per_s"]["trl"] == 125.0
+    assert rows["tokens_per_s"]["lit_advantage"] == pytest.approx(240 / 125)  # higher is better: lit / TRL
+    assert rows["step_s"]["lit_advantage"] == pytest.approx(5.5 / 3.0)  # lower is better: TRL / lit
+    assert rows["peak_gib"]["lit_advantage"] == pytest.approx(2.0)
+    assert "| dpo_lora | tokens_per_s | 240 | 125 | 1.92x |" in vs_trl.format_table(vs_trl.summarize(runs))
+
+
+def test_steady_state_times_the_steps_after_warmup(vs_trl):
+    probe = vs_trl.Probe("cpu", ends=[10.0, 11.0, 13.0, 16.0], tokens=[999, 999, 40, 80])
+    assert vs_trl.steady_state(probe, warmup=2, online=False) == {"step_s": 2.5, "tokens_per_s": 24.0, "timed_steps": 2}
+    with pytest.raises(RuntimeError, match="need more than warmup"):
+        vs_trl.steady_state(probe, warmup=4, online=False)
+
+
+def test_arguments_are_checked_before_anything_runs(vs_trl):
+    with pytest.raises(SystemExit):
+        vs_trl.parse_args(["--only", "dpo,ppo"])
+    with pytest.raises(SystemExit, match="must exceed --warmup"):
+        vs_trl.workload_of(vs_trl.parse_args(["--steps", "2", "--warmup", "2"]))
+    gpu = vs_trl.workload_of(vs_trl.parse_args(["--size", "0.5b", "--device", "cuda", "--prompts", "8"]))
+    assert (gpu.prompts, gpu.generations, gpu.prompt_len, gpu.new_tokens) == (8, 4, 128, 128)
+
+
+def test_gpu_script_plans_every_part_under_its_timeout():
+    done = subprocess.run(["bash", str(REPO / "benchmarks/gpu.sh"), "--dry-run"], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "OUT": "/tmp/gpu_sh_test"}, timeout=30)
+    assert done.returncode == 0, done.stderr
+    parts = [line for line in done.stdout.splitlines() if line.startswith("PART ")]
+    assert [p.split()[1] for p in parts] == ["dpo_1b", "grpo_0.5b", "decode"]
+    assert sum(int(p.split("timeout ")[1].split("s)")[0]) for p in parts) < 8 * 60
+    assert "--only dpo_full,dpo_lora" in parts[0] and "--size 1b" in parts[0]
+    assert "--prompts 16 --generations 4 --prompt-len 128 --new-tokens 128" in parts[1]
+    assert "--batch 64 --new-tokens 128" in parts[2] and "--size 0.5b" in parts[2]
+    bad = subprocess.run(["bash", str(REPO / "benchmarks/gpu.sh"), "--fast"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "usage" in bad.stderr
