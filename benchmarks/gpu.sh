@@ -31,12 +31,13 @@ else
 fi
 
 if [ "$MODE" = "--smoke" ]; then
-  # Tiny everything: the small model, 3 steps (1 warm-up), 1 run per framework.
-  TINY="--size small --repeats 1 --steps 3 --online-steps 3 --warmup 1 --batch 2 --timeout 60"
+  # Tiny everything: the small model, 3 steps (1 warm-up), 1 run per framework, DPO LoRA only (each
+  # run is a fresh process: imports dominate). The timeouts are a loaded 2-core CPU's; ~20 s each on a GPU host.
+  TINY="--size small --repeats 1 --steps 3 --online-steps 3 --warmup 1 --batch 2 --timeout 80"
   PARTS=(
-    "dpo_1b|60|$PY benchmarks/vs_trl.py $TINY --device $DEVICE --dtype $DTYPE --only dpo_full,dpo_lora --json $OUT/vs_trl_dpo.json"
-    "grpo_0.5b|60|$PY benchmarks/vs_trl.py $TINY --device $DEVICE --dtype $DTYPE --only grpo --prompts 2 --generations 2 --prompt-len 8 --new-tokens 8 --json $OUT/vs_trl_grpo.json"
-    "decode|60|$PY benchmarks/decode_speed.py --smoke --device $DEVICE --json $OUT/decode_speed.json"
+    "dpo_1b|90|$PY benchmarks/vs_trl.py $TINY --device $DEVICE --dtype $DTYPE --only dpo_lora --json $OUT/vs_trl_dpo.json"
+    "grpo_0.5b|90|$PY benchmarks/vs_trl.py $TINY --device $DEVICE --dtype $DTYPE --only grpo --prompts 2 --generations 2 --prompt-len 8 --new-tokens 8 --json $OUT/vs_trl_grpo.json"
+    "decode|90|$PY benchmarks/decode_speed.py --smoke --device $DEVICE --json $OUT/decode_speed.json"
   )
 else
   # Seconds: 210 + 170 + 70 = 450, under 8 minutes with the header. vs_trl's --budget starts no run
