@@ -201,6 +201,7 @@ class Probe:
     device: str
     ends: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
+    cpu_ends: list[float] = field(default_factory=list)
 
     def step_end(self) -> None:
         if self.device == "cuda":
@@ -208,20 +209,27 @@ class Probe:
 
             torch.cuda.synchronize()
         self.ends.append(time.perf_counter())
+        self.cpu_ends.append(time.process_time())
 
     def count(self, input_ids) -> None:
         self.tokens.append(int((input_ids != PAD_ID).sum()))
 
 
 def steady_state(probe: Probe, warmup: int, online: bool) -> dict:
-    """Step time and tokens/s from the end of step ``warmup`` to the end of the last step."""
+    """Step time and tokens/s from the end of step ``warmup`` (>= 1) to the end of the last step; on CPU
+    also per second of this process's CPU time (``cpu_``), which other jobs on a shared machine disturb far
+    less than the wall clock."""
     timed = len(probe.ends) - warmup
-    if timed < 1:
-        raise RuntimeError(f"{len(probe.ends)} steps ran; need more than warmup={warmup}")
-    seconds = probe.ends[-1] - probe.ends[warmup - 1] if warmup else probe.ends[-1] - probe.ends[0]
+    if warmup < 1 or timed < 1:
+        raise RuntimeError(f"{len(probe.ends)} steps ran; need warmup >= 1 and more than warmup={warmup}")
+    seconds = probe.ends[-1] - probe.ends[warmup - 1]
     counts = GENERATED if online else probe.tokens
     tokens = sum(counts[warmup:len(probe.ends)])
-    return {"step_s": seconds / timed, "tokens_per_s": tokens / seconds, "timed_steps": timed}
+    result = {"step_s": seconds / timed, "tokens_per_s": tokens / seconds, "timed_steps": timed}
+    if probe.device == "cpu" and probe.cpu_ends:
+        cpu_seconds = probe.cpu_ends[-1] - probe.cpu_ends[warmup - 1]
+        result.update(cpu_step_s=cpu_seconds / timed, tokens_per_cpu_s=tokens / cpu_seconds)
+    return result
 
 
 # -- one run of one framework ------------------------------------------------------------------
@@ -372,7 +380,7 @@ def schedule(workloads: list[str], repeats: int) -> list[tuple[str, int, str]]:
 
 
 #: Per metric: True when higher is better (the advantage is lit/TRL), else TRL/lit.
-METRICS = {"tokens_per_s": True, "step_s": False, "peak_gib": False}
+METRICS = {"tokens_per_s": True, "step_s": False, "tokens_per_cpu_s": True, "cpu_step_s": False, "peak_gib": False}
 
 
 def summarize(results: list[dict]) -> list[dict]:
@@ -449,9 +457,9 @@ def workload_of(args: argparse.Namespace) -> Workload:
             setattr(work, name, value)
     if work.prompt_len < 4:
         raise SystemExit(f"--prompt-len must be >= 4, got {work.prompt_len}")
-    if min(work.steps, work.online_steps) <= work.warmup:
+    if work.warmup < 1 or min(work.steps, work.online_steps) <= work.warmup:
         raise SystemExit(f"--steps ({work.steps}) and --online-steps ({work.online_steps}) must exceed --warmup "
-                         f"({work.warmup}): only the steps after the warm-up are timed")
+                         f"({work.warmup}, >= 1): only the steps after the warm-up are timed")
     return work
 
 
@@ -476,7 +484,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=None, help="DPO pairs / SFT examples per step")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per DPO/SFT run")
     parser.add_argument("--online-steps", type=int, default=None, help="rollouts (= optimizer steps) per RLOO/GRPO run")
-    parser.add_argument("--warmup", type=int, default=None, help="first steps left out of the timing")
+    parser.add_argument("--warmup", type=int, default=None, help="first steps left out of the timing (>= 1)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (workload, run order) and exit")
     # worker mode (one run in this process)
     parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)

@@ -64,9 +64,10 @@ def test_summary_takes_medians_and_orients_the_advantage(vs_trl):
 
 
 def test_steady_state_times_the_steps_after_warmup(vs_trl):
-    probe = vs_trl.Probe("cpu", ends=[10.0, 11.0, 13.0, 16.0], tokens=[999, 999, 40, 80])
-    assert vs_trl.steady_state(probe, warmup=2, online=False) == {"step_s": 2.5, "tokens_per_s": 24.0, "timed_steps": 2}
-    with pytest.raises(RuntimeError, match="need more than warmup"):
+    probe = vs_trl.Probe("cpu", ends=[10.0, 11.0, 13.0, 16.0], tokens=[999, 999, 40, 80], cpu_ends=[5.0, 6.0, 7.0, 8.0])
+    assert vs_trl.steady_state(probe, warmup=2, online=False) == {
+        "step_s": 2.5, "tokens_per_s": 24.0, "timed_steps": 2, "cpu_step_s": 1.0, "tokens_per_cpu_s": 60.0}
+    with pytest.raises(RuntimeError, match="more than warmup=4"):
         vs_trl.steady_state(probe, warmup=4, online=False)
 
 
