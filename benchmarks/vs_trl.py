@@ -514,6 +514,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         print("runs: " + ", ".join(f"{w}#{r}:{fw}" for w, r, fw in plan))
         return
+    import importlib.util
+
+    missing = [name for name in ("trl", "datasets") if importlib.util.find_spec(name) is None]
+    if missing:
+        sys.exit(f"vs_trl needs {' and '.join(missing)} (TRL is never a runtime dependency): pip install -e \".[bench]\"")
     if args.device == "cuda":
         import torch
 
