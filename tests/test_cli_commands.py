@@ -239,9 +239,10 @@ def test_a_reward_function_fault_names_the_function_and_leaves_no_run_behind(tmp
     root = tmp_path / "run"
     with pytest.raises(SystemExit) as info:
         console(["fit", "--config", "configs/grpo.yaml", "--trainer.default_root_dir", str(root),
-                 "--model.init_args.rewards", '[{"kind": "function", "function": "test_cli_commands:raising_reward"}]'])
+                 "--model.init_args.rewards",
+                 '[{"kind": "function", "function": "tests.test_cli_commands:raising_reward"}]'])
     assert info.value.code == 1
     err = capsys.readouterr().err
-    assert "test_cli_commands:raising_reward" in err and "Traceback" not in err
+    assert "tests.test_cli_commands:raising_reward" in err and "Traceback" not in err
     # Nothing trained: no checkpoint, no event file, no export, no empty version directory.
     assert not [p for p in root.rglob("*") if p.is_file()], sorted(root.rglob("*"))

@@ -16,7 +16,8 @@ from lit_rlhf.methods import best_of_n as bon
 from lit_rlhf.methods.best_of_n import BestOfN, best_and_worst, generate_best_of_n, write_jsonl_atomic
 from lit_rlhf.toy import score
 from lit_rlhf.toy.evaluate import mean_score
-from online_helpers import DATA, make_online, prompts, trainer
+
+from tests.methods.online_helpers import DATA, make_online, prompts, trainer
 
 
 def make_bon(cls=BestOfN, *, max_new_tokens=10, **kwargs) -> BestOfN:

@@ -15,7 +15,8 @@ from lit_rlhf.methods.grpo import GRPO
 from lit_rlhf.models import BankSpec
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
 from lit_rlhf.toy.rules import positive_check
-from online_helpers import (
+
+from tests.methods.online_helpers import (
     TOY, first_batch, make_online, perturbed, prompts, train_and_measure, trainer,
 )
 
@@ -124,7 +125,7 @@ def recording(rewards, **kwargs) -> RecordingGRPO:
 
 def test_frac_reward_zero_std_counts_the_flat_groups():
     pl.seed_everything(0)
-    method = recording([RewardSpec("function", function="online_helpers:flat_for_the_prompts")])
+    method = recording([RewardSpec("function", function="tests.methods.online_helpers:flat_for_the_prompts")])
     fit = trainer(rollouts=1)
     fit.fit(method, datamodule=prompts(batch_size=8))
     grouped = method.seen_scores.view(-1, 4)
@@ -138,7 +139,8 @@ def test_frac_reward_zero_std_counts_the_flat_groups():
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
 def test_all_flat_groups_log_one_and_put_no_nan_anywhere(loss_type):
     pl.seed_everything(0)
-    method = recording([RewardSpec("function", function="online_helpers:flat")], beta=0.04, loss_type=loss_type)
+    method = recording([RewardSpec("function", function="tests.methods.online_helpers:flat")], beta=0.04,
+                       loss_type=loss_type)
     fit = trainer(rollouts=1)
     fit.fit(method, datamodule=prompts())
     assert float(fit.callback_metrics["frac_reward_zero_std"]) == 1.0

@@ -10,7 +10,8 @@ from lit_rlhf.data import SFTDataModule
 from lit_rlhf.methods.rloo import RLOO
 from lit_rlhf.methods.sft import SFT
 from lit_rlhf.models import BankSpec, LoraSpec
-from online_helpers import make_online, prompts, trainer
+
+from tests.methods.online_helpers import make_online, prompts, trainer
 
 TOY = "assets/toy"
 

@@ -8,7 +8,8 @@ import torch
 from lit_rlhf.cli import build_cli
 from lit_rlhf.losses import dpo_loss
 from lit_rlhf.methods import OnlineDPO
-from online_helpers import first_batch, held_out_sampled_score, make_online, perturbed
+
+from tests.methods.online_helpers import first_batch, held_out_sampled_score, make_online, perturbed
 
 
 def make_online_dpo(**kwargs) -> OnlineDPO:

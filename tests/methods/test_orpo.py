@@ -4,7 +4,8 @@ import pytest
 
 from lit_rlhf.cli import build_cli
 from lit_rlhf.methods import ORPO
-from online_helpers import greedy_and_sampled_scores
+
+from tests.methods.online_helpers import greedy_and_sampled_scores
 
 
 def test_shipped_orpo_config_raises_the_ground_truth_score_on_held_out_prompts(tmp_path):

@@ -12,7 +12,8 @@ from lit_rlhf.cli import main as cli_main
 from lit_rlhf.methods.ppo import PPO
 from lit_rlhf.models import AdapterSpec, BankSpec, load_base
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
-from online_helpers import (TOY, TOY_REWARD, assert_step_gradient_is_split_invariant, make_online,
+
+from tests.methods.online_helpers import (TOY, TOY_REWARD, assert_step_gradient_is_split_invariant, make_online,
                             perturbed, prompts, saved_random_adapter, train_and_measure, trainer)
 
 

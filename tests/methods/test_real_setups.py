@@ -17,7 +17,8 @@ from lit_rlhf.data import PreferenceDataModule
 from lit_rlhf.methods import DPO, GRPO, PPO
 from lit_rlhf.models import AdapterSpec, BankSpec, LoraSpec
 from lit_rlhf.toy.families import FAMILIES, build_tiny
-from online_helpers import TOY, first_batch, make_online, prompts, saved_random_adapter, trainer
+
+from tests.methods.online_helpers import TOY, first_batch, make_online, prompts, saved_random_adapter, trainer
 
 TRAIN = "assets/toy/data/preference_train.jsonl"
 VAL = "assets/toy/data/preference_val.jsonl"

@@ -23,7 +23,8 @@ from lit_rlhf.methods import (
 from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.models.spec import TeacherSpec
 from lit_rlhf.rollout import SamplingConfig
-from online_helpers import DATA, TOY, make_online
+
+from tests.methods.online_helpers import DATA, TOY, make_online
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -153,8 +154,7 @@ DIE_WHILE_WRITING = """
 import io, os, signal, sys
 from pathlib import Path
 import torch
-sys.path.insert(0, "tests/methods")
-from test_resume import fit
+from tests.methods.test_resume import fit
 root = Path(sys.argv[1])
 real_save = torch.save
 def save(obj, f, *args, **kwargs):

@@ -8,11 +8,12 @@ import math
 
 import pytest
 import torch
-from online_helpers import first_batch, make_online, prompts, trainer
 
 from lit_rlhf import toy
 from lit_rlhf.methods import GRPO
 from lit_rlhf.rollout import RewardError, RewardSpec
+
+from tests.methods.online_helpers import first_batch, make_online, prompts, trainer
 
 
 def nan_for_the_prompts(prompts, completions):

@@ -13,7 +13,8 @@ from lit_rlhf.losses import kl_penalty, ppo_policy_loss, rloo_advantages, whiten
 from lit_rlhf.methods.rloo import RLOO
 from lit_rlhf.models import BankSpec
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
-from online_helpers import (
+
+from tests.methods.online_helpers import (
     TOY, assert_step_gradient_is_split_invariant, first_batch, make_online, perturbed, prompts, train_and_measure,
     trainer,
 )
@@ -96,7 +97,7 @@ def test_masked_padding_contributes_nothing(kl_in_reward):
 
 def test_groups_with_equal_rewards_are_counted_and_never_give_nan():
     pl.seed_everything(0)
-    fn = RewardSpec("function", function="online_helpers:flat_for_the_prompts")
+    fn = RewardSpec("function", function="tests.methods.online_helpers:flat_for_the_prompts")
     method = make_rloo(rewards=[fn], kl_coef=0.0, normalize_advantages=True)
     method.configure_model()
     scored = method.rollout_and_score(first_batch(method, batch_size=8))
@@ -109,7 +110,8 @@ def test_groups_with_equal_rewards_are_counted_and_never_give_nan():
     torch.testing.assert_close(grouped[flat_groups], torch.zeros_like(grouped[flat_groups]), atol=1e-6, rtol=0)
 
     # Every prompt's completions get the same reward: nothing to learn, nothing non-finite.
-    method = make_rloo(rewards=[RewardSpec("function", function="online_helpers:flat")], normalize_advantages=True)
+    method = make_rloo(rewards=[RewardSpec("function", function="tests.methods.online_helpers:flat")],
+                       normalize_advantages=True)
     fit = trainer(rollouts=1)
     fit.fit(method, datamodule=prompts())
     assert float(fit.callback_metrics["frac_reward_zero_std"]) == 1.0
@@ -125,7 +127,7 @@ class RecordingRLOO(RLOO):
 
 def test_frac_reward_zero_std_is_logged_as_computed():
     pl.seed_everything(0)
-    fn = RewardSpec("function", function="online_helpers:flat_for_the_prompts")
+    fn = RewardSpec("function", function="tests.methods.online_helpers:flat_for_the_prompts")
     bank = BankSpec(model=TOY)
     method = RecordingRLOO(bank=bank, rewards=[fn], kl_coef=0.0, sampling=SamplingConfig(max_new_tokens=8))
     fit = trainer(rollouts=1)

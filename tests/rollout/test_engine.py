@@ -160,7 +160,7 @@ def test_a_models_generation_config_does_not_change_rollouts(tmp_path, tokenizer
 
     from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec
 
-    from _rollout_helpers import TOY
+    from tests.rollout._rollout_helpers import TOY
 
     penalised = tmp_path / "base"
     shutil.copytree(TOY, penalised)

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from _rollout_helpers import TOY, make_rollout
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaForSequenceClassification, PreTrainedTokenizerFast
 
@@ -14,6 +13,8 @@ from lit_rlhf import toy
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec
 from lit_rlhf.rollout import FunctionReward, ModelReward, RewardRequest, Rewards, RewardSpec, load_function
 from lit_rlhf.toy.build import CHAT_TEMPLATE, SPECIAL, tiny_config
+
+from tests.rollout._rollout_helpers import TOY, make_rollout
 
 PROMPTS = ["the book was", "i think the park is", "the food was", "honestly the car felt"]
 COMPLETIONS = ["good great .", "bad and sad .", "it was fun but boring", "very happy ."]
