@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from lit_rlhf.rollout import Rollout, truncate_at_stop
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.paths import REPO
 
 
 class DumpTrainable(pl.Callback):

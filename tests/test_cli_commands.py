@@ -18,7 +18,7 @@ from lit_rlhf.cli import COMMANDS, console, main
 from lit_rlhf.data import DataError
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.paths import REPO
 QUICK = ["--trainer.max_steps", "3", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"]
 EVERY_COMMAND = ["fit", "validate", "test", "export", "best-of-n", "generate", "chat", "evaluate", "report"]
 

@@ -16,7 +16,7 @@ from lit_rlhf.cli import build_cli
 from lit_rlhf.methods import SFT, ExportOnFitEnd, Reward
 from lit_rlhf.methods.ppo import PPO
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.paths import REPO
 EXAMPLES = REPO / "examples"
 
 

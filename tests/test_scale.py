@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -41,8 +40,7 @@ from lit_rlhf.strategies import (
 )
 
 from tests._scale_helpers import assert_same_weights, fit_command, run_all
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.paths import REPO
 
 
 @pytest.fixture(autouse=True)

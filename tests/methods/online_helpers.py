@@ -11,8 +11,8 @@ from lit_rlhf.data import PromptDataModule
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, LoraSpec
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
 
-TOY = "assets/toy/base"
-DATA = "assets/toy/data"
+from tests.paths import TOY_BASE, TOY_DATA
+
 TOY_REWARD = RewardSpec("function", function="lit_rlhf.toy:reward")
 
 
@@ -30,13 +30,13 @@ def make_online(cls, *, rewards=(TOY_REWARD,), max_new_tokens=8, adapters=(), tr
     defaults = dict(learning_rate=3e-3, ppo_epochs=2, num_mini_batches=2, num_samples_per_prompt=4,
                     log_samples_every_n_rollouts=0, sampling=SamplingConfig(max_new_tokens=max_new_tokens))
     defaults.update(kwargs)
-    bank = BankSpec(model=TOY, train_mode=train_mode, adapters=list(adapters))
+    bank = BankSpec(model=TOY_BASE, train_mode=train_mode, adapters=list(adapters))
     bank.lora.r, bank.lora.alpha = 8, 16
     return cls(bank=bank, rewards=list(rewards), **defaults)
 
 
 def prompts(batch_size=4) -> PromptDataModule:
-    return PromptDataModule(train=f"{DATA}/prompt_train.jsonl", val=f"{DATA}/prompt_val.jsonl",
+    return PromptDataModule(train=f"{TOY_DATA}/prompt_train.jsonl", val=f"{TOY_DATA}/prompt_val.jsonl",
                             batch_size=batch_size, max_length=32)
 
 
@@ -89,7 +89,7 @@ def train_and_measure(method, *, rollouts: int = 6, batch_size: int = 8) -> tupl
 def saved_random_adapter(path, name: str, *, head: str | None = None) -> str:
     """Save a LoRA adapter (and head) of the toy base moved off zero: a trained stage's output stand-in."""
     torch.manual_seed(0)
-    bank = AdapterBank(BankSpec(model=TOY, lora=LoraSpec(r=8, alpha=16)), require=[AdapterSpec(name, head=head)])
+    bank = AdapterBank(BankSpec(model=TOY_BASE, lora=LoraSpec(r=8, alpha=16)), require=[AdapterSpec(name, head=head)])
     with torch.no_grad():
         for param_name, p in bank.named_parameters():
             if "lora_B" in param_name:

@@ -4,7 +4,6 @@ load, written atomically."""
 
 import json
 import time
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -17,7 +16,8 @@ from lit_rlhf.methods.best_of_n import BestOfN, best_and_worst, generate_best_of
 from lit_rlhf.toy import score
 from lit_rlhf.toy.evaluate import mean_score
 
-from tests.methods.online_helpers import DATA, make_online, prompts, trainer
+from tests.methods.online_helpers import make_online, prompts, trainer
+from tests.paths import TOY_DATA
 
 
 def make_bon(cls=BestOfN, *, max_new_tokens=10, **kwargs) -> BestOfN:
@@ -95,7 +95,7 @@ def test_best_of_n_raises_the_plain_sampled_score_over_the_reference():
     pl.seed_everything(0)
     method = make_bon()
     method.configure_model()
-    val_prompts = [json.loads(line)["prompt"] for line in Path(f"{DATA}/prompt_val.jsonl").read_text().splitlines()]
+    val_prompts = [json.loads(line)["prompt"] for line in (TOY_DATA / "prompt_val.jsonl").read_text().splitlines()]
 
     def sampled_score(adapter) -> float:
         scores = [mean_score(method.bank, method.tokenizer, val_prompts, adapter=adapter, do_sample=True, seed=s,
@@ -147,7 +147,7 @@ def test_generate_command_writes_preference_jsonl_that_preference_datamodule_loa
     out = tmp_path / "pairs.jsonl"
     bon.main(["--config", "configs/best_of_n.yaml", "--out", str(out), "--format", "preference", "--with_scores"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    train_prompts = {json.loads(line)["prompt"] for line in Path(f"{DATA}/prompt_train.jsonl").read_text().splitlines()}
+    train_prompts = {json.loads(line)["prompt"] for line in (TOY_DATA / "prompt_train.jsonl").read_text().splitlines()}
     assert len(rows) >= 40  # 48 prompts; ties (no preference) are left out
     for row in rows:
         assert row["prompt"] in train_prompts

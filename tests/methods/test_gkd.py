@@ -1,7 +1,6 @@
 """GKD / KD / SeqKD: the loss is the JSD over completion tokens, the completion source follows
 lmbda and seq_kd, the student moves towards the teacher, and the teacher stays frozen and apart."""
 
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -18,9 +17,7 @@ from lit_rlhf.models.spec import TeacherSpec
 from lit_rlhf.rollout import SamplingConfig
 from lit_rlhf.toy.build import build_tokenizer, tiny_config
 
-REPO = Path(__file__).resolve().parents[2]
-TOY = REPO / "assets" / "toy"
-TEACHER = TOY / "teacher"
+from tests.paths import TOY_BASE, TOY_DATA, TOY_TEACHER
 
 
 @pytest.fixture(autouse=True)
@@ -32,15 +29,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def make_gkd(*, teacher: str | None = str(TEACHER), **kwargs) -> GKD:
-    spec = BankSpec(model=str(TOY / "base"), lora=LoraSpec(r=8, alpha=16),
+def make_gkd(*, teacher: str | None = TOY_TEACHER, **kwargs) -> GKD:
+    spec = BankSpec(model=TOY_BASE, lora=LoraSpec(r=8, alpha=16),
                     teacher=TeacherSpec(model=teacher) if teacher else None)
     kwargs.setdefault("sampling", SamplingConfig(max_new_tokens=10))
     return GKD(bank=spec, **kwargs)
 
 
 def sft_data(batch_size: int = 16, **kwargs) -> SFTDataModule:
-    return SFTDataModule(str(TOY / "data" / "sft_train.jsonl"), val=str(TOY / "data" / "sft_val.jsonl"),
+    return SFTDataModule(str(TOY_DATA / "sft_train.jsonl"), val=str(TOY_DATA / "sft_val.jsonl"),
                          batch_size=batch_size, max_length=64, **kwargs)
 
 
@@ -184,7 +181,7 @@ def test_prompt_only_data_trains_on_policy_and_validates_on_teacher_completions(
     pl.seed_everything(0)
     method = make_gkd(lmbda=1.0)
     spy = EngineSpy(method)
-    dm = PromptDataModule(str(TOY / "data" / "prompt_train.jsonl"), val=str(TOY / "data" / "prompt_val.jsonl"),
+    dm = PromptDataModule(str(TOY_DATA / "prompt_train.jsonl"), val=str(TOY_DATA / "prompt_val.jsonl"),
                           batch_size=8, max_length=32)
     fit = trainer(tmp_path, max_epochs=1, limit_train_batches=2, num_sanity_val_steps=0)
     fit.fit(method, dm)
@@ -196,7 +193,7 @@ def test_prompt_only_data_trains_on_policy_and_validates_on_teacher_completions(
 
 def test_prompt_only_data_needs_every_batch_generated(tmp_path):
     method = make_gkd(lmbda=0.5)
-    dm = PromptDataModule(str(TOY / "data" / "prompt_train.jsonl"), batch_size=8, max_length=32)
+    dm = PromptDataModule(str(TOY_DATA / "prompt_train.jsonl"), batch_size=8, max_length=32)
     with pytest.raises(ValueError, match="set lmbda: 1 or seq_kd: true"):
         trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(method, dm)
 
@@ -255,8 +252,8 @@ def test_teacher_is_frozen_unchanged_and_absent_from_checkpoints(tmp_path):
 @pytest.mark.parametrize("teacher_spec", [dict(quantization="4bit"), dict(quantization="8bit"), dict(dtype="bfloat16")])
 def test_quantized_or_bf16_teacher_in_its_own_dtype(tmp_path, teacher_spec):
     pl.seed_everything(0)
-    spec = BankSpec(model=str(TOY / "base"), lora=LoraSpec(r=8, alpha=16),
-                    teacher=TeacherSpec(model=str(TEACHER), **teacher_spec))
+    spec = BankSpec(model=TOY_BASE, lora=LoraSpec(r=8, alpha=16),
+                    teacher=TeacherSpec(model=TOY_TEACHER, **teacher_spec))
     method = GKD(bank=spec, lmbda=0.5, seq_kd=True, learning_rate=1e-2, sampling=SamplingConfig(max_new_tokens=10))
     dm = sft_data()
     before = trainer(tmp_path).validate(method, dm, verbose=False)[0]

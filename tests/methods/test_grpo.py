@@ -16,9 +16,8 @@ from lit_rlhf.models import BankSpec
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
 from lit_rlhf.toy.rules import positive_check
 
-from tests.methods.online_helpers import (
-    TOY, first_batch, make_online, perturbed, prompts, train_and_measure, trainer,
-)
+from tests.methods.online_helpers import first_batch, make_online, perturbed, prompts, train_and_measure, trainer
+from tests.paths import TOY_BASE
 
 RULE_REWARD = RewardSpec("function", function="lit_rlhf.toy.rules:positive_check")
 
@@ -118,7 +117,7 @@ class RecordingGRPO(GRPO):
 
 
 def recording(rewards, **kwargs) -> RecordingGRPO:
-    bank = BankSpec(model=TOY)
+    bank = BankSpec(model=TOY_BASE)
     return RecordingGRPO(bank=bank, rewards=rewards, sampling=SamplingConfig(max_new_tokens=8),
                          log_samples_every_n_rollouts=0, **kwargs)
 

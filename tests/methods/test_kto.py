@@ -2,7 +2,6 @@
 
 import json
 import warnings
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -15,16 +14,15 @@ from lit_rlhf.methods.kto import KTO, weight_balance_advice
 from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.toy.evaluate import mean_score
 
-REPO = Path(__file__).resolve().parents[2]
-TOY = REPO / "assets" / "toy"
+from tests.paths import REPO, TOY_BASE, TOY_DATA
 
 
 def make_kto(**kwargs) -> KTO:
-    return KTO(bank=BankSpec(model=str(TOY / "base"), lora=LoraSpec(r=8, alpha=16)), **kwargs)
+    return KTO(bank=BankSpec(model=TOY_BASE, lora=LoraSpec(r=8, alpha=16)), **kwargs)
 
 
 def unpaired_data(**kwargs) -> UnpairedDataModule:
-    return UnpairedDataModule(str(TOY / "data" / "unpaired_train.jsonl"), val=str(TOY / "data" / "unpaired_val.jsonl"),
+    return UnpairedDataModule(str(TOY_DATA / "unpaired_train.jsonl"), val=str(TOY_DATA / "unpaired_val.jsonl"),
                               max_length=64, **kwargs)
 
 

@@ -12,15 +12,15 @@ from lit_rlhf.methods.sft import SFT
 from lit_rlhf.models import BankSpec, LoraSpec
 
 from tests.methods.online_helpers import make_online, prompts, trainer
+from tests.paths import TOY_BASE, TOY_DATA
 
-TOY = "assets/toy"
 
 
 class FlakySFT(SFT):
     """SFT whose training loss is NaN at the given optimizer steps."""
 
     def __init__(self, nan_steps, **kwargs):
-        super().__init__(bank=BankSpec(model=f"{TOY}/base", lora=LoraSpec(r=4, alpha=8)), **kwargs)
+        super().__init__(bank=BankSpec(model=TOY_BASE, lora=LoraSpec(r=4, alpha=8)), **kwargs)
         self.nan_steps = set(nan_steps)
 
     def nll(self, batch):
@@ -47,7 +47,7 @@ def fit_sft(method, steps, callbacks=()):
     fit = pl.Trainer(accelerator="cpu", max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                      callbacks=list(callbacks))
-    fit.fit(method, SFTDataModule(f"{TOY}/data/sft_train.jsonl", batch_size=4, max_length=48))
+    fit.fit(method, SFTDataModule(TOY_DATA / "sft_train.jsonl", batch_size=4, max_length=48))
     return fit
 
 

@@ -13,8 +13,9 @@ from lit_rlhf.methods.ppo import PPO
 from lit_rlhf.models import AdapterSpec, BankSpec, load_base
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
 
-from tests.methods.online_helpers import (TOY, TOY_REWARD, assert_step_gradient_is_split_invariant, make_online,
-                            perturbed, prompts, saved_random_adapter, train_and_measure, trainer)
+from tests.methods.online_helpers import (TOY_REWARD, assert_step_gradient_is_split_invariant, make_online, perturbed,
+                                          prompts, saved_random_adapter, train_and_measure, trainer)
+from tests.paths import TOY_BASE
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,7 @@ class CountingPPO(PPO):
 
 def test_accumulation_and_clipping_under_manual_optimization():
     pl.seed_everything(0)
-    bank = BankSpec(model=TOY)
+    bank = BankSpec(model=TOY_BASE)
     method = CountingPPO(bank=bank, rewards=[TOY_REWARD], sampling=SamplingConfig(max_new_tokens=6), ppo_epochs=2,
                          num_mini_batches=2, gradient_accumulation_steps=2, max_grad_norm=0.5,
                          num_samples_per_prompt=2, warmup_steps=100, learning_rate=1e-3)
@@ -156,7 +157,7 @@ def test_shared_critic_one_forward_and_the_policy_still_exports_as_a_peft_lm_ada
     assert bank.heads["policy"].linear.weight.requires_grad
     path = method.export(tmp_path / "policy")
     assert (path / "head.safetensors").exists()
-    lm = PeftModel.from_pretrained(load_base(BankSpec(model=TOY)), str(path))  # loads as a plain LM adapter
+    lm = PeftModel.from_pretrained(load_base(BankSpec(model=TOY_BASE)), str(path))  # loads as a plain LM adapter
     assert lm(torch.tensor([[2, 58, 44]])).logits.shape[-1] == bank.model.config.vocab_size
 
 
@@ -236,7 +237,7 @@ def test_qlora_ppo_runs_with_one_copy_of_the_base():
         by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(name)
     assert all(len(names) == 1 for names in by_storage.values()), [n for n in by_storage.values() if len(n) > 1]
     assert any(t.dtype == torch.uint8 for _, t in tensors), "the base should be 4-bit (packed uint8) weights"
-    one_model = load_base(BankSpec(model=TOY, train_mode="qlora"))
+    one_model = load_base(BankSpec(model=TOY_BASE, train_mode="qlora"))
     one_model_bytes = sum(t.numel() * t.element_size() for t in list(one_model.parameters()) + list(one_model.buffers()))
     assert sum(t.numel() * t.element_size() for _, t in tensors) == one_model_bytes
 

@@ -18,7 +18,8 @@ from lit_rlhf.methods import DPO, GRPO, PPO
 from lit_rlhf.models import AdapterSpec, BankSpec, LoraSpec
 from lit_rlhf.toy.families import FAMILIES, build_tiny
 
-from tests.methods.online_helpers import TOY, first_batch, make_online, prompts, saved_random_adapter, trainer
+from tests.methods.online_helpers import first_batch, make_online, prompts, saved_random_adapter, trainer
+from tests.paths import TOY_BASE
 
 TRAIN = "assets/toy/data/preference_train.jsonl"
 VAL = "assets/toy/data/preference_val.jsonl"
@@ -48,7 +49,7 @@ def quiet_trainer(tmp_path, **kwargs) -> pl.Trainer:
 
 def dpo_step_calls(tmp_path, train_mode: str, checkpointing: bool) -> int:
     pl.seed_everything(0)
-    method = DPO(learning_rate=1e-3, bank=BankSpec(model=TOY, train_mode=train_mode, lora=LoraSpec(r=4),
+    method = DPO(learning_rate=1e-3, bank=BankSpec(model=TOY_BASE, train_mode=train_mode, lora=LoraSpec(r=4),
                                                    gradient_checkpointing=checkpointing))
     calls = recompute_counter(method)
     quiet_trainer(tmp_path, max_steps=1).fit(method, PreferenceDataModule(train=TRAIN, batch_size=4, max_length=64))

@@ -15,9 +15,9 @@ from lit_rlhf.models import BankSpec
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
 
 from tests.methods.online_helpers import (
-    TOY, assert_step_gradient_is_split_invariant, first_batch, make_online, perturbed, prompts, train_and_measure,
-    trainer,
+    assert_step_gradient_is_split_invariant, first_batch, make_online, perturbed, prompts, train_and_measure, trainer,
 )
+from tests.paths import TOY_BASE
 
 
 def make_rloo(**kwargs) -> RLOO:
@@ -128,7 +128,7 @@ class RecordingRLOO(RLOO):
 def test_frac_reward_zero_std_is_logged_as_computed():
     pl.seed_everything(0)
     fn = RewardSpec("function", function="tests.methods.online_helpers:flat_for_the_prompts")
-    bank = BankSpec(model=TOY)
+    bank = BankSpec(model=TOY_BASE)
     method = RecordingRLOO(bank=bank, rewards=[fn], kl_coef=0.0, sampling=SamplingConfig(max_new_tokens=8))
     fit = trainer(rollouts=1)
     fit.fit(method, datamodule=prompts(batch_size=8))

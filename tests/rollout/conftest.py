@@ -5,15 +5,15 @@ import torch
 
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer
 
-from tests.rollout._rollout_helpers import TOY
+from tests.paths import TOY_BASE
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_tokenizer(BankSpec(model=TOY))
+    return load_tokenizer(BankSpec(model=TOY_BASE))
 
 
 @pytest.fixture(scope="module")
 def bank():
     torch.manual_seed(0)
-    return AdapterBank(BankSpec(model=TOY, adapters=[AdapterSpec("policy"), AdapterSpec("other")])).eval()
+    return AdapterBank(BankSpec(model=TOY_BASE, adapters=[AdapterSpec("policy"), AdapterSpec("other")])).eval()

@@ -14,7 +14,8 @@ from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec
 from lit_rlhf.rollout import FunctionReward, ModelReward, RewardRequest, Rewards, RewardSpec, load_function
 from lit_rlhf.toy.build import CHAT_TEMPLATE, SPECIAL, tiny_config
 
-from tests.rollout._rollout_helpers import TOY, make_rollout
+from tests.paths import TOY_BASE
+from tests.rollout._rollout_helpers import make_rollout
 
 PROMPTS = ["the book was", "i think the park is", "the food was", "honestly the car felt"]
 COMPLETIONS = ["good great .", "bad and sad .", "it was fun but boring", "very happy ."]
@@ -96,7 +97,7 @@ def test_running_normalisation_by_hand(tokenizer, length_module):
 def reward_adapter(tmp_path_factory):
     """A saved score adapter on the toy base, with normalisation statistics in its lit_rlhf.json."""
     torch.manual_seed(0)
-    bank = AdapterBank(BankSpec(model=TOY, adapters=[AdapterSpec("reward", head="score")]))
+    bank = AdapterBank(BankSpec(model=TOY_BASE, adapters=[AdapterSpec("reward", head="score")]))
     with torch.no_grad():
         for name, p in bank.named_parameters():
             if "lora_B" in name:
@@ -107,7 +108,7 @@ def reward_adapter(tmp_path_factory):
 
 
 def test_reward_adapter_on_the_bank_restores_the_policy(tokenizer, reward_adapter):
-    bank = AdapterBank(BankSpec(model=TOY, adapters=[AdapterSpec("policy"),
+    bank = AdapterBank(BankSpec(model=TOY_BASE, adapters=[AdapterSpec("policy"),
                                                      AdapterSpec("reward", path=reward_adapter, trainable=False)]),
                        require=[AdapterSpec("reward", head="score")]).eval()
     rewards = Rewards([RewardSpec("adapter", adapter="reward")])
@@ -176,7 +177,7 @@ def test_separate_reward_adapter_dir_scores_like_the_same_adapter_on_the_bank(to
     req = request(tokenizer, [True, False, True, True])
     separate = ModelReward(reward_adapter)  # its base is read from adapter_config.json
     separate.setup()
-    bank = AdapterBank(BankSpec(model=TOY, adapters=[AdapterSpec("reward", path=reward_adapter, trainable=False,
+    bank = AdapterBank(BankSpec(model=TOY_BASE, adapters=[AdapterSpec("reward", path=reward_adapter, trainable=False,
                                                                  head="score")])).eval()
     r = req.rollout
     with torch.no_grad():
