@@ -1,5 +1,5 @@
-"""What the online-method tests (PPO, RLOO, GRPO, best-of-n) share: the toy assets, a small
-method on them, the prompt data, a short Trainer, and a policy moved off the reference."""
+"""What the online-method tests (PPO, RLOO, GRPO, best-of-n) share: a small method on the toy base,
+the prompt data, a short Trainer, a policy moved off the reference, and a batch padded with garbage."""
 
 from __future__ import annotations
 
@@ -133,3 +133,31 @@ def greedy_and_sampled_scores(method) -> tuple[float, float, float, float]:
     return (mean_score(bank, tokenizer, held_out, adapter=None), mean_score(bank, tokenizer, held_out, adapter="policy"),
             mean_score(bank, tokenizer, held_out * 4, adapter=None, do_sample=True),
             mean_score(bank, tokenizer, held_out * 4, adapter="policy", do_sample=True))
+
+
+def padded(batch, extra: int):
+    """The same rows with ``extra`` more response columns and garbage in every padded position of the
+    ids and the old and reference log-probs (a reference that is ``None`` stays ``None``)."""
+    rollout = batch.rollout
+    rows = rollout.response_ids.shape[0]
+    response_ids = torch.cat([rollout.response_ids, torch.randint(5, 50, (rows, extra))], dim=1)
+    mask = torch.cat([rollout.response_mask, torch.zeros(rows, extra, dtype=torch.long)], dim=1)
+    response_ids = torch.where(mask.bool(), response_ids, torch.randint(5, 50, response_ids.shape))
+
+    def junk(t):
+        if t is None:
+            return None
+        t = torch.cat([t, torch.zeros(rows, extra)], dim=1)
+        return torch.where(mask.bool(), t, torch.empty_like(t).uniform_(-6.0, 3.0))
+
+    return batch._replace(rollout=rollout._replace(response_ids=response_ids, response_mask=mask),
+                          old_logprobs=junk(batch.old_logprobs), ref_logprobs=junk(batch.ref_logprobs))
+
+
+def loss_and_grads(method, batch):
+    """The policy loss of ``batch`` and the gradient of every parameter it reaches."""
+    method.bank.zero_grad(set_to_none=True)
+    loss, _ = method.policy_loss(batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in method.bank.named_parameters() if p.grad is not None}
+    return loss.detach(), grads

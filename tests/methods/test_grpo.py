@@ -16,7 +16,9 @@ from lit_rlhf.models import BankSpec
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
 from lit_rlhf.toy.rules import positive_check
 
-from tests.methods.online_helpers import first_batch, make_online, perturbed, prompts, train_and_measure, trainer
+from tests.methods.online_helpers import (
+    first_batch, loss_and_grads, make_online, padded, perturbed, prompts, train_and_measure, trainer,
+)
 from tests.paths import TOY_BASE
 
 RULE_REWARD = RewardSpec("function", function="lit_rlhf.toy.rules:positive_check")
@@ -64,32 +66,6 @@ def test_beta_zero_skips_the_reference_forward_and_beta_adds_the_k3_term():
                          epsilon=0.2, epsilon_high=0.28, beta=0.1, ref_logprobs=batch.ref_logprobs, loss_type="bnpo")
     torch.testing.assert_close(loss.detach(), expected.loss)
     assert metrics["objective/kl"] > 0
-
-
-def padded(batch, extra: int):
-    """The same rows with ``extra`` more response columns and garbage in every padded position."""
-    rollout = batch.rollout
-    rows = rollout.response_ids.shape[0]
-    response_ids = torch.cat([rollout.response_ids, torch.randint(5, 50, (rows, extra))], dim=1)
-    mask = torch.cat([rollout.response_mask, torch.zeros(rows, extra, dtype=torch.long)], dim=1)
-    response_ids = torch.where(mask.bool(), response_ids, torch.randint(5, 50, response_ids.shape))
-
-    def junk(t):
-        if t is None:
-            return None
-        t = torch.cat([t, torch.zeros(rows, extra)], dim=1)
-        return torch.where(mask.bool(), t, torch.empty_like(t).uniform_(-6.0, 3.0))
-
-    return batch._replace(rollout=rollout._replace(response_ids=response_ids, response_mask=mask),
-                          old_logprobs=junk(batch.old_logprobs), ref_logprobs=junk(batch.ref_logprobs))
-
-
-def loss_and_grads(method, batch):
-    method.bank.zero_grad(set_to_none=True)
-    loss, _ = method.policy_loss(batch)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in method.bank.named_parameters() if p.grad is not None}
-    return loss.detach(), grads
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])

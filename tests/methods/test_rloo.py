@@ -15,7 +15,8 @@ from lit_rlhf.models import BankSpec
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
 
 from tests.methods.online_helpers import (
-    assert_step_gradient_is_split_invariant, first_batch, make_online, perturbed, prompts, train_and_measure, trainer,
+    assert_step_gradient_is_split_invariant, first_batch, loss_and_grads, make_online, padded, perturbed, prompts,
+    train_and_measure, trainer,
 )
 from tests.paths import TOY_BASE
 
@@ -51,31 +52,6 @@ def test_no_reference_forward_without_a_kl_term():
     assert scored.ref_logprobs is None
     loss, _ = method.policy_loss(method.select(scored, method.compute_advantages(scored), torch.arange(4)))
     assert torch.isfinite(loss)
-
-
-def padded(batch, extra: int):
-    """The same rows with ``extra`` more response columns and garbage in every padded position."""
-    rollout = batch.rollout
-    rows = rollout.response_ids.shape[0]
-    garbage_ids = torch.randint(5, 50, (rows, extra))
-    response_ids = torch.cat([rollout.response_ids, garbage_ids], dim=1)
-    mask = torch.cat([rollout.response_mask, torch.zeros(rows, extra, dtype=torch.long)], dim=1)
-    response_ids = torch.where(mask.bool(), response_ids, torch.randint(5, 50, response_ids.shape))
-
-    def junk(t):
-        t = torch.cat([t, torch.zeros(rows, extra)], dim=1)
-        return torch.where(mask.bool(), t, torch.empty_like(t).uniform_(-6.0, 3.0))
-
-    return batch._replace(rollout=rollout._replace(response_ids=response_ids, response_mask=mask),
-                          old_logprobs=junk(batch.old_logprobs), ref_logprobs=junk(batch.ref_logprobs))
-
-
-def loss_and_grads(method, batch):
-    method.bank.zero_grad(set_to_none=True)
-    loss, _ = method.policy_loss(batch)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in method.bank.named_parameters() if p.grad is not None}
-    return loss.detach(), grads
 
 
 @pytest.mark.parametrize("kl_in_reward", [True, False])
