@@ -11,12 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from lit_rlhf.cli import build_cli
 from lit_rlhf.methods import SFT, ExportOnFitEnd, Reward
 from lit_rlhf.methods.ppo import PPO
 
 from tests.paths import REPO
+
 EXAMPLES = REPO / "examples"
 
 
