@@ -66,7 +66,7 @@ def request(tokenizer):
     return RewardRequest(prompts, COMPLETIONS, make_rollout(tokenizer, prompts, COMPLETIONS))
 
 
-@pytest.mark.parametrize("name, message", [
+FAULTS = [
     ("raises", r"reward function 'tests\.rollout\.test_reward_faults:raises' raised ZeroDivisionError: "
                r"float division by zero"),
     ("one_short", r"'tests\.rollout\.test_reward_faults:one_short' returned 3 values for 4 completions"),
@@ -82,7 +82,10 @@ def request(tokenizer):
               r"first at row 2 \(nan for completion 'it was fun but boring'\).*nonfinite: skip"),
     ("an_inf", r"'tests\.rollout\.test_reward_faults:an_inf' returned a non-finite score for 1 of 4 completions, "
                r"first at row 1 \(-inf"),
-])
+]
+
+
+@pytest.mark.parametrize("name, message", FAULTS, ids=[name for name, _ in FAULTS])
 def test_each_fault_is_one_error_naming_the_function_and_the_problem(tokenizer, name, message):
     rewards = Rewards([RewardSpec("function", function=f"tests.rollout.test_reward_faults:{name}")])
     with pytest.raises(RewardError, match=message) as info:
