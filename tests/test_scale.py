@@ -205,6 +205,7 @@ def _compare_with_one_process(tmp_path, config, strategy, *, per_rank_batch, ste
     return one, rank0
 
 
+@pytest.mark.slow  # three processes at once: the longest default test (55 s on 2 busy cores), slow as its siblings
 def test_fsdp_dpo_on_two_processes_matches_one_process(tmp_path):
     one, _ = _compare_with_one_process(tmp_path, "dpo", "fsdp", per_rank_batch=4, steps=3)
     # The weights moved: equal initial weights would make the comparison empty.

@@ -141,6 +141,7 @@ def test_cli_fit_with_the_shipped_config(tmp_path):
     assert seconds < 120
 
 
+@pytest.mark.slow  # GRPO's convergence fit stands for the group-baseline family in the default suite
 def test_rloo_raises_the_ground_truth_score_on_held_out_prompts():
     """Six rollouts of 8 prompts x 4 samples move the sampled held-out score from about 0 to about 0.74
     (0.73-0.76 over seeds 0-4, about a second of training on one CPU thread); the test asserts a margin of 0.4."""
