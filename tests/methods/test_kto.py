@@ -157,6 +157,8 @@ def test_bad_unpaired_row_fails_before_training(tmp_path, monkeypatch, row, fiel
     assert not root.exists()
 
 
+# The toy data is unbalanced at the default weights; test_fit_start_warns_once_when_unbalanced checks the warning.
+@pytest.mark.filterwarnings("ignore:KTO class balance:UserWarning")
 def test_apo_zero_unpaired_skips_the_kl_rows_and_precomputed_reference_matches_live(tmp_path):
     """apo_zero_unpaired never runs the mismatched KL rows; with precompute_ref_logps the reference
     log-probs come from the batch and equal the live reference's."""
