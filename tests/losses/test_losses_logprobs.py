@@ -8,7 +8,6 @@ from lit_rlhf.losses import entropy_from_logits, sequence_logps, token_logps
 from tests.losses._losses_hand import close
 
 
-
 def test_token_logps_by_hand():
     logits = torch.tensor([[[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]]])
     labels = torch.tensor([[2, 1]])

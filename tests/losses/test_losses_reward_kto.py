@@ -6,7 +6,6 @@ from lit_rlhf.losses import bradley_terry_loss, kto_kl_estimate, kto_loss
 from tests.losses._losses_hand import close, logsig, sig, t
 
 
-
 def test_bradley_terry_by_hand():
     rc, rr = t([2.0, 0.5], True), t([1.0, 1.5], True)
     out = bradley_terry_loss(rc, rr)

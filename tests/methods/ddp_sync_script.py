@@ -103,7 +103,7 @@ def main(out: Path) -> None:
     kto = ProbeKTO(bank=bank, learning_rate=1e-2, weight_decay=0.1, desirable_weight=1.5)
     kto.record = []
     fit = trainer(steps=3)
-    fit.fit(kto, datamodule=UnpairedDataModule(TOY_DATA / "unpaired_train.jsonl", batch_size=4, max_length=48))
+    fit.fit(kto, datamodule=UnpairedDataModule(str(TOY_DATA / "unpaired_train.jsonl"), batch_size=4, max_length=48))
 
     pl.seed_everything(0)
     ppo = ProbePPO(bank=bank, learning_rate=1e-2, rewards=[RewardSpec("function", function="lit_rlhf.toy:reward",
@@ -112,7 +112,7 @@ def main(out: Path) -> None:
                    adaptive_kl=True, kl_coef=KL_COEF, kl_target=KL_TARGET, kl_horizon=KL_HORIZON, log_samples_every_n_rollouts=0)
     ppo.record, ppo.losses_seen = [], 0
     fit = trainer(steps=2)
-    fit.fit(ppo, datamodule=PromptDataModule(TOY_DATA / "prompt_train.jsonl", batch_size=2, max_length=32))
+    fit.fit(ppo, datamodule=PromptDataModule(str(TOY_DATA / "prompt_train.jsonl"), batch_size=2, max_length=32))
 
     torch.save({"kto": kto.record, "kto_weights": trainable(kto), "kto_skipped": kto.skipped_nonfinite,
                 "ppo": ppo.record, "ppo_weights": trainable(ppo), "ppo_skipped": ppo.skipped_nonfinite},

@@ -1,7 +1,6 @@
 """GKD / KD / SeqKD: the loss is the JSD over completion tokens, the completion source follows
 lmbda and seq_kd, the student moves towards the teacher, and the teacher stays frozen and apart."""
 
-
 import lightning.pytorch as pl
 import pytest
 import torch

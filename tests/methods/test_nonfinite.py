@@ -15,7 +15,6 @@ from tests.methods.online_helpers import make_online, prompts, trainer
 from tests.paths import TOY_BASE, TOY_DATA
 
 
-
 class FlakySFT(SFT):
     """SFT whose training loss is NaN at the given optimizer steps."""
 
@@ -47,7 +46,7 @@ def fit_sft(method, steps, callbacks=()):
     fit = pl.Trainer(accelerator="cpu", max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                      callbacks=list(callbacks))
-    fit.fit(method, SFTDataModule(TOY_DATA / "sft_train.jsonl", batch_size=4, max_length=48))
+    fit.fit(method, SFTDataModule(str(TOY_DATA / "sft_train.jsonl"), batch_size=4, max_length=48))
     return fit
 
 
