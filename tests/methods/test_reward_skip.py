@@ -26,7 +26,7 @@ def always_nan(prompts, completions):
 
 def _grpo(function: str, **spec):
     return make_online(GRPO, rewards=[RewardSpec("function", function=f"test_reward_skip:{function}", **spec)],
-                       num_samples_per_prompt=2, ppo_epochs=1, num_mini_batches=1)
+                       num_samples_per_prompt=2, update_epochs=1, num_mini_batches=1)
 
 
 def _lora(method) -> dict[str, torch.Tensor]:
