@@ -34,6 +34,7 @@ from abc import ABCMeta, abstractmethod
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -153,6 +154,40 @@ def sampled_entropy(scored: ScoredRollout) -> torch.Tensor:
     return (-scored.old_logprobs * scored.rollout.response_mask).sum(dim=1).mean()
 
 
+# -- the update's settings -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpdateArgs:
+    """How step 5 optimises each rollout (after litgpt's ``TrainArgs``). A method takes these as flat
+    arguments of the same names (so configs and ``--model.init_args.num_mini_batches`` stay flat);
+    ``OnlineMethod`` groups and checks them here.
+
+    Attributes:
+        update_epochs: passes over each rollout (cleanrl's name; GRPO's μ; TRL's ``num_ppo_epochs``
+            or ``num_iterations``). Formerly ``ppo_epochs``: every online method takes them.
+        num_mini_batches: optimizer steps per pass; each takes ``rows / num_mini_batches`` rows of the rollout.
+        gradient_accumulation_steps: micro-batches per mini-batch (backward each, step once); manual
+            optimization's stand-in for the Trainer's ``accumulate_grad_batches``.
+        max_grad_norm: clip the gradient norm of each optimizer step to this; ``None`` for no clipping;
+            the stand-in for the Trainer's ``gradient_clip_val``.
+    """
+
+    update_epochs: int = 1
+    num_mini_batches: int = 1
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("update_epochs", "num_mini_batches", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def optimizer_steps(self, rollouts: int) -> int:
+        """Optimizer steps of ``rollouts`` rollouts."""
+        return rollouts * self.update_epochs * self.num_mini_batches
+
+
 # -- the base ------------------------------------------------------------------------------------
 
 
@@ -175,11 +210,8 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
             the same ``max_new_tokens``).
         engine: the rollout engine's registered name (``hf``, ``hf_static``, or one you register).
         num_samples_per_prompt: responses sampled per prompt (``k``; RLOO and GRPO need ``k >= 2``).
-        update_epochs: passes of the update over each rollout (cleanrl's name; GRPO's μ, TRL's
-            ``num_ppo_epochs`` / ``num_iterations``).
-        num_mini_batches: optimizer steps per pass; each takes ``B / num_mini_batches`` rows.
-        gradient_accumulation_steps: micro-batches per mini-batch (backward each, step once).
-        max_grad_norm: clip the gradient norm of each step to this; ``None`` for no clipping.
+        update_epochs, num_mini_batches, gradient_accumulation_steps, max_grad_norm: the update's
+            settings, documented and checked by ``UpdateArgs`` (``self.update_args``).
         reward_clip: clip the combined reward to ``[-reward_clip, reward_clip]``.
         missing_eos_penalty: subtracted from the reward of responses cut at ``max_new_tokens``.
         missing_eos_score: replaces the reward of such responses.
@@ -221,12 +253,12 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
             raise ValueError(
                 "an online method needs reward sources, e.g. rewards: [{kind: function, function: 'lit_rlhf.toy:reward'}]"
             )
-        update_epochs = resolve_update_epochs(update_epochs, ppo_epochs)
-        for name, value in (("num_samples_per_prompt", num_samples_per_prompt), ("update_epochs", update_epochs),
-                            ("num_mini_batches", num_mini_batches),
-                            ("gradient_accumulation_steps", gradient_accumulation_steps)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        if num_samples_per_prompt < 1:
+            raise ValueError(f"num_samples_per_prompt must be >= 1, got {num_samples_per_prompt}")
+        self.update_args = UpdateArgs(update_epochs=resolve_update_epochs(update_epochs, ppo_epochs),
+                                      num_mini_batches=num_mini_batches,
+                                      gradient_accumulation_steps=gradient_accumulation_steps,
+                                      max_grad_norm=max_grad_norm)
         self.automatic_optimization = False
         self.reward_specs = [RewardSpec(**r) if isinstance(r, dict) else r for r in rewards]
         self.sampling = sampling or SamplingConfig()
@@ -235,10 +267,6 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
                                missing_eos_score=missing_eos_score)
         self.engine = build_engine(engine)
         self.num_samples_per_prompt = num_samples_per_prompt
-        self.update_epochs = update_epochs
-        self.num_mini_batches = num_mini_batches
-        self.gradient_accumulation_steps = gradient_accumulation_steps
-        self.max_grad_norm = max_grad_norm
         self.log_samples_every_n_rollouts = log_samples_every_n_rollouts
         self.num_logged_samples = num_logged_samples
         self.rollout_count = 0
@@ -448,7 +476,7 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         sums: dict[str, float] = defaultdict(float)
         count = skipped = 0
         loss_mask = self.loss_mask(scored.rollout)
-        for _ in range(self.update_epochs):
+        for _ in range(self.update_args.update_epochs):
             for micros in self.mini_batches(rows, scored.scores.device):
                 step_rows = sum(m.numel() for m in micros)
                 step_tokens = self.step_token_count(loss_mask[torch.cat(micros)])
@@ -475,8 +503,9 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
                     skipped += 1
                     self.count_skipped_step()
                     continue
-                if self.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                if self.update_args.max_grad_norm is not None:
+                    self.clip_gradients(optimizer, gradient_clip_val=self.update_args.max_grad_norm,
+                                        gradient_clip_algorithm="norm")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if scheduler is not None:
@@ -491,8 +520,9 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         Groups of ``rows_kept_together`` consecutive rows stay in one micro-batch."""
         group = self.rows_kept_together
         within = torch.arange(group, device=device)
-        for mini in torch.randperm(rows // group, device=device).tensor_split(self.num_mini_batches):
-            micros = [(m[:, None] * group + within).reshape(-1) for m in mini.tensor_split(self.gradient_accumulation_steps)]
+        args = self.update_args
+        for mini in torch.randperm(rows // group, device=device).tensor_split(args.num_mini_batches):
+            micros = [(m[:, None] * group + within).reshape(-1) for m in mini.tensor_split(args.gradient_accumulation_steps)]
             micros = [m for m in micros if m.numel()]
             if micros:
                 yield micros
@@ -594,18 +624,27 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
 
     def check_rollout_split(self, batch_size: int) -> None:
         """A rollout of ``batch_size`` prompts must split into equal mini- and micro-batches."""
-        rows, parts = batch_size * self.num_samples_per_prompt, self.num_mini_batches * self.gradient_accumulation_steps
+        args = self.update_args
+        rows, parts = batch_size * self.num_samples_per_prompt, args.num_mini_batches * args.gradient_accumulation_steps
         if rows % parts:
             raise ValueError(
                 f"a rollout of batch_size={batch_size} prompts x num_samples_per_prompt={self.num_samples_per_prompt} "
-                f"= {rows} rows does not split into num_mini_batches={self.num_mini_batches} x "
-                f"gradient_accumulation_steps={self.gradient_accumulation_steps} = {parts} equal parts; make {rows} a "
+                f"= {rows} rows does not split into num_mini_batches={args.num_mini_batches} x "
+                f"gradient_accumulation_steps={args.gradient_accumulation_steps} = {parts} equal parts; make {rows} a "
                 f"multiple of {parts}"
             )
 
     def total_optimizer_steps(self) -> int:
-        rollouts = max(1, int(self.trainer.estimated_stepping_batches))
-        return rollouts * self.update_epochs * self.num_mini_batches
+        return self.update_args.optimizer_steps(max(1, int(self.trainer.estimated_stepping_batches)))
+
+    # lit_rlhf.strategies reads these two of any method (DeepSpeed takes over clipping and accumulation).
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.update_args.gradient_accumulation_steps
+
+    @property
+    def max_grad_norm(self) -> float | None:
+        return self.update_args.max_grad_norm
 
     # -- validation: greedy responses to held-out prompts, scored -----------------------------------
 
