@@ -19,13 +19,14 @@ next-token distributions at ``temperature``, averaged over the completion tokens
     lmbda = 1                   pure on-policy GKD
     0 < lmbda < 1               the paper's mixture        (configs/gkd.yaml)
 
-The teacher is a role of the bank (``bank.teacher()``): the separate frozen model of
-``BankSpec.teacher`` (its own dtype, optionally 4/8-bit), or, when that is ``None``, the base
-without adapters (distilling the base back into an adapter). The bank checks that teacher and
+The teacher is a role of the bank (``bank.teacher()``; the engine samples it with
+``teacher=True``): the separate frozen model of ``BankSpec.teacher`` (its own dtype, optionally
+4/8-bit), or, when that is ``None``, the base without adapters (distilling the base back into an
+adapter). The bank checks that teacher and
 student share a tokenizer when it is built, before any step.
 
-Optimization is AUTOMATIC, although DESIGN.md lists on-policy GKD with the manual methods: GKD
-makes exactly one optimizer step per batch (no PPO epochs over a rollout), so generating under
+Optimization is AUTOMATIC, unlike the online methods that also generate inside the step: GKD
+makes exactly one optimizer step per batch (no update epochs over a rollout), so generating under
 ``no_grad`` inside ``training_step`` and returning a normal loss is all it needs, and it keeps
 the Trainer's ``gradient_clip_val``, ``accumulate_grad_batches``, precision plugins and LR
 scheduler stepping working unchanged (manual optimization would have to re-implement them).
