@@ -9,7 +9,7 @@ from lit_rlhf.methods.gkd import GKD
 from lit_rlhf.methods.grpo import GRPO
 from lit_rlhf.methods.kto import KTO
 from lit_rlhf.methods.kl_control import AdaptiveKLController, FixedKLController
-from lit_rlhf.methods.online import Advantages, MiniBatch, OnlineMethod, PolicyOutput, ScoredRollout, UpdateArgs
+from lit_rlhf.methods.online import MiniBatch, OnlineMethod, PolicyOutput, ScoredRollout, UpdateArgs
 from lit_rlhf.methods.online_dpo import OnlineDPO
 from lit_rlhf.methods.ppo import PPO
 from lit_rlhf.methods.reward import Reward, RewardScorer, score_texts
@@ -18,7 +18,6 @@ from lit_rlhf.methods.sft import SFT
 
 __all__ = [
     "AdaptiveKLController",
-    "Advantages",
     "AtomicCheckpointIO",
     "BankMethod",
     "BestOfN",

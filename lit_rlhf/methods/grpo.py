@@ -46,7 +46,7 @@ Metrics (TRL's names): ``objective/scores`` (TRL ``reward``), ``reward_std``,
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -62,8 +62,18 @@ from lit_rlhf.losses import (
     masked_mean,
     resolve_scale_rewards,
 )
-from lit_rlhf.methods.online import Advantages, MiniBatch, OnlineMethod, ScoredRollout, sampled_entropy
+from lit_rlhf.methods.online import MiniBatch, OnlineMethod, ScoredRollout, sampled_entropy
 from lit_rlhf.rollout import Rollout
+
+
+class GRPOTargets(NamedTuple):
+    """What GRPO's loss reads of a rollout.
+
+    Attributes:
+        advantages: ``(B,)`` each response's group-relative advantage (0 for a flat group).
+    """
+
+    advantages: torch.Tensor
 
 
 class GRPO(OnlineMethod):
@@ -146,12 +156,12 @@ class GRPO(OnlineMethod):
 
     # -- advantages -----------------------------------------------------------------------------------
 
-    def compute_advantages(self, scored: ScoredRollout) -> Advantages:
+    def compute_advantages(self, scored: ScoredRollout) -> GRPOTargets:
         # The batch std is over the rollout of every rank, as one process holding it (and TRL) computes it.
         batch_std = all_rows(scored.scores).std() if self.scale_rewards == "batch" else None
         advantages, _ = group_advantages(scored.scores, self.num_samples_per_prompt, scale_rewards=self.scale_rewards,
                                          eps=self.eps, batch_std=batch_std)
-        return Advantages(advantages=advantages)
+        return GRPOTargets(advantages=advantages)
 
     def loss_mask(self, rollout: Rollout) -> torch.Tensor:
         if not self.mask_truncated_completions:
@@ -159,7 +169,7 @@ class GRPO(OnlineMethod):
         # DAPO's overlong filtering: a response cut at max_new_tokens was not judged on what it meant to say.
         return rollout.response_mask * rollout.ended.unsqueeze(1).to(rollout.response_mask.dtype)
 
-    def rollout_metrics(self, scored: ScoredRollout, targets: Advantages) -> dict:
+    def rollout_metrics(self, scored: ScoredRollout, targets: GRPOTargets) -> dict:
         k = self.num_samples_per_prompt
         return {
             **super().rollout_metrics(scored, targets),

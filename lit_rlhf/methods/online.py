@@ -94,16 +94,6 @@ class ScoredRollout(NamedTuple):
         )
 
 
-class Advantages(NamedTuple):
-    """Targets of a method whose loss reads one advantage per response (GRPO).
-
-    Attributes:
-        advantages: ``(B,)``.
-    """
-
-    advantages: torch.Tensor
-
-
 class MiniBatch(NamedTuple):
     """The rows of one micro-batch; ``b`` rows, ``T`` response tokens.
 
@@ -197,7 +187,7 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
     Subclasses implement:
 
     - ``compute_advantages(scored: ScoredRollout) -> NamedTuple``: the named per-row tensors (first
-      dim ``B``) the loss reads, e.g. ``Advantages(advantages=...)``; no logging, no state change.
+      dim ``B``) the loss reads, e.g. ``GRPOTargets(advantages=...)``; no logging, no state change.
     - ``rollout_metrics(scored, targets) -> dict``: their rollout metrics added to the shared ones
       (``super().rollout_metrics``), taken before the KL controller moves.
     - ``policy_loss(batch: MiniBatch) -> tuple[Tensor, dict[str, Tensor]]``: the scalar loss of a
