@@ -250,7 +250,7 @@ def test_online_two_processes_match_one_process(tmp_path, config):
             "--model.init_args.max_grad_norm", "0.02"]  # below the gradient norm (about 0.1): every step clips
     if config == "grpo":
         args += ["--model.init_args.scale_rewards", "batch"]  # the one advantage piece that is not group-local
-    # Two rollouts of ppo_epochs 2 optimizer steps each.
+    # Two rollouts of update_epochs 2 optimizer steps each.
     one, _ = _compare_with_one_process(tmp_path, config, "ddp", per_rank_batch=2, steps=4, args=args,
                                        callbacks=["tests._scale_helpers.SeedSamplesByPrompt"])
     assert any(v.abs().max() > 0 for k, v in one["state"].items() if "lora_B" in k)

@@ -80,7 +80,7 @@ class ProbePPO(PPO):
         return loss, metrics
 
     def compute_advantages(self, scored):
-        self.raw_scores = next(iter(scored.raw_scores.values())).tolist()
+        self.raw_scores = next(iter(scored.per_source.values())).tolist()
         self.local_kl = (kl_penalty(scored.old_logprobs, scored.ref_logprobs) * scored.rollout.response_mask).sum(1).tolist()
         return super().compute_advantages(scored)
 

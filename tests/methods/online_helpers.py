@@ -27,7 +27,7 @@ def flat(prompts, completions):
 
 def make_online(cls, *, rewards=(TOY_REWARD,), max_new_tokens=8, adapters=(), train_mode="lora", **kwargs):
     """``cls`` on the toy base with small LoRA adapters and the options the tests share."""
-    defaults = dict(learning_rate=3e-3, ppo_epochs=2, num_mini_batches=2, num_samples_per_prompt=4,
+    defaults = dict(learning_rate=3e-3, update_epochs=2, num_mini_batches=2, num_samples_per_prompt=4,
                     log_samples_every_n_rollouts=0, sampling=SamplingConfig(max_new_tokens=max_new_tokens))
     defaults.update(kwargs)
     bank = BankSpec(model=TOY_BASE, train_mode=train_mode, adapters=list(adapters))

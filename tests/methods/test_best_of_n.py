@@ -12,7 +12,7 @@ import torch
 from lit_rlhf.cli import main as cli_main
 from lit_rlhf.data import PreferenceDataModule, SFTDataModule
 from lit_rlhf.methods import best_of_n as bon
-from lit_rlhf.methods.best_of_n import BestOfN, best_and_worst, generate_best_of_n, write_jsonl_atomic
+from lit_rlhf.methods.best_of_n import BestOfN, BestOfNTargets, best_and_worst, generate_best_of_n, write_jsonl_atomic
 from lit_rlhf.toy import score
 from lit_rlhf.toy.evaluate import mean_score
 
@@ -46,14 +46,14 @@ class RecordingBestOfN(BestOfN):
 
     def policy_loss(self, batch):
         self.updated.append(batch.rollout.response_ids)
-        self.trained.append(batch.rollout.response_ids[batch.data["weight"] > 0])
+        self.trained.append(batch.rollout.response_ids[batch.targets.weight > 0])
         return super().policy_loss(batch)
 
 
 @pytest.mark.parametrize("min_score", [None, 0.5])  # 0.5: some prompts below it, some above
 def test_a_step_takes_sft_steps_on_each_prompts_best_sample_only(min_score):
     pl.seed_everything(0)
-    method = make_bon(RecordingBestOfN, min_score=min_score, ppo_epochs=1, num_mini_batches=1)
+    method = make_bon(RecordingBestOfN, min_score=min_score, update_epochs=1, num_mini_batches=1)
     fit = trainer(rollouts=1)
     fit.fit(method, datamodule=prompts())
     scored = method.rollouts[0]
@@ -81,7 +81,8 @@ def test_the_sft_loss_is_completion_nll_of_prompt_plus_response():
     scored = method.rollout_and_score(batch)
     rows = torch.arange(scored.scores.shape[0])
     method.bank.eval()
-    loss, _ = method.policy_loss(method.select(scored, {"weight": torch.ones(rows.numel())}, rows))
+    every_row = BestOfNTargets(is_best=torch.ones(rows.numel(), dtype=torch.bool), weight=torch.ones(rows.numel()))
+    loss, _ = method.policy_loss(method.select(scored, every_row, rows))
     with torch.no_grad():
         logps = method.policy_forward(scored.rollout).logprobs  # temperature 1: plain log-probs
     expected = -(logps * scored.rollout.response_mask).sum() / scored.rollout.response_mask.sum()

@@ -47,17 +47,17 @@ def trainer(tmp_path, **kwargs) -> pl.Trainer:
 
 
 class EngineSpy:
-    """Wraps the method's rollout engine; records each call's adapter, whether the bank's separate
-    teacher was active, and the rollout returned."""
+    """Wraps the method's rollout engine; records each call's adapter, whether it sampled from the
+    teacher, and the rollout returned."""
 
     def __init__(self, method: GKD):
         self.engine = method.engine
         self.calls: list[dict] = []
         method.engine = self
 
-    def generate(self, bank, adapter, prompt_ids, prompt_mask, sampling):
-        rollout = self.engine.generate(bank, adapter, prompt_ids, prompt_mask, sampling)
-        self.calls.append({"adapter": adapter, "teacher": bank._use_teacher, "rollout": rollout})
+    def generate(self, bank, adapter, prompt_ids, prompt_mask, sampling, *, teacher=False):
+        rollout = self.engine.generate(bank, adapter, prompt_ids, prompt_mask, sampling, teacher=teacher)
+        self.calls.append({"adapter": adapter, "teacher": teacher, "rollout": rollout})
         return rollout
 
 
@@ -167,7 +167,7 @@ def test_seq_kd_trains_on_teacher_generations(tmp_path):
     method.aligned_logits = record
     trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(method, sft_data())
     assert len(spy.calls) == 3 and method.on_policy_batches == 0
-    # Sampled with adapter=None inside bank.teacher(): the separate teacher model.
+    # Sampled with teacher=True: the separate teacher model.
     assert all(c["adapter"] is None and c["teacher"] for c in spy.calls)
     for call, rows in zip(spy.calls, seen):
         rollout = call["rollout"]

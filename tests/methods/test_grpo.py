@@ -35,7 +35,7 @@ def test_advantages_on_a_real_rollout_are_group_advantages_of_the_scores(scale_r
     method = make_grpo(scale_rewards=scale_rewards, eps=1e-4)
     method.configure_model()
     scored = method.rollout_and_score(first_batch(method))
-    advantages = method.compute_advantages(scored)["advantages"]
+    advantages = method.compute_advantages(scored).advantages
     expected = group_advantages(scored.scores, 4, scale_rewards=scale_rewards, eps=1e-4).advantages
     torch.testing.assert_close(advantages, expected)
     assert advantages.abs().max() > 0
@@ -62,7 +62,7 @@ def test_beta_zero_skips_the_reference_forward_and_beta_adds_the_k3_term():
     loss, metrics = with_kl.policy_loss(batch)
     with torch.no_grad():
         logprobs = with_kl.policy_forward(batch.rollout).logprobs
-    expected = grpo_loss(logprobs, batch.old_logprobs, batch.data["advantages"], batch.rollout.response_mask,
+    expected = grpo_loss(logprobs, batch.old_logprobs, batch.targets.advantages, batch.rollout.response_mask,
                          epsilon=0.2, epsilon_high=0.28, beta=0.1, ref_logprobs=batch.ref_logprobs, loss_type="bnpo")
     torch.testing.assert_close(loss.detach(), expected.loss)
     assert metrics["objective/kl"] > 0
@@ -107,7 +107,7 @@ def test_frac_reward_zero_std_counts_the_flat_groups():
     zero_std = (grouped == grouped[:, :1]).all(dim=1)
     assert 0 < zero_std.sum() < zero_std.numel()  # the batch has "the ..." prompts (flat) and others
     assert float(fit.callback_metrics["frac_reward_zero_std"]) == pytest.approx(zero_std.float().mean().item())
-    advantages = method.seen_advantages["advantages"].view(-1, 4)
+    advantages = method.seen_advantages.advantages.view(-1, 4)
     assert (advantages[zero_std] == 0).all() and torch.isfinite(advantages).all()
 
 
@@ -120,7 +120,7 @@ def test_all_flat_groups_log_one_and_put_no_nan_anywhere(loss_type):
     fit.fit(method, datamodule=prompts())
     assert float(fit.callback_metrics["frac_reward_zero_std"]) == 1.0
     assert float(fit.callback_metrics["reward_std"]) == 0.0
-    assert (method.seen_advantages["advantages"] == 0).all()
+    assert (method.seen_advantages.advantages == 0).all()
     assert torch.isfinite(fit.callback_metrics["loss/policy"])
     assert "train/skipped_nonfinite" not in fit.callback_metrics
     assert all(torch.isfinite(p).all() for p in method.bank.trainable_parameters())
@@ -203,7 +203,7 @@ class FirstStepGradients(pl.Callback):
 
 def first_step_gradients(loss_type: str, accumulation: int, seed: int = 0):
     pl.seed_everything(seed)
-    method = make_grpo(loss_type=loss_type, gradient_accumulation_steps=accumulation, ppo_epochs=1,
+    method = make_grpo(loss_type=loss_type, gradient_accumulation_steps=accumulation, update_epochs=1,
                        num_mini_batches=1, max_grad_norm=None)
     tokens = []
     policy_loss = method.policy_loss
@@ -253,7 +253,7 @@ def test_grpo_options_reach_the_loss(options):
     if options.get("mask_truncated_completions"):
         assert (~scored.rollout.ended).any() and scored.rollout.ended.any()
         expected_mask = mask * scored.rollout.ended.unsqueeze(1)
-        torch.testing.assert_close(data["loss_mask"], expected_mask)
+        torch.testing.assert_close(method.loss_mask(scored.rollout), expected_mask)
         mask = expected_mask
     rows = torch.arange(scored.scores.shape[0])
     method.bank.eval()
@@ -262,7 +262,7 @@ def test_grpo_options_reach_the_loss(options):
     with torch.no_grad():
         out = method.policy_forward(batch.rollout, with_entropy=True)
     grpo_options = {k: v for k, v in options.items() if k != "mask_truncated_completions"}
-    expected = grpo_loss(out.logprobs, batch.old_logprobs, data["advantages"], mask, beta=0.05,
+    expected = grpo_loss(out.logprobs, batch.old_logprobs, data.advantages, mask, beta=0.05,
                          ref_logprobs=batch.ref_logprobs, num_tokens=mask.sum().float(), entropy=out.entropy,
                          max_completion_length=8, **grpo_options)
     torch.testing.assert_close(loss.detach(), expected.loss)

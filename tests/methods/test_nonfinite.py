@@ -92,7 +92,7 @@ class FlakyRLOO(RLOO):
 
 def test_online_update_skips_counts_and_stops():
     pl.seed_everything(0)
-    method = make_online(FlakyRLOO, kl_coef=0.0, max_new_tokens=4, num_samples_per_prompt=2, ppo_epochs=1,
+    method = make_online(FlakyRLOO, kl_coef=0.0, max_new_tokens=4, num_samples_per_prompt=2, update_epochs=1,
                          num_mini_batches=2, max_consecutive_nonfinite=3)
     method.nan_calls = {1, 2, 3}  # the first rollout's second mini-batch, then both of the second rollout's
     fit = trainer(rollouts=2)

@@ -40,7 +40,7 @@ def _offline(cls, data_cls, rows):
 
 def _online(cls, **kwargs):
     def build():
-        method = make_online(cls, ppo_epochs=1, num_mini_batches=1, num_samples_per_prompt=2, max_new_tokens=4,
+        method = make_online(cls, update_epochs=1, num_mini_batches=1, num_samples_per_prompt=2, max_new_tokens=4,
                              **kwargs)
         method.bank_spec.lora.dropout = 0.1
         return method, PromptDataModule(f"{TOY_DATA}/prompt_val.jsonl", batch_size=2, max_length=32, seed=3)

@@ -27,7 +27,7 @@ def always_nan(prompts, completions):
 
 def _grpo(function: str, **spec):
     reward = RewardSpec("function", function=f"tests.methods.test_reward_skip:{function}", **spec)
-    return make_online(GRPO, rewards=[reward], num_samples_per_prompt=2, ppo_epochs=1, num_mini_batches=1)
+    return make_online(GRPO, rewards=[reward], num_samples_per_prompt=2, update_epochs=1, num_mini_batches=1)
 
 
 def _lora(method) -> dict[str, torch.Tensor]:

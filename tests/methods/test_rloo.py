@@ -30,7 +30,7 @@ def test_advantages_on_a_real_rollout_are_rloo_advantages_of_the_scores(kl_in_re
     pl.seed_everything(0)
     method = perturbed(make_rloo(kl_coef=0.1, kl_in_reward=kl_in_reward, normalize_advantages=normalize))
     scored = method.rollout_and_score(first_batch(method))
-    advantages = method.compute_advantages(scored)["advantages"]
+    advantages = method.compute_advantages(scored).advantages
 
     mask = scored.rollout.response_mask
     kl = (kl_penalty(scored.old_logprobs, scored.ref_logprobs, kind="k1") * mask).sum(dim=1)
@@ -77,7 +77,7 @@ def test_groups_with_equal_rewards_are_counted_and_never_give_nan():
     method = make_rloo(rewards=[fn], kl_coef=0.0, normalize_advantages=True)
     method.configure_model()
     scored = method.rollout_and_score(first_batch(method, batch_size=8))
-    advantages = method.compute_advantages(scored)["advantages"]
+    advantages = method.compute_advantages(scored).advantages
     flat_groups = torch.tensor([p.startswith("the ") for p in scored.prompts[::4]])
     assert flat_groups.any() and not flat_groups.all()
     grouped = advantages.view(-1, 4)
@@ -165,7 +165,7 @@ def test_epsilon_high_and_sequence_level_ratio_reach_the_loss():
     loss, _ = method.policy_loss(batch)
     with torch.no_grad():
         logprobs = method.policy_forward(batch.rollout).logprobs
-    expected = ppo_policy_loss(logprobs, batch.old_logprobs, data["advantages"], batch.rollout.response_mask,
+    expected = ppo_policy_loss(logprobs, batch.old_logprobs, data.advantages, batch.rollout.response_mask,
                                clip_range=0.2, clip_range_high=0.28, importance_sampling_level="sequence")
     torch.testing.assert_close(loss.detach(), expected.loss)
     with pytest.raises(ValueError, match="token, sequence"):
