@@ -15,7 +15,6 @@ import os
 
 import lightning.pytorch as pl
 import pytest
-import torch
 
 from lit_rlhf.data import PromptDataModule, SFTDataModule
 from lit_rlhf.methods import GRPO, GKD, PPO, RLOO, BestOfN, OnlineDPO
