@@ -17,6 +17,7 @@ from lit_rlhf.losses.logprobs import (
     log_sum_squared_probs,
     sequence_logps,
     token_logps,
+    unpack_tokens,
 )
 from lit_rlhf.losses.policy_gradient import (
     GRPO_LOSS_TYPES,
@@ -111,6 +112,7 @@ __all__ = [
     "sequence_logps",
     "simpo_loss",
     "token_logps",
+    "unpack_tokens",
     "whiten",
     "wpo_weights",
 ]

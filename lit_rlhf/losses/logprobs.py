@@ -23,6 +23,7 @@ __all__ = [
     "log_sum_squared_probs",
     "sequence_logps",
     "token_logps",
+    "unpack_tokens",
 ]
 
 
@@ -132,13 +133,29 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, *, chunk_size: int |
     return _ChunkedTokenLogps.apply(logits_2d, labels_1d, chunk_size).view(labels.shape)
 
 
+def unpack_tokens(values: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token values of a padding-free row put back in their padded batch: ``(1, tokens)`` ->
+    ``(batch, seq)`` float32, 0 where ``token_mask`` ``(batch, seq)`` is False (differentiable)."""
+    out = values.new_zeros(token_mask.shape, dtype=torch.float32)
+    return out.masked_scatter(token_mask, values.float().reshape(-1))
+
+
 def completion_token_logps(
-    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
+    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor,
+    token_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of the completion tokens, aligned with the logits that predict them.
 
     Position ``t`` holds ``log p(input_ids[b, t+1] | input_ids[b, <=t])`` (read from
     ``logits[b, t]``) where ``input_ids[b, t+1]`` is a completion token, else 0.
+
+    Args:
+        logits: ``(batch, seq, vocab)``; or, with ``token_mask``, ``(1, tokens, vocab)`` of a
+            padding-free forward over the tokens of ``input_ids`` where ``token_mask`` is True
+            (``models.packing.pack_rows``).
+        input_ids: ``(batch, seq)``.
+        completion_mask: ``(batch, seq)``, 1 on completion tokens.
+        token_mask: ``(batch, seq)`` bool, the packed layout of ``logits``; None for padded logits.
 
     Returns:
         ``(per_token, mask)``: ``(batch, seq)`` float32 log-probs (0 off the completion) and the
@@ -150,7 +167,12 @@ def completion_token_logps(
     pad_col = torch.zeros_like(input_ids[:, :1])
     labels = torch.cat([input_ids[:, 1:], pad_col], dim=1)
     mask = torch.cat([completion_mask[:, 1:], torch.zeros_like(completion_mask[:, :1])], dim=1).bool()
-    per_token = token_logps(logits, labels)
+    if token_mask is None:
+        per_token = token_logps(logits, labels)
+    else:
+        # Labels taken in the padded layout: a sequence's last token "predicts" padding there, never the
+        # next packed sequence's first token, and the completion mask drops it either way.
+        per_token = unpack_tokens(token_logps(logits, labels[token_mask][None]), token_mask)
     return torch.where(mask, per_token, torch.zeros_like(per_token)), mask
 
 
@@ -162,7 +184,8 @@ def log_sum_squared_probs(logits: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_logps(
-    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
+    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor,
+    token_mask: torch.Tensor | None = None,
 ) -> SequenceLogps:
     """Summed log-probability of each sequence's completion under a causal LM.
 
@@ -175,17 +198,21 @@ def sequence_logps(
         input_ids: ``(batch, seq)`` token ids.
         completion_mask: ``(batch, seq)``, 1 on completion tokens of ``input_ids`` and 0 on
             prompt and padding tokens.
+        token_mask: with padding-free ``(1, tokens, vocab)`` logits, where their tokens sit in
+            ``input_ids`` (see :func:`completion_token_logps`).
 
     Returns:
         :class:`SequenceLogps` with ``logps`` ``(batch,)`` float32 and ``num_tokens``
         ``(batch,)`` int64.
     """
-    if input_ids.shape != completion_mask.shape or logits.shape[:-1] != input_ids.shape:
+    tokens = input_ids.shape if token_mask is None else (1, int(token_mask.sum()))
+    if input_ids.shape != completion_mask.shape or logits.shape[:-1] != tokens:
         raise ValueError(
-            f"expected logits (batch, seq, vocab) and input_ids, completion_mask (batch, seq); got "
-            f"{tuple(logits.shape)}, {tuple(input_ids.shape)}, {tuple(completion_mask.shape)}."
+            f"expected logits (batch, seq, vocab) (or (1, tokens, vocab) with token_mask) and input_ids, "
+            f"completion_mask (batch, seq); got {tuple(logits.shape)}, {tuple(input_ids.shape)}, "
+            f"{tuple(completion_mask.shape)}."
         )
-    per_token, mask = completion_token_logps(logits, input_ids, completion_mask)
+    per_token, mask = completion_token_logps(logits, input_ids, completion_mask, token_mask)
     logps = per_token.sum(dim=-1)
     return SequenceLogps(logps=logps, num_tokens=mask.sum(dim=-1))
 

@@ -21,7 +21,7 @@ from lit_rlhf.distributed import all_rows
 from lit_rlhf.losses import (
     KTO_LOSS_TYPES, SequenceLogps, check_beta, check_loss_type, kto_kl_estimate, kto_loss, sequence_logps,
 )
-from lit_rlhf.methods.base import BankMethod
+from lit_rlhf.methods.offline import OfflineMethod
 
 log = logging.getLogger("lit_rlhf.methods")
 
@@ -51,7 +51,7 @@ def weight_balance_advice(n_desirable: int, n_undesirable: int, desirable_weight
             f"or undesirable_weight in [{u_low:.3f}, {u_high:.3f}] (keeping desirable_weight={desirable_weight}).")
 
 
-class KTO(BankMethod):
+class KTO(OfflineMethod):
     """Kahneman-Tversky Optimization of the ``policy`` adapter (or of the base, in ``full`` mode).
 
     Logs ``loss``, ``kl``, ``rewards/chosen`` and ``logps/chosen`` (desirable rows),
@@ -124,8 +124,8 @@ class KTO(BankMethod):
     def completion_logps(self, batch: dict, prefix: str = "") -> SequenceLogps:
         """Summed completion log-probs of the active role on the batch's ``{prefix}*`` rows."""
         ids = batch[f"{prefix}input_ids"]
-        logits = self.bank(ids, batch[f"{prefix}attention_mask"]).logits
-        return sequence_logps(logits, ids, batch[f"{prefix}completion_mask"])
+        logits, token_mask = self.lm_logits(ids, batch[f"{prefix}attention_mask"])
+        return sequence_logps(logits, ids, batch[f"{prefix}completion_mask"], token_mask)
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, int]]]:
         """``(loss, metrics)``; each metric is ``(value, how many rows it averages)`` for weighted logging."""
