@@ -179,8 +179,12 @@ def completion_token_logps(
 @torch.no_grad()
 def log_sum_squared_probs(logits: torch.Tensor) -> torch.Tensor:
     """``log Σ_v p(v)²`` at every position, ``(batch, seq)`` float32, without gradient: the
-    normaliser of WPO's sampling weights (Zhou et al. 2024, arXiv 2406.11827, eq. 2)."""
-    return torch.logsumexp(2 * torch.log_softmax(logits.float(), dim=-1), dim=-1)
+    normaliser of WPO's sampling weights (Zhou et al. 2024, arXiv 2406.11827, eq. 2). Chunked like
+    :func:`token_logps`: no float32 copy of the whole logits tensor."""
+    rows = logits.reshape(-1, logits.size(-1))
+    chunk_size = resolve_chunk_size(None, logits.size(-1))
+    out = [torch.logsumexp(2 * torch.log_softmax(chunk.float(), dim=-1), dim=-1) for chunk in rows.split(chunk_size)]
+    return torch.cat(out).view(logits.shape[:-1]) if out else rows.new_zeros(logits.shape[:-1], dtype=torch.float32)
 
 
 def sequence_logps(

@@ -150,25 +150,27 @@ class KTO(OfflineMethod):
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, int]]]:
         """``(loss, metrics)``; each metric is ``(value, how many rows it averages)`` for weighted logging."""
-        with self.bank.role(self.trained_adapter):
-            policy = self.completion_logps(batch)
-            if self.uses_kl_estimate:
-                with torch.no_grad():  # the reference point carries no gradient (it is detached in the loss)
-                    policy_kl = self.completion_logps(batch, "kl_")
-        if "ref_logps" in batch:
-            reference_logps = batch["ref_logps"]
-        else:
-            with self.bank.reference():
-                reference_logps = self.completion_logps(batch).logps
+        # The passes without gradient first: each one's logits are freed before the policy's, which
+        # backward keeps, exist (never two logits tensors alive at once).
         kl = 0.0
         if self.uses_kl_estimate:
+            # The reference point carries no gradient (it is detached in the loss).
+            with torch.no_grad(), self.bank.role(self.trained_adapter):
+                policy_kl = self.completion_logps(batch, "kl_").logps
             if "ref_kl_logps" in batch:
                 reference_kl = batch["ref_kl_logps"]
             else:
                 with self.bank.reference():
                     reference_kl = self.completion_logps(batch, "kl_").logps
             # One reference point for the whole data-parallel batch, the same on every rank (TRL gathers it too).
-            kl = kto_kl_estimate(all_rows(policy_kl.logps), all_rows(reference_kl))
+            kl = kto_kl_estimate(all_rows(policy_kl), all_rows(reference_kl))
+        if "ref_logps" in batch:
+            reference_logps = batch["ref_logps"]
+        else:
+            with self.bank.reference():
+                reference_logps = self.completion_logps(batch).logps
+        with self.bank.role(self.trained_adapter):
+            policy = self.completion_logps(batch)
         labels = batch["labels"]
         out = kto_loss(policy.logps, reference_logps, labels, kl, beta=self.beta,
                        desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight,
