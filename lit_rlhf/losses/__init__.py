@@ -11,6 +11,7 @@
 from lit_rlhf.losses.distill import JSD_REDUCTIONS, generalized_jsd_loss
 from lit_rlhf.losses.kto import KTO_LOSS_TYPES, KTOLoss, kto_kl_estimate, kto_loss
 from lit_rlhf.losses.logprobs import (
+    PackedLayout,
     SequenceLogps,
     completion_token_logps,
     entropy_from_logits,
@@ -83,6 +84,7 @@ __all__ = [
     "check_label_smoothing",
     "check_loss_type",
     "RewardLoss",
+    "PackedLayout",
     "SequenceLogps",
     "ValueLoss",
     "bradley_terry_loss",

@@ -17,6 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
+    "PackedLayout",
     "SequenceLogps",
     "completion_token_logps",
     "entropy_from_logits",
@@ -38,6 +39,20 @@ class SequenceLogps(NamedTuple):
 
     logps: torch.Tensor
     num_tokens: torch.Tensor
+
+
+class PackedLayout(NamedTuple):
+    """Where the tokens of a padding-free forward sit: the real tokens of a padded ``(batch, seq)``
+    batch, in row-major order, fill the ``True`` slots of ``(rows, width)`` packed rows in the same
+    order (``models.packing.pack_rows``).
+
+    Attributes:
+        token_mask: ``(batch, seq)`` bool, the padded batch's real tokens.
+        slot_mask: ``(rows, width)`` bool, the packed slots holding them (the rest is padding).
+    """
+
+    token_mask: torch.Tensor
+    slot_mask: torch.Tensor
 
 
 CHUNK_ELEMENTS = 1 << 24  # 64 MiB of float32: the largest upcast a default chunk makes
@@ -133,16 +148,16 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, *, chunk_size: int |
     return _ChunkedTokenLogps.apply(logits_2d, labels_1d, chunk_size).view(labels.shape)
 
 
-def unpack_tokens(values: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """Per-token values of a padding-free row put back in their padded batch: ``(1, tokens)`` ->
-    ``(batch, seq)`` float32, 0 where ``token_mask`` ``(batch, seq)`` is False (differentiable)."""
-    out = values.new_zeros(token_mask.shape, dtype=torch.float32)
-    return out.masked_scatter(token_mask, values.float().reshape(-1))
+def unpack_tokens(values: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    """Per-token values of padding-free rows put back in their padded batch: ``(rows, width)`` ->
+    ``(batch, seq)`` float32, 0 off the real tokens (differentiable)."""
+    out = values.new_zeros(layout.token_mask.shape, dtype=torch.float32)
+    return out.masked_scatter(layout.token_mask, values[layout.slot_mask].float())
 
 
 def completion_token_logps(
     logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor,
-    token_mask: torch.Tensor | None = None,
+    layout: PackedLayout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of the completion tokens, aligned with the logits that predict them.
 
@@ -150,12 +165,11 @@ def completion_token_logps(
     ``logits[b, t]``) where ``input_ids[b, t+1]`` is a completion token, else 0.
 
     Args:
-        logits: ``(batch, seq, vocab)``; or, with ``token_mask``, ``(1, tokens, vocab)`` of a
-            padding-free forward over the tokens of ``input_ids`` where ``token_mask`` is True
-            (``models.packing.pack_rows``).
+        logits: ``(batch, seq, vocab)``; or, with ``layout``, ``(rows, width, vocab)`` of a
+            padding-free forward over the real tokens of ``input_ids`` (``models.packing.pack_rows``).
         input_ids: ``(batch, seq)``.
         completion_mask: ``(batch, seq)``, 1 on completion tokens.
-        token_mask: ``(batch, seq)`` bool, the packed layout of ``logits``; None for padded logits.
+        layout: where the tokens of padding-free ``logits`` sit; None for padded logits.
 
     Returns:
         ``(per_token, mask)``: ``(batch, seq)`` float32 log-probs (0 off the completion) and the
@@ -167,12 +181,14 @@ def completion_token_logps(
     pad_col = torch.zeros_like(input_ids[:, :1])
     labels = torch.cat([input_ids[:, 1:], pad_col], dim=1)
     mask = torch.cat([completion_mask[:, 1:], torch.zeros_like(completion_mask[:, :1])], dim=1).bool()
-    if token_mask is None:
+    if layout is None:
         per_token = token_logps(logits, labels)
     else:
         # Labels taken in the padded layout: a sequence's last token "predicts" padding there, never the
         # next packed sequence's first token, and the completion mask drops it either way.
-        per_token = unpack_tokens(token_logps(logits, labels[token_mask][None]), token_mask)
+        packed_labels = torch.zeros_like(layout.slot_mask, dtype=labels.dtype)
+        packed_labels[layout.slot_mask] = labels[layout.token_mask]
+        per_token = unpack_tokens(token_logps(logits, packed_labels), layout)
     return torch.where(mask, per_token, torch.zeros_like(per_token)), mask
 
 
@@ -189,7 +205,7 @@ def log_sum_squared_probs(logits: torch.Tensor) -> torch.Tensor:
 
 def sequence_logps(
     logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor,
-    token_mask: torch.Tensor | None = None,
+    layout: PackedLayout | None = None,
 ) -> SequenceLogps:
     """Summed log-probability of each sequence's completion under a causal LM.
 
@@ -202,21 +218,21 @@ def sequence_logps(
         input_ids: ``(batch, seq)`` token ids.
         completion_mask: ``(batch, seq)``, 1 on completion tokens of ``input_ids`` and 0 on
             prompt and padding tokens.
-        token_mask: with padding-free ``(1, tokens, vocab)`` logits, where their tokens sit in
-            ``input_ids`` (see :func:`completion_token_logps`).
+        layout: with padding-free ``(rows, width, vocab)`` logits, where their tokens sit (see
+            :func:`completion_token_logps`).
 
     Returns:
         :class:`SequenceLogps` with ``logps`` ``(batch,)`` float32 and ``num_tokens``
         ``(batch,)`` int64.
     """
-    tokens = input_ids.shape if token_mask is None else (1, int(token_mask.sum()))
+    tokens = input_ids.shape if layout is None else layout.slot_mask.shape
     if input_ids.shape != completion_mask.shape or logits.shape[:-1] != tokens:
         raise ValueError(
-            f"expected logits (batch, seq, vocab) (or (1, tokens, vocab) with token_mask) and input_ids, "
+            f"expected logits (batch, seq, vocab) (or (rows, width, vocab) with layout) and input_ids, "
             f"completion_mask (batch, seq); got {tuple(logits.shape)}, {tuple(input_ids.shape)}, "
             f"{tuple(completion_mask.shape)}."
         )
-    per_token, mask = completion_token_logps(logits, input_ids, completion_mask, token_mask)
+    per_token, mask = completion_token_logps(logits, input_ids, completion_mask, layout)
     logps = per_token.sum(dim=-1)
     return SequenceLogps(logps=logps, num_tokens=mask.sum(dim=-1))
 

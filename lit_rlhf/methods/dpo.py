@@ -62,8 +62,8 @@ class PreferenceMethod(OfflineMethod):
 
     def pair_logps(self, batch: dict) -> PairLogps:
         """Log-probs of chosen and rejected completions from one forward of the active role."""
-        logits, token_mask = self.lm_logits(batch["input_ids"], batch["attention_mask"])
-        logps, lengths = sequence_logps(logits, batch["input_ids"], batch["completion_mask"], token_mask)
+        logits, layout = self.lm_logits(batch["input_ids"], batch["attention_mask"])
+        logps, lengths = sequence_logps(logits, batch["input_ids"], batch["completion_mask"], layout)
         half = logps.shape[0] // 2
         return PairLogps(logps[:half], logps[half:], lengths[:half], lengths[half:])
 
@@ -320,8 +320,8 @@ class DPO(PreferenceMethod):
         (``ld_alpha``) the reweighted sums, with ``with_weights`` WPO's pair weights."""
         if self.ld_alpha is None and not with_weights:
             return super().pair_logps(batch)
-        logits, token_mask = self.lm_logits(batch["input_ids"], batch["attention_mask"])
-        per_token, mask = completion_token_logps(logits, batch["input_ids"], batch["completion_mask"], token_mask)
+        logits, layout = self.lm_logits(batch["input_ids"], batch["attention_mask"])
+        per_token, mask = completion_token_logps(logits, batch["input_ids"], batch["completion_mask"], layout)
         half = per_token.shape[0] // 2
         lengths = mask.sum(dim=1)
         (chosen_tokens, rejected_tokens), (chosen_mask, rejected_mask) = per_token.split(half), mask.split(half)
@@ -333,8 +333,8 @@ class DPO(PreferenceMethod):
         weights = None
         if with_weights:
             log_sum_sq = log_sum_squared_probs(logits)
-            if token_mask is not None:
-                log_sum_sq = unpack_tokens(log_sum_sq, token_mask)
+            if layout is not None:
+                log_sum_sq = unpack_tokens(log_sum_sq, layout)
             log_sum_sq = log_sum_sq.split(half)
             weights = wpo_weights(chosen_tokens, log_sum_sq[0], chosen_mask, rejected_tokens, log_sum_sq[1], rejected_mask)
         chosen_nll = -chosen_tokens.sum(dim=1) / lengths[:half].clamp(min=1)

@@ -145,8 +145,8 @@ class KTO(OfflineMethod):
     def completion_logps(self, batch: dict, prefix: str = "") -> SequenceLogps:
         """Summed completion log-probs of the active role on the batch's ``{prefix}*`` rows."""
         ids = batch[f"{prefix}input_ids"]
-        logits, token_mask = self.lm_logits(ids, batch[f"{prefix}attention_mask"])
-        return sequence_logps(logits, ids, batch[f"{prefix}completion_mask"], token_mask)
+        logits, layout = self.lm_logits(ids, batch[f"{prefix}attention_mask"])
+        return sequence_logps(logits, ids, batch[f"{prefix}completion_mask"], layout)
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, int]]]:
         """``(loss, metrics)``; each metric is ``(value, how many rows it averages)`` for weighted logging."""

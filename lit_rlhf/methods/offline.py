@@ -2,7 +2,7 @@
 forward over a padded batch, run padding-free where the model keeps packed sequences apart.
 
 The collators keep building padded batches (their ``attention_mask`` says which tokens are real);
-the forward packs those tokens into one row (``models.packing``) and the per-token results go back
+the forward packs those tokens into rows (``models.packing``) and the per-token results go back
 to the padded layout (``losses.unpack_tokens``), so everything after the forward, the losses and
 the precomputed reference log-probs, reads the same tensors either way.
 """
@@ -13,8 +13,9 @@ import logging
 
 import torch
 
+from lit_rlhf.losses import PackedLayout
 from lit_rlhf.methods.base import BankMethod
-from lit_rlhf.models.packing import bank_supports_packing, pack_rows
+from lit_rlhf.models.packing import PackedRows, bank_supports_packing, pack_rows
 
 log = logging.getLogger("lit_rlhf.methods")
 
@@ -28,9 +29,7 @@ class OfflineMethod(BankMethod):
             compute or activation memory spent on padding. ``None`` (default): on when the model
             keeps packed sequences apart (checked once, on a tiny packed row, at the first forward),
             else padded, with the reason logged. ``True``: on, and an error where the model does not
-            support it (e.g. OPT). ``False``: always padded. With sdpa or eager attention the packed
-            row's mask is ``(tokens x tokens)``, quadratic in the whole batch's token count;
-            flash-attention (varlen) has no such mask.
+            support it (e.g. OPT). ``False``: always padded.
         **kwargs: optimizer and bank arguments of ``BankMethod``.
     """
 
@@ -56,23 +55,39 @@ class OfflineMethod(BankMethod):
             self._packing = supported
         return self._packing
 
-    def lm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedRows:
+        """The batch's real tokens in padding-free rows.
+
+        flash-attention runs varlen over one row. sdpa and eager compute each row's attention densely
+        under a ``(width x width)`` block-diagonal mask, so a row of the whole batch would cost
+        ``tokens²``: their rows are ``seq * slots / tokens`` wide (the padded width over the fill
+        ratio), where ``tokens * width``, the packed attention work, equals the padded batch's
+        ``slots * seq``; every other layer then costs the real tokens only.
+        """
+        if "flash" in (self.bank.model.config._attn_implementation or ""):
+            return pack_rows(input_ids, attention_mask)
+        tokens = max(int(attention_mask.sum()), 1)
+        return pack_rows(input_ids, attention_mask, row_width=input_ids.shape[1] * input_ids.numel() // tokens)
+
+    def lm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                  ) -> tuple[torch.Tensor, PackedLayout | None]:
         """Logits of the active role on a padded batch, and their layout.
 
         Returns:
-            ``(logits, token_mask)``: padding-free, ``(1, tokens, vocab)`` logits and the ``(batch, seq)``
-            bool mask of where their tokens sit; else ``(batch, seq, vocab)`` logits and ``None``.
-            ``losses.sequence_logps`` and ``completion_token_logps`` take either.
+            ``(logits, layout)``: padding-free, ``(rows, width, vocab)`` logits and where their tokens sit;
+            else ``(batch, seq, vocab)`` logits and ``None``. ``losses.sequence_logps`` and
+            ``completion_token_logps`` take either.
         """
         if not self.uses_packing():
             return self.bank(input_ids, attention_mask).logits, None
-        packed = pack_rows(input_ids, attention_mask)
-        return self.bank(packed.input_ids, None, packed.position_ids).logits, packed.token_mask
+        packed = self.packed(input_ids, attention_mask)
+        return self.bank(packed.input_ids, None, packed.position_ids).logits, packed.layout
 
     def scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapter: str) -> torch.Tensor:
         """``adapter``'s score head at each row's last real token, ``(batch,)`` float32, padding-free
         where the model supports it."""
         if not self.uses_packing():
             return self.bank.score(input_ids, attention_mask, adapter=adapter)
-        packed = pack_rows(input_ids, attention_mask)
-        return self.bank.score(packed.input_ids, None, adapter=adapter, position_ids=packed.position_ids)
+        packed = self.packed(input_ids, attention_mask)
+        return self.bank.score(packed.input_ids, None, adapter=adapter, position_ids=packed.position_ids,
+                               token_index=packed.last_tokens)

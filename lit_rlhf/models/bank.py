@@ -28,7 +28,7 @@ from torch import nn
 from transformers import AutoConfig
 from transformers.pytorch_utils import Conv1D
 
-from lit_rlhf.models.heads import ScalarHead, last_token_index, sequence_ends
+from lit_rlhf.models.heads import ScalarHead, last_token_index
 from lit_rlhf.models.loading import (
     CONVERT_ADAPTER,
     CONVERT_MODEL,
@@ -547,16 +547,17 @@ class AdapterBank(nn.Module):
             raise KeyError(f"adapter {adapter!r} has no {kind} head (declare it with head: {kind})")
         return head
 
-    def score(self, input_ids, attention_mask, *, adapter: str = "reward", position_ids=None) -> torch.Tensor:
+    def score(self, input_ids, attention_mask, *, adapter: str = "reward", position_ids=None,
+              token_index: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sequence scalar of ``adapter``'s score head at the last attended token. (batch,) float32.
 
-        A padding-free row (``attention_mask`` None, ``position_ids`` restarting per sequence, see
-        ``models.packing``) gives one score per packed sequence, at its last token."""
+        ``token_index`` names the tokens to read instead, as indices into the flattened ``(batch * seq)``
+        positions: a padding-free batch (``models.packing``) has several sequences per row."""
         head = self._head(adapter, "score")
         with self.role(adapter):
             hidden = self._hidden(input_ids, attention_mask, position_ids)
-        if attention_mask is None and position_ids is not None:
-            return head(hidden)[0, sequence_ends(position_ids)]
+        if token_index is not None:
+            return head(hidden).flatten()[token_index]
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         return head(hidden)[rows, last_token_index(attention_mask)]
 

@@ -39,11 +39,3 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     seq = attention_mask.shape[1]
     positions = torch.arange(seq, device=attention_mask.device).expand_as(attention_mask)
     return (positions * attention_mask.long()).max(dim=1).values
-
-
-def sequence_ends(position_ids: torch.Tensor) -> torch.Tensor:
-    """Index of each sequence's last token in a padding-free ``(1, tokens)`` row (``models.packing``):
-    the token before a restart at position 0, and the row's last token. ``(num_sequences,)`` long."""
-    positions = position_ids[0]
-    restarts = (positions[1:] == 0).nonzero().squeeze(-1)
-    return torch.cat([restarts, restarts.new_tensor([positions.numel() - 1])])

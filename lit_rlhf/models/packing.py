@@ -18,29 +18,52 @@ from typing import NamedTuple
 
 import torch
 
+from lit_rlhf.losses.logprobs import PackedLayout
 from lit_rlhf.models.bank import eval_mode
 
 
 class PackedRows(NamedTuple):
-    """The real tokens of a padded batch as one padding-free row.
+    """The real tokens of a padded batch as padding-free rows.
 
     Attributes:
-        input_ids: ``(1, total_tokens)``, the rows' tokens in row-major order.
-        position_ids: ``(1, total_tokens)``, restarting at 0 at each row's first token.
-        token_mask: ``(batch, seq)`` bool, where each packed token sits in the padded batch
-            (``losses.unpack_tokens`` puts per-token values back there).
+        input_ids: ``(rows, width)``, the batch's sequences one after another, in order; a row's
+            tail, if any, is padding that forms a sequence of its own (no loss reads it).
+        position_ids: ``(rows, width)``, restarting at 0 at each sequence (and at the tail).
+        layout: where the real tokens sit, for ``losses.unpack_tokens`` and the log-prob functions.
+        last_tokens: ``(batch,)`` long, each sequence's last token as an index into the flattened
+            ``rows * width`` slots (where a reward head reads its score).
     """
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
-    token_mask: torch.Tensor
+    layout: PackedLayout
+    last_tokens: torch.Tensor
 
 
-def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedRows:
-    """The attended tokens of ``input_ids`` ``(batch, seq)`` packed into one row (any padding side)."""
+def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, row_width: int | None = None) -> PackedRows:
+    """The attended tokens of ``input_ids`` ``(batch, seq)`` (any padding side) packed in order, greedily,
+    into rows of at most ``row_width`` tokens (a longer sequence gets a row of its own); ``None``: one row."""
     token_mask = attention_mask.bool()
-    positions = attention_mask.long().cumsum(dim=1) - 1
-    return PackedRows(input_ids[token_mask][None], positions[token_mask][None], token_mask)
+    lengths = token_mask.sum(dim=1).tolist()
+    limit = sum(lengths) if row_width is None else row_width
+    rows: list[list[int]] = [[]]
+    for length in lengths:
+        if rows[-1] and sum(rows[-1]) + length > limit:
+            rows.append([])
+        rows[-1].append(length)
+    width = max(sum(row) for row in rows)
+    positions = []
+    for row in rows:
+        # The tail's positions restart too: it is a sequence of its own, never attended to by a real one.
+        positions.append(torch.cat([torch.arange(n) for n in row + [width - sum(row)]]))
+    device = input_ids.device
+    position_ids = torch.stack(positions).to(device)
+    slot_mask = (torch.arange(width)[None] < torch.tensor([sum(row) for row in rows])[:, None]).to(device)
+    packed_ids = torch.zeros(slot_mask.shape, dtype=input_ids.dtype, device=device)
+    packed_ids[slot_mask] = input_ids[token_mask]
+    slots = slot_mask.flatten().nonzero().squeeze(-1)
+    last_tokens = slots[torch.tensor(lengths, device=device).cumsum(0) - 1]
+    return PackedRows(packed_ids, position_ids, PackedLayout(token_mask, slot_mask), last_tokens)
 
 
 # Two sequences of different lengths, long enough that attention leaking across them shows.

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from lit_rlhf.data import PreferenceDataModule, UnpairedDataModule
-from lit_rlhf.losses import unpack_tokens
+from lit_rlhf.losses import sequence_logps, unpack_tokens
 from lit_rlhf.methods import DPO, KTO, PreferenceMethod, Reward
 from lit_rlhf.models import BankSpec, LoraSpec
-from lit_rlhf.models.heads import sequence_ends
 from lit_rlhf.models.packing import pack_rows
 from lit_rlhf.toy.families import build_tiny
 
@@ -48,25 +47,59 @@ def twins(cls, model: str, train_mode: str = "lora", **kwargs):
     return packed, padded
 
 
+def long_tailed(examples: list[dict], fields: tuple[str, ...]) -> list[dict]:
+    """The first example's completions three times over: one long row, so short ones share packed rows."""
+    first = {**examples[0], **{field: examples[0][field] * 3 for field in fields}}
+    return [first, *examples[1:]]
+
+
 def preference_batch(method, batch_size: int = 4) -> dict:
-    data = PreferenceDataModule(train=PREFERENCE, batch_size=batch_size, max_length=64).prepare(method.tokenizer)
-    return next(iter(data.train_dataloader()))
+    data = PreferenceDataModule(train=PREFERENCE, max_length=64).prepare(method.tokenizer)
+    return data.collator(long_tailed(data.train_examples[:batch_size], ("chosen_ids", "rejected_ids")))
 
 
 def unpaired_batch(method, batch_size: int = 4) -> dict:
-    data = UnpairedDataModule(train=UNPAIRED, batch_size=batch_size, max_length=64).prepare(method.tokenizer)
-    return next(iter(data.train_dataloader()))
+    data = UnpairedDataModule(train=UNPAIRED, max_length=64).prepare(method.tokenizer)
+    return data.collator(long_tailed(data.train_examples[:batch_size], ("completion_ids",)))
+
+
+def packs_several_per_row(method, batch: dict, prefix: str = "") -> bool:
+    packed = method.packed(batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"])
+    return packed.input_ids.shape[0] < batch[f"{prefix}input_ids"].shape[0]
 
 
 def test_pack_rows_and_back_on_hand_made_rows():
     ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0], [1, 2, 3, 4]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
-    packed = pack_rows(ids, mask)
-    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 1, 2, 3, 4]]
-    assert packed.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
-    assert sequence_ends(packed.position_ids).tolist() == [2, 4, 8]
+    one_row = pack_rows(ids, mask)  # flash-attention's layout
+    assert one_row.input_ids.tolist() == [[5, 6, 7, 8, 9, 1, 2, 3, 4]]
+    assert one_row.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    assert one_row.last_tokens.tolist() == [2, 4, 8]
     values = torch.arange(9.0)[None]
-    assert unpack_tokens(values, packed.token_mask).tolist() == [[0, 1, 2, 0], [3, 4, 0, 0], [5, 6, 7, 8]]
+    assert unpack_tokens(values, one_row.layout).tolist() == [[0, 1, 2, 0], [3, 4, 0, 0], [5, 6, 7, 8]]
+    # Rows no wider than the padded batch (sdpa, eager): 3 + 2 tokens fill one, 4 the next; the first
+    # row's tail is a sequence of its own (positions restart) that no loss reads.
+    rows = pack_rows(ids, mask, row_width=4 + 1)
+    assert rows.input_ids.tolist() == [[5, 6, 7, 8, 9], [1, 2, 3, 4, 0]]
+    assert rows.position_ids.tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    assert rows.last_tokens.tolist() == [2, 4, 8]
+    values = torch.arange(10.0).view(2, 5)
+    assert unpack_tokens(values, rows.layout).tolist() == [[0, 1, 2, 0], [3, 4, 0, 0], [5, 6, 7, 8]]
+
+
+def test_one_row_layout_gives_the_padded_log_probs(models):
+    """flash-attention's layout (the whole batch in one row) read back through the same functions."""
+    method = DPO(bank=BankSpec(model=models["llama"], lora=LoraSpec(r=4)))
+    method.configure_model()
+    batch = preference_batch(method)
+    ids, mask, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    packed = pack_rows(ids, mask)
+    with torch.no_grad():
+        logits = method.bank(packed.input_ids, None, packed.position_ids).logits
+        expected = sequence_logps(method.bank(ids, mask).logits, ids, completion)
+    ours = sequence_logps(logits, ids, completion, packed.layout)
+    torch.testing.assert_close(ours.logps, expected.logps, **TOL)
+    assert torch.equal(ours.num_tokens, expected.num_tokens)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -74,7 +107,7 @@ def test_dpo_log_probs_and_loss_match_the_padded_batch(models, family):
     # LD-DPO's reweighted sums and WPO's weights read per-token log-probs and the logits: both paths.
     packed, padded = twins(DPO, models[family], beta=0.5, ld_alpha=0.5, use_weighting=True)
     batch = preference_batch(packed)
-    assert batch["attention_mask"].float().mean() < 1, "the batch should hold padding"
+    assert packs_several_per_row(packed, batch)
     with torch.no_grad(), packed.bank.role("policy"), padded.bank.role("policy"):
         for ours, theirs in zip(packed.pair_logps(batch, with_weights=True), padded.pair_logps(batch, with_weights=True)):
             torch.testing.assert_close(ours, theirs, **TOL)
@@ -91,6 +124,7 @@ def test_dpo_log_probs_and_loss_match_the_padded_batch(models, family):
 def test_kto_log_probs_and_loss_match_the_padded_batch(models, family):
     packed, padded = twins(KTO, models[family], beta=0.5)
     batch = unpaired_batch(packed)
+    assert packs_several_per_row(packed, batch) and packs_several_per_row(packed, batch, "kl_")
     with torch.no_grad(), packed.bank.role("policy"), padded.bank.role("policy"):
         for prefix in ("", "kl_"):
             ours, theirs = packed.completion_logps(batch, prefix), padded.completion_logps(batch, prefix)
@@ -106,6 +140,7 @@ def test_kto_log_probs_and_loss_match_the_padded_batch(models, family):
 def test_reward_scores_read_each_sequence_last_token_as_padded(models, family):
     packed, padded = twins(Reward, models[family])
     batch = preference_batch(packed)
+    assert packs_several_per_row(packed, batch)
     with torch.no_grad():
         for ours, theirs in zip(packed.pair_scores(batch), padded.pair_scores(batch)):
             torch.testing.assert_close(ours, theirs, **TOL)
@@ -139,11 +174,13 @@ def test_opt_falls_back_to_padding(models, caplog):
         assert not auto.uses_packing()
     assert "padding-free forward off" in caplog.text and "OPTForCausalLM" in caplog.text
     batch = preference_batch(auto)
-    with torch.no_grad(), auto.bank.role("policy"):
-        padded = auto.pair_logps(batch)
-        auto._packing = True  # what padding_free would compute without the probe
-        forced = auto.pair_logps(batch)
-    assert (forced.chosen - padded.chosen).abs().max() > 1e-3
+    ids, mask, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    packed = pack_rows(ids, mask)
+    with torch.no_grad():
+        forced = sequence_logps(auto.bank(packed.input_ids, None, packed.position_ids).logits, ids, completion,
+                                packed.layout)
+        padded = sequence_logps(auto.bank(ids, mask).logits, ids, completion)
+    assert (forced.logps - padded.logps).abs().max() > 1e-3, "packed sequences should have read each other"
 
     strict = DPO(bank=BankSpec(model=models["opt"], lora=LoraSpec(r=4)), padding_free=True)
     strict.configure_model()
