@@ -96,9 +96,11 @@ def main() -> None:
 
     def padding_free_step(batch: dict) -> None:
         model.zero_grad(set_to_none=True)
-        packed = pack_rows(batch["input_ids"], batch["attention_mask"])
+        # The rows OfflineMethod.packed builds for sdpa: seq * slots / tokens wide.
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        packed = pack_rows(ids, mask, row_width=ids.shape[1] * ids.numel() // int(mask.sum()))
         logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False).logits
-        logps, _ = sequence_logps(logits, batch["input_ids"], batch["completion_mask"], packed.token_mask)
+        logps, _ = sequence_logps(logits, ids, batch["completion_mask"], packed.layout)
         logps.sum().backward()
 
     # 1. stacked chosen + rejected vs two forwards
@@ -120,14 +122,21 @@ def main() -> None:
     t_packed = best_time(lambda: step(packed), args.repeats)
     real_tokens = int(padded["attention_mask"].sum())
 
-    # 3. DPO's stacked batch padding-free vs padded (lever 1's pairs: prompts 64, completions 32-128)
-    t_dpo_padded = best_time(lambda: step(stacked), args.repeats)
-    t_dpo_free = best_time(lambda: padding_free_step(stacked), args.repeats)
+    # 3. DPO padding-free vs padded, prompt and completion lengths long-tailed like lever 2's
+    def tail(scale: int, cap: int) -> list[int]:
+        return ids(min(cap, int(rng.paretovariate(1.2) * scale)))
+
+    dpo_batch = PreferenceCollator(0)([{"prompt_ids": tail(16, 128), "chosen_ids": tail(24, 256),
+                                        "rejected_ids": tail(24, 256)} for _ in range(args.batch)])
+    t_dpo_padded = best_time(lambda: step(dpo_batch), args.repeats)
+    t_dpo_free = best_time(lambda: padding_free_step(dpo_batch), args.repeats)
     model.zero_grad(set_to_none=True)
-    m_dpo_padded = peak_memory_mib(lambda: step(stacked))
+    m_dpo_padded = peak_memory_mib(lambda: step(dpo_batch))
     model.zero_grad(set_to_none=True)
-    m_dpo_free = peak_memory_mib(lambda: padding_free_step(stacked))
-    dpo_tokens = int(stacked["attention_mask"].sum())
+    m_dpo_free = peak_memory_mib(lambda: padding_free_step(dpo_batch))
+    dpo_tokens = int(dpo_batch["attention_mask"].sum())
+    dpo_rows = pack_rows(dpo_batch["input_ids"], dpo_batch["attention_mask"],
+                         row_width=dpo_batch["input_ids"].shape[1] * dpo_batch["input_ids"].numel() // dpo_tokens)
 
     print(f"model: hidden {args.hidden}, layers {args.layers}, vocab {args.vocab}; batch {args.batch}; "
           f"torch threads {torch.get_num_threads()}")
@@ -140,8 +149,8 @@ def main() -> None:
     device = "cuda max_memory_allocated" if torch.cuda.is_available() else "CPU peak RSS"
     print(f"{'  peak memory MiB (' + device + ')':<34} {m_dpo_padded:>9.0f} {m_dpo_free:>8.0f} "
           f"{m_dpo_free / m_dpo_padded:>12.2f}")
-    print(f"  stacked batch {tuple(stacked['input_ids'].shape)} = {stacked['input_ids'].numel()} slots for "
-          f"{dpo_tokens} real tokens")
+    print(f"  stacked batch {tuple(dpo_batch['input_ids'].shape)} = {dpo_batch['input_ids'].numel()} slots for "
+          f"{dpo_tokens} real tokens; packed rows {tuple(dpo_rows.input_ids.shape)}")
 
 
 if __name__ == "__main__":
