@@ -8,8 +8,8 @@ parallelism the mean runs over the rows of every rank. A batch therefore needs t
 least (``UnpairedDataModule`` refuses ``batch_size < 2`` and drops a one-row remainder). The
 reference is the base with adapters off (LoRA), or a frozen copy of the base (full), as in DPO;
 or, with ``precompute_ref_logps``, log-probs computed once before training for the rows and for
-their mismatched pairs, which are then fixed in the data (row i with completion i+1 of its split,
-as TRL pairs them) so that a precomputed value exists for each.
+their mismatched pairs, which are then fixed in the data (row i with completion i+1 of its split;
+TRL fixes its pairs in the dataset too) so that a precomputed value exists for each.
 """
 
 from __future__ import annotations
