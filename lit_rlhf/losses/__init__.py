@@ -11,12 +11,14 @@
 from lit_rlhf.losses.distill import JSD_REDUCTIONS, generalized_jsd_loss
 from lit_rlhf.losses.kto import KTO_LOSS_TYPES, KTOLoss, kto_kl_estimate, kto_loss
 from lit_rlhf.losses.logprobs import (
+    PackedLayout,
     SequenceLogps,
     completion_token_logps,
     entropy_from_logits,
     log_sum_squared_probs,
     sequence_logps,
     token_logps,
+    unpack_tokens,
 )
 from lit_rlhf.losses.policy_gradient import (
     GRPO_LOSS_TYPES,
@@ -89,6 +91,7 @@ __all__ = [
     "check_label_smoothing",
     "check_loss_type",
     "RewardLoss",
+    "PackedLayout",
     "SequenceLogps",
     "ValueLoss",
     "bradley_terry_loss",
@@ -119,6 +122,7 @@ __all__ = [
     "sequence_logps",
     "simpo_loss",
     "token_logps",
+    "unpack_tokens",
     "whiten",
     "wpo_weights",
 ]

@@ -27,9 +27,10 @@ from lit_rlhf.losses import (
     orpo_loss,
     sequence_logps,
     simpo_loss,
+    unpack_tokens,
     wpo_weights,
 )
-from lit_rlhf.methods.base import BankMethod
+from lit_rlhf.methods.offline import OfflineMethod
 from lit_rlhf.models import AdapterSpec, eval_mode
 
 DPOLossType = Literal[
@@ -53,7 +54,7 @@ class PairLogps(NamedTuple):
     wpo_weights: torch.Tensor | None = None
 
 
-class PreferenceMethod(BankMethod):
+class PreferenceMethod(OfflineMethod):
     """Shared forward, steps and metrics of the pairwise preference methods.
 
     A subclass defines ``compute_loss(batch) -> (scalar loss, metrics dict)`` with its loss.
@@ -61,8 +62,8 @@ class PreferenceMethod(BankMethod):
 
     def pair_logps(self, batch: dict) -> PairLogps:
         """Log-probs of chosen and rejected completions from one forward of the active role."""
-        logits = self.bank(batch["input_ids"], batch["attention_mask"]).logits
-        logps, lengths = sequence_logps(logits, batch["input_ids"], batch["completion_mask"])
+        logits, layout = self.lm_logits(batch["input_ids"], batch["attention_mask"])
+        logps, lengths = sequence_logps(logits, batch["input_ids"], batch["completion_mask"], layout)
         half = logps.shape[0] // 2
         return PairLogps(logps[:half], logps[half:], lengths[:half], lengths[half:])
 
@@ -316,8 +317,8 @@ class DPO(PreferenceMethod):
         (``ld_alpha``) the reweighted sums, with ``with_weights`` WPO's pair weights."""
         if self.ld_alpha is None and not with_weights:
             return super().pair_logps(batch)
-        logits = self.bank(batch["input_ids"], batch["attention_mask"]).logits
-        per_token, mask = completion_token_logps(logits, batch["input_ids"], batch["completion_mask"])
+        logits, layout = self.lm_logits(batch["input_ids"], batch["attention_mask"])
+        per_token, mask = completion_token_logps(logits, batch["input_ids"], batch["completion_mask"], layout)
         half = per_token.shape[0] // 2
         lengths = mask.sum(dim=1)
         (chosen_tokens, rejected_tokens), (chosen_mask, rejected_mask) = per_token.split(half), mask.split(half)
@@ -328,7 +329,10 @@ class DPO(PreferenceMethod):
                                                          self.ld_alpha)
         weights = None
         if with_weights:
-            log_sum_sq = log_sum_squared_probs(logits).split(half)
+            log_sum_sq = log_sum_squared_probs(logits)
+            if layout is not None:
+                log_sum_sq = unpack_tokens(log_sum_sq, layout)
+            log_sum_sq = log_sum_sq.split(half)
             weights = wpo_weights(chosen_tokens, log_sum_sq[0], chosen_mask, rejected_tokens, log_sum_sq[1], rejected_mask)
         chosen_nll = -chosen_tokens.sum(dim=1) / lengths[:half].clamp(min=1)
         return PairLogps(chosen, rejected, lengths[:half], lengths[half:], chosen_nll, weights)

@@ -25,7 +25,7 @@ from torchmetrics import MeanMetric
 
 from lit_rlhf.data import SFTCollator, Where, build_examples, pad_token_id_of, report_invalid
 from lit_rlhf.losses import bradley_terry_loss
-from lit_rlhf.methods.base import BankMethod
+from lit_rlhf.methods.offline import OfflineMethod
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer, model_identity, read_adapter_meta
 
 log = logging.getLogger("lit_rlhf.methods")
@@ -34,7 +34,7 @@ HEAD_FILE = "head.safetensors"
 META_FILE = "lit_rlhf.json"
 
 
-class Reward(BankMethod):
+class Reward(OfflineMethod):
     """Bradley-Terry reward model (Ouyang et al. 2022, arXiv 2203.02155) on preference pairs.
 
     Trains the ``reward`` adapter and its score head (``train_mode: lora``), or the whole base
@@ -83,7 +83,7 @@ class Reward(BankMethod):
 
     def pair_scores(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores of chosen and rejected rows from one forward: two ``(batch,)`` float32 tensors."""
-        scores = self.bank.score(batch["input_ids"], batch["attention_mask"], adapter=self.reward_adapter)
+        scores = self.scores(batch["input_ids"], batch["attention_mask"], self.reward_adapter)
         half = scores.shape[0] // 2
         return scores[:half], scores[half:]
 
@@ -141,7 +141,7 @@ class Reward(BankMethod):
         try:
             for batch in loader:
                 ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-                scores = self.bank.score(ids, mask, adapter=self.reward_adapter).double()
+                scores = self.scores(ids, mask, self.reward_adapter).double()
                 total += scores.sum().item()
                 total_sq += scores.square().sum().item()
                 count += scores.numel()

@@ -548,11 +548,17 @@ class AdapterBank(nn.Module):
             raise KeyError(f"adapter {adapter!r} has no {kind} head (declare it with head: {kind})")
         return head
 
-    def score(self, input_ids, attention_mask, *, adapter: str = "reward", position_ids=None) -> torch.Tensor:
-        """Per-sequence scalar of ``adapter``'s score head at the last attended token. (batch,) float32."""
+    def score(self, input_ids, attention_mask, *, adapter: str = "reward", position_ids=None,
+              token_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sequence scalar of ``adapter``'s score head at the last attended token. (batch,) float32.
+
+        ``token_index`` names the tokens to read instead, as indices into the flattened ``(batch * seq)``
+        positions: a padding-free batch (``models.packing``) has several sequences per row."""
         head = self._head(adapter, "score")
         with self.role(adapter):
             hidden = self._hidden(input_ids, attention_mask, position_ids)
+        if token_index is not None:
+            return head(hidden).flatten()[token_index]
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         return head(hidden)[rows, last_token_index(attention_mask)]
 

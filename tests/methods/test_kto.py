@@ -177,3 +177,46 @@ def test_apo_zero_unpaired_skips_the_kl_rows_and_precomputed_reference_matches_l
     torch.testing.assert_close(batch["ref_logps"], live, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="kto, apo_zero_unpaired"):
         make_kto(loss_type="apo")
+
+
+def test_precomputed_reference_covers_the_kl_rows_and_no_reference_runs_in_training(tmp_path):
+    """With ``kto`` and precompute_ref_logps the mismatched KL rows are fixed in the data (row i with the
+    completion of row i+1) and their reference log-probs precomputed too: training steps run no
+    reference forward, and the loss equals the one from a live reference on the same rows."""
+    pl.seed_everything(0)
+    method = make_kto(beta=0.5, desirable_weight=1.5, precompute_ref_logps=True, learning_rate=3e-3)
+    data = unpaired_data(batch_size=6)
+    in_training_step, reference_calls = [False], []
+    reference, training_step = method.needs_reference, method.training_step
+
+    def counting_training_step(batch, batch_idx):
+        in_training_step[0] = True
+        try:
+            return training_step(batch, batch_idx)
+        finally:
+            in_training_step[0] = False
+
+    method.training_step = counting_training_step
+    method.configure_model()
+    live_reference = method.bank.reference
+    method.bank.reference = lambda: (reference_calls.append(in_training_step[0]), live_reference())[1]
+    trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(method, data)
+    assert method.trainer.global_step == 3
+    assert reference_calls and not any(reference_calls), "a reference forward ran inside a training step"
+    assert method._ref_cache["train"].shape == (len(data.train_examples), 2)
+
+    examples = data.train_examples
+    assert examples[0]["kl_completion_ids"] == examples[1]["completion_ids"]
+    batch = data.collator(examples[:6])
+    assert batch["kl_input_ids"][0].tolist()[: len(examples[0]["prompt_ids"]) + len(examples[1]["completion_ids"])] == (
+        examples[0]["prompt_ids"] + examples[1]["completion_ids"])
+    live = {k: v for k, v in batch.items() if not k.startswith("ref_")}
+    with torch.no_grad():
+        loss, metrics = method.compute_loss(batch)
+        live_loss, live_metrics = method.compute_loss(live)
+    assert metrics["rewards/chosen"][0].abs() > 1e-3, "the trained policy should have moved off the reference"
+    with torch.no_grad(), live_reference():
+        torch.testing.assert_close(batch["ref_kl_logps"], method.completion_logps(batch, "kl_").logps, atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss, live_loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(metrics["kl"][0], live_metrics["kl"][0], atol=1e-5, rtol=0)
+    assert not reference()
