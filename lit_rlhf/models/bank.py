@@ -579,19 +579,28 @@ class AdapterBank(nn.Module):
             hook.remove()
         return out.logits, head(captured[-1])
 
-    @torch.no_grad()
+    @contextmanager
+    def generating(self, adapter: str | None) -> Iterator[nn.Module]:
+        """The transformers model that samples from ``adapter`` (with ``None``: the reference policy;
+        inside ``teacher()``: the teacher), set up for the duration, without gradients.
+
+        What ``generate`` runs, for rollout engines that drive the model's forward themselves."""
+        with torch.no_grad():
+            if adapter is not None:
+                with self.role(adapter):
+                    yield self.model
+            elif self._use_teacher or self._frozen_depth > 0:  # inside teacher() or reference() already
+                yield self._current_model()
+            else:
+                with self.reference():
+                    yield self._current_model()
+
     def generate(self, input_ids, attention_mask, *, adapter: str | None, **generate_kwargs) -> torch.Tensor:
         """Sample from ``adapter``, or with ``None`` from the reference policy (inside ``teacher()``:
         the teacher); returns prompt + response ids."""
         generate_kwargs.setdefault("use_cache", True)
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
-        if adapter is not None:
-            with self.role(adapter):
-                return self.model.generate(**kwargs)
-        if self._use_teacher or self._frozen_depth > 0:  # inside teacher() or reference() already
-            return self._current_model().generate(**kwargs)
-        with self.reference():
-            return self._current_model().generate(**kwargs)
+        with self.generating(adapter) as model:
+            return model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
 
     # -- trainable state ----------------------------------------------------------------------
 
