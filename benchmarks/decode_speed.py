@@ -24,6 +24,8 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -82,8 +84,42 @@ def timed(engine, bank, adapter, ids, mask, sampling) -> tuple[float, int]:
     return time.perf_counter() - start, rollout.response_ids.numel()
 
 
+def greedy_agreement(engines: dict, bank, adapter, ids, mask, sampling) -> dict[str, float]:
+    """Fraction of rows whose greedy response equals the ``hf`` engine's, per engine."""
+    out = {name: engine.generate(bank, adapter, ids, mask, sampling.greedy()).response_ids
+           for name, engine in engines.items()}
+    width = min(r.shape[1] for r in out.values())
+    return {name: round((r[:, :width] == out["hf"][:, :width]).all(dim=1).float().mean().item(), 3)
+            for name, r in out.items()}
+
+
+def measure_case(args, case: str, model_dir: Path, ids, mask, sampling) -> dict:
+    """Warm-up, interleaved repeats and greedy agreement of every engine on one bank."""
+    from lit_rlhf.rollout import build_engine
+
+    bank = build_bank(model_dir, lora=case == "lora", dtype=args.dtype, device=args.device)
+    adapter = "policy" if case == "lora" else None
+    engines = {name: build_engine(name) for name in ENGINES}
+    warmup, seconds, tokens = {}, {name: [] for name in ENGINES}, {}
+    for name, engine in engines.items():
+        warmup[name] = timed(engine, bank, adapter, ids, mask, sampling)[0]
+    for _ in range(args.repeats):
+        for name, engine in engines.items():
+            s, tokens[name] = timed(engine, bank, adapter, ids, mask, sampling)
+            seconds[name].append(s)
+    agreement = greedy_agreement(engines, bank, adapter, ids, mask,
+                                 replace(sampling, max_new_tokens=min(args.new_tokens, 32)))
+    rate = {name: tokens[name] / statistics.median(seconds[name]) for name in ENGINES}
+    return {
+        name: {"tokens_per_s": round(rate[name], 1), "ratio_vs_hf": round(rate[name] / rate["hf"], 3),
+               "warmup_s": round(warmup[name], 3), "seconds": [round(s, 4) for s in seconds[name]],
+               "tokens": tokens[name], "greedy_rows_equal_to_hf": agreement[name]}
+        for name in ENGINES
+    }
+
+
 def measure(args) -> dict:
-    from lit_rlhf.rollout import SamplingConfig, build_engine
+    from lit_rlhf.rollout import SamplingConfig
 
     vocab = SIZES[args.size][1]["vocab_size"]
     # A stop id a random model samples with probability ~1/vocab per token: every run decodes the full length.
@@ -93,39 +129,34 @@ def measure(args) -> dict:
                      "new_tokens": args.new_tokens, "dtype": args.dtype, "torch": torch.__version__, "cases": {}}
     if args.device == "cuda":
         results["gpu"] = torch.cuda.get_device_name()
+    print(report(results), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_config(args.size, Path(tmp), args.prompt_len + args.new_tokens + 64)
         for case in ("base", "lora"):
-            bank = build_bank(model_dir, lora=case == "lora", dtype=args.dtype, device=args.device)
-            adapter = "policy" if case == "lora" else None
-            engines = {name: build_engine(name) for name in ENGINES}
-            warmup, seconds, tokens = {}, {name: [] for name in ENGINES}, {}
-            for name, engine in engines.items():
-                warmup[name] = timed(engine, bank, adapter, ids, mask, sampling)[0]
-            for _ in range(args.repeats):
-                for name, engine in engines.items():
-                    s, tokens[name] = timed(engine, bank, adapter, ids, mask, sampling)
-                    seconds[name].append(s)
-            rate = {name: tokens[name] / statistics.median(seconds[name]) for name in ENGINES}
-            results["cases"][case] = {
-                name: {"tokens_per_s": round(rate[name], 1), "ratio_vs_hf": round(rate[name] / rate["hf"], 3),
-                       "warmup_s": round(warmup[name], 3), "seconds": [round(s, 4) for s in seconds[name]],
-                       "tokens": tokens[name]}
-                for name in ENGINES
-            }
-            del bank
+            try:
+                results["cases"][case] = measure_case(args, case, model_dir, ids, mask, sampling)
+            except Exception as error:  # noqa: BLE001 -- a failing case is reported, the next one still runs
+                results["cases"][case] = {"error": f"{type(error).__name__}: {error}"[:2000]}
+                traceback.print_exc()
+            print(report_case(case, results["cases"][case]), flush=True)
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
     return results
 
 
 def report(results: dict) -> str:
-    lines = [f"{results.get('gpu', results['device'])}, torch {results['torch']}, {results['size']} model, "
-             f"batch {results['batch']}, prompt {results['prompt_len']} + {results['new_tokens']} new tokens, "
-             f"{results['dtype']}",
-             "| case | engine | tokens/s (median) | x hf | warm-up s |", "|---|---|---|---|---|"]
-    for case, engines in results["cases"].items():
-        for name, r in engines.items():
-            lines.append(f"| {case} | {name} | {r['tokens_per_s']:.0f} | {r['ratio_vs_hf']:.2f} | {r['warmup_s']:.2f} |")
-    return "\n".join(lines)
+    """The heading of the table."""
+    return (f"{results.get('gpu', results['device'])}, torch {results['torch']}, {results['size']} model, "
+            f"batch {results['batch']}, prompt {results['prompt_len']} + {results['new_tokens']} new tokens, "
+            f"{results['dtype']}\n"
+            "| case | engine | tokens/s (median) | x hf | warm-up s | greedy rows = hf |\n|---|---|---|---|---|---|")
+
+
+def report_case(case: str, engines: dict) -> str:
+    if "error" in engines:
+        return f"| {case} | failed: {engines['error'][:300]} | | | | |"
+    return "\n".join(f"| {case} | {name} | {r['tokens_per_s']:.0f} | {r['ratio_vs_hf']:.2f} | {r['warmup_s']:.2f} | "
+                     f"{r['greedy_rows_equal_to_hf']:.2f} |" for name, r in engines.items())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -147,7 +178,6 @@ def main(argv: list[str] | None = None) -> None:
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     sys.path.insert(0, str(REPO))
     results = measure(args)
-    print(report(results), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
