@@ -2,9 +2,9 @@
 
 An engine is anything with ``generate(bank, adapter, prompt_ids, prompt_mask, sampling) ->
 Rollout`` (the ``RolloutEngine`` protocol), registered under a name the config chooses
-(``engine: hf``). Methods only ever see a ``Rollout``, so a faster engine (a static KV cache
-with a compiled decode step, vLLM with synced LoRA weights) is added with
-``@register_engine("name")`` and no change to any method.
+(``engine: hf``). Methods only ever see a ``Rollout``, so a faster engine (``hf_static``: a
+static KV cache with a compiled decode step; vLLM with synced LoRA weights, see the README) is
+added with ``@register_engine("name")`` and no change to any method. ``auto`` picks per device.
 
 Behaviour log-probs are NOT taken from the engine: transformers' ``scores`` are the logits
 after temperature / top-k / top-p warping, and a vLLM engine would compute them with other
@@ -284,6 +284,7 @@ class HFGenerateEngine:
 #: Options of the static-cache engine, and why they default as they do.
 BUCKET = 32  # prompts padded to a multiple of this: the compiled decode step sees few cache shapes
 STOP_CHECK_EVERY_CUDA = 8  # a host sync every k decode steps on CUDA (reading "all rows stopped?" syncs)
+RECOMPILE_LIMIT = 64  # compiled decode graphs per step function: models x adapter states x batch sizes x cache lengths
 
 
 @register_engine("hf_static")
@@ -421,10 +422,6 @@ class HFStaticCacheEngine:
 
         self._steps[net] = run
         return run
-
-
-#: Compiled decode graphs kept per step function (models x adapter states x batch sizes x cache lengths).
-RECOMPILE_LIMIT = 64
 
 
 def pad_left_to_bucket(ids: torch.Tensor, mask: torch.Tensor, bucket: int, pad_token_id: int):
