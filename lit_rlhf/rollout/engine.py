@@ -417,7 +417,8 @@ class HFStaticCacheEngine:
         def run(tokens, positions, mask, cache):
             if device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()
-            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+            # A graph that fails to compile runs eagerly (dynamo logs why) rather than ending the run.
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, suppress_errors=True):
                 return compiled_step(tokens, positions, mask, cache)
 
         self._steps[net] = run

@@ -223,3 +223,16 @@ def test_sharded_parameters_fall_back_to_hf_and_zero3_accepts_auto(bank, monkeyp
     assert "sharded" in static_decode_unsupported(net)
     check_scale_support("PPO", kind="deepspeed", stage=3, generates=True, manual_optimization=True, train_mode="lora",
                         engine="auto", accelerator="cuda")
+
+
+@pytest.mark.slow
+def test_the_compiled_decode_step_gives_the_tokens_of_hf(bank, tokenizer):
+    """torch.compile of the decode step (what CUDA runs, here on CPU with inductor): minutes to compile."""
+    ids, mask = encode(tokenizer, PROMPTS)
+    engine = fast_engine(compile=True)
+    for sampling in (greedy(tokenizer), SamplingConfig(max_new_tokens=12).resolved(tokenizer)):
+        out = []
+        for e in (build_engine("hf"), engine):
+            torch.manual_seed(5)
+            out.append(e.generate(bank, "policy", ids, mask, sampling).response_ids)
+        assert torch.equal(*out)
