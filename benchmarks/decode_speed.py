@@ -9,7 +9,8 @@ Two cases: the plain base (``base``) and a LoRA policy adapter active (``lora``,
 run). The stop token is one the random model almost never samples, so every engine decodes the
 full length. The first call of each engine is reported apart as warm-up (on CUDA it holds the
 compilation and CUDA-graph capture of hf_static's decode step); the ratio is median tokens/s
-over the ``hf`` engine's.
+over the ``hf`` engine's. Seconds are wall-clock on CUDA, the process's CPU time on CPU (run
+with ``OMP_NUM_THREADS=1``: on a shared machine wall-clock time measures the neighbours too).
 
     python benchmarks/decode_speed.py --device cpu --size small
     python benchmarks/decode_speed.py --device cuda --size 0.5b --batch 64 --new-tokens 128
@@ -74,14 +75,17 @@ def random_prompts(batch: int, length: int, vocab: int, device: str) -> tuple[to
 
 
 def timed(engine, bank, adapter, ids, mask, sampling) -> tuple[float, int]:
-    """Seconds of one generate and the tokens it decoded (rows x steps)."""
+    """Seconds of one generate and the tokens it decoded (rows x steps). On CUDA wall-clock
+    seconds; on CPU this process's CPU seconds (one thread): on a shared machine wall-clock time
+    measures the neighbours' load as much as the engine."""
+    clock = time.perf_counter if ids.is_cuda else time.process_time
     if ids.is_cuda:
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = clock()
     rollout = engine.generate(bank, adapter, ids, mask, sampling)
     if ids.is_cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - start, rollout.response_ids.numel()
+    return clock() - start, rollout.response_ids.numel()
 
 
 def greedy_agreement(engines: dict, bank, adapter, ids, mask, sampling) -> dict[str, float]:
@@ -149,7 +153,8 @@ def report(results: dict) -> str:
     return (f"{results.get('gpu', results['device'])}, torch {results['torch']}, {results['size']} model, "
             f"batch {results['batch']}, prompt {results['prompt_len']} + {results['new_tokens']} new tokens, "
             f"{results['dtype']}\n"
-            "| case | engine | tokens/s (median) | x hf | warm-up s | greedy rows = hf |\n|---|---|---|---|---|---|")
+            f"| case | engine | tokens/{'s' if results['device'] == 'cuda' else 'CPU-s'} (median) | x hf | warm-up s | "
+            "greedy rows = hf |\n|---|---|---|---|---|---|")
 
 
 def report_case(case: str, engines: dict) -> str:
@@ -175,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
         args.size, args.batch, args.prompt_len, args.new_tokens, args.repeats = "small", 4, 16, 8, 1
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA GPU here")
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # CPU seconds are the measure: one thread
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     sys.path.insert(0, str(REPO))
     results = measure(args)
