@@ -131,7 +131,7 @@ class GKD(BankMethod):
             that are not on-policy.
         sampling: how student and teacher completions are sampled (``max_new_tokens``,
             ``temperature``, ``top_k``, ``top_p``).
-        engine: the rollout engine's registered name (``hf``, ``hf_static``, ...).
+        engine: the rollout engine's registered name (``auto``: ``hf_static`` on CUDA; ``hf``, ``hf_static``, ...).
         chunk_size: token rows of the vocabulary upcast to float32 at once in the loss; ``None``
             sizes chunks to about 64 MiB of float32.
         **kwargs: optimizer, bank and ``policy_adapter`` (the student) arguments of ``BankMethod``; the
@@ -146,7 +146,7 @@ class GKD(BankMethod):
         temperature: float = 1.0,
         seq_kd: bool = False,
         sampling: SamplingConfig | None = None,
-        engine: str = "hf",
+        engine: str = "auto",
         chunk_size: int | None = None,
         **kwargs,
     ):

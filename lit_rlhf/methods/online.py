@@ -198,7 +198,8 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
             ``[{kind: function, function: "lit_rlhf.toy:reward"}]``.
         sampling: how responses are sampled during training (validation decodes greedily with
             the same ``max_new_tokens``).
-        engine: the rollout engine's registered name (``hf``, ``hf_static``, or one you register).
+        engine: the rollout engine's registered name: ``auto`` (``hf_static`` on CUDA; see
+            ``lit_rlhf.rollout.engine.AutoEngine``), ``hf``, ``hf_static``, or one you register.
         num_samples_per_prompt: responses sampled per prompt (``k``; RLOO and GRPO need ``k >= 2``).
         update_epochs, num_mini_batches, gradient_accumulation_steps, max_grad_norm: the update's
             settings, documented and checked by ``UpdateArgs`` (``self.update_args``).
@@ -224,7 +225,7 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         *,
         rewards: list[RewardSpec] | None = None,
         sampling: SamplingConfig | None = None,
-        engine: str = "hf",
+        engine: str = "auto",
         num_samples_per_prompt: int = 1,
         update_epochs: int = 1,
         num_mini_batches: int = 1,

@@ -586,20 +586,30 @@ class AdapterBank(nn.Module):
             hook.remove()
         return out.logits, head(captured[-1])
 
-    @torch.no_grad()
+    @contextmanager
+    def generating(self, adapter: str | None, *, teacher: bool = False) -> Iterator[nn.Module]:
+        """The transformers model that samples from ``adapter``; with ``adapter=None`` from the
+        reference policy, or with ``teacher=True`` from the distillation teacher (see ``teacher()``),
+        set up for the duration, without gradients.
+
+        What ``generate`` runs, for rollout engines that drive the model's forward themselves."""
+        if teacher and adapter is not None:
+            raise ValueError(f"generate samples from one role: adapter {adapter!r} or the teacher, not both")
+        with torch.no_grad():
+            if adapter is not None:
+                with self.role(adapter):
+                    yield self.model
+            else:
+                with self.teacher() if teacher else self.reference():
+                    yield self._current_model()
+
     def generate(self, input_ids, attention_mask, *, adapter: str | None, teacher: bool = False,
                  **generate_kwargs) -> torch.Tensor:
         """Sample from ``adapter``; with ``adapter=None`` from the reference policy, or with
         ``teacher=True`` from the distillation teacher (see ``teacher()``). Returns prompt + response ids."""
-        if teacher and adapter is not None:
-            raise ValueError(f"generate samples from one role: adapter {adapter!r} or the teacher, not both")
         generate_kwargs.setdefault("use_cache", True)
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
-        if adapter is not None:
-            with self.role(adapter):
-                return self.model.generate(**kwargs)
-        with self.teacher() if teacher else self.reference():
-            return self._current_model().generate(**kwargs)
+        with self.generating(adapter, teacher=teacher) as model:
+            return model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
 
     # -- trainable state ----------------------------------------------------------------------
 

@@ -1,13 +1,15 @@
 """Rollouts for the online methods: generation engines and reward sources.
 
 - :mod:`.engine`: ``SamplingConfig``, the ``Rollout`` tuple, the ``RolloutEngine`` protocol and
-  its registry (``hf``: transformers ``generate``; ``hf_static``: the same with a static KV cache)
+  its registry (``hf``: transformers ``generate``; ``hf_static``: our decode loop over a static KV
+  cache, compiled on CUDA; ``auto``: ``hf_static`` on CUDA, the faster of the two on CPU)
 - :mod:`.rewards`: ``RewardSpec`` (config), the sources (bank adapter, separate model, Python
   function) and ``Rewards``, their weighted, normalised, clipped combination
 """
 
 from lit_rlhf.rollout.engine import (
     ENGINES,
+    AutoEngine,
     HFGenerateEngine,
     HFStaticCacheEngine,
     Rollout,
@@ -35,6 +37,7 @@ from lit_rlhf.rollout.rewards import (
 __all__ = [
     "ENGINES",
     "AdapterReward",
+    "AutoEngine",
     "FunctionReward",
     "HFGenerateEngine",
     "HFStaticCacheEngine",

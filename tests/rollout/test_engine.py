@@ -65,12 +65,13 @@ def test_responses_are_cut_after_the_first_eos_with_the_mask(bank, tokenizer):
             assert n == r.response_ids.shape[1]
 
 
-def test_the_engine_restores_the_active_adapter(bank, tokenizer):
+@pytest.mark.parametrize("name", ["hf", "hf_static"])
+def test_the_engine_restores_the_active_adapter(name, bank, tokenizer):
     ids, mask = encode(tokenizer, PROMPTS)
     with bank.role("other"):
-        build_engine("hf").generate(bank, "policy", ids, mask, sampling(tokenizer, max_new_tokens=4))
+        build_engine(name).generate(bank, "policy", ids, mask, sampling(tokenizer, max_new_tokens=4))
         assert bank.active == "other"
-        build_engine("hf").generate(bank, None, ids, mask, sampling(tokenizer, max_new_tokens=4))  # the reference
+        build_engine(name).generate(bank, None, ids, mask, sampling(tokenizer, max_new_tokens=4))  # the reference
         assert bank.active == "other"
 
 
