@@ -175,7 +175,7 @@ def test_models_the_loop_cannot_drive_fall_back_to_hf_logged_once(bank, tokenize
     engine = HFStaticCacheEngine()
     calls = []
     plain = engine.fallback.generate
-    engine.fallback.generate = lambda *args: calls.append(1) or plain(*args)
+    engine.fallback.generate = lambda *args, **kwargs: calls.append(1) or plain(*args, **kwargs)
     with caplog.at_level(logging.INFO, logger="lit_rlhf.rollout"):
         for _ in range(2):
             got = engine.generate(bank, "policy", ids, mask, greedy(tokenizer))
@@ -194,7 +194,7 @@ def test_auto_picks_hf_static_on_cuda_and_the_measured_engine_on_cpu(bank, token
     assert isinstance(auto, AutoEngine)
     used = []
     for name, engine in auto.engines.items():
-        monkeypatch.setattr(engine, "generate", lambda *args, name=name: used.append(name))
+        monkeypatch.setattr(engine, "generate", lambda *args, name=name, **kwargs: used.append(name))
     ids, mask = encode(tokenizer, PROMPTS)
     auto.generate(bank, "policy", ids, mask, greedy(tokenizer))
     assert used == [engine_module.CPU_ENGINE]
