@@ -18,7 +18,7 @@ from lit_rlhf.methods.online import (
 )
 from lit_rlhf.methods.online_dpo import OnlineDPO
 from lit_rlhf.methods.ppo import PPO
-from lit_rlhf.methods.reward import Reward, RewardScorer, score_texts
+from lit_rlhf.methods.reward import Reward
 from lit_rlhf.methods.rloo import RLOO
 from lit_rlhf.methods.sft import SFT
 
@@ -45,11 +45,9 @@ __all__ = [
     "PreferenceMethod",
     "ResumableCheckpoint",
     "Reward",
-    "RewardScorer",
     "SFT",
     "ScoredRollout",
     "SimPO",
     "generate_best_of_n",
-    "score_texts",
     "write_jsonl_atomic",
 ]

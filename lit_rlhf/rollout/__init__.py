@@ -3,7 +3,8 @@
 - :mod:`.engine`: ``SamplingConfig``, the ``Rollout`` tuple, the ``RolloutEngine`` protocol and
   its registry (``hf``: transformers ``generate``; ``hf_static``: the same with a static KV cache)
 - :mod:`.rewards`: ``RewardSpec`` (config), the sources (bank adapter, separate model, Python
-  function) and ``Rewards``, their weighted, normalised, clipped combination
+  function) and ``Rewards``, their weighted, normalised, clipped combination; ``RewardScorer``
+  (and ``score_texts``), the one loader of a reward model saved on disk
 """
 
 from lit_rlhf.rollout.engine import (
@@ -25,11 +26,13 @@ from lit_rlhf.rollout.rewards import (
     RewardError,
     RewardOutput,
     RewardRequest,
+    RewardScorer,
     RewardSource,
     RewardSpec,
     Rewards,
     build_source,
     load_function,
+    score_texts,
 )
 
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
     "RewardError",
     "RewardOutput",
     "RewardRequest",
+    "RewardScorer",
     "RewardSource",
     "RewardSpec",
     "Rewards",
@@ -53,5 +57,6 @@ __all__ = [
     "build_source",
     "load_function",
     "register_engine",
+    "score_texts",
     "truncate_at_stop",
 ]

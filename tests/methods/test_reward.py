@@ -16,8 +16,9 @@ from lit_rlhf import toy
 from lit_rlhf.cli import main as cli_main
 from lit_rlhf.data import DataError, PreferenceDataModule
 from lit_rlhf.methods import ExportOnFitEnd
-from lit_rlhf.methods.reward import Reward, RewardScorer, score_texts
+from lit_rlhf.methods.reward import Reward
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, LoraSpec
+from lit_rlhf.rollout import RewardScorer, score_texts
 
 REPO = Path(__file__).resolve().parents[2]
 TOY = REPO / "assets" / "toy"
@@ -129,7 +130,7 @@ FRESH_PROCESS = r"""
 import json, sys
 import torch
 torch.set_num_threads(1)
-from lit_rlhf.methods.reward import score_texts
+from lit_rlhf.rollout import score_texts
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer
 adapter, base, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 # The PPO path: the adapter by path on the same base, scored through the bank.
