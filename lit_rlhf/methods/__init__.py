@@ -18,7 +18,7 @@ from lit_rlhf.methods.online import (
 )
 from lit_rlhf.methods.online_dpo import OnlineDPO
 from lit_rlhf.methods.ppo import PPO
-from lit_rlhf.methods.reward import Reward
+from lit_rlhf.methods.reward import Reward, RewardModeling
 from lit_rlhf.methods.rloo import RLOO
 from lit_rlhf.methods.sft import SFT
 
@@ -45,6 +45,7 @@ __all__ = [
     "PreferenceMethod",
     "ResumableCheckpoint",
     "Reward",
+    "RewardModeling",
     "SFT",
     "ScoredRollout",
     "SimPO",

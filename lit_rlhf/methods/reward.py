@@ -27,7 +27,7 @@ from lit_rlhf.models import AdapterSpec, model_identity
 log = logging.getLogger("lit_rlhf.methods")
 
 
-class Reward(BankMethod):
+class RewardModeling(BankMethod):
     """Bradley-Terry reward model (Ouyang et al. 2022, arXiv 2203.02155) on preference pairs.
 
     Trains the ``reward`` adapter and its score head (``train_mode: lora``), or the whole base
@@ -183,3 +183,10 @@ class Reward(BankMethod):
         if self.normalization is not None:
             meta["normalization"] = self.normalization
         return meta
+
+
+#: The method's earlier name, kept because LightningCLI wrote it into the ``config.yaml`` and the
+#: checkpoint hyperparameters (``_class_path``) of every earlier run, which ``--ckpt_path`` and
+#: ``lit-rlhf export`` read back. ``RewardModeling`` names it apart from ``Rewards``, the online
+#: methods' combination of reward sources.
+Reward = RewardModeling

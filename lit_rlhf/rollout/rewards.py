@@ -326,7 +326,7 @@ class RewardScorer:
         """A frozen scorer, in eval mode, from a directory.
 
         Args:
-            path: a saved reward adapter (``Reward.export``: PEFT files + ``HEAD_FILE``), a merged
+            path: a saved reward adapter (``RewardModeling.export``: PEFT files + ``HEAD_FILE``), a merged
                 reward model (``save_pretrained`` + ``HEAD_FILE``), or a transformers
                 sequence-classification model (one label, safetensors weights).
             base: the base model an adapter was trained on; by default the one recorded in its

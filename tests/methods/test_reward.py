@@ -179,6 +179,20 @@ def test_adapter_refuses_a_different_base(trained, tmp_path, change):
 # -- the shipped config and bad data --------------------------------------------------------------
 
 
+def test_a_config_naming_the_earlier_class_name_still_builds(tmp_path, monkeypatch):
+    # Runs made before the rename carry `lit_rlhf.methods.Reward` in their saved config.yaml.
+    from lit_rlhf.cli import build_cli
+    from lit_rlhf.methods import RewardModeling
+
+    monkeypatch.chdir(REPO)
+    config = tmp_path / "config.yaml"
+    shipped = (REPO / "configs" / "reward.yaml").read_text()
+    assert "class_path: lit_rlhf.methods.RewardModeling" in shipped
+    config.write_text(shipped.replace("lit_rlhf.methods.RewardModeling", "lit_rlhf.methods.Reward"))
+    method = build_cli(["--config", str(config)], run=False).model
+    assert type(method) is RewardModeling and method.center_coefficient == 0.01
+
+
 def test_reward_config_fits_and_exports(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     cli_main(["fit", "--config", "configs/reward.yaml", "--trainer.default_root_dir", str(tmp_path),
