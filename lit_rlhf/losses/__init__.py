@@ -3,6 +3,7 @@
 - :mod:`.logprobs`: token / sequence log-probs and entropies without a full float32 log-softmax
 - :mod:`.preference`: DPO and variants, SimPO, CPO, ORPO
 - :mod:`.reward`: Bradley-Terry reward-model loss
+- :mod:`.sft`: the supervised (causal LM) loss over completion tokens
 - :mod:`.kto`: KTO
 - :mod:`.policy_gradient`: PPO, GAE, RLOO, GRPO and helpers
 - :mod:`.distill`: generalised JSD for GKD
@@ -60,6 +61,7 @@ from lit_rlhf.losses.preference import (
     wpo_weights,
 )
 from lit_rlhf.losses.reward import RewardLoss, bradley_terry_loss
+from lit_rlhf.losses.sft import completion_nll
 
 __all__ = [
     "CPO_LOSS_TYPES",
@@ -85,6 +87,7 @@ __all__ = [
     "SequenceLogps",
     "ValueLoss",
     "bradley_terry_loss",
+    "completion_nll",
     "completion_token_logps",
     "cpo_loss",
     "dpo_loss",

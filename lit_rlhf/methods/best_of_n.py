@@ -39,9 +39,9 @@ from typing import Literal
 import torch
 
 from lit_rlhf.distributed import every_rank
+from lit_rlhf.losses import completion_nll
 from lit_rlhf.methods.base import read_checkpoint
 from lit_rlhf.methods.online import MiniBatch, OnlineMethod, ScoredRollout
-from lit_rlhf.methods.sft import completion_nll
 
 log = logging.getLogger("lit_rlhf.methods")
 
