@@ -82,6 +82,7 @@ def _cli_classes():
     from lightning.pytorch import LightningDataModule
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+    from lit_rlhf.errors import InvalidArgument
     from lit_rlhf.methods.base import BankMethod
     from lit_rlhf.methods.checkpoints import find_last_checkpoint, finished_message
 
@@ -115,6 +116,25 @@ def _cli_classes():
                 print(f"--ckpt_path last: {found or f'no last*.ckpt under {root}, starting from scratch'}",
                       file=sys.stderr)
                 config["ckpt_path"] = str(found) if found else None
+
+        def instantiate_classes(self) -> None:
+            # A constructor that refuses a value names its argument (InvalidArgument): say which config key
+            # set it. jsonargparse reports it inside its Union error, chained as the cause.
+            try:
+                super().instantiate_classes()
+            except ValueError as error:
+                invalid = _cause_of_kind(error, InvalidArgument)
+                if invalid is None:
+                    raise
+                raise ConfigError(f"config key '{self._config_key(invalid.argument)}': {invalid}") from invalid
+
+        def _config_key(self, argument: str) -> str:
+            config = self.config.get(self.subcommand) if self.subcommand else self.config
+            for section in ("model", "data"):
+                init_args = config.get(section, {}).get("init_args") or {}
+                if argument in init_args:
+                    return f"{section}.init_args.{argument}"
+            return argument
 
         def _prepare_data(self) -> None:
             # The model's config files and every row are checked here, so a bad config or bad data fails
@@ -171,6 +191,17 @@ def _cli_classes():
             self._prepare_data()
 
     return LitRLHFCLI, Parser, BankMethod, LightningDataModule
+
+
+def _cause_of_kind(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """``error`` or the first exception of ``kind`` in its chain of causes."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kind):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def build_cli(args: list[str], *, run: bool = True):

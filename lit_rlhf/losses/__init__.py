@@ -10,7 +10,7 @@
 """
 
 from lit_rlhf.losses.distill import JSD_REDUCTIONS, generalized_jsd_loss
-from lit_rlhf.losses.kto import KTO_LOSS_TYPES, KTOLoss, kto_kl_estimate, kto_loss
+from lit_rlhf.losses.kto import KTO_LOSS_TYPES, KTOLoss, KTOLossType, kto_kl_estimate, kto_loss
 from lit_rlhf.losses.logprobs import (
     SequenceLogps,
     completion_token_logps,
@@ -48,6 +48,9 @@ from lit_rlhf.losses.preference import (
     DPO_LOSS_TYPES,
     F_DIVERGENCE_LOSS_TYPES,
     F_DIVERGENCES,
+    CPOLossType,
+    DPOLossType,
+    FDivergence,
     PreferenceLoss,
     check_beta,
     check_label_smoothing,
@@ -75,9 +78,13 @@ __all__ = [
     "KTO_LOSS_TYPES",
     "SCALE_REWARDS",
     "Advantages",
+    "CPOLossType",
+    "DPOLossType",
+    "FDivergence",
     "GRPOLoss",
     "GroupAdvantages",
     "KTOLoss",
+    "KTOLossType",
     "PolicyLoss",
     "PreferenceLoss",
     "check_beta",

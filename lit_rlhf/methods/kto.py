@@ -12,14 +12,14 @@ reference is the base with adapters off (LoRA), or a frozen copy of the base (fu
 from __future__ import annotations
 
 import logging
-from typing import Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_rlhf.distributed import all_rows
+from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.losses import (
-    KTO_LOSS_TYPES, SequenceLogps, check_beta, check_loss_type, kto_kl_estimate, kto_loss, sequence_logps,
+    KTO_LOSS_TYPES, KTOLossType, SequenceLogps, check_beta, check_loss_type, kto_kl_estimate, kto_loss, sequence_logps,
 )
 from lit_rlhf.methods.base import BankMethod
 
@@ -80,7 +80,7 @@ class KTO(BankMethod):
         beta: float = 0.1,
         desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0,
-        loss_type: Literal["kto", "apo_zero_unpaired"] = "kto",
+        loss_type: KTOLossType = "kto",
         precompute_ref_logps: bool = False,
         policy_adapter: str = "policy",
         **kwargs,
@@ -88,6 +88,9 @@ class KTO(BankMethod):
         super().__init__(**kwargs)
         check_loss_type(loss_type, KTO_LOSS_TYPES, "KTO")
         check_beta(beta, "KTO")
+        for name, weight in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
+            if not weight > 0:
+                raise InvalidArgument(name, f"KTO: {name} must be > 0, got {weight}")
         self.beta = beta
         self.desirable_weight = desirable_weight
         self.undesirable_weight = undesirable_weight

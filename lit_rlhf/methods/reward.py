@@ -14,17 +14,22 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
+from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.losses import bradley_terry_loss
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.models import AdapterSpec, model_identity
 
 log = logging.getLogger("lit_rlhf.methods")
+
+#: Which preference data the export's score statistics are computed over (``None``: none).
+NormalizeOn = Literal["val", "train"]
+NORMALIZE_ON = (*get_args(NormalizeOn), None)
 
 
 class RewardModeling(BankMethod):
@@ -52,10 +57,16 @@ class RewardModeling(BankMethod):
         *,
         reward_adapter: str = "reward",
         center_coefficient: float | None = None,
-        normalize_on: Literal["val", "train"] | None = "val",
+        normalize_on: NormalizeOn | None = "val",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if center_coefficient is not None and not center_coefficient >= 0:
+            raise InvalidArgument("center_coefficient", f"RewardModeling: center_coefficient must be >= 0 (or None), "
+                                  f"got {center_coefficient}")
+        if normalize_on not in NORMALIZE_ON:
+            raise InvalidArgument("normalize_on", f"RewardModeling: normalize_on must be one of {NORMALIZE_ON}, "
+                                  f"got {normalize_on!r}")
         self.reward_adapter = reward_adapter
         self.center_coefficient = center_coefficient
         self.normalize_on = normalize_on
