@@ -24,10 +24,10 @@ The teacher is a role of the bank (``bank.teacher()``): the separate frozen mode
 without adapters (distilling the base back into an adapter). The bank checks that teacher and
 student share a tokenizer when it is built, before any step.
 
-Optimization is AUTOMATIC, although DESIGN.md lists on-policy GKD with the manual methods: GKD
-makes exactly one optimizer step per batch (no PPO epochs over a rollout), so generating under
-``no_grad`` inside ``training_step`` and returning a normal loss is all it needs, and it keeps
-the Trainer's ``gradient_clip_val``, ``accumulate_grad_batches``, precision plugins and LR
+Optimization is AUTOMATIC, although GKD generates inside the step like the manual-optimization
+methods (PPO, RLOO, GRPO, which take several optimizer steps per rollout): GKD makes exactly one
+optimizer step per batch (no PPO epochs over a rollout), so generating under ``no_grad`` inside
+``training_step`` and returning a normal loss is all it needs, and it keeps the Trainer's ``gradient_clip_val``, ``accumulate_grad_batches``, precision plugins and LR
 scheduler stepping working unchanged (manual optimization would have to re-implement them).
 
 Data: an ``SFTDataModule`` of prompt + completion rows (``completion_only_loss: true``); the
