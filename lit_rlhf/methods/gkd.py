@@ -27,8 +27,9 @@ student share a tokenizer when it is built, before any step.
 Optimization is AUTOMATIC, although GKD generates inside the step like the manual-optimization
 methods (PPO, RLOO, GRPO, which take several optimizer steps per rollout): GKD makes exactly one
 optimizer step per batch (no PPO epochs over a rollout), so generating under ``no_grad`` inside
-``training_step`` and returning a normal loss is all it needs, and it keeps the Trainer's ``gradient_clip_val``, ``accumulate_grad_batches``, precision plugins and LR
-scheduler stepping working unchanged (manual optimization would have to re-implement them).
+``training_step`` and returning a normal loss is all it needs, and it keeps the Trainer's
+``gradient_clip_val``, ``accumulate_grad_batches``, precision plugins and LR scheduler stepping
+working unchanged (manual optimization would have to re-implement them).
 
 Data: an ``SFTDataModule`` of prompt + completion rows (``completion_only_loss: true``); the
 prompts for generation are the tokens before each row's completion, left-padded here. Packed
