@@ -27,8 +27,8 @@ log = logging.getLogger("lit_rlhf.methods")
 
 
 #: The learning-rate decays after warmup, written once (the signature's Literal; the check reads it).
-LRScheduler = Literal["constant", "linear", "cosine"]
-LR_SCHEDULERS: tuple[str, ...] = get_args(LRScheduler)
+LRSchedule = Literal["constant", "linear", "cosine"]
+LR_SCHEDULERS: tuple[str, ...] = get_args(LRSchedule)
 
 
 def check_optimizer_arguments(*, learning_rate: float, warmup_steps: int, lr_scheduler: str,
@@ -151,7 +151,7 @@ class BankMethod(pl.LightningModule):
         weight_decay: float = 0.0,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
-        lr_scheduler: LRScheduler = "constant",
+        lr_scheduler: LRSchedule = "constant",
         max_consecutive_nonfinite: int = 10,
     ):
         super().__init__()
