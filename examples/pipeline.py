@@ -114,7 +114,7 @@ def ppo_stage(out: Path, base: Path, reward_adapter: Path, *, max_epochs: int = 
         sampling=SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0),
         engine="hf",
         num_samples_per_prompt=2,
-        ppo_epochs=2,
+        update_epochs=2,
         num_mini_batches=2,
         max_grad_norm=1.0,
         kl_coef=kl_coef,

@@ -8,14 +8,8 @@ from lit_rlhf.methods.export import ExportOnFitEnd
 from lit_rlhf.methods.gkd import GKD
 from lit_rlhf.methods.grpo import GRPO
 from lit_rlhf.methods.kto import KTO
-from lit_rlhf.methods.online import (
-    AdaptiveKLController,
-    FixedKLController,
-    MiniBatch,
-    OnlineMethod,
-    PolicyOutput,
-    ScoredRollout,
-)
+from lit_rlhf.methods.kl_control import AdaptiveKLController, FixedKLController
+from lit_rlhf.methods.online import MiniBatch, OnlineMethod, PolicyOutput, ScoredRollout, UpdateArgs
 from lit_rlhf.methods.online_dpo import OnlineDPO
 from lit_rlhf.methods.ppo import PPO
 from lit_rlhf.methods.reward import Reward, RewardModeling
@@ -49,6 +43,7 @@ __all__ = [
     "SFT",
     "ScoredRollout",
     "SimPO",
+    "UpdateArgs",
     "generate_best_of_n",
     "write_jsonl_atomic",
 ]

@@ -8,7 +8,7 @@ import math
 import pickle
 import random
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -134,6 +134,7 @@ class BankMethod(pl.LightningModule):
 
     Args:
         bank: the base model and its adapters.
+        policy_adapter: the adapter trained (and exported) as the policy; several may live on one bank.
         learning_rate: peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
         adam_betas: AdamW betas.
@@ -147,6 +148,7 @@ class BankMethod(pl.LightningModule):
         self,
         bank: BankSpec | None = None,
         *,
+        policy_adapter: str = "policy",
         learning_rate: float = 1e-4,
         weight_decay: float = 0.0,
         adam_betas: tuple[float, float] = (0.9, 0.999),
@@ -160,7 +162,8 @@ class BankMethod(pl.LightningModule):
         self.bank_spec = bank or BankSpec()
         # Plain types only in hparams: checkpoints are read back with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["bank"])
-        self.hparams["bank"] = asdict(self.bank_spec)
+        self.store_plain_hparams(bank=self.bank_spec)
+        self.policy_adapter = policy_adapter
         self.bank: AdapterBank | None = None
         self._tokenizer = None
         self._rng_to_restore: dict | None = None
@@ -178,9 +181,6 @@ class BankMethod(pl.LightningModule):
         """Adapters the bank must carry for this method; by default the one it trains."""
         return [AdapterSpec(self.trained_adapter)]
 
-    #: The adapter a policy-training method trains; subclasses set it from their ``policy_adapter`` argument.
-    policy_adapter: str = "policy"
-
     @property
     def trained_adapter(self) -> str:
         """The adapter this method trains and exports (the policy, unless a subclass says otherwise)."""
@@ -190,6 +190,13 @@ class BankMethod(pl.LightningModule):
         """Whether this method reads a reference policy (the bank then keeps the starting policy:
         a frozen copy of a loaded policy adapter, or of the base in ``full`` mode)."""
         return False
+
+    def store_plain_hparams(self, **values) -> None:
+        """Put config dataclasses (or lists of them) into ``hparams`` as plain dicts: checkpoints are read
+        back with ``torch.load(weights_only=True)``, which refuses any other class."""
+        for name, value in values.items():
+            self.hparams[name] = [asdict(v) for v in value] if isinstance(value, list) else (
+                asdict(value) if is_dataclass(value) else value)
 
     # -- building -------------------------------------------------------------------------------
 

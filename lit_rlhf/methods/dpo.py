@@ -161,8 +161,7 @@ class DPO(PreferenceMethod):
         precompute_ref_logps: compute the reference log-probs of every training and validation
             row once before training, so the reference never runs again (and, in ``full`` mode, no
             frozen copy of the base is kept).
-        policy_adapter: the adapter trained as the policy.
-        **kwargs: optimizer and bank arguments of ``BankMethod``.
+        **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``.
     """
 
     def __init__(
@@ -183,7 +182,6 @@ class DPO(PreferenceMethod):
         ref_model_sync_steps: int = 512,
         reference_free: bool = False,
         precompute_ref_logps: bool = False,
-        policy_adapter: str = "policy",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -218,7 +216,6 @@ class DPO(PreferenceMethod):
         self.ref_model_sync_steps = ref_model_sync_steps
         self.reference_free = reference_free
         self.precompute_ref_logps = precompute_ref_logps
-        self.policy_adapter = policy_adapter
         # bco_pair's δ (Jung et al. 2024): the running mean of the batch-mean implicit rewards seen in training.
         self._bco_reward_sum = 0.0
         self._bco_batches = 0
@@ -416,8 +413,7 @@ class SimPO(PreferenceMethod):
         beta: reward scale of the length-normalised log-probs.
         gamma_beta_ratio: target margin gamma as a fraction of beta.
         label_smoothing: probability that a preference label is flipped.
-        policy_adapter: the adapter trained as the policy.
-        **kwargs: optimizer and bank arguments of ``BankMethod``.
+        **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``.
     """
 
     def __init__(
@@ -426,7 +422,6 @@ class SimPO(PreferenceMethod):
         beta: float = 2.0,
         gamma_beta_ratio: float = 0.5,
         label_smoothing: float = 0.0,
-        policy_adapter: str = "policy",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -435,7 +430,6 @@ class SimPO(PreferenceMethod):
         self.beta = beta
         self.gamma_beta_ratio = gamma_beta_ratio
         self.label_smoothing = label_smoothing
-        self.policy_adapter = policy_adapter
 
     def compute_loss(self, batch: dict):
         policy = self.policy_pair_logps(batch)
@@ -466,8 +460,7 @@ class CPO(PreferenceMethod):
             log-prob ``ℓ`` becomes ``(1 - e^(-aℓ))/a``; 0 (default) is plain CPO. TRL's CPO calls
             it ``alpha`` (and our ``alpha``, the NLL weight, ``cpo_alpha``); TRL's ``alphapo``
             loss type is ``loss_type: simpo, alpha: 0, alphapo_alpha: a`` here.
-        policy_adapter: the adapter trained as the policy.
-        **kwargs: optimizer and bank arguments of ``BankMethod``.
+        **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``.
     """
 
     def __init__(
@@ -479,7 +472,6 @@ class CPO(PreferenceMethod):
         simpo_gamma: float = 0.5,
         label_smoothing: float = 0.0,
         alphapo_alpha: float = 0.0,
-        policy_adapter: str = "policy",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -495,7 +487,6 @@ class CPO(PreferenceMethod):
         self.simpo_gamma = simpo_gamma
         self.label_smoothing = label_smoothing
         self.alphapo_alpha = alphapo_alpha
-        self.policy_adapter = policy_adapter
 
     def compute_loss(self, batch: dict):
         policy = self.policy_pair_logps(batch)
@@ -524,15 +515,13 @@ class ORPO(PreferenceMethod):
 
     Args:
         beta: weight λ of the odds-ratio term (the paper's λ; TRL's ``beta``).
-        policy_adapter: the adapter trained as the policy.
-        **kwargs: optimizer and bank arguments of ``BankMethod``.
+        **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``.
     """
 
-    def __init__(self, *, beta: float = 0.1, policy_adapter: str = "policy", **kwargs):
+    def __init__(self, *, beta: float = 0.1, **kwargs):
         super().__init__(**kwargs)
         check_beta(beta, "ORPO")
         self.beta = beta
-        self.policy_adapter = policy_adapter
 
     def compute_loss(self, batch: dict):
         policy = self.policy_pair_logps(batch)

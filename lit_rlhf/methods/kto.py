@@ -70,8 +70,7 @@ class KTO(BankMethod):
             row once before training. With ``apo_zero_unpaired`` the reference then never runs
             again; with ``kto`` the mismatched KL rows still take a reference forward (their pairing
             depends on the shuffled batch).
-        policy_adapter: the adapter trained as the policy.
-        **kwargs: optimizer and bank arguments of ``BankMethod``.
+        **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``.
     """
 
     def __init__(
@@ -82,7 +81,6 @@ class KTO(BankMethod):
         undesirable_weight: float = 1.0,
         loss_type: KTOLossType = "kto",
         precompute_ref_logps: bool = False,
-        policy_adapter: str = "policy",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -96,7 +94,6 @@ class KTO(BankMethod):
         self.undesirable_weight = undesirable_weight
         self.loss_type = loss_type
         self.precompute_ref_logps = precompute_ref_logps
-        self.policy_adapter = policy_adapter
 
     @property
     def uses_kl_estimate(self) -> bool:

@@ -29,13 +29,11 @@ class SFT(BankMethod):
     (token-weighted over the validation epoch).
 
     Args:
-        policy_adapter: the adapter trained (and exported) as the policy.
-        **kwargs: optimizer and bank arguments of ``BankMethod``.
+        **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``.
     """
 
-    def __init__(self, *, policy_adapter: str = "policy", **kwargs):
+    def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.policy_adapter = policy_adapter
         # Weighted by token counts: compute() = total NLL / total tokens (synced across ranks).
         self.val_nll = MeanMetric()
         self.test_nll = MeanMetric()

@@ -103,8 +103,9 @@ def _recompute_with(bank: AdapterBank | None, adapter: str | None) -> Iterator[N
 def merge_adapter_specs(declared: Sequence[AdapterSpec], required: Sequence[AdapterSpec]) -> list[AdapterSpec]:
     """The adapters a method requires, overridden field by field by those the user declared.
 
-    A required adapter fixes the head kind; the user chooses its path, LoRA shape and
-    trainability. Declared adapters the method does not require are kept as well.
+    A required adapter fixes the head kind, and a required ``trainable=False`` (a reward adapter
+    read as a judge) holds whatever the config says; otherwise the user chooses its path, LoRA
+    shape and trainability. Declared adapters the method does not require are kept as well.
     """
     declared_by_name = {a.name: a for a in declared}
     if len(declared_by_name) != len(declared):
@@ -119,7 +120,7 @@ def merge_adapter_specs(declared: Sequence[AdapterSpec], required: Sequence[Adap
             raise ValueError(
                 f"adapter {need.name!r} must have head {need.head!r} for this method, but the config gives {user.head!r}"
             )
-        merged.append(replace(user, head=need.head))
+        merged.append(replace(user, head=need.head, trainable=user.trainable and need.trainable))
     merged.extend(a for a in declared if a.name in declared_by_name)
     return merged
 
@@ -491,7 +492,7 @@ class AdapterBank(nn.Module):
     def teacher(self) -> Iterator[AdapterBank]:
         """The distillation teacher, without gradients: the separate teacher model when the spec
         names one, else the base as loaded (adapters off; the frozen copy in full mode). Inside,
-        ``bank(...)`` runs the teacher and ``generate(..., adapter=None)`` samples from it."""
+        ``bank(...)`` runs the teacher; ``generate(..., teacher=True)`` samples from it."""
         if self.teacher_model is None:
             with self._as_loaded():
                 yield self
@@ -572,17 +573,18 @@ class AdapterBank(nn.Module):
         return out.logits, head(captured[-1])
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, *, adapter: str | None, **generate_kwargs) -> torch.Tensor:
-        """Sample from ``adapter``, or with ``None`` from the reference policy (inside ``teacher()``:
-        the teacher); returns prompt + response ids."""
+    def generate(self, input_ids, attention_mask, *, adapter: str | None, teacher: bool = False,
+                 **generate_kwargs) -> torch.Tensor:
+        """Sample from ``adapter``; with ``adapter=None`` from the reference policy, or with
+        ``teacher=True`` from the distillation teacher (see ``teacher()``). Returns prompt + response ids."""
+        if teacher and adapter is not None:
+            raise ValueError(f"generate samples from one role: adapter {adapter!r} or the teacher, not both")
         generate_kwargs.setdefault("use_cache", True)
         kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
         if adapter is not None:
             with self.role(adapter):
                 return self.model.generate(**kwargs)
-        if self._use_teacher or self._frozen_depth > 0:  # inside teacher() or reference() already
-            return self._current_model().generate(**kwargs)
-        with self.reference():
+        with self.teacher() if teacher else self.reference():
             return self._current_model().generate(**kwargs)
 
     # -- trainable state ----------------------------------------------------------------------

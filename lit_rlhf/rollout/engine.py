@@ -167,13 +167,16 @@ class RolloutEngine(Protocol):
     """Samples responses from one adapter of a bank; the bank's active adapter is unchanged after."""
 
     def generate(
-        self, bank, adapter: str | None, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingConfig
+        self, bank, adapter: str | None, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingConfig,
+        *, teacher: bool = False,
     ) -> Rollout:
-        """Responses of ``adapter`` (the reference policy when ``None``) to left-padded prompts.
+        """Responses of ``adapter`` (the reference policy when ``None``; the distillation teacher
+        with ``teacher=True``) to left-padded prompts.
 
         Args:
             bank: the ``AdapterBank``.
             adapter: the policy adapter to sample from.
+            teacher: sample from the bank's teacher instead (``adapter`` then ``None``).
             prompt_ids, prompt_mask: ``(batch, prompt_len)`` left-padded.
             sampling: a ``SamplingConfig`` with ``stop_token_ids`` and ``pad_token_id`` resolved.
         """
@@ -254,10 +257,10 @@ class HFGenerateEngine:
 
     cache_implementation: str | None = None
 
-    def generate(self, bank, adapter, prompt_ids, prompt_mask, sampling: SamplingConfig) -> Rollout:
+    def generate(self, bank, adapter, prompt_ids, prompt_mask, sampling: SamplingConfig, *, teacher: bool = False) -> Rollout:
         config = generation_config(sampling, cache_implementation=self.cache_implementation)
         with generating_with(bank, config):
-            out = bank.generate(prompt_ids, prompt_mask, adapter=adapter)
+            out = bank.generate(prompt_ids, prompt_mask, adapter=adapter, teacher=teacher)
         response = out[:, prompt_ids.shape[1]:]
         return truncate_at_stop(prompt_ids, prompt_mask, response, sampling.stop_token_ids, sampling.pad_token_id)
 

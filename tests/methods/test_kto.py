@@ -2,7 +2,6 @@
 
 import json
 import warnings
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -15,16 +14,15 @@ from lit_rlhf.methods.kto import KTO, weight_balance_advice
 from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.toy.evaluate import mean_score
 
-REPO = Path(__file__).resolve().parents[2]
-TOY = REPO / "assets" / "toy"
+from tests.paths import REPO, TOY_BASE, TOY_DATA
 
 
 def make_kto(**kwargs) -> KTO:
-    return KTO(bank=BankSpec(model=str(TOY / "base"), lora=LoraSpec(r=8, alpha=16)), **kwargs)
+    return KTO(bank=BankSpec(model=TOY_BASE, lora=LoraSpec(r=8, alpha=16)), **kwargs)
 
 
 def unpaired_data(**kwargs) -> UnpairedDataModule:
-    return UnpairedDataModule(str(TOY / "data" / "unpaired_train.jsonl"), val=str(TOY / "data" / "unpaired_val.jsonl"),
+    return UnpairedDataModule(str(TOY_DATA / "unpaired_train.jsonl"), val=str(TOY_DATA / "unpaired_val.jsonl"),
                               max_length=64, **kwargs)
 
 
@@ -159,6 +157,8 @@ def test_bad_unpaired_row_fails_before_training(tmp_path, monkeypatch, row, fiel
     assert not root.exists()
 
 
+# The toy data is unbalanced at the default weights; test_fit_start_warns_once_when_unbalanced checks the warning.
+@pytest.mark.filterwarnings("ignore:KTO class balance:UserWarning")
 def test_apo_zero_unpaired_skips_the_kl_rows_and_precomputed_reference_matches_live(tmp_path):
     """apo_zero_unpaired never runs the mismatched KL rows; with precompute_ref_logps the reference
     log-probs come from the batch and equal the live reference's."""

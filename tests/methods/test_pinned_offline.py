@@ -20,10 +20,12 @@ from lit_rlhf.data import PreferenceDataModule, SFTDataModule, UnpairedDataModul
 from lit_rlhf.methods import CPO, DPO, KTO, ORPO, SFT, Reward, SimPO
 from lit_rlhf.models import BankSpec, LoraSpec
 
+from tests.paths import TOY_BASE, TOY_DATA
+
 STEPS = 3
-PREFERENCE = "assets/toy/data/preference_val.jsonl"
-SFT_DATA = "assets/toy/data/sft_val.jsonl"
-UNPAIRED = "assets/toy/data/unpaired_val.jsonl"
+PREFERENCE = str(TOY_DATA / "preference_val.jsonl")
+SFT_DATA = str(TOY_DATA / "sft_val.jsonl")
+UNPAIRED = str(TOY_DATA / "unpaired_val.jsonl")
 
 
 class LossPerStep(pl.Callback):
@@ -37,7 +39,7 @@ class LossPerStep(pl.Callback):
 
 
 def _bank() -> BankSpec:
-    return BankSpec(lora=LoraSpec(r=4, alpha=8))
+    return BankSpec(model=TOY_BASE, lora=LoraSpec(r=4, alpha=8))
 
 
 def _data(kind: str):

@@ -20,19 +20,19 @@ from lit_rlhf.methods.reward import Reward
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, LoraSpec
 from lit_rlhf.rollout import RewardScorer, score_texts
 
-REPO = Path(__file__).resolve().parents[2]
-TOY = REPO / "assets" / "toy"
-PREF_VAL = TOY / "data" / "preference_val.jsonl"
+from tests.paths import REPO, TOY_BASE, TOY_DATA
+
+PREF_VAL = TOY_DATA / "preference_val.jsonl"
 #: Held-out pair accuracy the toy reward model reaches reliably (0.97 measured with seed 0).
 ACCURACY_THRESHOLD = 0.9
 
 
 def make_reward(**kwargs) -> Reward:
-    return Reward(bank=BankSpec(model=str(TOY / "base"), lora=LoraSpec(r=8, alpha=16)), **kwargs)
+    return Reward(bank=BankSpec(model=TOY_BASE, lora=LoraSpec(r=8, alpha=16)), **kwargs)
 
 
 def preference_data(**kwargs) -> PreferenceDataModule:
-    return PreferenceDataModule(str(TOY / "data" / "preference_train.jsonl"), val=str(PREF_VAL), max_length=64, **kwargs)
+    return PreferenceDataModule(str(TOY_DATA / "preference_train.jsonl"), val=str(PREF_VAL), max_length=64, **kwargs)
 
 
 def val_pairs() -> list[dict]:
@@ -113,7 +113,7 @@ def test_saved_adapter_records_normalization(trained):
     _, adapter = trained
     meta = json.loads((adapter / "lit_rlhf.json").read_text())
     assert meta["head"] == "score" and meta["base"]["hidden_size"] == 64
-    assert Path(meta["base_model"]).resolve() == (TOY / "base").resolve()
+    assert Path(meta["base_model"]).resolve() == Path(TOY_BASE).resolve()
     pairs = val_pairs()
     scores = torch.tensor(score_texts(adapter, [(p["prompt"], p[k]) for k in ("chosen", "rejected") for p in pairs]),
                           dtype=torch.float64)
@@ -148,7 +148,7 @@ def test_fresh_process_loads_the_adapter_and_scores_identically(trained):
     texts = ["the movie was great fun .", "i think the car is awful and sad .", "my review of the book : it was ."]
     in_memory = RewardScorer(method.bank, method.tokenizer)(texts)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(adapter), str(TOY / "base"), json.dumps(texts)],
+    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(adapter), TOY_BASE, json.dumps(texts)],
                             capture_output=True, text=True, env=env, cwd=str(adapter.parent), timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     fresh = json.loads(result.stdout.strip().splitlines()[-1])
@@ -163,7 +163,7 @@ def test_adapter_refuses_a_different_base(trained, tmp_path, change):
     from lit_rlhf.toy.build import tiny_config
 
     _, adapter = trained
-    tokenizer = AutoTokenizer.from_pretrained(str(TOY / "base"))
+    tokenizer = AutoTokenizer.from_pretrained(TOY_BASE)
     config = tiny_config(tokenizer, hidden_size=32) if change == "hidden_size" else tiny_config(tokenizer)
     if change == "vocab_size":
         config.vocab_size += 8
