@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lit_rlhf.cli import build_cli
-from lit_rlhf.methods import SFT, ExportOnFitEnd, Reward
+from lit_rlhf.methods import SFT, ExportOnFitEnd, RewardModeling
 from lit_rlhf.methods.ppo import PPO
 
 from tests.paths import REPO
@@ -87,7 +87,7 @@ def test_pipeline_sh_commands_parse(tmp_path, monkeypatch):
 
     clis = [build_cli(argv[2:], run=False) for argv in commands[:3]]
     sft, reward, ppo = (cli.model for cli in clis)
-    assert isinstance(sft, SFT) and isinstance(reward, Reward) and isinstance(ppo, PPO)
+    assert isinstance(sft, SFT) and isinstance(reward, RewardModeling) and isinstance(ppo, PPO)
     merged = str(out / "sft/export/merged")
 
     exports = []

@@ -13,7 +13,7 @@ Two ways to use it:
   ``min_score``); ``update`` takes ``update_epochs`` x ``num_mini_batches`` optimizer steps of the
   SFT loss (``completion_nll``: mean NLL per response token, stop token included) over the kept
   prompt + response rows. No reference and no ratio: the samples are fresh each round.
-- as a data generator, ``generate_best_of_n`` / ``lit-rlhf best-of-n``: a JSONL
+- as a data generator, ``generate_best_of_n`` / ``lit-rlhf best-of-n`` (``lit_rlhf.cli``): a JSONL
   dataset of ``sft`` rows (``{"prompt", "completion"}``, the best response) or ``preference``
   rows (``{"prompt", "chosen": best, "rejected": worst}``) that ``SFTDataModule`` /
   ``PreferenceDataModule`` load, written atomically (a temporary file renamed into place)::
@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -39,10 +38,8 @@ from typing import Literal, NamedTuple
 import torch
 
 from lit_rlhf.distributed import every_rank
-from lit_rlhf.losses import flat_groups
-from lit_rlhf.methods.base import read_checkpoint
+from lit_rlhf.losses import completion_nll, flat_groups
 from lit_rlhf.methods.online import MiniBatch, OnlineMethod, ScoredRollout, select_rows
-from lit_rlhf.methods.sft import completion_nll
 
 log = logging.getLogger("lit_rlhf.methods")
 
@@ -237,65 +234,3 @@ def write_jsonl_atomic(rows: Iterable[dict], path: str | Path) -> int:
         Path(tmp).unlink(missing_ok=True)
         raise
     return count
-
-
-def load_config(config: str | Path) -> tuple[OnlineMethod, object, int | bool | None]:
-    """The ``model`` and ``data`` of a LightningCLI YAML (``trainer`` and the rest ignored), built
-    with the same jsonargparse types as ``lit-rlhf fit``; and its ``seed_everything``."""
-    import yaml
-    from jsonargparse import ArgumentParser
-    from lightning.pytorch import LightningDataModule
-
-    raw = yaml.safe_load(Path(config).read_text())
-    if not isinstance(raw, dict) or "model" not in raw or "data" not in raw:
-        raise ValueError(f"{config}: expected a LightningCLI config with 'model' and 'data' sections")
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(OnlineMethod, "model", required=True)
-    parser.add_subclass_arguments(LightningDataModule, "data", required=True)
-    cfg = parser.parse_object({"model": raw["model"], "data": raw["data"]})
-    built = parser.instantiate_classes(cfg)
-    return built.model, built.data, raw.get("seed_everything")
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Write a best-of-n dataset (sft or preference JSONL) from the prompts of a config's data."""
-    import argparse
-
-    import lightning.pytorch as pl
-    from torch.utils.data import DataLoader
-
-    parser = argparse.ArgumentParser(prog="lit-rlhf best-of-n", description=main.__doc__)
-    parser.add_argument("--config", required=True, help="a best-of-n (or any online method) YAML, e.g. configs/best_of_n.yaml")
-    parser.add_argument("--out", required=True, help="the JSONL file to write")
-    parser.add_argument("--format", choices=FORMATS, default="sft")
-    parser.add_argument("--split", choices=("train", "val"), default="train", help="which prompts of the config's data")
-    parser.add_argument("--n", type=int, default=None, help="responses per prompt (default: the config's num_samples_per_prompt)")
-    parser.add_argument("--min_score", type=float, default=None, help="drop prompts whose best reward is below this")
-    parser.add_argument("--with_scores", action="store_true", help="also write the rewards of the kept responses")
-    parser.add_argument("--ckpt_path", default=None, help="sample from the policy of this checkpoint of the config's run")
-    parser.add_argument("--seed", type=int, default=None, help="default: the config's seed_everything")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-
-    method, data, seed = load_config(args.config)
-    seed = args.seed if args.seed is not None else seed
-    if seed is not None and seed is not False:  # not `in (None, False)`: 0 == False
-        pl.seed_everything(0 if seed is True else int(seed))
-    if args.n is not None:
-        method.num_samples_per_prompt = args.n
-    method.configure_model()
-    if args.ckpt_path:
-        checkpoint = read_checkpoint(args.ckpt_path)
-        method.on_load_checkpoint(checkpoint)
-        method.load_state_dict(checkpoint["state_dict"], strict=False)
-    data.prepare(method.tokenizer)
-    examples = data.train_examples if args.split == "train" else data.val_examples
-    if not examples:
-        parser.error(f"the config's data has no {args.split} prompts")
-    batches = DataLoader(examples, batch_size=data.batch_size, shuffle=False, collate_fn=data.collator)
-    rows = iter_best_of_n(method, batches, format=args.format, min_score=args.min_score, with_scores=args.with_scores)
-    count = write_jsonl_atomic(rows, args.out)
-    print(f"{count} {args.format} rows from {len(examples)} prompts x {method.num_samples_per_prompt} samples -> {args.out}")
-
-
-if __name__ == "__main__":
-    main()

@@ -7,15 +7,19 @@ the pure losses of ``lit_rlhf.losses.preference``.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 
+from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.losses import (
     CPO_LOSS_TYPES,
     DPO_LOSS_TYPES,
     F_DIVERGENCE_LOSS_TYPES,
     F_DIVERGENCES,
+    CPOLossType,
+    DPOLossType,
+    FDivergence,
     check_beta,
     check_label_smoothing,
     check_loss_type,
@@ -32,12 +36,6 @@ from lit_rlhf.losses import (
 )
 from lit_rlhf.methods.offline import OfflineMethod
 from lit_rlhf.models import AdapterSpec, eval_mode
-
-DPOLossType = Literal[
-    "sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
-    "exo_pair", "aot", "aot_unpaired", "discopop", "sigmoid_norm", "sft",
-]
-
 
 class PairLogps(NamedTuple):
     """Per-sequence completion log-probs of a preference batch; every field is (batch,).
@@ -175,7 +173,7 @@ class DPO(PreferenceMethod):
         loss_weights: list[float] | None = None,
         label_smoothing: float = 0.0,
         discopop_tau: float = 0.05,
-        f_divergence: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl",
+        f_divergence: FDivergence = "reverse_kl",
         f_alpha: float = 0.5,
         rpo_alpha: float | None = None,
         use_weighting: bool = False,
@@ -197,12 +195,14 @@ class DPO(PreferenceMethod):
             loss_types, weights = loss_types + ["sft"], weights + [float(rpo_alpha)]
         if sync_ref_model:
             if reference_free or precompute_ref_logps:
-                raise ValueError("DPO: sync_ref_model moves the reference during training, so it needs a live "
+                raise InvalidArgument("sync_ref_model", "DPO: sync_ref_model moves the reference during training, so it needs a live "
                                  "reference: drop reference_free and precompute_ref_logps")
             if not 0.0 < ref_model_mixup_alpha <= 1.0:
-                raise ValueError(f"DPO: ref_model_mixup_alpha must be in (0, 1], got {ref_model_mixup_alpha}")
+                raise InvalidArgument("ref_model_mixup_alpha",
+                                      f"DPO: ref_model_mixup_alpha must be in (0, 1], got {ref_model_mixup_alpha}")
             if ref_model_sync_steps < 1:
-                raise ValueError(f"DPO: ref_model_sync_steps must be >= 1, got {ref_model_sync_steps}")
+                raise InvalidArgument("ref_model_sync_steps",
+                                      f"DPO: ref_model_sync_steps must be >= 1, got {ref_model_sync_steps}")
         self.beta = beta
         self.loss_type = loss_type
         self.loss_terms = list(zip(loss_types, weights))
@@ -383,28 +383,31 @@ def check_dpo_options(loss_types: list[str], weights: list[float], *, beta: floa
                       ld_alpha: float | None) -> None:
     """DPO's arguments, checked at construction with the allowed values named."""
     if not loss_types:
-        raise ValueError("DPO: loss_type is an empty list; name at least one of " + ", ".join(DPO_LOSS_TYPES))
+        raise InvalidArgument("loss_type", "DPO: loss_type is an empty list; name at least one of "
+                              + ", ".join(DPO_LOSS_TYPES))
     for loss_type in loss_types:
         check_loss_type(loss_type, DPO_LOSS_TYPES, "DPO")
     if len(weights) != len(loss_types):
-        raise ValueError(f"DPO: {len(weights)} loss_weights for {len(loss_types)} loss types {loss_types}")
+        raise InvalidArgument("loss_weights", f"DPO: {len(weights)} loss_weights for {len(loss_types)} loss types "
+                              f"{loss_types}")
     check_beta(beta, "DPO")
     check_label_smoothing(label_smoothing, "DPO")
     if discopop_tau <= 0:
-        raise ValueError(f"DPO: discopop_tau must be > 0, got {discopop_tau}")
+        raise InvalidArgument("discopop_tau", f"DPO: discopop_tau must be > 0, got {discopop_tau}")
     if f_divergence not in F_DIVERGENCES:
-        raise ValueError(f"DPO: unknown f_divergence {f_divergence!r}; valid names are {', '.join(F_DIVERGENCES)}")
+        raise InvalidArgument("f_divergence", f"DPO: unknown f_divergence {f_divergence!r}; valid names are "
+                              f"{', '.join(F_DIVERGENCES)}")
     undefined = [t for t in loss_types if t not in F_DIVERGENCE_LOSS_TYPES]
     if f_divergence != "reverse_kl" and undefined:
-        raise ValueError(f"DPO: f_divergence {f_divergence!r} is undefined for loss_type {undefined}; it applies to "
-                         f"{', '.join(F_DIVERGENCE_LOSS_TYPES)}")
+        raise InvalidArgument("f_divergence", f"DPO: f_divergence {f_divergence!r} is undefined for loss_type "
+                              f"{undefined}; it applies to {', '.join(F_DIVERGENCE_LOSS_TYPES)}")
     if rpo_alpha is not None and rpo_alpha < 0:
-        raise ValueError(f"DPO: rpo_alpha must be >= 0, got {rpo_alpha}")
+        raise InvalidArgument("rpo_alpha", f"DPO: rpo_alpha must be >= 0, got {rpo_alpha}")
     if use_weighting and {"aot", "aot_unpaired"} & set(loss_types):
-        raise ValueError("DPO: use_weighting (WPO) weighs each pair, but aot and aot_unpaired sort the batch and "
-                         "lose the pairing")
+        raise InvalidArgument("use_weighting", "DPO: use_weighting (WPO) weighs each pair, but aot and aot_unpaired "
+                              "sort the batch and lose the pairing")
     if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
-        raise ValueError(f"DPO: ld_alpha must be in [0, 1], got {ld_alpha}")
+        raise InvalidArgument("ld_alpha", f"DPO: ld_alpha must be in [0, 1], got {ld_alpha}")
 
 
 class SimPO(PreferenceMethod):
@@ -469,7 +472,7 @@ class CPO(PreferenceMethod):
         *,
         beta: float = 0.1,
         alpha: float = 1.0,
-        loss_type: Literal["sigmoid", "hinge", "ipo", "simpo"] = "sigmoid",
+        loss_type: CPOLossType = "sigmoid",
         simpo_gamma: float = 0.5,
         label_smoothing: float = 0.0,
         alphapo_alpha: float = 0.0,
@@ -479,6 +482,9 @@ class CPO(PreferenceMethod):
         check_loss_type(loss_type, CPO_LOSS_TYPES, "CPO")
         check_beta(beta, "CPO")
         check_label_smoothing(label_smoothing, "CPO")
+        if alpha < 0:
+            raise InvalidArgument("alpha", f"CPO: alpha, the weight of the chosen completion's NLL, must be >= 0, "
+                                  f"got {alpha}")
         self.beta = beta
         self.alpha = alpha
         self.loss_type = loss_type

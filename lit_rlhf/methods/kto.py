@@ -15,14 +15,14 @@ TRL fixes its pairs in the dataset too) so that a precomputed value exists for e
 from __future__ import annotations
 
 import logging
-from typing import Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_rlhf.distributed import all_rows
+from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.losses import (
-    KTO_LOSS_TYPES, SequenceLogps, check_beta, check_loss_type, kto_kl_estimate, kto_loss, sequence_logps,
+    KTO_LOSS_TYPES, KTOLossType, SequenceLogps, check_beta, check_loss_type, kto_kl_estimate, kto_loss, sequence_logps,
 )
 from lit_rlhf.methods.offline import OfflineMethod
 
@@ -93,13 +93,16 @@ class KTO(OfflineMethod):
         beta: float = 0.1,
         desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0,
-        loss_type: Literal["kto", "apo_zero_unpaired"] = "kto",
+        loss_type: KTOLossType = "kto",
         precompute_ref_logps: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
         check_loss_type(loss_type, KTO_LOSS_TYPES, "KTO")
         check_beta(beta, "KTO")
+        for name, weight in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
+            if not weight > 0:
+                raise InvalidArgument(name, f"KTO: {name} must be > 0, got {weight}")
         self.beta = beta
         self.desirable_weight = desirable_weight
         self.undesirable_weight = undesirable_weight

@@ -11,7 +11,6 @@ base as loaded.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import tempfile
 import warnings
@@ -37,13 +36,11 @@ from lit_rlhf.models.loading import (
     load_tokenizer,
     require_safetensors,
 )
-from lit_rlhf.models.saving import atomic_directory
+from lit_rlhf.models.saving import HEAD_FILE, atomic_directory, read_adapter_meta, write_head_and_meta
 from lit_rlhf.models.spec import AdapterSpec, BankSpec, TeacherSpec
 
 log = logging.getLogger("lit_rlhf.models")
 
-HEAD_FILE = "head.safetensors"
-META_FILE = "lit_rlhf.json"
 #: The adapter holding a frozen copy of a loaded policy adapter: the reference policy.
 REFERENCE = "reference"
 
@@ -179,11 +176,6 @@ def model_identity(model: str) -> str:
     """A local model directory as an absolute path, a hub id as itself."""
     path = Path(model)
     return str(path.resolve()) if path.exists() else model
-
-
-def read_adapter_meta(path: str | Path) -> dict:
-    meta = Path(path) / META_FILE
-    return json.loads(meta.read_text()) if meta.exists() else {}
 
 
 def check_bank_spec(spec: BankSpec, adapters: Sequence[AdapterSpec]) -> dict:
@@ -650,32 +642,42 @@ class AdapterBank(nn.Module):
             config.save_pretrained(str(tmp))
             state = get_peft_model_state_dict(self.model, adapter_name=name)
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"))
-            meta = {"base": self.base_fingerprint, "base_model": model_identity(self.spec.model), "head": None,
-                    **(metadata or {})}
-            if name in self.heads:
-                save_file({k: v.detach().cpu().contiguous() for k, v in self.heads[name].state_dict().items()}, str(tmp / HEAD_FILE))
-                meta["head"] = self.heads[name].kind
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+            meta = {"base": self.base_fingerprint, "base_model": model_identity(self.spec.model), **(metadata or {})}
+            write_head_and_meta(tmp, self.heads[name] if name in self.heads else None, meta)
         return Path(path)
 
-    def export_merged(self, path: str | Path, *, adapter: str | None = None) -> Path:
+    def export_merged(self, path: str | Path, *, adapter: str | None = None, keep_head: bool = False,
+                      metadata: dict | None = None) -> Path:
         """Save a plain transformers model (``save_pretrained``) with ``adapter`` merged into the base.
 
         The merge happens on a fresh unquantized load of the base, so the bank's own base and
         its reference policy are untouched and a 4-bit run exports full-precision weights.
+
+        Args:
+            path: the directory to write.
+            adapter: the adapter merged (LoRA mode); the active one when ``None``.
+            keep_head: also write the adapter's scalar head (``save_pretrained`` drops it) and
+                ``metadata`` beside the weights, as a merged reward model needs.
+            metadata: the ``META_FILE`` entries written with ``keep_head``.
         """
         tokenizer = load_tokenizer(self.spec)
+        adapter = adapter or self._active
+
+        def write(model: nn.Module, directory: Path) -> None:
+            model.save_pretrained(str(directory))
+            tokenizer.save_pretrained(str(directory))
+            if keep_head:
+                # The merged model is its own base: no fingerprint of another one to check against.
+                write_head_and_meta(directory, self.heads[adapter], {"base": None, **(metadata or {})})
+
         if self.full:
             with atomic_directory(path) as tmp:
-                self.model.save_pretrained(str(tmp))
-                tokenizer.save_pretrained(str(tmp))
+                write(self.model, tmp)
             return Path(path)
-        adapter = adapter or self._active
         with tempfile.TemporaryDirectory() as adapter_dir:
             self.save_adapter(adapter, Path(adapter_dir) / "adapter")
             base = load_base(replace(self.spec, quantization=None, train_mode="lora"), quantize=False)
             merged = PeftModel.from_pretrained(base, str(Path(adapter_dir) / "adapter")).merge_and_unload()
             with atomic_directory(path) as tmp:
-                merged.save_pretrained(str(tmp))
-                tokenizer.save_pretrained(str(tmp))
+                write(merged, tmp)
         return Path(path)

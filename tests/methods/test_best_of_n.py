@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from lit_rlhf.cli import best_of_n_main
 from lit_rlhf.cli import main as cli_main
 from lit_rlhf.data import PreferenceDataModule, SFTDataModule
 from lit_rlhf.methods import best_of_n as bon
@@ -131,8 +132,8 @@ def test_cli_fit_with_the_shipped_config(tmp_path):
 
     # The generator samples from that run's checkpoint when given one; with the config's seed it is reproducible.
     def generate(name, *extra):
-        bon.main(["--config", "configs/best_of_n.yaml", "--out", str(tmp_path / name), "--split", "val",
-                  "--with_scores", *extra])
+        best_of_n_main(["--config", "configs/best_of_n.yaml", "--out", str(tmp_path / name), "--split", "val",
+                       "--with_scores", *extra])
         return [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
 
     ckpt = str(run / "checkpoints" / "last.ckpt")
@@ -146,7 +147,7 @@ def test_cli_fit_with_the_shipped_config(tmp_path):
 
 def test_generate_command_writes_preference_jsonl_that_preference_datamodule_loads(tmp_path):
     out = tmp_path / "pairs.jsonl"
-    bon.main(["--config", "configs/best_of_n.yaml", "--out", str(out), "--format", "preference", "--with_scores"])
+    best_of_n_main(["--config", "configs/best_of_n.yaml", "--out", str(out), "--format", "preference", "--with_scores"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     train_prompts = {json.loads(line)["prompt"] for line in (TOY_DATA / "prompt_train.jsonl").read_text().splitlines()}
     assert len(rows) >= 40  # 48 prompts; ties (no preference) are left out
@@ -204,5 +205,14 @@ def test_the_command_fails_before_writing_when_generation_fails(tmp_path, monkey
     monkeypatch.setattr(bon, "iter_best_of_n", broken)
     out = tmp_path / "sub" / "pairs.jsonl"
     with pytest.raises(RuntimeError, match="reward server down"):
-        bon.main(["--config", "configs/best_of_n.yaml", "--out", str(out), "--split", "val"])
+        best_of_n_main(["--config", "configs/best_of_n.yaml", "--out", str(out), "--split", "val"])
     assert list((tmp_path / "sub").iterdir()) == []
+
+
+def test_the_command_refuses_a_config_without_an_online_method(tmp_path, capsys):
+    out = tmp_path / "pairs.jsonl"
+    with pytest.raises(SystemExit):
+        best_of_n_main(["--config", "configs/dpo.yaml", "--out", str(out)])
+    error = capsys.readouterr().err
+    assert "online method" in error and "the config's model is DPO" in error
+    assert not out.exists()

@@ -8,7 +8,7 @@ import torch
 
 from lit_rlhf.data import PreferenceDataModule, UnpairedDataModule
 from lit_rlhf.losses import sequence_logps, unpack_tokens
-from lit_rlhf.methods import DPO, KTO, PreferenceMethod, Reward
+from lit_rlhf.methods import DPO, KTO, PreferenceMethod, RewardModeling
 from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.models.packing import pack_rows
 from lit_rlhf.toy.families import build_tiny
@@ -138,7 +138,7 @@ def test_kto_log_probs_and_loss_match_the_padded_batch(models, family):
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma2"])
 def test_reward_scores_read_each_sequence_last_token_as_padded(models, family):
-    packed, padded = twins(Reward, models[family])
+    packed, padded = twins(RewardModeling, models[family])
     batch = preference_batch(packed)
     assert packs_several_per_row(packed, batch)
     with torch.no_grad():

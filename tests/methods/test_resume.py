@@ -16,7 +16,7 @@ import torch
 
 from lit_rlhf.data import PreferenceDataModule, PromptDataModule, SFTDataModule, UnpairedDataModule
 from lit_rlhf.methods import (
-    CPO, DPO, GKD, GRPO, KTO, PPO, RLOO, SFT, AtomicCheckpointIO, BestOfN, CheckpointWriteError, Reward,
+    CPO, DPO, GKD, GRPO, KTO, PPO, RLOO, SFT, AtomicCheckpointIO, BestOfN, CheckpointWriteError, RewardModeling,
     ResumableCheckpoint, SimPO,
 )
 from lit_rlhf.models import BankSpec, LoraSpec
@@ -59,7 +59,7 @@ METHODS = {
     "simpo": _offline(SimPO, PreferenceDataModule, "preference_val.jsonl"),
     "cpo": _offline(CPO, PreferenceDataModule, "preference_val.jsonl"),
     "sft": _offline(SFT, SFTDataModule, "sft_val.jsonl"),
-    "reward": _offline(Reward, PreferenceDataModule, "preference_val.jsonl"),
+    "reward": _offline(RewardModeling, PreferenceDataModule, "preference_val.jsonl"),
     "kto": _offline(partial(KTO, desirable_weight=2.1), UnpairedDataModule, "unpaired_val.jsonl"),  # 31:65 rows
     # PPO with the adaptive KL controller and reward normalisation: both travel in the checkpoint.
     "ppo": _online(PPO, adaptive_kl=True, kl_coef=0.05, kl_target=0.1, kl_horizon=100),

@@ -16,8 +16,9 @@ from lit_rlhf import toy
 from lit_rlhf.cli import main as cli_main
 from lit_rlhf.data import DataError, PreferenceDataModule
 from lit_rlhf.methods import ExportOnFitEnd
-from lit_rlhf.methods.reward import Reward, RewardScorer, score_texts
+from lit_rlhf.methods.reward import RewardModeling
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, LoraSpec
+from lit_rlhf.rollout import RewardScorer, score_texts
 
 from tests.paths import REPO, TOY_BASE, TOY_DATA
 
@@ -26,8 +27,8 @@ PREF_VAL = TOY_DATA / "preference_val.jsonl"
 ACCURACY_THRESHOLD = 0.9
 
 
-def make_reward(**kwargs) -> Reward:
-    return Reward(bank=BankSpec(model=TOY_BASE, lora=LoraSpec(r=8, alpha=16)), **kwargs)
+def make_reward(**kwargs) -> RewardModeling:
+    return RewardModeling(bank=BankSpec(model=TOY_BASE, lora=LoraSpec(r=8, alpha=16)), **kwargs)
 
 
 def preference_data(**kwargs) -> PreferenceDataModule:
@@ -129,7 +130,7 @@ FRESH_PROCESS = r"""
 import json, sys
 import torch
 torch.set_num_threads(1)
-from lit_rlhf.methods.reward import score_texts
+from lit_rlhf.rollout import score_texts
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer
 adapter, base, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 # The PPO path: the adapter by path on the same base, scored through the bank.
@@ -176,6 +177,20 @@ def test_adapter_refuses_a_different_base(trained, tmp_path, change):
 
 
 # -- the shipped config and bad data --------------------------------------------------------------
+
+
+def test_a_config_naming_the_earlier_class_name_still_builds(tmp_path, monkeypatch):
+    # Runs made before the rename carry `lit_rlhf.methods.Reward` in their saved config.yaml.
+    from lit_rlhf.cli import build_cli
+    from lit_rlhf.methods import RewardModeling
+
+    monkeypatch.chdir(REPO)
+    config = tmp_path / "config.yaml"
+    shipped = (REPO / "configs" / "reward.yaml").read_text()
+    assert "class_path: lit_rlhf.methods.RewardModeling" in shipped
+    config.write_text(shipped.replace("lit_rlhf.methods.RewardModeling", "lit_rlhf.methods.Reward"))
+    method = build_cli(["--config", str(config)], run=False).model
+    assert type(method) is RewardModeling and method.center_coefficient == 0.01
 
 
 def test_reward_config_fits_and_exports(tmp_path, monkeypatch):

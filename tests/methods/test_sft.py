@@ -9,7 +9,8 @@ import torch
 
 from lit_rlhf.cli import main as cli_main
 from lit_rlhf.data import DataError, SFTDataModule
-from lit_rlhf.methods.sft import SFT, completion_nll
+from lit_rlhf.losses import completion_nll
+from lit_rlhf.methods.sft import SFT
 from lit_rlhf.models import BankSpec, LoraSpec
 
 from tests.paths import REPO, TOY_BASE, TOY_DATA
