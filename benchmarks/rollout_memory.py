@@ -54,7 +54,7 @@ def rss_over_rollouts(method: str = "grpo", rollouts: int = 200, every: int = 20
     pl.seed_everything(0)
     method_ = cls(bank=BankSpec(model=str(REPO / "assets/toy/base"), lora=LoraSpec(r=8, alpha=16)),
                   rewards=[RewardSpec("function", function="lit_rlhf.toy:reward")], num_samples_per_prompt=4,
-                  ppo_epochs=1, num_mini_batches=1, sampling=SamplingConfig(max_new_tokens=8),
+                  update_epochs=1, num_mini_batches=1, sampling=SamplingConfig(max_new_tokens=8),
                   log_samples_every_n_rollouts=5, learning_rate=1e-3)
     data = PromptDataModule(str(REPO / "assets/toy/data/prompt_train.jsonl"), batch_size=4, max_length=32)
     with tempfile.TemporaryDirectory() as root:

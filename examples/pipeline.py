@@ -37,7 +37,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lit_rlhf import toy
 from lit_rlhf.data import PreferenceDataModule, PromptDataModule, SFTDataModule
 from lit_rlhf.losses import token_logps
-from lit_rlhf.methods import SFT, ExportOnFitEnd, Reward
+from lit_rlhf.methods import SFT, ExportOnFitEnd, RewardModeling
 from lit_rlhf.methods.ppo import PPO
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, LoraSpec, load_tokenizer
 from lit_rlhf.rollout import RewardSpec, SamplingConfig, build_engine
@@ -92,8 +92,8 @@ def sft_stage(out: Path, *, max_epochs: int = 2) -> Path:
 def reward_stage(out: Path, base: Path, *, max_epochs: int = 3) -> Path:
     """configs/reward.yaml on the SFT model. Returns the reward adapter's directory (adapter, head, statistics)."""
     pl.seed_everything(0)
-    method = Reward(center_coefficient=0.01, normalize_on="val", learning_rate=3e-3, warmup_steps=5,
-                    lr_scheduler="cosine", bank=BankSpec(model=str(base), train_mode="lora", lora=LORA))
+    method = RewardModeling(center_coefficient=0.01, normalize_on="val", learning_rate=3e-3, warmup_steps=5,
+                            lr_scheduler="cosine", bank=BankSpec(model=str(base), train_mode="lora", lora=LORA))
     data = PreferenceDataModule(train=str(DATA / "preference_train.jsonl"), val=str(DATA / "preference_val.jsonl"),
                                 batch_size=16, max_length=64)
     trainer(out / "reward", max_epochs, log_every_n_steps=5).fit(method, data)
@@ -114,7 +114,7 @@ def ppo_stage(out: Path, base: Path, reward_adapter: Path, *, max_epochs: int = 
         sampling=SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0),
         engine="hf",
         num_samples_per_prompt=2,
-        ppo_epochs=2,
+        update_epochs=2,
         num_mini_batches=2,
         max_grad_norm=1.0,
         kl_coef=kl_coef,

@@ -3,6 +3,7 @@
     lit-rlhf fit --config configs/dpo.yaml [--model.init_args.beta 0.2 ...]
     lit-rlhf evaluate runs/dpo
     lit-rlhf export --config configs/dpo.yaml --ckpt_path runs/.../last.ckpt --out exported/ [--merged true]
+    lit-rlhf best-of-n --config configs/best_of_n.yaml --out data.jsonl --format preference
 
 ``fit``, ``validate`` and ``test`` are LightningCLI's; the other commands go through the small
 dispatcher in ``main`` beside it. Data, config and file errors print one message and exit 1
@@ -34,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str | None]] = {
     "test": ("run a method's test loop on a checkpoint (LightningCLI)", None),
     "export": ("write a checkpoint's adapter (PEFT) or merged model, with a model card", "lit_rlhf.cli:export_main"),
     "best-of-n": ("write a dataset (sft or preference JSONL) from the best/worst of n samples",
-                  "lit_rlhf.methods.best_of_n:main"),
+                  "lit_rlhf.cli:best_of_n_main"),
     "generate": ("completions of prompts (a file or --prompt) as JSONL", "lit_rlhf.inference:generate_main"),
     "chat": ("talk to a policy in the terminal (chat template, history)", "lit_rlhf.inference:chat_main"),
     "evaluate": ("a policy against its reference on held-out prompts: reward win rate, KL, length",
@@ -81,6 +82,7 @@ def _cli_classes():
     from lightning.pytorch import LightningDataModule
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+    from lit_rlhf.errors import InvalidArgument
     from lit_rlhf.methods.base import BankMethod
     from lit_rlhf.methods.checkpoints import find_last_checkpoint, finished_message
 
@@ -114,6 +116,25 @@ def _cli_classes():
                 print(f"--ckpt_path last: {found or f'no last*.ckpt under {root}, starting from scratch'}",
                       file=sys.stderr)
                 config["ckpt_path"] = str(found) if found else None
+
+        def instantiate_classes(self) -> None:
+            # A constructor that refuses a value names its argument (InvalidArgument): say which config key
+            # set it. jsonargparse reports it inside its Union error, chained as the cause.
+            try:
+                super().instantiate_classes()
+            except ValueError as error:
+                invalid = _cause_of_kind(error, InvalidArgument)
+                if invalid is None:
+                    raise
+                raise ConfigError(f"config key '{self._config_key(invalid.argument)}': {invalid}") from invalid
+
+        def _config_key(self, argument: str) -> str:
+            config = self.config.get(self.subcommand) if self.subcommand else self.config
+            for section in ("model", "data"):
+                init_args = config.get(section, {}).get("init_args") or {}
+                if argument in init_args:
+                    return f"{section}.init_args.{argument}"
+            return argument
 
         def _prepare_data(self) -> None:
             # The model's config files and every row are checked here, so a bad config or bad data fails
@@ -172,6 +193,17 @@ def _cli_classes():
     return LitRLHFCLI, Parser, BankMethod, LightningDataModule
 
 
+def _cause_of_kind(error: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """``error`` or the first exception of ``kind`` in its chain of causes."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kind):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def build_cli(args: list[str], *, run: bool = True):
     """The LightningCLI of ``lit-rlhf fit|validate|test`` (``run=False``: parse and build only)."""
     cli_class, parser_class, method, datamodule = _cli_classes()
@@ -188,11 +220,26 @@ def build_cli(args: list[str], *, run: bool = True):
     )
 
 
+# -- commands that read a run: its config through the parser of `fit`, and a checkpoint ----------------
+
+
+def load_checkpoint(method, ckpt_path: str | Path) -> None:
+    """Build ``method``'s bank and load a checkpoint of its run into it: the trained tensors and the
+    method's own state (``on_load_checkpoint``: KL coefficient, reward statistics, ...). The file is
+    read with ``weights_only=True`` (``read_checkpoint``)."""
+    from lit_rlhf.methods.base import read_checkpoint
+
+    method.configure_model()
+    checkpoint = read_checkpoint(ckpt_path)
+    method.on_load_checkpoint(checkpoint)
+    # A LoRA run's checkpoint holds only the trainable tensors: the frozen base is not in it.
+    method.load_state_dict(checkpoint["state_dict"], strict=False)
+
+
 def export_main(args: list[str]) -> None:
     """Export the adapter (PEFT format) or the merged model of a checkpoint, with a model card."""
     import argparse
 
-    from lit_rlhf.methods.base import read_checkpoint
     from lit_rlhf.methods.export import write_model_card
 
     parser = argparse.ArgumentParser(prog="lit-rlhf export", description=export_main.__doc__)
@@ -204,14 +251,57 @@ def export_main(args: list[str]) -> None:
     opts = parser.parse_args(args)
     cli = build_cli(["--config", opts.config], run=False)
     method = cli.model
-    method.configure_model()
-    checkpoint = read_checkpoint(opts.ckpt_path)
-    method.on_load_checkpoint(checkpoint)
-    method.load_state_dict(checkpoint["state_dict"], strict=False)
+    load_checkpoint(method, opts.ckpt_path)
     out = method.export(opts.out, merged=opts.merged)
     write_model_card(out, method, datamodule=cli.datamodule, merged=opts.merged or method.bank.full,
                      metrics=_last_logged(Path(opts.ckpt_path).parent.parent), source=f"checkpoint `{opts.ckpt_path}`")
     print(out)
+
+
+def best_of_n_main(args: list[str]) -> None:
+    """Write a best-of-n dataset (sft or preference JSONL) from the prompts of a config's data."""
+    import argparse
+
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from lit_rlhf.methods import best_of_n
+    from lit_rlhf.methods.online import OnlineMethod
+
+    parser = argparse.ArgumentParser(prog="lit-rlhf best-of-n", description=best_of_n_main.__doc__)
+    parser.add_argument("--config", required=True, help="a best-of-n (or any online method) YAML, e.g. configs/best_of_n.yaml")
+    parser.add_argument("--out", required=True, help="the JSONL file to write")
+    parser.add_argument("--format", choices=best_of_n.FORMATS, default="sft")
+    parser.add_argument("--split", choices=("train", "val"), default="train", help="which prompts of the config's data")
+    parser.add_argument("--n", type=int, default=None, help="responses per prompt (default: the config's num_samples_per_prompt)")
+    parser.add_argument("--min_score", type=float, default=None, help="drop prompts whose best reward is below this")
+    parser.add_argument("--with_scores", action="store_true", help="also write the rewards of the kept responses")
+    parser.add_argument("--ckpt_path", default=None, help="sample from the policy of this checkpoint of the config's run")
+    parser.add_argument("--seed", type=int, default=None, help="default: the config's seed_everything")
+    opts = parser.parse_args(args)
+
+    cli = build_cli(["--config", opts.config], run=False)  # seeds from the config's seed_everything, as `fit` does
+    method, data = cli.model, cli.datamodule
+    if not isinstance(method, OnlineMethod):
+        parser.error(f"{opts.config}: best-of-n samples from an online method's policy and rewards (BestOfN, PPO, "
+                     f"RLOO, GRPO, ...); the config's model is {type(method).__name__}")
+    if opts.seed is not None:
+        pl.seed_everything(opts.seed)
+    if opts.n is not None:
+        method.num_samples_per_prompt = opts.n
+    # Built before any sampling, with or without a checkpoint, so a seed gives the same samples either way.
+    method.configure_model()
+    if opts.ckpt_path:
+        load_checkpoint(method, opts.ckpt_path)
+    data.prepare(method.tokenizer)
+    examples = data.train_examples if opts.split == "train" else data.val_examples
+    if not examples:
+        parser.error(f"the config's data has no {opts.split} prompts")
+    batches = DataLoader(examples, batch_size=data.batch_size, shuffle=False, collate_fn=data.collator)
+    rows = best_of_n.iter_best_of_n(method, batches, format=opts.format, min_score=opts.min_score,
+                                    with_scores=opts.with_scores)
+    count = best_of_n.write_jsonl_atomic(rows, opts.out)
+    print(f"{count} {opts.format} rows from {len(examples)} prompts x {method.num_samples_per_prompt} samples -> {opts.out}")
 
 
 def _last_logged(log_dir: Path) -> dict[str, float] | None:

@@ -115,7 +115,8 @@ def check_scale_support(
                 f"{where} and train_mode qlora: ZeRO-3 partitions tensors of the model's dtype, but the 4-bit "
                 f"weights are stored as {quant_storage}; set bank.quant_storage: {dtype} (or use ZeRO-2)"
             )
-        if stage == 3 and generates and engine not in (None, "hf"):
+        # 'auto' generates with 'hf' where the parameters are partitioned (static_decode_unsupported).
+        if stage == 3 and generates and engine not in (None, "hf", "auto"):
             raise ScaleError(
                 f"{where} and rollout engine {engine!r}: under ZeRO-3 only the 'hf' engine gathers parameters "
                 "layer by layer with synced_gpus (no hang when ranks stop at different steps); use engine: hf"

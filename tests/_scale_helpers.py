@@ -1,6 +1,6 @@
 """Running `lit-rlhf fit` on 1 or 2 CPU processes (gloo) and reading back every rank's trainable weights.
 
-The callbacks below are loaded by the child processes (this directory is put on their PYTHONPATH).
+The callbacks below are loaded by the child processes (the repository root is on their PYTHONPATH).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from lit_rlhf.rollout import Rollout, truncate_at_stop
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.paths import REPO
 
 
 class DumpTrainable(pl.Callback):
@@ -91,7 +91,7 @@ def fit_command(config: str, root: Path, *, devices: int, strategy: str | None, 
         "  enable_progress_bar: false\n"
         "  limit_val_batches: 0\n"
         "  callbacks:\n"
-        "    - class_path: _scale_helpers.DumpTrainable\n"
+        "    - class_path: tests._scale_helpers.DumpTrainable\n"
         + "".join(f"    - class_path: {path}\n" for path in callbacks) +
         "    - class_path: lit_rlhf.methods.ExportOnFitEnd\n"
         "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
@@ -105,8 +105,7 @@ def fit_command(config: str, root: Path, *, devices: int, strategy: str | None, 
 
 
 def launch(command: list[str], dump: Path) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", LIT_RLHF_DUMP=str(dump),
-               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", LIT_RLHF_DUMP=str(dump), PYTHONPATH=str(REPO))
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 import torch
 
 from lit_rlhf import quiet
 
+from tests.paths import REPO
+
 # Known library noise (litlogger tip, bitsandbytes' optional kernel note); real warnings still show.
 quiet.install()
-
-REPO = Path(__file__).resolve().parents[1]
-TOY_BASE = REPO / "assets" / "toy" / "base"
-TOY_DATA = REPO / "assets" / "toy" / "data"
 
 
 @pytest.fixture(autouse=True, scope="session")

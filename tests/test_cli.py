@@ -78,7 +78,8 @@ def test_cli_overrides_and_print_config(capsys):
     assert "beta: 0.25" in printed and "class_path: lit_rlhf.methods.DPO" in printed
 
 
-@pytest.mark.parametrize("config", ["dpo", "ppo"])
+# PPO (manual optimization, generation, export) is the default suite's one two-process fit.
+@pytest.mark.parametrize("config", [pytest.param("dpo", marks=pytest.mark.slow), "ppo"])
 def test_ddp_on_two_cpu_processes_fits_and_exports(tmp_path, config):
     """DDP (gloo) on this CPU: every rank takes part in the collectives through fit and export."""
     import os

@@ -18,7 +18,7 @@ from lit_rlhf.cli import COMMANDS, console, main
 from lit_rlhf.data import DataError
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.paths import REPO
 QUICK = ["--trainer.max_steps", "3", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"]
 EVERY_COMMAND = ["fit", "validate", "test", "export", "best-of-n", "generate", "chat", "evaluate", "report"]
 
@@ -239,9 +239,10 @@ def test_a_reward_function_fault_names_the_function_and_leaves_no_run_behind(tmp
     root = tmp_path / "run"
     with pytest.raises(SystemExit) as info:
         console(["fit", "--config", "configs/grpo.yaml", "--trainer.default_root_dir", str(root),
-                 "--model.init_args.rewards", '[{"kind": "function", "function": "test_cli_commands:raising_reward"}]'])
+                 "--model.init_args.rewards",
+                 '[{"kind": "function", "function": "tests.test_cli_commands:raising_reward"}]'])
     assert info.value.code == 1
     err = capsys.readouterr().err
-    assert "test_cli_commands:raising_reward" in err and "Traceback" not in err
+    assert "tests.test_cli_commands:raising_reward" in err and "Traceback" not in err
     # Nothing trained: no checkpoint, no event file, no export, no empty version directory.
     assert not [p for p in root.rglob("*") if p.is_file()], sorted(root.rglob("*"))

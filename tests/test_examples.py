@@ -11,12 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from lit_rlhf.cli import build_cli
-from lit_rlhf.methods import SFT, ExportOnFitEnd, Reward
+from lit_rlhf.methods import SFT, ExportOnFitEnd, RewardModeling
 from lit_rlhf.methods.ppo import PPO
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.paths import REPO
+
 EXAMPLES = REPO / "examples"
 
 
@@ -28,6 +30,8 @@ def load_pipeline():
     return module
 
 
+# Three convergence fits in a row (about 10 s); SFT's, Reward's and PPO's own run in the default suite.
+@pytest.mark.slow
 def test_pipeline_py_sft_reward_ppo_on_one_base(tmp_path):
     pipeline = load_pipeline()
     out = tmp_path / "pipeline"
@@ -83,7 +87,7 @@ def test_pipeline_sh_commands_parse(tmp_path, monkeypatch):
 
     clis = [build_cli(argv[2:], run=False) for argv in commands[:3]]
     sft, reward, ppo = (cli.model for cli in clis)
-    assert isinstance(sft, SFT) and isinstance(reward, Reward) and isinstance(ppo, PPO)
+    assert isinstance(sft, SFT) and isinstance(reward, RewardModeling) and isinstance(ppo, PPO)
     merged = str(out / "sft/export/merged")
 
     exports = []

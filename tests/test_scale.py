@@ -9,7 +9,7 @@ What the multi-process tests prove, with 2 ranks of batch ``b`` against 1 proces
   with per-rank token means).
 - PPO and GRPO under DDP reach the one-process weights after N optimizer steps, same tolerance. Each
   rank samples with its own seed, so no one-process run would see the same samples: both runs
-  sample through ``_scale_helpers.PromptSeededEngine`` (each prompt's group generated alone, seeded
+  sample through ``tests._scale_helpers.PromptSeededEngine`` (each prompt's group generated alone, seeded
   from its token ids), with ``num_mini_batches: 1`` (each rank shuffles its own mini-batches). This
   needs PPO's policy and value token means over the step's all-reduced token count and GRPO's
   ``scale_rewards: batch`` std over every rank (per-rank, both fail). Ranks hold identical weights
@@ -24,13 +24,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from _scale_helpers import assert_same_weights, fit_command, run_all
 from lit_rlhf.cli import build_cli, main
 from lit_rlhf.distributed import rank_seed
 from lit_rlhf.strategies import (
@@ -41,7 +39,8 @@ from lit_rlhf.strategies import (
     strategy_kind,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+from tests._scale_helpers import assert_same_weights, fit_command, run_all
+from tests.paths import REPO
 
 
 @pytest.fixture(autouse=True)
@@ -179,7 +178,7 @@ def test_rank_seeds_differ_per_rank_and_rollout_and_repeat():
 def test_global_whiten_on_two_ranks_equals_whiten_of_the_whole_rollout(tmp_path):
     from lit_rlhf.losses import whiten
 
-    from _whiten_worker import whiten_on_a_rank
+    from tests._whiten_worker import whiten_on_a_rank
 
     torch.multiprocessing.spawn(whiten_on_a_rank, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2)
     got = torch.cat([torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")])
@@ -206,6 +205,7 @@ def _compare_with_one_process(tmp_path, config, strategy, *, per_rank_batch, ste
     return one, rank0
 
 
+@pytest.mark.slow  # three processes at once: the longest default test (55 s on 2 busy cores), slow as its siblings
 def test_fsdp_dpo_on_two_processes_matches_one_process(tmp_path):
     one, _ = _compare_with_one_process(tmp_path, "dpo", "fsdp", per_rank_batch=4, steps=3)
     # The weights moved: equal initial weights would make the comparison empty.
@@ -250,9 +250,9 @@ def test_online_two_processes_match_one_process(tmp_path, config):
             "--model.init_args.max_grad_norm", "0.02"]  # below the gradient norm (about 0.1): every step clips
     if config == "grpo":
         args += ["--model.init_args.scale_rewards", "batch"]  # the one advantage piece that is not group-local
-    # Two rollouts of ppo_epochs 2 optimizer steps each.
+    # Two rollouts of update_epochs 2 optimizer steps each.
     one, _ = _compare_with_one_process(tmp_path, config, "ddp", per_rank_batch=2, steps=4, args=args,
-                                       callbacks=["_scale_helpers.SeedSamplesByPrompt"])
+                                       callbacks=["tests._scale_helpers.SeedSamplesByPrompt"])
     assert any(v.abs().max() > 0 for k, v in one["state"].items() if "lora_B" in k)
 
 

@@ -156,8 +156,10 @@ class UnpairedCollator:
     Returns ``input_ids``, ``attention_mask``, ``completion_mask``: ``(batch, seq)``;
     ``labels``: ``(batch,)`` bool (True = desirable); ``kl_input_ids``,
     ``kl_attention_mask``, ``kl_completion_mask``: ``(batch, kl_seq)``, row ``i`` is prompt
-    ``i`` with completion ``(i + 1) % batch``; ``ref_logps``: ``(batch,)`` float, when the
-    examples carry precomputed reference log-probs.
+    ``i`` with completion ``(i + 1) % batch``, or with the example's own ``kl_completion_ids`` when it
+    carries them (a pairing fixed in the data, which precomputed reference log-probs of the KL rows
+    need); ``ref_logps`` and ``ref_kl_logps``: ``(batch,)`` float, when the examples carry
+    precomputed reference log-probs.
 
     Args:
         pad_token_id: the id padding is filled with.
@@ -167,20 +169,24 @@ class UnpairedCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
-        if len(examples) < 2:
-            # One row would be paired with its own completion: the "KL" would be its matched log-ratio.
-            raise ValueError(f"a KTO batch needs at least 2 rows to pair prompts with other rows' completions, "
-                             f"got {len(examples)}: use batch_size >= 2 (UnpairedDataModule drops a 1-row remainder)")
         prompts = [e["prompt_ids"] for e in examples]
         completions = [e["completion_ids"] for e in examples]
         batch = _sequences(prompts, completions, self.pad_token_id)
-        shifted = completions[1:] + completions[:1]
-        kl = _sequences(prompts, shifted, self.pad_token_id)
+        if "kl_completion_ids" in examples[0]:
+            mismatched = [e["kl_completion_ids"] for e in examples]
+        elif len(examples) < 2:
+            # One row would be paired with its own completion: the "KL" would be its matched log-ratio.
+            raise ValueError(f"a KTO batch needs at least 2 rows to pair prompts with other rows' completions, "
+                             f"got {len(examples)}: use batch_size >= 2 (UnpairedDataModule drops a 1-row remainder)")
+        else:
+            mismatched = completions[1:] + completions[:1]
+        kl = _sequences(prompts, mismatched, self.pad_token_id)
         batch["labels"] = torch.tensor([bool(e["label"]) for e in examples], dtype=torch.bool)
         batch.update({f"kl_{k}": v for k, v in kl.items()})
         # Reference log-probs precomputed once by a method travel with their examples.
-        if "ref_logps" in examples[0]:
-            batch["ref_logps"] = torch.tensor([e["ref_logps"] for e in examples], dtype=torch.float32)
+        for key in ("ref_logps", "ref_kl_logps"):
+            if key in examples[0]:
+                batch[key] = torch.tensor([e[key] for e in examples], dtype=torch.float32)
         return batch
 
 

@@ -72,7 +72,8 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) ->
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def _join(prompt: str, completion: str) -> str:
+def join_prompt_completion(prompt: str, completion: str) -> str:
+    """Plain-text prompt + completion with one space between, unless either side already has one there."""
     if not prompt or prompt[-1].isspace() or completion[:1].isspace():
         return prompt + completion
     return prompt + " " + completion
@@ -123,7 +124,7 @@ def _tokenize_plain(fmt: str, record: dict, tokenizer, where: Where) -> tuple[li
     prompt_ids = encode(tokenizer, prompt, True)
     completions = {}
     for field in fields:
-        full = encode(tokenizer, _join(prompt, record[field]), True)
+        full = encode(tokenizer, join_prompt_completion(prompt, record[field]), True)
         completions[field] = _with_eos(_split(prompt_ids, full, where, field), eos)
     return prompt_ids, completions, prompt, prompt
 

@@ -3,20 +3,23 @@
 - :mod:`.logprobs`: token / sequence log-probs and entropies without a full float32 log-softmax
 - :mod:`.preference`: DPO and variants, SimPO, CPO, ORPO
 - :mod:`.reward`: Bradley-Terry reward-model loss
+- :mod:`.sft`: the supervised (causal LM) loss over completion tokens
 - :mod:`.kto`: KTO
 - :mod:`.policy_gradient`: PPO, GAE, RLOO, GRPO and helpers
 - :mod:`.distill`: generalised JSD for GKD
 """
 
 from lit_rlhf.losses.distill import JSD_REDUCTIONS, generalized_jsd_loss
-from lit_rlhf.losses.kto import KTO_LOSS_TYPES, KTOLoss, kto_kl_estimate, kto_loss
+from lit_rlhf.losses.kto import KTO_LOSS_TYPES, KTOLoss, KTOLossType, kto_kl_estimate, kto_loss
 from lit_rlhf.losses.logprobs import (
+    PackedLayout,
     SequenceLogps,
     completion_token_logps,
     entropy_from_logits,
     log_sum_squared_probs,
     sequence_logps,
     token_logps,
+    unpack_tokens,
 )
 from lit_rlhf.losses.policy_gradient import (
     GRPO_LOSS_TYPES,
@@ -24,11 +27,15 @@ from lit_rlhf.losses.policy_gradient import (
     KL_PENALTY_KINDS,
     SCALE_REWARDS,
     Advantages,
+    GRPOLossType,
+    ImportanceSamplingLevel,
+    KLPenaltyKind,
     GRPOLoss,
     GroupAdvantages,
     PolicyLoss,
     ValueLoss,
     gae_advantages,
+    flat_groups,
     group_advantages,
     grpo_loss,
     high_entropy_mask,
@@ -47,6 +54,9 @@ from lit_rlhf.losses.preference import (
     DPO_LOSS_TYPES,
     F_DIVERGENCE_LOSS_TYPES,
     F_DIVERGENCES,
+    CPOLossType,
+    DPOLossType,
+    FDivergence,
     PreferenceLoss,
     check_beta,
     check_label_smoothing,
@@ -60,6 +70,7 @@ from lit_rlhf.losses.preference import (
     wpo_weights,
 )
 from lit_rlhf.losses.reward import RewardLoss, bradley_terry_loss
+from lit_rlhf.losses.sft import completion_nll
 
 __all__ = [
     "CPO_LOSS_TYPES",
@@ -73,18 +84,27 @@ __all__ = [
     "KTO_LOSS_TYPES",
     "SCALE_REWARDS",
     "Advantages",
+    "CPOLossType",
+    "DPOLossType",
+    "FDivergence",
     "GRPOLoss",
     "GroupAdvantages",
+    "GRPOLossType",
+    "ImportanceSamplingLevel",
+    "KLPenaltyKind",
     "KTOLoss",
+    "KTOLossType",
     "PolicyLoss",
     "PreferenceLoss",
     "check_beta",
     "check_label_smoothing",
     "check_loss_type",
     "RewardLoss",
+    "PackedLayout",
     "SequenceLogps",
     "ValueLoss",
     "bradley_terry_loss",
+    "completion_nll",
     "completion_token_logps",
     "cpo_loss",
     "dpo_loss",
@@ -92,6 +112,7 @@ __all__ = [
     "f_divergence_scores",
     "generalized_jsd_loss",
     "gae_advantages",
+    "flat_groups",
     "group_advantages",
     "grpo_loss",
     "high_entropy_mask",
@@ -111,6 +132,7 @@ __all__ = [
     "sequence_logps",
     "simpo_loss",
     "token_logps",
+    "unpack_tokens",
     "whiten",
     "wpo_weights",
 ]

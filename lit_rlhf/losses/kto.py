@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 
-__all__ = ["KTO_LOSS_TYPES", "KTOLoss", "kto_kl_estimate", "kto_loss"]
+__all__ = ["KTO_LOSS_TYPES", "KTOLoss", "KTOLossType", "kto_kl_estimate", "kto_loss"]
 
-KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+#: The KTO loss types, written once: the Literal a signature takes and the tuple checks read.
+KTOLossType = Literal["kto", "apo_zero_unpaired"]
+KTO_LOSS_TYPES: tuple[str, ...] = get_args(KTOLossType)
 
 
 class KTOLoss(NamedTuple):

@@ -5,8 +5,8 @@ float32 ``log_softmax`` of a whole batch costs ``4 * batch * seq * vocab`` bytes
 more than the model. Every function here works on chunks of rows (``chunk_size`` positions
 of the flattened ``batch * seq``), upcasting one chunk at a time to float32.
 
-This module is the single place where log-probs of tokens are computed (STYLE: one way to
-do each thing); methods call it, they do not re-derive it.
+This module is the single place where log-probs of tokens are computed; methods call it, they
+do not re-derive it, so a fix or a memory saving here reaches every method at once.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
+    "PackedLayout",
     "SequenceLogps",
     "completion_token_logps",
     "entropy_from_logits",
     "log_sum_squared_probs",
     "sequence_logps",
     "token_logps",
+    "unpack_tokens",
 ]
 
 
@@ -37,6 +39,20 @@ class SequenceLogps(NamedTuple):
 
     logps: torch.Tensor
     num_tokens: torch.Tensor
+
+
+class PackedLayout(NamedTuple):
+    """Where the tokens of a padding-free forward sit: the real tokens of a padded ``(batch, seq)``
+    batch, in row-major order, fill the ``True`` slots of ``(rows, width)`` packed rows in the same
+    order (``models.packing.pack_rows``).
+
+    Attributes:
+        token_mask: ``(batch, seq)`` bool, the padded batch's real tokens.
+        slot_mask: ``(rows, width)`` bool, the packed slots holding them (the rest is padding).
+    """
+
+    token_mask: torch.Tensor
+    slot_mask: torch.Tensor
 
 
 CHUNK_ELEMENTS = 1 << 24  # 64 MiB of float32: the largest upcast a default chunk makes
@@ -132,13 +148,28 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, *, chunk_size: int |
     return _ChunkedTokenLogps.apply(logits_2d, labels_1d, chunk_size).view(labels.shape)
 
 
+def unpack_tokens(values: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+    """Per-token values of padding-free rows put back in their padded batch: ``(rows, width)`` ->
+    ``(batch, seq)`` float32, 0 off the real tokens (differentiable)."""
+    out = values.new_zeros(layout.token_mask.shape, dtype=torch.float32)
+    return out.masked_scatter(layout.token_mask, values[layout.slot_mask].float())
+
+
 def completion_token_logps(
-    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
+    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor,
+    layout: PackedLayout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of the completion tokens, aligned with the logits that predict them.
 
     Position ``t`` holds ``log p(input_ids[b, t+1] | input_ids[b, <=t])`` (read from
     ``logits[b, t]``) where ``input_ids[b, t+1]`` is a completion token, else 0.
+
+    Args:
+        logits: ``(batch, seq, vocab)``; or, with ``layout``, ``(rows, width, vocab)`` of a
+            padding-free forward over the real tokens of ``input_ids`` (``models.packing.pack_rows``).
+        input_ids: ``(batch, seq)``.
+        completion_mask: ``(batch, seq)``, 1 on completion tokens.
+        layout: where the tokens of padding-free ``logits`` sit; None for padded logits.
 
     Returns:
         ``(per_token, mask)``: ``(batch, seq)`` float32 log-probs (0 off the completion) and the
@@ -150,19 +181,31 @@ def completion_token_logps(
     pad_col = torch.zeros_like(input_ids[:, :1])
     labels = torch.cat([input_ids[:, 1:], pad_col], dim=1)
     mask = torch.cat([completion_mask[:, 1:], torch.zeros_like(completion_mask[:, :1])], dim=1).bool()
-    per_token = token_logps(logits, labels)
+    if layout is None:
+        per_token = token_logps(logits, labels)
+    else:
+        # Labels taken in the padded layout: a sequence's last token "predicts" padding there, never the
+        # next packed sequence's first token, and the completion mask drops it either way.
+        packed_labels = torch.zeros_like(layout.slot_mask, dtype=labels.dtype)
+        packed_labels[layout.slot_mask] = labels[layout.token_mask]
+        per_token = unpack_tokens(token_logps(logits, packed_labels), layout)
     return torch.where(mask, per_token, torch.zeros_like(per_token)), mask
 
 
 @torch.no_grad()
 def log_sum_squared_probs(logits: torch.Tensor) -> torch.Tensor:
     """``log Σ_v p(v)²`` at every position, ``(batch, seq)`` float32, without gradient: the
-    normaliser of WPO's sampling weights (Zhou et al. 2024, arXiv 2406.11827, eq. 2)."""
-    return torch.logsumexp(2 * torch.log_softmax(logits.float(), dim=-1), dim=-1)
+    normaliser of WPO's sampling weights (Zhou et al. 2024, arXiv 2406.11827, eq. 2). Chunked like
+    :func:`token_logps`: no float32 copy of the whole logits tensor."""
+    rows = logits.reshape(-1, logits.size(-1))
+    chunk_size = resolve_chunk_size(None, logits.size(-1))
+    out = [torch.logsumexp(2 * torch.log_softmax(chunk.float(), dim=-1), dim=-1) for chunk in rows.split(chunk_size)]
+    return torch.cat(out).view(logits.shape[:-1]) if out else rows.new_zeros(logits.shape[:-1], dtype=torch.float32)
 
 
 def sequence_logps(
-    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
+    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor,
+    layout: PackedLayout | None = None,
 ) -> SequenceLogps:
     """Summed log-probability of each sequence's completion under a causal LM.
 
@@ -175,17 +218,21 @@ def sequence_logps(
         input_ids: ``(batch, seq)`` token ids.
         completion_mask: ``(batch, seq)``, 1 on completion tokens of ``input_ids`` and 0 on
             prompt and padding tokens.
+        layout: with padding-free ``(rows, width, vocab)`` logits, where their tokens sit (see
+            :func:`completion_token_logps`).
 
     Returns:
         :class:`SequenceLogps` with ``logps`` ``(batch,)`` float32 and ``num_tokens``
         ``(batch,)`` int64.
     """
-    if input_ids.shape != completion_mask.shape or logits.shape[:-1] != input_ids.shape:
+    tokens = input_ids.shape if layout is None else layout.slot_mask.shape
+    if input_ids.shape != completion_mask.shape or logits.shape[:-1] != tokens:
         raise ValueError(
-            f"expected logits (batch, seq, vocab) and input_ids, completion_mask (batch, seq); got "
-            f"{tuple(logits.shape)}, {tuple(input_ids.shape)}, {tuple(completion_mask.shape)}."
+            f"expected logits (batch, seq, vocab) (or (rows, width, vocab) with layout) and input_ids, "
+            f"completion_mask (batch, seq); got {tuple(logits.shape)}, {tuple(input_ids.shape)}, "
+            f"{tuple(completion_mask.shape)}."
         )
-    per_token, mask = completion_token_logps(logits, input_ids, completion_mask)
+    per_token, mask = completion_token_logps(logits, input_ids, completion_mask, layout)
     logps = per_token.sum(dim=-1)
     return SequenceLogps(logps=logps, num_tokens=mask.sum(dim=-1))
 

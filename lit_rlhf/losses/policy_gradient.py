@@ -7,13 +7,16 @@ they are replaced by 0 before any sum, so even ``nan`` / ``-inf`` there is harml
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 
 __all__ = [
     "GRPO_LOSS_TYPES",
+    "GRPOLossType",
     "IMPORTANCE_SAMPLING_LEVELS",
+    "ImportanceSamplingLevel",
+    "KLPenaltyKind",
     "KL_PENALTY_KINDS",
     "SCALE_REWARDS",
     "Advantages",
@@ -21,6 +24,7 @@ __all__ = [
     "GroupAdvantages",
     "PolicyLoss",
     "ValueLoss",
+    "flat_groups",
     "gae_advantages",
     "group_advantages",
     "grpo_loss",
@@ -36,8 +40,15 @@ __all__ = [
     "whiten",
 ]
 
-KL_PENALTY_KINDS = ("k1", "k2", "k3", "abs")
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "token", "dapo", "dr_grpo", "cispo")
+# The allowed values: each Literal is the one source (a method's signature, so LightningCLI checks
+# it too), its tuple the runtime check.
+KLPenaltyKind = Literal["k1", "k2", "k3", "abs"]
+KL_PENALTY_KINDS = get_args(KLPenaltyKind)
+#: ``token`` is another name of ``bnpo``.
+GRPOLossType = Literal["grpo", "bnpo", "token", "dapo", "dr_grpo", "cispo"]
+GRPO_LOSS_TYPES = get_args(GRPOLossType)
+ImportanceSamplingLevel = Literal["token", "sequence"]
+IMPORTANCE_SAMPLING_LEVELS = get_args(ImportanceSamplingLevel)
 SCALE_REWARDS = ("group", "batch", "none")
 
 
@@ -69,8 +80,8 @@ class PolicyLoss(NamedTuple):
 
 
 class ValueLoss(NamedTuple):
-    """PPO value loss. Scalars: ``loss`` (differentiable), ``clipfrac`` (detached,
-    ``val/clipfrac``)."""
+    """PPO value loss. Scalars: ``loss`` (differentiable), ``clipfrac`` (detached; PPO logs it as
+    ``value/clipfrac``)."""
 
     loss: torch.Tensor
     clipfrac: torch.Tensor
@@ -264,9 +275,6 @@ def gae_advantages(
     return Advantages(advantages, returns)
 
 
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-
-
 def importance_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor,
                          level: str = "token") -> torch.Tensor:
     """``log ρ``: per token ``logp_t - old_logp_t`` (``(batch, seq)``), or per sequence the mean of
@@ -403,6 +411,18 @@ def _grouped(rewards: torch.Tensor, k: int, where: str) -> torch.Tensor:
     return rewards.view(-1, k)
 
 
+def flat_groups(rewards: torch.Tensor, k: int) -> torch.Tensor:
+    """``(num_prompts,)`` bool, True where every reward of a prompt's group is equal: a group-relative
+    baseline then leaves no learning signal (logged as ``frac_reward_zero_std``).
+
+    Args:
+        rewards: ``(num_prompts * k,)``; prompt ``p`` owns rows ``p*k .. p*k + k - 1``.
+        k: completions per prompt.
+    """
+    grouped = _grouped(rewards, k, "flat_groups")
+    return (grouped == grouped[:, :1]).all(dim=1)
+
+
 def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
     """REINFORCE leave-one-out advantages.
 
@@ -474,7 +494,7 @@ def group_advantages(
     grouped = _grouped(rewards, k, "group_advantages")
     mean = grouped.mean(dim=1, keepdim=True)
     centred = grouped - mean
-    zero_std = (grouped == grouped[:, :1]).all(dim=1)
+    zero_std = flat_groups(rewards, k)
     # Manual unbiased std: torch.std gives nan (and a warning) for a single element.
     if scale == "group":
         centred = centred / (torch.sqrt((centred**2).sum(dim=1, keepdim=True) / max(k - 1, 1)) + eps)

@@ -15,16 +15,21 @@ Notation in the docstrings: ``πc, πr`` policy log-probs of chosen and rejected
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
+
+from lit_rlhf.errors import InvalidArgument
 
 __all__ = [
     "CPO_LOSS_TYPES",
     "DPO_LOSS_TYPES",
     "F_DIVERGENCES",
     "F_DIVERGENCE_LOSS_TYPES",
+    "CPOLossType",
+    "DPOLossType",
+    "FDivergence",
     "PreferenceLoss",
     "check_beta",
     "check_label_smoothing",
@@ -38,28 +43,20 @@ __all__ = [
     "wpo_weights",
 ]
 
-DPO_LOSS_TYPES = (
-    "sigmoid",
-    "ipo",
-    "hinge",
-    "robust",
-    "bco_pair",
-    "sppo_hard",
-    "nca_pair",
-    "apo_zero",
-    "apo_down",
-    "exo_pair",
-    "aot",
-    "aot_unpaired",
-    "discopop",
-    "sigmoid_norm",
-    "sft",
-)
-F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# Each set of allowed names is written once, as the Literal a method's signature takes (so
+# LightningCLI checks a config against it); the tuple the checks and messages use is read from it.
+DPOLossType = Literal[
+    "sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down", "exo_pair",
+    "aot", "aot_unpaired", "discopop", "sigmoid_norm", "sft",
+]
+DPO_LOSS_TYPES: tuple[str, ...] = get_args(DPOLossType)
+FDivergence = Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"]
+F_DIVERGENCES: tuple[str, ...] = get_args(FDivergence)
 # The loss types built on the chosen-minus-rejected score difference, where an f-divergence's
 # f'(policy/reference) can replace the log-ratio (Wang et al. 2023; TRL 1.16 allows the same set).
 F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
-CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")
+CPOLossType = Literal["sigmoid", "hinge", "ipo", "simpo"]
+CPO_LOSS_TYPES: tuple[str, ...] = get_args(CPOLossType)
 
 
 class PreferenceLoss(NamedTuple):
@@ -80,19 +77,21 @@ def check_label_smoothing(label_smoothing: float, where: str = "") -> None:
     """Refuse ε outside [0, 0.5): at 0.5 the conservative loss no longer depends on which completion
     was preferred, and the robust loss divides by 1 - 2ε = 0. ``where`` prefixes the message."""
     if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"{where}{': ' if where else ''}label_smoothing must be in [0, 0.5), got {label_smoothing}.")
+        raise InvalidArgument("label_smoothing", f"{where}{': ' if where else ''}label_smoothing must be in [0, 0.5), "
+                              f"got {label_smoothing}.")
 
 
 def check_beta(beta: float, where: str = "") -> None:
     """Refuse β <= 0 (the implicit reward scale). ``where`` prefixes the message."""
     if beta <= 0:
-        raise ValueError(f"{where}{': ' if where else ''}beta must be > 0, got {beta}.")
+        raise InvalidArgument("beta", f"{where}{': ' if where else ''}beta must be > 0, got {beta}.")
 
 
 def check_loss_type(loss_type: str, valid: tuple[str, ...], where: str) -> None:
     """Refuse a loss type outside ``valid``, naming the valid ones."""
     if loss_type not in valid:
-        raise ValueError(f"{where}: unknown loss_type {loss_type!r}; valid names are {', '.join(valid)}.")
+        raise InvalidArgument("loss_type", f"{where}: unknown loss_type {loss_type!r}; valid names are "
+                              f"{', '.join(valid)}.")
 
 
 def _require_lengths(chosen_lengths, rejected_lengths, why: str) -> tuple[torch.Tensor, torch.Tensor]:

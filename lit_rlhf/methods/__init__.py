@@ -8,17 +8,11 @@ from lit_rlhf.methods.export import ExportOnFitEnd
 from lit_rlhf.methods.gkd import GKD
 from lit_rlhf.methods.grpo import GRPO
 from lit_rlhf.methods.kto import KTO
-from lit_rlhf.methods.online import (
-    AdaptiveKLController,
-    FixedKLController,
-    MiniBatch,
-    OnlineMethod,
-    PolicyOutput,
-    ScoredRollout,
-)
+from lit_rlhf.methods.kl_control import AdaptiveKLController, FixedKLController
+from lit_rlhf.methods.online import MiniBatch, OnlineMethod, PolicyOutput, ScoredRollout, UpdateArgs
 from lit_rlhf.methods.online_dpo import OnlineDPO
 from lit_rlhf.methods.ppo import PPO
-from lit_rlhf.methods.reward import Reward, RewardScorer, score_texts
+from lit_rlhf.methods.reward import Reward, RewardModeling
 from lit_rlhf.methods.rloo import RLOO
 from lit_rlhf.methods.sft import SFT
 
@@ -45,11 +39,11 @@ __all__ = [
     "PreferenceMethod",
     "ResumableCheckpoint",
     "Reward",
-    "RewardScorer",
+    "RewardModeling",
     "SFT",
     "ScoredRollout",
     "SimPO",
+    "UpdateArgs",
     "generate_best_of_n",
-    "score_texts",
     "write_jsonl_atomic",
 ]

@@ -8,9 +8,9 @@ import math
 import pickle
 import random
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import lightning.pytorch as pl
 import numpy as np
@@ -18,11 +18,33 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from lit_rlhf.distributed import every_rank
+from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer
 from lit_rlhf.models.bank import check_bank_spec, merge_adapter_specs
 from lit_rlhf.strategies import check_trainer_support, shard_bank, synchronise_generation
 
 log = logging.getLogger("lit_rlhf.methods")
+
+
+#: The learning-rate decays after warmup, written once (the signature's Literal; the check reads it).
+LRSchedule = Literal["constant", "linear", "cosine"]
+LR_SCHEDULERS: tuple[str, ...] = get_args(LRSchedule)
+
+
+def check_optimizer_arguments(*, learning_rate: float, warmup_steps: int, lr_scheduler: str,
+                              max_consecutive_nonfinite: int) -> None:
+    """``BankMethod``'s optimizer arguments, refused at construction (an unknown ``lr_scheduler``
+    would otherwise decay as a cosine without a word)."""
+    if not learning_rate > 0:
+        raise InvalidArgument("learning_rate", f"learning_rate must be > 0, got {learning_rate}")
+    if warmup_steps < 0:
+        raise InvalidArgument("warmup_steps", f"warmup_steps must be >= 0, got {warmup_steps}")
+    if lr_scheduler not in LR_SCHEDULERS:
+        raise InvalidArgument("lr_scheduler", f"unknown lr_scheduler {lr_scheduler!r}; valid names are "
+                              f"{', '.join(LR_SCHEDULERS)}")
+    if max_consecutive_nonfinite < 1:
+        raise InvalidArgument("max_consecutive_nonfinite",
+                              f"max_consecutive_nonfinite must be >= 1, got {max_consecutive_nonfinite}")
 
 
 def schedule_factor(step: int, *, warmup_steps: int, total_steps: int, kind: str) -> float:
@@ -112,6 +134,7 @@ class BankMethod(pl.LightningModule):
 
     Args:
         bank: the base model and its adapters.
+        policy_adapter: the adapter trained (and exported) as the policy; several may live on one bank.
         learning_rate: peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
         adam_betas: AdamW betas.
@@ -125,20 +148,22 @@ class BankMethod(pl.LightningModule):
         self,
         bank: BankSpec | None = None,
         *,
+        policy_adapter: str = "policy",
         learning_rate: float = 1e-4,
         weight_decay: float = 0.0,
         adam_betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
-        lr_scheduler: Literal["constant", "linear", "cosine"] = "constant",
+        lr_scheduler: LRSchedule = "constant",
         max_consecutive_nonfinite: int = 10,
     ):
         super().__init__()
-        if max_consecutive_nonfinite < 1:
-            raise ValueError(f"max_consecutive_nonfinite must be >= 1, got {max_consecutive_nonfinite}")
+        check_optimizer_arguments(learning_rate=learning_rate, warmup_steps=warmup_steps, lr_scheduler=lr_scheduler,
+                                  max_consecutive_nonfinite=max_consecutive_nonfinite)
         self.bank_spec = bank or BankSpec()
         # Plain types only in hparams: checkpoints are read back with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["bank"])
-        self.hparams["bank"] = asdict(self.bank_spec)
+        self.store_plain_hparams(bank=self.bank_spec)
+        self.policy_adapter = policy_adapter
         self.bank: AdapterBank | None = None
         self._tokenizer = None
         self._rng_to_restore: dict | None = None
@@ -156,9 +181,6 @@ class BankMethod(pl.LightningModule):
         """Adapters the bank must carry for this method; by default the one it trains."""
         return [AdapterSpec(self.trained_adapter)]
 
-    #: The adapter a policy-training method trains; subclasses set it from their ``policy_adapter`` argument.
-    policy_adapter: str = "policy"
-
     @property
     def trained_adapter(self) -> str:
         """The adapter this method trains and exports (the policy, unless a subclass says otherwise)."""
@@ -168,6 +190,13 @@ class BankMethod(pl.LightningModule):
         """Whether this method reads a reference policy (the bank then keeps the starting policy:
         a frozen copy of a loaded policy adapter, or of the base in ``full`` mode)."""
         return False
+
+    def store_plain_hparams(self, **values) -> None:
+        """Put config dataclasses (or lists of them) into ``hparams`` as plain dicts: checkpoints are read
+        back with ``torch.load(weights_only=True)``, which refuses any other class."""
+        for name, value in values.items():
+            self.hparams[name] = [asdict(v) for v in value] if isinstance(value, list) else (
+                asdict(value) if is_dataclass(value) else value)
 
     # -- building -------------------------------------------------------------------------------
 

@@ -10,10 +10,10 @@ Two ways to use it:
   ``training_step`` is one round of RAFT on the shared online loop. ``OnlineMethod`` samples
   ``n = num_samples_per_prompt`` responses per prompt and scores them with the reward sources;
   ``compute_advantages`` marks each prompt's best response (optionally only if it reaches
-  ``min_score``); ``update`` takes ``ppo_epochs`` x ``num_mini_batches`` optimizer steps of the
+  ``min_score``); ``update`` takes ``update_epochs`` x ``num_mini_batches`` optimizer steps of the
   SFT loss (``completion_nll``: mean NLL per response token, stop token included) over the kept
   prompt + response rows. No reference and no ratio: the samples are fresh each round.
-- as a data generator, ``generate_best_of_n`` / ``lit-rlhf best-of-n``: a JSONL
+- as a data generator, ``generate_best_of_n`` / ``lit-rlhf best-of-n`` (``lit_rlhf.cli``): a JSONL
   dataset of ``sft`` rows (``{"prompt", "completion"}``, the best response) or ``preference``
   rows (``{"prompt", "chosen": best, "rejected": worst}``) that ``SFTDataModule`` /
   ``PreferenceDataModule`` load, written atomically (a temporary file renamed into place)::
@@ -30,18 +30,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
 from lit_rlhf.distributed import every_rank
-from lit_rlhf.methods.base import read_checkpoint
-from lit_rlhf.methods.online import MiniBatch, OnlineMethod, ScoredRollout
-from lit_rlhf.methods.sft import completion_nll
+from lit_rlhf.losses import completion_nll, flat_groups
+from lit_rlhf.methods.online import MiniBatch, OnlineMethod, ScoredRollout, select_rows
 
 log = logging.getLogger("lit_rlhf.methods")
 
@@ -65,6 +63,18 @@ def best_and_worst(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     return offsets + grouped.argmax(dim=1), offsets + grouped.argmin(dim=1)
 
 
+class BestOfNTargets(NamedTuple):
+    """Which rows of a rollout the SFT loss trains on. ``(B,)`` each.
+
+    Attributes:
+        is_best: True on each prompt's best-scored response (the first one on ties).
+        weight: the loss weight of each row: 1 on a best response that reaches ``min_score``, else 0.
+    """
+
+    is_best: torch.Tensor
+    weight: torch.Tensor
+
+
 class BestOfN(OnlineMethod):
     """Rejection-sampling fine-tuning (RAFT): SFT on each prompt's best of ``n`` sampled responses.
 
@@ -72,7 +82,7 @@ class BestOfN(OnlineMethod):
         num_samples_per_prompt: ``n``, responses sampled per prompt.
         min_score: train on a prompt's best response only if its reward reaches this; ``None``
             keeps every prompt's best.
-        **kwargs: rollout, update (``ppo_epochs``: passes over the kept rows; ``num_mini_batches``;
+        **kwargs: rollout, update (``update_epochs``: passes over the kept rows; ``num_mini_batches``;
             ``gradient_accumulation_steps``; ``max_grad_norm``), optimizer and bank arguments of
             ``OnlineMethod``.
     """
@@ -84,56 +94,48 @@ class BestOfN(OnlineMethod):
     def uses_reference(self) -> bool:
         return False
 
-    def rollout_and_score(self, batch: dict) -> ScoredRollout:
-        """Sample and score only: the SFT loss needs no behaviour or reference log-probs, so their
-        forward is skipped (``old_logprobs`` is zeros, ``ref_logprobs`` ``None``)."""
-        rollout, prompts, completions, reward = self.drop_unscored(*self.sample_and_score(batch))
-        no_logprobs = torch.zeros(rollout.response_ids.shape, dtype=torch.float32, device=rollout.response_ids.device)
-        return ScoredRollout(rollout, prompts, completions, reward.scores, no_logprobs, None, None, reward.per_source)
+    def uses_behaviour_logprobs(self) -> bool:
+        # The SFT loss needs no ratio: the samples are fresh each round.
+        return False
 
-    def compute_advantages(self, scored: ScoredRollout) -> dict[str, torch.Tensor]:
-        """``{"keep": (B,) bool, "weight": (B,) float}``: each prompt's best response, weighted 1 if it
+    def compute_advantages(self, scored: ScoredRollout) -> BestOfNTargets:
+        """Not advantages: which rows are trained on. Each prompt's best response, weighted 1 if it
         reaches ``min_score`` (else 0).
 
         Every prompt's best row stays in the update, below ``min_score`` with weight 0, so every
         data-parallel rank runs the same number of micro-batches (each backward is a collective)."""
-        k = self.num_samples_per_prompt
-        best, worst = best_and_worst(scored.scores, k)
-        keep = torch.zeros_like(scored.scores, dtype=torch.bool)
-        keep[best] = True
-        weight = keep.float()
+        best, _ = best_and_worst(scored.scores, self.num_samples_per_prompt)
+        is_best = torch.zeros_like(scored.scores, dtype=torch.bool)
+        is_best[best] = True
+        weight = is_best.float()
         if self.min_score is not None:
             weight = weight * (scored.scores >= self.min_score).float()
-        grouped = scored.scores.view(-1, k)
-        self.log_rollout_metrics(
-            {
-                "objective/best_score": scored.scores[best].mean(),
-                "objective/worst_score": scored.scores[worst].mean(),
-                "frac_reward_zero_std": (grouped == grouped[:, :1]).all(dim=1).float().mean(),
-                "best_of_n/kept": weight.sum() / best.numel(),
-            },
-            batch_size=scored.scores.shape[0],
-        )
-        return {"keep": keep, "weight": weight}
+        return BestOfNTargets(is_best=is_best, weight=weight)
 
-    def update(self, scored: ScoredRollout, data: dict[str, torch.Tensor]) -> dict[str, float]:
+    def rollout_metrics(self, scored: ScoredRollout, targets: BestOfNTargets) -> dict:
+        k = self.num_samples_per_prompt
+        best, worst = best_and_worst(scored.scores, k)
+        return {
+            **super().rollout_metrics(scored, targets),
+            "objective/best_score": scored.scores[best].mean(),
+            "objective/worst_score": scored.scores[worst].mean(),
+            "frac_reward_zero_std": flat_groups(scored.scores, k).float().mean(),
+            "best_of_n/kept": targets.weight.sum() / best.numel(),
+        }
+
+    def update(self, scored: ScoredRollout, targets: BestOfNTargets) -> dict[str, float]:
         """The shared optimisation loop over each prompt's best row (weighted by ``min_score``);
         no step at all when no rank kept a row."""
-        rows = data["keep"].nonzero().squeeze(1)
-        weight = data["weight"][rows]
-        if every_rank(weight.sum() == 0, weight.device):
+        rows = targets.is_best.nonzero().squeeze(1)
+        kept = select_rows(targets, rows)
+        if every_rank(kept.weight.sum() == 0, kept.weight.device):
             return {}
-        kept = ScoredRollout(
-            scored.rollout.select(rows), [scored.prompts[i] for i in rows.tolist()],
-            [scored.completions[i] for i in rows.tolist()], scored.scores[rows], scored.old_logprobs[rows], None,
-            None, {name: v[rows] for name, v in scored.raw_scores.items()},
-        )
-        return super().update(kept, {"weight": weight})
+        return super().update(scored.select(rows), kept)
 
     def policy_loss(self, batch: MiniBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rollout = batch.rollout
         logits, _ = self.policy_logits_and_values(rollout.input_ids, rollout.attention_mask, rollout.position_ids)
-        response_mask = rollout.response_mask * batch.data["weight"].unsqueeze(1).to(rollout.response_mask.dtype)
+        response_mask = rollout.response_mask * batch.targets.weight.unsqueeze(1).to(rollout.response_mask.dtype)
         completion_mask = torch.cat([torch.zeros_like(rollout.prompt_mask), response_mask], dim=1)
         nll_sum, num_tokens = completion_nll(logits, rollout.input_ids, completion_mask)
         loss = nll_sum / num_tokens.clamp(min=1)
@@ -232,65 +234,3 @@ def write_jsonl_atomic(rows: Iterable[dict], path: str | Path) -> int:
         Path(tmp).unlink(missing_ok=True)
         raise
     return count
-
-
-def load_config(config: str | Path) -> tuple[OnlineMethod, object, int | bool | None]:
-    """The ``model`` and ``data`` of a LightningCLI YAML (``trainer`` and the rest ignored), built
-    with the same jsonargparse types as ``lit-rlhf fit``; and its ``seed_everything``."""
-    import yaml
-    from jsonargparse import ArgumentParser
-    from lightning.pytorch import LightningDataModule
-
-    raw = yaml.safe_load(Path(config).read_text())
-    if not isinstance(raw, dict) or "model" not in raw or "data" not in raw:
-        raise ValueError(f"{config}: expected a LightningCLI config with 'model' and 'data' sections")
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(OnlineMethod, "model", required=True)
-    parser.add_subclass_arguments(LightningDataModule, "data", required=True)
-    cfg = parser.parse_object({"model": raw["model"], "data": raw["data"]})
-    built = parser.instantiate_classes(cfg)
-    return built.model, built.data, raw.get("seed_everything")
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Write a best-of-n dataset (sft or preference JSONL) from the prompts of a config's data."""
-    import argparse
-
-    import lightning.pytorch as pl
-    from torch.utils.data import DataLoader
-
-    parser = argparse.ArgumentParser(prog="lit-rlhf best-of-n", description=main.__doc__)
-    parser.add_argument("--config", required=True, help="a best-of-n (or any online method) YAML, e.g. configs/best_of_n.yaml")
-    parser.add_argument("--out", required=True, help="the JSONL file to write")
-    parser.add_argument("--format", choices=FORMATS, default="sft")
-    parser.add_argument("--split", choices=("train", "val"), default="train", help="which prompts of the config's data")
-    parser.add_argument("--n", type=int, default=None, help="responses per prompt (default: the config's num_samples_per_prompt)")
-    parser.add_argument("--min_score", type=float, default=None, help="drop prompts whose best reward is below this")
-    parser.add_argument("--with_scores", action="store_true", help="also write the rewards of the kept responses")
-    parser.add_argument("--ckpt_path", default=None, help="sample from the policy of this checkpoint of the config's run")
-    parser.add_argument("--seed", type=int, default=None, help="default: the config's seed_everything")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-
-    method, data, seed = load_config(args.config)
-    seed = args.seed if args.seed is not None else seed
-    if seed is not None and seed is not False:  # not `in (None, False)`: 0 == False
-        pl.seed_everything(0 if seed is True else int(seed))
-    if args.n is not None:
-        method.num_samples_per_prompt = args.n
-    method.configure_model()
-    if args.ckpt_path:
-        checkpoint = read_checkpoint(args.ckpt_path)
-        method.on_load_checkpoint(checkpoint)
-        method.load_state_dict(checkpoint["state_dict"], strict=False)
-    data.prepare(method.tokenizer)
-    examples = data.train_examples if args.split == "train" else data.val_examples
-    if not examples:
-        parser.error(f"the config's data has no {args.split} prompts")
-    batches = DataLoader(examples, batch_size=data.batch_size, shuffle=False, collate_fn=data.collator)
-    rows = iter_best_of_n(method, batches, format=args.format, min_score=args.min_score, with_scores=args.with_scores)
-    count = write_jsonl_atomic(rows, args.out)
-    print(f"{count} {args.format} rows from {len(examples)} prompts x {method.num_samples_per_prompt} samples -> {args.out}")
-
-
-if __name__ == "__main__":
-    main()

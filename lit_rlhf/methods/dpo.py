@@ -7,15 +7,19 @@ the pure losses of ``lit_rlhf.losses.preference``.
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 
+from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.losses import (
     CPO_LOSS_TYPES,
     DPO_LOSS_TYPES,
     F_DIVERGENCE_LOSS_TYPES,
     F_DIVERGENCES,
+    CPOLossType,
+    DPOLossType,
+    FDivergence,
     check_beta,
     check_label_smoothing,
     check_loss_type,
@@ -27,16 +31,11 @@ from lit_rlhf.losses import (
     orpo_loss,
     sequence_logps,
     simpo_loss,
+    unpack_tokens,
     wpo_weights,
 )
-from lit_rlhf.methods.base import BankMethod
+from lit_rlhf.methods.offline import OfflineMethod
 from lit_rlhf.models import AdapterSpec, eval_mode
-
-DPOLossType = Literal[
-    "sigmoid", "ipo", "hinge", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
-    "exo_pair", "aot", "aot_unpaired", "discopop", "sigmoid_norm", "sft",
-]
-
 
 class PairLogps(NamedTuple):
     """Per-sequence completion log-probs of a preference batch; every field is (batch,).
@@ -53,7 +52,7 @@ class PairLogps(NamedTuple):
     wpo_weights: torch.Tensor | None = None
 
 
-class PreferenceMethod(BankMethod):
+class PreferenceMethod(OfflineMethod):
     """Shared forward, steps and metrics of the pairwise preference methods.
 
     A subclass defines ``compute_loss(batch) -> (scalar loss, metrics dict)`` with its loss.
@@ -61,8 +60,8 @@ class PreferenceMethod(BankMethod):
 
     def pair_logps(self, batch: dict) -> PairLogps:
         """Log-probs of chosen and rejected completions from one forward of the active role."""
-        logits = self.bank(batch["input_ids"], batch["attention_mask"]).logits
-        logps, lengths = sequence_logps(logits, batch["input_ids"], batch["completion_mask"])
+        logits, layout = self.lm_logits(batch["input_ids"], batch["attention_mask"])
+        logps, lengths = sequence_logps(logits, batch["input_ids"], batch["completion_mask"], layout)
         half = logps.shape[0] // 2
         return PairLogps(logps[:half], logps[half:], lengths[:half], lengths[half:])
 
@@ -163,8 +162,7 @@ class DPO(PreferenceMethod):
         precompute_ref_logps: compute the reference log-probs of every training and validation
             row once before training, so the reference never runs again (and, in ``full`` mode, no
             frozen copy of the base is kept).
-        policy_adapter: the adapter trained as the policy.
-        **kwargs: optimizer and bank arguments of ``BankMethod``.
+        **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``.
     """
 
     def __init__(
@@ -175,7 +173,7 @@ class DPO(PreferenceMethod):
         loss_weights: list[float] | None = None,
         label_smoothing: float = 0.0,
         discopop_tau: float = 0.05,
-        f_divergence: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl",
+        f_divergence: FDivergence = "reverse_kl",
         f_alpha: float = 0.5,
         rpo_alpha: float | None = None,
         use_weighting: bool = False,
@@ -185,7 +183,6 @@ class DPO(PreferenceMethod):
         ref_model_sync_steps: int = 512,
         reference_free: bool = False,
         precompute_ref_logps: bool = False,
-        policy_adapter: str = "policy",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -198,12 +195,14 @@ class DPO(PreferenceMethod):
             loss_types, weights = loss_types + ["sft"], weights + [float(rpo_alpha)]
         if sync_ref_model:
             if reference_free or precompute_ref_logps:
-                raise ValueError("DPO: sync_ref_model moves the reference during training, so it needs a live "
+                raise InvalidArgument("sync_ref_model", "DPO: sync_ref_model moves the reference during training, so it needs a live "
                                  "reference: drop reference_free and precompute_ref_logps")
             if not 0.0 < ref_model_mixup_alpha <= 1.0:
-                raise ValueError(f"DPO: ref_model_mixup_alpha must be in (0, 1], got {ref_model_mixup_alpha}")
+                raise InvalidArgument("ref_model_mixup_alpha",
+                                      f"DPO: ref_model_mixup_alpha must be in (0, 1], got {ref_model_mixup_alpha}")
             if ref_model_sync_steps < 1:
-                raise ValueError(f"DPO: ref_model_sync_steps must be >= 1, got {ref_model_sync_steps}")
+                raise InvalidArgument("ref_model_sync_steps",
+                                      f"DPO: ref_model_sync_steps must be >= 1, got {ref_model_sync_steps}")
         self.beta = beta
         self.loss_type = loss_type
         self.loss_terms = list(zip(loss_types, weights))
@@ -218,7 +217,6 @@ class DPO(PreferenceMethod):
         self.ref_model_sync_steps = ref_model_sync_steps
         self.reference_free = reference_free
         self.precompute_ref_logps = precompute_ref_logps
-        self.policy_adapter = policy_adapter
         # bco_pair's δ (Jung et al. 2024): the running mean of the batch-mean implicit rewards seen in training.
         self._bco_reward_sum = 0.0
         self._bco_batches = 0
@@ -319,8 +317,8 @@ class DPO(PreferenceMethod):
         (``ld_alpha``) the reweighted sums, with ``with_weights`` WPO's pair weights."""
         if self.ld_alpha is None and not with_weights:
             return super().pair_logps(batch)
-        logits = self.bank(batch["input_ids"], batch["attention_mask"]).logits
-        per_token, mask = completion_token_logps(logits, batch["input_ids"], batch["completion_mask"])
+        logits, layout = self.lm_logits(batch["input_ids"], batch["attention_mask"])
+        per_token, mask = completion_token_logps(logits, batch["input_ids"], batch["completion_mask"], layout)
         half = per_token.shape[0] // 2
         lengths = mask.sum(dim=1)
         (chosen_tokens, rejected_tokens), (chosen_mask, rejected_mask) = per_token.split(half), mask.split(half)
@@ -331,7 +329,10 @@ class DPO(PreferenceMethod):
                                                          self.ld_alpha)
         weights = None
         if with_weights:
-            log_sum_sq = log_sum_squared_probs(logits).split(half)
+            log_sum_sq = log_sum_squared_probs(logits)
+            if layout is not None:
+                log_sum_sq = unpack_tokens(log_sum_sq, layout)
+            log_sum_sq = log_sum_sq.split(half)
             weights = wpo_weights(chosen_tokens, log_sum_sq[0], chosen_mask, rejected_tokens, log_sum_sq[1], rejected_mask)
         chosen_nll = -chosen_tokens.sum(dim=1) / lengths[:half].clamp(min=1)
         return PairLogps(chosen, rejected, lengths[:half], lengths[half:], chosen_nll, weights)
@@ -382,28 +383,31 @@ def check_dpo_options(loss_types: list[str], weights: list[float], *, beta: floa
                       ld_alpha: float | None) -> None:
     """DPO's arguments, checked at construction with the allowed values named."""
     if not loss_types:
-        raise ValueError("DPO: loss_type is an empty list; name at least one of " + ", ".join(DPO_LOSS_TYPES))
+        raise InvalidArgument("loss_type", "DPO: loss_type is an empty list; name at least one of "
+                              + ", ".join(DPO_LOSS_TYPES))
     for loss_type in loss_types:
         check_loss_type(loss_type, DPO_LOSS_TYPES, "DPO")
     if len(weights) != len(loss_types):
-        raise ValueError(f"DPO: {len(weights)} loss_weights for {len(loss_types)} loss types {loss_types}")
+        raise InvalidArgument("loss_weights", f"DPO: {len(weights)} loss_weights for {len(loss_types)} loss types "
+                              f"{loss_types}")
     check_beta(beta, "DPO")
     check_label_smoothing(label_smoothing, "DPO")
     if discopop_tau <= 0:
-        raise ValueError(f"DPO: discopop_tau must be > 0, got {discopop_tau}")
+        raise InvalidArgument("discopop_tau", f"DPO: discopop_tau must be > 0, got {discopop_tau}")
     if f_divergence not in F_DIVERGENCES:
-        raise ValueError(f"DPO: unknown f_divergence {f_divergence!r}; valid names are {', '.join(F_DIVERGENCES)}")
+        raise InvalidArgument("f_divergence", f"DPO: unknown f_divergence {f_divergence!r}; valid names are "
+                              f"{', '.join(F_DIVERGENCES)}")
     undefined = [t for t in loss_types if t not in F_DIVERGENCE_LOSS_TYPES]
     if f_divergence != "reverse_kl" and undefined:
-        raise ValueError(f"DPO: f_divergence {f_divergence!r} is undefined for loss_type {undefined}; it applies to "
-                         f"{', '.join(F_DIVERGENCE_LOSS_TYPES)}")
+        raise InvalidArgument("f_divergence", f"DPO: f_divergence {f_divergence!r} is undefined for loss_type "
+                              f"{undefined}; it applies to {', '.join(F_DIVERGENCE_LOSS_TYPES)}")
     if rpo_alpha is not None and rpo_alpha < 0:
-        raise ValueError(f"DPO: rpo_alpha must be >= 0, got {rpo_alpha}")
+        raise InvalidArgument("rpo_alpha", f"DPO: rpo_alpha must be >= 0, got {rpo_alpha}")
     if use_weighting and {"aot", "aot_unpaired"} & set(loss_types):
-        raise ValueError("DPO: use_weighting (WPO) weighs each pair, but aot and aot_unpaired sort the batch and "
-                         "lose the pairing")
+        raise InvalidArgument("use_weighting", "DPO: use_weighting (WPO) weighs each pair, but aot and aot_unpaired "
+                              "sort the batch and lose the pairing")
     if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
-        raise ValueError(f"DPO: ld_alpha must be in [0, 1], got {ld_alpha}")
+        raise InvalidArgument("ld_alpha", f"DPO: ld_alpha must be in [0, 1], got {ld_alpha}")
 
 
 class SimPO(PreferenceMethod):
@@ -413,8 +417,7 @@ class SimPO(PreferenceMethod):
         beta: reward scale of the length-normalised log-probs.
         gamma_beta_ratio: target margin gamma as a fraction of beta.
         label_smoothing: probability that a preference label is flipped.
-        policy_adapter: the adapter trained as the policy.
-        **kwargs: optimizer and bank arguments of ``BankMethod``.
+        **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``.
     """
 
     def __init__(
@@ -423,7 +426,6 @@ class SimPO(PreferenceMethod):
         beta: float = 2.0,
         gamma_beta_ratio: float = 0.5,
         label_smoothing: float = 0.0,
-        policy_adapter: str = "policy",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -432,7 +434,6 @@ class SimPO(PreferenceMethod):
         self.beta = beta
         self.gamma_beta_ratio = gamma_beta_ratio
         self.label_smoothing = label_smoothing
-        self.policy_adapter = policy_adapter
 
     def compute_loss(self, batch: dict):
         policy = self.policy_pair_logps(batch)
@@ -463,8 +464,7 @@ class CPO(PreferenceMethod):
             log-prob ``ℓ`` becomes ``(1 - e^(-aℓ))/a``; 0 (default) is plain CPO. TRL's CPO calls
             it ``alpha`` (and our ``alpha``, the NLL weight, ``cpo_alpha``); TRL's ``alphapo``
             loss type is ``loss_type: simpo, alpha: 0, alphapo_alpha: a`` here.
-        policy_adapter: the adapter trained as the policy.
-        **kwargs: optimizer and bank arguments of ``BankMethod``.
+        **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``.
     """
 
     def __init__(
@@ -472,24 +472,25 @@ class CPO(PreferenceMethod):
         *,
         beta: float = 0.1,
         alpha: float = 1.0,
-        loss_type: Literal["sigmoid", "hinge", "ipo", "simpo"] = "sigmoid",
+        loss_type: CPOLossType = "sigmoid",
         simpo_gamma: float = 0.5,
         label_smoothing: float = 0.0,
         alphapo_alpha: float = 0.0,
-        policy_adapter: str = "policy",
         **kwargs,
     ):
         super().__init__(**kwargs)
         check_loss_type(loss_type, CPO_LOSS_TYPES, "CPO")
         check_beta(beta, "CPO")
         check_label_smoothing(label_smoothing, "CPO")
+        if alpha < 0:
+            raise InvalidArgument("alpha", f"CPO: alpha, the weight of the chosen completion's NLL, must be >= 0, "
+                                  f"got {alpha}")
         self.beta = beta
         self.alpha = alpha
         self.loss_type = loss_type
         self.simpo_gamma = simpo_gamma
         self.label_smoothing = label_smoothing
         self.alphapo_alpha = alphapo_alpha
-        self.policy_adapter = policy_adapter
 
     def compute_loss(self, batch: dict):
         policy = self.policy_pair_logps(batch)
@@ -518,15 +519,13 @@ class ORPO(PreferenceMethod):
 
     Args:
         beta: weight λ of the odds-ratio term (the paper's λ; TRL's ``beta``).
-        policy_adapter: the adapter trained as the policy.
-        **kwargs: optimizer and bank arguments of ``BankMethod``.
+        **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``.
     """
 
-    def __init__(self, *, beta: float = 0.1, policy_adapter: str = "policy", **kwargs):
+    def __init__(self, *, beta: float = 0.1, **kwargs):
         super().__init__(**kwargs)
         check_beta(beta, "ORPO")
         self.beta = beta
-        self.policy_adapter = policy_adapter
 
     def compute_loss(self, batch: dict):
         policy = self.policy_pair_logps(batch)

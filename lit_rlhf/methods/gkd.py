@@ -19,13 +19,14 @@ next-token distributions at ``temperature``, averaged over the completion tokens
     lmbda = 1                   pure on-policy GKD
     0 < lmbda < 1               the paper's mixture        (configs/gkd.yaml)
 
-The teacher is a role of the bank (``bank.teacher()``): the separate frozen model of
-``BankSpec.teacher`` (its own dtype, optionally 4/8-bit), or, when that is ``None``, the base
-without adapters (distilling the base back into an adapter). The bank checks that teacher and
+The teacher is a role of the bank (``bank.teacher()``; the engine samples it with
+``teacher=True``): the separate frozen model of ``BankSpec.teacher`` (its own dtype, optionally
+4/8-bit), or, when that is ``None``, the base without adapters (distilling the base back into an
+adapter). The bank checks that teacher and
 student share a tokenizer when it is built, before any step.
 
-Optimization is AUTOMATIC, although DESIGN.md lists on-policy GKD with the manual methods: GKD
-makes exactly one optimizer step per batch (no PPO epochs over a rollout), so generating under
+Optimization is AUTOMATIC, unlike the online methods that also generate inside the step: GKD
+makes exactly one optimizer step per batch (no update epochs over a rollout), so generating under
 ``no_grad`` inside ``training_step`` and returning a normal loss is all it needs, and it keeps
 the Trainer's ``gradient_clip_val``, ``accumulate_grad_batches``, precision plugins and LR
 scheduler stepping working unchanged (manual optimization would have to re-implement them).
@@ -44,7 +45,6 @@ averaged over every completion token of the validation set), both token-weighted
 from __future__ import annotations
 
 import random
-from dataclasses import asdict
 from typing import Literal, NamedTuple
 
 import torch
@@ -131,11 +131,11 @@ class GKD(BankMethod):
             that are not on-policy.
         sampling: how student and teacher completions are sampled (``max_new_tokens``,
             ``temperature``, ``top_k``, ``top_p``).
-        engine: the rollout engine's registered name (``hf``, ``hf_static``, ...).
+        engine: the rollout engine's registered name (``auto``: ``hf_static`` on CUDA; ``hf``, ``hf_static``, ...).
         chunk_size: token rows of the vocabulary upcast to float32 at once in the loss; ``None``
             sizes chunks to about 64 MiB of float32.
-        policy_adapter: the adapter trained (and exported) as the student.
-        **kwargs: optimizer and bank arguments of ``BankMethod``; the teacher is ``bank.teacher``.
+        **kwargs: optimizer, bank and ``policy_adapter`` (the student) arguments of ``BankMethod``; the
+            teacher is ``bank.teacher``.
     """
 
     def __init__(
@@ -146,9 +146,8 @@ class GKD(BankMethod):
         temperature: float = 1.0,
         seq_kd: bool = False,
         sampling: SamplingConfig | None = None,
-        engine: str = "hf",
+        engine: str = "auto",
         chunk_size: int | None = None,
-        policy_adapter: str = "policy",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -163,11 +162,9 @@ class GKD(BankMethod):
         self.temperature = temperature
         self.seq_kd = seq_kd
         self.sampling = sampling or SamplingConfig()
-        # Plain types only in hparams: checkpoints are read back with torch.load(weights_only=True).
-        self.hparams["sampling"] = asdict(self.sampling)
+        self.store_plain_hparams(sampling=self.sampling)
         self.engine = build_engine(engine)
         self.chunk_size = chunk_size
-        self.policy_adapter = policy_adapter
         self.distill_batches = 0
         self.on_policy_batches = 0
         # Weighted by token counts: compute() = sum over tokens / number of tokens (synced across ranks).
@@ -222,8 +219,7 @@ class GKD(BankMethod):
         with eval_mode(self.bank):
             if source == "student":
                 return self.engine.generate(self.bank, self.policy_adapter, prompt_ids, prompt_mask, sampling)
-            with self.bank.teacher():  # inside, adapter=None samples from the teacher
-                return self.engine.generate(self.bank, None, prompt_ids, prompt_mask, sampling)
+            return self.engine.generate(self.bank, None, prompt_ids, prompt_mask, sampling, teacher=True)
 
     def training_sequences(self, batch: dict) -> tuple[DistillBatch, CompletionSource]:
         """This step's rows and where their completions came from."""

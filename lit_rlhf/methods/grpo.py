@@ -12,14 +12,14 @@ Each ``training_step`` is one rollout of the shared online loop (``OnlineMethod`
    equal gets advantage 0 and teaches nothing; the fraction of such prompts is logged as
    ``frac_reward_zero_std`` (binary rule-based rewards make it large when the task is too easy
    or too hard);
-2. ``ppo_epochs`` x ``num_mini_batches`` steps of ``lit_rlhf.losses.grpo_loss``: the clipped
+2. ``update_epochs`` (GRPO's μ) x ``num_mini_batches`` steps of ``lit_rlhf.losses.grpo_loss``: the clipped
    surrogate per token with ``epsilon`` and, above, ``epsilon_high`` (DAPO's clip-higher, Yu et
    al. 2025, arXiv 2503.14476), plus ``beta`` x the k3 estimate of KL(π ‖ π_ref) per token
    (``beta: 0`` drops the term and the reference forward with it), aggregated by ``loss_type``:
 
    - ``grpo``: mean over each response's tokens, then over responses (the GRPO paper);
      longer responses get less weight per token.
-   - ``bnpo``: every token of the *micro-batch* weighted equally; each micro-batch is then
+   - ``bnpo`` (also named ``token``): every token of the *micro-batch* weighted equally; each micro-batch is then
      weighted by its share of rows, so under gradient accumulation (or DDP) a token of a short
      micro-batch weighs more than one of a long micro-batch.
    - ``dapo``: every token of the *optimizer step* weighted equally, across micro-batches and
@@ -46,7 +46,7 @@ Metrics (TRL's names): ``objective/scores`` (TRL ``reward``), ``reward_std``,
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -54,12 +54,26 @@ from lit_rlhf.distributed import all_rows
 from lit_rlhf.losses import (
     GRPO_LOSS_TYPES,
     IMPORTANCE_SAMPLING_LEVELS,
+    GRPOLossType,
+    ImportanceSamplingLevel,
+    flat_groups,
     group_advantages,
     grpo_loss,
     masked_mean,
     resolve_scale_rewards,
 )
-from lit_rlhf.methods.online import MiniBatch, OnlineMethod, ScoredRollout
+from lit_rlhf.methods.online import MiniBatch, OnlineMethod, ScoredRollout, sampled_entropy
+from lit_rlhf.rollout import Rollout
+
+
+class GRPOTargets(NamedTuple):
+    """What GRPO's loss reads of a rollout.
+
+    Attributes:
+        advantages: ``(B,)`` each response's group-relative advantage (0 for a flat group).
+    """
+
+    advantages: torch.Tensor
 
 
 class GRPO(OnlineMethod):
@@ -74,7 +88,7 @@ class GRPO(OnlineMethod):
         scale_rewards: ``group`` (GRPO), ``batch`` (the rollout's std) or ``none`` (Dr. GRPO);
             ``True``/``False`` are aliases of ``group``/``none``.
         eps: added to the std.
-        loss_type: ``grpo``, ``bnpo``, ``dapo``, ``dr_grpo`` or ``cispo`` (see the module docstring).
+        loss_type: ``grpo``, ``bnpo`` (or ``token``), ``dapo``, ``dr_grpo`` or ``cispo`` (see the module docstring).
         importance_sampling_level: ``token`` (GRPO) or ``sequence`` (GSPO).
         delta: cap on the unclipped ratio (two-sided clipping), ``> 1 + epsilon_high``; ``None`` for none.
         mask_truncated_completions: leave responses without a stop token out of the loss.
@@ -92,8 +106,8 @@ class GRPO(OnlineMethod):
         beta: float = 0.0,
         scale_rewards: Literal["group", "batch", "none"] | bool = "group",
         eps: float = 1e-4,
-        loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo", "cispo"] = "grpo",
-        importance_sampling_level: Literal["token", "sequence"] = "token",
+        loss_type: GRPOLossType = "grpo",
+        importance_sampling_level: ImportanceSamplingLevel = "token",
         delta: float | None = None,
         mask_truncated_completions: bool = False,
         entropy_coef: float = 0.0,
@@ -142,33 +156,34 @@ class GRPO(OnlineMethod):
 
     # -- advantages -----------------------------------------------------------------------------------
 
-    def compute_advantages(self, scored: ScoredRollout) -> dict[str, torch.Tensor]:
-        k = self.num_samples_per_prompt
+    def compute_advantages(self, scored: ScoredRollout) -> GRPOTargets:
         # The batch std is over the rollout of every rank, as one process holding it (and TRL) computes it.
         batch_std = all_rows(scored.scores).std() if self.scale_rewards == "batch" else None
-        advantages, zero_std = group_advantages(scored.scores, k, scale_rewards=self.scale_rewards, eps=self.eps,
-                                                batch_std=batch_std)
-        mask = scored.rollout.response_mask
-        self.log_rollout_metrics(
-            {
-                "frac_reward_zero_std": zero_std.float().mean(),
-                "reward_std": scored.scores.view(-1, k).std(dim=1).mean(),
-                "objective/entropy": (-scored.old_logprobs * mask).sum(dim=1).mean(),
-            },
-            batch_size=scored.scores.shape[0],
-        )
-        data = {"advantages": advantages}
-        if self.mask_truncated_completions:
-            # DAPO's overlong filtering: a response cut at max_new_tokens was not judged on what it meant to say.
-            data["loss_mask"] = mask * scored.rollout.ended.unsqueeze(1).to(mask.dtype)
-        return data
+        advantages, _ = group_advantages(scored.scores, self.num_samples_per_prompt, scale_rewards=self.scale_rewards,
+                                         eps=self.eps, batch_std=batch_std)
+        return GRPOTargets(advantages=advantages)
+
+    def loss_mask(self, rollout: Rollout) -> torch.Tensor:
+        if not self.mask_truncated_completions:
+            return rollout.response_mask
+        # DAPO's overlong filtering: a response cut at max_new_tokens was not judged on what it meant to say.
+        return rollout.response_mask * rollout.ended.unsqueeze(1).to(rollout.response_mask.dtype)
+
+    def rollout_metrics(self, scored: ScoredRollout, targets: GRPOTargets) -> dict:
+        k = self.num_samples_per_prompt
+        return {
+            **super().rollout_metrics(scored, targets),
+            "frac_reward_zero_std": flat_groups(scored.scores, k).float().mean(),
+            "reward_std": scored.scores.view(-1, k).std(dim=1).mean(),
+            "objective/entropy": sampled_entropy(scored),
+        }
 
     # -- the loss of one micro-batch ------------------------------------------------------------------
 
     def policy_loss(self, batch: MiniBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        mask = batch.data.get("loss_mask", batch.rollout.response_mask)
+        mask = self.loss_mask(batch.rollout)
         out = self.policy_forward(batch.rollout, with_entropy=self.entropy_coef > 0 or self.top_entropy_quantile < 1)
-        result = grpo_loss(out.logprobs, batch.old_logprobs, batch.data["advantages"], mask, epsilon=self.epsilon,
+        result = grpo_loss(out.logprobs, batch.old_logprobs, batch.targets.advantages, mask, epsilon=self.epsilon,
                            epsilon_high=self.epsilon_high, beta=self.beta, ref_logprobs=batch.ref_logprobs,
                            loss_type=self.loss_type, max_completion_length=self.sampling.max_new_tokens,
                            num_tokens=mask.sum() if batch.step_tokens is None else batch.step_tokens,

@@ -6,22 +6,25 @@ KL estimate between policy and reference, taken on *mismatched* pairs (prompt i 
 completion i+1: the ``kl_*`` keys of the batch), detached and clamped at 0; under data
 parallelism the mean runs over the rows of every rank. A batch therefore needs two rows at
 least (``UnpairedDataModule`` refuses ``batch_size < 2`` and drops a one-row remainder). The
-reference is the base with adapters off (LoRA), or a frozen copy of the base (full), as in DPO.
+reference is the base with adapters off (LoRA), or a frozen copy of the base (full), as in DPO;
+or, with ``precompute_ref_logps``, log-probs computed once before training for the rows and for
+their mismatched pairs, which are then fixed in the data (row i with completion i+1 of its split;
+TRL fixes its pairs in the dataset too) so that a precomputed value exists for each.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_rlhf.distributed import all_rows
+from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.losses import (
-    KTO_LOSS_TYPES, SequenceLogps, check_beta, check_loss_type, kto_kl_estimate, kto_loss, sequence_logps,
+    KTO_LOSS_TYPES, KTOLossType, SequenceLogps, check_beta, check_loss_type, kto_kl_estimate, kto_loss, sequence_logps,
 )
-from lit_rlhf.methods.base import BankMethod
+from lit_rlhf.methods.offline import OfflineMethod
 
 log = logging.getLogger("lit_rlhf.methods")
 
@@ -51,7 +54,17 @@ def weight_balance_advice(n_desirable: int, n_undesirable: int, desirable_weight
             f"or undesirable_weight in [{u_low:.3f}, {u_high:.3f}] (keeping desirable_weight={desirable_weight}).")
 
 
-class KTO(BankMethod):
+def fix_kl_pairs(datamodule) -> None:
+    """Give every training and validation example the completion of the next example of its split as
+    its mismatched KL pair (``kl_completion_ids``), so the pair, and its reference log-prob, do not
+    depend on how batches are shuffled."""
+    for split in ("train", "val"):
+        examples = getattr(datamodule, f"{split}_examples", None) or []
+        for example, partner in zip(examples, examples[1:] + examples[:1]):
+            example["kl_completion_ids"] = partner["completion_ids"]
+
+
+class KTO(OfflineMethod):
     """Kahneman-Tversky Optimization of the ``policy`` adapter (or of the base, in ``full`` mode).
 
     Logs ``loss``, ``kl``, ``rewards/chosen`` and ``logps/chosen`` (desirable rows),
@@ -67,11 +80,11 @@ class KTO(BankMethod):
             (unpaired APO-zero, D'Oosterlinck et al. 2024, arXiv 2408.06266: anchored at 0, so the
             mismatched KL rows are never run).
         precompute_ref_logps: compute the reference log-probs of every training and validation
-            row once before training. With ``apo_zero_unpaired`` the reference then never runs
-            again; with ``kto`` the mismatched KL rows still take a reference forward (their pairing
-            depends on the shuffled batch).
-        policy_adapter: the adapter trained as the policy.
-        **kwargs: optimizer and bank arguments of ``BankMethod``.
+            row, and of its mismatched KL pair (``kto``), once before training: the reference then
+            never runs again (no frozen copy kept in ``full`` mode). The KL pairs are then fixed:
+            row i with the completion of row i+1 of its split, instead of the next row of its batch.
+        **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``, and
+            ``padding_free`` of ``OfflineMethod``.
     """
 
     def __init__(
@@ -80,31 +93,34 @@ class KTO(BankMethod):
         beta: float = 0.1,
         desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0,
-        loss_type: Literal["kto", "apo_zero_unpaired"] = "kto",
+        loss_type: KTOLossType = "kto",
         precompute_ref_logps: bool = False,
-        policy_adapter: str = "policy",
         **kwargs,
     ):
         super().__init__(**kwargs)
         check_loss_type(loss_type, KTO_LOSS_TYPES, "KTO")
         check_beta(beta, "KTO")
+        for name, weight in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
+            if not weight > 0:
+                raise InvalidArgument(name, f"KTO: {name} must be > 0, got {weight}")
         self.beta = beta
         self.desirable_weight = desirable_weight
         self.undesirable_weight = undesirable_weight
         self.loss_type = loss_type
         self.precompute_ref_logps = precompute_ref_logps
-        self.policy_adapter = policy_adapter
 
     @property
     def uses_kl_estimate(self) -> bool:
         return self.loss_type == "kto"
 
     def needs_reference(self) -> bool:
-        return self.uses_kl_estimate or not self.precompute_ref_logps
+        return not self.precompute_ref_logps
 
     def on_fit_start(self) -> None:
         if self.precompute_ref_logps:
-            self.attach_reference_logps(("ref_logps",), self._own_completion_logps)
+            if self.uses_kl_estimate:
+                fix_kl_pairs(self.trainer.datamodule)
+            self.attach_reference_logps(self.reference_fields, self._reference_rows)
         examples = getattr(self.trainer.datamodule, "train_examples", None) if self.trainer.datamodule else None
         if not examples:
             return
@@ -116,35 +132,46 @@ class KTO(BankMethod):
 
     # -- reference log-probs computed once ------------------------------------------------------
 
-    def _own_completion_logps(self, batch: dict) -> torch.Tensor:
-        return self.completion_logps(batch).logps.unsqueeze(1)
+    @property
+    def reference_fields(self) -> tuple[str, ...]:
+        return ("ref_logps", "ref_kl_logps") if self.uses_kl_estimate else ("ref_logps",)
+
+    def _reference_rows(self, batch: dict) -> torch.Tensor:
+        """``(rows, len(reference_fields))``: the rows' completion log-probs, and their KL pairs' (``kto``)."""
+        prefixes = ("", "kl_") if self.uses_kl_estimate else ("",)
+        return torch.stack([self.completion_logps(batch, prefix).logps for prefix in prefixes], dim=1)
 
     # -- the step -------------------------------------------------------------------------------
 
     def completion_logps(self, batch: dict, prefix: str = "") -> SequenceLogps:
         """Summed completion log-probs of the active role on the batch's ``{prefix}*`` rows."""
         ids = batch[f"{prefix}input_ids"]
-        logits = self.bank(ids, batch[f"{prefix}attention_mask"]).logits
-        return sequence_logps(logits, ids, batch[f"{prefix}completion_mask"])
+        logits, layout = self.lm_logits(ids, batch[f"{prefix}attention_mask"])
+        return sequence_logps(logits, ids, batch[f"{prefix}completion_mask"], layout)
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, int]]]:
         """``(loss, metrics)``; each metric is ``(value, how many rows it averages)`` for weighted logging."""
-        with self.bank.role(self.trained_adapter):
-            policy = self.completion_logps(batch)
-            if self.uses_kl_estimate:
-                with torch.no_grad():  # the reference point carries no gradient (it is detached in the loss)
-                    policy_kl = self.completion_logps(batch, "kl_")
+        # The passes without gradient first: each one's logits are freed before the policy's, which
+        # backward keeps, exist (never two logits tensors alive at once).
+        kl = 0.0
+        if self.uses_kl_estimate:
+            # The reference point carries no gradient (it is detached in the loss).
+            with torch.no_grad(), self.bank.role(self.trained_adapter):
+                policy_kl = self.completion_logps(batch, "kl_").logps
+            if "ref_kl_logps" in batch:
+                reference_kl = batch["ref_kl_logps"]
+            else:
+                with self.bank.reference():
+                    reference_kl = self.completion_logps(batch, "kl_").logps
+            # One reference point for the whole data-parallel batch, the same on every rank (TRL gathers it too).
+            kl = kto_kl_estimate(all_rows(policy_kl), all_rows(reference_kl))
         if "ref_logps" in batch:
             reference_logps = batch["ref_logps"]
         else:
             with self.bank.reference():
                 reference_logps = self.completion_logps(batch).logps
-        kl = 0.0
-        if self.uses_kl_estimate:
-            with self.bank.reference():
-                reference_kl = self.completion_logps(batch, "kl_")
-            # One reference point for the whole data-parallel batch, the same on every rank (TRL gathers it too).
-            kl = kto_kl_estimate(all_rows(policy_kl.logps), all_rows(reference_kl.logps))
+        with self.bank.role(self.trained_adapter):
+            policy = self.completion_logps(batch)
         labels = batch["labels"]
         out = kto_loss(policy.logps, reference_logps, labels, kl, beta=self.beta,
                        desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight,

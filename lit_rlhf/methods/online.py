@@ -1,44 +1,49 @@
-"""What the online methods (PPO, RLOO, GRPO) share: rollout inside the step, manual optimization.
+"""What the online methods (PPO, RLOO, GRPO, BestOfN, OnlineDPO) share: the rollout inside the
+step, with manual optimization.
 
-One ``training_step`` is one rollout:
+One ``training_step`` is one rollout, read top to bottom in ``OnlineMethod.training_step``:
 
-1. ``rollout_and_score(batch)``: repeat each prompt ``num_samples_per_prompt`` times, sample
-   responses from the policy adapter (``rollout/`` engine), score them (``rollout/rewards``),
-   recompute the behaviour log-probs with one forward of the policy, and the reference's
-   log-probs with adapters off -> ``ScoredRollout``;
-2. ``compute_advantages(scored)`` (the subclass): per-row tensors for the update (advantages,
-   returns, ...);
-3. ``update(scored, data)``: ``ppo_epochs`` passes over ``num_mini_batches`` shuffled
-   mini-batches, one optimizer step each, every mini-batch split into
-   ``gradient_accumulation_steps`` micro-batches whose ``policy_loss(minibatch)`` (the
-   subclass) is backpropagated with ``manual_backward``.
+1. generate: repeat each prompt ``num_samples_per_prompt`` times and sample responses from the
+   policy adapter (``rollout/`` engine);
+2. score: the reward sources (``rollout/rewards``); prompts with an unscored sample leave;
+3. reference and values: the behaviour log-probs (one forward of the policy, which may give the
+   critic's values too) and the reference's log-probs (adapters off), without gradient;
+4. advantages: ``compute_advantages(scored)`` (the subclass) returns its named per-row targets;
+   the KL controller then takes this rollout's KL;
+5. update: ``update_epochs`` passes over ``num_mini_batches`` shuffled mini-batches, one optimizer
+   step each, every mini-batch split into ``gradient_accumulation_steps`` micro-batches whose
+   ``policy_loss(minibatch)`` (the subclass) is backpropagated with ``manual_backward``;
 
-A subclass implements only ``compute_advantages`` and ``policy_loss`` (and, if its forward
-also yields critic values, ``policy_logits_and_values``). Lightning rejects
-``gradient_clip_val`` and ``accumulate_grad_batches`` on the Trainer in manual mode, so the
-method takes ``max_grad_norm`` and ``gradient_accumulation_steps`` itself; the LR scheduler is
-stepped by hand after every optimizer step. ``trainer.global_step`` counts optimizer steps; the
-rollouts are counted apart (``rollout/count``).
+and the rollout's metrics are logged once, at the end of the step.
+
+A subclass implements ``compute_advantages``, ``rollout_metrics`` (its own, added to the shared
+ones) and ``policy_loss`` (and, if its forward also yields critic values,
+``policy_logits_and_values``). Lightning rejects ``gradient_clip_val`` and
+``accumulate_grad_batches`` on the Trainer in manual mode, so the method takes ``max_grad_norm``
+and ``gradient_accumulation_steps`` itself; the LR scheduler is stepped by hand after every
+optimizer step. ``trainer.global_step`` counts optimizer steps; the rollouts are counted apart
+(``rollout/count``).
 """
 
 from __future__ import annotations
 
-from abc import ABCMeta, abstractmethod
-
 import logging
 import os
+import warnings
+from abc import ABCMeta, abstractmethod
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, replace
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
-from lit_rlhf.distributed import all_rows, every_rank, global_sum, rank_seed
-from lit_rlhf.losses import entropy_from_logits, token_logps
+from lit_rlhf.distributed import every_rank, global_sum, rank_seed
+from lit_rlhf.losses import entropy_from_logits, kl_penalty, token_logps
 from lit_rlhf.methods.base import BankMethod
+from lit_rlhf.methods.kl_control import FixedKLController
 from lit_rlhf.models import AdapterSpec, eval_mode
 from lit_rlhf.rollout import RewardOutput, RewardRequest, Rewards, RewardSpec, Rollout, SamplingConfig, build_engine
 
@@ -49,30 +54,44 @@ log = logging.getLogger("lit_rlhf.methods")
 
 
 class ScoredRollout(NamedTuple):
-    """One rollout with everything computed before the update. ``B`` = prompts x samples per
-    prompt (prompt ``p``'s samples are rows ``p*k .. p*k+k-1``), ``T`` = longest response.
+    """One rollout with everything computed before the update (steps 1 to 3). ``B`` = prompts x
+    samples per prompt (prompt ``p``'s samples are rows ``p*k .. p*k+k-1``), ``T`` = longest response.
 
     Attributes:
         rollout: ids and masks (``Rollout``).
         prompts: ``B`` rendered prompt strings.
         completions: ``B`` response texts (stop token removed).
         scores: ``(B,)`` float32 reward of each response (normalised, weighted, clipped, EOS rule).
+        per_source: ``{source: (B,)}`` each reward source's raw score (``RewardOutput.per_source``).
         old_logprobs: ``(B, T)`` float32 log-probs of the response tokens under the policy at
-            rollout time (0 on padding).
+            rollout time (0 on padding); ``None`` when the method reads none (``uses_behaviour_logprobs``).
         ref_logprobs: ``(B, T)`` the same under the reference; ``None`` when the method needs none.
         old_values: ``(B, T)`` critic values at rollout time when the policy forward yields them
             (a value head on the policy trunk), else ``None``.
-        raw_scores: ``{source: (B,)}`` each reward source's raw score.
     """
 
     rollout: Rollout
     prompts: list[str]
     completions: list[str]
     scores: torch.Tensor
-    old_logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor | None
-    old_values: torch.Tensor | None
-    raw_scores: dict[str, torch.Tensor]
+    per_source: dict[str, torch.Tensor]
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    old_values: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor) -> ScoredRollout:
+        """The rows ``index`` (a 1-d long tensor) of every field."""
+        rows = index.tolist()
+        return ScoredRollout(
+            rollout=self.rollout.select(index),
+            prompts=[self.prompts[i] for i in rows],
+            completions=[self.completions[i] for i in rows],
+            scores=self.scores[index],
+            per_source={name: v[index] for name, v in self.per_source.items()},
+            old_logprobs=select_rows(self.old_logprobs, index),
+            ref_logprobs=select_rows(self.ref_logprobs, index),
+            old_values=select_rows(self.old_values, index),
+        )
 
 
 class MiniBatch(NamedTuple):
@@ -80,22 +99,18 @@ class MiniBatch(NamedTuple):
 
     Attributes:
         rollout: the rows' ``Rollout``.
-        scores: ``(b,)``.
-        old_logprobs: ``(b, T)``.
+        old_logprobs: ``(b, T)``, or ``None`` when the method reads none.
         ref_logprobs: ``(b, T)`` or ``None``.
-        old_values: ``(b, T)`` or ``None``.
-        data: what ``compute_advantages`` returned, each tensor's rows selected.
+        targets: what ``compute_advantages`` returned (the subclass's named tuple), each tensor's rows selected.
         step_rows: rows of the optimizer step this micro-batch belongs to (its mini-batch, on this rank).
         step_tokens: loss tokens of that optimizer step summed over every rank and divided by the
             number of ranks (DDP averages gradients), scalar; the normaliser of a global token-level loss.
     """
 
     rollout: Rollout
-    scores: torch.Tensor
-    old_logprobs: torch.Tensor
+    old_logprobs: torch.Tensor | None
     ref_logprobs: torch.Tensor | None
-    old_values: torch.Tensor | None
-    data: dict[str, torch.Tensor]
+    targets: NamedTuple
     step_rows: int = 0
     step_tokens: torch.Tensor | None = None
 
@@ -114,112 +129,105 @@ class PolicyOutput(NamedTuple):
     values: torch.Tensor | None
 
 
-# -- KL coefficient control ------------------------------------------------------------------------
+def select_rows(rows, index: torch.Tensor):
+    """``rows[index]`` of a tensor, of each tensor field of a named tuple (``None`` fields stay), or ``None``."""
+    if rows is None:
+        return None
+    if isinstance(rows, torch.Tensor):
+        return rows[index]
+    return type(rows)(*(select_rows(field, index) for field in rows))
 
 
-class FixedKLController:
-    """A constant KL coefficient β."""
-
-    def __init__(self, kl_coef: float):
-        self.value = float(kl_coef)
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        pass
-
-    def observe(self, kl_per_sequence: torch.Tensor) -> None:
-        """Update from one rollout's per-sequence KL ``(B,)`` (a no-op here; see ``AdaptiveKLController``)."""
-
-    def state_dict(self) -> dict:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = float(state["value"])
+def sampled_entropy(scored: ScoredRollout) -> torch.Tensor:
+    """Mean over responses of ``-Σ_t log π(y_t)``, the policy's entropy estimated from its own samples
+    (TRL's ``objective/entropy``). Scalar."""
+    return (-scored.old_logprobs * scored.rollout.response_mask).sum(dim=1).mean()
 
 
-class AdaptiveKLController(FixedKLController):
-    """Adaptive β of Ziegler et al. 2019 (arXiv 1909.08593, section 2.2), steering the KL to a target:
+# -- the update's settings -------------------------------------------------------------------------
 
-        e_t = clip(KL_t / KL_target - 1, -0.2, 0.2)
-        β_{t+1} = β_t (1 + K_β e_t),   K_β = n_steps / horizon
 
-    Args:
-        kl_coef: initial β.
-        target: ``KL_target`` (nats per sequence).
-        horizon: samples over which β may change by about ``e^{±0.2}``.
+@dataclass(frozen=True)
+class UpdateArgs:
+    """How step 5 optimises each rollout (after litgpt's ``TrainArgs``). A method takes these as flat
+    arguments of the same names (so configs and ``--model.init_args.num_mini_batches`` stay flat);
+    ``OnlineMethod`` groups and checks them here.
+
+    Attributes:
+        update_epochs: passes over each rollout (cleanrl's name; GRPO's μ; TRL's ``num_ppo_epochs``
+            or ``num_iterations``). Formerly ``ppo_epochs``: every online method takes them.
+        num_mini_batches: optimizer steps per pass; each takes ``rows / num_mini_batches`` rows of the rollout.
+        gradient_accumulation_steps: micro-batches per mini-batch (backward each, step once); manual
+            optimization's stand-in for the Trainer's ``accumulate_grad_batches``.
+        max_grad_norm: clip the gradient norm of each optimizer step to this; ``None`` for no clipping;
+            the stand-in for the Trainer's ``gradient_clip_val``.
     """
 
-    def __init__(self, kl_coef: float, target: float, horizon: int):
-        super().__init__(kl_coef)
-        if target <= 0 or horizon <= 0:
-            raise ValueError(f"adaptive KL needs target > 0 and horizon > 0, got {target} and {horizon}")
-        self.target = float(target)
-        self.horizon = int(horizon)
+    update_epochs: int = 1
+    num_mini_batches: int = 1
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = 1.0
 
-    def update(self, current_kl: float, n_steps: int) -> None:
-        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+    def __post_init__(self) -> None:
+        for name in ("update_epochs", "num_mini_batches", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
-    def observe(self, kl_per_sequence: torch.Tensor) -> None:
-        """``update`` from the mean KL and the count of the sequences of every rank (a collective), so
-        β stays the same on every rank under DDP; TRL likewise steps by the global batch size."""
-        kl = all_rows(kl_per_sequence)
-        self.update(kl.float().mean().item(), n_steps=kl.shape[0])
-
-    def state_dict(self) -> dict:
-        return {"value": self.value, "target": self.target, "horizon": self.horizon}
-
-
-def kl_controller(kl_coef: float, *, adaptive: bool, target: float, horizon: int) -> FixedKLController:
-    """The KL coefficient's controller: fixed, or adaptive towards ``target`` (Ziegler et al. 2019)."""
-    return AdaptiveKLController(kl_coef, target, horizon) if adaptive else FixedKLController(kl_coef)
+    def optimizer_steps(self, rollouts: int) -> int:
+        """Optimizer steps of ``rollouts`` rollouts."""
+        return rollouts * self.update_epochs * self.num_mini_batches
 
 
 # -- the base ------------------------------------------------------------------------------------
 
 
 class OnlineMethod(BankMethod, metaclass=ABCMeta):
-    """Base of the online methods: rollout -> score -> reference log-probs -> advantages -> update.
+    """Base of the online methods: generate -> score -> reference and values -> advantages -> update.
 
     Subclasses implement:
 
-    - ``compute_advantages(scored: ScoredRollout) -> dict[str, Tensor]``: per-row tensors (first
-      dim ``B``) the update needs, e.g. ``{"advantages": (B,) or (B, T)}``; log rollout metrics
-      with ``self.log_rollout_metrics``.
+    - ``compute_advantages(scored: ScoredRollout) -> NamedTuple``: the named per-row tensors (first
+      dim ``B``) the loss reads, e.g. ``GRPOTargets(advantages=...)``; no logging, no state change.
+    - ``rollout_metrics(scored, targets) -> dict``: their rollout metrics added to the shared ones
+      (``super().rollout_metrics``), taken before the KL controller moves.
     - ``policy_loss(batch: MiniBatch) -> tuple[Tensor, dict[str, Tensor]]``: the scalar loss of a
-      micro-batch (mean over its rows/tokens) and detached metrics; use ``self.policy_forward``.
+      micro-batch and detached metrics; use ``self.policy_forward``.
 
     Args:
         rewards: the reward sources (``RewardSpec``), e.g.
             ``[{kind: function, function: "lit_rlhf.toy:reward"}]``.
         sampling: how responses are sampled during training (validation decodes greedily with
             the same ``max_new_tokens``).
-        engine: the rollout engine's registered name (``hf``, ``hf_static``, or one you register).
+        engine: the rollout engine's registered name: ``auto`` (``hf_static`` on CUDA; see
+            ``lit_rlhf.rollout.engine.AutoEngine``), ``hf``, ``hf_static``, or one you register.
         num_samples_per_prompt: responses sampled per prompt (``k``; RLOO and GRPO need ``k >= 2``).
-        ppo_epochs: passes over each rollout.
-        num_mini_batches: optimizer steps per pass; each takes ``B / num_mini_batches`` rows.
-        gradient_accumulation_steps: micro-batches per mini-batch (backward each, step once).
-        max_grad_norm: clip the gradient norm of each step to this; ``None`` for no clipping.
+        update_epochs, num_mini_batches, gradient_accumulation_steps, max_grad_norm: the update's
+            settings, documented and checked by ``UpdateArgs`` (``self.update_args``).
         reward_clip: clip the combined reward to ``[-reward_clip, reward_clip]``.
         missing_eos_penalty: subtracted from the reward of responses cut at ``max_new_tokens``.
         missing_eos_score: replaces the reward of such responses.
         log_samples_every_n_rollouts: log a table of sample completions every this many rollouts
             (TensorBoard text); 0 never.
         num_logged_samples: rows in that table.
-        policy_adapter: the adapter trained as the policy (several may live on one bank).
-        **kwargs: optimizer and bank arguments of ``BankMethod``.
+        ppo_epochs: deprecated name of ``update_epochs``.
+        **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``.
     """
 
     #: A method with a KL penalty sets it; its state then travels in checkpoints.
     kl_controller: FixedKLController | None = None
+    #: The per-token KL estimate whose sum per response the KL controller observes (with ``kl_controller``).
+    kl_estimator: str = "k1"
+    #: Consecutive rows the update never separates (2 for a method whose loss compares the two samples of a prompt).
+    rows_kept_together: int = 1
 
     def __init__(
         self,
         *,
         rewards: list[RewardSpec] | None = None,
         sampling: SamplingConfig | None = None,
-        engine: str = "hf",
+        engine: str = "auto",
         num_samples_per_prompt: int = 1,
-        ppo_epochs: int = 1,
+        update_epochs: int = 1,
         num_mini_batches: int = 1,
         gradient_accumulation_steps: int = 1,
         max_grad_norm: float | None = 1.0,
@@ -228,7 +236,7 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         missing_eos_score: float | None = None,
         log_samples_every_n_rollouts: int = 10,
         num_logged_samples: int = 8,
-        policy_adapter: str = "policy",
+        ppo_epochs: int | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -236,48 +244,98 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
             raise ValueError(
                 "an online method needs reward sources, e.g. rewards: [{kind: function, function: 'lit_rlhf.toy:reward'}]"
             )
-        for name, value in (("num_samples_per_prompt", num_samples_per_prompt), ("ppo_epochs", ppo_epochs),
-                            ("num_mini_batches", num_mini_batches),
-                            ("gradient_accumulation_steps", gradient_accumulation_steps)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        if num_samples_per_prompt < 1:
+            raise ValueError(f"num_samples_per_prompt must be >= 1, got {num_samples_per_prompt}")
+        self.update_args = UpdateArgs(update_epochs=resolve_update_epochs(update_epochs, ppo_epochs),
+                                      num_mini_batches=num_mini_batches,
+                                      gradient_accumulation_steps=gradient_accumulation_steps,
+                                      max_grad_norm=max_grad_norm)
         self.automatic_optimization = False
         self.reward_specs = [RewardSpec(**r) if isinstance(r, dict) else r for r in rewards]
         self.sampling = sampling or SamplingConfig()
-        # Plain types only in hparams: checkpoints are read back with torch.load(weights_only=True).
-        self.hparams["rewards"] = [asdict(r) for r in self.reward_specs]
-        self.hparams["sampling"] = asdict(self.sampling)
+        self.store_plain_hparams(rewards=self.reward_specs, sampling=self.sampling)
         self.rewards = Rewards(self.reward_specs, clip=reward_clip, missing_eos_penalty=missing_eos_penalty,
                                missing_eos_score=missing_eos_score)
         self.engine = build_engine(engine)
         self.num_samples_per_prompt = num_samples_per_prompt
-        self.ppo_epochs = ppo_epochs
-        self.num_mini_batches = num_mini_batches
-        self.gradient_accumulation_steps = gradient_accumulation_steps
-        self.max_grad_norm = max_grad_norm
         self.log_samples_every_n_rollouts = log_samples_every_n_rollouts
         self.num_logged_samples = num_logged_samples
-        self.policy_adapter = policy_adapter
         self.rollout_count = 0
         self._sampling_seed: int | None = None  # seed_everything's seed, read at the first rollout
         self.last_samples: list[tuple[str, str, float]] = []
 
+    # -- the step --------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        # 1. generate, 2. score, 3. reference and values (see rollout_and_score, just below)
+        scored = self.rollout_and_score(batch)
+        if not scored.prompts:  # nonfinite: skip dropped every prompt: no update this rollout
+            self.rollout_count += 1
+            return
+        # 4. advantages; the rollout's metrics read β before the controller moves it for the next rollout
+        targets = self.compute_advantages(scored)
+        metrics = self.rollout_metrics(scored, targets)
+        if self.kl_controller is not None and scored.ref_logprobs is not None:
+            self.kl_controller.observe(self.sequence_kl(scored))
+        # 5. update
+        metrics.update(self.update(scored, targets))
+        self.rollout_count += 1
+        metrics["lr"] = self.optimizers().param_groups[0]["lr"]
+        metrics["rollout/count"] = float(self.rollout_count)
+        self.log_rollout_metrics(metrics, batch_size=scored.scores.shape[0])
+        self.maybe_log_samples(scored)
+
+    def rollout_and_score(self, batch: dict) -> ScoredRollout:
+        """Steps 1 to 3 of a rollout, without gradient."""
+        # 1. generate and 2. score
+        rollout, prompts, completions, reward = self.drop_unscored(*self.sample_and_score(batch))
+        scored = ScoredRollout(rollout=rollout, prompts=prompts, completions=completions, scores=reward.scores,
+                               per_source=reward.per_source)
+        if not prompts or not self.uses_behaviour_logprobs():
+            return scored
+        # 3. reference and values. Behaviour log-probs in eval mode too: with dropout (LoRA dropout > 0)
+        # the first PPO ratio would not be 1.
+        with torch.no_grad(), eval_mode(self.bank):
+            # Recomputed rather than read from generate: its scores are post-warping (temperature, top-k/p).
+            behaviour = self.policy_forward(rollout)
+            ref_logprobs = self.reference_logprobs(rollout) if self.uses_reference() else None
+            values = behaviour.values if behaviour.values is not None else self.critic_values(rollout)
+        return scored._replace(old_logprobs=behaviour.logprobs, ref_logprobs=ref_logprobs, old_values=values)
+
     # -- what subclasses implement ----------------------------------------------------------------
 
     @abstractmethod
-    def compute_advantages(self, scored: ScoredRollout) -> dict[str, torch.Tensor]:
-        """Per-row tensors (first dim ``B``) the update needs; see the class docstring."""
+    def compute_advantages(self, scored: ScoredRollout) -> NamedTuple:
+        """Named per-row tensors (first dim ``B``) the loss reads; see the class docstring."""
 
     @abstractmethod
     def policy_loss(self, batch: MiniBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The scalar loss of a micro-batch and detached metrics; see the class docstring."""
 
+    def rollout_metrics(self, scored: ScoredRollout, targets: NamedTuple) -> dict[str, float | torch.Tensor]:
+        """Metrics of the rollout itself (scores, lengths); subclasses add theirs to these."""
+        rollout = scored.rollout
+        metrics = {
+            "objective/scores": scored.scores.mean().item(),
+            "response_length": rollout.response_lengths.float().mean().item(),
+            "rollout/ended_with_eos": rollout.ended.float().mean().item(),
+            "rollout/episodes": float((self.rollout_count + 1) * scored.scores.shape[0]),
+        }
+        if len(scored.per_source) > 1:
+            metrics.update({f"objective/scores/{name}": v.mean().item() for name, v in scored.per_source.items()})
+        return metrics
+
     def uses_reference(self) -> bool:
         """Whether the reference's log-probs are computed for each rollout."""
         return True
 
-    #: Consecutive rows the update never separates (2 for a method whose loss compares the two samples of a prompt).
-    rows_kept_together: int = 1
+    def uses_behaviour_logprobs(self) -> bool:
+        """Whether the loss reads the log-probs at rollout time (step 3 is skipped when not)."""
+        return True
+
+    def loss_mask(self, rollout: Rollout) -> torch.Tensor:
+        """``(b, T)``: the response tokens that enter the loss (all of them unless a subclass says otherwise)."""
+        return rollout.response_mask
 
     def accumulation_weight(self, batch: MiniBatch) -> float:
         """Factor on a micro-batch's loss before backward. By default its share of the step's rows,
@@ -290,90 +348,17 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         with self.bank.role(self.policy_adapter):
             return self.bank(input_ids, attention_mask, position_ids).logits, None
 
-    # -- bank ------------------------------------------------------------------------------------
+    def critic_values(self, rollout: Rollout) -> torch.Tensor | None:
+        """``(b, T)`` values of a critic separate from the policy's forward, or ``None`` without one."""
+        return None
 
-    def required_adapters(self) -> list[AdapterSpec]:
-        frozen = [AdapterSpec(name, trainable=False, head="score") for name in self.rewards.adapter_names]
-        return [AdapterSpec(self.policy_adapter)] + frozen
+    def sequence_kl(self, scored: ScoredRollout) -> torch.Tensor:
+        """``(B,)`` KL of each response to the reference at rollout time: the sum over its tokens of the
+        ``kl_estimator`` estimate (what the KL penalty charges and the KL controller observes)."""
+        kl = kl_penalty(scored.old_logprobs, scored.ref_logprobs, kind=self.kl_estimator)
+        return (kl * scored.rollout.response_mask).sum(dim=1)
 
-    def needs_reference(self) -> bool:
-        return self.uses_reference()
-
-    def generates_during_training(self) -> bool:
-        return True
-
-    def configure_model(self) -> None:
-        if self.bank is not None:
-            return
-        frozen = set(self.rewards.adapter_names)
-        declared = {a.name: a for a in self.bank_spec.adapters}
-        for name in frozen:
-            if name not in declared or not declared[name].path:
-                raise ValueError(
-                    f"the reward source 'adapter' reads adapter {name!r}, so declare it with the path of a trained "
-                    f"reward adapter under bank.adapters, e.g. {{name: {name}, path: runs/reward/.../export/adapter}}"
-                )
-        # A reward adapter is a judge, never trained here, whatever `trainable` the config left at its default.
-        self.bank_spec = replace(
-            self.bank_spec, adapters=[replace(a, trainable=False) if a.name in frozen else a for a in self.bank_spec.adapters]
-        )
-        super().configure_model()
-        if not self.bank_spec.disable_dropout:
-            log.warning("bank.disable_dropout is false: the update's forward drops units the rollout's did not, so "
-                        "the importance ratio is not 1 on the first update and clipping sees dropout noise")
-        self.rewards.setup(self.bank, self.tokenizer)
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        # Lightning calls setup before configure_model, so a bad split fails before any weights load.
-        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
-        if stage == "fit" and batch_size is not None:
-            self.check_rollout_split(batch_size)
-        skipping = [spec.function or spec.adapter or spec.model for spec in self.reward_specs if spec.nonfinite == "skip"]
-        if stage == "fit" and skipping and self.trainer.world_size > 1:
-            # Dropped rows change each rank's number of optimizer steps, and every step is a collective.
-            raise ValueError(f"reward nonfinite: skip ({skipping}) runs on one process only; under "
-                             f"{self.trainer.world_size} processes use nonfinite: error")
-
-    def check_rollout_split(self, batch_size: int) -> None:
-        """A rollout of ``batch_size`` prompts must split into equal mini- and micro-batches."""
-        rows, parts = batch_size * self.num_samples_per_prompt, self.num_mini_batches * self.gradient_accumulation_steps
-        if rows % parts:
-            raise ValueError(
-                f"a rollout of batch_size={batch_size} prompts x num_samples_per_prompt={self.num_samples_per_prompt} "
-                f"= {rows} rows does not split into num_mini_batches={self.num_mini_batches} x "
-                f"gradient_accumulation_steps={self.gradient_accumulation_steps} = {parts} equal parts; make {rows} a "
-                f"multiple of {parts}"
-            )
-
-    def total_optimizer_steps(self) -> int:
-        rollouts = max(1, int(self.trainer.estimated_stepping_batches))
-        return rollouts * self.ppo_epochs * self.num_mini_batches
-
-    @property
-    def train_sampling(self) -> SamplingConfig:
-        return self.sampling.resolved(self.tokenizer)
-
-    # -- rollout -----------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def generate_rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingConfig) -> Rollout:
-        """Sample from the policy in eval mode (no dropout; the KV cache is on even with gradient checkpointing)."""
-        with eval_mode(self.bank):
-            return self.engine.generate(self.bank, self.policy_adapter, prompt_ids, prompt_mask, sampling)
-
-    def decode_responses(self, rollout: Rollout) -> list[str]:
-        """Response texts without the stop token."""
-        lengths = (rollout.response_lengths - rollout.ended.long()).tolist()
-        rows = [ids[:n] for ids, n in zip(rollout.response_ids.tolist(), lengths)]
-        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
-
-    def score_responses(self, rollout: Rollout, prompts: list[str], raw_prompts: list | None, *, update_stats: bool = True):
-        """``RewardOutput`` of the configured reward sources for these rows."""
-        completions = self.decode_responses(rollout)
-        with eval_mode(self.bank):
-            out = self.rewards(RewardRequest(prompts, completions, rollout, raw_prompts), update_stats=update_stats)
-        return completions, out
+    # -- 1. generate and 2. score ------------------------------------------------------------------
 
     def sample_and_score(self, batch: dict, *, update_stats: bool = True) -> tuple[Rollout, list[str], list[str], RewardOutput]:
         """Sample ``num_samples_per_prompt`` responses per prompt (prompt ``p``'s are rows
@@ -397,20 +382,24 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         completions, reward = self.score_responses(rollout, prompts, raw_prompts, update_stats=update_stats)
         return rollout, prompts, completions, reward
 
-    def rollout_and_score(self, batch: dict) -> ScoredRollout:
-        """Sample ``num_samples_per_prompt`` responses per prompt, score them, and compute the
-        behaviour and reference log-probs (no gradient)."""
-        rollout, prompts, completions, reward = self.drop_unscored(*self.sample_and_score(batch))
-        if not prompts:  # every prompt had an unscored sample: training_step makes no update
-            empty = torch.zeros(rollout.response_ids.shape, dtype=torch.float32, device=rollout.response_ids.device)
-            return ScoredRollout(rollout, prompts, completions, reward.scores, empty, None, None, reward.per_source)
-        # Behaviour log-probs in eval mode too: with dropout (LoRA dropout > 0) the first PPO ratio would not be 1.
-        with torch.no_grad(), eval_mode(self.bank):
-            # Recomputed rather than read from generate: its scores are post-warping (temperature, top-k/p).
-            behaviour = self.policy_forward(rollout)
-            ref_logprobs = self.reference_logprobs(rollout) if self.uses_reference() else None
-        return ScoredRollout(rollout, prompts, completions, reward.scores, behaviour.logprobs, ref_logprobs,
-                             behaviour.values, reward.per_source)
+    @torch.no_grad()
+    def generate_rollout(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingConfig) -> Rollout:
+        """Sample from the policy in eval mode (no dropout; the KV cache is on even with gradient checkpointing)."""
+        with eval_mode(self.bank):
+            return self.engine.generate(self.bank, self.policy_adapter, prompt_ids, prompt_mask, sampling)
+
+    def decode_responses(self, rollout: Rollout) -> list[str]:
+        """Response texts without the stop token."""
+        lengths = (rollout.response_lengths - rollout.ended.long()).tolist()
+        rows = [ids[:n] for ids, n in zip(rollout.response_ids.tolist(), lengths)]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+    def score_responses(self, rollout: Rollout, prompts: list[str], raw_prompts: list | None, *, update_stats: bool = True):
+        """``RewardOutput`` of the configured reward sources for these rows."""
+        completions = self.decode_responses(rollout)
+        with eval_mode(self.bank):
+            out = self.rewards(RewardRequest(prompts, completions, rollout, raw_prompts), update_stats=update_stats)
+        return completions, out
 
     def drop_unscored(self, rollout: Rollout, prompts: list[str], completions: list[str],
                       reward: RewardOutput) -> tuple[Rollout, list[str], list[str], RewardOutput]:
@@ -427,7 +416,11 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         reward = RewardOutput(reward.scores[keep], {n: v[keep] for n, v in reward.per_source.items()}, reward.valid[keep])
         return rollout.select(keep), [prompts[i] for i in rows], [completions[i] for i in rows], reward
 
-    # -- log-probs: one path (lit_rlhf.losses.token_logps) --------------------------------------------
+    @property
+    def train_sampling(self) -> SamplingConfig:
+        return self.sampling.resolved(self.tokenizer)
+
+    # -- 3. log-probs: one path (lit_rlhf.losses.token_logps) ----------------------------------------
 
     def response_logits(self, logits: torch.Tensor, rollout: Rollout) -> torch.Tensor:
         """The logits that predict each response token, divided by the sampling temperature. ``(b, T, vocab)``."""
@@ -464,49 +457,23 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
             logits = self.bank(rollout.input_ids, rollout.attention_mask, rollout.position_ids).logits
         return self.response_logprobs(logits, rollout)
 
-    # -- update ------------------------------------------------------------------------------------
+    # -- 5. update ----------------------------------------------------------------------------------
 
-    @staticmethod
-    def select(scored: ScoredRollout, data: dict[str, torch.Tensor], index: torch.Tensor, *,
-               step_rows: int | None = None, step_tokens: torch.Tensor | None = None) -> MiniBatch:
-        def rows(t):
-            return None if t is None else t[index]
-
-        return MiniBatch(scored.rollout.select(index), scored.scores[index], scored.old_logprobs[index],
-                         rows(scored.ref_logprobs), rows(scored.old_values), {k: v[index] for k, v in data.items()},
-                         index.numel() if step_rows is None else step_rows, step_tokens)
-
-    def step_token_count(self, loss_mask: torch.Tensor) -> torch.Tensor:
-        """Loss tokens of one optimizer step, summed over ranks and divided by their number (a collective)."""
-        world = self.trainer.world_size if self._trainer is not None else 1
-        return global_sum(loss_mask.sum().float()) / world
-
-    def mini_batches(self, rows: int, device) -> Iterator[list[torch.Tensor]]:
-        """One pass over the rollout: shuffled mini-batches, each a list of micro-batch row indices.
-        Groups of ``rows_kept_together`` consecutive rows stay in one micro-batch."""
-        group = self.rows_kept_together
-        within = torch.arange(group, device=device)
-        for mini in torch.randperm(rows // group, device=device).tensor_split(self.num_mini_batches):
-            micros = [(m[:, None] * group + within).reshape(-1) for m in mini.tensor_split(self.gradient_accumulation_steps)]
-            micros = [m for m in micros if m.numel()]
-            if micros:
-                yield micros
-
-    def update(self, scored: ScoredRollout, data: dict[str, torch.Tensor]) -> dict[str, float]:
-        """``ppo_epochs`` x ``num_mini_batches`` optimizer steps over the rollout; returns mean metrics."""
+    def update(self, scored: ScoredRollout, targets: NamedTuple) -> dict[str, float]:
+        """``update_epochs`` x ``num_mini_batches`` optimizer steps over the rollout; returns mean metrics."""
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         rows = scored.scores.shape[0]
         sums: dict[str, float] = defaultdict(float)
         count = skipped = 0
-        loss_mask = data.get("loss_mask", scored.rollout.response_mask)
-        for _ in range(self.ppo_epochs):
+        loss_mask = self.loss_mask(scored.rollout)
+        for _ in range(self.update_args.update_epochs):
             for micros in self.mini_batches(rows, scored.scores.device):
                 step_rows = sum(m.numel() for m in micros)
                 step_tokens = self.step_token_count(loss_mask[torch.cat(micros)])
                 finite = True
                 for i, micro in enumerate(micros):
-                    batch = self.select(scored, data, micro, step_rows=step_rows, step_tokens=step_tokens)
+                    batch = self.select(scored, targets, micro, step_rows=step_rows, step_tokens=step_tokens)
                     loss, metrics = self.policy_loss(batch)
                     # Every rank decides together: under DDP each manual_backward all-reduces gradients,
                     # so a rank leaving the loop alone would leave the others waiting.
@@ -527,8 +494,9 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
                     skipped += 1
                     self.count_skipped_step()
                     continue
-                if self.max_grad_norm is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                if self.update_args.max_grad_norm is not None:
+                    self.clip_gradients(optimizer, gradient_clip_val=self.update_args.max_grad_norm,
+                                        gradient_clip_algorithm="norm")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if scheduler is not None:
@@ -538,38 +506,42 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
             means["train/skipped_nonfinite"] = float(self.skipped_nonfinite)
         return means
 
-    # -- the step --------------------------------------------------------------------------------
+    def mini_batches(self, rows: int, device) -> Iterator[list[torch.Tensor]]:
+        """One pass over the rollout: shuffled mini-batches, each a list of micro-batch row indices.
+        Groups of ``rows_kept_together`` consecutive rows stay in one micro-batch."""
+        group = self.rows_kept_together
+        within = torch.arange(group, device=device)
+        args = self.update_args
+        for mini in torch.randperm(rows // group, device=device).tensor_split(args.num_mini_batches):
+            micros = [(m[:, None] * group + within).reshape(-1) for m in mini.tensor_split(args.gradient_accumulation_steps)]
+            micros = [m for m in micros if m.numel()]
+            if micros:
+                yield micros
+
+    @staticmethod
+    def select(scored: ScoredRollout, targets: NamedTuple, index: torch.Tensor, *,
+               step_rows: int | None = None, step_tokens: torch.Tensor | None = None) -> MiniBatch:
+        """The micro-batch of rows ``index``."""
+        return MiniBatch(
+            rollout=scored.rollout.select(index),
+            old_logprobs=select_rows(scored.old_logprobs, index),
+            ref_logprobs=select_rows(scored.ref_logprobs, index),
+            targets=select_rows(targets, index),
+            step_rows=index.numel() if step_rows is None else step_rows,
+            step_tokens=step_tokens,
+        )
+
+    def step_token_count(self, loss_mask: torch.Tensor) -> torch.Tensor:
+        """Loss tokens of one optimizer step, summed over ranks and divided by their number (a collective)."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return global_sum(loss_mask.sum().float()) / world
 
     def gradient_sync(self, sync: bool):
         """No gradient all-reduce in this backward unless ``sync`` (DDP's ``no_sync``; a no-op elsewhere)."""
         strategy = self.trainer.strategy
         return nullcontext() if sync or not isinstance(strategy, ParallelStrategy) else strategy.block_backward_sync()
 
-    def training_step(self, batch: dict, batch_idx: int) -> None:
-        scored = self.rollout_and_score(batch)
-        if not scored.prompts:  # nothing was scored (nonfinite: skip dropped every prompt)
-            self.rollout_count += 1
-            return
-        data = self.compute_advantages(scored)
-        metrics = self.update(scored, data)
-        self.rollout_count += 1
-        metrics.update(self.rollout_metrics(scored))
-        metrics["lr"] = self.optimizers().param_groups[0]["lr"]
-        metrics["rollout/count"] = float(self.rollout_count)
-        self.log_rollout_metrics(metrics, batch_size=scored.scores.shape[0])
-        self.maybe_log_samples(scored)
-
-    def rollout_metrics(self, scored: ScoredRollout) -> dict[str, float]:
-        rollout = scored.rollout
-        metrics = {
-            "objective/scores": scored.scores.mean().item(),
-            "response_length": rollout.response_lengths.float().mean().item(),
-            "rollout/ended_with_eos": rollout.ended.float().mean().item(),
-            "rollout/episodes": float(self.rollout_count * scored.scores.shape[0]),
-        }
-        if len(scored.raw_scores) > 1:
-            metrics.update({f"objective/scores/{name}": v.mean().item() for name, v in scored.raw_scores.items()})
-        return metrics
+    # -- logging ------------------------------------------------------------------------------------
 
     PROGRESS_BAR_METRICS = ("objective/scores", "objective/kl")
 
@@ -600,6 +572,71 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
             elif hasattr(logger, "log_text"):  # W&B
                 logger.log_text("samples", columns=["prompt", "completion", "score"], data=[list(r) for r in self.last_samples])
 
+    # -- the bank and the Trainer ---------------------------------------------------------------------
+
+    def required_adapters(self) -> list[AdapterSpec]:
+        # A reward adapter is a judge, never trained here: the merge keeps trainable=False whatever the config says.
+        frozen = [AdapterSpec(name, trainable=False, head="score") for name in self.rewards.adapter_names]
+        return [AdapterSpec(self.policy_adapter)] + frozen
+
+    def needs_reference(self) -> bool:
+        return self.uses_reference()
+
+    def generates_during_training(self) -> bool:
+        return True
+
+    def configure_model(self) -> None:
+        if self.bank is not None:
+            return
+        declared = {a.name: a for a in self.bank_spec.adapters}
+        for name in self.rewards.adapter_names:
+            if name not in declared or not declared[name].path:
+                raise ValueError(
+                    f"the reward source 'adapter' reads adapter {name!r}, so declare it with the path of a trained "
+                    f"reward adapter under bank.adapters, e.g. {{name: {name}, path: runs/reward/.../export/adapter}}"
+                )
+        super().configure_model()
+        if not self.bank_spec.disable_dropout:
+            log.warning("bank.disable_dropout is false: the update's forward drops units the rollout's did not, so "
+                        "the importance ratio is not 1 on the first update and clipping sees dropout noise")
+        self.rewards.setup(self.bank, self.tokenizer)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        # Lightning calls setup before configure_model, so a bad split fails before any weights load.
+        batch_size = getattr(self.trainer.datamodule, "batch_size", None)
+        if stage == "fit" and batch_size is not None:
+            self.check_rollout_split(batch_size)
+        skipping = [spec.function or spec.adapter or spec.model for spec in self.reward_specs if spec.nonfinite == "skip"]
+        if stage == "fit" and skipping and self.trainer.world_size > 1:
+            # Dropped rows change each rank's number of optimizer steps, and every step is a collective.
+            raise ValueError(f"reward nonfinite: skip ({skipping}) runs on one process only; under "
+                             f"{self.trainer.world_size} processes use nonfinite: error")
+
+    def check_rollout_split(self, batch_size: int) -> None:
+        """A rollout of ``batch_size`` prompts must split into equal mini- and micro-batches."""
+        args = self.update_args
+        rows, parts = batch_size * self.num_samples_per_prompt, args.num_mini_batches * args.gradient_accumulation_steps
+        if rows % parts:
+            raise ValueError(
+                f"a rollout of batch_size={batch_size} prompts x num_samples_per_prompt={self.num_samples_per_prompt} "
+                f"= {rows} rows does not split into num_mini_batches={args.num_mini_batches} x "
+                f"gradient_accumulation_steps={args.gradient_accumulation_steps} = {parts} equal parts; make {rows} a "
+                f"multiple of {parts}"
+            )
+
+    def total_optimizer_steps(self) -> int:
+        return self.update_args.optimizer_steps(max(1, int(self.trainer.estimated_stepping_batches)))
+
+    # lit_rlhf.strategies reads these two of any method (DeepSpeed takes over clipping and accumulation).
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self.update_args.gradient_accumulation_steps
+
+    @property
+    def max_grad_norm(self) -> float | None:
+        return self.update_args.max_grad_norm
+
     # -- validation: greedy responses to held-out prompts, scored -----------------------------------
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -628,3 +665,16 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
             self.rewards.load_state_dict(state["rewards"])
         if self.kl_controller is not None and "kl_controller" in checkpoint:
             self.kl_controller.load_state_dict(checkpoint["kl_controller"])
+
+
+def resolve_update_epochs(update_epochs: int, ppo_epochs: int | None) -> int:
+    """``update_epochs``, or the deprecated ``ppo_epochs`` of earlier configs (the passes were never PPO's
+    alone: GRPO, RLOO, BestOfN and OnlineDPO take them too)."""
+    if ppo_epochs is None:
+        return update_epochs
+    if update_epochs not in (1, ppo_epochs):
+        raise ValueError(f"ppo_epochs={ppo_epochs} and update_epochs={update_epochs} disagree: ppo_epochs is the old "
+                         "name of update_epochs, give update_epochs only")
+    warnings.warn("ppo_epochs is deprecated, renamed update_epochs (the passes over each rollout, for every online "
+                  "method); give update_epochs instead", FutureWarning, stacklevel=3)
+    return ppo_epochs

@@ -9,7 +9,7 @@ Each ``training_step`` is one rollout of the shared online loop (``OnlineMethod`
 2. the higher-scored response of each pair is ``chosen``, the other ``rejected``; a pair whose
    two scores are equal states no preference and gets weight 0 (its fraction is logged as
    ``frac_ties``);
-3. ``ppo_epochs`` x ``num_mini_batches`` optimizer steps of ``lit_rlhf.losses.dpo_loss`` on the
+3. ``update_epochs`` x ``num_mini_batches`` optimizer steps of ``lit_rlhf.losses.dpo_loss`` on the
    pairs (any DPO ``loss_type``), with the reference's log-probs taken at rollout time. The two
    responses of a prompt always stay in the same micro-batch.
 
@@ -20,10 +20,25 @@ Metrics (TRL's names): ``objective/scores``, ``rewards/chosen``, ``rewards/rejec
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from lit_rlhf.losses import DPO_LOSS_TYPES, check_beta, check_label_smoothing, check_loss_type, dpo_loss
 from lit_rlhf.methods.online import MiniBatch, OnlineMethod, ScoredRollout
+
+
+class PairTargets(NamedTuple):
+    """How each pair ranks. Per row, so that the update can select rows: both rows of a pair carry
+    the pair's values. ``(B,)`` each.
+
+    Attributes:
+        first_is_chosen: whether the pair's first response scored higher.
+        pair_weight: 0 for a tie (no preference to learn), else 1.
+    """
+
+    first_is_chosen: torch.Tensor
+    pair_weight: torch.Tensor
 
 
 class OnlineDPO(OnlineMethod):
@@ -33,7 +48,7 @@ class OnlineDPO(OnlineMethod):
         beta: DPO's β, the strength of the implicit KL constraint to the reference.
         loss_type: any of ``lit_rlhf.losses.DPO_LOSS_TYPES`` (``sigmoid`` is DPO, ``ipo`` IPO, ...).
         label_smoothing: ε of ``sigmoid`` (cDPO) and ``robust``.
-        ppo_epochs: passes over each rollout (TRL's Online DPO takes one).
+        update_epochs: passes over each rollout (TRL's Online DPO takes one).
         num_mini_batches: optimizer steps per pass.
         **kwargs: rollout, update, optimizer and bank arguments of ``OnlineMethod``
             (``num_samples_per_prompt`` is always 2).
@@ -47,7 +62,7 @@ class OnlineDPO(OnlineMethod):
         beta: float = 0.1,
         loss_type: str = "sigmoid",
         label_smoothing: float = 0.0,
-        ppo_epochs: int = 1,
+        update_epochs: int = 1,
         num_mini_batches: int = 1,
         **kwargs,
     ):
@@ -55,7 +70,7 @@ class OnlineDPO(OnlineMethod):
             raise ValueError(f"OnlineDPO samples a pair per prompt: num_samples_per_prompt must be 2, got "
                              f"{kwargs['num_samples_per_prompt']}")
         kwargs["num_samples_per_prompt"] = 2
-        super().__init__(ppo_epochs=ppo_epochs, num_mini_batches=num_mini_batches, **kwargs)
+        super().__init__(update_epochs=update_epochs, num_mini_batches=num_mini_batches, **kwargs)
         check_loss_type(loss_type, DPO_LOSS_TYPES, "OnlineDPO")
         check_beta(beta, "OnlineDPO")
         check_label_smoothing(label_smoothing, "OnlineDPO")
@@ -65,16 +80,15 @@ class OnlineDPO(OnlineMethod):
 
     # -- rank each pair ------------------------------------------------------------------------------
 
-    def compute_advantages(self, scored: ScoredRollout) -> dict[str, torch.Tensor]:
+    def compute_advantages(self, scored: ScoredRollout) -> PairTargets:
         pairs = scored.scores.view(-1, 2)
         first_wins = pairs[:, 0] > pairs[:, 1]
         tie = pairs[:, 0] == pairs[:, 1]
-        self.log_rollout_metrics({"frac_ties": tie.float().mean()}, batch_size=scored.scores.shape[0])
-        return {
-            # Per row so that the update can select rows: both rows of a pair carry the pair's values.
-            "first_is_chosen": first_wins.repeat_interleave(2),
-            "pair_weight": (~tie).float().repeat_interleave(2),
-        }
+        return PairTargets(first_is_chosen=first_wins.repeat_interleave(2),
+                           pair_weight=(~tie).float().repeat_interleave(2))
+
+    def rollout_metrics(self, scored: ScoredRollout, targets: PairTargets) -> dict:
+        return {**super().rollout_metrics(scored, targets), "frac_ties": (targets.pair_weight == 0).float().mean()}
 
     # -- the loss of one micro-batch of whole pairs --------------------------------------------------
 
@@ -83,8 +97,8 @@ class OnlineDPO(OnlineMethod):
         logps = self.policy_forward(batch.rollout).logprobs.sum(dim=1).view(-1, 2)
         ref_logps = batch.ref_logprobs.sum(dim=1).view(-1, 2)
         lengths = mask.sum(dim=1).view(-1, 2)
-        first = batch.data["first_is_chosen"].view(-1, 2)[:, 0]
-        weight = batch.data["pair_weight"].view(-1, 2)[:, 0]
+        first = batch.targets.first_is_chosen.view(-1, 2)[:, 0]
+        weight = batch.targets.pair_weight.view(-1, 2)[:, 0]
 
         def chosen_rejected(pair: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return torch.where(first, pair[:, 0], pair[:, 1]), torch.where(first, pair[:, 1], pair[:, 0])

@@ -6,35 +6,33 @@ training, the adapter and its head are saved in PEFT format with ``lit_rlhf.json
 the base's fingerprint, the base and tokenizer paths, and (``normalize_on``) the mean and
 standard deviation of the final model's scores over a reference set. The PPO stage loads it
 onto the same base with ``AdapterSpec("reward", path=..., head="score", trainable=False)``;
-from Python, :func:`score_texts` scores strings in one call.
+from Python, :func:`lit_rlhf.rollout.score_texts` scores strings in one call.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from safetensors.torch import load_file, save_file
 from torchmetrics import MeanMetric
 
-from lit_rlhf.data import SFTCollator, Where, build_examples, pad_token_id_of, report_invalid
+from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.losses import bradley_terry_loss
-from lit_rlhf.methods.base import BankMethod
-from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer, model_identity, read_adapter_meta
+from lit_rlhf.methods.offline import OfflineMethod
+from lit_rlhf.models import AdapterSpec, model_identity
 
 log = logging.getLogger("lit_rlhf.methods")
 
-HEAD_FILE = "head.safetensors"
-META_FILE = "lit_rlhf.json"
+#: Which preference data the export's score statistics are computed over (``None``: none).
+NormalizeOn = Literal["val", "train"]
+NORMALIZE_ON = (*get_args(NormalizeOn), None)
 
 
-class Reward(BankMethod):
+class RewardModeling(OfflineMethod):
     """Bradley-Terry reward model (Ouyang et al. 2022, arXiv 2203.02155) on preference pairs.
 
     Trains the ``reward`` adapter and its score head (``train_mode: lora``), or the whole base
@@ -59,10 +57,16 @@ class Reward(BankMethod):
         *,
         reward_adapter: str = "reward",
         center_coefficient: float | None = None,
-        normalize_on: Literal["val", "train"] | None = "val",
+        normalize_on: NormalizeOn | None = "val",
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if center_coefficient is not None and not center_coefficient >= 0:
+            raise InvalidArgument("center_coefficient", f"RewardModeling: center_coefficient must be >= 0 (or None), "
+                                  f"got {center_coefficient}")
+        if normalize_on not in NORMALIZE_ON:
+            raise InvalidArgument("normalize_on", f"RewardModeling: normalize_on must be one of {NORMALIZE_ON}, "
+                                  f"got {normalize_on!r}")
         self.reward_adapter = reward_adapter
         self.center_coefficient = center_coefficient
         self.normalize_on = normalize_on
@@ -83,7 +87,7 @@ class Reward(BankMethod):
 
     def pair_scores(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores of chosen and rejected rows from one forward: two ``(batch,)`` float32 tensors."""
-        scores = self.bank.score(batch["input_ids"], batch["attention_mask"], adapter=self.reward_adapter)
+        scores = self.scores(batch["input_ids"], batch["attention_mask"], self.reward_adapter)
         half = scores.shape[0] // 2
         return scores[:half], scores[half:]
 
@@ -141,7 +145,7 @@ class Reward(BankMethod):
         try:
             for batch in loader:
                 ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-                scores = self.bank.score(ids, mask, adapter=self.reward_adapter).double()
+                scores = self.scores(ids, mask, self.reward_adapter).double()
                 total += scores.sum().item()
                 total_sq += scores.square().sum().item()
                 count += scores.numel()
@@ -178,15 +182,9 @@ class Reward(BankMethod):
         elif loader is None and self.normalize_on is not None:
             log.warning("no data attached to compute reward normalisation statistics: none recorded")
         metadata = self.export_metadata()
-        if not (merged or self.bank.full):
-            return self.bank.save_adapter(self.reward_adapter, path, metadata=metadata)
-        out = super().export(path, merged=True)
-        # save_pretrained drops the score head: put it and the metadata beside the merged weights.
-        head = self.bank.heads[self.reward_adapter].state_dict()
-        save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, str(out / HEAD_FILE))
-        meta = {"base": None, "head": "score", **metadata}
-        (out / META_FILE).write_text(json.dumps(meta, indent=2))
-        return out
+        if merged or self.bank.full:
+            return self.bank.export_merged(path, adapter=self.reward_adapter, keep_head=True, metadata=metadata)
+        return self.bank.save_adapter(self.reward_adapter, path, metadata=metadata)
 
     def export_metadata(self) -> dict[str, Any]:
         """What a scorer needs beside the weights: base and tokenizer paths, normalisation statistics."""
@@ -198,118 +196,8 @@ class Reward(BankMethod):
         return meta
 
 
-
-# -- scoring from Python --------------------------------------------------------------------------
-
-Text = str | tuple[Any, Any] | list[dict]
-
-
-class RewardScorer:
-    """Scores texts with a reward adapter (or a merged reward model) and its score head.
-
-    Texts are tokenised exactly as the training data was (``lit_rlhf.data``), so a string gets
-    the tokenizer's bos and a closing eos, like a preference row's prompt + completion. Each
-    text is one of: a string (prompt and completion together), a ``(prompt, completion)``
-    pair, or a list of chat messages whose last one is the assistant's reply.
-
-    Args:
-        bank: a bank carrying ``adapter`` with a ``score`` head.
-        tokenizer: the tokenizer the reward model was trained with.
-        adapter: the reward adapter's name.
-        normalization: ``{"mean", "std"}`` applied when scoring with ``normalize=True``.
-        batch_size: texts per forward pass.
-    """
-
-    def __init__(self, bank: AdapterBank, tokenizer, *, adapter: str = "reward",
-                 normalization: dict[str, float] | None = None, batch_size: int = 32):
-        self.bank = bank
-        self.tokenizer = tokenizer
-        self.adapter = adapter
-        self.normalization = normalization
-        self.batch_size = batch_size
-        self.collate = SFTCollator(pad_token_id_of(tokenizer))
-
-    @classmethod
-    def load(cls, path: str | Path, *, base: str | None = None, tokenizer: str | None = None,
-             adapter: str = "reward", batch_size: int = 32, device: str | torch.device = "cpu") -> RewardScorer:
-        """A scorer from a directory written by ``Reward.export``.
-
-        Args:
-            path: a saved reward adapter (PEFT format + ``head.safetensors``), or a merged
-                reward model directory (``save_pretrained`` + ``head.safetensors``).
-            base: the base model the adapter was trained on; by default the one recorded in its
-                metadata (``base_model``), else PEFT's ``base_model_name_or_path``.
-            tokenizer: the tokenizer; by default the recorded one, else ``base``.
-            adapter: the name the adapter gets in the bank.
-            batch_size: texts per forward pass.
-            device: where to run.
-
-        Raises:
-            ValueError: the adapter was trained on a base of another architecture or vocabulary.
-        """
-        path = Path(path)
-        meta = read_adapter_meta(path)
-        if (path / "adapter_config.json").exists():
-            peft_base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            if base is None:
-                base = meta.get("base_model") or peft_base
-                tokenizer = tokenizer or meta.get("tokenizer")
-            if base is None:
-                raise ValueError(f"{path} records no base model: pass base=... (the model it was trained on)")
-            spec = BankSpec(model=str(base), tokenizer=tokenizer,
-                            adapters=[AdapterSpec(adapter, path=str(path), head="score", trainable=False)])
-            bank = AdapterBank(spec)
-        elif (path / "config.json").exists() and (path / HEAD_FILE).exists():
-            spec = BankSpec(model=str(path), tokenizer=tokenizer, train_mode="full",
-                            adapters=[AdapterSpec(adapter, head="score", trainable=False)])
-            bank = AdapterBank(spec)
-            bank.heads[adapter].load_state_dict(load_file(str(path / HEAD_FILE)))
-        else:
-            raise FileNotFoundError(f"{path} is neither a saved reward adapter (adapter_config.json) nor a merged "
-                                    f"reward model (config.json + {HEAD_FILE})")
-        bank.eval().to(device)
-        return cls(bank, load_tokenizer(spec), adapter=adapter, normalization=meta.get("normalization"),
-                   batch_size=batch_size)
-
-    def encode(self, texts: Sequence[Text]) -> list[dict]:
-        """Tokenised examples of ``texts`` (the data pipeline's sft rows), validated up front."""
-        rows = []
-        for i, text in enumerate(texts, start=1):
-            where = Where("texts", i, "row", "python")
-            if isinstance(text, str):
-                rows.append((where, {"text": text}))
-            elif isinstance(text, tuple) and len(text) == 2:
-                rows.append((where, {"prompt": text[0], "completion": text[1]}))
-            else:
-                rows.append((where, {"messages": text}))
-        examples, errors = build_examples("sft", rows, self.tokenizer, max_length=None)
-        report_invalid(errors, "error", "the texts to score")
-        return examples
-
-    @torch.no_grad()
-    def __call__(self, texts: Sequence[Text], *, normalize: bool = False) -> list[float]:
-        """One score per text; ``normalize`` maps them to ``(score - mean) / std`` of the recorded statistics."""
-        if normalize and not self.normalization:
-            raise ValueError("this reward model records no normalization statistics (train it with normalize_on set)")
-        examples = self.encode(texts)
-        device = next(self.bank.parameters()).device
-        scores: list[float] = []
-        for start in range(0, len(examples), self.batch_size):
-            batch = self.collate(examples[start : start + self.batch_size])
-            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            out = self.bank.score(ids, mask, adapter=self.adapter)
-            if normalize:
-                out = (out - self.normalization["mean"]) / max(self.normalization["std"], 1e-8)
-            scores.extend(out.float().cpu().tolist())
-        return scores
-
-
-def score_texts(path: str | Path, texts: Sequence[Text], *, base: str | None = None, batch_size: int = 32,
-                normalize: bool = False) -> list[float]:
-    """Score ``texts`` with the reward model saved at ``path``, in one call (see :class:`RewardScorer`).
-
-    Example::
-
-        score_texts("runs/reward/lightning_logs/version_0/export/adapter", ["the movie was great fun ."])
-    """
-    return RewardScorer.load(path, base=base, batch_size=batch_size)(texts, normalize=normalize)
+#: The method's earlier name, kept because LightningCLI wrote it into the ``config.yaml`` and the
+#: checkpoint hyperparameters (``_class_path``) of every earlier run, which ``--ckpt_path`` and
+#: ``lit-rlhf export`` read back. ``RewardModeling`` names it apart from ``Rewards``, the online
+#: methods' combination of reward sources.
+Reward = RewardModeling

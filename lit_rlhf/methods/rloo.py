@@ -11,8 +11,8 @@ num_samples_per_prompt`` responses per prompt are sampled and scored, then
 2. each response's advantage is its reward minus the mean reward of the other ``k - 1``
    responses to the same prompt (``lit_rlhf.losses.rloo_advantages``), optionally whitened over
    the rollout (``normalize_advantages``);
-3. ``ppo_epochs`` x ``num_mini_batches`` steps of the clipped surrogate (``ppo_policy_loss``) with
-   that one advantage shared by every token of the response. With ``ppo_epochs=1`` and
+3. ``update_epochs`` x ``num_mini_batches`` steps of the clipped surrogate (``ppo_policy_loss``) with
+   that one advantage shared by every token of the response. With ``update_epochs=1`` and
    ``num_mini_batches=1`` the ratio is 1 at the only step and this is plain REINFORCE-LOO, as in
    the paper.
 
@@ -26,20 +26,36 @@ the KL is a loss term).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import NamedTuple
 
 import torch
 
+from lit_rlhf.distributed import global_whiten
 from lit_rlhf.losses import (
     IMPORTANCE_SAMPLING_LEVELS,
     KL_PENALTY_KINDS,
+    ImportanceSamplingLevel,
+    KLPenaltyKind,
+    flat_groups,
     kl_penalty,
     masked_mean,
     ppo_policy_loss,
     rloo_advantages,
 )
-from lit_rlhf.methods.online import AdaptiveKLController, MiniBatch, OnlineMethod, ScoredRollout, kl_controller
-from lit_rlhf.distributed import global_whiten
+from lit_rlhf.methods.kl_control import AdaptiveKLController, kl_controller
+from lit_rlhf.methods.online import MiniBatch, OnlineMethod, ScoredRollout, sampled_entropy
+
+
+class RLOOTargets(NamedTuple):
+    """What RLOO's loss reads of a rollout, and the reward its baseline was taken of.
+
+    Attributes:
+        advantages: ``(B,)`` leave-one-out advantage of each response (whitened with ``normalize_advantages``).
+        rewards: ``(B,)`` the sequence reward ``R``: the score, minus ``β KL`` with ``kl_in_reward``.
+    """
+
+    advantages: torch.Tensor
+    rewards: torch.Tensor
 
 
 class RLOO(OnlineMethod):
@@ -51,7 +67,7 @@ class RLOO(OnlineMethod):
         kl_in_reward: fold ``β · KL`` into each response's reward (sequence level, the paper's
             choice); ``False`` adds ``β · k3`` per token to the loss instead.
         kl_estimator: the per-token KL estimate summed into the reward when ``kl_in_reward``:
-            ``k1`` (``log π - log π_ref``, the paper's) or ``k3`` (always >= 0). The loss term
+            ``k1`` (``log π - log π_ref``, the paper's), ``k3`` (always >= 0), or ``k2`` / ``abs``. The loss term
             always uses ``k3`` (unbiased for the gradient of KL as a loss, as in GRPO).
         adaptive_kl: steer β towards ``kl_target`` (Ziegler et al. 2019) instead of keeping it fixed.
         kl_target: target KL per sequence (nats) of the adaptive controller.
@@ -70,14 +86,14 @@ class RLOO(OnlineMethod):
         num_samples_per_prompt: int = 4,
         kl_coef: float = 0.05,
         kl_in_reward: bool = True,
-        kl_estimator: Literal["k1", "k3"] = "k1",
+        kl_estimator: KLPenaltyKind = "k1",
         adaptive_kl: bool = False,
         kl_target: float = 6.0,
         kl_horizon: int = 10000,
         normalize_advantages: bool = False,
         cliprange: float = 0.2,
         epsilon_high: float | None = None,
-        importance_sampling_level: Literal["token", "sequence"] = "token",
+        importance_sampling_level: ImportanceSamplingLevel = "token",
         **kwargs,
     ):
         super().__init__(num_samples_per_prompt=num_samples_per_prompt, **kwargs)
@@ -106,32 +122,29 @@ class RLOO(OnlineMethod):
 
     # -- advantages -----------------------------------------------------------------------------------
 
-    def compute_advantages(self, scored: ScoredRollout) -> dict[str, torch.Tensor]:
-        k = self.num_samples_per_prompt
-        mask = scored.rollout.response_mask
-        beta = self.kl_controller.value
-        metrics: dict[str, float | torch.Tensor] = {"objective/kl_coef": beta}
+    def compute_advantages(self, scored: ScoredRollout) -> RLOOTargets:
         rewards = scored.scores
-        if scored.ref_logprobs is not None:
-            kl = (kl_penalty(scored.old_logprobs, scored.ref_logprobs, kind=self.kl_estimator) * mask).sum(dim=1)
-            if self.kl_in_reward:
-                non_score_reward = -beta * kl
-                rewards = scored.scores + non_score_reward
-                metrics["objective/non_score_reward"] = non_score_reward.mean()
-            self.kl_controller.observe(kl)
-            metrics["objective/kl"] = kl.mean()
-        advantages = rloo_advantages(rewards, k)
+        if self.kl_in_reward and scored.ref_logprobs is not None:
+            rewards = scored.scores - self.kl_controller.value * self.sequence_kl(scored)
+        advantages = rloo_advantages(rewards, self.num_samples_per_prompt)
         if self.normalize_advantages:
             # One advantage per response: whiten over responses, not tokens.
             advantages = global_whiten(advantages, torch.ones_like(advantages))
-        grouped = rewards.view(-1, k)
+        return RLOOTargets(advantages=advantages, rewards=rewards)
+
+    def rollout_metrics(self, scored: ScoredRollout, targets: RLOOTargets) -> dict:
+        metrics = {**super().rollout_metrics(scored, targets), "objective/kl_coef": self.kl_controller.value}
+        if scored.ref_logprobs is not None:
+            kl = self.sequence_kl(scored)
+            metrics["objective/kl"] = kl.mean()
+            if self.kl_in_reward:
+                metrics["objective/non_score_reward"] = (-self.kl_controller.value * kl).mean()
         metrics.update({
-            "objective/rlhf_reward": rewards.mean(),
-            "objective/entropy": (-scored.old_logprobs * mask).sum(dim=1).mean(),
-            "frac_reward_zero_std": (grouped == grouped[:, :1]).all(dim=1).float().mean(),
+            "objective/rlhf_reward": targets.rewards.mean(),
+            "objective/entropy": sampled_entropy(scored),
+            "frac_reward_zero_std": flat_groups(targets.rewards, self.num_samples_per_prompt).float().mean(),
         })
-        self.log_rollout_metrics(metrics, batch_size=rewards.shape[0])
-        return {"advantages": advantages}
+        return metrics
 
     # -- the loss of one micro-batch ------------------------------------------------------------------
 
@@ -145,7 +158,7 @@ class RLOO(OnlineMethod):
         # Token means over the whole optimizer step (every micro-batch, every rank), as one process
         # holding the step's rows in one micro-batch would take them.
         num_tokens = mask.sum() if batch.step_tokens is None else batch.step_tokens
-        policy = ppo_policy_loss(out.logprobs, batch.old_logprobs, batch.data["advantages"], mask,
+        policy = ppo_policy_loss(out.logprobs, batch.old_logprobs, batch.targets.advantages, mask,
                                  clip_range=self.cliprange, clip_range_high=self.epsilon_high,
                                  importance_sampling_level=self.importance_sampling_level, num_tokens=num_tokens)
         loss = policy.loss

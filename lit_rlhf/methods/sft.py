@@ -3,9 +3,10 @@
 The loss is the mean negative log-likelihood over the tokens of ``completion_mask``: the
 completion only when the DataModule knows the prompt and ``completion_only_loss`` is on,
 every token otherwise; under data parallelism, over the loss tokens of every rank together (as
-one process holding the global batch). Log-probs come from ``lit_rlhf.losses.sequence_logps`` (the one
-log-prob function of the project). Packed batches (``SFTDataModule(packing=True)``) carry
-``position_ids`` and no attention mask; the loss is the same as on the padded batch.
+one process holding the global batch). The loss is ``lit_rlhf.losses.completion_nll``, on the
+project's one log-prob function (``sequence_logps``). Packed batches
+(``SFTDataModule(packing=True)``) carry ``position_ids`` and no attention mask; the loss is the
+same as on the padded batch.
 
 Perplexity is token-weighted: ``ppl = exp(total NLL / total tokens)``, per step in training
 and over the whole epoch in validation (not a mean of per-batch perplexities).
@@ -16,27 +17,9 @@ from __future__ import annotations
 import torch
 from torchmetrics import MeanMetric
 
-from lit_rlhf.losses import sequence_logps
-from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.distributed import global_sum
-
-
-def completion_nll(
-    logits: torch.Tensor, input_ids: torch.Tensor, completion_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed NLL of the completion tokens of a batch, and how many tokens it sums.
-
-    Args:
-        logits: ``(batch, seq, vocab)`` of a causal LM run on ``input_ids``.
-        input_ids: ``(batch, seq)``.
-        completion_mask: ``(batch, seq)``, 1 on the tokens the loss is taken over (a packed
-            row's collator already leaves each sequence's first token out).
-
-    Returns:
-        ``(nll_sum, num_tokens)``: scalar float32 and scalar int64; the loss is their ratio.
-    """
-    logps, num_tokens = sequence_logps(logits, input_ids, completion_mask)
-    return -logps.sum(), num_tokens.sum()
+from lit_rlhf.losses import completion_nll
+from lit_rlhf.methods.base import BankMethod
 
 
 class SFT(BankMethod):
@@ -46,13 +29,11 @@ class SFT(BankMethod):
     (token-weighted over the validation epoch).
 
     Args:
-        policy_adapter: the adapter trained (and exported) as the policy.
-        **kwargs: optimizer and bank arguments of ``BankMethod``.
+        **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``.
     """
 
-    def __init__(self, *, policy_adapter: str = "policy", **kwargs):
+    def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.policy_adapter = policy_adapter
         # Weighted by token counts: compute() = total NLL / total tokens (synced across ranks).
         self.val_nll = MeanMetric()
         self.test_nll = MeanMetric()

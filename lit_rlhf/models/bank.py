@@ -11,7 +11,6 @@ base as loaded.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import tempfile
 import warnings
@@ -39,13 +38,11 @@ from lit_rlhf.models.loading import (
     load_tokenizer,
     require_safetensors,
 )
-from lit_rlhf.models.saving import atomic_directory
+from lit_rlhf.models.saving import HEAD_FILE, atomic_directory, read_adapter_meta, write_head_and_meta
 from lit_rlhf.models.spec import AdapterSpec, BankSpec, TeacherSpec
 
 log = logging.getLogger("lit_rlhf.models")
 
-HEAD_FILE = "head.safetensors"
-META_FILE = "lit_rlhf.json"
 #: The adapter holding a frozen copy of a loaded policy adapter: the reference policy.
 REFERENCE = "reference"
 
@@ -111,8 +108,9 @@ def _recompute_with(bank: AdapterBank | None, adapter: str | None) -> Iterator[N
 def merge_adapter_specs(declared: Sequence[AdapterSpec], required: Sequence[AdapterSpec]) -> list[AdapterSpec]:
     """The adapters a method requires, overridden field by field by those the user declared.
 
-    A required adapter fixes the head kind; the user chooses its path, LoRA shape and
-    trainability. Declared adapters the method does not require are kept as well.
+    A required adapter fixes the head kind, and a required ``trainable=False`` (a reward adapter
+    read as a judge) holds whatever the config says; otherwise the user chooses its path, LoRA
+    shape and trainability. Declared adapters the method does not require are kept as well.
     """
     declared_by_name = {a.name: a for a in declared}
     if len(declared_by_name) != len(declared):
@@ -127,7 +125,7 @@ def merge_adapter_specs(declared: Sequence[AdapterSpec], required: Sequence[Adap
             raise ValueError(
                 f"adapter {need.name!r} must have head {need.head!r} for this method, but the config gives {user.head!r}"
             )
-        merged.append(replace(user, head=need.head))
+        merged.append(replace(user, head=need.head, trainable=user.trainable and need.trainable))
     merged.extend(a for a in declared if a.name in declared_by_name)
     return merged
 
@@ -183,11 +181,6 @@ def model_identity(model: str) -> str:
     """A local model directory as an absolute path, a hub id as itself."""
     path = Path(model)
     return str(path.resolve()) if path.exists() else model
-
-
-def read_adapter_meta(path: str | Path) -> dict:
-    meta = Path(path) / META_FILE
-    return json.loads(meta.read_text()) if meta.exists() else {}
 
 
 def check_bank_spec(spec: BankSpec, adapters: Sequence[AdapterSpec]) -> dict:
@@ -532,7 +525,7 @@ class AdapterBank(nn.Module):
     def teacher(self) -> Iterator[AdapterBank]:
         """The distillation teacher, without gradients: the separate teacher model when the spec
         names one, else the base as loaded (adapters off; the frozen copy in full mode). Inside,
-        ``bank(...)`` runs the teacher and ``generate(..., adapter=None)`` samples from it."""
+        ``bank(...)`` runs the teacher; ``generate(..., teacher=True)`` samples from it."""
         if self.teacher_model is None:
             with self._as_loaded():
                 yield self
@@ -580,11 +573,17 @@ class AdapterBank(nn.Module):
             raise KeyError(f"adapter {adapter!r} has no {kind} head (declare it with head: {kind})")
         return head
 
-    def score(self, input_ids, attention_mask, *, adapter: str = "reward", position_ids=None) -> torch.Tensor:
-        """Per-sequence scalar of ``adapter``'s score head at the last attended token. (batch,) float32."""
+    def score(self, input_ids, attention_mask, *, adapter: str = "reward", position_ids=None,
+              token_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sequence scalar of ``adapter``'s score head at the last attended token. (batch,) float32.
+
+        ``token_index`` names the tokens to read instead, as indices into the flattened ``(batch * seq)``
+        positions: a padding-free batch (``models.packing``) has several sequences per row."""
         head = self._head(adapter, "score")
         with self.role(adapter):
             hidden = self._hidden(input_ids, attention_mask, position_ids)
+        if token_index is not None:
+            return head(hidden).flatten()[token_index]
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         return head(hidden)[rows, last_token_index(attention_mask)]
 
@@ -612,19 +611,30 @@ class AdapterBank(nn.Module):
             hook.remove()
         return out.logits, head(captured[-1])
 
-    @torch.no_grad()
-    def generate(self, input_ids, attention_mask, *, adapter: str | None, **generate_kwargs) -> torch.Tensor:
-        """Sample from ``adapter``, or with ``None`` from the reference policy (inside ``teacher()``:
-        the teacher); returns prompt + response ids."""
+    @contextmanager
+    def generating(self, adapter: str | None, *, teacher: bool = False) -> Iterator[nn.Module]:
+        """The transformers model that samples from ``adapter``; with ``adapter=None`` from the
+        reference policy, or with ``teacher=True`` from the distillation teacher (see ``teacher()``),
+        set up for the duration, without gradients.
+
+        What ``generate`` runs, for rollout engines that drive the model's forward themselves."""
+        if teacher and adapter is not None:
+            raise ValueError(f"generate samples from one role: adapter {adapter!r} or the teacher, not both")
+        with torch.no_grad():
+            if adapter is not None:
+                with self.role(adapter):
+                    yield self.model
+            else:
+                with self.teacher() if teacher else self.reference():
+                    yield self._current_model()
+
+    def generate(self, input_ids, attention_mask, *, adapter: str | None, teacher: bool = False,
+                 **generate_kwargs) -> torch.Tensor:
+        """Sample from ``adapter``; with ``adapter=None`` from the reference policy, or with
+        ``teacher=True`` from the distillation teacher (see ``teacher()``). Returns prompt + response ids."""
         generate_kwargs.setdefault("use_cache", True)
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
-        if adapter is not None:
-            with self.role(adapter):
-                return self.model.generate(**kwargs)
-        if self._use_teacher or self._frozen_depth > 0:  # inside teacher() or reference() already
-            return self._current_model().generate(**kwargs)
-        with self.reference():
-            return self._current_model().generate(**kwargs)
+        with self.generating(adapter, teacher=teacher) as model:
+            return model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
 
     # -- trainable state ----------------------------------------------------------------------
 
@@ -665,32 +675,42 @@ class AdapterBank(nn.Module):
             config.save_pretrained(str(tmp))
             state = get_peft_model_state_dict(self.model, adapter_name=name)
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"))
-            meta = {"base": self.base_fingerprint, "base_model": model_identity(self.spec.model), "head": None,
-                    **(metadata or {})}
-            if name in self.heads:
-                save_file({k: v.detach().cpu().contiguous() for k, v in self.heads[name].state_dict().items()}, str(tmp / HEAD_FILE))
-                meta["head"] = self.heads[name].kind
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+            meta = {"base": self.base_fingerprint, "base_model": model_identity(self.spec.model), **(metadata or {})}
+            write_head_and_meta(tmp, self.heads[name] if name in self.heads else None, meta)
         return Path(path)
 
-    def export_merged(self, path: str | Path, *, adapter: str | None = None) -> Path:
+    def export_merged(self, path: str | Path, *, adapter: str | None = None, keep_head: bool = False,
+                      metadata: dict | None = None) -> Path:
         """Save a plain transformers model (``save_pretrained``) with ``adapter`` merged into the base.
 
         The merge happens on a fresh unquantized load of the base, so the bank's own base and
         its reference policy are untouched and a 4-bit run exports full-precision weights.
+
+        Args:
+            path: the directory to write.
+            adapter: the adapter merged (LoRA mode); the active one when ``None``.
+            keep_head: also write the adapter's scalar head (``save_pretrained`` drops it) and
+                ``metadata`` beside the weights, as a merged reward model needs.
+            metadata: the ``META_FILE`` entries written with ``keep_head``.
         """
         tokenizer = load_tokenizer(self.spec)
+        adapter = adapter or self._active
+
+        def write(model: nn.Module, directory: Path) -> None:
+            model.save_pretrained(str(directory))
+            tokenizer.save_pretrained(str(directory))
+            if keep_head:
+                # The merged model is its own base: no fingerprint of another one to check against.
+                write_head_and_meta(directory, self.heads[adapter], {"base": None, **(metadata or {})})
+
         if self.full:
             with atomic_directory(path) as tmp:
-                self.model.save_pretrained(str(tmp))
-                tokenizer.save_pretrained(str(tmp))
+                write(self.model, tmp)
             return Path(path)
-        adapter = adapter or self._active
         with tempfile.TemporaryDirectory() as adapter_dir:
             self.save_adapter(adapter, Path(adapter_dir) / "adapter")
             base = load_base(replace(self.spec, quantization=None, train_mode="lora"), quantize=False)
             merged = PeftModel.from_pretrained(base, str(Path(adapter_dir) / "adapter")).merge_and_unload()
             with atomic_directory(path) as tmp:
-                merged.save_pretrained(str(tmp))
-                tokenizer.save_pretrained(str(tmp))
+                write(merged, tmp)
         return Path(path)

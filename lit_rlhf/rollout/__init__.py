@@ -1,13 +1,16 @@
 """Rollouts for the online methods: generation engines and reward sources.
 
 - :mod:`.engine`: ``SamplingConfig``, the ``Rollout`` tuple, the ``RolloutEngine`` protocol and
-  its registry (``hf``: transformers ``generate``; ``hf_static``: the same with a static KV cache)
+  its registry (``hf``: transformers ``generate``; ``hf_static``: our decode loop over a static KV
+  cache, compiled on CUDA; ``auto``: ``hf_static`` on CUDA, the faster of the two on CPU)
 - :mod:`.rewards`: ``RewardSpec`` (config), the sources (bank adapter, separate model, Python
-  function) and ``Rewards``, their weighted, normalised, clipped combination
+  function) and ``Rewards``, their weighted, normalised, clipped combination; ``RewardScorer``
+  (and ``score_texts``), the one loader of a reward model saved on disk
 """
 
 from lit_rlhf.rollout.engine import (
     ENGINES,
+    AutoEngine,
     HFGenerateEngine,
     HFStaticCacheEngine,
     Rollout,
@@ -25,16 +28,19 @@ from lit_rlhf.rollout.rewards import (
     RewardError,
     RewardOutput,
     RewardRequest,
+    RewardScorer,
     RewardSource,
     RewardSpec,
     Rewards,
     build_source,
     load_function,
+    score_texts,
 )
 
 __all__ = [
     "ENGINES",
     "AdapterReward",
+    "AutoEngine",
     "FunctionReward",
     "HFGenerateEngine",
     "HFStaticCacheEngine",
@@ -43,6 +49,7 @@ __all__ = [
     "RewardError",
     "RewardOutput",
     "RewardRequest",
+    "RewardScorer",
     "RewardSource",
     "RewardSpec",
     "Rewards",
@@ -53,5 +60,6 @@ __all__ = [
     "build_source",
     "load_function",
     "register_engine",
+    "score_texts",
     "truncate_at_stop",
 ]

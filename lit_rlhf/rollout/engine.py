@@ -2,9 +2,9 @@
 
 An engine is anything with ``generate(bank, adapter, prompt_ids, prompt_mask, sampling) ->
 Rollout`` (the ``RolloutEngine`` protocol), registered under a name the config chooses
-(``engine: hf``). Methods only ever see a ``Rollout``, so a faster engine (a static KV cache
-with a compiled decode step, vLLM with synced LoRA weights) is added with
-``@register_engine("name")`` and no change to any method.
+(``engine: hf``). Methods only ever see a ``Rollout``, so a faster engine (``hf_static``: a
+static KV cache with a compiled decode step; vLLM with synced LoRA weights, see the README) is
+added with ``@register_engine("name")`` and no change to any method. ``auto`` picks per device.
 
 Behaviour log-probs are NOT taken from the engine: transformers' ``scores`` are the logits
 after temperature / top-k / top-p warping, and a vLLM engine would compute them with other
@@ -14,27 +14,37 @@ kernels. The online methods recompute them with one forward pass of the policy
 
 from __future__ import annotations
 
+import inspect
+import logging
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
+from peft import PeftModel
 from torch import nn
-from transformers import GenerationConfig, GenerationMixin
+from torch.distributed.tensor import DTensor
+from transformers import GenerationConfig, GenerationMixin, StaticCache
+
+log = logging.getLogger("lit_rlhf.rollout")
 
 __all__ = [
     "ENGINES",
+    "AutoEngine",
     "HFGenerateEngine",
     "HFStaticCacheEngine",
     "Rollout",
     "RolloutEngine",
     "SamplingConfig",
     "build_engine",
+    "choose_tokens",
     "generating_with",
     "generation_config",
     "register_engine",
     "truncate_at_stop",
+    "warp_logits",
 ]
 
 
@@ -71,6 +81,15 @@ class SamplingConfig:
     do_sample: bool = True
     stop_token_ids: list[int] | None = None
     pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and not (self.temperature > 0 and self.top_k >= 0 and 0 < self.top_p <= 1):
+            raise ValueError(
+                f"sampling needs temperature > 0, top_k >= 0 and 0 < top_p <= 1, got temperature "
+                f"{self.temperature}, top_k {self.top_k}, top_p {self.top_p} (greedy decoding: do_sample: false)"
+            )
 
     def resolved(self, tokenizer) -> SamplingConfig:
         """A copy with ``stop_token_ids`` and ``pad_token_id`` filled from ``tokenizer``."""
@@ -167,13 +186,16 @@ class RolloutEngine(Protocol):
     """Samples responses from one adapter of a bank; the bank's active adapter is unchanged after."""
 
     def generate(
-        self, bank, adapter: str | None, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingConfig
+        self, bank, adapter: str | None, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingConfig,
+        *, teacher: bool = False,
     ) -> Rollout:
-        """Responses of ``adapter`` (the reference policy when ``None``) to left-padded prompts.
+        """Responses of ``adapter`` (the reference policy when ``None``; the distillation teacher
+        with ``teacher=True``) to left-padded prompts.
 
         Args:
             bank: the ``AdapterBank``.
             adapter: the policy adapter to sample from.
+            teacher: sample from the bank's teacher instead (``adapter`` then ``None``).
             prompt_ids, prompt_mask: ``(batch, prompt_len)`` left-padded.
             sampling: a ``SamplingConfig`` with ``stop_token_ids`` and ``pad_token_id`` resolved.
         """
@@ -254,17 +276,234 @@ class HFGenerateEngine:
 
     cache_implementation: str | None = None
 
-    def generate(self, bank, adapter, prompt_ids, prompt_mask, sampling: SamplingConfig) -> Rollout:
+    def generate(self, bank, adapter, prompt_ids, prompt_mask, sampling: SamplingConfig, *, teacher: bool = False) -> Rollout:
         config = generation_config(sampling, cache_implementation=self.cache_implementation)
         with generating_with(bank, config):
-            out = bank.generate(prompt_ids, prompt_mask, adapter=adapter)
+            out = bank.generate(prompt_ids, prompt_mask, adapter=adapter, teacher=teacher)
         response = out[:, prompt_ids.shape[1]:]
         return truncate_at_stop(prompt_ids, prompt_mask, response, sampling.stop_token_ids, sampling.pad_token_id)
 
 
-@register_engine("hf_static")
-class HFStaticCacheEngine(HFGenerateEngine):
-    """``generate`` with a static (preallocated) KV cache; on CUDA transformers then compiles the
-    decode step (``generation_config.compile_config``). The first call per shape pays the compile."""
+#: Options of the static-cache engine, and why they default as they do.
+BUCKET = 32  # prompts padded to a multiple of this: the compiled decode step sees few cache shapes
+STOP_CHECK_EVERY_CUDA = 8  # a host sync every k decode steps on CUDA (reading "all rows stopped?" syncs)
+RECOMPILE_LIMIT = 64  # compiled decode graphs per step function: models x adapter states x batch sizes x cache lengths
 
-    cache_implementation = "static"
+
+@register_engine("hf_static")
+class HFStaticCacheEngine:
+    """Our own decode loop over a transformers ``StaticCache``: one prefill forward, then one
+    forward per token through a decode step compiled with ``torch.compile(mode="reduce-overhead")``
+    (CUDA graphs) on CUDA, run eagerly elsewhere unless ``compile=True``.
+
+    Prompts are left-padded further to a multiple of ``bucket`` and the cache is kept between calls
+    (reset, not reallocated; it only grows), so the compiled step sees the same shapes rollout
+    after rollout and its CUDA graphs are replayed, not recorded again. Generation stops when
+    every row has produced a stop token (read on the host every ``stop_check_every`` steps: each
+    read is a device sync). Greedy decoding gives the tokens of ``hf``; sampling draws from the
+    same distribution (``choose_tokens``: transformers' warpers, one ``multinomial`` per step,
+    so on CPU, where the stop check runs every step, a seeded rollout is the one ``hf`` samples).
+
+    Models this loop cannot drive (no static-cache support, encoder-decoders, sharded
+    parameters) fall back to the ``hf`` engine, logged once at info level.
+
+    Args:
+        bucket: prompt lengths are rounded up to a multiple of this.
+        compile: compile the decode step; ``None``: on CUDA only.
+        stop_check_every: decode steps between two "has every row stopped?" reads; ``None``: every
+            step on CPU (free there), ``STOP_CHECK_EVERY_CUDA`` on CUDA.
+    """
+
+    def __init__(self, bucket: int = BUCKET, compile: bool | None = None, stop_check_every: int | None = None):
+        if bucket < 1 or (stop_check_every is not None and stop_check_every < 1):
+            raise ValueError(f"bucket and stop_check_every must be >= 1, got {bucket} and {stop_check_every}")
+        self.bucket = bucket
+        self.compile = compile
+        self.stop_check_every = stop_check_every
+        self.fallback = HFGenerateEngine()
+        # Per generating model: {batch size: StaticCache}, and its compiled decode step.
+        self._caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._logged: set[str] = set()
+
+    def generate(self, bank, adapter, prompt_ids, prompt_mask, sampling: SamplingConfig, *, teacher: bool = False) -> Rollout:
+        if sampling.stop_token_ids is None or sampling.pad_token_id is None:
+            raise ValueError("resolve the sampling config first: sampling.resolved(tokenizer)")
+        with bank.generating(adapter, teacher=teacher) as model:
+            net = model.get_base_model() if isinstance(model, PeftModel) else model
+            reason = static_decode_unsupported(net)
+            if reason is None:
+                response = self._decode(net, prompt_ids, prompt_mask, sampling)
+        if reason is not None:
+            self._log_once(f"rollout engine hf_static: {reason}; generating with the hf engine")
+            return self.fallback.generate(bank, adapter, prompt_ids, prompt_mask, sampling, teacher=teacher)
+        rollout = truncate_at_stop(prompt_ids, prompt_mask, response, sampling.stop_token_ids, sampling.pad_token_id)
+        # The steps run after the last row stopped (between two stop checks) are no part of any response.
+        width = int(rollout.response_lengths.max()) if len(rollout.response_ids) else 0
+        return rollout._replace(response_ids=rollout.response_ids[:, :width],
+                                response_mask=rollout.response_mask[:, :width])
+
+    def _log_once(self, message: str) -> None:
+        if message not in self._logged:
+            self._logged.add(message)
+            log.info(message)
+
+    def _decode(self, net, prompt_ids, prompt_mask, sampling: SamplingConfig) -> torch.Tensor:
+        """Raw response ids ``(batch, steps)`` of ``net`` (a transformers causal LM, adapters as set)."""
+        device = prompt_ids.device
+        batch, max_new = prompt_ids.shape[0], sampling.max_new_tokens
+        ids, mask = pad_left_to_bucket(prompt_ids, prompt_mask.long(), self.bucket, sampling.pad_token_id)
+        cache, capacity = self._cache(net, batch, ids.shape[1] + max_new)
+        # One 2D mask for the whole rollout: every generated column is 1 from the start; causality
+        # hides the columns not written yet. Positions count attended tokens only (left padding).
+        full_mask = torch.ones(batch, capacity, dtype=torch.long, device=device)
+        full_mask[:, : ids.shape[1]] = mask
+        positions = (mask.cumsum(dim=1) - 1).masked_fill(mask == 0, 0)
+        next_position = mask.sum(dim=1, keepdim=True)
+        stops = torch.tensor(list(sampling.stop_token_ids), device=device)
+        check_every = self.stop_check_every or (STOP_CHECK_EVERY_CUDA if device.type == "cuda" else 1)
+
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(net.forward).parameters else {}
+        logits = net(input_ids=ids, attention_mask=full_mask[:, : ids.shape[1]], position_ids=positions,
+                     cache=cache, use_cache=True, **keep).logits[:, -1].float()
+        step = self._step(net, device, sliding=any(cache.is_sliding))
+        response = torch.full((batch, max_new), sampling.pad_token_id, dtype=torch.long, device=device)
+        stopped = torch.zeros(batch, dtype=torch.bool, device=device)
+        for t in range(max_new):
+            tokens = choose_tokens(logits, sampling).masked_fill(stopped, sampling.pad_token_id)
+            response[:, t] = tokens
+            stopped |= torch.isin(tokens, stops)
+            if t + 1 == max_new or ((t + 1) % check_every == 0 and bool(stopped.all())):
+                return response[:, : t + 1]
+            logits = step(tokens[:, None], next_position + t, full_mask, cache)
+        return response
+
+    def _cache(self, net, batch: int, length: int) -> tuple[StaticCache, int]:
+        """This model's cache for ``batch`` rows and its length (at least ``length``), reset; reused
+        across calls (CUDA graphs replay on the same addresses) and only ever grown."""
+        caches = self._caches.setdefault(net, {})
+        cache, capacity = caches.get(batch, (None, 0))
+        if cache is None or capacity < length:
+            # Rounded up so that a slightly longer prompt does not cost a new cache (and a recompile).
+            capacity = -(-length // self.bucket) * self.bucket
+            cache = StaticCache(config=net.config, max_cache_len=capacity)
+            caches[batch] = cache, capacity
+        else:
+            cache.reset()
+        return cache, capacity
+
+    def _step(self, net, device: torch.device, sliding: bool) -> Callable:
+        """The decode step of ``net``: last tokens -> float32 logits ``(batch, vocab)``."""
+        compiled = self._steps.get(net)
+        if compiled is not None:
+            return compiled
+
+        def step(tokens, positions, mask, cache):
+            return net(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache,
+                       use_cache=True).logits[:, -1].float()
+
+        compile = self.compile if self.compile is not None else device.type == "cuda"
+        quantizer = getattr(net, "hf_quantizer", None)
+        if compile and quantizer is not None and not quantizer.is_compileable:
+            self._log_once(f"rollout engine hf_static: {type(quantizer).__name__} weights do not compile; decoding eagerly")
+            compile = False
+        if compile and sliding:
+            # A sliding-window cache layer counts its length in a Python int: a recompile every step.
+            self._log_once(f"rollout engine hf_static: {type(net).__name__} has sliding-window layers; decoding eagerly")
+            compile = False
+        if not compile:
+            return step
+        # One graph per cache shape (no dynamic shapes: CUDA graphs need static ones). Every model and
+        # adapter state shares this function's code, hence the raised recompile limit.
+        compiled_step = torch.compile(step, mode="reduce-overhead", dynamic=False)
+
+        def run(tokens, positions, mask, cache):
+            if device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()
+            # A graph that fails to compile runs eagerly (dynamo logs why) rather than ending the run.
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, suppress_errors=True):
+                return compiled_step(tokens, positions, mask, cache)
+
+        self._steps[net] = run
+        return run
+
+
+def pad_left_to_bucket(ids: torch.Tensor, mask: torch.Tensor, bucket: int, pad_token_id: int):
+    """Left-pad ``(batch, len)`` prompts to a length that is a multiple of ``bucket``."""
+    extra = -ids.shape[1] % bucket
+    if extra == 0:
+        return ids, mask
+    return (torch.nn.functional.pad(ids, (extra, 0), value=pad_token_id),
+            torch.nn.functional.pad(mask, (extra, 0), value=0))
+
+
+def static_decode_unsupported(net: nn.Module) -> str | None:
+    """Why the static-cache loop cannot drive ``net``, or ``None`` when it can.
+
+    transformers marks the models whose forward runs with a ``StaticCache`` under ``torch.compile``
+    (``_can_compile_fullgraph``); the loop needs exactly that, on a decoder-only model whose
+    parameters are all on this process (ZeRO-3 and FSDP shards are gathered by ``generate`` only).
+    """
+    name = type(net).__name__
+    if not isinstance(net, GenerationMixin):
+        return f"{name} is not a transformers generating model"
+    if net.config.is_encoder_decoder:
+        return f"{name} is an encoder-decoder"
+    if not getattr(net, "_can_compile_fullgraph", False) or getattr(net, "_is_stateful", False):
+        return f"transformers does not run {name} with a static cache (_can_compile_fullgraph)"
+    if any(hasattr(p, "ds_id") or isinstance(p, DTensor) for p in net.parameters()):
+        return f"the parameters of {name} are sharded (DeepSpeed ZeRO-3 / FSDP)"
+    return None
+
+
+def choose_tokens(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """The next token of each row: the argmax (greedy), else one draw from the warped softmax.
+
+    Args:
+        logits: ``(batch, vocab)`` float32 logits of the last position.
+
+    Returns:
+        ``(batch,)`` long. One ``torch.multinomial`` over the whole batch, as transformers' ``generate``
+        draws, so a seeded run consumes the random stream the same way.
+    """
+    if not sampling.do_sample:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(warp_logits(logits, sampling), dim=-1)
+    return torch.multinomial(probs, num_samples=1).squeeze(1)
+
+
+def warp_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """Temperature, then top-k, then top-p, as transformers' warpers (``TemperatureLogitsWarper``,
+    ``TopKLogitsWarper``, ``TopPLogitsWarper``, in ``generate``'s order) compute them: removed
+    tokens get ``-inf``. Top-k keeps every token tied with the k-th; top-p keeps the smallest
+    set of most likely tokens whose mass reaches ``top_p`` (at least one). ``(batch, vocab)``."""
+    scores = logits
+    if sampling.temperature != 1.0:
+        scores = scores / sampling.temperature
+    if sampling.top_k:
+        kth = torch.topk(scores, min(sampling.top_k, scores.shape[-1])).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        ascending, order = torch.sort(scores, descending=False)
+        # Tokens whose cumulative mass from the least likely up stays within 1 - top_p are dropped.
+        drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - sampling.top_p
+        drop[..., -1:] = False
+        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return scores
+
+
+@register_engine("auto")
+class AutoEngine:
+    """``hf_static`` on CUDA; on CPU ``CPU_ENGINE`` (measured faster there by
+    ``benchmarks/decode_speed.py``). Each engine falls back to ``hf`` where it must."""
+
+    def __init__(self):
+        self.engines = {"hf": HFGenerateEngine(), "hf_static": HFStaticCacheEngine()}
+
+    def generate(self, bank, adapter, prompt_ids, prompt_mask, sampling: SamplingConfig, *, teacher: bool = False) -> Rollout:
+        name = "hf_static" if prompt_ids.device.type == "cuda" else CPU_ENGINE
+        return self.engines[name].generate(bank, adapter, prompt_ids, prompt_mask, sampling, teacher=teacher)
+
+
+#: The engine ``auto`` picks on CPU.
+CPU_ENGINE = "hf_static"

@@ -4,9 +4,10 @@ A source maps a batch of (prompt, response) to one float per row:
 
 - ``adapter``: a score adapter on the SAME bank as the policy (``bank.score(..., adapter=)``);
   the bank's role context restores the policy adapter afterwards.
-- ``model``: a separate reward model from a path: a transformers model with a score head
-  (``AutoModelForSequenceClassification``), or a saved lit_rlhf reward adapter directory on its
-  own base. It may use another tokenizer: the text is decoded and re-tokenised.
+- ``model``: a separate reward model from a path (:class:`RewardScorer`, which ``score_texts``
+  also uses): a saved lit_rlhf reward adapter directory on its own base, a merged lit_rlhf reward
+  model, or a transformers model with a score head (``AutoModelForSequenceClassification``). It
+  may use another tokenizer: the text is decoded and re-tokenised as its training rows were.
 - ``function``: a Python function named ``module:function``, called as
   ``fn(prompts: list[str], completions: list[str]) -> list[float]``. It is imported from the
   module the name gives, nowhere else; what it returns is checked (one real number per
@@ -38,9 +39,14 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
+from safetensors.torch import load_file
+from torch import nn
 
+from lit_rlhf.data import SFTCollator, Where, pad_token_id_of, tokenize_record
+from lit_rlhf.data.tokenize import join_prompt_completion
 from lit_rlhf.distributed import all_rows
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer, read_adapter_meta
+from lit_rlhf.models.saving import HEAD_FILE
 from lit_rlhf.rollout.engine import Rollout
 
 log = logging.getLogger("lit_rlhf.rollout")
@@ -53,11 +59,14 @@ __all__ = [
     "RewardError",
     "RewardOutput",
     "RewardRequest",
+    "RewardScorer",
     "RewardSource",
     "RewardSpec",
     "Rewards",
+    "Text",
     "build_source",
     "load_function",
+    "score_texts",
 ]
 
 
@@ -73,12 +82,14 @@ class RewardSpec:
         weight: this source's weight in the sum.
         adapter: for ``adapter``: the bank adapter with a score head (declare its ``path`` under
             ``bank.adapters``; it is always frozen).
-        path: for ``model``: a transformers model directory with a sequence-classification
-            (score) head, or a saved lit_rlhf reward adapter directory (``adapter_config.json`` +
-            ``head.safetensors``).
-        base: for ``model`` with an adapter directory: the base model it was trained on; the
-            adapter's ``base_model_name_or_path`` when ``None``.
-        tokenizer: for ``model``: where its tokenizer is; ``path`` (or ``base``) when ``None``.
+        path: for ``model``: a saved lit_rlhf reward adapter directory (``adapter_config.json`` +
+            ``head.safetensors``), a merged lit_rlhf reward model (``config.json`` +
+            ``head.safetensors``), or a transformers model directory with a one-label
+            sequence-classification (score) head.
+        base: for ``model`` with an adapter directory: the base model it was trained on; the one
+            its ``lit_rlhf.json`` records (else its ``base_model_name_or_path``) when ``None``.
+        tokenizer: for ``model``: where its tokenizer is; the recorded one, else ``path`` (or
+            ``base``), when ``None``.
         dtype: for ``model``: weights dtype of the separate model.
         append_eos: for ``model``: append the reward tokenizer's EOS to responses that ended with
             a stop token (lit_rlhf reward models are trained on completions ending in EOS).
@@ -273,30 +284,202 @@ class FunctionReward(RewardSource):
         return scores.to(request.rollout.response_ids.device)
 
 
-def _join(prompt: str, completion: str) -> str:
-    # The join rule of lit_rlhf.data.tokenize: one space unless either side already has one.
-    if not prompt or prompt[-1].isspace() or completion[:1].isspace():
-        return prompt + completion
-    return prompt + " " + completion
+# -- reward models read from disk: one loader, one tokenisation -------------------------------------
+
+#: What a reward model scores: a string (prompt and completion together), a ``(prompt, completion)``
+#: pair, or a list of chat messages whose last one is the assistant's reply.
+Text = str | tuple[str, str] | list[dict]
+
+
+class RewardScorer:
+    """Scores texts with a reward model: a lit_rlhf reward adapter on its base, a merged lit_rlhf
+    reward model, or a transformers sequence-classification model with one label.
+
+    Texts are tokenised by the data pipeline (``lit_rlhf.data.tokenize_record``), as the reward
+    model's training rows were: a string gets the tokenizer's special tokens (its bos) and a
+    closing eos; a pair is joined as the pipeline joins a prompt and its completion; messages are
+    rendered by the chat template, which owns the special tokens. A text whose response was cut
+    off (``ended`` False: it reached ``max_new_tokens`` without a stop token) gets no closing eos.
+
+    Args:
+        model: an ``AdapterBank`` carrying ``adapter`` with a ``score`` head, or a transformers
+            model whose logits are ``(batch, 1)`` scores.
+        tokenizer: the tokenizer the reward model was trained with.
+        adapter: the reward adapter's name on a bank.
+        normalization: ``{"mean", "std"}`` applied when scoring with ``normalize=True``.
+        batch_size: texts per forward pass.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, *, adapter: str = "reward",
+                 normalization: dict[str, float] | None = None, batch_size: int = 32):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapter = adapter
+        self.normalization = normalization
+        self.batch_size = batch_size
+        self.collate = SFTCollator(pad_token_id_of(tokenizer))
+
+    @classmethod
+    def load(cls, path: str | Path, *, base: str | None = None, tokenizer: str | None = None,
+             adapter: str = "reward", dtype: str = "float32", batch_size: int = 32,
+             device: str | torch.device = "cpu") -> RewardScorer:
+        """A frozen scorer, in eval mode, from a directory.
+
+        Args:
+            path: a saved reward adapter (``RewardModeling.export``: PEFT files + ``HEAD_FILE``), a merged
+                reward model (``save_pretrained`` + ``HEAD_FILE``), or a transformers
+                sequence-classification model (one label, safetensors weights).
+            base: the base model an adapter was trained on; by default the one recorded in its
+                ``META_FILE`` (``base_model``), else PEFT's ``base_model_name_or_path``.
+            tokenizer: the tokenizer; by default the recorded one (when ``base`` is not given),
+                else the base's (the model's own for a full model).
+            adapter: the name the reward adapter gets on the bank.
+            dtype: weights dtype.
+            batch_size: texts per forward pass.
+            device: where to run.
+
+        Raises:
+            ValueError: an adapter trained on a base of another architecture or vocabulary, a
+                model with more than one label, or no base model to load an adapter onto.
+        """
+        path = Path(path)
+        meta = read_adapter_meta(path)
+        if (path / "adapter_config.json").exists():
+            if base is None:
+                peft_base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+                base = meta.get("base_model") or peft_base
+                tokenizer = tokenizer or meta.get("tokenizer")
+            if not base:
+                raise ValueError(f"reward adapter {path} records no base model: pass the model it was trained on "
+                                 "(base=... in Python, `base` in a reward spec)")
+            spec = BankSpec(model=str(base), tokenizer=tokenizer, dtype=dtype,
+                            adapters=[AdapterSpec(adapter, path=str(path), head="score", trainable=False)])
+            model = AdapterBank(spec)
+        elif (path / "config.json").exists() and (path / HEAD_FILE).exists():
+            spec = BankSpec(model=str(path), tokenizer=tokenizer, dtype=dtype, train_mode="full",
+                            adapters=[AdapterSpec(adapter, head="score", trainable=False)])
+            model = AdapterBank(spec)
+            model.heads[adapter].load_state_dict(load_file(str(path / HEAD_FILE)))
+        elif (path / "config.json").exists():
+            spec = BankSpec(model=str(path), tokenizer=tokenizer, dtype=dtype)
+            model = _sequence_classifier(path, dtype)
+        else:
+            raise FileNotFoundError(f"{path} is not a reward model: no saved reward adapter (adapter_config.json), "
+                                    f"merged reward model (config.json + {HEAD_FILE}) or transformers model (config.json)")
+        tokenizer = load_tokenizer(spec)
+        if not isinstance(model, AdapterBank) and model.config.pad_token_id is None:
+            # Sequence classifiers read the score at the last token that is not padding.
+            model.config.pad_token_id = tokenizer.pad_token_id
+        model.requires_grad_(False)
+        model.eval().to(device)
+        log.info("reward model %s loaded (%s)", path, type(model).__name__)
+        return cls(model, tokenizer, adapter=adapter, normalization=meta.get("normalization"), batch_size=batch_size)
+
+    def to(self, device: str | torch.device) -> RewardScorer:
+        self.model.to(device)
+        return self
+
+    def encode(self, texts: Sequence[Text], *, ended: Sequence[bool] | None = None) -> list[dict]:
+        """The data pipeline's sft examples of ``texts`` (``prompt_ids``, ``completion_ids``).
+
+        Args:
+            texts: what to score (see :data:`Text`).
+            ended: per text, whether its response ended with a stop token; a plain-text one that
+                did not loses the closing eos. ``None``: every response ended.
+        """
+        eos = self.tokenizer.eos_token_id
+        examples = []
+        for i, text in enumerate(texts):
+            record, conversational = _sft_record(text, i)
+            if conversational and getattr(self.tokenizer, "chat_template", None) is None:
+                raise ValueError(f"text {i} is a list of chat messages but the reward tokenizer has no chat template")
+            example, _ = tokenize_record("sft", record, self.tokenizer, Where("texts", i + 1, "row", "python"),
+                                         conversational=conversational, max_length=None)
+            cut_off = ended is not None and not ended[i]
+            if cut_off and not conversational and eos is not None and example["completion_ids"][-1:] == [eos]:
+                example["completion_ids"] = example["completion_ids"][:-1]
+            examples.append(example)
+        return examples
+
+    @torch.no_grad()
+    def scores(self, texts: Sequence[Text], *, ended: Sequence[bool] | None = None) -> torch.Tensor:
+        """``(len(texts),)`` float32 raw scores on the model's device (``ended``: see :meth:`encode`)."""
+        examples = self.encode(texts, ended=ended)
+        device = next(self.model.parameters()).device
+        scores = [torch.zeros(0, device=device)]
+        for start in range(0, len(examples), self.batch_size):
+            batch = self.collate(examples[start : start + self.batch_size])
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            if isinstance(self.model, AdapterBank):
+                scores.append(self.model.score(ids, mask, adapter=self.adapter).float())
+            else:
+                scores.append(self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float())
+        return torch.cat(scores)
+
+    def __call__(self, texts: Sequence[Text], *, normalize: bool = False) -> list[float]:
+        """One score per text; ``normalize`` maps them to ``(score - mean) / std`` of the recorded statistics."""
+        if normalize and not self.normalization:
+            raise ValueError("this reward model records no normalization statistics (train it with normalize_on set)")
+        scores = self.scores(texts)
+        if normalize:
+            scores = (scores - self.normalization["mean"]) / max(self.normalization["std"], 1e-8)
+        return scores.cpu().tolist()
+
+
+def _sft_record(text: Text, index: int) -> tuple[dict, bool]:
+    """``(sft record, conversational)`` of one text to score; a pair is scored as its joined text."""
+    if isinstance(text, str):
+        return {"prompt": None, "completion": text}, False
+    if isinstance(text, tuple) and len(text) == 2 and all(isinstance(t, str) for t in text):
+        return {"prompt": None, "completion": join_prompt_completion(*text)}, False
+    if (isinstance(text, list) and text and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in text)
+            and text[-1].get("role") == "assistant"):
+        return {"prompt": text[:-1], "completion": text[-1:]}, True
+    raise TypeError(f"text {index}: expected a string, a (prompt, completion) pair of strings, or a list of "
+                    f'{{"role", "content"}} messages ending with the assistant\'s reply; got {repr(text)[:80]}')
+
+
+def _sequence_classifier(path: Path, dtype: str) -> nn.Module:
+    from transformers import AutoModelForSequenceClassification
+
+    from lit_rlhf.models.loading import DTYPES, require_safetensors
+
+    require_safetensors(str(path), what="reward model", convert=(
+        "AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=False).save_pretrained(path)"))
+    model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=DTYPES[dtype], use_safetensors=True)
+    if model.config.num_labels != 1:
+        raise ValueError(f"reward model {path} has {model.config.num_labels} labels; a reward model has 1")
+    return model
+
+
+def score_texts(path: str | Path, texts: Sequence[Text], *, base: str | None = None, batch_size: int = 32,
+                normalize: bool = False) -> list[float]:
+    """Score ``texts`` with the reward model saved at ``path``, in one call (see :class:`RewardScorer`).
+
+    Example::
+
+        score_texts("runs/reward/lightning_logs/version_0/export/adapter", ["the movie was great fun ."])
+    """
+    return RewardScorer.load(path, base=base, batch_size=batch_size)(texts, normalize=normalize)
 
 
 class ModelReward(RewardSource):
-    """A separate reward model, with its own tokenizer: the text is decoded and re-tokenised.
+    """A separate reward model (:meth:`RewardScorer.load`), with its own tokenizer: the text is
+    decoded and re-tokenised as the reward model's training rows were.
 
-    ``path`` is either a transformers model with a score head (``AutoModelForSequenceClassification``,
-    one label) or a saved lit_rlhf reward adapter on its own base (loaded as a one-adapter bank).
-
-    The text scored is ``prompt + " " + completion`` (the rendered prompt), or, for conversational
+    The text scored is the rendered prompt and the completion as a pair, or, for conversational
     prompts and a reward tokenizer with a chat template, the messages plus an assistant turn
-    rendered with the reward tokenizer's own template; then the reward tokenizer's EOS is appended
-    when the response ended with a stop token and ``append_eos``.
+    rendered with the reward tokenizer's own template. A plain-text response that reached
+    ``max_new_tokens`` without a stop token gets no closing eos (nor does any with
+    ``append_eos=False``).
 
     Args:
-        path: the model or adapter directory.
-        base: for an adapter directory, the base model; read from its ``adapter_config.json`` when ``None``.
-        tokenizer: the tokenizer directory; ``path`` (or the base) when ``None``.
+        path: the reward adapter, merged reward model or transformers model directory.
+        base: for an adapter directory, the base model; the recorded one when ``None``.
+        tokenizer: the tokenizer directory; the recorded one, or the model's, when ``None``.
         dtype: weights dtype.
-        append_eos: see above.
+        append_eos: close each response that ended with a stop token with the reward
+            tokenizer's eos (lit_rlhf reward models are trained on completions ending in eos).
     """
 
     def __init__(self, path: str, *, base: str | None = None, tokenizer: str | None = None, dtype: str = "float32",
@@ -308,80 +491,27 @@ class ModelReward(RewardSource):
         self.append_eos = append_eos
         self.name = Path(path).name or "model"
         self.label = f"reward model {path!r}"
-        self.model = None
-        self.tokenizer = None
-        self.is_adapter = Path(path, "adapter_config.json").exists()
+        self.scorer: RewardScorer | None = None
 
     def setup(self, bank: AdapterBank | None = None, tokenizer=None) -> None:
-        if self.model is not None:
-            return
-        if self.is_adapter:
-            base = self.base or json.loads(Path(self.path, "adapter_config.json").read_text()).get("base_model_name_or_path")
-            if not base:
-                raise ValueError(f"reward adapter {self.path} does not say its base model: set `base` in its reward spec")
-            spec = BankSpec(model=base, tokenizer=self.tokenizer_path, dtype=self.dtype,
-                            adapters=[AdapterSpec("reward", path=self.path, trainable=False, head="score")])
-            self.model = AdapterBank(spec)
-            self.tokenizer = load_tokenizer(spec)
-        else:
-            from transformers import AutoModelForSequenceClassification
+        if self.scorer is None:
+            self.scorer = RewardScorer.load(self.path, base=self.base, tokenizer=self.tokenizer_path, dtype=self.dtype)
 
-            from lit_rlhf.models.loading import DTYPES, require_safetensors
-
-            require_safetensors(self.path, what="reward model", convert=(
-                "AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=False).save_pretrained(path)"))
-            spec = BankSpec(model=self.path, tokenizer=self.tokenizer_path)
-            self.tokenizer = load_tokenizer(spec)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                self.path, dtype=DTYPES[self.dtype], use_safetensors=True
-            )
-            if self.model.config.num_labels != 1:
-                raise ValueError(f"reward model {self.path} has {self.model.config.num_labels} labels; a reward model has 1")
-            if self.model.config.pad_token_id is None:
-                self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.requires_grad_(False)
-        self.model.eval()
-        log.info("reward model %s loaded (%s)", self.path, "lit_rlhf adapter" if self.is_adapter else "transformers")
-
-    def texts(self, request: RewardRequest) -> list[str]:
+    def texts(self, request: RewardRequest) -> list[Text]:
+        chat = getattr(self.scorer.tokenizer, "chat_template", None) is not None
         raw = request.raw_prompts or [None] * len(request.prompts)
-        texts = []
-        for prompt, completion, raw_prompt in zip(request.prompts, request.completions, raw):
-            if isinstance(raw_prompt, list) and getattr(self.tokenizer, "chat_template", None):
-                messages = list(raw_prompt) + [{"role": "assistant", "content": completion}]
-                texts.append(self.tokenizer.apply_chat_template(messages, tokenize=False))
-            else:
-                texts.append(_join(prompt, completion))
-        return texts
-
-    def encode(self, request: RewardRequest) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded ``(batch, seq)`` ids and mask of the rows in the reward model's tokenizer."""
-        rows = [self.tokenizer(t)["input_ids"] for t in self.texts(request)]
-        eos = self.tokenizer.eos_token_id
-        if self.append_eos and eos is not None:
-            rows = [r + [eos] if ended and (not r or r[-1] != eos) else r
-                    for r, ended in zip(rows, request.rollout.ended.tolist())]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = 1
-        return ids, mask
+        return [list(raw_prompt) + [{"role": "assistant", "content": completion}]
+                if isinstance(raw_prompt, list) and chat else (prompt, completion)
+                for prompt, completion, raw_prompt in zip(request.prompts, request.completions, raw)]
 
     @torch.no_grad()
     def __call__(self, request: RewardRequest) -> torch.Tensor:
         self.setup()
-        device = request.rollout.response_ids.device
-        if next(self.model.parameters()).device != device:
-            self.model.to(device)
-        ids, mask = (t.to(device) for t in self.encode(request))
-        if self.is_adapter:
-            return self.model.score(ids, mask, adapter="reward").float()
-        return self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float()
+        ended = request.rollout.ended.tolist() if self.append_eos else [False] * len(request.completions)
+        return self.scorer.to(request.rollout.response_ids.device).scores(self.texts(request), ended=ended)
 
     def saved_normalization(self) -> dict | None:
-        return read_adapter_meta(self.path).get("normalization") if self.is_adapter else None
+        return read_adapter_meta(self.path).get("normalization")
 
 
 def build_source(spec: RewardSpec) -> RewardSource:

@@ -3,19 +3,19 @@ from pathlib import Path
 
 import pytest
 
-TOY = Path(__file__).resolve().parents[2] / "assets" / "toy"
+from tests.paths import TOY_BASE, TOY_DATA
 
 
 @pytest.fixture(scope="session")
 def toy_tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(TOY / "base"))
+    return AutoTokenizer.from_pretrained(TOY_BASE)
 
 
 @pytest.fixture(scope="session")
 def toy_data() -> Path:
-    return TOY / "data"
+    return TOY_DATA
 
 
 def _write_jsonl(path: Path, rows: list) -> Path:

@@ -58,6 +58,21 @@ def test_unpaired_collator_with_mismatched_kl_batch():
     assert batch["kl_attention_mask"].tolist() == [[1] * 6, [1] * 5 + [0], [1] * 4 + [0, 0]]
 
 
+def test_unpaired_collator_keeps_kl_pairs_fixed_in_the_data():
+    """Examples carrying their own KL pair (KTO's precomputed reference) keep it whatever the batch,
+    one row included, and bring their reference log-probs."""
+    examples = [
+        {"prompt_ids": [2, 10], "completion_ids": [20, 3], "label": True, "kl_completion_ids": [24, 3],
+         "ref_logps": -1.5, "ref_kl_logps": -4.0},
+        {"prompt_ids": [2, 13], "completion_ids": [24, 3], "label": False, "kl_completion_ids": [20, 3],
+         "ref_logps": -2.5, "ref_kl_logps": -3.0},
+    ]
+    batch = UnpairedCollator(PAD)(examples[::-1])
+    assert batch["kl_input_ids"].tolist() == [[2, 13, 20, 3], [2, 10, 24, 3]]
+    assert batch["ref_logps"].tolist() == [-2.5, -1.5] and batch["ref_kl_logps"].tolist() == [-3.0, -4.0]
+    assert UnpairedCollator(PAD)(examples[:1])["kl_input_ids"].tolist() == [[2, 10, 24, 3]]
+
+
 def test_prompt_collator_left_pads():
     examples = [{"prompt_ids": [2, 10, 11], "prompt_text": "a b", "prompt": "a b"},
                 {"prompt_ids": [2, 12], "prompt_text": "<|user|> c", "prompt": [{"role": "user", "content": "c"}]}]

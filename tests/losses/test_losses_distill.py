@@ -5,7 +5,8 @@ import torch
 
 from lit_rlhf.losses import generalized_jsd_loss
 
-from _losses_hand import close
+from tests.losses._losses_hand import close
+
 
 S = [0.2, 0.3, 0.5]  # student
 T = [0.5, 0.25, 0.25]  # teacher

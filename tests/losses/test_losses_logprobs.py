@@ -5,7 +5,7 @@ import torch
 
 from lit_rlhf.losses import entropy_from_logits, sequence_logps, token_logps
 
-from _losses_hand import close
+from tests.losses._losses_hand import close
 
 
 def test_token_logps_by_hand():

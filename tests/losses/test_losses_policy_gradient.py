@@ -16,7 +16,8 @@ from lit_rlhf.losses import (
     whiten,
 )
 
-from _losses_hand import close, t
+from tests.losses._losses_hand import close, t
+
 
 NAN = float("nan")
 

@@ -5,7 +5,8 @@ import torch
 
 from lit_rlhf.losses import DPO_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, simpo_loss
 
-from _losses_hand import close, logsig, sig, t
+from tests.losses._losses_hand import close, logsig, sig, t
+
 
 # Two pairs. a = πc - refc, b = πr - refr, h = a - b.
 PC, PR, RC, RR = [-1.0, -4.0], [-3.0, -2.0], [-1.5, -3.0], [-2.0, -3.0]

@@ -3,7 +3,7 @@ import torch
 
 from lit_rlhf.losses import bradley_terry_loss, kto_kl_estimate, kto_loss
 
-from _losses_hand import close, logsig, sig, t
+from tests.losses._losses_hand import close, logsig, sig, t
 
 
 def test_bradley_terry_by_hand():

@@ -27,7 +27,8 @@ from lit_rlhf.methods.ppo import PPO
 from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
 
-TOY = "assets/toy"
+from tests.paths import TOY_BASE, TOY_DATA
+
 KL_COEF, KL_TARGET, KL_HORIZON = 0.1, 0.015, 8  # a target near the first rollout's KL: its error is not clipped
 
 
@@ -79,7 +80,7 @@ class ProbePPO(PPO):
         return loss, metrics
 
     def compute_advantages(self, scored):
-        self.raw_scores = next(iter(scored.raw_scores.values())).tolist()
+        self.raw_scores = next(iter(scored.per_source.values())).tolist()
         self.local_kl = (kl_penalty(scored.old_logprobs, scored.ref_logprobs) * scored.rollout.response_mask).sum(1).tolist()
         return super().compute_advantages(scored)
 
@@ -97,12 +98,12 @@ def trainer(steps: int) -> pl.Trainer:
 
 
 def main(out: Path) -> None:
-    bank = BankSpec(model=f"{TOY}/base", lora=LoraSpec(r=4, alpha=8))
+    bank = BankSpec(model=TOY_BASE, lora=LoraSpec(r=4, alpha=8))
     pl.seed_everything(0)
     kto = ProbeKTO(bank=bank, learning_rate=1e-2, weight_decay=0.1, desirable_weight=1.5)
     kto.record = []
     fit = trainer(steps=3)
-    fit.fit(kto, datamodule=UnpairedDataModule(f"{TOY}/data/unpaired_train.jsonl", batch_size=4, max_length=48))
+    fit.fit(kto, datamodule=UnpairedDataModule(str(TOY_DATA / "unpaired_train.jsonl"), batch_size=4, max_length=48))
 
     pl.seed_everything(0)
     ppo = ProbePPO(bank=bank, learning_rate=1e-2, rewards=[RewardSpec("function", function="lit_rlhf.toy:reward",
@@ -111,7 +112,7 @@ def main(out: Path) -> None:
                    adaptive_kl=True, kl_coef=KL_COEF, kl_target=KL_TARGET, kl_horizon=KL_HORIZON, log_samples_every_n_rollouts=0)
     ppo.record, ppo.losses_seen = [], 0
     fit = trainer(steps=2)
-    fit.fit(ppo, datamodule=PromptDataModule(f"{TOY}/data/prompt_train.jsonl", batch_size=2, max_length=32))
+    fit.fit(ppo, datamodule=PromptDataModule(str(TOY_DATA / "prompt_train.jsonl"), batch_size=2, max_length=32))
 
     torch.save({"kto": kto.record, "kto_weights": trainable(kto), "kto_skipped": kto.skipped_nonfinite,
                 "ppo": ppo.record, "ppo_weights": trainable(ppo), "ppo_skipped": ppo.skipped_nonfinite},

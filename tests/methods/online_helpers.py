@@ -1,5 +1,5 @@
-"""What the online-method tests (PPO, RLOO, GRPO, best-of-n) share: the toy assets, a small
-method on them, the prompt data, a short Trainer, and a policy moved off the reference."""
+"""What the online-method tests (PPO, RLOO, GRPO, best-of-n) share: a small method on the toy base,
+the prompt data, a short Trainer, a policy moved off the reference, and a batch padded with garbage."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from lit_rlhf.data import PromptDataModule
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, LoraSpec
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
 
-TOY = "assets/toy/base"
-DATA = "assets/toy/data"
+from tests.paths import TOY_BASE, TOY_DATA
+
 TOY_REWARD = RewardSpec("function", function="lit_rlhf.toy:reward")
 
 
@@ -27,16 +27,16 @@ def flat(prompts, completions):
 
 def make_online(cls, *, rewards=(TOY_REWARD,), max_new_tokens=8, adapters=(), train_mode="lora", **kwargs):
     """``cls`` on the toy base with small LoRA adapters and the options the tests share."""
-    defaults = dict(learning_rate=3e-3, ppo_epochs=2, num_mini_batches=2, num_samples_per_prompt=4,
+    defaults = dict(learning_rate=3e-3, update_epochs=2, num_mini_batches=2, num_samples_per_prompt=4,
                     log_samples_every_n_rollouts=0, sampling=SamplingConfig(max_new_tokens=max_new_tokens))
     defaults.update(kwargs)
-    bank = BankSpec(model=TOY, train_mode=train_mode, adapters=list(adapters))
+    bank = BankSpec(model=TOY_BASE, train_mode=train_mode, adapters=list(adapters))
     bank.lora.r, bank.lora.alpha = 8, 16
     return cls(bank=bank, rewards=list(rewards), **defaults)
 
 
 def prompts(batch_size=4) -> PromptDataModule:
-    return PromptDataModule(train=f"{DATA}/prompt_train.jsonl", val=f"{DATA}/prompt_val.jsonl",
+    return PromptDataModule(train=f"{TOY_DATA}/prompt_train.jsonl", val=f"{TOY_DATA}/prompt_val.jsonl",
                             batch_size=batch_size, max_length=32)
 
 
@@ -89,7 +89,7 @@ def train_and_measure(method, *, rollouts: int = 6, batch_size: int = 8) -> tupl
 def saved_random_adapter(path, name: str, *, head: str | None = None) -> str:
     """Save a LoRA adapter (and head) of the toy base moved off zero: a trained stage's output stand-in."""
     torch.manual_seed(0)
-    bank = AdapterBank(BankSpec(model=TOY, lora=LoraSpec(r=8, alpha=16)), require=[AdapterSpec(name, head=head)])
+    bank = AdapterBank(BankSpec(model=TOY_BASE, lora=LoraSpec(r=8, alpha=16)), require=[AdapterSpec(name, head=head)])
     with torch.no_grad():
         for param_name, p in bank.named_parameters():
             if "lora_B" in param_name:
@@ -133,3 +133,31 @@ def greedy_and_sampled_scores(method) -> tuple[float, float, float, float]:
     return (mean_score(bank, tokenizer, held_out, adapter=None), mean_score(bank, tokenizer, held_out, adapter="policy"),
             mean_score(bank, tokenizer, held_out * 4, adapter=None, do_sample=True),
             mean_score(bank, tokenizer, held_out * 4, adapter="policy", do_sample=True))
+
+
+def padded(batch, extra: int):
+    """The same rows with ``extra`` more response columns and garbage in every padded position of the
+    ids and the old and reference log-probs (a reference that is ``None`` stays ``None``)."""
+    rollout = batch.rollout
+    rows = rollout.response_ids.shape[0]
+    response_ids = torch.cat([rollout.response_ids, torch.randint(5, 50, (rows, extra))], dim=1)
+    mask = torch.cat([rollout.response_mask, torch.zeros(rows, extra, dtype=torch.long)], dim=1)
+    response_ids = torch.where(mask.bool(), response_ids, torch.randint(5, 50, response_ids.shape))
+
+    def junk(t):
+        if t is None:
+            return None
+        t = torch.cat([t, torch.zeros(rows, extra)], dim=1)
+        return torch.where(mask.bool(), t, torch.empty_like(t).uniform_(-6.0, 3.0))
+
+    return batch._replace(rollout=rollout._replace(response_ids=response_ids, response_mask=mask),
+                          old_logprobs=junk(batch.old_logprobs), ref_logprobs=junk(batch.ref_logprobs))
+
+
+def loss_and_grads(method, batch):
+    """The policy loss of ``batch`` and the gradient of every parameter it reaches."""
+    method.bank.zero_grad(set_to_none=True)
+    loss, _ = method.policy_loss(batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in method.bank.named_parameters() if p.grad is not None}
+    return loss.detach(), grads

@@ -4,19 +4,21 @@ load, written atomically."""
 
 import json
 import time
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 
+from lit_rlhf.cli import best_of_n_main
 from lit_rlhf.cli import main as cli_main
 from lit_rlhf.data import PreferenceDataModule, SFTDataModule
 from lit_rlhf.methods import best_of_n as bon
-from lit_rlhf.methods.best_of_n import BestOfN, best_and_worst, generate_best_of_n, write_jsonl_atomic
+from lit_rlhf.methods.best_of_n import BestOfN, BestOfNTargets, best_and_worst, generate_best_of_n, write_jsonl_atomic
 from lit_rlhf.toy import score
 from lit_rlhf.toy.evaluate import mean_score
-from online_helpers import DATA, make_online, prompts, trainer
+
+from tests.methods.online_helpers import make_online, prompts, trainer
+from tests.paths import TOY_DATA
 
 
 def make_bon(cls=BestOfN, *, max_new_tokens=10, **kwargs) -> BestOfN:
@@ -45,14 +47,14 @@ class RecordingBestOfN(BestOfN):
 
     def policy_loss(self, batch):
         self.updated.append(batch.rollout.response_ids)
-        self.trained.append(batch.rollout.response_ids[batch.data["weight"] > 0])
+        self.trained.append(batch.rollout.response_ids[batch.targets.weight > 0])
         return super().policy_loss(batch)
 
 
 @pytest.mark.parametrize("min_score", [None, 0.5])  # 0.5: some prompts below it, some above
 def test_a_step_takes_sft_steps_on_each_prompts_best_sample_only(min_score):
     pl.seed_everything(0)
-    method = make_bon(RecordingBestOfN, min_score=min_score, ppo_epochs=1, num_mini_batches=1)
+    method = make_bon(RecordingBestOfN, min_score=min_score, update_epochs=1, num_mini_batches=1)
     fit = trainer(rollouts=1)
     fit.fit(method, datamodule=prompts())
     scored = method.rollouts[0]
@@ -80,7 +82,8 @@ def test_the_sft_loss_is_completion_nll_of_prompt_plus_response():
     scored = method.rollout_and_score(batch)
     rows = torch.arange(scored.scores.shape[0])
     method.bank.eval()
-    loss, _ = method.policy_loss(method.select(scored, {"weight": torch.ones(rows.numel())}, rows))
+    every_row = BestOfNTargets(is_best=torch.ones(rows.numel(), dtype=torch.bool), weight=torch.ones(rows.numel()))
+    loss, _ = method.policy_loss(method.select(scored, every_row, rows))
     with torch.no_grad():
         logps = method.policy_forward(scored.rollout).logprobs  # temperature 1: plain log-probs
     expected = -(logps * scored.rollout.response_mask).sum() / scored.rollout.response_mask.sum()
@@ -94,7 +97,7 @@ def test_best_of_n_raises_the_plain_sampled_score_over_the_reference():
     pl.seed_everything(0)
     method = make_bon()
     method.configure_model()
-    val_prompts = [json.loads(line)["prompt"] for line in Path(f"{DATA}/prompt_val.jsonl").read_text().splitlines()]
+    val_prompts = [json.loads(line)["prompt"] for line in (TOY_DATA / "prompt_val.jsonl").read_text().splitlines()]
 
     def sampled_score(adapter) -> float:
         scores = [mean_score(method.bank, method.tokenizer, val_prompts, adapter=adapter, do_sample=True, seed=s,
@@ -129,8 +132,8 @@ def test_cli_fit_with_the_shipped_config(tmp_path):
 
     # The generator samples from that run's checkpoint when given one; with the config's seed it is reproducible.
     def generate(name, *extra):
-        bon.main(["--config", "configs/best_of_n.yaml", "--out", str(tmp_path / name), "--split", "val",
-                  "--with_scores", *extra])
+        best_of_n_main(["--config", "configs/best_of_n.yaml", "--out", str(tmp_path / name), "--split", "val",
+                       "--with_scores", *extra])
         return [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
 
     ckpt = str(run / "checkpoints" / "last.ckpt")
@@ -144,9 +147,9 @@ def test_cli_fit_with_the_shipped_config(tmp_path):
 
 def test_generate_command_writes_preference_jsonl_that_preference_datamodule_loads(tmp_path):
     out = tmp_path / "pairs.jsonl"
-    bon.main(["--config", "configs/best_of_n.yaml", "--out", str(out), "--format", "preference", "--with_scores"])
+    best_of_n_main(["--config", "configs/best_of_n.yaml", "--out", str(out), "--format", "preference", "--with_scores"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    train_prompts = {json.loads(line)["prompt"] for line in Path(f"{DATA}/prompt_train.jsonl").read_text().splitlines()}
+    train_prompts = {json.loads(line)["prompt"] for line in (TOY_DATA / "prompt_train.jsonl").read_text().splitlines()}
     assert len(rows) >= 40  # 48 prompts; ties (no preference) are left out
     for row in rows:
         assert row["prompt"] in train_prompts
@@ -202,5 +205,14 @@ def test_the_command_fails_before_writing_when_generation_fails(tmp_path, monkey
     monkeypatch.setattr(bon, "iter_best_of_n", broken)
     out = tmp_path / "sub" / "pairs.jsonl"
     with pytest.raises(RuntimeError, match="reward server down"):
-        bon.main(["--config", "configs/best_of_n.yaml", "--out", str(out), "--split", "val"])
+        best_of_n_main(["--config", "configs/best_of_n.yaml", "--out", str(out), "--split", "val"])
     assert list((tmp_path / "sub").iterdir()) == []
+
+
+def test_the_command_refuses_a_config_without_an_online_method(tmp_path, capsys):
+    out = tmp_path / "pairs.jsonl"
+    with pytest.raises(SystemExit):
+        best_of_n_main(["--config", "configs/dpo.yaml", "--out", str(out)])
+    error = capsys.readouterr().err
+    assert "online method" in error and "the config's model is DPO" in error
+    assert not out.exists()

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddp_sync_script import KL_COEF, KL_HORIZON, KL_TARGET
+from tests.methods.ddp_sync_script import KL_COEF, KL_HORIZON, KL_TARGET
+
 
 SCRIPT = Path(__file__).with_name("ddp_sync_script.py")
 

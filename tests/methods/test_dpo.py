@@ -14,7 +14,8 @@ from lit_rlhf.data import PreferenceDataModule
 from lit_rlhf.losses import dpo_loss
 from lit_rlhf.methods import DPO
 from lit_rlhf.models import BankSpec, LoraSpec
-from online_helpers import greedy_and_sampled_scores, perturbed
+
+from tests.methods.online_helpers import greedy_and_sampled_scores, perturbed
 
 TRAIN = "assets/toy/data/preference_train.jsonl"
 VAL = "assets/toy/data/preference_val.jsonl"

@@ -15,9 +15,11 @@ from lit_rlhf.methods.grpo import GRPO
 from lit_rlhf.models import BankSpec
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
 from lit_rlhf.toy.rules import positive_check
-from online_helpers import (
-    TOY, first_batch, make_online, perturbed, prompts, train_and_measure, trainer,
+
+from tests.methods.online_helpers import (
+    first_batch, loss_and_grads, make_online, padded, perturbed, prompts, train_and_measure, trainer,
 )
+from tests.paths import TOY_BASE
 
 RULE_REWARD = RewardSpec("function", function="lit_rlhf.toy.rules:positive_check")
 
@@ -33,7 +35,7 @@ def test_advantages_on_a_real_rollout_are_group_advantages_of_the_scores(scale_r
     method = make_grpo(scale_rewards=scale_rewards, eps=1e-4)
     method.configure_model()
     scored = method.rollout_and_score(first_batch(method))
-    advantages = method.compute_advantages(scored)["advantages"]
+    advantages = method.compute_advantages(scored).advantages
     expected = group_advantages(scored.scores, 4, scale_rewards=scale_rewards, eps=1e-4).advantages
     torch.testing.assert_close(advantages, expected)
     assert advantages.abs().max() > 0
@@ -60,36 +62,10 @@ def test_beta_zero_skips_the_reference_forward_and_beta_adds_the_k3_term():
     loss, metrics = with_kl.policy_loss(batch)
     with torch.no_grad():
         logprobs = with_kl.policy_forward(batch.rollout).logprobs
-    expected = grpo_loss(logprobs, batch.old_logprobs, batch.data["advantages"], batch.rollout.response_mask,
+    expected = grpo_loss(logprobs, batch.old_logprobs, batch.targets.advantages, batch.rollout.response_mask,
                          epsilon=0.2, epsilon_high=0.28, beta=0.1, ref_logprobs=batch.ref_logprobs, loss_type="bnpo")
     torch.testing.assert_close(loss.detach(), expected.loss)
     assert metrics["objective/kl"] > 0
-
-
-def padded(batch, extra: int):
-    """The same rows with ``extra`` more response columns and garbage in every padded position."""
-    rollout = batch.rollout
-    rows = rollout.response_ids.shape[0]
-    response_ids = torch.cat([rollout.response_ids, torch.randint(5, 50, (rows, extra))], dim=1)
-    mask = torch.cat([rollout.response_mask, torch.zeros(rows, extra, dtype=torch.long)], dim=1)
-    response_ids = torch.where(mask.bool(), response_ids, torch.randint(5, 50, response_ids.shape))
-
-    def junk(t):
-        if t is None:
-            return None
-        t = torch.cat([t, torch.zeros(rows, extra)], dim=1)
-        return torch.where(mask.bool(), t, torch.empty_like(t).uniform_(-6.0, 3.0))
-
-    return batch._replace(rollout=rollout._replace(response_ids=response_ids, response_mask=mask),
-                          old_logprobs=junk(batch.old_logprobs), ref_logprobs=junk(batch.ref_logprobs))
-
-
-def loss_and_grads(method, batch):
-    method.bank.zero_grad(set_to_none=True)
-    loss, _ = method.policy_loss(batch)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in method.bank.named_parameters() if p.grad is not None}
-    return loss.detach(), grads
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
@@ -117,33 +93,34 @@ class RecordingGRPO(GRPO):
 
 
 def recording(rewards, **kwargs) -> RecordingGRPO:
-    bank = BankSpec(model=TOY)
+    bank = BankSpec(model=TOY_BASE)
     return RecordingGRPO(bank=bank, rewards=rewards, sampling=SamplingConfig(max_new_tokens=8),
                          log_samples_every_n_rollouts=0, **kwargs)
 
 
 def test_frac_reward_zero_std_counts_the_flat_groups():
     pl.seed_everything(0)
-    method = recording([RewardSpec("function", function="online_helpers:flat_for_the_prompts")])
+    method = recording([RewardSpec("function", function="tests.methods.online_helpers:flat_for_the_prompts")])
     fit = trainer(rollouts=1)
     fit.fit(method, datamodule=prompts(batch_size=8))
     grouped = method.seen_scores.view(-1, 4)
     zero_std = (grouped == grouped[:, :1]).all(dim=1)
     assert 0 < zero_std.sum() < zero_std.numel()  # the batch has "the ..." prompts (flat) and others
     assert float(fit.callback_metrics["frac_reward_zero_std"]) == pytest.approx(zero_std.float().mean().item())
-    advantages = method.seen_advantages["advantages"].view(-1, 4)
+    advantages = method.seen_advantages.advantages.view(-1, 4)
     assert (advantages[zero_std] == 0).all() and torch.isfinite(advantages).all()
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
 def test_all_flat_groups_log_one_and_put_no_nan_anywhere(loss_type):
     pl.seed_everything(0)
-    method = recording([RewardSpec("function", function="online_helpers:flat")], beta=0.04, loss_type=loss_type)
+    method = recording([RewardSpec("function", function="tests.methods.online_helpers:flat")], beta=0.04,
+                       loss_type=loss_type)
     fit = trainer(rollouts=1)
     fit.fit(method, datamodule=prompts())
     assert float(fit.callback_metrics["frac_reward_zero_std"]) == 1.0
     assert float(fit.callback_metrics["reward_std"]) == 0.0
-    assert (method.seen_advantages["advantages"] == 0).all()
+    assert (method.seen_advantages.advantages == 0).all()
     assert torch.isfinite(fit.callback_metrics["loss/policy"])
     assert "train/skipped_nonfinite" not in fit.callback_metrics
     assert all(torch.isfinite(p).all() for p in method.bank.trainable_parameters())
@@ -226,7 +203,7 @@ class FirstStepGradients(pl.Callback):
 
 def first_step_gradients(loss_type: str, accumulation: int, seed: int = 0):
     pl.seed_everything(seed)
-    method = make_grpo(loss_type=loss_type, gradient_accumulation_steps=accumulation, ppo_epochs=1,
+    method = make_grpo(loss_type=loss_type, gradient_accumulation_steps=accumulation, update_epochs=1,
                        num_mini_batches=1, max_grad_norm=None)
     tokens = []
     policy_loss = method.policy_loss
@@ -276,7 +253,7 @@ def test_grpo_options_reach_the_loss(options):
     if options.get("mask_truncated_completions"):
         assert (~scored.rollout.ended).any() and scored.rollout.ended.any()
         expected_mask = mask * scored.rollout.ended.unsqueeze(1)
-        torch.testing.assert_close(data["loss_mask"], expected_mask)
+        torch.testing.assert_close(method.loss_mask(scored.rollout), expected_mask)
         mask = expected_mask
     rows = torch.arange(scored.scores.shape[0])
     method.bank.eval()
@@ -285,7 +262,7 @@ def test_grpo_options_reach_the_loss(options):
     with torch.no_grad():
         out = method.policy_forward(batch.rollout, with_entropy=True)
     grpo_options = {k: v for k, v in options.items() if k != "mask_truncated_completions"}
-    expected = grpo_loss(out.logprobs, batch.old_logprobs, data["advantages"], mask, beta=0.05,
+    expected = grpo_loss(out.logprobs, batch.old_logprobs, data.advantages, mask, beta=0.05,
                          ref_logprobs=batch.ref_logprobs, num_tokens=mask.sum().float(), entropy=out.entropy,
                          max_completion_length=8, **grpo_options)
     torch.testing.assert_close(loss.detach(), expected.loss)

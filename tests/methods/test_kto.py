@@ -2,7 +2,6 @@
 
 import json
 import warnings
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -15,16 +14,15 @@ from lit_rlhf.methods.kto import KTO, weight_balance_advice
 from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.toy.evaluate import mean_score
 
-REPO = Path(__file__).resolve().parents[2]
-TOY = REPO / "assets" / "toy"
+from tests.paths import REPO, TOY_BASE, TOY_DATA
 
 
 def make_kto(**kwargs) -> KTO:
-    return KTO(bank=BankSpec(model=str(TOY / "base"), lora=LoraSpec(r=8, alpha=16)), **kwargs)
+    return KTO(bank=BankSpec(model=TOY_BASE, lora=LoraSpec(r=8, alpha=16)), **kwargs)
 
 
 def unpaired_data(**kwargs) -> UnpairedDataModule:
-    return UnpairedDataModule(str(TOY / "data" / "unpaired_train.jsonl"), val=str(TOY / "data" / "unpaired_val.jsonl"),
+    return UnpairedDataModule(str(TOY_DATA / "unpaired_train.jsonl"), val=str(TOY_DATA / "unpaired_val.jsonl"),
                               max_length=64, **kwargs)
 
 
@@ -159,6 +157,8 @@ def test_bad_unpaired_row_fails_before_training(tmp_path, monkeypatch, row, fiel
     assert not root.exists()
 
 
+# The toy data is unbalanced at the default weights; test_fit_start_warns_once_when_unbalanced checks the warning.
+@pytest.mark.filterwarnings("ignore:KTO class balance:UserWarning")
 def test_apo_zero_unpaired_skips_the_kl_rows_and_precomputed_reference_matches_live(tmp_path):
     """apo_zero_unpaired never runs the mismatched KL rows; with precompute_ref_logps the reference
     log-probs come from the batch and equal the live reference's."""
@@ -177,3 +177,46 @@ def test_apo_zero_unpaired_skips_the_kl_rows_and_precomputed_reference_matches_l
     torch.testing.assert_close(batch["ref_logps"], live, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="kto, apo_zero_unpaired"):
         make_kto(loss_type="apo")
+
+
+def test_precomputed_reference_covers_the_kl_rows_and_no_reference_runs_in_training(tmp_path):
+    """With ``kto`` and precompute_ref_logps the mismatched KL rows are fixed in the data (row i with the
+    completion of row i+1) and their reference log-probs precomputed too: training steps run no
+    reference forward, and the loss equals the one from a live reference on the same rows."""
+    pl.seed_everything(0)
+    method = make_kto(beta=0.5, desirable_weight=1.5, precompute_ref_logps=True, learning_rate=3e-3)
+    data = unpaired_data(batch_size=6)
+    in_training_step, reference_calls = [False], []
+    reference, training_step = method.needs_reference, method.training_step
+
+    def counting_training_step(batch, batch_idx):
+        in_training_step[0] = True
+        try:
+            return training_step(batch, batch_idx)
+        finally:
+            in_training_step[0] = False
+
+    method.training_step = counting_training_step
+    method.configure_model()
+    live_reference = method.bank.reference
+    method.bank.reference = lambda: (reference_calls.append(in_training_step[0]), live_reference())[1]
+    trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(method, data)
+    assert method.trainer.global_step == 3
+    assert reference_calls and not any(reference_calls), "a reference forward ran inside a training step"
+    assert method._ref_cache["train"].shape == (len(data.train_examples), 2)
+
+    examples = data.train_examples
+    assert examples[0]["kl_completion_ids"] == examples[1]["completion_ids"]
+    batch = data.collator(examples[:6])
+    assert batch["kl_input_ids"][0].tolist()[: len(examples[0]["prompt_ids"]) + len(examples[1]["completion_ids"])] == (
+        examples[0]["prompt_ids"] + examples[1]["completion_ids"])
+    live = {k: v for k, v in batch.items() if not k.startswith("ref_")}
+    with torch.no_grad():
+        loss, metrics = method.compute_loss(batch)
+        live_loss, live_metrics = method.compute_loss(live)
+    assert metrics["rewards/chosen"][0].abs() > 1e-3, "the trained policy should have moved off the reference"
+    with torch.no_grad(), live_reference():
+        torch.testing.assert_close(batch["ref_kl_logps"], method.completion_logps(batch, "kl_").logps, atol=1e-5, rtol=0)
+    torch.testing.assert_close(loss, live_loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(metrics["kl"][0], live_metrics["kl"][0], atol=1e-5, rtol=0)
+    assert not reference()

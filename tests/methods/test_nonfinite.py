@@ -10,16 +10,16 @@ from lit_rlhf.data import SFTDataModule
 from lit_rlhf.methods.rloo import RLOO
 from lit_rlhf.methods.sft import SFT
 from lit_rlhf.models import BankSpec, LoraSpec
-from online_helpers import make_online, prompts, trainer
 
-TOY = "assets/toy"
+from tests.methods.online_helpers import make_online, prompts, trainer
+from tests.paths import TOY_BASE, TOY_DATA
 
 
 class FlakySFT(SFT):
     """SFT whose training loss is NaN at the given optimizer steps."""
 
     def __init__(self, nan_steps, **kwargs):
-        super().__init__(bank=BankSpec(model=f"{TOY}/base", lora=LoraSpec(r=4, alpha=8)), **kwargs)
+        super().__init__(bank=BankSpec(model=TOY_BASE, lora=LoraSpec(r=4, alpha=8)), **kwargs)
         self.nan_steps = set(nan_steps)
 
     def nll(self, batch):
@@ -46,7 +46,7 @@ def fit_sft(method, steps, callbacks=()):
     fit = pl.Trainer(accelerator="cpu", max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                      callbacks=list(callbacks))
-    fit.fit(method, SFTDataModule(f"{TOY}/data/sft_train.jsonl", batch_size=4, max_length=48))
+    fit.fit(method, SFTDataModule(str(TOY_DATA / "sft_train.jsonl"), batch_size=4, max_length=48))
     return fit
 
 
@@ -92,7 +92,7 @@ class FlakyRLOO(RLOO):
 
 def test_online_update_skips_counts_and_stops():
     pl.seed_everything(0)
-    method = make_online(FlakyRLOO, kl_coef=0.0, max_new_tokens=4, num_samples_per_prompt=2, ppo_epochs=1,
+    method = make_online(FlakyRLOO, kl_coef=0.0, max_new_tokens=4, num_samples_per_prompt=2, update_epochs=1,
                          num_mini_batches=2, max_consecutive_nonfinite=3)
     method.nan_calls = {1, 2, 3}  # the first rollout's second mini-batch, then both of the second rollout's
     fit = trainer(rollouts=2)

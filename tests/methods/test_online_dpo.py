@@ -8,7 +8,8 @@ import torch
 from lit_rlhf.cli import build_cli
 from lit_rlhf.losses import dpo_loss
 from lit_rlhf.methods import OnlineDPO
-from online_helpers import first_batch, held_out_sampled_score, make_online, perturbed
+
+from tests.methods.online_helpers import first_batch, held_out_sampled_score, make_online, perturbed
 
 
 def make_online_dpo(**kwargs) -> OnlineDPO:
@@ -18,7 +19,7 @@ def make_online_dpo(**kwargs) -> OnlineDPO:
 
 def test_the_loss_is_dpo_on_the_pairs_ranked_by_score_and_ties_weigh_nothing():
     pl.seed_everything(0)
-    method = perturbed(make_online_dpo(beta=0.5, ppo_epochs=1, num_mini_batches=1))
+    method = perturbed(make_online_dpo(beta=0.5, update_epochs=1, num_mini_batches=1))
     scored = method.rollout_and_score(first_batch(method, batch_size=4))
     scores = scored.scores.view(-1, 2)
     scores[1, 1] = scores[1, 0]  # make pair 1 a tie: it must not count

@@ -12,8 +12,10 @@ from lit_rlhf.cli import main as cli_main
 from lit_rlhf.methods.ppo import PPO
 from lit_rlhf.models import AdapterSpec, BankSpec, load_base
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
-from online_helpers import (TOY, TOY_REWARD, assert_step_gradient_is_split_invariant, make_online,
-                            perturbed, prompts, saved_random_adapter, train_and_measure, trainer)
+
+from tests.methods.online_helpers import (TOY_REWARD, assert_step_gradient_is_split_invariant, make_online, perturbed,
+                                          prompts, saved_random_adapter, train_and_measure, trainer)
+from tests.paths import TOY_BASE
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +50,12 @@ def test_one_step_changes_only_policy_value_and_heads(reward_adapter):
     with bank.role("policy"):
         scored = method.rollout_and_score(batch)
         assert bank.active == "policy"
-    assert set(scored.raw_scores) == {"reward_0", "reward_1"}  # same-named sources get their index
+    assert set(scored.per_source) == {"reward_0", "reward_1"}  # same-named sources get their index
     assert scored.rollout.response_ids.shape[0] == 2 * len(batch["prompts"])  # k = 2 samples per prompt, consecutive
     assert scored.prompts[0] == scored.prompts[1] == batch["prompts"][0]
 
     trainer(rollouts=1).fit(method, datamodule=prompts())
-    assert method.global_step == 4  # ppo_epochs x num_mini_batches optimizer steps for one rollout
+    assert method.global_step == 4  # update_epochs x num_mini_batches optimizer steps for one rollout
     assert bank.active == "policy"
 
     changed = {"policy": False, "value": False, "heads.value": False}
@@ -98,8 +100,8 @@ class CountingPPO(PPO):
 
 def test_accumulation_and_clipping_under_manual_optimization():
     pl.seed_everything(0)
-    bank = BankSpec(model=TOY)
-    method = CountingPPO(bank=bank, rewards=[TOY_REWARD], sampling=SamplingConfig(max_new_tokens=6), ppo_epochs=2,
+    bank = BankSpec(model=TOY_BASE)
+    method = CountingPPO(bank=bank, rewards=[TOY_REWARD], sampling=SamplingConfig(max_new_tokens=6), update_epochs=2,
                          num_mini_batches=2, gradient_accumulation_steps=2, max_grad_norm=0.5,
                          num_samples_per_prompt=2, warmup_steps=100, learning_rate=1e-3)
     trainer(rollouts=1).fit(method, datamodule=prompts())
@@ -155,7 +157,7 @@ def test_shared_critic_one_forward_and_the_policy_still_exports_as_a_peft_lm_ada
     assert bank.heads["policy"].linear.weight.requires_grad
     path = method.export(tmp_path / "policy")
     assert (path / "head.safetensors").exists()
-    lm = PeftModel.from_pretrained(load_base(BankSpec(model=TOY)), str(path))  # loads as a plain LM adapter
+    lm = PeftModel.from_pretrained(load_base(BankSpec(model=TOY_BASE)), str(path))  # loads as a plain LM adapter
     assert lm(torch.tensor([[2, 58, 44]])).logits.shape[-1] == bank.model.config.vocab_size
 
 
@@ -169,7 +171,7 @@ def test_reward_adapter_without_a_path_is_a_clear_error():
 @pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint")
 def test_adaptive_kl_controller_round_trips_through_a_checkpoint(tmp_path):
     pl.seed_everything(0)
-    method = make_ppo(adaptive_kl=True, kl_coef=0.2, kl_target=0.5, kl_horizon=50, ppo_epochs=1, num_mini_batches=1)
+    method = make_ppo(adaptive_kl=True, kl_coef=0.2, kl_target=0.5, kl_horizon=50, update_epochs=1, num_mini_batches=1)
     checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer(rollouts=1, callbacks=[checkpoints], enable_checkpointing=True).fit(method, datamodule=prompts())
     assert method.kl_controller.value != 0.2
@@ -183,7 +185,7 @@ def test_adaptive_kl_controller_round_trips_through_a_checkpoint(tmp_path):
             self.value, self.rollouts = module.kl_controller.value, module.rollout_count
 
     seen = Seen()
-    resumed = make_ppo(adaptive_kl=True, kl_coef=0.2, kl_target=0.5, kl_horizon=50, ppo_epochs=1, num_mini_batches=1)
+    resumed = make_ppo(adaptive_kl=True, kl_coef=0.2, kl_target=0.5, kl_horizon=50, update_epochs=1, num_mini_batches=1)
     trainer(rollouts=1, max_epochs=2, callbacks=[seen]).fit(resumed, datamodule=prompts(), ckpt_path=tmp_path / "last.ckpt")
     assert seen.value == pytest.approx(saved["kl_controller"]["value"])
     assert seen.rollouts == 1
@@ -235,7 +237,7 @@ def test_qlora_ppo_runs_with_one_copy_of_the_base():
         by_storage.setdefault(t.untyped_storage().data_ptr(), []).append(name)
     assert all(len(names) == 1 for names in by_storage.values()), [n for n in by_storage.values() if len(n) > 1]
     assert any(t.dtype == torch.uint8 for _, t in tensors), "the base should be 4-bit (packed uint8) weights"
-    one_model = load_base(BankSpec(model=TOY, train_mode="qlora"))
+    one_model = load_base(BankSpec(model=TOY_BASE, train_mode="qlora"))
     one_model_bytes = sum(t.numel() * t.element_size() for t in list(one_model.parameters()) + list(one_model.buffers()))
     assert sum(t.numel() * t.element_size() for _, t in tensors) == one_model_bytes
 

@@ -17,7 +17,9 @@ from lit_rlhf.data import PreferenceDataModule
 from lit_rlhf.methods import DPO, GRPO, PPO
 from lit_rlhf.models import AdapterSpec, BankSpec, LoraSpec
 from lit_rlhf.toy.families import FAMILIES, build_tiny
-from online_helpers import TOY, first_batch, make_online, prompts, saved_random_adapter, trainer
+
+from tests.methods.online_helpers import first_batch, make_online, prompts, saved_random_adapter, trainer
+from tests.paths import TOY_BASE
 
 TRAIN = "assets/toy/data/preference_train.jsonl"
 VAL = "assets/toy/data/preference_val.jsonl"
@@ -47,7 +49,7 @@ def quiet_trainer(tmp_path, **kwargs) -> pl.Trainer:
 
 def dpo_step_calls(tmp_path, train_mode: str, checkpointing: bool) -> int:
     pl.seed_everything(0)
-    method = DPO(learning_rate=1e-3, bank=BankSpec(model=TOY, train_mode=train_mode, lora=LoraSpec(r=4),
+    method = DPO(learning_rate=1e-3, bank=BankSpec(model=TOY_BASE, train_mode=train_mode, lora=LoraSpec(r=4),
                                                    gradient_checkpointing=checkpointing))
     calls = recompute_counter(method)
     quiet_trainer(tmp_path, max_steps=1).fit(method, PreferenceDataModule(train=TRAIN, batch_size=4, max_length=64))
@@ -67,7 +69,7 @@ def test_gradient_checkpointing_recomputes_in_an_online_step(cls):
     counts = []
     for checkpointing in (False, True):
         pl.seed_everything(0)
-        method = make_online(cls, num_samples_per_prompt=2, ppo_epochs=1, num_mini_batches=1, max_new_tokens=4)
+        method = make_online(cls, num_samples_per_prompt=2, update_epochs=1, num_mini_batches=1, max_new_tokens=4)
         method.bank_spec.gradient_checkpointing = checkpointing
         calls = recompute_counter(method)
         trainer(rollouts=1).fit(method, datamodule=prompts(batch_size=2))
@@ -109,7 +111,7 @@ class StepMetrics(Callback):
 
 def test_grpo_first_update_has_ratio_one_with_lora_dropout_configured():
     pl.seed_everything(0)
-    method = make_online(GRPO, ppo_epochs=1, num_mini_batches=1, num_samples_per_prompt=2)
+    method = make_online(GRPO, update_epochs=1, num_mini_batches=1, num_samples_per_prompt=2)
     method.bank_spec.lora.dropout = 0.3
     record = StepMetrics()
     trainer(rollouts=3, callbacks=[record]).fit(method, datamodule=prompts(batch_size=2))
@@ -120,7 +122,7 @@ def test_grpo_first_update_has_ratio_one_with_lora_dropout_configured():
 
 def ppo_weights_after_four_steps(checkpointing: bool) -> dict[str, torch.Tensor]:
     pl.seed_everything(0)
-    method = make_online(PPO, num_samples_per_prompt=2, ppo_epochs=2, num_mini_batches=2, critic="adapter")
+    method = make_online(PPO, num_samples_per_prompt=2, update_epochs=2, num_mini_batches=2, critic="adapter")
     method.bank_spec.gradient_checkpointing = checkpointing
     trainer(rollouts=1).fit(method, datamodule=prompts(batch_size=2))
     assert method.trainer.global_step == 4

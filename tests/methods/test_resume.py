@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 from functools import partial
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -17,41 +16,41 @@ import torch
 
 from lit_rlhf.data import PreferenceDataModule, PromptDataModule, SFTDataModule, UnpairedDataModule
 from lit_rlhf.methods import (
-    CPO, DPO, GKD, GRPO, KTO, PPO, RLOO, SFT, AtomicCheckpointIO, BestOfN, CheckpointWriteError, Reward,
+    CPO, DPO, GKD, GRPO, KTO, PPO, RLOO, SFT, AtomicCheckpointIO, BestOfN, CheckpointWriteError, RewardModeling,
     ResumableCheckpoint, SimPO,
 )
 from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.models.spec import TeacherSpec
 from lit_rlhf.rollout import SamplingConfig
-from online_helpers import DATA, TOY, make_online
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.methods.online_helpers import make_online
+from tests.paths import REPO, TOY_BASE, TOY_DATA, TOY_TEACHER
 
 
 def _bank(**kwargs) -> BankSpec:
     # LoRA dropout makes the RNG state part of what a resume must restore.
-    return BankSpec(model=TOY, lora=LoraSpec(r=4, alpha=8, dropout=0.1), **kwargs)
+    return BankSpec(model=TOY_BASE, lora=LoraSpec(r=4, alpha=8, dropout=0.1), **kwargs)
 
 
 def _offline(cls, data_cls, rows):
     def build():
-        return cls(bank=_bank(), learning_rate=3e-3), data_cls(f"{DATA}/{rows}", batch_size=8, max_length=64, seed=3)
+        return cls(bank=_bank(), learning_rate=3e-3), data_cls(f"{TOY_DATA}/{rows}", batch_size=8, max_length=64, seed=3)
     return build
 
 
 def _online(cls, **kwargs):
     def build():
-        method = make_online(cls, ppo_epochs=1, num_mini_batches=1, num_samples_per_prompt=2, max_new_tokens=4,
+        method = make_online(cls, update_epochs=1, num_mini_batches=1, num_samples_per_prompt=2, max_new_tokens=4,
                              **kwargs)
         method.bank_spec.lora.dropout = 0.1
-        return method, PromptDataModule(f"{DATA}/prompt_val.jsonl", batch_size=2, max_length=32, seed=3)
+        return method, PromptDataModule(f"{TOY_DATA}/prompt_val.jsonl", batch_size=2, max_length=32, seed=3)
     return build
 
 
 def _gkd():
-    method = GKD(bank=_bank(teacher=TeacherSpec(model="assets/toy/teacher")), lmbda=0.5, learning_rate=3e-3,
+    method = GKD(bank=_bank(teacher=TeacherSpec(model=TOY_TEACHER)), lmbda=0.5, learning_rate=3e-3,
                  sampling=SamplingConfig(max_new_tokens=4))
-    return method, SFTDataModule(f"{DATA}/sft_val.jsonl", batch_size=8, max_length=64, seed=3)
+    return method, SFTDataModule(f"{TOY_DATA}/sft_val.jsonl", batch_size=8, max_length=64, seed=3)
 
 
 #: Every method, on a tiny run whose epoch is longer than the steps taken (so the stops are mid-epoch).
@@ -60,7 +59,7 @@ METHODS = {
     "simpo": _offline(SimPO, PreferenceDataModule, "preference_val.jsonl"),
     "cpo": _offline(CPO, PreferenceDataModule, "preference_val.jsonl"),
     "sft": _offline(SFT, SFTDataModule, "sft_val.jsonl"),
-    "reward": _offline(Reward, PreferenceDataModule, "preference_val.jsonl"),
+    "reward": _offline(RewardModeling, PreferenceDataModule, "preference_val.jsonl"),
     "kto": _offline(partial(KTO, desirable_weight=2.1), UnpairedDataModule, "unpaired_val.jsonl"),  # 31:65 rows
     # PPO with the adaptive KL controller and reward normalisation: both travel in the checkpoint.
     "ppo": _online(PPO, adaptive_kl=True, kl_coef=0.05, kl_target=0.1, kl_horizon=100),
@@ -153,8 +152,7 @@ DIE_WHILE_WRITING = """
 import io, os, signal, sys
 from pathlib import Path
 import torch
-sys.path.insert(0, "tests/methods")
-from test_resume import fit
+from tests.methods.test_resume import fit
 root = Path(sys.argv[1])
 real_save = torch.save
 def save(obj, f, *args, **kwargs):

@@ -16,22 +16,23 @@ from lit_rlhf import toy
 from lit_rlhf.cli import main as cli_main
 from lit_rlhf.data import DataError, PreferenceDataModule
 from lit_rlhf.methods import ExportOnFitEnd
-from lit_rlhf.methods.reward import Reward, RewardScorer, score_texts
+from lit_rlhf.methods.reward import RewardModeling
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, LoraSpec
+from lit_rlhf.rollout import RewardScorer, score_texts
 
-REPO = Path(__file__).resolve().parents[2]
-TOY = REPO / "assets" / "toy"
-PREF_VAL = TOY / "data" / "preference_val.jsonl"
+from tests.paths import REPO, TOY_BASE, TOY_DATA
+
+PREF_VAL = TOY_DATA / "preference_val.jsonl"
 #: Held-out pair accuracy the toy reward model reaches reliably (0.97 measured with seed 0).
 ACCURACY_THRESHOLD = 0.9
 
 
-def make_reward(**kwargs) -> Reward:
-    return Reward(bank=BankSpec(model=str(TOY / "base"), lora=LoraSpec(r=8, alpha=16)), **kwargs)
+def make_reward(**kwargs) -> RewardModeling:
+    return RewardModeling(bank=BankSpec(model=TOY_BASE, lora=LoraSpec(r=8, alpha=16)), **kwargs)
 
 
 def preference_data(**kwargs) -> PreferenceDataModule:
-    return PreferenceDataModule(str(TOY / "data" / "preference_train.jsonl"), val=str(PREF_VAL), max_length=64, **kwargs)
+    return PreferenceDataModule(str(TOY_DATA / "preference_train.jsonl"), val=str(PREF_VAL), max_length=64, **kwargs)
 
 
 def val_pairs() -> list[dict]:
@@ -112,7 +113,7 @@ def test_saved_adapter_records_normalization(trained):
     _, adapter = trained
     meta = json.loads((adapter / "lit_rlhf.json").read_text())
     assert meta["head"] == "score" and meta["base"]["hidden_size"] == 64
-    assert Path(meta["base_model"]).resolve() == (TOY / "base").resolve()
+    assert Path(meta["base_model"]).resolve() == Path(TOY_BASE).resolve()
     pairs = val_pairs()
     scores = torch.tensor(score_texts(adapter, [(p["prompt"], p[k]) for k in ("chosen", "rejected") for p in pairs]),
                           dtype=torch.float64)
@@ -129,7 +130,7 @@ FRESH_PROCESS = r"""
 import json, sys
 import torch
 torch.set_num_threads(1)
-from lit_rlhf.methods.reward import score_texts
+from lit_rlhf.rollout import score_texts
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer
 adapter, base, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 # The PPO path: the adapter by path on the same base, scored through the bank.
@@ -147,7 +148,7 @@ def test_fresh_process_loads_the_adapter_and_scores_identically(trained):
     texts = ["the movie was great fun .", "i think the car is awful and sad .", "my review of the book : it was ."]
     in_memory = RewardScorer(method.bank, method.tokenizer)(texts)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(adapter), str(TOY / "base"), json.dumps(texts)],
+    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(adapter), TOY_BASE, json.dumps(texts)],
                             capture_output=True, text=True, env=env, cwd=str(adapter.parent), timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     fresh = json.loads(result.stdout.strip().splitlines()[-1])
@@ -162,7 +163,7 @@ def test_adapter_refuses_a_different_base(trained, tmp_path, change):
     from lit_rlhf.toy.build import tiny_config
 
     _, adapter = trained
-    tokenizer = AutoTokenizer.from_pretrained(str(TOY / "base"))
+    tokenizer = AutoTokenizer.from_pretrained(TOY_BASE)
     config = tiny_config(tokenizer, hidden_size=32) if change == "hidden_size" else tiny_config(tokenizer)
     if change == "vocab_size":
         config.vocab_size += 8
@@ -176,6 +177,20 @@ def test_adapter_refuses_a_different_base(trained, tmp_path, change):
 
 
 # -- the shipped config and bad data --------------------------------------------------------------
+
+
+def test_a_config_naming_the_earlier_class_name_still_builds(tmp_path, monkeypatch):
+    # Runs made before the rename carry `lit_rlhf.methods.Reward` in their saved config.yaml.
+    from lit_rlhf.cli import build_cli
+    from lit_rlhf.methods import RewardModeling
+
+    monkeypatch.chdir(REPO)
+    config = tmp_path / "config.yaml"
+    shipped = (REPO / "configs" / "reward.yaml").read_text()
+    assert "class_path: lit_rlhf.methods.RewardModeling" in shipped
+    config.write_text(shipped.replace("lit_rlhf.methods.RewardModeling", "lit_rlhf.methods.Reward"))
+    method = build_cli(["--config", str(config)], run=False).model
+    assert type(method) is RewardModeling and method.center_coefficient == 0.01
 
 
 def test_reward_config_fits_and_exports(tmp_path, monkeypatch):

@@ -8,11 +8,12 @@ import math
 
 import pytest
 import torch
-from online_helpers import first_batch, make_online, prompts, trainer
 
 from lit_rlhf import toy
 from lit_rlhf.methods import GRPO
 from lit_rlhf.rollout import RewardError, RewardSpec
+
+from tests.methods.online_helpers import first_batch, make_online, prompts, trainer
 
 
 def nan_for_the_prompts(prompts, completions):
@@ -25,8 +26,8 @@ def always_nan(prompts, completions):
 
 
 def _grpo(function: str, **spec):
-    return make_online(GRPO, rewards=[RewardSpec("function", function=f"test_reward_skip:{function}", **spec)],
-                       num_samples_per_prompt=2, ppo_epochs=1, num_mini_batches=1)
+    reward = RewardSpec("function", function=f"tests.methods.test_reward_skip:{function}", **spec)
+    return make_online(GRPO, rewards=[reward], num_samples_per_prompt=2, update_epochs=1, num_mini_batches=1)
 
 
 def _lora(method) -> dict[str, torch.Tensor]:
@@ -69,7 +70,7 @@ def test_default_nan_stops_the_fit_before_any_step():
     method = _grpo("always_nan")
     method.configure_model()
     before = _lora(method)
-    with pytest.raises(RewardError, match="'test_reward_skip:always_nan' returned a non-finite score"):
+    with pytest.raises(RewardError, match=r"'tests\.methods\.test_reward_skip:always_nan' returned a non-finite score"):
         trainer(rollouts=1).fit(method, datamodule=prompts())
     assert all(torch.equal(before[n], p) for n, p in _lora(method).items())
 

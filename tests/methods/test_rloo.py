@@ -13,10 +13,12 @@ from lit_rlhf.losses import kl_penalty, ppo_policy_loss, rloo_advantages, whiten
 from lit_rlhf.methods.rloo import RLOO
 from lit_rlhf.models import BankSpec
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
-from online_helpers import (
-    TOY, assert_step_gradient_is_split_invariant, first_batch, make_online, perturbed, prompts, train_and_measure,
-    trainer,
+
+from tests.methods.online_helpers import (
+    assert_step_gradient_is_split_invariant, first_batch, loss_and_grads, make_online, padded, perturbed, prompts,
+    train_and_measure, trainer,
 )
+from tests.paths import TOY_BASE
 
 
 def make_rloo(**kwargs) -> RLOO:
@@ -28,7 +30,7 @@ def test_advantages_on_a_real_rollout_are_rloo_advantages_of_the_scores(kl_in_re
     pl.seed_everything(0)
     method = perturbed(make_rloo(kl_coef=0.1, kl_in_reward=kl_in_reward, normalize_advantages=normalize))
     scored = method.rollout_and_score(first_batch(method))
-    advantages = method.compute_advantages(scored)["advantages"]
+    advantages = method.compute_advantages(scored).advantages
 
     mask = scored.rollout.response_mask
     kl = (kl_penalty(scored.old_logprobs, scored.ref_logprobs, kind="k1") * mask).sum(dim=1)
@@ -52,31 +54,6 @@ def test_no_reference_forward_without_a_kl_term():
     assert torch.isfinite(loss)
 
 
-def padded(batch, extra: int):
-    """The same rows with ``extra`` more response columns and garbage in every padded position."""
-    rollout = batch.rollout
-    rows = rollout.response_ids.shape[0]
-    garbage_ids = torch.randint(5, 50, (rows, extra))
-    response_ids = torch.cat([rollout.response_ids, garbage_ids], dim=1)
-    mask = torch.cat([rollout.response_mask, torch.zeros(rows, extra, dtype=torch.long)], dim=1)
-    response_ids = torch.where(mask.bool(), response_ids, torch.randint(5, 50, response_ids.shape))
-
-    def junk(t):
-        t = torch.cat([t, torch.zeros(rows, extra)], dim=1)
-        return torch.where(mask.bool(), t, torch.empty_like(t).uniform_(-6.0, 3.0))
-
-    return batch._replace(rollout=rollout._replace(response_ids=response_ids, response_mask=mask),
-                          old_logprobs=junk(batch.old_logprobs), ref_logprobs=junk(batch.ref_logprobs))
-
-
-def loss_and_grads(method, batch):
-    method.bank.zero_grad(set_to_none=True)
-    loss, _ = method.policy_loss(batch)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in method.bank.named_parameters() if p.grad is not None}
-    return loss.detach(), grads
-
-
 @pytest.mark.parametrize("kl_in_reward", [True, False])
 def test_masked_padding_contributes_nothing(kl_in_reward):
     pl.seed_everything(0)
@@ -96,11 +73,11 @@ def test_masked_padding_contributes_nothing(kl_in_reward):
 
 def test_groups_with_equal_rewards_are_counted_and_never_give_nan():
     pl.seed_everything(0)
-    fn = RewardSpec("function", function="online_helpers:flat_for_the_prompts")
+    fn = RewardSpec("function", function="tests.methods.online_helpers:flat_for_the_prompts")
     method = make_rloo(rewards=[fn], kl_coef=0.0, normalize_advantages=True)
     method.configure_model()
     scored = method.rollout_and_score(first_batch(method, batch_size=8))
-    advantages = method.compute_advantages(scored)["advantages"]
+    advantages = method.compute_advantages(scored).advantages
     flat_groups = torch.tensor([p.startswith("the ") for p in scored.prompts[::4]])
     assert flat_groups.any() and not flat_groups.all()
     grouped = advantages.view(-1, 4)
@@ -109,7 +86,8 @@ def test_groups_with_equal_rewards_are_counted_and_never_give_nan():
     torch.testing.assert_close(grouped[flat_groups], torch.zeros_like(grouped[flat_groups]), atol=1e-6, rtol=0)
 
     # Every prompt's completions get the same reward: nothing to learn, nothing non-finite.
-    method = make_rloo(rewards=[RewardSpec("function", function="online_helpers:flat")], normalize_advantages=True)
+    method = make_rloo(rewards=[RewardSpec("function", function="tests.methods.online_helpers:flat")],
+                       normalize_advantages=True)
     fit = trainer(rollouts=1)
     fit.fit(method, datamodule=prompts())
     assert float(fit.callback_metrics["frac_reward_zero_std"]) == 1.0
@@ -125,8 +103,8 @@ class RecordingRLOO(RLOO):
 
 def test_frac_reward_zero_std_is_logged_as_computed():
     pl.seed_everything(0)
-    fn = RewardSpec("function", function="online_helpers:flat_for_the_prompts")
-    bank = BankSpec(model=TOY)
+    fn = RewardSpec("function", function="tests.methods.online_helpers:flat_for_the_prompts")
+    bank = BankSpec(model=TOY_BASE)
     method = RecordingRLOO(bank=bank, rewards=[fn], kl_coef=0.0, sampling=SamplingConfig(max_new_tokens=8))
     fit = trainer(rollouts=1)
     fit.fit(method, datamodule=prompts(batch_size=8))
@@ -163,6 +141,7 @@ def test_cli_fit_with_the_shipped_config(tmp_path):
     assert seconds < 120
 
 
+@pytest.mark.slow  # GRPO's convergence fit stands for the group-baseline family in the default suite
 def test_rloo_raises_the_ground_truth_score_on_held_out_prompts():
     """Six rollouts of 8 prompts x 4 samples move the sampled held-out score from about 0 to about 0.74
     (0.73-0.76 over seeds 0-4, about a second of training on one CPU thread); the test asserts a margin of 0.4."""
@@ -186,7 +165,7 @@ def test_epsilon_high_and_sequence_level_ratio_reach_the_loss():
     loss, _ = method.policy_loss(batch)
     with torch.no_grad():
         logprobs = method.policy_forward(batch.rollout).logprobs
-    expected = ppo_policy_loss(logprobs, batch.old_logprobs, data["advantages"], batch.rollout.response_mask,
+    expected = ppo_policy_loss(logprobs, batch.old_logprobs, data.advantages, batch.rollout.response_mask,
                                clip_range=0.2, clip_range_high=0.28, importance_sampling_level="sequence")
     torch.testing.assert_close(loss.detach(), expected.loss)
     with pytest.raises(ValueError, match="token, sequence"):

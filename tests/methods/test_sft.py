@@ -2,7 +2,6 @@
 
 import json
 import math
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -10,22 +9,22 @@ import torch
 
 from lit_rlhf.cli import main as cli_main
 from lit_rlhf.data import DataError, SFTDataModule
-from lit_rlhf.methods.sft import SFT, completion_nll
+from lit_rlhf.losses import completion_nll
+from lit_rlhf.methods.sft import SFT
 from lit_rlhf.models import BankSpec, LoraSpec
 
-REPO = Path(__file__).resolve().parents[2]
-TOY = REPO / "assets" / "toy"
+from tests.paths import REPO, TOY_BASE, TOY_DATA
 
 
 def make_sft(**kwargs) -> SFT:
-    method = SFT(bank=BankSpec(model=str(TOY / "base"), lora=LoraSpec(r=8, alpha=16)), **kwargs)
+    method = SFT(bank=BankSpec(model=TOY_BASE, lora=LoraSpec(r=8, alpha=16)), **kwargs)
     method.configure_model()
     return method
 
 
 def datamodule(method, split="train", **kwargs) -> SFTDataModule:
-    path = TOY / "data" / f"sft_{split}.jsonl"
-    return SFTDataModule(str(path), val=str(TOY / "data" / "sft_val.jsonl"), max_length=64, **kwargs).prepare(method.tokenizer)
+    path = TOY_DATA / f"sft_{split}.jsonl"
+    return SFTDataModule(str(path), val=str(TOY_DATA / "sft_val.jsonl"), max_length=64, **kwargs).prepare(method.tokenizer)
 
 
 def hand_mean_nll(logits, input_ids, completion_mask) -> torch.Tensor:
@@ -128,9 +127,9 @@ def trainer(tmp_path, **kwargs) -> pl.Trainer:
 
 def test_sft_lowers_held_out_perplexity(tmp_path):
     pl.seed_everything(0)
-    method = SFT(bank=BankSpec(model=str(TOY / "base"), lora=LoraSpec(r=8, alpha=16)), learning_rate=3e-3,
+    method = SFT(bank=BankSpec(model=TOY_BASE, lora=LoraSpec(r=8, alpha=16)), learning_rate=3e-3,
                  warmup_steps=5, lr_scheduler="cosine")
-    dm = SFTDataModule(str(TOY / "data" / "sft_train.jsonl"), val=str(TOY / "data" / "sft_val.jsonl"),
+    dm = SFTDataModule(str(TOY_DATA / "sft_train.jsonl"), val=str(TOY_DATA / "sft_val.jsonl"),
                        batch_size=16, max_length=64, packing=True)
     before = trainer(tmp_path).validate(method, dm, verbose=False)[0]
     # val/ppl is token-weighted over the epoch: exp(total NLL / total tokens), by hand here.

@@ -18,7 +18,7 @@ from lit_rlhf.models.loading import load_base
 from lit_rlhf.models.spec import TeacherSpec
 from lit_rlhf.rollout import ModelReward, load_function
 
-TOY = "assets/toy/base"
+from tests.paths import TOY_BASE, TOY_TEACHER
 
 
 class Planted:
@@ -34,13 +34,13 @@ def remote_code_model(path: Path) -> Path:
     """A model directory whose config needs its own Python code (``auto_map``); importing that code
     creates ``ran.txt`` beside it."""
     path.mkdir()
-    config = json.loads(Path(TOY, "config.json").read_text())
+    config = json.loads(Path(TOY_BASE, "config.json").read_text())
     config.update(model_type="planted", auto_map={"AutoConfig": "planted.PlantedConfig",
                                                   "AutoModelForCausalLM": "planted.PlantedModel"})
     (path / "config.json").write_text(json.dumps(config))
     (path / "planted.py").write_text(f"open({str(path / 'ran.txt')!r}, 'w').close()\n")
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(Path(TOY, name), path / name)
+        shutil.copy(Path(TOY_BASE, name), path / name)
     return path
 
 
@@ -66,14 +66,14 @@ def test_every_loader_passes_trust_remote_code_false_by_default(monkeypatch):
             return _original(klass, *args, **kwargs)
 
         monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
-    AdapterBank(BankSpec(model=TOY, teacher=TeacherSpec(model="assets/toy/teacher")), require=[AdapterSpec("policy")])
-    load_tokenizer(BankSpec(model=TOY))
+    AdapterBank(BankSpec(model=TOY_BASE, teacher=TeacherSpec(model=TOY_TEACHER)), require=[AdapterSpec("policy")])
+    load_tokenizer(BankSpec(model=TOY_BASE))
     assert {name for name, _ in calls} == {"AutoConfig", "AutoTokenizer", "AutoModelForCausalLM"}
     assert all(trust is False for _, trust in calls), calls
 
 
 def pickled_only(path: Path, weights: str) -> Path:
-    shutil.copytree(TOY, path, ignore=shutil.ignore_patterns("*.safetensors"))
+    shutil.copytree(TOY_BASE, path, ignore=shutil.ignore_patterns("*.safetensors"))
     torch.save({}, path / weights)
     return path
 
@@ -87,11 +87,11 @@ def test_a_model_with_only_pickled_weights_is_refused_with_the_conversion(tmp_pa
 
 
 def test_an_adapter_with_only_pickled_weights_is_refused(tmp_path):
-    bank = AdapterBank(BankSpec(model=TOY), require=[AdapterSpec("policy")])
+    bank = AdapterBank(BankSpec(model=TOY_BASE), require=[AdapterSpec("policy")])
     saved = bank.save_adapter("policy", tmp_path / "adapter")
     (saved / "adapter_model.safetensors").rename(saved / "adapter_model.bin")
     with pytest.raises(ValueError, match=r"adapter 'policy' at .* \(adapter_model.bin\).*PeftModel"):
-        AdapterBank(BankSpec(model=TOY, adapters=[AdapterSpec("policy", path=str(saved))]))
+        AdapterBank(BankSpec(model=TOY_BASE, adapters=[AdapterSpec("policy", path=str(saved))]))
 
 
 def planted_checkpoint(tmp_path: Path) -> Path:

@@ -4,8 +4,6 @@ import torch
 
 from lit_rlhf.rollout import truncate_at_stop
 
-TOY = "assets/toy/base"
-
 
 def make_rollout(tokenizer, prompts, completions, ended=None):
     """A Rollout of the given texts on ``tokenizer``: left-padded prompts, responses (+ EOS where ``ended``)."""

@@ -65,12 +65,13 @@ def test_responses_are_cut_after_the_first_eos_with_the_mask(bank, tokenizer):
             assert n == r.response_ids.shape[1]
 
 
-def test_the_engine_restores_the_active_adapter(bank, tokenizer):
+@pytest.mark.parametrize("name", ["hf", "hf_static"])
+def test_the_engine_restores_the_active_adapter(name, bank, tokenizer):
     ids, mask = encode(tokenizer, PROMPTS)
     with bank.role("other"):
-        build_engine("hf").generate(bank, "policy", ids, mask, sampling(tokenizer, max_new_tokens=4))
+        build_engine(name).generate(bank, "policy", ids, mask, sampling(tokenizer, max_new_tokens=4))
         assert bank.active == "other"
-        build_engine("hf").generate(bank, None, ids, mask, sampling(tokenizer, max_new_tokens=4))  # the reference
+        build_engine(name).generate(bank, None, ids, mask, sampling(tokenizer, max_new_tokens=4))  # the reference
         assert bank.active == "other"
 
 
@@ -160,16 +161,16 @@ def test_a_models_generation_config_does_not_change_rollouts(tmp_path, tokenizer
 
     from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec
 
-    from _rollout_helpers import TOY
+    from tests.paths import TOY_BASE
 
     penalised = tmp_path / "base"
-    shutil.copytree(TOY, penalised)
+    shutil.copytree(TOY_BASE, penalised)
     config = json.loads((penalised / "generation_config.json").read_text())
     config.update(repetition_penalty=5.0, no_repeat_ngram_size=1)
     (penalised / "generation_config.json").write_text(json.dumps(config))
 
     banks = {}
-    for label, path in (("plain", TOY), ("penalised", str(penalised))):
+    for label, path in (("plain", TOY_BASE), ("penalised", str(penalised))):
         torch.manual_seed(0)
         banks[label] = AdapterBank(BankSpec(model=path, adapters=[AdapterSpec("policy")])).eval()
     # The file does change transformers' own generate (else this test would prove nothing).

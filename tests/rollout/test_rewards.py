@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from _rollout_helpers import TOY, make_rollout
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaForSequenceClassification, PreTrainedTokenizerFast
 
@@ -14,6 +13,9 @@ from lit_rlhf import toy
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec
 from lit_rlhf.rollout import FunctionReward, ModelReward, RewardRequest, Rewards, RewardSpec, load_function
 from lit_rlhf.toy.build import CHAT_TEMPLATE, SPECIAL, tiny_config
+
+from tests.paths import TOY_BASE
+from tests.rollout._rollout_helpers import make_rollout
 
 PROMPTS = ["the book was", "i think the park is", "the food was", "honestly the car felt"]
 COMPLETIONS = ["good great .", "bad and sad .", "it was fun but boring", "very happy ."]
@@ -95,7 +97,7 @@ def test_running_normalisation_by_hand(tokenizer, length_module):
 def reward_adapter(tmp_path_factory):
     """A saved score adapter on the toy base, with normalisation statistics in its lit_rlhf.json."""
     torch.manual_seed(0)
-    bank = AdapterBank(BankSpec(model=TOY, adapters=[AdapterSpec("reward", head="score")]))
+    bank = AdapterBank(BankSpec(model=TOY_BASE, adapters=[AdapterSpec("reward", head="score")]))
     with torch.no_grad():
         for name, p in bank.named_parameters():
             if "lora_B" in name:
@@ -106,7 +108,7 @@ def reward_adapter(tmp_path_factory):
 
 
 def test_reward_adapter_on_the_bank_restores_the_policy(tokenizer, reward_adapter):
-    bank = AdapterBank(BankSpec(model=TOY, adapters=[AdapterSpec("policy"),
+    bank = AdapterBank(BankSpec(model=TOY_BASE, adapters=[AdapterSpec("policy"),
                                                      AdapterSpec("reward", path=reward_adapter, trainable=False)]),
                        require=[AdapterSpec("reward", head="score")]).eval()
     rewards = Rewards([RewardSpec("adapter", adapter="reward")])
@@ -175,10 +177,47 @@ def test_separate_reward_adapter_dir_scores_like_the_same_adapter_on_the_bank(to
     req = request(tokenizer, [True, False, True, True])
     separate = ModelReward(reward_adapter)  # its base is read from adapter_config.json
     separate.setup()
-    bank = AdapterBank(BankSpec(model=TOY, adapters=[AdapterSpec("reward", path=reward_adapter, trainable=False,
-                                                                 head="score")])).eval()
+    bank = AdapterBank(BankSpec(model=TOY_BASE, adapters=[AdapterSpec("reward", path=reward_adapter, trainable=False,
+                                                                      head="score")])).eval()
     r = req.rollout
     with torch.no_grad():
         on_bank = bank.score(r.input_ids, r.attention_mask, adapter="reward", position_ids=r.position_ids)
     assert separate(req).tolist() == pytest.approx(on_bank.tolist(), abs=1e-5)
     assert separate.saved_normalization() == {"mean": 0.25, "std": 2.0}
+
+
+def test_a_merged_reward_export_is_read_with_its_head_and_statistics(tmp_path, tokenizer, reward_adapter):
+    """A merged lit_rlhf reward model (save_pretrained + head.safetensors + lit_rlhf.json) is a reward
+    model, not a fresh sequence classifier: it scores as the adapter it was merged from."""
+    bank = AdapterBank(BankSpec(model=TOY_BASE, adapters=[AdapterSpec("reward", path=reward_adapter, trainable=False,
+                                                                      head="score")]))
+    merged = bank.export_merged(tmp_path / "merged", adapter="reward", keep_head=True,
+                                metadata={"normalization": {"mean": 0.25, "std": 2.0}})
+    req = request(tokenizer, [True, False, True, True])
+    from_adapter, from_merged = ModelReward(reward_adapter), ModelReward(str(merged))
+    from_adapter.setup()
+    from_merged.setup()
+    assert from_merged(req).tolist() == pytest.approx(from_adapter(req).tolist(), abs=1e-5)
+    assert from_merged.saved_normalization() == {"mean": 0.25, "std": 2.0}
+
+
+def test_separate_model_tokenises_a_conversation_as_its_training_rows(tokenizer, reward_adapter):
+    """Conversational prompts are rendered with the reward tokenizer's template and tokenised as the
+    data pipeline tokenised the reward model's training rows (the template owns the special tokens)."""
+    from lit_rlhf.data import SFTCollator, Where, build_examples
+
+    conversations = [[{"role": "user", "content": p}] for p in PROMPTS]
+    rendered = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    req = RewardRequest(rendered, COMPLETIONS, make_rollout(tokenizer, PROMPTS, COMPLETIONS), raw_prompts=conversations)
+    source = ModelReward(reward_adapter)
+    source.setup()
+    rows = [(Where("test", i, "row", "python"), {"messages": c + [{"role": "assistant", "content": completion}]})
+            for i, (c, completion) in enumerate(zip(conversations, COMPLETIONS), start=1)]
+    examples, errors = build_examples("sft", rows, tokenizer, max_length=None)
+    assert not errors
+    batch = SFTCollator(tokenizer.pad_token_id)(examples)
+    bank = AdapterBank(BankSpec(model=TOY_BASE, adapters=[AdapterSpec("reward", path=reward_adapter, trainable=False,
+                                                                      head="score")])).eval()
+    with torch.no_grad():
+        expected = bank.score(batch["input_ids"], batch["attention_mask"], adapter="reward")
+    assert source(req).tolist() == pytest.approx(expected.tolist(), abs=1e-5)
