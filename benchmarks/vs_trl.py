@@ -8,7 +8,8 @@ beta, LoRA rank/alpha/targets, samples per prompt, ``max_new_tokens`` and temper
 optimisation pass per rollout (TRL's ``num_iterations=1``, lit_rlhf's ``ppo_epochs=1``), no
 dropout, no gradient checkpointing, no evaluation, no checkpoints, minimal logging, gradient
 norm clipped at 1.0 on both sides. Everything else is each framework's default as a user meets
-it (lit_rlhf through its Python API: a method, a DataModule and a Lightning ``Trainer``).
+it (lit_rlhf through its Python API: a method, a DataModule and a Lightning ``Trainer``; its
+online methods sample with their default engine, TRL with transformers' ``generate``).
 
 Each (framework, workload) run is a fresh subprocess; runs are interleaved (lit, TRL, lit, TRL,
 ...) so machine load drifts hit both alike, and the medians are compared. A run times its
