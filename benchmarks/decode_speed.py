@@ -103,8 +103,9 @@ def measure_case(args, case: str, model_dir: Path, ids, mask, sampling) -> dict:
 
     bank = build_bank(model_dir, lora=case == "lora", dtype=args.dtype, device=args.device)
     adapter = "policy" if case == "lora" else None
-    engines = {name: build_engine(name) for name in ENGINES}
-    warmup, seconds, tokens = {}, {name: [] for name in ENGINES}, {}
+    names = args.engines
+    engines = {name: build_engine(name) for name in names}
+    warmup, seconds, tokens = {}, {name: [] for name in names}, {}
     for name, engine in engines.items():
         warmup[name] = timed(engine, bank, adapter, ids, mask, sampling)[0]
     for _ in range(args.repeats):
@@ -113,12 +114,12 @@ def measure_case(args, case: str, model_dir: Path, ids, mask, sampling) -> dict:
             seconds[name].append(s)
     agreement = greedy_agreement(engines, bank, adapter, ids, mask,
                                  replace(sampling, max_new_tokens=min(args.new_tokens, 32)))
-    rate = {name: tokens[name] / statistics.median(seconds[name]) for name in ENGINES}
+    rate = {name: tokens[name] / statistics.median(seconds[name]) for name in names}
     return {
         name: {"tokens_per_s": round(rate[name], 1), "ratio_vs_hf": round(rate[name] / rate["hf"], 3),
                "warmup_s": round(warmup[name], 3), "seconds": [round(s, 4) for s in seconds[name]],
                "tokens": tokens[name], "greedy_rows_equal_to_hf": agreement[name]}
-        for name in ENGINES
+        for name in names
     }
 
 
@@ -174,8 +175,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default=None, help="model dtype; default bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--engines", type=lambda text: text.split(","), default=list(ENGINES),
+                        help=f"comma-separated engines to time, hf first (default: {','.join(ENGINES)})")
     parser.add_argument("--smoke", action="store_true", help="tiny run (small model, batch 4, 16 + 8 tokens, 1 repeat)")
     args = parser.parse_args(argv)
+    if args.engines[0] != "hf" or not set(args.engines) <= set(ENGINES):
+        parser.error(f"--engines: hf first, then any of {ENGINES}; got {args.engines}")
     if args.smoke:
         args.size, args.batch, args.prompt_len, args.new_tokens, args.repeats = "small", 4, 16, 8, 1
     if args.device == "cuda" and not torch.cuda.is_available():

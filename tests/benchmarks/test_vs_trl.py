@@ -84,11 +84,11 @@ def test_gpu_script_plans_every_part_under_its_timeout():
     done = subprocess.run(["bash", str(REPO / "benchmarks/gpu.sh"), "--dry-run"], capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", "OUT": "/tmp/gpu_sh_test"}, timeout=30)
     assert done.returncode == 0, done.stderr
-    parts = [line for line in done.stdout.splitlines() if line.startswith("PART ")]
-    assert [p.split()[1] for p in parts] == ["dpo_1b", "grpo_0.5b", "decode"]
-    assert sum(int(p.split("timeout ")[1].split("s)")[0]) for p in parts) < 8 * 60
-    assert "--only dpo_full,dpo_lora" in parts[0] and "--size 1b" in parts[0]
-    assert "--prompts 16 --generations 4 --prompt-len 128 --new-tokens 128" in parts[1]
-    assert "--batch 64 --new-tokens 128" in parts[2] and "--size 0.5b" in parts[2]
+    parts = {line.split()[1]: line for line in done.stdout.splitlines() if line.startswith("PART ")}
+    assert sorted(parts) == ["decode", "dpo_1b", "grpo_0.5b"]
+    assert sum(int(p.split("timeout ")[1].split("s)")[0]) for p in parts.values()) < 8 * 60
+    assert "--only dpo_full,dpo_lora" in parts["dpo_1b"] and "--size 1b" in parts["dpo_1b"]
+    assert "--prompts 16 --generations 4 --prompt-len 128 --new-tokens 128" in parts["grpo_0.5b"]
+    assert "--batch 64 --new-tokens 128" in parts["decode"] and "--size 0.5b" in parts["decode"]
     bad = subprocess.run(["bash", str(REPO / "benchmarks/gpu.sh"), "--fast"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "usage" in bad.stderr
