@@ -259,7 +259,7 @@ def run_lit(workload: str, assets: Path, work: Workload, dtype: str, device: str
     common = dict(bank=bank, learning_rate=work.lr)
     online = dict(sampling=SamplingConfig(max_new_tokens=work.new_tokens, temperature=1.0),
                   rewards=[RewardSpec(kind="function", function="vs_trl:reward")],
-                  num_samples_per_prompt=work.generations, ppo_epochs=1, num_mini_batches=1, max_grad_norm=1.0)
+                  num_samples_per_prompt=work.generations, update_epochs=1, num_mini_batches=1, max_grad_norm=1.0)
     steps = work.steps
     if workload.startswith("dpo"):
         method = DPO(beta=work.beta, **common)
