@@ -105,10 +105,11 @@ class OfflineMethod(BankMethod):
         if self.uses_packing():
             packed = self.packed(input_ids, attention_mask)
             input_ids, attention_mask, position_ids, layout = packed.input_ids, None, packed.position_ids, packed.layout
-        if not self.uses_head_selection():
-            return self.bank(input_ids, attention_mask, position_ids).logits, layout
         # Position t predicts token t + 1: the head runs where that token is a completion token.
         predicts = torch.cat([completion_mask[:, 1:], torch.zeros_like(completion_mask[:, :1])], dim=1).bool()
+        # No completion token at all: full logits keep the loss attached to the graph (a zero gradient).
+        if not self.uses_head_selection() or not predicts.any():
+            return self.bank(input_ids, attention_mask, position_ids).logits, layout
         keep = predicts
         if layout is not None:
             keep = torch.zeros_like(layout.slot_mask)

@@ -176,3 +176,16 @@ def test_falls_back_to_full_logits(models, caplog, monkeypatch):
         assert logits.shape[:2] == layout.slot_mask.shape and int(layout.slot_mask.sum()) == int(batch["attention_mask"].sum())
         for ours, theirs in zip(method.pair_logps(batch), expected):
             torch.testing.assert_close(ours, theirs, **TOL)
+
+
+def test_a_batch_without_completion_tokens_keeps_its_graph(models):
+    """No completion-predicting position: full logits, so the (zero) loss still reaches the weights."""
+    method = make(DPO, models["llama"], beta=0.5)
+    batch = preference_batch(method)
+    batch["completion_mask"] = torch.zeros_like(batch["completion_mask"])
+    with method.bank.role("policy"):
+        logits, _ = method.lm_logits(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    assert logits.shape[1] > 1
+    loss, _ = method.compute_loss(batch)
+    loss.backward()
+    assert all(param.grad is not None for name, param in method.bank.named_parameters() if param.requires_grad)
