@@ -42,13 +42,14 @@ class SequenceLogps(NamedTuple):
 
 
 class PackedLayout(NamedTuple):
-    """Where the tokens of a padding-free forward sit: the real tokens of a padded ``(batch, seq)``
-    batch, in row-major order, fill the ``True`` slots of ``(rows, width)`` packed rows in the same
-    order (``models.packing.pack_rows``).
+    """Where the positions of a padding-free or reduced forward sit: the ``token_mask`` positions of a
+    padded ``(batch, seq)`` batch, in row-major order, fill the ``True`` slots of ``(rows, width)``
+    rows in the same order: the real tokens in packed rows (``models.packing.pack_rows``), or the
+    positions the LM head ran on in one ``(1, kept)`` row (``models.head``).
 
     Attributes:
-        token_mask: ``(batch, seq)`` bool, the padded batch's real tokens.
-        slot_mask: ``(rows, width)`` bool, the packed slots holding them (the rest is padding).
+        token_mask: ``(batch, seq)`` bool, the padded batch's positions held.
+        slot_mask: ``(rows, width)`` bool, the slots holding them (the rest is padding).
     """
 
     token_mask: torch.Tensor

@@ -60,7 +60,7 @@ class PreferenceMethod(OfflineMethod):
 
     def pair_logps(self, batch: dict) -> PairLogps:
         """Log-probs of chosen and rejected completions from one forward of the active role."""
-        logits, layout = self.lm_logits(batch["input_ids"], batch["attention_mask"])
+        logits, layout = self.lm_logits(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         logps, lengths = sequence_logps(logits, batch["input_ids"], batch["completion_mask"], layout)
         half = logps.shape[0] // 2
         return PairLogps(logps[:half], logps[half:], lengths[:half], lengths[half:])
@@ -317,7 +317,7 @@ class DPO(PreferenceMethod):
         (``ld_alpha``) the reweighted sums, with ``with_weights`` WPO's pair weights."""
         if self.ld_alpha is None and not with_weights:
             return super().pair_logps(batch)
-        logits, layout = self.lm_logits(batch["input_ids"], batch["attention_mask"])
+        logits, layout = self.lm_logits(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         per_token, mask = completion_token_logps(logits, batch["input_ids"], batch["completion_mask"], layout)
         half = per_token.shape[0] // 2
         lengths = mask.sum(dim=1)

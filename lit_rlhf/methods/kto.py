@@ -146,7 +146,7 @@ class KTO(OfflineMethod):
     def completion_logps(self, batch: dict, prefix: str = "") -> SequenceLogps:
         """Summed completion log-probs of the active role on the batch's ``{prefix}*`` rows."""
         ids = batch[f"{prefix}input_ids"]
-        logits, layout = self.lm_logits(ids, batch[f"{prefix}attention_mask"])
+        logits, layout = self.lm_logits(ids, batch[f"{prefix}attention_mask"], batch[f"{prefix}completion_mask"])
         return sequence_logps(logits, ids, batch[f"{prefix}completion_mask"], layout)
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, int]]]:

@@ -550,6 +550,10 @@ class AdapterBank(nn.Module):
         model = self._current_model()
         return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs)
 
+    def output_embeddings(self) -> nn.Module:
+        """The active role's LM head (``models.head.head_on`` hooks it)."""
+        return self._current_model().get_output_embeddings()
+
     def _trunk(self) -> nn.Module:
         """The decoder stack of the active model without its LM head, found the transformers way
         (``base_model_prefix``: ``model`` for Llama, ``transformer`` for GPT-2, ``gpt_neox``...)."""
