@@ -7,7 +7,9 @@ One ``training_step`` is one rollout, read top to bottom in ``OnlineMethod.train
    policy adapter (``rollout/`` engine);
 2. score: the reward sources (``rollout/rewards``); prompts with an unscored sample leave;
 3. reference and values: the behaviour log-probs (one forward of the policy, which may give the
-   critic's values too) and the reference's log-probs (adapters off), without gradient;
+   critic's values too) and the reference's log-probs (adapters off), without gradient; with one
+   update of one micro-batch (``fuses_behaviour_pass``) the update's own forward is taken here, with
+   gradient, and its detached log-probs are the behaviour log-probs;
 4. advantages: ``compute_advantages(scored)`` (the subclass) returns its named per-row targets;
    the KL controller then takes this rollout's KL;
 5. update: ``update_epochs`` passes over ``num_mini_batches`` shuffled mini-batches, one optimizer
@@ -159,6 +161,11 @@ def select_rows(rows, index: torch.Tensor):
     if isinstance(rows, torch.Tensor):
         return rows[index]
     return type(rows)(*(select_rows(field, index) for field in rows))
+
+
+def kept_logits(logits_to_keep: int | None) -> dict:
+    """The forward keyword that limits the LM head to the last ``logits_to_keep`` positions; none for all."""
+    return {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
 
 
 def sampled_entropy(scored: ScoredRollout) -> torch.Tensor:
@@ -327,7 +334,8 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
                 # Recomputed rather than read from generate: its scores are post-warping (temperature, top-k/p).
                 behaviour = self.policy_forward(rollout)
             # A critic on the policy's trunk comes with the policy's forward; a separate one has its own.
-            values = behaviour.values if behaviour is not None and behaviour.values is not None else self.critic_values(rollout)
+            values = behaviour.values if behaviour is not None else None
+            values = values if values is not None else self.critic_values(rollout)
         scored = scored._replace(ref_logprobs=ref_logprobs, old_values=values)
         if behaviour is not None:
             return scored._replace(old_logprobs=behaviour.logprobs)
@@ -398,9 +406,8 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
                                  logits_to_keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of the policy over whole sequences (their last ``logits_to_keep`` positions when given), and
         critic values at the same positions if the same pass gives them."""
-        kept = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
         with self.bank.role(self.policy_adapter):
-            return self.bank(input_ids, attention_mask, position_ids, **kept).logits, None
+            return self.bank(input_ids, attention_mask, position_ids, **kept_logits(logits_to_keep)).logits, None
 
     def critic_values(self, rollout: Rollout) -> torch.Tensor | None:
         """``(b, T)`` values of a critic separate from the policy's forward, or ``None`` without one."""
@@ -527,8 +534,7 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         """``(b, T)`` response log-probs under the reference (adapters off, or the frozen copy)."""
         keep = self.logits_to_keep(rollout)
         with self.bank.reference():
-            logits = self.bank(rollout.input_ids, rollout.attention_mask, rollout.position_ids,
-                               **({} if keep is None else {"logits_to_keep": keep})).logits
+            logits = self.bank(rollout.input_ids, rollout.attention_mask, rollout.position_ids, **kept_logits(keep)).logits
         return self.response_logprobs(logits, rollout)
 
     # -- 5. update ----------------------------------------------------------------------------------
@@ -609,7 +615,7 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
             targets=rows(targets),
             step_rows=index.numel() if step_rows is None else step_rows,
             step_tokens=step_tokens,
-            taken=scored.taken,
+            taken=rows(scored.taken),
         )
 
     def step_token_count(self, loss_mask: torch.Tensor) -> torch.Tensor:
