@@ -421,6 +421,10 @@ class AdapterBank(nn.Module):
         """Make adapter ``name`` active; the previously active adapter is restored on exit."""
         self._check_role(name)
         previous = self._active
+        if name == previous:
+            # Nothing to switch: peft's set_adapter walks every module (milliseconds, several times a rollout).
+            yield self
+            return
         self._activate(name)
         try:
             yield self
@@ -473,6 +477,8 @@ class AdapterBank(nn.Module):
                         yield
                 finally:
                     self._adapters_off = False
+                    # Switching adapters back on, peft makes the active adapter trainable: trainability is ours.
+                    self._apply_trainability()
             elif self.full:
                 previous = self._use_reference
                 self._use_reference = True
