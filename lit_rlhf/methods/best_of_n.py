@@ -134,10 +134,13 @@ class BestOfN(OnlineMethod):
 
     def policy_loss(self, batch: MiniBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rollout = batch.rollout
-        logits, _ = self.policy_logits_and_values(rollout.input_ids, rollout.attention_mask, rollout.position_ids)
+        logits, _ = self.policy_logits_and_values(rollout.input_ids, rollout.attention_mask, rollout.position_ids,
+                                                  logits_to_keep=self.logits_to_keep(rollout))
         response_mask = rollout.response_mask * batch.targets.weight.unsqueeze(1).to(rollout.response_mask.dtype)
         completion_mask = torch.cat([torch.zeros_like(rollout.prompt_mask), response_mask], dim=1)
-        nll_sum, num_tokens = completion_nll(logits, rollout.input_ids, completion_mask)
+        # The logits may cover only the last positions (the last prompt token and the response): the same columns.
+        window = logits.shape[1]
+        nll_sum, num_tokens = completion_nll(logits, rollout.input_ids[:, -window:], completion_mask[:, -window:])
         loss = nll_sum / num_tokens.clamp(min=1)
         return loss, {"loss/sft": loss.detach()}
 

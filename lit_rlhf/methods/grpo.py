@@ -182,7 +182,8 @@ class GRPO(OnlineMethod):
 
     def policy_loss(self, batch: MiniBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         mask = self.loss_mask(batch.rollout)
-        out = self.policy_forward(batch.rollout, with_entropy=self.entropy_coef > 0 or self.top_entropy_quantile < 1)
+        out = self.policy_forward(batch.rollout, with_entropy=self.entropy_coef > 0 or self.top_entropy_quantile < 1,
+                                  taken=batch.taken)
         result = grpo_loss(out.logprobs, batch.old_logprobs, batch.targets.advantages, mask, epsilon=self.epsilon,
                            epsilon_high=self.epsilon_high, beta=self.beta, ref_logprobs=batch.ref_logprobs,
                            loss_type=self.loss_type, max_completion_length=self.sampling.max_new_tokens,

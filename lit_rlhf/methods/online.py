@@ -7,7 +7,9 @@ One ``training_step`` is one rollout, read top to bottom in ``OnlineMethod.train
    policy adapter (``rollout/`` engine);
 2. score: the reward sources (``rollout/rewards``); prompts with an unscored sample leave;
 3. reference and values: the behaviour log-probs (one forward of the policy, which may give the
-   critic's values too) and the reference's log-probs (adapters off), without gradient;
+   critic's values too) and the reference's log-probs (adapters off), without gradient; with one
+   update of one micro-batch (``fuses_behaviour_pass``) the update's own forward is taken here, with
+   gradient, and its detached log-probs are the behaviour log-probs;
 4. advantages: ``compute_advantages(scored)`` (the subclass) returns its named per-row targets;
    the KL controller then takes this rollout's KL;
 5. update: ``update_epochs`` passes over ``num_mini_batches`` shuffled mini-batches, one optimizer
@@ -27,6 +29,7 @@ optimizer step. ``trainer.global_step`` counts optimizer steps; the rollouts are
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import warnings
@@ -39,6 +42,7 @@ from typing import NamedTuple
 
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
+from peft import PeftModel
 
 from lit_rlhf.distributed import every_rank, global_sum, rank_seed
 from lit_rlhf.losses import entropy_from_logits, kl_penalty, token_logps
@@ -68,6 +72,8 @@ class ScoredRollout(NamedTuple):
         ref_logprobs: ``(B, T)`` the same under the reference; ``None`` when the method needs none.
         old_values: ``(B, T)`` critic values at rollout time when the policy forward yields them
             (a value head on the policy trunk), else ``None``.
+        taken: the update's own forward of the policy over these rows, with gradient, when it gave
+            ``old_logprobs`` (``fuses_behaviour_pass``), else ``None``.
     """
 
     rollout: Rollout
@@ -78,6 +84,7 @@ class ScoredRollout(NamedTuple):
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     old_values: torch.Tensor | None = None
+    taken: PolicyPass | None = None
 
     def select(self, index: torch.Tensor) -> ScoredRollout:
         """The rows ``index`` (a 1-d long tensor) of every field."""
@@ -91,6 +98,7 @@ class ScoredRollout(NamedTuple):
             old_logprobs=select_rows(self.old_logprobs, index),
             ref_logprobs=select_rows(self.ref_logprobs, index),
             old_values=select_rows(self.old_values, index),
+            taken=select_rows(self.taken, index),
         )
 
 
@@ -105,6 +113,8 @@ class MiniBatch(NamedTuple):
         step_rows: rows of the optimizer step this micro-batch belongs to (its mini-batch, on this rank).
         step_tokens: loss tokens of that optimizer step summed over every rank and divided by the
             number of ranks (DDP averages gradients), scalar; the normaliser of a global token-level loss.
+        taken: the policy's forward over these rows already taken with gradient (``ScoredRollout.taken``),
+            for ``policy_forward(..., taken=batch.taken)``; ``None``: the loss takes its own.
     """
 
     rollout: Rollout
@@ -113,6 +123,21 @@ class MiniBatch(NamedTuple):
     targets: NamedTuple
     step_rows: int = 0
     step_tokens: torch.Tensor | None = None
+    taken: PolicyPass | None = None
+
+
+class PolicyPass(NamedTuple):
+    """One forward of the policy over rollout rows, cut to the ``T`` positions that predict response tokens.
+
+    Attributes:
+        logits: ``(b, T, vocab)`` divided by the sampling temperature.
+        logprobs: ``(b, T)`` float32 log-probs of the response tokens, 0 on padding.
+        values: ``(b, T)`` critic values at those positions when the forward yields them, else ``None``.
+    """
+
+    logits: torch.Tensor
+    logprobs: torch.Tensor
+    values: torch.Tensor | None
 
 
 class PolicyOutput(NamedTuple):
@@ -136,6 +161,11 @@ def select_rows(rows, index: torch.Tensor):
     if isinstance(rows, torch.Tensor):
         return rows[index]
     return type(rows)(*(select_rows(field, index) for field in rows))
+
+
+def kept_logits(logits_to_keep: int | None) -> dict:
+    """The forward keyword that limits the LM head to the last ``logits_to_keep`` positions; none for all."""
+    return {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
 
 
 def sampled_entropy(scored: ScoredRollout) -> torch.Tensor:
@@ -286,21 +316,50 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         self.maybe_log_samples(scored)
 
     def rollout_and_score(self, batch: dict) -> ScoredRollout:
-        """Steps 1 to 3 of a rollout, without gradient."""
+        """Steps 1 to 3 of a rollout; without gradient, except the update's own forward when it is fused
+        into step 3 (``fuses_behaviour_pass``)."""
         # 1. generate and 2. score
         rollout, prompts, completions, reward = self.drop_unscored(*self.sample_and_score(batch))
         scored = ScoredRollout(rollout=rollout, prompts=prompts, completions=completions, scores=reward.scores,
                                per_source=reward.per_source)
-        if not prompts or not self.uses_behaviour_logprobs():
+        if not prompts:
             return scored
+        fused = self.fuses_behaviour_pass()
         # 3. reference and values. Behaviour log-probs in eval mode too: with dropout (LoRA dropout > 0)
         # the first PPO ratio would not be 1.
         with torch.no_grad(), eval_mode(self.bank):
-            # Recomputed rather than read from generate: its scores are post-warping (temperature, top-k/p).
-            behaviour = self.policy_forward(rollout)
             ref_logprobs = self.reference_logprobs(rollout) if self.uses_reference() else None
-            values = behaviour.values if behaviour.values is not None else self.critic_values(rollout)
-        return scored._replace(old_logprobs=behaviour.logprobs, ref_logprobs=ref_logprobs, old_values=values)
+            behaviour = None
+            if self.uses_behaviour_logprobs() and not fused:
+                # Recomputed rather than read from generate: its scores are post-warping (temperature, top-k/p).
+                behaviour = self.policy_forward(rollout)
+            # A critic on the policy's trunk comes with the policy's forward; a separate one has its own.
+            values = behaviour.values if behaviour is not None else None
+            values = values if values is not None else self.critic_values(rollout)
+        scored = scored._replace(ref_logprobs=ref_logprobs, old_values=values)
+        if behaviour is not None:
+            return scored._replace(old_logprobs=behaviour.logprobs)
+        if not fused:
+            return scored
+        # The update's only forward, taken now (after the reference's, so its graph is not alive during it):
+        # the weights it sees are the ones a behaviour forward would see, so its detached log-probs are the
+        # behaviour log-probs, and the ratio of the update is exactly 1.
+        taken = self.policy_pass(rollout)
+        old_values = taken.values.detach() if taken.values is not None else values
+        return scored._replace(old_logprobs=taken.logprobs.detach(), old_values=old_values, taken=taken)
+
+    def fuses_behaviour_pass(self) -> bool:
+        """Whether step 3's behaviour forward is the update's own forward, detached, rather than a separate
+        no-grad forward.
+
+        Exact when the update is one optimizer step over one micro-batch holding every row (``update_epochs``,
+        ``num_mini_batches`` and ``gradient_accumulation_steps`` all 1): no step changes the weights between
+        rollout and update. Not with dropout: the behaviour log-probs must be the sampling distribution's
+        (eval mode), not one dropout draw's. Gradient accumulation would keep every micro-batch's graph alive
+        until the advantages are known, so it keeps the separate forward."""
+        args = self.update_args
+        return (self.uses_behaviour_logprobs() and self.bank_spec.disable_dropout and args.update_epochs == 1
+                and args.num_mini_batches == 1 and args.gradient_accumulation_steps == 1)
 
     # -- what subclasses implement ----------------------------------------------------------------
 
@@ -343,10 +402,12 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         (``batch.step_tokens``) returns 1."""
         return batch.rollout.response_ids.shape[0] / batch.step_rows
 
-    def policy_logits_and_values(self, input_ids, attention_mask, position_ids) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits of the policy over whole sequences, and critic values if the same pass gives them."""
+    def policy_logits_and_values(self, input_ids, attention_mask, position_ids, *,
+                                 logits_to_keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of the policy over whole sequences (their last ``logits_to_keep`` positions when given), and
+        critic values at the same positions if the same pass gives them."""
         with self.bank.role(self.policy_adapter):
-            return self.bank(input_ids, attention_mask, position_ids).logits, None
+            return self.bank(input_ids, attention_mask, position_ids, **kept_logits(logits_to_keep)).logits, None
 
     def critic_values(self, rollout: Rollout) -> torch.Tensor | None:
         """``(b, T)`` values of a critic separate from the policy's forward, or ``None`` without one."""
@@ -422,39 +483,58 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
 
     # -- 3. log-probs: one path (lit_rlhf.losses.token_logps) ----------------------------------------
 
+    def logits_to_keep(self, rollout: Rollout) -> int | None:
+        """Positions whose logits a forward over ``rollout`` computes: the last ``T + 1`` (the LM head and
+        the log-softmax then skip the prompt), or ``None`` (all) when the model's forward has no
+        ``logits_to_keep``. The last kept position predicts nothing in the rollout and is dropped."""
+        model = self.bank.model
+        model = model.get_base_model() if isinstance(model, PeftModel) else model
+        if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+            return None
+        return rollout.response_ids.shape[1] + 1
+
     def response_logits(self, logits: torch.Tensor, rollout: Rollout) -> torch.Tensor:
-        """The logits that predict each response token, divided by the sampling temperature. ``(b, T, vocab)``."""
-        start = rollout.prompt_ids.shape[1] - 1
-        logits = logits[:, start : start + rollout.response_ids.shape[1]]
+        """The logits that predict each response token, divided by the sampling temperature. ``(b, T, vocab)``.
+
+        ``logits`` cover the whole sequence or its last ``T + 1`` positions (``logits_to_keep``): either way
+        the response is predicted by the ``T`` positions before the last."""
+        logits = self.response_slice(logits, rollout, masked=False)
         temperature = self.sampling.temperature
         return logits / temperature if temperature != 1.0 else logits
 
     def response_logprobs(self, logits: torch.Tensor, rollout: Rollout) -> torch.Tensor:
-        """``(b, T)`` float32 log-probs of the response tokens from whole-sequence logits, 0 on padding."""
+        """``(b, T)`` float32 log-probs of the response tokens from whole-sequence (or kept) logits, 0 on padding."""
         logps = token_logps(self.response_logits(logits, rollout), rollout.response_ids)
         return logps * rollout.response_mask
 
-    def response_slice(self, per_position: torch.Tensor, rollout: Rollout) -> torch.Tensor:
-        """Per-position values of whole sequences -> the positions predicting response tokens. ``(b, T)``."""
-        start = rollout.prompt_ids.shape[1] - 1
-        return per_position[:, start : start + rollout.response_ids.shape[1]] * rollout.response_mask
+    def response_slice(self, per_position: torch.Tensor, rollout: Rollout, *, masked: bool = True) -> torch.Tensor:
+        """Per-position values of whole sequences (or of their last ``T + 1`` positions) -> the ``T`` positions
+        predicting response tokens, ``(b, T, ...)``; times the response mask unless ``masked=False``."""
+        T = rollout.response_ids.shape[1]
+        kept = per_position[:, per_position.shape[1] - T - 1 : per_position.shape[1] - 1]
+        return kept * rollout.response_mask if masked else kept
 
-    def policy_forward(self, rollout: Rollout, *, with_entropy: bool = False) -> PolicyOutput:
-        """One forward of the policy over the rows: response log-probs (+ entropy, + values if the pass gives them)."""
-        logits, values = self.policy_logits_and_values(rollout.input_ids, rollout.attention_mask, rollout.position_ids)
-        logprobs = self.response_logprobs(logits, rollout)
-        entropy = None
-        if with_entropy:
-            entropy = entropy_from_logits(self.response_logits(logits, rollout)) * rollout.response_mask
-        if values is not None:
-            values = self.response_slice(values, rollout)
-        return PolicyOutput(logprobs, entropy, values)
+    def policy_pass(self, rollout: Rollout) -> PolicyPass:
+        """One forward of the policy over the rows, cut to the response: logits, log-probs, values if it gives them."""
+        logits, values = self.policy_logits_and_values(rollout.input_ids, rollout.attention_mask, rollout.position_ids,
+                                                       logits_to_keep=self.logits_to_keep(rollout))
+        logits = self.response_logits(logits, rollout)
+        logprobs = token_logps(logits, rollout.response_ids) * rollout.response_mask
+        return PolicyPass(logits, logprobs, None if values is None else self.response_slice(values, rollout))
+
+    def policy_forward(self, rollout: Rollout, *, with_entropy: bool = False, taken: PolicyPass | None = None) -> PolicyOutput:
+        """The policy's response log-probs (+ entropy, + values if the pass gives them) over the rows: of
+        ``taken`` (the pass ``MiniBatch.taken`` already holds) or of a new forward."""
+        taken = self.policy_pass(rollout) if taken is None else taken
+        entropy = entropy_from_logits(taken.logits) * rollout.response_mask if with_entropy else None
+        return PolicyOutput(taken.logprobs, entropy, taken.values)
 
     @torch.no_grad()
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
         """``(b, T)`` response log-probs under the reference (adapters off, or the frozen copy)."""
+        keep = self.logits_to_keep(rollout)
         with self.bank.reference():
-            logits = self.bank(rollout.input_ids, rollout.attention_mask, rollout.position_ids).logits
+            logits = self.bank(rollout.input_ids, rollout.attention_mask, rollout.position_ids, **kept_logits(keep)).logits
         return self.response_logprobs(logits, rollout)
 
     # -- 5. update ----------------------------------------------------------------------------------
@@ -521,14 +601,21 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
     @staticmethod
     def select(scored: ScoredRollout, targets: NamedTuple, index: torch.Tensor, *,
                step_rows: int | None = None, step_tokens: torch.Tensor | None = None) -> MiniBatch:
-        """The micro-batch of rows ``index``."""
+        """The micro-batch of rows ``index``. With the update's forward taken already (``scored.taken``) the one
+        micro-batch holds every row: they stay in rollout order and the pass is not copied (losses sum over rows)."""
+        in_order = scored.taken is not None and index.numel() == scored.scores.shape[0]
+
+        def rows(x):
+            return x if in_order else select_rows(x, index)
+
         return MiniBatch(
-            rollout=scored.rollout.select(index),
-            old_logprobs=select_rows(scored.old_logprobs, index),
-            ref_logprobs=select_rows(scored.ref_logprobs, index),
-            targets=select_rows(targets, index),
+            rollout=rows(scored.rollout),
+            old_logprobs=rows(scored.old_logprobs),
+            ref_logprobs=rows(scored.ref_logprobs),
+            targets=rows(targets),
             step_rows=index.numel() if step_rows is None else step_rows,
             step_tokens=step_tokens,
+            taken=rows(scored.taken),
         )
 
     def step_token_count(self, loss_mask: torch.Tensor) -> torch.Tensor:

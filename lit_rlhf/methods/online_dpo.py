@@ -78,6 +78,10 @@ class OnlineDPO(OnlineMethod):
         self.loss_type = loss_type
         self.label_smoothing = label_smoothing
 
+    def uses_behaviour_logprobs(self) -> bool:
+        # DPO's loss compares with the reference, never with the sampling policy: no behaviour forward.
+        return False
+
     # -- rank each pair ------------------------------------------------------------------------------
 
     def compute_advantages(self, scored: ScoredRollout) -> PairTargets:
@@ -94,7 +98,7 @@ class OnlineDPO(OnlineMethod):
 
     def policy_loss(self, batch: MiniBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         mask = batch.rollout.response_mask
-        logps = self.policy_forward(batch.rollout).logprobs.sum(dim=1).view(-1, 2)
+        logps = self.policy_forward(batch.rollout, taken=batch.taken).logprobs.sum(dim=1).view(-1, 2)
         ref_logps = batch.ref_logprobs.sum(dim=1).view(-1, 2)
         lengths = mask.sum(dim=1).view(-1, 2)
         first = batch.targets.first_is_chosen.view(-1, 2)[:, 0]

@@ -144,11 +144,11 @@ class PPO(OnlineMethod):
             return [AdapterSpec(a.name, head="value") if a.name == self.policy_adapter else a for a in adapters]
         return adapters + [AdapterSpec(self.value_adapter, head="value")]
 
-    def policy_logits_and_values(self, input_ids, attention_mask, position_ids):
+    def policy_logits_and_values(self, input_ids, attention_mask, position_ids, *, logits_to_keep=None):
         if self.critic == "shared":
             return self.bank.logits_and_values(input_ids, attention_mask, adapter=self.policy_adapter,
-                                               position_ids=position_ids)
-        return super().policy_logits_and_values(input_ids, attention_mask, position_ids)
+                                               position_ids=position_ids, logits_to_keep=logits_to_keep)
+        return super().policy_logits_and_values(input_ids, attention_mask, position_ids, logits_to_keep=logits_to_keep)
 
     def critic_values(self, rollout: Rollout) -> torch.Tensor | None:
         """``(b, T)`` values of the separate value adapter at the positions predicting each response token."""
@@ -200,7 +200,7 @@ class PPO(OnlineMethod):
 
     def policy_loss(self, batch: MiniBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rollout, mask = batch.rollout, batch.rollout.response_mask
-        out = self.policy_forward(rollout, with_entropy=True)
+        out = self.policy_forward(rollout, with_entropy=True, taken=batch.taken)
         values = out.values if self.critic == "shared" else self.critic_values(rollout)
         num_tokens = mask.sum() if batch.step_tokens is None else batch.step_tokens
         policy = ppo_policy_loss(out.logprobs, batch.old_logprobs, batch.targets.advantages, mask,

@@ -154,7 +154,7 @@ class RLOO(OnlineMethod):
 
     def policy_loss(self, batch: MiniBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         mask = batch.rollout.response_mask
-        out = self.policy_forward(batch.rollout, with_entropy=True)
+        out = self.policy_forward(batch.rollout, with_entropy=True, taken=batch.taken)
         # Token means over the whole optimizer step (every micro-batch, every rank), as one process
         # holding the step's rows in one micro-batch would take them.
         num_tokens = mask.sum() if batch.step_tokens is None else batch.step_tokens

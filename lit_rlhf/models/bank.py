@@ -598,19 +598,21 @@ class AdapterBank(nn.Module):
             hidden = self._hidden(input_ids, attention_mask, position_ids)
         return head(hidden)
 
-    def logits_and_values(self, input_ids, attention_mask, *, adapter: str, position_ids=None):
+    def logits_and_values(self, input_ids, attention_mask, *, adapter: str, position_ids=None, logits_to_keep=None):
         """One pass of ``adapter`` giving LM logits and the values of its own value head (shared trunk).
 
         The values read the hidden state the LM head reads (captured by a hook: some models, e.g.
         OPT, call their decoder around the trunk module), and the logits keep whatever the model
-        adds after the head (Gemma 2's soft-capping)."""
+        adds after the head (Gemma 2's soft-capping). With ``logits_to_keep`` (the last positions only,
+        for models whose forward takes it) both cover those positions."""
         head = self._head(adapter, "value")
         captured = []
         lm_head = self._current_model().get_output_embeddings()
         hook = lm_head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
         try:
             with self.role(adapter):
-                out = self.forward(input_ids, attention_mask, position_ids)
+                kept = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
+                out = self.forward(input_ids, attention_mask, position_ids, **kept)
         finally:
             hook.remove()
         return out.logits, head(captured[-1])

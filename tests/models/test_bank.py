@@ -100,6 +100,24 @@ def test_trainable_set_is_ours_not_peft_s(batch):
     assert all("lora_" in n or n.startswith("heads.") for n in trainable)
 
 
+def test_the_active_role_switches_nothing_and_the_reference_keeps_trainability_ours(monkeypatch):
+    bank = three_role_bank()
+    trainable = set(bank.trainable_names())
+    switches = []
+    set_adapter = bank.model.set_adapter
+    monkeypatch.setattr(bank.model, "set_adapter", lambda name: switches.append(name) or set_adapter(name))
+    with bank.role("value"):
+        with bank.role("value"):  # already active: no peft walk over every module
+            pass
+    assert switches == ["value", "policy"]  # in, and back to the policy (active since the bank was built)
+    # Switching the adapters back on after the reference, peft makes the active adapter trainable (here the
+    # frozen reward adapter); the bank undoes it at once, not only when a role switch happens to follow.
+    with bank.role("reward"):
+        with bank.reference():
+            pass
+        assert {n for n, p in bank.named_parameters() if p.requires_grad} == trainable
+
+
 def test_score_and_value_heads_shapes(batch):
     bank = three_role_bank()
     scores = bank.score(*batch, adapter="reward")
