@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lit_rlhf.methods import PPO
-from lit_rlhf.models import BankSpec, LoraSpec, load_tokenizer
+from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.rollout import Rollout, SamplingConfig
 from lit_rlhf.toy.families import build_tiny
 
