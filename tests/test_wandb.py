@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 import pytest
 
@@ -30,13 +32,26 @@ def test_wandb_offline_run_writes_metrics_config_and_sample_tables(tmp_path, mon
     finally:
         wandb.finish()
     # What reached the disk: the offline run's log (protobuf records, keys as plain bytes) and the table.
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1, list(tmp_path.rglob("*"))
-    (log,) = runs[0].glob("run-*.wandb")
-    written = log.read_bytes()
-    for key in (b"objective/scores", b"loss/policy", b"learning_rate", b"lit_rlhf.toy:reward"):
+    # wandb's service process writes them; finish() can return before its last records are flushed.
+    keys = (b"objective/scores", b"loss/policy", b"learning_rate", b"lit_rlhf.toy:reward")
+    run_dir, written = flushed_offline_run(tmp_path / "wandb", keys)
+    for key in keys:
         assert key in written, key
-    tables = list(runs[0].glob("files/media/table/samples_*.table.json"))
+    tables = list(run_dir.glob("files/media/table/samples_*.table.json"))
     assert tables, "no sample table"
     table = json.loads(tables[0].read_text())
     assert table["columns"] == ["prompt", "completion", "score"] and len(table["data"]) > 0
+
+
+def flushed_offline_run(wandb_dir: Path, keys: tuple[bytes, ...], timeout: float = 30.0) -> tuple[Path, bytes]:
+    """The one offline run's directory and its log's bytes, once every key is in them (or the timeout passed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = list(wandb_dir.glob("offline-run-*"))
+        assert len(runs) <= 1, runs
+        logs = list(runs[0].glob("run-*.wandb")) if runs else []
+        written = logs[0].read_bytes() if logs else b""
+        if all(key in written for key in keys) or time.monotonic() > deadline:
+            assert runs and logs, list(wandb_dir.rglob("*"))
+            return runs[0], written
+        time.sleep(0.2)
