@@ -11,18 +11,12 @@ from lit_rlhf.losses import sequence_logps, unpack_tokens
 from lit_rlhf.methods import DPO, KTO, PreferenceMethod, RewardModeling
 from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.models.packing import pack_rows
-from lit_rlhf.toy.families import build_tiny
-
-PREFERENCE = "assets/toy/data/preference_train.jsonl"
-UNPAIRED = "assets/toy/data/unpaired_train.jsonl"
-FAMILIES = ["llama", "qwen2", "gpt2", "gemma2"]
-TOL = dict(atol=1e-5, rtol=1e-5)
+from tests.methods.tiny_families import FAMILIES, PREFERENCE, TOL, UNPAIRED, build_families
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("families")
-    return {family: str(build_tiny(family, root / family)) for family in [*FAMILIES, "opt"]}
+    return build_families(tmp_path_factory.mktemp("families"), [*FAMILIES, "opt"])
 
 
 def twins(cls, model: str, train_mode: str = "lora", **kwargs):

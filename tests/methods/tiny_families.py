@@ -1,0 +1,19 @@
+"""What the padding-free and reduced-LM-head tests share: the toy data, the tiny families they run
+on, and their tolerance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lit_rlhf.toy.families import build_tiny
+from tests.paths import TOY_DATA
+
+PREFERENCE = str(TOY_DATA / "preference_train.jsonl")
+UNPAIRED = str(TOY_DATA / "unpaired_train.jsonl")
+FAMILIES = ["llama", "qwen2", "gpt2", "gemma2"]
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def build_families(root: Path, families: list[str]) -> dict[str, str]:
+    """Tiny random models of ``families`` under ``root``: family -> model directory."""
+    return {family: str(build_tiny(family, root / family)) for family in families}
