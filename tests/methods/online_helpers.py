@@ -161,3 +161,20 @@ def loss_and_grads(method, batch):
     loss.backward()
     grads = {n: p.grad.clone() for n, p in method.bank.named_parameters() if p.grad is not None}
     return loss.detach(), grads
+
+
+def fit_shipped_config(config: str, root, *overrides: str):
+    """``lit-rlhf fit --config <config>`` into ``root`` with ``overrides``; checks the run exported its
+    adapter and kept ``last.ckpt``, and returns its TensorBoard events (loaded)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lit_rlhf.cli import main as cli_main
+
+    cli_main(["fit", "--config", config, f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
+              *overrides])
+    run = root / "lightning_logs" / "version_0"
+    assert (run / "export" / "adapter" / "adapter_config.json").exists()
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    events = EventAccumulator(str(run))
+    events.Reload()
+    return events

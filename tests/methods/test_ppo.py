@@ -1,20 +1,20 @@
 """PPO on the bank: what one step touches, the critic options, log-probs, checkpoints, the CLI,
 4-bit with one base copy, and the toy task's ground-truth score going up."""
 
-import time
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from peft import PeftModel
 
-from lit_rlhf.cli import main as cli_main
 from lit_rlhf.methods.ppo import PPO
 from lit_rlhf.models import AdapterSpec, BankSpec, load_base
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
 
-from tests.methods.online_helpers import (TOY_REWARD, assert_step_gradient_is_split_invariant, make_online, perturbed,
-                                          prompts, saved_random_adapter, train_and_measure, trainer)
+from tests.methods.online_helpers import (
+    TOY_REWARD, assert_step_gradient_is_split_invariant, fit_shipped_config, make_online, perturbed, prompts,
+    saved_random_adapter, train_and_measure, trainer,
+)
 from tests.paths import TOY_BASE
 
 
@@ -194,17 +194,8 @@ def test_adaptive_kl_controller_round_trips_through_a_checkpoint(tmp_path):
 
 
 def test_cli_fit_with_the_shipped_config(tmp_path):
-    start = time.perf_counter()
-    cli_main(["fit", "--config", "configs/ppo.yaml", f"--trainer.default_root_dir={tmp_path}",
-              "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
-              "--trainer.check_val_every_n_epoch=1", "--trainer.enable_progress_bar=false"])
-    run = tmp_path / "lightning_logs" / "version_0"
-    assert (run / "export" / "adapter" / "adapter_config.json").exists()
-    assert (run / "checkpoints" / "last.ckpt").exists()
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run))
-    events.Reload()
+    events = fit_shipped_config("configs/ppo.yaml", tmp_path, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+                                "--trainer.limit_val_batches=1", "--trainer.check_val_every_n_epoch=1")
     scalars = set(events.Tags()["scalars"])
     expected = {"val/score", "objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward",
                 "objective/non_score_reward", "policy/clipfrac", "policy/approxkl", "policy/entropy",
@@ -212,7 +203,6 @@ def test_cli_fit_with_the_shipped_config(tmp_path):
                 "rollout/count", "lr"}
     assert expected <= scalars, expected - scalars
     assert "samples/text_summary" in events.Tags()["tensors"]  # the table of sample completions
-    assert time.perf_counter() - start < 120
 
 
 def base_tensors(module: torch.nn.Module):
