@@ -373,11 +373,17 @@ def worker(args: argparse.Namespace) -> None:
 # -- the side-by-side driver ------------------------------------------------------------------
 
 
-def schedule(workloads: list[str], repeats: int) -> list[tuple[str, int, str]]:
-    """Run order: ``repeats`` rounds, each running every workload once per framework, lit then TRL
+def schedule(workloads: list[str], repeats: int, warmup_runs: int = 0) -> list[tuple[str, int, str]]:
+    """Run order: ``warmup_runs`` discarded runs per framework of the first workload (numbered -1,
+    -2, ...), then ``repeats`` rounds, each running every workload once per framework, lit then TRL
     (lit, TRL, lit, TRL, ...). Round-major, so a run cut short by ``--budget`` still has every
-    workload measured on both sides."""
-    return [(w, r, fw) for r in range(repeats) for w in workloads for fw in FRAMEWORKS]
+    workload measured on both sides.
+
+    The warm-up runs take what the first process on a fresh machine pays alone (seen on an H100: a
+    DPO step 2.7x slower in the first lit_rlhf process than in every later one), which would
+    otherwise land on whichever framework runs first."""
+    warmup = [(workloads[0], -1 - r, fw) for r in range(warmup_runs) for fw in FRAMEWORKS]
+    return warmup + [(w, r, fw) for r in range(repeats) for w in workloads for fw in FRAMEWORKS]
 
 
 #: Per metric: True when higher is better (the advantage is lit/TRL), else TRL/lit.
@@ -404,6 +410,11 @@ def summarize(results: list[dict]) -> list[dict]:
             advantage = (lit / trl if higher_better else trl / lit) if min(lit, trl) > 0 else float("nan")
             rows.append({"workload": workload, "metric": metric, "lit": lit, "trl": trl, "lit_advantage": advantage})
     return rows
+
+
+def timed(results: list[dict]) -> list[dict]:
+    """The runs that count: finished, and not a discarded warm-up run."""
+    return [r for r in results if "error" not in r and not r.get("warmup_run")]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -486,6 +497,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per DPO/SFT run")
     parser.add_argument("--online-steps", type=int, default=None, help="rollouts (= optimizer steps) per RLOO/GRPO run")
     parser.add_argument("--warmup", type=int, default=None, help="first steps left out of the timing (>= 1)")
+    parser.add_argument("--warmup-runs", type=int, default=0,
+                        help="discarded runs per framework before the timed rounds (first-process costs of a fresh machine)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (workload, run order) and exit")
     # worker mode (one run in this process)
     parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
@@ -508,7 +521,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     work = workload_of(args)
     workloads = args.only.split(",")
-    plan = schedule(workloads, args.repeats)
+    plan = schedule(workloads, args.repeats, args.warmup_runs)
     print(f"vs_trl: size {args.size} ({SIZES[args.size]['hidden_size']} hidden, {SIZES[args.size]['num_hidden_layers']} "
           f"layers, vocab {SIZES[args.size]['vocab_size']}), {args.device}, {args.dtype}, {args.threads} thread(s)")
     print(f"workload: {json.dumps(asdict(work))}")
@@ -538,11 +551,13 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"budget of {args.budget:.0f} s reached: {len(plan) - i} run(s) left out", flush=True)
                 break
             result = run_one(workload, framework, Path(tmp), work, args)
+            if repeat < 0:
+                result["warmup_run"] = True
             results.append(result)
             shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
             print(json.dumps(shown), flush=True)
             save(args, work, results)  # after every run: a killed benchmark keeps what it measured
-    print(format_table(summarize([r for r in results if "error" not in r])))
+    print(format_table(summarize(timed(results))))
     failed = [r for r in results if "error" in r]
     if failed:
         print(f"{len(failed)} run(s) failed (first: {failed[0]['workload']}/{failed[0]['framework']}: {failed[0]['error']})")
@@ -551,7 +566,7 @@ def main(argv: list[str] | None = None) -> None:
 def save(args: argparse.Namespace, work: Workload, results: list[dict]) -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        rows = summarize([r for r in results if "error" not in r])
+        rows = summarize(timed(results))
         Path(args.json).write_text(json.dumps({"args": vars(args), "workload": asdict(work), "versions": versions(),
                                                "runs": results, "summary": rows}, indent=1))
 

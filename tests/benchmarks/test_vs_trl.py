@@ -47,6 +47,18 @@ def test_runs_interleave_lit_and_trl_round_by_round(vs_trl):
                     ("dpo_lora", 1, "lit"), ("dpo_lora", 1, "trl"), ("grpo", 1, "lit"), ("grpo", 1, "trl")]
 
 
+def test_warmup_runs_come_first_and_are_left_out_of_the_summary(vs_trl):
+    plan = vs_trl.schedule(["dpo_full", "dpo_lora"], repeats=1, warmup_runs=1)
+    assert plan[:2] == [("dpo_full", -1, "lit"), ("dpo_full", -1, "trl")]
+    assert [r for _, r, _ in plan[2:]] == [0, 0, 0, 0]
+    runs = [{"workload": "dpo_full", "framework": "lit", "step_s": 3.0, "warmup_run": True},
+            {"workload": "dpo_full", "framework": "lit", "step_s": 1.0},
+            {"workload": "dpo_full", "framework": "trl", "step_s": 2.0},
+            {"workload": "dpo_full", "framework": "trl", "error": "timed out"}]
+    (row,) = vs_trl.summarize(vs_trl.timed(runs))
+    assert (row["lit"], row["trl"], row["lit_advantage"]) == (1.0, 2.0, 2.0)
+
+
 def test_summary_takes_medians_and_orients_the_advantage(vs_trl):
     runs = [
         {"workload": "dpo_lora", "framework": "lit", "tokens_per_s": 300.0, "step_s": 2.0},
