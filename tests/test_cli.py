@@ -78,8 +78,10 @@ def test_cli_overrides_and_print_config(capsys):
     assert "beta: 0.25" in printed and "class_path: lit_rlhf.methods.DPO" in printed
 
 
-# PPO (manual optimization, generation, export) is the default suite's one two-process fit.
-@pytest.mark.parametrize("config", [pytest.param("dpo", marks=pytest.mark.slow), "ppo"])
+# Slow (15 s each): the default suite keeps its two-process checks to the gloo collectives
+# (tests/test_distributed.py, tests/test_scale.py's whitening) and stays under 3 minutes.
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["dpo", "ppo"])
 def test_ddp_on_two_cpu_processes_fits_and_exports(tmp_path, config):
     """DDP (gloo) on this CPU: every rank takes part in the collectives through fit and export."""
     import os
