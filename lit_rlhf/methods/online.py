@@ -29,7 +29,6 @@ optimizer step. ``trainer.global_step`` counts optimizer steps; the rollouts are
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import warnings
@@ -42,13 +41,13 @@ from typing import NamedTuple
 
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
-from peft import PeftModel
 
 from lit_rlhf.distributed import every_rank, global_sum, rank_seed
 from lit_rlhf.losses import entropy_from_logits, kl_penalty, token_logps
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.methods.kl_control import FixedKLController
 from lit_rlhf.models import AdapterSpec, eval_mode
+from lit_rlhf.models.head import accepts_logits_to_keep
 from lit_rlhf.rollout import RewardOutput, RewardRequest, Rewards, RewardSpec, Rollout, SamplingConfig, build_engine
 
 log = logging.getLogger("lit_rlhf.methods")
@@ -487,9 +486,7 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         """Positions whose logits a forward over ``rollout`` computes: the last ``T + 1`` (the LM head and
         the log-softmax then skip the prompt), or ``None`` (all) when the model's forward has no
         ``logits_to_keep``. The last kept position predicts nothing in the rollout and is dropped."""
-        model = self.bank.model
-        model = model.get_base_model() if isinstance(model, PeftModel) else model
-        if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        if not accepts_logits_to_keep(self.bank.model):
             return None
         return rollout.response_ids.shape[1] + 1
 

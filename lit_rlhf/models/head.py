@@ -15,11 +15,21 @@ allows this (one head call on the full hidden states, nothing shape-bound after 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+from peft import PeftModel
 from torch import nn
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether ``model``'s forward (a peft wrapper's base model's) takes transformers' ``logits_to_keep``,
+    which limits the LM head to the last positions: what an online forward over ``[prompt | response]``
+    and a decode step's prefill need. The instance's own ``forward`` is read: a wrapper may replace it."""
+    model = model.get_base_model() if isinstance(model, PeftModel) else model
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 @contextmanager

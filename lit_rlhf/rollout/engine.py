@@ -14,7 +14,6 @@ kernels. The online methods recompute them with one forward pass of the policy
 
 from __future__ import annotations
 
-import inspect
 import logging
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +26,8 @@ from peft import PeftModel
 from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import GenerationConfig, GenerationMixin, StaticCache
+
+from lit_rlhf.models.head import accepts_logits_to_keep
 
 log = logging.getLogger("lit_rlhf.rollout")
 
@@ -363,7 +364,7 @@ class HFStaticCacheEngine:
         stops = torch.tensor(list(sampling.stop_token_ids), device=device)
         check_every = self.stop_check_every or (STOP_CHECK_EVERY_CUDA if device.type == "cuda" else 1)
 
-        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(net.forward).parameters else {}
+        keep = {"logits_to_keep": 1} if accepts_logits_to_keep(net) else {}
         logits = net(input_ids=ids, attention_mask=full_mask[:, : ids.shape[1]], position_ids=positions,
                      cache=cache, use_cache=True, **keep).logits[:, -1].float()
         step = self._step(net, device, sliding=any(cache.is_sliding))
