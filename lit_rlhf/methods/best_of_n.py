@@ -134,8 +134,7 @@ class BestOfN(OnlineMethod):
 
     def policy_loss(self, batch: MiniBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rollout = batch.rollout
-        logits, _ = self.policy_logits_and_values(rollout.input_ids, rollout.attention_mask, rollout.position_ids,
-                                                  logits_to_keep=self.logits_to_keep(rollout))
+        logits, _ = self.policy_logits_and_values(rollout)
         response_mask = rollout.response_mask * batch.targets.weight.unsqueeze(1).to(rollout.response_mask.dtype)
         completion_mask = torch.cat([torch.zeros_like(rollout.prompt_mask), response_mask], dim=1)
         # The logits may cover only the last positions (the last prompt token and the response): the same columns.

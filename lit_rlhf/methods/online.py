@@ -48,6 +48,7 @@ from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.methods.kl_control import FixedKLController
 from lit_rlhf.models import AdapterSpec, eval_mode
 from lit_rlhf.models.head import accepts_logits_to_keep
+from lit_rlhf.models.prefix import prompt_groups, prompt_sharing_supported, shared_prompt_logits
 from lit_rlhf.rollout import RewardOutput, RewardRequest, Rewards, RewardSpec, Rollout, SamplingConfig, build_engine
 
 log = logging.getLogger("lit_rlhf.methods")
@@ -291,6 +292,7 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         self.num_logged_samples = num_logged_samples
         self.rollout_count = 0
         self._sampling_seed: int | None = None  # seed_everything's seed, read at the first rollout
+        self._prompt_sharing: bool | None = None
         self.last_samples: list[tuple[str, str, float]] = []
 
     # -- the step --------------------------------------------------------------------------------
@@ -401,12 +403,11 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         (``batch.step_tokens``) returns 1."""
         return batch.rollout.response_ids.shape[0] / batch.step_rows
 
-    def policy_logits_and_values(self, input_ids, attention_mask, position_ids, *,
-                                 logits_to_keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits of the policy over whole sequences (their last ``logits_to_keep`` positions when given), and
-        critic values at the same positions if the same pass gives them."""
+    def policy_logits_and_values(self, rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of the policy over the rows (``rollout_logits``), and critic values at the same positions if
+        the same pass gives them."""
         with self.bank.role(self.policy_adapter):
-            return self.bank(input_ids, attention_mask, position_ids, **kept_logits(logits_to_keep)).logits, None
+            return self.rollout_logits(rollout), None
 
     def critic_values(self, rollout: Rollout) -> torch.Tensor | None:
         """``(b, T)`` values of a critic separate from the policy's forward, or ``None`` without one."""
@@ -490,6 +491,30 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
             return None
         return rollout.response_ids.shape[1] + 1
 
+    def rollout_logits(self, rollout: Rollout) -> torch.Tensor:
+        """Logits of the active role over the rows: their last ``T + 1`` positions (``logits_to_keep``), or all.
+
+        Rows that share a prompt (``num_samples_per_prompt > 1``) run it once (``models.prefix``) where the
+        model allows it; not in a forward with gradients under gradient checkpointing, which drops the cache."""
+        groups = prompt_groups(rollout.prompt_ids, rollout.prompt_mask) if self.num_samples_per_prompt > 1 else None
+        if groups is not None and self.shares_prompts() and not (torch.is_grad_enabled() and self.bank_spec.gradient_checkpointing):
+            return shared_prompt_logits(self.bank, rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids,
+                                        rollout.response_mask, groups)
+        keep = self.logits_to_keep(rollout)
+        return self.bank(rollout.input_ids, rollout.attention_mask, rollout.position_ids, **kept_logits(keep)).logits
+
+    def shares_prompts(self) -> bool:
+        """Whether the model gives the same logits with each distinct prompt run once: checked once, on a
+        tiny rollout, at the first forward; else whole rows, with the reason logged."""
+        if self._prompt_sharing is None:
+            embeddings = self.bank.model.get_input_embeddings()
+            with eval_mode(self.bank):
+                supported = prompt_sharing_supported(self.bank, embeddings.num_embeddings, embeddings.weight.device)
+            log.info("rollout forwards %s", "run each distinct prompt once" if supported else
+                     "run whole rows (the model's KV cache does not give the same logits with shared prompts)")
+            self._prompt_sharing = supported
+        return self._prompt_sharing
+
     def response_logits(self, logits: torch.Tensor, rollout: Rollout) -> torch.Tensor:
         """The logits that predict each response token, divided by the sampling temperature. ``(b, T, vocab)``.
 
@@ -513,8 +538,7 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
 
     def policy_pass(self, rollout: Rollout) -> PolicyPass:
         """One forward of the policy over the rows, cut to the response: logits, log-probs, values if it gives them."""
-        logits, values = self.policy_logits_and_values(rollout.input_ids, rollout.attention_mask, rollout.position_ids,
-                                                       logits_to_keep=self.logits_to_keep(rollout))
+        logits, values = self.policy_logits_and_values(rollout)
         logits = self.response_logits(logits, rollout)
         logprobs = token_logps(logits, rollout.response_ids) * rollout.response_mask
         return PolicyPass(logits, logprobs, None if values is None else self.response_slice(values, rollout))
@@ -529,9 +553,8 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
     @torch.no_grad()
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
         """``(b, T)`` response log-probs under the reference (adapters off, or the frozen copy)."""
-        keep = self.logits_to_keep(rollout)
         with self.bank.reference():
-            logits = self.bank(rollout.input_ids, rollout.attention_mask, rollout.position_ids, **kept_logits(keep)).logits
+            logits = self.rollout_logits(rollout)
         return self.response_logprobs(logits, rollout)
 
     # -- 5. update ----------------------------------------------------------------------------------

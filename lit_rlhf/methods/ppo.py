@@ -144,11 +144,12 @@ class PPO(OnlineMethod):
             return [AdapterSpec(a.name, head="value") if a.name == self.policy_adapter else a for a in adapters]
         return adapters + [AdapterSpec(self.value_adapter, head="value")]
 
-    def policy_logits_and_values(self, input_ids, attention_mask, position_ids, *, logits_to_keep=None):
+    def policy_logits_and_values(self, rollout: Rollout):
         if self.critic == "shared":
-            return self.bank.logits_and_values(input_ids, attention_mask, adapter=self.policy_adapter,
-                                               position_ids=position_ids, logits_to_keep=logits_to_keep)
-        return super().policy_logits_and_values(input_ids, attention_mask, position_ids, logits_to_keep=logits_to_keep)
+            return self.bank.logits_and_values(rollout.input_ids, rollout.attention_mask, adapter=self.policy_adapter,
+                                               position_ids=rollout.position_ids,
+                                               logits_to_keep=self.logits_to_keep(rollout))
+        return super().policy_logits_and_values(rollout)
 
     def critic_values(self, rollout: Rollout) -> torch.Tensor | None:
         """``(b, T)`` values of the separate value adapter at the positions predicting each response token."""

@@ -546,9 +546,11 @@ class AdapterBank(nn.Module):
         return self.reference_model if self._use_reference else self.model
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
-        """The causal LM output of the active role (the teacher inside ``teacher()``)."""
+        """The causal LM output of the active role (the teacher inside ``teacher()``); no KV cache unless
+        ``use_cache=True`` is passed."""
         model = self._current_model()
-        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **kwargs)
+        kwargs.setdefault("use_cache", False)
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
 
     def output_embeddings(self) -> nn.Module:
         """The active role's LM head (``models.head.head_on`` hooks it)."""

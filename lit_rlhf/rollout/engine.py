@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor
 from transformers import GenerationConfig, GenerationMixin, StaticCache
 
 from lit_rlhf.models.head import accepts_logits_to_keep
+from lit_rlhf.models.prefix import prompt_groups
 
 log = logging.getLogger("lit_rlhf.rollout")
 
@@ -364,10 +365,9 @@ class HFStaticCacheEngine:
         stops = torch.tensor(list(sampling.stop_token_ids), device=device)
         check_every = self.stop_check_every or (STOP_CHECK_EVERY_CUDA if device.type == "cuda" else 1)
 
-        keep = {"logits_to_keep": 1} if accepts_logits_to_keep(net) else {}
-        logits = net(input_ids=ids, attention_mask=full_mask[:, : ids.shape[1]], position_ids=positions,
-                     cache=cache, use_cache=True, **keep).logits[:, -1].float()
-        step = self._step(net, device, sliding=any(cache.is_sliding))
+        sliding = any(cache.is_sliding)
+        logits = prefill(net, ids, mask, positions, cache, share_prompts=not sliding)
+        step = self._step(net, device, sliding=sliding)
         response = torch.full((batch, max_new), sampling.pad_token_id, dtype=torch.long, device=device)
         stopped = torch.zeros(batch, dtype=torch.bool, device=device)
         for t in range(max_new):
@@ -455,6 +455,25 @@ def static_decode_unsupported(net: nn.Module) -> str | None:
     if any(hasattr(p, "ds_id") or isinstance(p, DTensor) for p in net.parameters()):
         return f"the parameters of {name} are sharded (DeepSpeed ZeRO-3 / FSDP)"
     return None
+
+
+def prefill(net, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: StaticCache, *,
+            share_prompts: bool) -> torch.Tensor:
+    """Writes the prompts' keys and values to ``cache``; returns their last positions' float32 logits.
+
+    With ``share_prompts``, rows that share a prompt (``num_samples_per_prompt > 1``) run it once
+    (``models.prefix``): the distinct prompts fill a dynamic cache whose entries are gathered per row into
+    ``cache``. Not for a sliding-window cache, whose layers keep only the window."""
+    keep = {"logits_to_keep": 1} if accepts_logits_to_keep(net) else {}
+    groups = prompt_groups(ids, mask) if share_prompts else None
+    if groups is None:
+        out = net(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, **keep)
+        return out.logits[:, -1].float()
+    first, of_row = groups
+    out = net(input_ids=ids[first], attention_mask=mask[first], position_ids=positions[first], use_cache=True, **keep)
+    for index, layer in enumerate(out.cache.layers):
+        cache.update(layer.keys.index_select(0, of_row), layer.values.index_select(0, of_row), index)
+    return out.logits[:, -1].float().index_select(0, of_row)
 
 
 def choose_tokens(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:

@@ -6,6 +6,11 @@ literals. The values were read from the code as it stood before the online-loop 
 a change that alters what a step computes fails here with the step and metric named. The engine is
 named explicitly (``hf``) so that a change of the default engine does not move the numbers.
 
+Tolerance: rel 1e-5, and abs 1e-6 for the metrics that are differences of two log-prob sums (a KL, a
+reward margin): those sums are ~1e2, where float32 resolves ~1e-5, so the same math run in another
+order (each distinct prompt once, ``models.prefix``) moves the difference by ~1e-7. Any change of what a
+step computes moves these metrics by orders of magnitude more.
+
 To re-read the numbers after an intended change of behaviour: ``PIN_PRINT=1 pytest -s`` on this file.
 """
 
@@ -71,7 +76,7 @@ def check(name: str, got: list[dict[str, float]], expected: list[dict[str, float
     assert len(got) == len(expected), f"{name}: {len(got)} steps logged, {len(expected)} pinned"
     for step, (row, pinned) in enumerate(zip(got, expected)):
         for metric, value in pinned.items():
-            assert row[metric] == pytest.approx(value, rel=1e-5, abs=1e-7), f"{name} step {step} {metric}"
+            assert row[metric] == pytest.approx(value, rel=1e-5, abs=1e-6), f"{name} step {step} {metric}"
 
 
 # Each method: two training steps (rollouts) of 4 prompts, two mini-batches (optimizer steps) each.

@@ -55,10 +55,12 @@ def family_banks(tmp_path_factory, tokenizer):
     return banks
 
 
+@pytest.mark.parametrize("copies", [1, 2], ids=["distinct", "shared"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_greedy_tokens_are_those_of_hf_on_every_family(family, family_banks, tokenizer):
+def test_greedy_tokens_are_those_of_hf_on_every_family(family, copies, family_banks, tokenizer):
     bank = family_banks[family]
-    ids, mask = encode(tokenizer, PROMPTS)
+    # copies=2: each prompt on two rows, as num_samples_per_prompt lays them out (prefilled once, shared).
+    ids, mask = encode(tokenizer, [p for p in PROMPTS for _ in range(copies)])
     # Past gemma2's and mistral's 16-token sliding window, with a prompt bucket wider than the window.
     sampling = greedy(tokenizer, max_new_tokens=20, stop_token_ids=[tokenizer.eos_token_id])
     policy, reference = (build_engine("hf").generate(bank, adapter, ids, mask, sampling) for adapter in ("policy", None))
