@@ -71,6 +71,7 @@ def test_gradient_checkpointing_recomputes_in_an_online_step(cls):
         pl.seed_everything(0)
         method = make_online(cls, num_samples_per_prompt=2, update_epochs=1, num_mini_batches=1, max_new_tokens=4)
         method.bank_spec.gradient_checkpointing = checkpointing
+        method._prompt_sharing = False  # the same forwards in both runs: only the recomputation differs
         calls = recompute_counter(method)
         trainer(rollouts=1).fit(method, datamodule=prompts(batch_size=2))
         counts.append(calls[0])
