@@ -249,11 +249,11 @@ def _check_recomputed_roles(setting, adapters: Sequence[AdapterSpec]) -> None:
     frozen = [a.name for a in adapters if not a.trainable]
     wrong = [name for name in setting if name not in trainable]
     if wrong:
+        frozen_note = f"; frozen ones ({frozen}) run without gradients and never recompute" if frozen else ""
         raise InvalidArgument(
             "bank",
-            f"{key} lists {wrong}, not trainable adapters of this bank: its trainable adapters are {trainable}; "
-            f"frozen ones ({frozen}) run without gradients and never recompute. List the trainable roles whose "
-            "forwards recompute, or set true (all) or false (none).",
+            f"{key} lists {wrong}, not trainable adapters of this bank: its trainable adapters are {trainable}"
+            f"{frozen_note}. List the trainable roles whose forwards recompute, or set true (all) or false (none).",
         )
 
 
