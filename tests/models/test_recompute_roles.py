@@ -12,7 +12,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from lit_rlhf.cli import console
 from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer
-from lit_rlhf.models.bank import check_bank_spec
+from lit_rlhf.models.bank import RecomputeInRole, check_bank_spec, eval_mode
 
 from tests.paths import TOY_BASE
 
@@ -97,6 +97,29 @@ def test_only_the_listed_roles_recompute_and_gradients_are_unchanged(batch, chec
     for name, grad in grads.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grad, expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_no_grad_and_eval_forwards_never_reach_the_checkpoint_function(batch, monkeypatch):
+    calls = Counter()
+    original = RecomputeInRole.__call__
+
+    def counting(self, function, *args, **kwargs):
+        calls[self._bank().active] += 1
+        return original(self, function, *args, **kwargs)
+
+    monkeypatch.setattr(RecomputeInRole, "__call__", counting)
+    bank = ppo_bank(["policy"])
+    layers = sum(isinstance(m, GradientCheckpointingLayer) for m in bank.model.modules())
+    with torch.no_grad():
+        bank(*batch)
+    with bank.reference():
+        bank(*batch)
+    with eval_mode(bank):
+        bank.values(*batch, adapter="value").sum().backward()
+    assert not calls
+    bank(*batch)
+    bank.values(*batch, adapter="value")
+    assert calls == {"policy": layers, "value": layers}  # asked per call; only the policy's recompute
 
 
 def test_full_mode_takes_its_one_trainable_role_as_the_list(batch):
