@@ -17,7 +17,8 @@ steady state only: the wall clock from the end of optimizer step ``--warmup`` to
 last step (data loading, logging and everything else in between included), over the real
 (non-pad) tokens of those steps' batches (DPO, SFT) or the tokens generated in them (RLOO, GRPO:
 words of the decoded completions, counted by the shared reward function), plus
-``torch.cuda.max_memory_allocated`` on CUDA.
+``torch.cuda.max_memory_allocated`` on CUDA, and on CPU the run process's peak resident memory
+(``ru_maxrss``: everything the process held, imports and model load included).
 
     pip install -e ".[bench]"                      # TRL, pinned; never a runtime dependency
     OMP_NUM_THREADS=1 python benchmarks/vs_trl.py --size small          # CPU
@@ -36,6 +37,7 @@ import functools
 import json
 import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -367,6 +369,8 @@ def worker(args: argparse.Namespace) -> None:
     result = vs_trl.steady_state(probe, work.warmup, online=args.run in ("rloo", "grpo"))
     if args.device == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    else:  # the run's whole process (a fresh one per run): imports, model, data and training; Linux reports KiB
+        result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"{RESULT} {json.dumps(result)}", flush=True)
 
 
@@ -387,7 +391,8 @@ def schedule(workloads: list[str], repeats: int, warmup_runs: int = 0) -> list[t
 
 
 #: Per metric: True when higher is better (the advantage is lit/TRL), else TRL/lit.
-METRICS = {"tokens_per_s": True, "step_s": False, "tokens_per_cpu_s": True, "cpu_step_s": False, "peak_gib": False}
+METRICS = {"tokens_per_s": True, "step_s": False, "tokens_per_cpu_s": True, "cpu_step_s": False, "peak_gib": False,
+           "peak_rss_gib": False}
 
 
 def summarize(results: list[dict]) -> list[dict]:

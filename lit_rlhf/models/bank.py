@@ -26,9 +26,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig
 from transformers.pytorch_utils import Conv1D
 
+from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.models.heads import ScalarHead, last_token_index
 from lit_rlhf.models.loading import (
     CONVERT_ADAPTER,
@@ -75,21 +77,31 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
 
 
 class RecomputeInRole:
-    """``context_fn`` of activation checkpointing: the backward recomputation of a layer runs with the
-    adapter that was active in its forward.
+    """The checkpoint function of the base's decoder layers (transformers calls it as the layers'
+    ``_gradient_checkpointing_func`` for a training forward with gradients on), deciding per call from
+    the active role.
 
-    A role switch is a change of peft's active adapter, which layers read when they run; the
-    recomputation runs during ``backward``, usually after the role was switched back (the value
-    adapter's forward, then one backward of policy + value loss). Without this it would recompute
-    the critic's activations with the policy adapter and silently give the critic wrong gradients.
+    ``roles`` are the adapters whose forwards recompute (``None``: every role); another role's layer
+    runs plainly and keeps its activations. One decision at the call, not flags flipped on every role
+    switch: a role switch is a change of peft's active adapter, which layers read when they run.
+
+    The backward recomputation runs with the adapter that was active in the forward: it happens during
+    ``backward``, usually after the role was switched back (the value adapter's forward, then one
+    backward of policy + value loss). Without this it would recompute the critic's activations with the
+    policy adapter and silently give the critic wrong gradients.
     """
 
-    def __init__(self, bank: AdapterBank):
+    def __init__(self, bank: AdapterBank, roles: frozenset[str] | None):
         self._bank = weakref.ref(bank)  # the base must not keep the bank alive (nor be deep-copied with it)
+        self._roles = roles
 
-    def __call__(self):
+    def __call__(self, function, *args, **kwargs):
         bank = self._bank()
-        return nullcontext(), _recompute_with(bank, bank.active if bank is not None else None)
+        adapter = bank.active if bank is not None else None
+        if self._roles is not None and adapter not in self._roles:
+            return function(*args, **kwargs)
+        return checkpoint(function, *args, use_reentrant=False,
+                          context_fn=lambda: (nullcontext(), _recompute_with(bank, adapter)), **kwargs)
 
 
 @contextmanager
@@ -196,6 +208,7 @@ def check_bank_spec(spec: BankSpec, adapters: Sequence[AdapterSpec]) -> dict:
     base_fingerprint = fingerprint(config)
     if spec.train_mode == "full":
         _check_full_mode(spec, adapters)
+    _check_recomputed_roles(spec.gradient_checkpointing, adapters)
     if not spec.random_init:
         require_safetensors(spec.model, what="model", convert=CONVERT_MODEL)
     for adapter in adapters:
@@ -221,6 +234,26 @@ def _check_full_mode(spec: BankSpec, adapters: Sequence[AdapterSpec]) -> None:
         raise ValueError(
             f"train_mode 'full' has no LoRA adapters, so adapter(s) {loaded} cannot be loaded from a path; merge "
             "an adapter into its base (lit-rlhf export --merged true) and set bank.model to that, or use train_mode 'lora'"
+        )
+
+
+def _check_recomputed_roles(setting, adapters: Sequence[AdapterSpec]) -> None:
+    """``gradient_checkpointing`` as a list names trainable adapters: frozen roles run without gradients,
+    so they have no activations kept for backward to recompute."""
+    if isinstance(setting, bool):
+        return
+    key = "bank.gradient_checkpointing"
+    if isinstance(setting, str) or not all(isinstance(name, str) for name in setting):
+        raise InvalidArgument("bank", f"{key} takes true, false or a list of adapter names, got {setting!r}")
+    trainable = [a.name for a in adapters if a.trainable]
+    frozen = [a.name for a in adapters if not a.trainable]
+    wrong = [name for name in setting if name not in trainable]
+    if wrong:
+        frozen_note = f"; frozen ones ({frozen}) run without gradients and never recompute" if frozen else ""
+        raise InvalidArgument(
+            "bank",
+            f"{key} lists {wrong}, not trainable adapters of this bank: its trainable adapters are {trainable}"
+            f"{frozen_note}. List the trainable roles whose forwards recompute, or set true (all) or false (none).",
         )
 
 
@@ -296,10 +329,13 @@ class AdapterBank(nn.Module):
             self.reference_model = None
         if spec.disable_dropout:
             disable_dropout(self.model)  # the LoRA dropouts too
-        if spec.gradient_checkpointing:
-            base.activation_checkpointing_enable(
-                activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": RecomputeInRole(self)}
-            )
+        if spec.gradient_checkpointing:  # true, or a non-empty list of roles
+            base.activation_checkpointing_enable()
+            roles = None if spec.gradient_checkpointing is True else frozenset(spec.gradient_checkpointing)
+            recompute = RecomputeInRole(self, roles)
+            for module in base.modules():  # what transformers set up, the role-aware function in its place
+                if getattr(module, "gradient_checkpointing", False):
+                    module._gradient_checkpointing_func = recompute
         self.heads = nn.ModuleDict(
             {a.name: self._make_head(a) for a in self.adapters.values() if a.head is not None}
         )

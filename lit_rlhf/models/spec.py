@@ -90,8 +90,12 @@ class BankSpec:
             only tensors of the model's dtype: set it to ``dtype`` (e.g. ``bfloat16``) there.
         lora: default hyperparameters of fresh adapters.
         adapters: adapters to create or load besides those a method asks for.
-        gradient_checkpointing: trade compute for activation memory: the trainable path recomputes
-            each decoder layer's activations in backward (the frozen reference and teacher never do).
+        gradient_checkpointing: trade compute for activation memory: a training forward keeps only each
+            decoder layer's inputs and recomputes the layer in backward, with the adapter that ran it.
+            ``true``: every trainable role; a list of trainable adapter names: only those roles (PPO's
+            ``[policy]`` recomputes the policy's forwards, the value adapter keeps its activations);
+            ``false``: none. In ``full`` mode the one trainable role is the base, so a list naming it
+            is ``true``. The frozen reference and teacher, and every no-grad forward, never recompute.
         disable_dropout: set every dropout of the base, the adapters and the teacher to 0 (as TRL does):
             the reference is then deterministic and an online method's first update has ratio
             exactly 1. ``false`` trains with the configured dropouts (``lora.dropout``, the base's own).
@@ -116,7 +120,7 @@ class BankSpec:
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
     lora: LoraSpec = field(default_factory=LoraSpec)
     adapters: list[AdapterSpec] = field(default_factory=list)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | list[str] = False
     disable_dropout: bool = True
     reference: Literal["start", "base"] = "start"
     random_init: bool = False

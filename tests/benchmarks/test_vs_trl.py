@@ -64,14 +64,17 @@ def test_summary_takes_medians_and_orients_the_advantage(vs_trl):
         {"workload": "dpo_lora", "framework": "lit", "tokens_per_s": 300.0, "step_s": 2.0},
         {"workload": "dpo_lora", "framework": "trl", "tokens_per_s": 100.0, "step_s": 6.0},
         {"workload": "dpo_lora", "framework": "lit", "tokens_per_s": 100.0, "step_s": 4.0},
-        {"workload": "dpo_lora", "framework": "trl", "tokens_per_s": 150.0, "step_s": 5.0, "peak_gib": 2.0},
-        {"workload": "dpo_lora", "framework": "lit", "tokens_per_s": 240.0, "step_s": 3.0, "peak_gib": 1.0},
+        {"workload": "dpo_lora", "framework": "trl", "tokens_per_s": 150.0, "step_s": 5.0, "peak_gib": 2.0,
+         "peak_rss_gib": 3.0},
+        {"workload": "dpo_lora", "framework": "lit", "tokens_per_s": 240.0, "step_s": 3.0, "peak_gib": 1.0,
+         "peak_rss_gib": 2.0},
     ]
     rows = {r["metric"]: r for r in vs_trl.summarize(runs)}
     assert rows["tokens_per_s"]["lit"] == 240.0 and rows["tokens_per_s"]["trl"] == 125.0
     assert rows["tokens_per_s"]["lit_advantage"] == pytest.approx(240 / 125)  # higher is better: lit / TRL
     assert rows["step_s"]["lit_advantage"] == pytest.approx(5.5 / 3.0)  # lower is better: TRL / lit
     assert rows["peak_gib"]["lit_advantage"] == pytest.approx(2.0)
+    assert rows["peak_rss_gib"]["lit_advantage"] == pytest.approx(1.5)  # CPU peak RSS: lower is better too
     assert "| dpo_lora | tokens_per_s | 240 | 125 | 1.92x |" in vs_trl.format_table(vs_trl.summarize(runs))
 
 
