@@ -494,12 +494,14 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
     def rollout_logits(self, rollout: Rollout) -> torch.Tensor:
         """Logits of the active role over the rows: their last ``T + 1`` positions (``logits_to_keep``), or all.
 
-        Rows that share a prompt (``num_samples_per_prompt > 1``) run it once (``models.prefix``) where the
-        model allows it; not in a forward with gradients under gradient checkpointing, which drops the cache."""
-        groups = prompt_groups(rollout.prompt_ids, rollout.prompt_mask) if self.num_samples_per_prompt > 1 else None
-        if groups is not None and self.shares_prompts() and not (torch.is_grad_enabled() and self.bank_spec.gradient_checkpointing):
+        With ``num_samples_per_prompt > 1`` the rows that share a prompt run it once (``models.prefix``) where
+        the model allows it; not in a forward with gradients under gradient checkpointing, which drops the
+        cache. The choice never depends on the rows: every rank makes the same forward calls (FSDP and
+        ZeRO-3 gather parameters in lockstep), also for a mini-batch whose prompts happen to be distinct."""
+        checkpointed = torch.is_grad_enabled() and self.bank_spec.gradient_checkpointing
+        if self.num_samples_per_prompt > 1 and not checkpointed and self.shares_prompts():
             return shared_prompt_logits(self.bank, rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids,
-                                        rollout.response_mask, groups)
+                                        rollout.response_mask, prompt_groups(rollout.prompt_ids, rollout.prompt_mask))
         keep = self.logits_to_keep(rollout)
         return self.bank(rollout.input_ids, rollout.attention_mask, rollout.position_ids, **kept_logits(keep)).logits
 

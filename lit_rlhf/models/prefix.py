@@ -31,14 +31,17 @@ class PromptGroups(NamedTuple):
     first: torch.Tensor
     of_row: torch.Tensor
 
+    @property
+    def shared(self) -> bool:
+        """Whether two rows share a prompt (else running the prompts apart saves nothing)."""
+        return self.first.numel() < self.of_row.numel()
 
-def prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> PromptGroups | None:
-    """The distinct prompts of left-padded rows, or ``None`` when no two rows share one."""
+
+def prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> PromptGroups:
+    """The distinct prompts of left-padded rows."""
     key = torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1)
     distinct, of_row = torch.unique(key, dim=0, return_inverse=True)
     rows = key.shape[0]
-    if distinct.shape[0] == rows:
-        return None
     first = torch.full((distinct.shape[0],), rows, dtype=torch.long, device=key.device)
     first = first.scatter_reduce(0, of_row, torch.arange(rows, device=key.device), reduce="amin")
     return PromptGroups(first, of_row)

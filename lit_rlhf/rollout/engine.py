@@ -466,7 +466,7 @@ def prefill(net, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
     ``cache``. Not for a sliding-window cache, whose layers keep only the window."""
     keep = {"logits_to_keep": 1} if accepts_logits_to_keep(net) else {}
     groups = prompt_groups(ids, mask) if share_prompts else None
-    if groups is None:
+    if groups is None or not groups.shared:
         out = net(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, **keep)
         return out.logits[:, -1].float()
     first, of_row = groups

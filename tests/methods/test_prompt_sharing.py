@@ -63,7 +63,9 @@ def test_prompt_groups_name_one_row_per_distinct_prompt():
     assert sorted(groups.first.tolist()) == [0, 1, 3]
     torch.testing.assert_close(ids[groups.first[groups.of_row]], ids)
     torch.testing.assert_close(mask[groups.first[groups.of_row]], mask)
-    assert prompt_groups(ids[:2], mask[:2]) is None
+    assert prompt_groups(ids, mask).shared
+    distinct = prompt_groups(ids[:2], mask[:2])
+    assert not distinct.shared and sorted(distinct.first.tolist()) == [0, 1]
 
 
 @pytest.mark.parametrize("family", SHARING)
@@ -118,3 +120,19 @@ def test_gradient_checkpointing_keeps_whole_rows_in_a_forward_with_gradients(mod
     with torch.no_grad():  # no backward to replay: the cache stays, the prompts are shared
         method.rollout_logits(r)
     assert len(calls) == 1
+
+
+def test_rows_without_a_shared_prompt_make_the_same_calls(models):
+    """A mini-batch whose prompts happen to be distinct still runs prompt then responses: every rank makes
+    the same forward calls, which FSDP and ZeRO-3 need; the logits are still those of whole rows."""
+    method = make_grpo(models["llama"])
+    r = rollout(method.bank.model.config.vocab_size).select(torch.tensor([0, 1]))
+    assert not prompt_groups(r.prompt_ids, r.prompt_mask).shared and method.shares_prompts()
+    calls = []
+    method.bank.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        shared = method.rollout_logits(r)
+        method._prompt_sharing = False
+        whole = method.rollout_logits(r)
+    assert len(calls) == 3
+    torch.testing.assert_close(shared[predicting(r)], whole[predicting(r)], **TOL)
