@@ -22,6 +22,7 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,11 +44,11 @@ def ppo_like_step(bank: AdapterBank, ids: torch.Tensor) -> None:
         (-logps.mean() + values.pow(2).mean()).backward()
 
 
-def step_memory_mib(bank: AdapterBank, ids: torch.Tensor) -> tuple[float, float]:
-    """The step's peak of live tensor bytes above those live before it, and what its forwards left alive
-    when the backward began, from the profiler's allocator events."""
+def step_memory_mib(step: Callable[[], None]) -> tuple[float, float]:
+    """``step()``'s peak of live tensor bytes above those live before it, and what its forwards left alive
+    when its backward (a ``BACKWARD`` profiler range) began, from the profiler's allocator events."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        ppo_like_step(bank, ids)
+        step()
     events = prof.profiler.kineto_results.events()
     backward_starts = next(e.start_ns() for e in events if e.name() == BACKWARD)
     live = peak = 0
@@ -81,7 +82,7 @@ def measure(model_dir: str, setting, ids: torch.Tensor, repeats: int) -> dict:
                 p.normal_(0, 0.02, generator=generator)
     seconds = step_seconds(bank, ids, repeats)
     bank.zero_grad(set_to_none=True)
-    peak, after_forwards = step_memory_mib(bank, ids)
+    peak, after_forwards = step_memory_mib(lambda: ppo_like_step(bank, ids))
     grads = {n: p.grad for n, p in bank.named_parameters() if p.grad is not None}
     return {"peak_mib": peak, "after_forwards_mib": after_forwards, "step_s": seconds, "grads": grads}
 
