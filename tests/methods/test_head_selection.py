@@ -1,7 +1,8 @@
 """The LM head on completion-predicting positions only (``models.head``), fused with the log-probs where
 nothing follows it (``losses.head_token_logps``): the same log-probs, losses and gradients as full
 logits, padded and padding-free, on families with different heads (tied GPT-2, Gemma2's soft-capping
-after the head, which keeps the unfused head), and full logits where a model's forward does not allow it."""
+after the head, which keeps the unfused head), for the offline methods and SFT, and full logits where a
+model's forward does not allow it."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from lit_rlhf.data import PreferenceDataModule, UnpairedDataModule
-from lit_rlhf.methods import DPO, KTO, PreferenceMethod
+from lit_rlhf.data import PreferenceDataModule, SFTDataModule, UnpairedDataModule
+from lit_rlhf.methods import DPO, KTO, SFT, PreferenceMethod
 from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.models.head import fused_head_supported, head_on, head_selection_supported
 from tests.methods.tiny_families import FAMILIES, PREFERENCE, TOL, UNPAIRED, build_families
+from tests.paths import TOY_DATA
 
 
 @pytest.fixture(scope="module")
@@ -269,3 +271,28 @@ def test_a_batch_without_completion_tokens_keeps_its_graph(models):
     loss, _ = method.compute_loss(batch)
     loss.backward()
     assert all(param.grad is not None for name, param in method.bank.named_parameters() if param.requires_grad)
+
+
+@pytest.mark.parametrize(("family", "packing"), [("llama", True), ("gpt2", False), ("gemma2", True)])
+def test_an_sft_step_has_the_loss_and_gradients_of_full_logits(models, family, packing):
+    """SFT's loss from the same forward (fused head, or the kept positions' logits on gemma2), on packed
+    and padded batches: the loss and every gradient (LM head and embeddings included) equal full logits'."""
+    method = SFT(bank=BankSpec(model=models[family], train_mode="full"))
+    method.configure_model()
+    method.bank.train()
+    data = SFTDataModule(str(TOY_DATA / "sft_train.jsonl"), max_length=64, packing=packing).prepare(method.tokenizer)
+    batch = data.collator(data.train_examples[:4])
+    assert ("position_ids" in batch) is packing
+    trained = [(name, param) for name, param in method.bank.named_parameters() if param.requires_grad]
+
+    def step():
+        method.bank.zero_grad(set_to_none=True)
+        loss, num_tokens = method.compute_loss(batch)
+        loss.backward()
+        return [loss.detach(), num_tokens] + [param.grad.clone() for _, param in trained]
+
+    results = head_paths(method, step)
+    assert ("fused" in results) is (family != "gemma2")
+    names = ["loss", "num_tokens"] + [name for name, _ in trained]
+    assert_paths_agree(results, lambda ours, theirs, path: [
+        torch.testing.assert_close(a, b, **TOL, msg=f"{path}: {name}") for name, a, b in zip(names, ours, theirs)])
