@@ -113,9 +113,10 @@ def fused_head_supported(forward: Callable[[torch.Tensor], torch.Tensor], head: 
     try:
         with head_on(head, keep, passthrough=True) as selected:
             output = forward(input_ids)
+        if not selected or output.shape != selected[0].shape or not torch.equal(output.to(selected[0].dtype), selected[0]):
+            return False
+        # Raises where the weight is not whole outside the forward (sharded by FSDP or ZeRO-3).
+        logits = F.linear(selected[0][0], head.weight, head.bias).float()
     except (RuntimeError, ValueError, IndexError):
         return False
-    if not selected or output.shape != selected[0].shape or not torch.equal(output.to(selected[0].dtype), selected[0]):
-        return False
-    logits = F.linear(selected[0][0], head.weight, head.bias).float()
-    return bool((logits - full).abs().max() <= 1e-3 * full.abs().max() + 1e-6)
+    return bool(logits.shape == full.shape and (logits - full).abs().max() <= 1e-3 * full.abs().max() + 1e-6)
