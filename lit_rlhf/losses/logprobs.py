@@ -168,8 +168,9 @@ class _FusedHeadTokenLogps(torch.autograd.Function):
     vocabulary tiles and Triton folds).
 
     Each chunk's logits are made in the compute dtype (the model's, or autocast's), upcast to float32 for
-    the logsumexp, and dropped; only the inputs and one float32 logsumexp per row are saved. Backward
-    recomputes each chunk's logits, forms ``d log p(y) / d logits = onehot(y) - softmax`` in float32,
+    the logsumexp, and dropped; only the inputs, one float32 logsumexp per row and the last chunk's logits
+    (a chunk exists in backward anyway; a batch of one chunk then costs no recompute) are saved. Backward
+    recomputes each other chunk's logits, forms ``d log p(y) / d logits = onehot(y) - softmax`` in float32,
     rounds it to the compute dtype (as the logits' gradient is rounded on the unfused path), and
     multiplies it into the hidden states' gradient and, when the weight is trained, into a float32 weight
     gradient. A frozen weight (LoRA) costs no weight gradient at all.
@@ -186,14 +187,16 @@ class _FusedHeadTokenLogps(torch.autograd.Function):
         stats = torch.empty(rows, dtype=torch.float32, device=hidden.device) if statistic is not None else None
         with torch.autocast(hidden.device.type, enabled=False):
             w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+            last_logits = None
             for start in range(0, rows, chunk_size):
                 end = min(start + chunk_size, rows)
-                chunk = F.linear(hidden[start:end].to(dtype), w, b).float()
+                last_logits = F.linear(hidden[start:end].to(dtype), w, b)
+                chunk = last_logits.float()
                 lse[start:end] = torch.logsumexp(chunk, dim=-1)
                 logps[start:end] = chunk.gather(-1, labels[start:end, None]).squeeze(-1) - lse[start:end]
                 if stats is not None:
                     stats[start:end] = statistic(chunk)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, last_logits)
         ctx.chunk_size, ctx.dtype = chunk_size, dtype
         if stats is not None:
             ctx.mark_non_differentiable(stats)
@@ -202,7 +205,7 @@ class _FusedHeadTokenLogps(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logps, _grad_stats):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        hidden, weight, bias, labels, lse, last_logits = ctx.saved_tensors
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         dtype, chunk_size = ctx.dtype, ctx.chunk_size
         grad_hidden = torch.empty_like(hidden) if needs_hidden else None
@@ -211,11 +214,13 @@ class _FusedHeadTokenLogps(torch.autograd.Function):
         grad_logps = grad_logps.float()
         with torch.autocast(hidden.device.type, enabled=False):
             w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
-            for start in range(0, hidden.size(0), chunk_size):
-                end = min(start + chunk_size, hidden.size(0))
+            rows = hidden.size(0)
+            for start in range(0, rows, chunk_size):
+                end = min(start + chunk_size, rows)
                 h = hidden[start:end].to(dtype)
                 g = grad_logps[start:end, None]
-                chunk_grad = torch.exp(F.linear(h, w, b).float() - lse[start:end, None]).mul_(-g)
+                logits = last_logits if end == rows else F.linear(h, w, b)
+                chunk_grad = torch.exp(logits.float() - lse[start:end, None]).mul_(-g)
                 chunk_grad = chunk_grad.scatter_add_(-1, labels[start:end, None], g).to(dtype)
                 if grad_hidden is not None:
                     grad_hidden[start:end] = (chunk_grad @ w).to(hidden.dtype)
