@@ -180,7 +180,8 @@ class _FusedHeadTokenLogps(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, chunk_size: int, statistic):
         # Under autocast (bf16-mixed) the chunks are made as F.linear would make them; backward, which runs
         # outside autocast, casts the same way so that it recomputes the forward's logits.
-        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
         rows = hidden.size(0)
         logps = torch.empty(rows, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(rows, dtype=torch.float32, device=hidden.device)

@@ -113,7 +113,8 @@ class CompletionLogpsForward:
             with head_on(head, keep, passthrough=fused) as selected:
                 logits = self.bank(*forward_args).logits
             if selected:  # else a role's model the first check did not see: its full logits are still right
-                layout = PackedLayout(predicts, torch.ones(1, int(predicts.sum()), dtype=torch.bool, device=predicts.device))
+                slots = torch.ones(1, int(predicts.sum()), dtype=torch.bool, device=predicts.device)
+                layout = PackedLayout(predicts, slots)
                 if fused:
                     labels = input_ids[:, 1:][predicts[:, :-1]]
                     logps, log_sum_sq = head_token_logps(selected[0][0], head.weight, head.bias, labels,

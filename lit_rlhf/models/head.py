@@ -113,7 +113,9 @@ def fused_head_supported(forward: Callable[[torch.Tensor], torch.Tensor], head: 
     try:
         with head_on(head, keep, passthrough=True) as selected:
             output = forward(input_ids)
-        if not selected or output.shape != selected[0].shape or not torch.equal(output.to(selected[0].dtype), selected[0]):
+        if not selected or output.shape != selected[0].shape:
+            return False
+        if not torch.equal(output.to(selected[0].dtype), selected[0]):  # something ran after the head
             return False
         # Raises where the weight is not whole outside the forward (sharded by FSDP or ZeRO-3).
         logits = F.linear(selected[0][0], head.weight, head.bias).float()
