@@ -176,3 +176,27 @@ def test_head_token_logps_bf16_matches_the_bf16_head():
 def test_head_token_logps_shape_mismatch():
     with pytest.raises(ValueError, match="weight"):
         head_token_logps(torch.zeros(3, 4), torch.zeros(5, 2), None, torch.zeros(3, dtype=torch.long))
+
+
+def test_head_token_logps_under_autocast_recomputes_the_forwards_bf16_logits():
+    """Float32 weights under bf16 autocast (``bf16-mixed``): chunks are made in bf16 as ``F.linear`` makes
+    them, in forward and again in backward (which runs outside autocast), so the log-probs and the hidden
+    gradient equal the unfused path's bit for bit; the weight gradient, float32-accumulated, is within bf16
+    rounding of the unfused one-matmul bf16 gradient."""
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(32, 16, generator=g) * 2, torch.randn(300, 16, generator=g)
+    labels = torch.randint(0, 300, (32,), generator=g)
+
+    def run(fused: bool):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                logps, _ = head_token_logps(h, w, None, labels, chunk_size=8)
+            else:
+                logps = token_logps(torch.nn.functional.linear(h, w)[None], labels[None])[0]
+        logps.sum().backward()
+        return logps, h.grad, w.grad
+
+    (logps, grad_h, grad_w), (expected, expected_h, expected_w) = run(True), run(False)
+    assert torch.equal(logps, expected) and torch.equal(grad_h, expected_h)
+    torch.testing.assert_close(grad_w, expected_w, atol=3e-2, rtol=1e-2)
