@@ -58,6 +58,8 @@ def head_on(head: nn.Module, keep: torch.Tensor, *, passthrough: bool = False) -
         return (selected[0], *args[1:])
 
     forward = head.forward
+    # accelerate's hooks wrap a module's forward as an instance attribute too: put back whichever was there.
+    own_forward = head.__dict__.get("forward")
 
     def skip_head(hidden, *args, **kwargs):
         return hidden if selected and hidden is selected[0] else forward(hidden, *args, **kwargs)
@@ -70,7 +72,10 @@ def head_on(head: nn.Module, keep: torch.Tensor, *, passthrough: bool = False) -
     finally:
         handle.remove()
         if passthrough:
-            del head.forward
+            if own_forward is None:
+                del head.forward
+            else:
+                head.forward = own_forward
 
 
 @torch.no_grad()

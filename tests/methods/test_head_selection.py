@@ -103,6 +103,11 @@ def test_head_on_passthrough_hands_back_the_selected_input_without_running_the_h
     assert out is selected[0] and out.shape == (1, 3, 2)
     assert other.shape == (4, 3)
     assert "forward" not in head.__dict__ and head(hidden).shape == (2, 3, 3), "the head must be restored"
+    wrapped = head.forward  # a forward set on the instance (as accelerate's hooks set it) is put back
+    head.forward = wrapped
+    with head_on(head, keep, passthrough=True):
+        assert head(hidden).shape == (1, 3, 2)
+    assert head.__dict__["forward"] is wrapped
 
 
 @pytest.mark.parametrize("padding_free", [None, False], ids=["packed", "padded"])
