@@ -4,9 +4,9 @@
    ``PreferenceCollator`` + ``PreferenceMethod.pair_logps`` do) vs the anchor, two forwards.
 2. SFT: padding-free packing (``PackingCollator``) vs the anchor, right-padded batches, on
    examples with a long-tailed length distribution.
-3. DPO: the padding-free forward of the offline methods (``OfflineMethod.lm_logits``: the stacked
-   batch's real tokens packed into one row, ``models.packing.pack_rows``) vs the anchor, the padded
-   stacked batch; time and peak memory of forward + backward.
+3. DPO: the padding-free forward of the offline methods (``OfflineMethod.completion_token_logps``: the
+   stacked batch's real tokens packed into one row, ``models.packing.pack_rows``) vs the anchor, the
+   padded stacked batch; time and peak memory of forward + backward.
 
 The model is a randomly initialised Llama (``--hidden``, ``--layers``, ``--vocab``) so the
 numbers do not depend on a download; forward + backward are timed, best of ``--repeats``. Peak

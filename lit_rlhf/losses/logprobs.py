@@ -11,9 +11,11 @@ do not re-derive it, so a fix or a memory saving here reaches every method at on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
@@ -21,6 +23,8 @@ __all__ = [
     "SequenceLogps",
     "completion_token_logps",
     "entropy_from_logits",
+    "head_token_logps",
+    "log_sum_squared_chunk",
     "log_sum_squared_probs",
     "sequence_logps",
     "token_logps",
@@ -149,6 +153,117 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, *, chunk_size: int |
     return _ChunkedTokenLogps.apply(logits_2d, labels_1d, chunk_size).view(labels.shape)
 
 
+def _add_product_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` into a float32 ``acc`` without rounding the product to the inputs' dtype first: a
+    bf16 weight gradient summed chunk by chunk in bf16 would lose what one matmul over every row keeps."""
+    if acc.device.type == "cuda" and a.dtype in (torch.float16, torch.bfloat16):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # fp32 output of a half GEMM: CUDA only
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+class _FusedHeadTokenLogps(torch.autograd.Function):
+    """``log p(label)`` of ``hidden @ weight.T + bias``, chunk by chunk over the rows, without the
+    ``(rows, vocab)`` logits ever existing whole (TRL's ``ChunkedLogProbFunction`` does the same with
+    vocabulary tiles and Triton folds).
+
+    Each chunk's logits are made in the compute dtype (the model's, or autocast's), upcast to float32 for
+    the logsumexp, and dropped; only the inputs, one float32 logsumexp per row and the last chunk's logits
+    (a chunk exists in backward anyway; a batch of one chunk then costs no recompute) are saved. Backward
+    recomputes each other chunk's logits, forms ``d log p(y) / d logits = onehot(y) - softmax`` in float32,
+    rounds it to the compute dtype (as the logits' gradient is rounded on the unfused path), and
+    multiplies it into the hidden states' gradient and, when the weight is trained, into a float32 weight
+    gradient. A frozen weight (LoRA) costs no weight gradient at all.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size: int, statistic):
+        # Under autocast (bf16-mixed) the chunks are made as F.linear would make them; backward, which runs
+        # outside autocast, casts the same way so that it recomputes the forward's logits.
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        rows = hidden.size(0)
+        logps = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+        stats = torch.empty(rows, dtype=torch.float32, device=hidden.device) if statistic is not None else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+            last_logits = None
+            for start in range(0, rows, chunk_size):
+                end = min(start + chunk_size, rows)
+                last_logits = F.linear(hidden[start:end].to(dtype), w, b)
+                chunk = last_logits.float()
+                lse[start:end] = torch.logsumexp(chunk, dim=-1)
+                logps[start:end] = chunk.gather(-1, labels[start:end, None]).squeeze(-1) - lse[start:end]
+                if stats is not None:
+                    stats[start:end] = statistic(chunk)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, last_logits)
+        ctx.chunk_size, ctx.dtype = chunk_size, dtype
+        if stats is not None:
+            ctx.mark_non_differentiable(stats)
+        return logps, stats
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logps, _grad_stats):
+        hidden, weight, bias, labels, lse, last_logits = ctx.saved_tensors
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        dtype, chunk_size = ctx.dtype, ctx.chunk_size
+        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if needs_bias else None
+        grad_logps = grad_logps.float()
+        with torch.autocast(hidden.device.type, enabled=False):
+            w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+            rows = hidden.size(0)
+            for start in range(0, rows, chunk_size):
+                end = min(start + chunk_size, rows)
+                h = hidden[start:end].to(dtype)
+                g = grad_logps[start:end, None]
+                logits = last_logits if end == rows else F.linear(h, w, b)
+                chunk_grad = torch.exp(logits.float() - lse[start:end, None]).mul_(-g)
+                chunk_grad = chunk_grad.scatter_add_(-1, labels[start:end, None], g).to(dtype)
+                if grad_hidden is not None:
+                    grad_hidden[start:end] = (chunk_grad @ w).to(hidden.dtype)
+                if grad_weight is not None:
+                    _add_product_fp32(grad_weight, chunk_grad.t(), h)
+                if grad_bias is not None:
+                    grad_bias += chunk_grad.sum(dim=0, dtype=torch.float32)
+        return (grad_hidden,
+                None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype),
+                None, None, None)
+
+
+def head_token_logps(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, *,
+    chunk_size: int | None = None, statistic: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probability of each label under an LM head's logits, the head fused in: ``log p(y_n) =
+    z[n, y_n] - logsumexp_v z[n, v]`` with ``z = hidden @ weight.T + bias``, computed and differentiated
+    ``chunk_size`` rows at a time, so that neither the ``(rows, vocab)`` logits nor their gradient exist
+    whole: what :func:`token_logps` on the head's output gives, without that output.
+
+    Args:
+        hidden: ``(rows, hidden)`` the head's input at the positions wanted.
+        weight: ``(vocab, hidden)`` the head's weight; its gradient is computed only when it requires one.
+        bias: ``(vocab,)`` or ``None``.
+        labels: ``(rows,)`` token ids, each in ``[0, vocab)``.
+        chunk_size: rows whose logits exist at once; ``None`` sizes chunks like :func:`token_logps`.
+        statistic: a per-row value of a float32 ``(chunk, vocab)`` logits chunk, computed alongside without
+            gradient (WPO's :func:`log_sum_squared_probs` normaliser).
+
+    Returns:
+        ``(logps, stats)``: ``(rows,)`` float32 log-probs (differentiable with respect to ``hidden``,
+        ``weight``, ``bias``) and ``(rows,)`` float32 ``statistic`` values, or ``None`` without one.
+    """
+    if hidden.dim() != 2 or labels.shape != hidden.shape[:1] or weight.dim() != 2 or weight.size(1) != hidden.size(1):
+        raise ValueError(f"expected hidden (rows, hidden), weight (vocab, hidden) and labels (rows,); got "
+                         f"{tuple(hidden.shape)}, {tuple(weight.shape)} and {tuple(labels.shape)}")
+    chunk_size = resolve_chunk_size(chunk_size, weight.size(0))
+    return _FusedHeadTokenLogps.apply(hidden, weight, bias, labels.long(), chunk_size, statistic)
+
+
 def unpack_tokens(values: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
     """Per-token values of padding-free rows put back in their padded batch: ``(rows, width)`` ->
     ``(batch, seq)`` float32, 0 off the real tokens (differentiable)."""
@@ -193,6 +308,12 @@ def completion_token_logps(
     return torch.where(mask, per_token, torch.zeros_like(per_token)), mask
 
 
+def log_sum_squared_chunk(chunk: torch.Tensor) -> torch.Tensor:
+    """``log Σ_v p(v)²`` of each row of a ``(rows, vocab)`` logits chunk, float32 (see
+    :func:`log_sum_squared_probs`; also :func:`head_token_logps`' ``statistic``)."""
+    return torch.logsumexp(2 * torch.log_softmax(chunk.float(), dim=-1), dim=-1)
+
+
 @torch.no_grad()
 def log_sum_squared_probs(logits: torch.Tensor) -> torch.Tensor:
     """``log Σ_v p(v)²`` at every position, ``(batch, seq)`` float32, without gradient: the
@@ -200,7 +321,7 @@ def log_sum_squared_probs(logits: torch.Tensor) -> torch.Tensor:
     :func:`token_logps`: no float32 copy of the whole logits tensor."""
     rows = logits.reshape(-1, logits.size(-1))
     chunk_size = resolve_chunk_size(None, logits.size(-1))
-    out = [torch.logsumexp(2 * torch.log_softmax(chunk.float(), dim=-1), dim=-1) for chunk in rows.split(chunk_size)]
+    out = [log_sum_squared_chunk(chunk) for chunk in rows.split(chunk_size)]
     return torch.cat(out).view(logits.shape[:-1]) if out else rows.new_zeros(logits.shape[:-1], dtype=torch.float32)
 
 

@@ -23,15 +23,11 @@ from lit_rlhf.losses import (
     check_beta,
     check_label_smoothing,
     check_loss_type,
-    completion_token_logps,
     cpo_loss,
     dpo_loss,
     length_desensitized_logps,
-    log_sum_squared_probs,
     orpo_loss,
-    sequence_logps,
     simpo_loss,
-    unpack_tokens,
     wpo_weights,
 )
 from lit_rlhf.methods.offline import OfflineMethod
@@ -60,8 +56,7 @@ class PreferenceMethod(OfflineMethod):
 
     def pair_logps(self, batch: dict) -> PairLogps:
         """Log-probs of chosen and rejected completions from one forward of the active role."""
-        logits, layout = self.lm_logits(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        logps, lengths = sequence_logps(logits, batch["input_ids"], batch["completion_mask"], layout)
+        logps, lengths = self.sequence_logps(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         half = logps.shape[0] // 2
         return PairLogps(logps[:half], logps[half:], lengths[:half], lengths[half:])
 
@@ -317,8 +312,8 @@ class DPO(PreferenceMethod):
         (``ld_alpha``) the reweighted sums, with ``with_weights`` WPO's pair weights."""
         if self.ld_alpha is None and not with_weights:
             return super().pair_logps(batch)
-        logits, layout = self.lm_logits(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        per_token, mask = completion_token_logps(logits, batch["input_ids"], batch["completion_mask"], layout)
+        per_token, mask, log_sum_sq = self.completion_token_logps(
+            batch["input_ids"], batch["attention_mask"], batch["completion_mask"], with_log_sum_sq=with_weights)
         half = per_token.shape[0] // 2
         lengths = mask.sum(dim=1)
         (chosen_tokens, rejected_tokens), (chosen_mask, rejected_mask) = per_token.split(half), mask.split(half)
@@ -329,9 +324,6 @@ class DPO(PreferenceMethod):
                                                          self.ld_alpha)
         weights = None
         if with_weights:
-            log_sum_sq = log_sum_squared_probs(logits)
-            if layout is not None:
-                log_sum_sq = unpack_tokens(log_sum_sq, layout)
             log_sum_sq = log_sum_sq.split(half)
             weights = wpo_weights(chosen_tokens, log_sum_sq[0], chosen_mask, rejected_tokens, log_sum_sq[1], rejected_mask)
         chosen_nll = -chosen_tokens.sum(dim=1) / lengths[:half].clamp(min=1)

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lit_rlhf.distributed import all_rows
 from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.losses import (
-    KTO_LOSS_TYPES, KTOLossType, SequenceLogps, check_beta, check_loss_type, kto_kl_estimate, kto_loss, sequence_logps,
+    KTO_LOSS_TYPES, KTOLossType, SequenceLogps, check_beta, check_loss_type, kto_kl_estimate, kto_loss,
 )
 from lit_rlhf.methods.offline import OfflineMethod
 
@@ -145,9 +145,8 @@ class KTO(OfflineMethod):
 
     def completion_logps(self, batch: dict, prefix: str = "") -> SequenceLogps:
         """Summed completion log-probs of the active role on the batch's ``{prefix}*`` rows."""
-        ids = batch[f"{prefix}input_ids"]
-        logits, layout = self.lm_logits(ids, batch[f"{prefix}attention_mask"], batch[f"{prefix}completion_mask"])
-        return sequence_logps(logits, ids, batch[f"{prefix}completion_mask"], layout)
+        return self.sequence_logps(batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"],
+                                   batch[f"{prefix}completion_mask"])
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, int]]]:
         """``(loss, metrics)``; each metric is ``(value, how many rows it averages)`` for weighted logging."""

@@ -5,25 +5,133 @@ The collators keep building padded batches (their ``attention_mask`` says which 
 the forward packs those tokens into rows (``models.packing``) and the per-token results go back
 to the padded layout (``losses.unpack_tokens``), so everything after the forward, the losses and
 the precomputed reference log-probs, reads the same tensors either way. The LM head runs only where a
-completion token is predicted (``models.head``); those logits, too, go back to the padded layout.
+completion token is predicted (``models.head``), and where the model does nothing after its head, the
+head's weight is fused into the log-probs (``losses.head_token_logps``): no logits tensor at all.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 
-from lit_rlhf.losses import PackedLayout
+from lit_rlhf.losses import (
+    PackedLayout,
+    SequenceLogps,
+    completion_token_logps,
+    head_token_logps,
+    log_sum_squared_chunk,
+    log_sum_squared_probs,
+    unpack_tokens,
+)
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.models import eval_mode
-from lit_rlhf.models.head import head_on, head_selection_supported
+from lit_rlhf.models.head import fused_head_supported, head_on, head_selection_supported
 from lit_rlhf.models.packing import PackedRows, bank_supports_packing, pack_rows
 
 log = logging.getLogger("lit_rlhf.methods")
 
 
-class OfflineMethod(BankMethod):
+class CompletionLogps(NamedTuple):
+    """Per-token completion log-probs of a padded batch, aligned with the positions that predict them.
+
+    Attributes:
+        per_token: ``(batch, seq)`` float32, position ``t`` holds ``log p(input_ids[b, t+1] | ...)`` where
+            that token is a completion token, else 0.
+        mask: ``(batch, seq)`` bool, the positions predicting a completion token.
+        log_sum_sq: ``(batch, seq)`` float32 ``log Σ_v p(v)²`` (WPO) without gradient, when asked for.
+    """
+
+    per_token: torch.Tensor
+    mask: torch.Tensor
+    log_sum_sq: torch.Tensor | None
+
+
+class CompletionLogpsForward:
+    """The forward of a ``BankMethod`` that returns per-token completion log-probs, with the LM head run
+    only where a completion token is predicted (``models.head``) and, where the model allows, fused with
+    the log-probs (``losses.head_token_logps``): no logits tensor. Each is checked once per model, at
+    the first forward, and logged; where not allowed, the logits are made (of the kept positions, or of
+    every position) and reduced by ``losses.completion_token_logps``.
+    """
+
+    _head_selection: bool | None = None
+    _fused_head: bool | None = None
+
+    def uses_head_selection(self) -> bool:
+        """Whether the LM head runs only where a completion token is predicted (``models.head``):
+        checked once, on a tiny batch, at the first forward; else full logits, with the reason logged."""
+        if self._head_selection is None:
+            supported = self._probe_head(head_selection_supported)
+            log.info("LM head %s", "on completion-predicting positions only" if supported else
+                     "on every position (the model's forward does not run its head on the selected hidden states)")
+            self._head_selection = supported
+        return self._head_selection
+
+    def uses_fused_head(self) -> bool:
+        """Whether the log-probs are taken with the LM head's weight fused in (``losses.head_token_logps``:
+        no logits tensor, no logits gradient): needs :meth:`uses_head_selection`, a plain linear head, and
+        nothing done to the logits after it (not Gemma2's soft-capping); checked once, else logged."""
+        if self._fused_head is None:
+            supported = self.uses_head_selection() and self._probe_head(fused_head_supported)
+            log.info("LM head %s", "fused with the log-probs (no logits tensor)" if supported else
+                     "not fused with the log-probs (the model's head is not a plain linear layer, or its forward "
+                     "changes the logits after it): logits of the kept positions")
+            self._fused_head = supported
+        return self._fused_head
+
+    def _probe_head(self, check) -> bool:
+        def forward(input_ids):
+            return self.bank(input_ids, torch.ones_like(input_ids)).logits
+
+        embeddings = self.bank.model.get_input_embeddings()
+        with eval_mode(self.bank):
+            return check(forward, self.bank.output_embeddings(), embeddings.num_embeddings, embeddings.weight.device)
+
+    def forward_logps(self, forward_args: tuple, input_ids: torch.Tensor, completion_mask: torch.Tensor,
+                      layout: PackedLayout | None = None, *, with_log_sum_sq: bool = False) -> CompletionLogps:
+        """Per-token completion log-probs of the active role, from one forward.
+
+        Args:
+            forward_args: ``(input_ids, attention_mask, position_ids)`` of the model's forward: the batch
+                itself, or padding-free rows of its real tokens that ``layout`` places.
+            input_ids, completion_mask: ``(batch, seq)`` the batch (padded, or rows packed by a collator
+                whose completion mask leaves each sequence's first token out).
+            layout: where the real tokens of padding-free ``forward_args`` sit; ``None`` for the batch itself.
+            with_log_sum_sq: also WPO's ``log Σ_v p(v)²`` per position.
+        """
+        # Position t predicts token t + 1: the head runs where that token is a completion token.
+        predicts = torch.cat([completion_mask[:, 1:], torch.zeros_like(completion_mask[:, :1])], dim=1).bool()
+        # No completion token at all: full logits keep the loss attached to the graph (a zero gradient).
+        if self.uses_head_selection() and predicts.any():
+            keep = predicts
+            if layout is not None:
+                keep = torch.zeros_like(layout.slot_mask)
+                keep[layout.slot_mask] = predicts[layout.token_mask]
+            head, fused = self.bank.output_embeddings(), self.uses_fused_head()
+            with head_on(head, keep, passthrough=fused) as selected:
+                logits = self.bank(*forward_args).logits
+            if selected:  # else a role's model the first check did not see: its full logits are still right
+                slots = torch.ones(1, int(predicts.sum()), dtype=torch.bool, device=predicts.device)
+                layout = PackedLayout(predicts, slots)
+                if fused:
+                    labels = input_ids[:, 1:][predicts[:, :-1]]
+                    logps, log_sum_sq = head_token_logps(selected[0][0], head.weight, head.bias, labels,
+                                                         statistic=log_sum_squared_chunk if with_log_sum_sq else None)
+                    return CompletionLogps(unpack_tokens(logps[None], layout), predicts,
+                                           None if log_sum_sq is None else unpack_tokens(log_sum_sq[None], layout))
+        else:
+            logits = self.bank(*forward_args).logits
+        per_token, mask = completion_token_logps(logits, input_ids, completion_mask, layout)
+        log_sum_sq = None
+        if with_log_sum_sq:
+            log_sum_sq = log_sum_squared_probs(logits)
+            log_sum_sq = log_sum_sq if layout is None else unpack_tokens(log_sum_sq, layout)
+        return CompletionLogps(per_token, mask, log_sum_sq)
+
+
+class OfflineMethod(CompletionLogpsForward, BankMethod):
     """Base of the methods trained on a fixed dataset; adds the padding-free forward.
 
     Args:
@@ -40,7 +148,6 @@ class OfflineMethod(BankMethod):
         super().__init__(**kwargs)
         self.padding_free = padding_free
         self._packing: bool | None = None if padding_free is not False else False
-        self._head_selection: bool | None = None
 
     def uses_packing(self) -> bool:
         """Whether forwards run padding-free: ``padding_free`` resolved against the model, once."""
@@ -73,52 +180,22 @@ class OfflineMethod(BankMethod):
         tokens = max(int(attention_mask.sum()), 1)
         return pack_rows(input_ids, attention_mask, row_width=input_ids.shape[1] * input_ids.numel() // tokens)
 
-    def uses_head_selection(self) -> bool:
-        """Whether the LM head runs only where a completion token is predicted (``models.head``):
-        checked once, on a tiny batch, at the first forward; else full logits, with the reason logged."""
-        if self._head_selection is None:
-            def forward(input_ids):
-                return self.bank(input_ids, torch.ones_like(input_ids)).logits
+    def completion_token_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                               completion_mask: torch.Tensor, *, with_log_sum_sq: bool = False) -> CompletionLogps:
+        """Per-token completion log-probs of a padded batch under the active role (and WPO's
+        ``log Σ_v p(v)²`` when asked), from one forward run padding-free where the model allows."""
+        if not self.uses_packing():
+            return self.forward_logps((input_ids, attention_mask, None), input_ids, completion_mask,
+                                      with_log_sum_sq=with_log_sum_sq)
+        packed = self.packed(input_ids, attention_mask)
+        return self.forward_logps((packed.input_ids, None, packed.position_ids), input_ids, completion_mask,
+                                  packed.layout, with_log_sum_sq=with_log_sum_sq)
 
-            embeddings = self.bank.model.get_input_embeddings()
-            with eval_mode(self.bank):
-                supported = head_selection_supported(forward, self.bank.output_embeddings(),
-                                                     embeddings.num_embeddings, embeddings.weight.device)
-            log.info("LM head %s", "on completion-predicting positions only" if supported else
-                     "on every position (the model's forward does not run its head on the selected hidden states)")
-            self._head_selection = supported
-        return self._head_selection
-
-    def lm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
-                  ) -> tuple[torch.Tensor, PackedLayout | None]:
-        """Logits of the active role on a padded batch, at least where a completion token is predicted,
-        and their layout.
-
-        Returns:
-            ``(logits, layout)``: with the LM head on the completion-predicting positions only
-            (:meth:`uses_head_selection`), ``(1, kept, vocab)`` logits; else padding-free ``(rows, width,
-            vocab)`` logits; and where their positions sit in the padded batch. Padded and every position:
-            ``(batch, seq, vocab)`` logits and ``None``. ``losses.sequence_logps`` and
-            ``completion_token_logps`` take any of them.
-        """
-        position_ids, layout = None, None
-        if self.uses_packing():
-            packed = self.packed(input_ids, attention_mask)
-            input_ids, attention_mask, position_ids, layout = packed.input_ids, None, packed.position_ids, packed.layout
-        # Position t predicts token t + 1: the head runs where that token is a completion token.
-        predicts = torch.cat([completion_mask[:, 1:], torch.zeros_like(completion_mask[:, :1])], dim=1).bool()
-        # No completion token at all: full logits keep the loss attached to the graph (a zero gradient).
-        if not self.uses_head_selection() or not predicts.any():
-            return self.bank(input_ids, attention_mask, position_ids).logits, layout
-        keep = predicts
-        if layout is not None:
-            keep = torch.zeros_like(layout.slot_mask)
-            keep[layout.slot_mask] = predicts[layout.token_mask]
-        with head_on(self.bank.output_embeddings(), keep) as applied:
-            logits = self.bank(input_ids, attention_mask, position_ids).logits
-        if not applied:  # a role's model the first check did not see: its full logits are still right
-            return logits, layout
-        return logits, PackedLayout(predicts, torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device))
+    def sequence_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       completion_mask: torch.Tensor) -> SequenceLogps:
+        """Summed completion log-probs of each row under the active role, and their token counts."""
+        per_token, mask, _ = self.completion_token_logps(input_ids, attention_mask, completion_mask)
+        return SequenceLogps(per_token.sum(dim=-1), mask.sum(dim=-1))
 
     def scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapter: str) -> torch.Tensor:
         """``adapter``'s score head at each row's last real token, ``(batch,)`` float32, padding-free

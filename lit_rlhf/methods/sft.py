@@ -3,8 +3,9 @@
 The loss is the mean negative log-likelihood over the tokens of ``completion_mask``: the
 completion only when the DataModule knows the prompt and ``completion_only_loss`` is on,
 every token otherwise; under data parallelism, over the loss tokens of every rank together (as
-one process holding the global batch). The loss is ``lit_rlhf.losses.completion_nll``, on the
-project's one log-prob function (``sequence_logps``). Packed batches
+one process holding the global batch). The per-token log-probs come from the offline methods' forward
+(``CompletionLogpsForward``): the LM head only where a loss token is predicted and, where the model
+allows, fused with the log-probs, so no logits tensor exists. Packed batches
 (``SFTDataModule(packing=True)``) carry ``position_ids`` and no attention mask; the loss is the
 same as on the padded batch.
 
@@ -18,11 +19,11 @@ import torch
 from torchmetrics import MeanMetric
 
 from lit_rlhf.distributed import global_sum
-from lit_rlhf.losses import completion_nll
 from lit_rlhf.methods.base import BankMethod
+from lit_rlhf.methods.offline import CompletionLogpsForward
 
 
-class SFT(BankMethod):
+class SFT(CompletionLogpsForward, BankMethod):
     """Supervised fine-tuning (causal LM loss) of the ``policy`` adapter, or of the base in ``full`` mode.
 
     Logs ``loss``, ``ppl`` and ``num_tokens`` per training step, and ``val/loss`` and ``val/ppl``
@@ -39,11 +40,12 @@ class SFT(BankMethod):
         self.test_nll = MeanMetric()
 
     def nll(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(nll_sum, num_tokens)`` of the policy on a padded or packed SFT batch."""
-        position_ids = batch.get("position_ids")
+        """``(nll_sum, num_tokens)`` of the policy on a padded or packed SFT batch: ``-Σ m·log p`` over the
+        loss tokens ``m`` (``completion_mask``), and ``Σ m``."""
+        forward_args = (batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
         with self.bank.role(self.trained_adapter):
-            logits = self.bank(batch["input_ids"], batch.get("attention_mask"), position_ids=position_ids).logits
-        return completion_nll(logits, batch["input_ids"], batch["completion_mask"])
+            per_token, mask, _ = self.forward_logps(forward_args, batch["input_ids"], batch["completion_mask"])
+        return -per_token.sum(), mask.sum()
 
     def compute_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean NLL over the batch's loss tokens, and their number."""

@@ -1,6 +1,8 @@
-"""The LM head on completion-predicting positions only (``models.head``): the same log-probs, losses
-and gradients as full logits, padded and padding-free, on families with different heads (tied GPT-2,
-Gemma2's soft-capping after the head), and full logits where a model's forward does not allow it."""
+"""The LM head on completion-predicting positions only (``models.head``), fused with the log-probs where
+nothing follows it (``losses.head_token_logps``): the same log-probs, losses and gradients as full
+logits, padded and padding-free, on families with different heads (tied GPT-2, Gemma2's soft-capping
+after the head, which keeps the unfused head), for the offline methods and SFT, and full logits where a
+model's forward does not allow it."""
 
 from __future__ import annotations
 
@@ -8,11 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from lit_rlhf.data import PreferenceDataModule, UnpairedDataModule
-from lit_rlhf.methods import DPO, KTO, PreferenceMethod
+from lit_rlhf.data import PreferenceDataModule, SFTDataModule, UnpairedDataModule
+from lit_rlhf.losses import logprobs
+from lit_rlhf.methods import DPO, KTO, SFT, PreferenceMethod
 from lit_rlhf.models import BankSpec, LoraSpec
-from lit_rlhf.models.head import head_on, head_selection_supported
+from lit_rlhf.models.head import fused_head_supported, head_on, head_selection_supported
 from tests.methods.tiny_families import FAMILIES, PREFERENCE, TOL, UNPAIRED, build_families
+from tests.paths import TOY_DATA
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +40,35 @@ def make(cls, model: str, *, train_mode: str = "lora", padding_free: bool | None
     return method
 
 
-def reduced_and_full(method, run):
-    """``run()`` with the LM head on the completion-predicting positions, then on every position."""
+def head_paths(method, run) -> dict:
+    """``run()`` on each LM head path the model allows: ``fused`` (where its check passes), ``selected``
+    (the kept positions' logits) and ``full`` (every position's logits)."""
     assert method.uses_head_selection()
-    reduced = run()
-    method._head_selection = False
+    fused = method.uses_fused_head()
+    results = {}
     try:
-        return reduced, run()
+        for name, selection, fused_on in (("fused", True, True), ("selected", True, False), ("full", False, False)):
+            if fused_on and not fused:
+                continue
+            method._head_selection, method._fused_head = selection, fused_on
+            results[name] = run()
     finally:
-        method._head_selection = True
+        method._head_selection, method._fused_head = True, fused
+    return results
+
+
+def assert_paths_agree(results: dict, compare) -> None:
+    for name, ours in results.items():
+        if name != "full":
+            compare(ours, results["full"], name)
+
+
+def close_fields(ours, theirs, name):
+    for field, (a, b) in enumerate(zip(ours, theirs)):
+        if a is None:
+            assert b is None, (name, field)
+        else:
+            torch.testing.assert_close(a, b, **TOL, msg=f"{name}, field {field}")
 
 
 def preference_batch(method) -> dict:
@@ -61,11 +85,29 @@ def test_head_on_runs_the_head_on_the_kept_positions_in_order():
     head = nn.Linear(2, 3)
     hidden = torch.arange(12.0).view(2, 3, 2)
     keep = torch.tensor([[False, True, True], [True, False, False]])
-    with head_on(head, keep) as applied:
+    expected = torch.stack([hidden[0, 1], hidden[0, 2], hidden[1, 0]])[None]
+    with head_on(head, keep) as selected:
         out = head(hidden)
-    assert applied == [True]
-    torch.testing.assert_close(out, head(torch.stack([hidden[0, 1], hidden[0, 2], hidden[1, 0]]))[None])
+    assert len(selected) == 1 and torch.equal(selected[0], expected)
+    torch.testing.assert_close(out, head(expected))
     assert head(hidden).shape == (2, 3, 3), "the hook must be gone after the block"
+
+
+def test_head_on_passthrough_hands_back_the_selected_input_without_running_the_head():
+    head = nn.Linear(2, 3)
+    hidden = torch.arange(12.0).view(2, 3, 2)
+    keep = torch.tensor([[False, True, True], [True, False, False]])
+    with head_on(head, keep, passthrough=True) as selected:
+        out = head(hidden)
+        other = head(torch.zeros(4, 2))  # not the selected input: the head runs on it
+    assert out is selected[0] and out.shape == (1, 3, 2)
+    assert other.shape == (4, 3)
+    assert "forward" not in head.__dict__ and head(hidden).shape == (2, 3, 3), "the head must be restored"
+    wrapped = head.forward  # a forward set on the instance (as accelerate's hooks set it) is put back
+    head.forward = wrapped
+    with head_on(head, keep, passthrough=True):
+        assert head(hidden).shape == (1, 3, 2)
+    assert head.__dict__["forward"] is wrapped
 
 
 @pytest.mark.parametrize("padding_free", [None, False], ids=["packed", "padded"])
@@ -75,18 +117,13 @@ def test_dpo_log_probs_and_loss_match_full_logits(models, family, padding_free):
     method = make(DPO, models[family], padding_free=padding_free, beta=0.5, ld_alpha=0.5, use_weighting=True)
     batch = preference_batch(method)
     with torch.no_grad(), method.bank.role("policy"):
-        logits, _ = method.lm_logits(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        predicting = int(batch["completion_mask"][:, 1:].sum())
-        assert logits.shape[:2] == (1, predicting) and predicting < int(batch["attention_mask"].sum())
-        reduced, full = reduced_and_full(method, lambda: method.pair_logps(batch, with_weights=True))
-        for ours, theirs in zip(reduced, full):
-            torch.testing.assert_close(ours, theirs, **TOL)
-        reduced, full = reduced_and_full(method, lambda: PreferenceMethod.pair_logps(method, batch))
-        for ours, theirs in zip(reduced, full):
-            torch.testing.assert_close(ours, theirs, **TOL)
-    (loss, _), (expected, _) = reduced_and_full(method, lambda: method.compute_loss(batch))
-    assert not torch.isclose(expected, torch.tensor(0.6931), atol=1e-3), "policy and reference should differ"
-    torch.testing.assert_close(loss, expected, **TOL)
+        results = head_paths(method, lambda: method.pair_logps(batch, with_weights=True))
+        assert set(results) == ({"selected", "full"} if family == "gemma2" else {"fused", "selected", "full"})
+        assert_paths_agree(results, close_fields)
+        assert_paths_agree(head_paths(method, lambda: PreferenceMethod.pair_logps(method, batch)), close_fields)
+    results = head_paths(method, lambda: method.compute_loss(batch)[0])
+    assert not torch.isclose(results["full"], torch.tensor(0.6931), atol=1e-3), "policy and reference should differ"
+    assert_paths_agree(results, lambda ours, theirs, name: torch.testing.assert_close(ours, theirs, **TOL, msg=name))
 
 
 @pytest.mark.parametrize(("family", "padding_free"), [("llama", None), ("qwen2", False), ("gpt2", False),
@@ -96,47 +133,49 @@ def test_kto_log_probs_and_loss_match_full_logits(models, family, padding_free):
     batch = unpaired_batch(method)
     with torch.no_grad(), method.bank.role("policy"):
         for prefix in ("", "kl_"):
-            reduced, full = reduced_and_full(method, lambda: method.completion_logps(batch, prefix))
-            torch.testing.assert_close(reduced.logps, full.logps, **TOL)
-            assert torch.equal(reduced.num_tokens, full.num_tokens)
-    (loss, metrics), (expected, expected_metrics) = reduced_and_full(method, lambda: method.compute_loss(batch))
-    torch.testing.assert_close(loss, expected, **TOL)
-    torch.testing.assert_close(metrics["kl"][0], expected_metrics["kl"][0], **TOL)
+            assert_paths_agree(head_paths(method, lambda: method.completion_logps(batch, prefix)), close_fields)
+    results = head_paths(method, lambda: method.compute_loss(batch))
+    assert_paths_agree({name: (loss, metrics["kl"][0]) for name, (loss, metrics) in results.items()}, close_fields)
 
 
-@pytest.mark.parametrize(("family", "padding_free"), [("llama", None), ("gemma2", False)])
-def test_full_mode_gradients_match_full_logits(models, family, padding_free):
-    """Full fine-tuning, reference copy included: one step's loss and every gradient (the LM head's too)
+@pytest.mark.parametrize(("family", "padding_free", "train_mode"),
+                         [("llama", None, "full"), ("gpt2", False, "full"), ("llama", False, "lora"),
+                          ("gemma2", False, "full")])
+def test_a_dpo_step_has_the_loss_and_gradients_of_full_logits(models, family, padding_free, train_mode):
+    """One DPO step, on the fused head (llama, tied GPT-2; the reference copy's head in full mode) or the
+    selected logits (gemma2): the loss and every gradient (the LM head's, the tied embeddings', LoRA's)
     equal those of full logits."""
-    method = make(DPO, models[family], train_mode="full", padding_free=padding_free, beta=0.5)
+    method = make(DPO, models[family], train_mode=train_mode, padding_free=padding_free, beta=0.5)
     method.bank.train()
     batch = preference_batch(method)
     trained = [(name, param) for name, param in method.bank.named_parameters() if param.requires_grad]
 
-    def gradients():
+    def step():
         method.bank.zero_grad(set_to_none=True)
-        method.compute_loss(batch)[0].backward()
-        return [param.grad.clone() for _, param in trained]
+        loss = method.compute_loss(batch)[0]
+        loss.backward()
+        return [loss.detach()] + [param.grad.clone() for _, param in trained]
 
-    reduced, full = reduced_and_full(method, gradients)
-    assert any("lm_head" in name or "wte" in name or "embed" in name for name, _ in trained)
-    for (name, _), ours, theirs in zip(trained, reduced, full):
-        torch.testing.assert_close(ours, theirs, **TOL, msg=name)
-
-
-class KeywordHead(nn.Module):
-    """A causal LM whose forward calls its head with a keyword argument (no positional input to select)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, input_ids):
-        hidden = self.inner.base_model(input_ids=input_ids).last_hidden_state
-        return self.inner.get_output_embeddings()(input=hidden)
+    results = head_paths(method, step)
+    assert ("fused" in results) is (family != "gemma2")
+    assert train_mode == "lora" or any("lm_head" in name or "wte" in name or "embed" in name for name, _ in trained)
+    names = ["loss"] + [name for name, _ in trained]
+    assert_paths_agree(results, lambda ours, theirs, path: [
+        torch.testing.assert_close(a, b, **TOL, msg=f"{path}: {name}") for name, a, b in zip(names, ours, theirs)])
 
 
-def test_models_whose_forward_does_not_allow_it_are_found(models):
+@pytest.mark.parametrize(("family", "fused"), [("llama", True), ("qwen2", True), ("gpt2", True), ("gemma2", False)])
+def test_the_head_is_fused_where_nothing_follows_it(models, caplog, family, fused):
+    """The check picks the fused head on plain linear heads (tied GPT-2 too), and not on Gemma2, whose
+    forward soft-caps the logits after its head (fusing would skip it); logged either way."""
+    method = make(DPO, models[family])
+    with caplog.at_level("INFO", logger="lit_rlhf.methods"):
+        assert method.uses_fused_head() is fused
+    assert ("LM head fused with the log-probs" in caplog.text) is fused
+    assert ("LM head not fused" in caplog.text) is not fused
+
+
+def test_fused_head_check_refuses_a_head_that_is_not_plain_linear_or_is_followed(models):
     method = make(DPO, models["llama"])
     bank, head = method.bank, method.bank.output_embeddings()
     vocab = bank.model.get_input_embeddings().num_embeddings
@@ -144,13 +183,43 @@ def test_models_whose_forward_does_not_allow_it_are_found(models):
         def plain(ids):
             return bank(ids).logits
 
-        def reshaped(ids):  # logits reshaped to the input's shape after the head
-            return bank(ids).logits.reshape(*ids.shape, -1)
+        def scaled(ids):  # a logit scale after the head (Cohere, Granite)
+            return bank(ids).logits * 0.5
 
-        keyword = KeywordHead(bank.model.get_base_model())
-        assert head_selection_supported(plain, head, vocab, torch.device("cpu"))
-        assert not head_selection_supported(reshaped, head, vocab, torch.device("cpu"))
-        assert not head_selection_supported(keyword, head, vocab, torch.device("cpu"))
+        class Subclassed(nn.Linear):  # e.g. a quantized or adapted head: its weight is not its whole map
+            pass
+
+        assert fused_head_supported(plain, head, vocab, torch.device("cpu"))
+        assert not fused_head_supported(scaled, head, vocab, torch.device("cpu"))
+        other = Subclassed(head.in_features, head.out_features, bias=False)
+        assert not fused_head_supported(plain, other, vocab, torch.device("cpu"))
+
+
+def test_the_fused_head_keeps_no_logits_for_backward(models, monkeypatch):
+    """The policy forward of a DPO step saves for backward at most one chunk of logits (the last, 8 rows
+    here), never the kept positions' logits whole (the unfused head saves them)."""
+    method = make(DPO, models["llama"], beta=0.5)
+    method.bank.train()
+    batch = preference_batch(method)
+    vocab = method.bank.model.get_input_embeddings().num_embeddings
+    monkeypatch.setattr(logprobs, "CHUNK_ELEMENTS", 8 * vocab)
+    kept = int(batch["completion_mask"][:, 1:].sum())
+    saved: list[tuple[int, ...]] = []
+
+    def pack(tensor):
+        saved.append(tuple(tensor.shape))
+        return tensor
+
+    def logits_saved() -> list:
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            method.compute_loss(batch)
+        return [torch.Size(shape).numel() // vocab for shape in saved if shape and shape[-1] == vocab]
+
+    assert method.uses_fused_head() and kept > 8
+    assert logits_saved() == [8 if kept % 8 == 0 else kept % 8]
+    method._fused_head = False
+    assert kept in logits_saved(), "the unfused head saves its logits (the check above would see them)"
 
 
 def test_falls_back_to_full_logits(models, caplog, monkeypatch):
@@ -161,13 +230,12 @@ def test_falls_back_to_full_logits(models, caplog, monkeypatch):
     with torch.no_grad(), method.bank.role("policy"):
         expected = method.pair_logps(batch)
     method._head_selection = None
+    method._fused_head = None
     monkeypatch.setattr(method.bank, "output_embeddings", lambda: nn.Linear(4, 4))
     with caplog.at_level("INFO", logger="lit_rlhf.methods"):
-        assert not method.uses_head_selection()
-    assert "LM head on every position" in caplog.text
+        assert not method.uses_head_selection() and not method.uses_fused_head()
+    assert "LM head on every position" in caplog.text and "LM head not fused" in caplog.text
     with torch.no_grad(), method.bank.role("policy"):
-        logits, layout = method.lm_logits(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        assert logits.shape[:2] == layout.slot_mask.shape and int(layout.slot_mask.sum()) == int(batch["attention_mask"].sum())
         for ours, theirs in zip(method.pair_logps(batch), expected):
             torch.testing.assert_close(ours, theirs, **TOL)
 
@@ -175,11 +243,34 @@ def test_falls_back_to_full_logits(models, caplog, monkeypatch):
 def test_a_batch_without_completion_tokens_keeps_its_graph(models):
     """No completion-predicting position: full logits, so the (zero) loss still reaches the weights."""
     method = make(DPO, models["llama"], beta=0.5)
+    assert method.uses_fused_head()
     batch = preference_batch(method)
     batch["completion_mask"] = torch.zeros_like(batch["completion_mask"])
-    with method.bank.role("policy"):
-        logits, _ = method.lm_logits(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-    assert logits.shape[1] > 1
     loss, _ = method.compute_loss(batch)
     loss.backward()
     assert all(param.grad is not None for name, param in method.bank.named_parameters() if param.requires_grad)
+
+
+@pytest.mark.parametrize(("family", "packing"), [("llama", True), ("gpt2", False), ("gemma2", True)])
+def test_an_sft_step_has_the_loss_and_gradients_of_full_logits(models, family, packing):
+    """SFT's loss from the same forward (fused head, or the kept positions' logits on gemma2), on packed
+    and padded batches: the loss and every gradient (LM head and embeddings included) equal full logits'."""
+    method = SFT(bank=BankSpec(model=models[family], train_mode="full"))
+    method.configure_model()
+    method.bank.train()
+    data = SFTDataModule(str(TOY_DATA / "sft_train.jsonl"), max_length=64, packing=packing).prepare(method.tokenizer)
+    batch = data.collator(data.train_examples[:4])
+    assert ("position_ids" in batch) is packing
+    trained = [(name, param) for name, param in method.bank.named_parameters() if param.requires_grad]
+
+    def step():
+        method.bank.zero_grad(set_to_none=True)
+        loss, num_tokens = method.compute_loss(batch)
+        loss.backward()
+        return [loss.detach(), num_tokens] + [param.grad.clone() for _, param in trained]
+
+    results = head_paths(method, step)
+    assert ("fused" in results) is (family != "gemma2")
+    names = ["loss", "num_tokens"] + [name for name, _ in trained]
+    assert_paths_agree(results, lambda ours, theirs, path: [
+        torch.testing.assert_close(a, b, **TOL, msg=f"{path}: {name}") for name, a, b in zip(names, ours, theirs)])

@@ -35,7 +35,7 @@ def test_the_forward_with_gradient_comes_last(cls):
     else:
         data = UnpairedDataModule(train="assets/toy/data/unpaired_train.jsonl", batch_size=4, max_length=64)
     batch = next(iter(data.prepare(method.tokenizer).train_dataloader()))
-    method.uses_packing(), method.uses_head_selection()  # the one-off probes run outside the step's count
+    method.uses_packing(), method.uses_fused_head()  # the one-off probes run outside the step's count
     calls = forwards_during_loss(method, batch)
     assert calls[-1] and not any(calls[:-1]) and len(calls) == (2 if cls is DPO else 4), calls
 
