@@ -22,6 +22,7 @@ __all__ = [
     "PackedLayout",
     "SequenceLogps",
     "completion_token_logps",
+    "entropy_chunk",
     "entropy_from_logits",
     "head_token_logps",
     "log_sum_squared_chunk",
@@ -251,7 +252,7 @@ def head_token_logps(
         labels: ``(rows,)`` token ids, each in ``[0, vocab)``.
         chunk_size: rows whose logits exist at once; ``None`` sizes chunks like :func:`token_logps`.
         statistic: a per-row value of a float32 ``(chunk, vocab)`` logits chunk, computed alongside without
-            gradient (WPO's :func:`log_sum_squared_probs` normaliser).
+            gradient (WPO's :func:`log_sum_squared_probs` normaliser, an entropy metric: :func:`entropy_chunk`).
 
     Returns:
         ``(logps, stats)``: ``(rows,)`` float32 log-probs (differentiable with respect to ``hidden``,
@@ -314,6 +315,13 @@ def log_sum_squared_chunk(chunk: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(2 * torch.log_softmax(chunk.float(), dim=-1), dim=-1)
 
 
+def entropy_chunk(chunk: torch.Tensor) -> torch.Tensor:
+    """``-Σ_v p(v) log p(v)`` of each row of a ``(rows, vocab)`` logits chunk, float32 (see
+    :func:`entropy_from_logits`; also :func:`head_token_logps`' ``statistic``)."""
+    logp = torch.log_softmax(chunk.float(), dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
 @torch.no_grad()
 def log_sum_squared_probs(logits: torch.Tensor) -> torch.Tensor:
     """``log Σ_v p(v)²`` at every position, ``(batch, seq)`` float32, without gradient: the
@@ -359,11 +367,6 @@ def sequence_logps(
     return SequenceLogps(logps=logps, num_tokens=mask.sum(dim=-1))
 
 
-def _entropy_chunk(chunk: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(chunk.float(), dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
-
-
 def entropy_from_logits(logits: torch.Tensor, *, chunk_size: int | None = None) -> torch.Tensor:
     """Entropy of the predictive distribution at each position.
 
@@ -387,5 +390,5 @@ def entropy_from_logits(logits: torch.Tensor, *, chunk_size: int | None = None) 
     # torch.split (not indexing) so that backward assembles one gradient with a single cat.
     chunks = torch.split(rows, chunk_size, dim=0)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
-    out = [checkpoint(_entropy_chunk, c, use_reentrant=False) if needs_grad else _entropy_chunk(c) for c in chunks]
+    out = [checkpoint(entropy_chunk, c, use_reentrant=False) if needs_grad else entropy_chunk(c) for c in chunks]
     return torch.cat(out).view(batch_shape)

@@ -19,8 +19,9 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lit_rlhf.distributed import every_rank
 from lit_rlhf.errors import InvalidArgument
-from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer
+from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, eval_mode, load_tokenizer
 from lit_rlhf.models.bank import check_bank_spec, merge_adapter_specs
+from lit_rlhf.models.head import fused_head_supported, head_selection_supported
 from lit_rlhf.strategies import check_trainer_support, shard_bank, synchronise_generation
 
 log = logging.getLogger("lit_rlhf.methods")
@@ -270,6 +271,41 @@ class BankMethod(pl.LightningModule):
 
     def total_optimizer_steps(self) -> int:
         return max(1, int(self.trainer.estimated_stepping_batches))
+
+    # -- the LM head's paths (models.head): checked once per model, at the first forward that asks ------
+
+    _head_selection: bool | None = None
+    _fused_head: bool | None = None
+
+    def uses_head_selection(self) -> bool:
+        """Whether the LM head can run only where a loss reads its output (``models.head``): checked once,
+        on a tiny batch, at the first forward; else full logits, with the reason logged."""
+        if self._head_selection is None:
+            supported = self._probe_head(head_selection_supported)
+            log.info("LM head %s", "on completion-predicting positions only" if supported else
+                     "on every position (the model's forward does not run its head on the selected hidden states)")
+            self._head_selection = supported
+        return self._head_selection
+
+    def uses_fused_head(self) -> bool:
+        """Whether log-probs may be taken with the LM head's weight fused in (``losses.head_token_logps``:
+        no logits tensor, no logits gradient), offline and online: needs :meth:`uses_head_selection`, a plain linear head, and
+        nothing done to the logits after it (not Gemma2's soft-capping); checked once, else logged."""
+        if self._fused_head is None:
+            supported = self.uses_head_selection() and self._probe_head(fused_head_supported)
+            log.info("LM head %s", "fused with the log-probs (no logits tensor)" if supported else
+                     "not fused with the log-probs (the model's head is not a plain linear layer, or its forward "
+                     "changes the logits after it): logits of the kept positions")
+            self._fused_head = supported
+        return self._fused_head
+
+    def _probe_head(self, check) -> bool:
+        def forward(input_ids):
+            return self.bank(input_ids, torch.ones_like(input_ids)).logits
+
+        embeddings = self.bank.model.get_input_embeddings()
+        with eval_mode(self.bank):
+            return check(forward, self.bank.output_embeddings(), embeddings.num_embeddings, embeddings.weight.device)
 
     # -- reference log-probs computed once (precompute_ref_logps) -------------------------------
 

@@ -150,6 +150,12 @@ class GRPO(OnlineMethod):
     def uses_reference(self) -> bool:
         return self.beta > 0
 
+    def loss_entropy(self) -> str | None:
+        # The bonus differentiates the entropy; the top-entropy mask only reads it.
+        if self.entropy_coef > 0:
+            return "gradient"
+        return "metric" if self.top_entropy_quantile < 1 else None
+
     def accumulation_weight(self, batch: MiniBatch) -> float:
         # dapo's and cispo's losses are already divided by the whole step's tokens: micro-batch losses just add up.
         return 1.0 if self.loss_type in ("dapo", "cispo") else super().accumulation_weight(batch)
@@ -182,8 +188,7 @@ class GRPO(OnlineMethod):
 
     def policy_loss(self, batch: MiniBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         mask = self.loss_mask(batch.rollout)
-        out = self.policy_forward(batch.rollout, with_entropy=self.entropy_coef > 0 or self.top_entropy_quantile < 1,
-                                  taken=batch.taken)
+        out = self.policy_forward(batch.rollout, with_entropy=self.loss_entropy() is not None, taken=batch.taken)
         result = grpo_loss(out.logprobs, batch.old_logprobs, batch.targets.advantages, mask, epsilon=self.epsilon,
                            epsilon_high=self.epsilon_high, beta=self.beta, ref_logprobs=batch.ref_logprobs,
                            loss_type=self.loss_type, max_completion_length=self.sampling.max_new_tokens,

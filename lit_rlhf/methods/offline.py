@@ -26,8 +26,7 @@ from lit_rlhf.losses import (
     unpack_tokens,
 )
 from lit_rlhf.methods.base import BankMethod
-from lit_rlhf.models import eval_mode
-from lit_rlhf.models.head import fused_head_supported, head_on, head_selection_supported
+from lit_rlhf.models.head import head_on
 from lit_rlhf.models.packing import PackedRows, bank_supports_packing, pack_rows
 
 log = logging.getLogger("lit_rlhf.methods")
@@ -53,41 +52,9 @@ class CompletionLogpsForward:
     only where a completion token is predicted (``models.head``) and, where the model allows, fused with
     the log-probs (``losses.head_token_logps``): no logits tensor. Each is checked once per model, at
     the first forward, and logged; where not allowed, the logits are made (of the kept positions, or of
-    every position) and reduced by ``losses.completion_token_logps``.
+    every position) and reduced by ``losses.completion_token_logps``. The checks are ``BankMethod``'s
+    (``uses_head_selection``, ``uses_fused_head``): the online methods' forwards read them too.
     """
-
-    _head_selection: bool | None = None
-    _fused_head: bool | None = None
-
-    def uses_head_selection(self) -> bool:
-        """Whether the LM head runs only where a completion token is predicted (``models.head``):
-        checked once, on a tiny batch, at the first forward; else full logits, with the reason logged."""
-        if self._head_selection is None:
-            supported = self._probe_head(head_selection_supported)
-            log.info("LM head %s", "on completion-predicting positions only" if supported else
-                     "on every position (the model's forward does not run its head on the selected hidden states)")
-            self._head_selection = supported
-        return self._head_selection
-
-    def uses_fused_head(self) -> bool:
-        """Whether the log-probs are taken with the LM head's weight fused in (``losses.head_token_logps``:
-        no logits tensor, no logits gradient): needs :meth:`uses_head_selection`, a plain linear head, and
-        nothing done to the logits after it (not Gemma2's soft-capping); checked once, else logged."""
-        if self._fused_head is None:
-            supported = self.uses_head_selection() and self._probe_head(fused_head_supported)
-            log.info("LM head %s", "fused with the log-probs (no logits tensor)" if supported else
-                     "not fused with the log-probs (the model's head is not a plain linear layer, or its forward "
-                     "changes the logits after it): logits of the kept positions")
-            self._fused_head = supported
-        return self._fused_head
-
-    def _probe_head(self, check) -> bool:
-        def forward(input_ids):
-            return self.bank(input_ids, torch.ones_like(input_ids)).logits
-
-        embeddings = self.bank.model.get_input_embeddings()
-        with eval_mode(self.bank):
-            return check(forward, self.bank.output_embeddings(), embeddings.num_embeddings, embeddings.weight.device)
 
     def forward_logps(self, forward_args: tuple, input_ids: torch.Tensor, completion_mask: torch.Tensor,
                       layout: PackedLayout | None = None, *, with_log_sum_sq: bool = False) -> CompletionLogps:

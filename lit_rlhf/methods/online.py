@@ -37,17 +37,17 @@ from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
 from lit_rlhf.distributed import every_rank, global_sum, rank_seed
-from lit_rlhf.losses import entropy_from_logits, kl_penalty, token_logps
+from lit_rlhf.losses import entropy_chunk, entropy_from_logits, head_token_logps, kl_penalty, token_logps
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.methods.kl_control import FixedKLController
 from lit_rlhf.models import AdapterSpec, eval_mode
-from lit_rlhf.models.head import accepts_logits_to_keep
+from lit_rlhf.models.head import accepts_logits_to_keep, head_skipped
 from lit_rlhf.models.prefix import prompt_groups, prompt_sharing_supported, shared_prompt_logits
 from lit_rlhf.rollout import RewardOutput, RewardRequest, Rewards, RewardSpec, Rollout, SamplingConfig, build_engine
 
@@ -130,14 +130,17 @@ class PolicyPass(NamedTuple):
     """One forward of the policy over rollout rows, cut to the ``T`` positions that predict response tokens.
 
     Attributes:
-        logits: ``(b, T, vocab)`` divided by the sampling temperature.
+        logits: ``(b, T, vocab)`` divided by the sampling temperature; ``None`` where the LM head was fused
+            into the log-probs (``OnlineMethod.fuses_policy_head``).
         logprobs: ``(b, T)`` float32 log-probs of the response tokens, 0 on padding.
         values: ``(b, T)`` critic values at those positions when the forward yields them, else ``None``.
+        entropy: ``(b, T)`` float32 entropy without gradient, 0 on padding, of a fused pass asked for it.
     """
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     logprobs: torch.Tensor
     values: torch.Tensor | None
+    entropy: torch.Tensor | None = None
 
 
 class PolicyOutput(NamedTuple):
@@ -345,7 +348,7 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         # The update's only forward, taken now (after the reference's, so its graph is not alive during it):
         # the weights it sees are the ones a behaviour forward would see, so its detached log-probs are the
         # behaviour log-probs, and the ratio of the update is exactly 1.
-        taken = self.policy_pass(rollout)
+        taken = self.policy_pass(rollout, with_entropy=self.loss_entropy() is not None)
         old_values = taken.values.detach() if taken.values is not None else values
         return scored._replace(old_logprobs=taken.logprobs.detach(), old_values=old_values, taken=taken)
 
@@ -392,6 +395,12 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
     def uses_behaviour_logprobs(self) -> bool:
         """Whether the loss reads the log-probs at rollout time (step 3 is skipped when not)."""
         return True
+
+    def loss_entropy(self) -> Literal["metric", "gradient"] | None:
+        """What ``policy_loss`` reads of the policy's per-token entropy: nothing, a ``"metric"`` (or a mask:
+        no gradient, which the fused LM head's chunks give), or a term with ``"gradient"`` (an entropy bonus:
+        the forward keeps its logits)."""
+        return None
 
     def loss_mask(self, rollout: Rollout) -> torch.Tensor:
         """``(b, T)``: the response tokens that enter the loss (all of them unless a subclass says otherwise)."""
@@ -538,8 +547,40 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         kept = per_position[:, per_position.shape[1] - T - 1 : per_position.shape[1] - 1]
         return kept * rollout.response_mask if masked else kept
 
-    def policy_pass(self, rollout: Rollout) -> PolicyPass:
-        """One forward of the policy over the rows, cut to the response: logits, log-probs, values if it gives them."""
+    def fuses_policy_head(self) -> bool:
+        """Whether the policy's forward takes its log-probs with the LM head fused in (no logits): where the
+        model allows it (``uses_fused_head``) and the loss differentiates no entropy."""
+        return self.loss_entropy() != "gradient" and self.uses_fused_head()
+
+    def fused_response_logprobs(self, rollout: Rollout, *,
+                                with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(b, T)`` float32 log-probs of the response tokens under the active role, 0 on padding, with the LM
+        head fused in (``losses.head_token_logps``): the forward of ``rollout_logits`` (whole rows or shared
+        prompts) hands back the head's inputs, and neither the ``(b, T, vocab)`` logits nor their gradient
+        exist whole. With ``with_entropy``, the entropy at each response token too (no gradient)."""
+        head = self.bank.output_embeddings()
+        with head_skipped(head):
+            hidden = self.rollout_logits(rollout)
+        mask = rollout.response_mask.bool()
+        hidden = self.response_slice(hidden, rollout, masked=False)[mask]  # padding costs no head
+        bias, temperature = head.bias, self.sampling.temperature
+        if temperature != 1.0:  # logits / t == (hidden / t) @ W.T + bias / t: the tempered logits, made directly
+            hidden, bias = hidden / temperature, None if bias is None else bias / temperature
+        logps, entropy = head_token_logps(hidden, head.weight, bias, rollout.response_ids[mask],
+                                          statistic=entropy_chunk if with_entropy else None)
+
+        def per_token(values):
+            return None if values is None else values.new_zeros(mask.shape).masked_scatter(mask, values)
+
+        return per_token(logps), per_token(entropy)
+
+    def policy_pass(self, rollout: Rollout, *, with_entropy: bool = False) -> PolicyPass:
+        """One forward of the policy over the rows, cut to the response: logits (unless fused), log-probs,
+        values if it gives them, and on a fused pass the entropy if ``with_entropy``."""
+        if self.fuses_policy_head():
+            with self.bank.role(self.policy_adapter):
+                logprobs, entropy = self.fused_response_logprobs(rollout, with_entropy=with_entropy)
+            return PolicyPass(None, logprobs, None, entropy)
         logits, values = self.policy_logits_and_values(rollout)
         logits = self.response_logits(logits, rollout)
         logprobs = token_logps(logits, rollout.response_ids) * rollout.response_mask
@@ -548,14 +589,24 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
     def policy_forward(self, rollout: Rollout, *, with_entropy: bool = False, taken: PolicyPass | None = None) -> PolicyOutput:
         """The policy's response log-probs (+ entropy, + values if the pass gives them) over the rows: of
         ``taken`` (the pass ``MiniBatch.taken`` already holds) or of a new forward."""
-        taken = self.policy_pass(rollout) if taken is None else taken
-        entropy = entropy_from_logits(taken.logits) * rollout.response_mask if with_entropy else None
+        taken = self.policy_pass(rollout, with_entropy=with_entropy) if taken is None else taken
+        entropy = None
+        if with_entropy and taken.logits is not None:
+            entropy = entropy_from_logits(taken.logits) * rollout.response_mask
+        elif with_entropy:
+            if taken.entropy is None:
+                raise RuntimeError("the fused policy pass was taken without entropy: loss_entropy() must say the loss "
+                                   "reads it")
+            entropy = taken.entropy
         return PolicyOutput(taken.logprobs, entropy, taken.values)
 
     @torch.no_grad()
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
-        """``(b, T)`` response log-probs under the reference (adapters off, or the frozen copy)."""
+        """``(b, T)`` response log-probs under the reference (adapters off, or the frozen copy), with the LM
+        head fused in where the model allows."""
         with self.bank.reference():
+            if self.uses_fused_head():
+                return self.fused_response_logprobs(rollout)[0]
             logits = self.rollout_logits(rollout)
         return self.response_logprobs(logits, rollout)
 

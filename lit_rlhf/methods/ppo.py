@@ -151,6 +151,13 @@ class PPO(OnlineMethod):
                                                logits_to_keep=self.logits_to_keep(rollout))
         return super().policy_logits_and_values(rollout)
 
+    def fuses_policy_head(self) -> bool:
+        # The shared critic reads the trunk of the policy's own forward, which keeps its logits.
+        return self.critic != "shared" and super().fuses_policy_head()
+
+    def loss_entropy(self) -> str:
+        return "metric"  # policy/entropy
+
     def critic_values(self, rollout: Rollout) -> torch.Tensor | None:
         """``(b, T)`` values of the separate value adapter at the positions predicting each response token."""
         if self.critic == "shared":

@@ -148,6 +148,9 @@ class RLOO(OnlineMethod):
 
     # -- the loss of one micro-batch ------------------------------------------------------------------
 
+    def loss_entropy(self) -> str:
+        return "metric"  # policy/entropy
+
     def accumulation_weight(self, batch: MiniBatch) -> float:
         # The losses are already divided by the whole step's tokens: micro-batch losses just add up.
         return 1.0

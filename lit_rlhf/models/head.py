@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -58,24 +58,42 @@ def head_on(head: nn.Module, keep: torch.Tensor, *, passthrough: bool = False) -
         return (selected[0], *args[1:])
 
     forward = head.forward
-    # accelerate's hooks wrap a module's forward as an instance attribute too: put back whichever was there.
-    own_forward = head.__dict__.get("forward")
 
     def skip_head(hidden, *args, **kwargs):
         return hidden if selected and hidden is selected[0] else forward(hidden, *args, **kwargs)
 
     handle = head.register_forward_pre_hook(select)
-    if passthrough:
-        head.forward = skip_head  # an instance attribute: nn.Module.__call__ looks it up before the class's
     try:
-        yield selected
+        with _forward_replaced(head, skip_head) if passthrough else nullcontext():
+            yield selected
     finally:
         handle.remove()
-        if passthrough:
-            if own_forward is None:
-                del head.forward
-            else:
-                head.forward = own_forward
+
+
+@contextmanager
+def head_skipped(head: nn.Module) -> Iterator[None]:
+    """Within the block, every call of ``head`` hands back its input unchanged: the model's "logits" are the
+    hidden states its head would have mapped, at whatever positions and however many calls the forward makes
+    (an online forward keeps its last ``T + 1`` positions, or runs the shared prompts' last position and the
+    responses in two calls: :func:`head_on`'s one selection fits neither). For a caller that applies the
+    head's weight itself (``losses.head_token_logps``), where :func:`fused_head_supported` holds."""
+    with _forward_replaced(head, lambda hidden, *args, **kwargs: hidden):
+        yield
+
+
+@contextmanager
+def _forward_replaced(module: nn.Module, forward: Callable) -> Iterator[None]:
+    # An instance attribute: nn.Module.__call__ looks it up before the class's, and still runs the hooks.
+    # accelerate's hooks wrap a module's forward as an instance attribute too: put back whichever was there.
+    own_forward = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if own_forward is None:
+            del module.forward
+        else:
+            module.forward = own_forward
 
 
 @torch.no_grad()

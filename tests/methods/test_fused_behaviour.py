@@ -36,6 +36,7 @@ def test_the_behaviour_forward_is_skipped_exactly_when_no_step_comes_between(cls
     method.configure_model()
     assert method.fuses_behaviour_pass() == fused
     method._prompt_sharing = False  # one model call per pass (shared prompts make two: test_prompt_sharing.py)
+    method.uses_fused_head()  # the one-off probe of the LM head runs outside the count
     calls = model_forwards(method)
     trainer(rollouts=1).fit(method, datamodule=prompts())
     # RLOO (kl_coef 0.05) runs the reference without gradient; GRPO (beta 0) has none.

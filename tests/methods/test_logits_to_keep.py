@@ -58,6 +58,7 @@ def lm_head_widths(method) -> list[int]:
 def test_kept_logits_give_the_whole_sequence_s_log_probs_entropies_and_values(family, family_dirs):
     method = shared_critic_ppo(family_dirs[family])
     rollout = a_rollout(method.tokenizer)
+    method.uses_fused_head()  # the one-off probe of the LM head runs before the count (the reference's is fused)
     widths = lm_head_widths(method)
     with torch.no_grad():
         kept = method.policy_forward(rollout, with_entropy=True)
