@@ -1,14 +1,16 @@
-"""Rows that share a prompt run it once (``models.prefix``) vs whole rows: time and peak memory of the
-online methods' forwards over a GRPO-shaped rollout (``--prompts`` prompts x ``--samples`` samples).
+"""Rows that share a prompt run it once (``models.prefix``) vs whole rows, and the LM head fused into the
+log-probs (``OnlineMethod.fused_response_logprobs``: no logits tensor) vs logits: time and peak memory of
+the online methods' forwards over a GRPO-shaped rollout (``--prompts`` prompts x ``--samples`` samples).
 
-Two steps, each with prompt sharing on and off on the same bank and rollout: the policy's forward with
-gradient + backward (the update's pass; log-probs of the taken tokens), and the no-grad reference forward
-(RLOO, PPO, GRPO with a KL). Prompts are left-padded with lengths drawn from ``[--prompt-len / 2,
+Two steps, in each of the four settings on the same bank and rollout, against whole rows with logits (the
+anchor): the policy's forward with gradient + backward (the update's pass; log-probs of the taken tokens),
+and the no-grad reference forward (RLOO, PPO, GRPO with a KL). Prompts are left-padded with lengths drawn from ``[--prompt-len / 2,
 --prompt-len]``, responses ``--response-len`` tokens (a random model rarely stops). Peak memory: live
 tensor bytes of torch's CPU allocator (``checkpointing_memory.step_memory_mib``) or
-``torch.cuda.max_memory_allocated``. Gradients are checked equal between the two.
+``torch.cuda.max_memory_allocated``. Gradients are checked equal to the anchor's.
 
     OMP_NUM_THREADS=1 python benchmarks/prompt_sharing.py [--prompts 4 --samples 4 --prompt-len 32]
+    OMP_NUM_THREADS=1 python benchmarks/prompt_sharing.py --vocab 65536 --hidden 128   # the head's share grows
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from torch.profiler import record_function
 from transformers import LlamaConfig
 
 from checkpointing_memory import BACKWARD, step_memory_mib
-from lit_rlhf.losses import token_logps
 from lit_rlhf.methods import GRPO
 from lit_rlhf.models import BankSpec
 from lit_rlhf.rollout import RewardSpec, Rollout
@@ -43,8 +44,7 @@ def make_rollout(args, device) -> Rollout:
 
 
 def policy_step(method: GRPO, rollout: Rollout) -> None:
-    with method.bank.role(method.policy_adapter):
-        logps = token_logps(method.response_logits(method.rollout_logits(rollout), rollout), rollout.response_ids)
+    logps = method.policy_forward(rollout).logprobs
     with record_function(BACKWARD):
         logps.mean().backward()
 
@@ -101,10 +101,11 @@ def main() -> None:
             if "lora_B" in name:
                 p.normal_(0, 0.02)
     rollout = make_rollout(args, device)
-    assert method.shares_prompts()
+    assert method.shares_prompts() and method.fuses_policy_head()
     results, grads = {}, {}
-    for setting in ("whole rows", "shared prompts"):
-        method._prompt_sharing = setting == "shared prompts"
+    for sharing, fused in ((False, False), (True, False), (False, True), (True, True)):
+        setting = f"{'shared prompts' if sharing else 'whole rows'}, {'fused head' if fused else 'logits'}"
+        method._prompt_sharing, method._fused_head = sharing, fused
         method.bank.zero_grad(set_to_none=True)
         policy_step(method, rollout)
         grads[setting] = [p.grad.clone() for p in method.bank.parameters() if p.grad is not None]
@@ -115,17 +116,17 @@ def main() -> None:
 
         results[setting] = dict(update_s=seconds(update, args.repeats, device), update_mib=peak_mib(update, device),
                                 reference_s=seconds(lambda: method.reference_logprobs(rollout), args.repeats, device))
-    same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(grads["whole rows"], grads["shared prompts"]))
-    whole, shared = results["whole rows"], results["shared prompts"]
+    anchor = "whole rows, logits"
+    same = all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for g in grads.values() for a, b in zip(grads[anchor], g))
     print(f"{args.prompts} prompts x {args.samples} samples, prompts <= {args.prompt_len} + {args.response_len} tokens; "
           f"Llama {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, LoRA policy, {args.device}, 1 thread")
-    print(f"{'':<16} {'update s':>9} {'peak MiB':>9} {'reference s':>12}")
+    print(f"{'':<28} {'update s':>9} {'peak MiB':>9} {'reference s':>12}   ratios to {anchor}: update time, "
+          "peak memory, reference time")
+    base = results[anchor]
     for name, r in results.items():
-        print(f"{name:<16} {r['update_s']:>9.3f} {r['update_mib']:>9.1f} {r['reference_s']:>12.3f}")
-    print(f"shared / whole: update time {shared['update_s'] / whole['update_s']:.2f}, peak memory "
-          f"{shared['update_mib'] / whole['update_mib']:.2f}, reference time {shared['reference_s'] / whole['reference_s']:.2f}; "
-          f"gradients equal: {same}")
-
+        ratios = ", ".join(f"{r[k] / base[k]:.2f}" for k in ("update_s", "update_mib", "reference_s"))
+        print(f"{name:<28} {r['update_s']:>9.3f} {r['update_mib']:>9.1f} {r['reference_s']:>12.3f}   {ratios}")
+    print(f"gradients equal to {anchor}'s: {same}")
 
 if __name__ == "__main__":
     main()
