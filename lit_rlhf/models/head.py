@@ -15,7 +15,8 @@ allows this (one head call on the full hidden states, nothing shape-bound after 
 Further, where the model does nothing after its head, the head need not run at all: with
 ``passthrough`` it hands back its selected input and the caller takes log-probs with the head's weight
 fused in (``losses.head_token_logps``), so not even the kept positions' logits exist whole.
-:func:`fused_head_supported` checks that once per model.
+:func:`fused_head_supported` checks that once per model. An online forward, which calls its head once on
+its last ``T + 1`` positions or twice with shared prompts, has :func:`head_skipped` hand back every call's input.
 """
 
 from __future__ import annotations
