@@ -134,8 +134,13 @@ class BestOfN(OnlineMethod):
 
     def policy_loss(self, batch: MiniBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rollout = batch.rollout
-        logits, _ = self.policy_logits_and_values(rollout)
         response_mask = rollout.response_mask * batch.targets.weight.unsqueeze(1).to(rollout.response_mask.dtype)
+        if self.uses_fused_head():  # no logits: the LM head fused into the log-probs, at temperature 1 (plain SFT)
+            with self.bank.role(self.policy_adapter):
+                logps, _ = self.fused_response_logprobs(rollout, temperature=1.0)
+            loss = -(logps * response_mask).sum() / response_mask.sum().clamp(min=1)
+            return loss, {"loss/sft": loss.detach()}
+        logits, _ = self.policy_logits_and_values(rollout)
         completion_mask = torch.cat([torch.zeros_like(rollout.prompt_mask), response_mask], dim=1)
         # The logits may cover only the last positions (the last prompt token and the response): the same columns.
         window = logits.shape[1]

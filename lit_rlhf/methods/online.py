@@ -552,18 +552,19 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         model allows it (``uses_fused_head``) and the loss differentiates no entropy."""
         return self.loss_entropy() != "gradient" and self.uses_fused_head()
 
-    def fused_response_logprobs(self, rollout: Rollout, *,
-                                with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def fused_response_logprobs(self, rollout: Rollout, *, with_entropy: bool = False,
+                                temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(b, T)`` float32 log-probs of the response tokens under the active role, 0 on padding, with the LM
         head fused in (``losses.head_token_logps``): the forward of ``rollout_logits`` (whole rows or shared
         prompts) hands back the head's inputs, and neither the ``(b, T, vocab)`` logits nor their gradient
-        exist whole. With ``with_entropy``, the entropy at each response token too (no gradient)."""
+        exist whole. With ``with_entropy``, the entropy at each response token too (no gradient). The logits
+        are divided by ``temperature``, by default the sampling temperature."""
         head = self.bank.output_embeddings()
         with head_skipped(head):
             hidden = self.rollout_logits(rollout)
         mask = rollout.response_mask.bool()
         hidden = self.response_slice(hidden, rollout, masked=False)[mask]  # padding costs no head
-        bias, temperature = head.bias, self.sampling.temperature
+        bias, temperature = head.bias, self.sampling.temperature if temperature is None else temperature
         if temperature != 1.0:  # logits / t == (hidden / t) @ W.T + bias / t: the tempered logits, made directly
             hidden, bias = hidden / temperature, None if bias is None else bias / temperature
         logps, entropy = head_token_logps(hidden, head.weight, bias, rollout.response_ids[mask],

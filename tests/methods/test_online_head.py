@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from lit_rlhf.losses import entropy_from_logits
-from lit_rlhf.methods import GRPO, PPO, RLOO
+from lit_rlhf.methods import GRPO, PPO, RLOO, BestOfN
+from lit_rlhf.methods.online import select_rows
 from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.rollout import RewardSpec, SamplingConfig
 from tests.methods.online_helpers import first_batch, make_online, perturbed
@@ -175,3 +176,30 @@ def test_the_update_s_taken_pass_carries_what_the_loss_reads(cls, options, fused
             method._fused_head = False  # the logits path's entropy of the same rows
             entropy = method.policy_forward(scored.rollout, with_entropy=True).entropy
         torch.testing.assert_close(taken.entropy * mask, entropy * mask, **TOL)
+
+
+def test_best_of_n_s_sft_loss_is_the_logits_path_s_at_temperature_1():
+    """Best-of-n trains on its samples at temperature 1 (plain SFT), whatever it sampled at: the fused head
+    gives the logits path's loss and gradients, and not the tempered log-probs'."""
+    torch.manual_seed(0)
+    method = perturbed(make_online(BestOfN, sampling=SamplingConfig(max_new_tokens=8, temperature=0.7)))
+    scored = method.rollout_and_score(first_batch(method))
+    targets = method.compute_advantages(scored)
+    rows = targets.is_best.nonzero().squeeze(1)
+    batch = method.select(scored.select(rows), select_rows(targets, rows), torch.arange(rows.numel()))
+
+    def loss_and_grads():
+        method.bank.zero_grad(set_to_none=True)
+        loss, _ = method.policy_loss(batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in method.bank.trainable_parameters()]
+
+    results = on_each_head_path(method, loss_and_grads)
+    (loss, grads), (expected, expected_grads) = results[True], results[False]
+    torch.testing.assert_close(loss, expected, **TOL)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, **TOL)
+    with torch.no_grad(), method.bank.role(method.policy_adapter):
+        tempered = method.fused_response_logprobs(batch.rollout)[0]
+    mask = batch.rollout.response_mask * batch.targets.weight[:, None]
+    assert (-(tempered * mask).sum() / mask.sum() - loss).abs() > 1e-3
