@@ -592,13 +592,10 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         ``taken`` (the pass ``MiniBatch.taken`` already holds) or of a new forward."""
         taken = self.policy_pass(rollout, with_entropy=with_entropy) if taken is None else taken
         entropy = None
-        if with_entropy and taken.logits is not None:
-            entropy = entropy_from_logits(taken.logits) * rollout.response_mask
-        elif with_entropy:
-            if taken.entropy is None:
-                raise RuntimeError("the fused policy pass was taken without entropy: loss_entropy() must say the loss "
-                                   "reads it")
-            entropy = taken.entropy
+        if with_entropy:
+            entropy = taken.entropy if taken.logits is None else entropy_from_logits(taken.logits) * rollout.response_mask
+            if entropy is None:  # a subclass whose loss reads the entropy must say so in loss_entropy()
+                raise RuntimeError("the fused policy pass was taken without entropy, which the loss reads")
         return PolicyOutput(taken.logprobs, entropy, taken.values)
 
     @torch.no_grad()
