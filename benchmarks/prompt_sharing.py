@@ -23,6 +23,7 @@ from torch.profiler import record_function
 from transformers import LlamaConfig
 
 from checkpointing_memory import BACKWARD, step_memory_mib
+from training_levers import peak_memory_mib
 from lit_rlhf.losses import token_logps
 from lit_rlhf.methods import GRPO
 from lit_rlhf.models import BankSpec
@@ -61,14 +62,7 @@ def seconds(fn, repeats: int, device) -> float:
 
 
 def peak_mib(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    return step_memory_mib(fn)[0]
+    return peak_memory_mib(fn) if device.type == "cuda" else step_memory_mib(fn)[0]
 
 
 def main() -> None:
