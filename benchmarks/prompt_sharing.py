@@ -4,10 +4,10 @@ the online methods' forwards over a GRPO-shaped rollout (``--prompts`` prompts x
 
 Two steps, in each of the four settings on the same bank and rollout, against whole rows with logits (the
 anchor): the policy's forward with gradient + backward (the update's pass; log-probs of the taken tokens),
-and the no-grad reference forward (RLOO, PPO, GRPO with a KL). Prompts are left-padded with lengths drawn from ``[--prompt-len / 2,
---prompt-len]``, responses ``--response-len`` tokens (a random model rarely stops). Peak memory: live
-tensor bytes of torch's CPU allocator (``checkpointing_memory.step_memory_mib``) or
-``torch.cuda.max_memory_allocated``. Gradients are checked equal to the anchor's.
+and the no-grad reference forward (RLOO, PPO, GRPO with a KL). Prompts are left-padded with lengths drawn
+from ``[--prompt-len / 2, --prompt-len]``, responses ``--response-len`` tokens (a random model rarely
+stops). Peak memory: live tensor bytes of torch's CPU allocator (``checkpointing_memory.step_memory_mib``)
+or ``torch.cuda.max_memory_allocated``. Gradients are checked equal to the anchor's.
 
     OMP_NUM_THREADS=1 python benchmarks/prompt_sharing.py [--prompts 4 --samples 4 --prompt-len 32]
     OMP_NUM_THREADS=1 python benchmarks/prompt_sharing.py --vocab 65536 --hidden 128   # the head's share grows
@@ -25,6 +25,7 @@ from torch.profiler import record_function
 from transformers import LlamaConfig
 
 from checkpointing_memory import BACKWARD, step_memory_mib
+from training_levers import peak_memory_mib
 from lit_rlhf.methods import GRPO
 from lit_rlhf.models import BankSpec
 from lit_rlhf.rollout import RewardSpec, Rollout
@@ -61,14 +62,7 @@ def seconds(fn, repeats: int, device) -> float:
 
 
 def peak_mib(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    return step_memory_mib(fn)[0]
+    return peak_memory_mib(fn) if device.type == "cuda" else step_memory_mib(fn)[0]
 
 
 def main() -> None:
@@ -127,6 +121,7 @@ def main() -> None:
         ratios = ", ".join(f"{r[k] / base[k]:.2f}" for k in ("update_s", "update_mib", "reference_s"))
         print(f"{name:<28} {r['update_s']:>9.3f} {r['update_mib']:>9.1f} {r['reference_s']:>12.3f}   {ratios}")
     print(f"gradients equal to {anchor}'s: {same}")
+
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ from lit_rlhf.data import PreferenceDataModule, SFTDataModule, UnpairedDataModul
 from lit_rlhf.losses import logprobs
 from lit_rlhf.methods import DPO, KTO, SFT, PreferenceMethod
 from lit_rlhf.models import BankSpec, LoraSpec
-from lit_rlhf.models.head import fused_head_supported, head_on, head_selection_supported
+from lit_rlhf.models.head import fused_head_supported, head_on
 from tests.methods.tiny_families import FAMILIES, PREFERENCE, TOL, UNPAIRED, build_families
 from tests.paths import TOY_DATA
 

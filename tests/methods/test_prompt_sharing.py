@@ -11,6 +11,7 @@ from lit_rlhf.methods import GRPO
 from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.models.prefix import prompt_groups, shared_prompt_logits
 from lit_rlhf.rollout import RewardSpec, Rollout
+from tests.methods.online_helpers import perturbed
 from tests.methods.tiny_families import TOL, build_families
 
 REWARD = [RewardSpec("function", function="lit_rlhf.toy:reward")]
@@ -25,15 +26,8 @@ def models(tmp_path_factory) -> dict[str, str]:
 
 def make_grpo(model: str, **bank) -> GRPO:
     """GRPO whose policy adapter is off zero (so the policy differs from the base)."""
-    method = GRPO(bank=BankSpec(model=model, lora=LoraSpec(r=4, alpha=8), **bank), rewards=REWARD,
-                  num_samples_per_prompt=3)
-    method.configure_model()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in method.bank.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    return method
+    return perturbed(GRPO(bank=BankSpec(model=model, lora=LoraSpec(r=4, alpha=8), **bank), rewards=REWARD,
+                          num_samples_per_prompt=3))
 
 
 def rollout(vocab: int) -> Rollout:
