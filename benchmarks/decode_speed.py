@@ -5,8 +5,9 @@ A random model built from a config (offline; ``small``: Llama, hidden 256, 4 lay
 prompts of ``--prompt-len`` tokens (rows left-padded by up to a quarter of that, as a real batch is)
 with ``--new-tokens`` sampled tokens (temperature 1, as rollouts sample), through each engine in
 turn, ``--repeats`` times interleaved (so a load change on the machine hits every engine alike).
-Two cases: the plain base (``base``) and a LoRA policy adapter active (``lora``, what rollouts
-run). The stop token is one the random model almost never samples, so every engine decodes the
+Cases (``--cases``): the plain base (``base``), a LoRA policy adapter active (``lora``, what
+rollouts run: its deltas merged into the base while it generates, ``models/lora_merge.py``), and the
+same adapter through peft's LoRA branches (``lora_unmerged``, the anchor of that lever). The stop token is one the random model almost never samples, so every engine decodes the
 full length. The first call of each engine is reported apart as warm-up (on CUDA it holds the
 compilation and CUDA-graph capture of hf_static's decode step); the ratio is median tokens/s
 over the ``hf`` engine's. Seconds are wall-clock on CUDA, the process's CPU time on CPU (run
@@ -26,7 +27,9 @@ import sys
 import tempfile
 import time
 import traceback
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
+from unittest import mock
 from pathlib import Path
 
 import torch
@@ -44,6 +47,7 @@ SIZES = {
                          num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True)),
 }
 ENGINES = ("hf", "hf_static", "auto")
+CASES = ("base", "lora", "lora_unmerged")
 
 
 def write_config(size: str, directory: Path, max_positions: int) -> Path:
@@ -63,6 +67,16 @@ def build_bank(model_dir: Path, *, lora: bool, dtype: str, device: str):
                     adapters=[AdapterSpec("policy")] if lora else [])
     torch.manual_seed(0)
     return AdapterBank(spec).to(device).eval()
+
+
+@contextmanager
+def case_context(case: str):
+    """``lora_unmerged``: generation keeps peft's LoRA branches (the lever's anchor)."""
+    if case != "lora_unmerged":
+        yield
+        return
+    with mock.patch("lit_rlhf.models.bank.lora_merged", lambda model, adapter: nullcontext(0)):
+        yield
 
 
 def random_prompts(batch: int, length: int, vocab: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,8 +115,8 @@ def measure_case(args, case: str, model_dir: Path, ids, mask, sampling) -> dict:
     """Warm-up, interleaved repeats and greedy agreement of every engine on one bank."""
     from lit_rlhf.rollout import build_engine
 
-    bank = build_bank(model_dir, lora=case == "lora", dtype=args.dtype, device=args.device)
-    adapter = "policy" if case == "lora" else None
+    bank = build_bank(model_dir, lora=case != "base", dtype=args.dtype, device=args.device)
+    adapter = None if case == "base" else "policy"
     names = args.engines
     engines = {name: build_engine(name) for name in names}
     warmup, seconds, tokens = {}, {name: [] for name in names}, {}
@@ -137,9 +151,10 @@ def measure(args) -> dict:
     print(report(results), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_config(args.size, Path(tmp), args.prompt_len + args.new_tokens + 64)
-        for case in ("base", "lora"):
+        for case in args.cases:
             try:
-                results["cases"][case] = measure_case(args, case, model_dir, ids, mask, sampling)
+                with case_context(case):
+                    results["cases"][case] = measure_case(args, case, model_dir, ids, mask, sampling)
             except Exception as error:  # noqa: BLE001 -- a failing case is reported, the next one still runs
                 results["cases"][case] = {"error": f"{type(error).__name__}: {error}"[:2000]}
                 traceback.print_exc()
@@ -177,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--engines", type=lambda text: text.split(","), default=list(ENGINES),
                         help=f"comma-separated engines to time, hf first (default: {','.join(ENGINES)})")
+    parser.add_argument("--cases", type=lambda text: text.split(","), default=list(CASES),
+                        help=f"comma-separated subset of {','.join(CASES)}")
     parser.add_argument("--smoke", action="store_true", help="tiny run (small model, batch 4, 16 + 8 tokens, 1 repeat)")
     args = parser.parse_args(argv)
     if args.engines[0] != "hf" or not set(args.engines) <= set(ENGINES):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU, under 8 minutes: lit_rlhf vs TRL 1.16 in bf16 (benchmarks/vs_trl.py, 2 interleaved runs
 # each) on DPO 1B full + LoRA and GRPO 0.5B (16 prompts x 4 samples, 128 prompt + 128 new tokens),
-# then decode-only engine speed, hf vs hf_static (benchmarks/decode_speed.py, 0.5B, batch 64).
+# then decode-only engine speed, hf vs hf_static, LoRA merged vs its branches (benchmarks/decode_speed.py, 0.5B, batch 64).
 # Every part runs under its own timeout; a failed part prints "PART <name> FAILED rc=N" and the
 # others still run. Output goes to ${OUT:-/tmp}/gpu_bench.log, JSON results beside it.
 #
@@ -47,7 +47,7 @@ else
   # discarded run per framework: the first process on a fresh machine ran 2.7x slower. GRPO has no
   # room for one (a lit run compiles its decode step, ~60 s): its first and later runs are reported.
   PARTS=(
-    "decode|150|$PY benchmarks/decode_speed.py --device $DEVICE --size 0.5b --batch 64 --new-tokens 128 --repeats 2 --engines hf,hf_static --json $OUT/decode_speed.json"
+    "decode|150|$PY benchmarks/decode_speed.py --device $DEVICE --size 0.5b --batch 64 --new-tokens 128 --repeats 2 --engines hf,hf_static --cases lora,lora_unmerged --json $OUT/decode_speed.json"
     "grpo_0.5b|170|$PY benchmarks/vs_trl.py --size 0.5b --device $DEVICE --dtype $DTYPE --only grpo --repeats 2 --prompts 16 --generations 4 --prompt-len 128 --new-tokens 128 --online-steps 4 --warmup 1 --timeout 100 --budget 155 --json $OUT/vs_trl_grpo_0.5b.json"
     "dpo_1b|155|$PY benchmarks/vs_trl.py --size 1b --device $DEVICE --dtype $DTYPE --only dpo_full,dpo_lora --warmup-runs 1 --repeats 2 --steps 6 --warmup 2 --timeout 45 --budget 140 --json $OUT/vs_trl_dpo_1b.json"
   )

@@ -32,6 +32,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.models.heads import ScalarHead, last_token_index
+from lit_rlhf.models.lora_merge import lora_merged
 from lit_rlhf.models.loading import (
     CONVERT_ADAPTER,
     CONVERT_MODEL,
@@ -661,12 +662,14 @@ class AdapterBank(nn.Module):
         reference policy, or with ``teacher=True`` from the distillation teacher (see ``teacher()``),
         set up for the duration, without gradients.
 
-        What ``generate`` runs, for rollout engines that drive the model's forward themselves."""
+        What ``generate`` runs, for rollout engines that drive the model's forward themselves. An adapter's
+        LoRA deltas are merged into the base weights for the duration (``models.lora_merge``: one matmul per
+        linear, and the exact base restored after)."""
         if teacher and adapter is not None:
             raise ValueError(f"generate samples from one role: adapter {adapter!r} or the teacher, not both")
         with torch.no_grad():
             if adapter is not None:
-                with self.role(adapter):
+                with self.role(adapter), lora_merged(self.model, adapter) if self.is_peft else nullcontext():
                     yield self.model
             else:
                 with self.teacher() if teacher else self.reference():
