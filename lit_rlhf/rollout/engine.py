@@ -303,8 +303,7 @@ class HFStaticCacheEngine:
     after rollout and its CUDA graphs are replayed, not recorded again. Generation stops when
     every row has produced a stop token (read on the host every ``stop_check_every`` steps: each
     read is a device sync). Greedy decoding gives the tokens of ``hf``; sampling draws from the
-    same distribution (``choose_tokens``: transformers' warpers, one ``multinomial`` per step,
-    so on CPU, where the stop check runs every step, a seeded rollout is the one ``hf`` samples).
+    same distribution (``choose_tokens``: transformers' warpers, then one inverse-CDF draw per row).
 
     Models this loop cannot drive (no static-cache support, encoder-decoders, sharded
     parameters) fall back to the ``hf`` engine, logged once at info level.
@@ -483,13 +482,17 @@ def choose_tokens(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tenso
         logits: ``(batch, vocab)`` float32 logits of the last position.
 
     Returns:
-        ``(batch,)`` long. One ``torch.multinomial`` over the whole batch, as transformers' ``generate``
-        draws, so a seeded run consumes the random stream the same way.
+        ``(batch,)`` long. A draw by the inverse of each row's cumulative distribution: one uniform per
+        row, in float64 (so a token's share of ``[0, 1)`` is its probability to ~1e-16, the smallest
+        included). ``torch.multinomial`` draws one exponential per vocabulary entry: 8x the time on CPU
+        (1.8 vs 0.23 ms for 16 x 4096), a sixth of a small model's decode step.
     """
     if not sampling.do_sample:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(warp_logits(logits, sampling), dim=-1)
-    return torch.multinomial(probs, num_samples=1).squeeze(1)
+    cumulative = torch.softmax(warp_logits(logits, sampling).double(), dim=-1).cumsum(dim=-1)
+    uniform = torch.rand(logits.shape[0], 1, dtype=torch.float64, device=logits.device) * cumulative[:, -1:]
+    # right=True: a removed token (probability 0) adds an empty interval, which no draw lands in.
+    return torch.searchsorted(cumulative, uniform, right=True).squeeze(1)
 
 
 def warp_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:

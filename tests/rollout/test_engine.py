@@ -185,4 +185,5 @@ def test_a_models_generation_config_does_not_change_rollouts(tmp_path, tokenizer
     plain, penalised_out = _generations(banks["plain"], tokenizer), _generations(banks["penalised"], tokenizer)
     for key in plain:
         assert torch.equal(plain[key], penalised_out[key]), key
-        assert torch.equal(plain[key], plain["hf", key[1]]), key  # hf_static samples what hf samples
+        if key[1] == "greedy":  # hf_static decodes greedily to hf's tokens (it samples with its own draws)
+            assert torch.equal(plain[key], plain["hf", "greedy"]), key
