@@ -15,7 +15,7 @@ from lit_rlhf.losses import logprobs
 from lit_rlhf.methods import DPO, KTO, SFT, PreferenceMethod
 from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.models.head import fused_head_supported, head_on
-from tests.methods.tiny_families import FAMILIES, PREFERENCE, TOL, UNPAIRED, build_families
+from tests.methods.tiny_families import FAMILIES, PREFERENCE, TOL, UNPAIRED, build_families, move_off_reference
 from tests.paths import TOY_DATA
 
 
@@ -29,13 +29,7 @@ def make(cls, model: str, *, train_mode: str = "lora", padding_free: bool | None
     method = cls(bank=BankSpec(model=model, train_mode=train_mode, lora=LoraSpec(r=4, alpha=8)),
                  padding_free=padding_free, **kwargs)
     method.configure_model()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in method.bank.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-            elif train_mode == "full" and param.requires_grad:
-                param.add_(torch.randn_like(param), alpha=0.01)
+    move_off_reference(method.bank, train_mode)
     assert method.uses_packing() is (padding_free is None)
     return method
 

@@ -11,7 +11,7 @@ from lit_rlhf.losses import sequence_logps, unpack_tokens
 from lit_rlhf.methods import DPO, KTO, PreferenceMethod, RewardModeling
 from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.models.packing import pack_rows
-from tests.methods.tiny_families import FAMILIES, PREFERENCE, TOL, UNPAIRED, build_families
+from tests.methods.tiny_families import FAMILIES, PREFERENCE, TOL, UNPAIRED, build_families, move_off_reference
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +29,7 @@ def twins(cls, model: str, train_mode: str = "lora", **kwargs):
         return method
 
     packed, padded = make(None), make(False)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in packed.bank.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-            elif train_mode == "full" and param.requires_grad:
-                param.add_(torch.randn_like(param), alpha=0.01)
+    move_off_reference(packed.bank, train_mode)
     padded.bank.load_state_dict(packed.bank.state_dict())
     assert packed.uses_packing() and not padded.uses_packing()
     return packed, padded

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from lit_rlhf.toy.families import build_tiny
 from tests.paths import TOY_DATA
 
@@ -12,6 +14,17 @@ PREFERENCE = str(TOY_DATA / "preference_train.jsonl")
 UNPAIRED = str(TOY_DATA / "unpaired_train.jsonl")
 FAMILIES = ["llama", "qwen2", "gpt2", "gemma2"]
 TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def move_off_reference(bank, train_mode: str) -> None:
+    """Make a fresh policy differ from its reference: LoRA B off zero, or (``full``) trained weights nudged."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in bank.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+            elif train_mode == "full" and param.requires_grad:
+                param.add_(torch.randn_like(param), alpha=0.01)
 
 
 def build_families(root: Path, families: list[str]) -> dict[str, str]:
