@@ -18,7 +18,13 @@ last step (data loading, logging and everything else in between included), over 
 (non-pad) tokens of those steps' batches (DPO, SFT) or the tokens generated in them (RLOO, GRPO:
 words of the decoded completions, counted by the shared reward function), plus
 ``torch.cuda.max_memory_allocated`` on CUDA, and on CPU the run process's peak resident memory
-(``ru_maxrss``: everything the process held, imports and model load included).
+(``ru_maxrss``: everything the process held, imports and model load included). Both devices also
+report ``step_peak_mib``: the peak of live tensor memory during ONE training step (step ``--warmup``,
+outside the timed window) above what was live when it began -- activations, logits, gradients,
+the optimizer's temporaries; not the weights or the optimizer state that every step keeps. On CPU it
+comes from the profiler's allocator events (that step runs profiled), on CUDA from the allocator's
+peak counter. It is the CPU's stand-in for GPU memory: ``--size medium`` (hidden 1024, GQA, vocab
+32k) gives activations their GPU-like share at CPU-sized batches.
 
     pip install -e ".[bench]"                      # TRL, pinned; never a runtime dependency
     OMP_NUM_THREADS=1 python benchmarks/vs_trl.py --size small          # CPU
@@ -58,6 +64,9 @@ PAD_ID, EOS_ID = 0, 3
 SIZES = {
     "small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=4, vocab_size=4096, tie_word_embeddings=False),
+    # A CPU stand-in for the GPU sizes' memory: wide layers with grouped KV heads, a 32k vocabulary.
+    "medium": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=16,
+                   num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -199,12 +208,16 @@ def reward(prompts, completions, **kwargs) -> list[float]:
 
 @dataclass
 class Probe:
-    """Step-end timestamps and per-step token counts, filled in by the framework's callback."""
+    """Step-end timestamps and per-step token counts, filled in by the framework's callback, and the
+    peak tensor memory of step ``memory_step`` (1-based; ``None``: not measured)."""
 
     device: str
     ends: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     cpu_ends: list[float] = field(default_factory=list)
+    memory_step: int | None = None
+    step_peak_mib: float | None = None
+    _memory: object = None
 
     def step_end(self) -> None:
         if self.device == "cuda":
@@ -213,9 +226,45 @@ class Probe:
             torch.cuda.synchronize()
         self.ends.append(time.perf_counter())
         self.cpu_ends.append(time.process_time())
+        if self.memory_step is None:
+            return
+        if len(self.ends) == self.memory_step - 1:
+            self._memory = StepMemory(self.device)
+        elif len(self.ends) == self.memory_step:
+            self.step_peak_mib = self._memory.stop()
 
     def count(self, input_ids) -> None:
         self.tokens.append(int((input_ids != PAD_ID).sum()))
+
+
+class StepMemory:
+    """Peak live tensor bytes from now until ``stop()``, above those live now: CUDA's allocator peak
+    counter, or on CPU the profiler's allocator events (every allocation and free, summed in order)."""
+
+    def __init__(self, device: str):
+        import torch
+
+        self.device = device
+        if device == "cuda":
+            self.run_peak = torch.cuda.max_memory_allocated()  # the run's peak so far, which the reset forgets
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+            self.profiler.__enter__()
+
+    def stop(self) -> float:
+        import torch
+
+        if self.device == "cuda":
+            return (torch.cuda.max_memory_allocated() - self.start) / 2**20
+        self.profiler.__exit__(None, None, None)
+        events = self.profiler.profiler.kineto_results.events()
+        live = peak = 0
+        for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+            live += nbytes
+            peak = max(peak, live)
+        return peak / 2**20
 
 
 def steady_state(probe: Probe, warmup: int, online: bool) -> dict:
@@ -360,15 +409,18 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     work = Workload(**json.loads(args.workload_json))
     assets = Path(args.assets)
-    probe = vs_trl.Probe(args.device)
+    # Step ``warmup`` is the last one outside the timed window; the first has no optimizer state yet.
+    probe = vs_trl.Probe(args.device, memory_step=work.warmup if work.warmup >= 2 else None)
     with tempfile.TemporaryDirectory() as out:
         if args.worker == "lit":
             vs_trl.run_lit(args.run, assets, work, args.dtype, args.device, probe)
         else:
             vs_trl.run_trl(args.run, assets, work, args.dtype, args.device, probe, Path(out))
     result = vs_trl.steady_state(probe, work.warmup, online=args.run in ("rloo", "grpo"))
+    if probe.step_peak_mib is not None:
+        result["step_peak_mib"] = probe.step_peak_mib
     if args.device == "cuda":
-        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result["peak_gib"] = max(torch.cuda.max_memory_allocated(), getattr(probe._memory, "run_peak", 0)) / 2**30
     else:  # the run's whole process (a fresh one per run): imports, model, data and training; Linux reports KiB
         result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"{RESULT} {json.dumps(result)}", flush=True)
@@ -392,7 +444,7 @@ def schedule(workloads: list[str], repeats: int, warmup_runs: int = 0) -> list[t
 
 #: Per metric: True when higher is better (the advantage is lit/TRL), else TRL/lit.
 METRICS = {"tokens_per_s": True, "step_s": False, "tokens_per_cpu_s": True, "cpu_step_s": False, "peak_gib": False,
-           "peak_rss_gib": False}
+           "peak_rss_gib": False, "step_peak_mib": False}
 
 
 def summarize(results: list[dict]) -> list[dict]:
@@ -467,7 +519,7 @@ def versions() -> str:
 
 
 def workload_of(args: argparse.Namespace) -> Workload:
-    work = Workload(**(GPU_WORKLOAD if args.size != "small" else {}))
+    work = Workload(**(GPU_WORKLOAD if args.size in ("0.5b", "1b") else {}))
     for name in ("prompts", "generations", "prompt_len", "new_tokens", "batch", "steps", "online_steps", "warmup"):
         value = getattr(args, name)
         if value is not None:

@@ -107,3 +107,19 @@ def test_gpu_script_plans_every_part_under_its_timeout():
     assert "--batch 64 --new-tokens 128" in parts["decode"] and "--size 0.5b" in parts["decode"]
     bad = subprocess.run(["bash", str(REPO / "benchmarks/gpu.sh"), "--fast"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+def test_probe_measures_the_peak_tensor_memory_of_one_step(vs_trl):
+    import torch
+
+    kept = torch.ones(4 * 2**20 // 4)  # live before the measured step: not counted
+    probe = vs_trl.Probe("cpu", memory_step=2)
+    probe.step_end()  # step 1 ends: step 2 is measured from here
+    a = torch.ones(8 * 2**20 // 4)  # 8 MiB
+    b = torch.ones(2 * 2**20 // 4)  # 2 MiB, with a: a 10 MiB peak
+    del a, b
+    c = torch.ones(3 * 2**20 // 4)  # 3 MiB after the peak
+    probe.step_end()
+    probe.step_end()  # step 3 is not measured
+    assert probe.step_peak_mib == pytest.approx(10.0, abs=0.1)
+    del kept, c
