@@ -358,7 +358,8 @@ class UnpairedDataModule(_FormatDataModule):
 class SFTDataModule(_FormatDataModule):
     """Demonstrations for SFT and supervised distillation.
 
-    Rows: ``{"text"}``, ``{"messages"}`` (the last, assistant, message is the completion), or
+    Rows: ``{"text"}``, ``{"messages"}`` (the last, assistant, message is the completion: with
+    ``completion_only_loss`` earlier assistant turns carry no loss, where TRL trains on every token), or
     ``{"prompt", "completion"}``. Batches: ``input_ids``, ``attention_mask``,
     ``completion_mask`` ``(batch, seq)``; with ``packing``: ``input_ids``, ``position_ids``,
     ``completion_mask`` ``(rows, seq)`` and no attention mask.
