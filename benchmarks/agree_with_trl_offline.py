@@ -3,7 +3,8 @@ both sides, compared at each stage where a silent wrong-training bug could hide.
 
 1. tokenization: prompt / completion ids and the tokens that carry loss, from TRL's own dataset
    preparation (each trainer's ``_prepare_dataset``) and ours (``build_examples``) on the same rows:
-   plain text, conversational, implicit prompts, a chat template that writes BOS itself;
+   plain text, conversational, implicit prompts, a chat template that writes BOS itself, over-long
+   completions cut (the collated batches, where TRL truncates in its collators);
 2. log-probs: per-sequence summed completion log-probs, ours (padding-free rows, LM head on completion
    positions only, fused head where the model allows) against TRL's fused LM head, on tiny random
    Llama, Qwen2, GPT-2 and Gemma 2 models (the toy tokenizer);
@@ -114,9 +115,9 @@ def tokenization(table: Table, tokenizer) -> None:
     out = tempfile.mkdtemp()
     config = dict(output_dir=out, use_cpu=True, bf16=False, report_to=[], max_length=None)
 
-    def ours(fmt, rows, tok):
-        examples, errors = build_examples(fmt, [(Where("rows", i + 1), r) for i, r in enumerate(rows)], tok,
-                                          max_length=None)
+    def ours(fmt, rows, tok, **limits):
+        limits = {"max_length": None, **limits}
+        examples, errors = build_examples(fmt, [(Where("rows", i + 1), r) for i, r in enumerate(rows)], tok, **limits)
         assert not errors, errors
         return examples
 
@@ -242,6 +243,55 @@ def token_mean_nll(method, batch: dict, rows: slice, whole_sequence: bool = Fals
     with torch.no_grad():
         per_token, kept, _ = method.completion_token_logps(ids, attention, mask)
     return (-per_token.sum() / kept.sum()).item()
+
+
+def truncation(table: Table, tokenizer) -> None:
+    """Over-long completions cut on the right, prompts intact (TRL's default ``keep_start``, which ours matches
+    while the prompt fits): the collated batches of DPO and KTO, SFT's prepared rows."""
+    from datasets import Dataset
+    from trl import DPOConfig, KTOConfig, SFTConfig
+    from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
+    from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference, KTOTrainer
+    from trl.trainer.sft_trainer import SFTTrainer
+
+    from lit_rlhf.data import PreferenceCollator, SFTCollator, UnpairedCollator
+    from lit_rlhf.data.formats import Where
+    from lit_rlhf.data.tokenize import build_examples
+
+    limit, pad = 9, tokenizer.pad_token_id
+    config = dict(output_dir=tempfile.mkdtemp(), use_cpu=True, bf16=False, report_to=[], max_length=None)
+    rows = [{"prompt": "the class was", "chosen": " really love so very good and fun .", "rejected": " bad ."},
+            {"prompt": "honestly the team felt", "chosen": " fun .", "rejected": " boring quite very bad and sad ."}]
+    keys = ("input_ids", "attention_mask", "completion_mask")
+
+    def ours(fmt, rows):
+        examples, errors = build_examples(fmt, [(Where("rows", i + 1), r) for i, r in enumerate(rows)], tokenizer,
+                                          max_length=limit, truncation="truncate")
+        assert not errors, errors
+        return examples
+
+    def differs(mine: dict, theirs: dict, names) -> float:
+        return float(any(not torch.equal(mine[k], theirs[k]) for k in names))
+
+    theirs = DPOTrainer._prepare_dataset(types.SimpleNamespace(_tokenizer=tokenizer), Dataset.from_list(rows),
+                                         tokenizer, DPOConfig(**config), "train")
+    table.add("DPO family", "tokenization", differs(PreferenceCollator(pad)(ours("preference", rows)),
+                                                    DataCollatorForPreference(pad, max_length=limit)(list(theirs)), keys))
+    unpaired = [{"prompt": r["prompt"], "completion": r["chosen"], "label": True} for r in rows]
+    stub = types.SimpleNamespace(_tokenizer=tokenizer, calculate_KL=False, desirable_weight=1.0, undesirable_weight=1.0)
+    theirs = KTOTrainer._prepare_dataset(stub, Dataset.from_list(unpaired), tokenizer, KTOConfig(**config), "train")
+    table.add("KTO", "tokenization", differs(UnpairedCollator(pad)(ours("unpaired", unpaired)),
+                                             DataCollatorForUnpairedPreference(pad, max_length=limit)(list(theirs)), keys))
+    completions = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+    stub = types.SimpleNamespace(_tokenizer=tokenizer, chat_template=None, completion_only_loss=True)
+    args = SFTConfig(**{**config, "max_length": limit})
+    theirs = SFTTrainer._prepare_dataset(stub, Dataset.from_list(completions), tokenizer, args, False, None, "train")
+    mine = SFTCollator(pad)(ours("sft", completions))
+    width = mine["input_ids"].shape[1]
+    theirs = {"input_ids": torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in theirs]),
+              "completion_mask": torch.tensor([[int(t != -100) for t in r["labels"]] + [0] * (width - len(r["labels"]))
+                                               for r in theirs])}
+    table.add("SFT", "tokenization", differs(mine, theirs, ("input_ids", "completion_mask")))
 
 
 def log_probs(table: Table, models: dict[str, str], tokenizer) -> None:
@@ -551,6 +601,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as root:
         models = {family: str(build_tiny(family, Path(root) / family)) for family in ("llama", "qwen2", "gpt2", "gemma2")}
         tokenization(table, tokenizer)
+        truncation(table, tokenizer)
         log_probs(table, models, tokenizer)
         sides = Sides(models["llama"])
         dpo_family(table, sides, tokenizer, root)
