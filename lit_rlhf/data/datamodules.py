@@ -352,7 +352,7 @@ class UnpairedDataModule(_FormatDataModule):
                              "completion, so a batch of one row would pair a row with itself")
 
     def make_collator(self, tokenizer) -> Callable:
-        return UnpairedCollator(pad_token_id_of(tokenizer))
+        return UnpairedCollator(pad_token_id_of(tokenizer), self.max_length)
 
 
 class SFTDataModule(_FormatDataModule):
