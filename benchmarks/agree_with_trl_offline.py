@@ -277,11 +277,16 @@ def truncation(table: Table, tokenizer) -> None:
                                          tokenizer, DPOConfig(**config), "train")
     table.add("DPO family", "tokenization", differs(PreferenceCollator(pad)(ours("preference", rows)),
                                                     DataCollatorForPreference(pad, max_length=limit)(list(theirs)), keys))
-    unpaired = [{"prompt": r["prompt"], "completion": r["chosen"], "label": True} for r in rows]
+    unpaired = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+                for r in rows for side in ("chosen", "rejected")]
     stub = types.SimpleNamespace(_tokenizer=tokenizer, calculate_KL=False, desirable_weight=1.0, undesirable_weight=1.0)
-    theirs = KTOTrainer._prepare_dataset(stub, Dataset.from_list(unpaired), tokenizer, KTOConfig(**config), "train")
-    table.add("KTO", "tokenization", differs(UnpairedCollator(pad)(ours("unpaired", unpaired)),
-                                             DataCollatorForUnpairedPreference(pad, max_length=limit)(list(theirs)), keys))
+    theirs = list(KTOTrainer._prepare_dataset(stub, Dataset.from_list(unpaired), tokenizer, KTOConfig(**config), "train"))
+    for example, partner in zip(theirs, theirs[1:] + theirs[:1]):  # our pairing: row i with completion i+1
+        example["KL_completion_ids"] = partner["completion_ids"]
+    mine = UnpairedCollator(pad, max_length=limit)(ours("unpaired", unpaired))
+    theirs = DataCollatorForUnpairedPreference(pad, max_length=limit)(theirs)
+    theirs.update({f"kl_{k}": theirs[f"KL_{k}"] for k in keys})
+    table.add("KTO", "tokenization", differs(mine, theirs, keys + tuple(f"kl_{k}" for k in keys)))
     completions = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
     stub = types.SimpleNamespace(_tokenizer=tokenizer, chat_template=None, completion_only_loss=True)
     args = SFTConfig(**{**config, "max_length": limit})
