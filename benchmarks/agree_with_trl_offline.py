@@ -76,7 +76,8 @@ class Table:
         if worst <= TOL:
             return f"agree ({worst:.0e})", True
         notes = sorted({note for delta, note, _ in entries if delta > TOL and note})
-        unexcused = [d for d, note, aligned in entries if d > TOL and (note is None or (aligned is not None and aligned > TOL))]
+        unexcused = [d for d, note, aligned in entries
+                     if d > TOL and (note is None or (aligned is not None and aligned > TOL))]
         if unexcused:
             return f"DIFFERS ({max(unexcused):.1e})", False
         aligned = [a for d, note, a in entries if d > TOL and a is not None]
@@ -275,12 +276,13 @@ def truncation(table: Table, tokenizer) -> None:
 
     theirs = DPOTrainer._prepare_dataset(types.SimpleNamespace(_tokenizer=tokenizer), Dataset.from_list(rows),
                                          tokenizer, DPOConfig(**config), "train")
-    table.add("DPO family", "tokenization", differs(PreferenceCollator(pad)(ours("preference", rows)),
-                                                    DataCollatorForPreference(pad, max_length=limit)(list(theirs)), keys))
+    theirs = DataCollatorForPreference(pad, max_length=limit)(list(theirs))
+    table.add("DPO family", "tokenization", differs(PreferenceCollator(pad)(ours("preference", rows)), theirs, keys))
     unpaired = [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
                 for r in rows for side in ("chosen", "rejected")]
     stub = types.SimpleNamespace(_tokenizer=tokenizer, calculate_KL=False, desirable_weight=1.0, undesirable_weight=1.0)
-    theirs = list(KTOTrainer._prepare_dataset(stub, Dataset.from_list(unpaired), tokenizer, KTOConfig(**config), "train"))
+    theirs = list(KTOTrainer._prepare_dataset(stub, Dataset.from_list(unpaired), tokenizer, KTOConfig(**config),
+                                              "train"))
     for example, partner in zip(theirs, theirs[1:] + theirs[:1]):  # our pairing: row i with completion i+1
         example["KL_completion_ids"] = partner["completion_ids"]
     mine = UnpairedCollator(pad, max_length=limit)(ours("unpaired", unpaired))
@@ -317,7 +319,8 @@ def log_probs(table: Table, models: dict[str, str], tokenizer) -> None:
             theirs = trl(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
                          fused_lm_head=True, use_cache=False).log_probs.sum(1)
         table.add(f"log-probs {family}", "logps", (mine - theirs).abs().max().item())
-        table.add(f"log-probs {family}", "tokenization", (counts - (batch["completion_mask"][:, 1:]).sum(1)).abs().max().item())
+        counted = batch["completion_mask"][:, 1:].sum(1)
+        table.add(f"log-probs {family}", "tokenization", (counts - counted).abs().max().item())
 
 
 def metrics_of(trainer) -> dict[str, float]:
@@ -421,8 +424,8 @@ def cpo_simpo_orpo(table: Table, sides: Sides, tokenizer) -> None:
         width = max(map(len, seqs))
         old[f"{side}_input_ids"] = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs])
         old[f"{side}_attention_mask"] = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-        old[f"{side}_labels"] = torch.tensor([[-100] * len(e["prompt_ids"]) + e[f"{side}_ids"] + [-100] * (width - len(s))
-                                              for e, s in zip(examples, seqs)])
+        old[f"{side}_labels"] = torch.tensor([[-100] * len(e["prompt_ids"]) + e[f"{side}_ids"]
+                                              + [-100] * (width - len(s)) for e, s in zip(examples, seqs)])
     accelerator = types.SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda x: x)
     trl_model = sides.trl(fused=False)
 
@@ -460,8 +463,9 @@ def cpo_simpo_orpo(table: Table, sides: Sides, tokenizer) -> None:
             table.add(name, "metrics", abs(mine - theirs), "avg_logps" if averaged else None,
                       abs((logps / lengths).mean().item() - theirs) if averaged else None)
         if gradients:
-            table.add(name, "gradients", grad_delta(ours.bank.model, lambda: ours.compute_loss(dict(batch))[0],
-                                                    trl_model, lambda: trl_cls.get_batch_loss_metrics(s, trl_model, old)[0]))
+            table.add(name, "gradients", grad_delta(
+                ours.bank.model, lambda: ours.compute_loss(dict(batch))[0],
+                trl_model, lambda: trl_cls.get_batch_loss_metrics(s, trl_model, old)[0]))
 
     for loss_type in ("sigmoid", "hinge", "ipo", "simpo"):
         run(f"CPO {loss_type}" if loss_type != "simpo" else "CPO-SimPO", CPO,
@@ -525,9 +529,9 @@ def kto(table: Table, sides: Sides, tokenizer, out: str) -> None:
             table.add(name, "metrics", abs(metrics[key][0].item() - trl_metrics[key]) if all(present)
                       else 0.0 if not any(present) else float("inf"))
         if gradients:
-            table.add(name, "gradients", grad_delta(ours.bank.model, lambda: ours.compute_loss(dict(mine_batch))[0],
-                                                    trainer.model,
-                                                    lambda: trainer._compute_loss(trainer.model, dict(their_batch), False)))
+            table.add(name, "gradients", grad_delta(
+                ours.bank.model, lambda: ours.compute_loss(dict(mine_batch))[0],
+                trainer.model, lambda: trainer._compute_loss(trainer.model, dict(their_batch), False)))
         return metrics
 
     metrics = run("KTO", {}, {}, gradients=True)
@@ -563,7 +567,8 @@ def sft(table: Table, sides: Sides, tokenizer) -> None:
             name = f"SFT {layout}" + ("" if completion_only else " (all tokens)")
             with torch.no_grad():
                 table.add(name, "loss", abs(ours.compute_loss(batch)[0].item() - trl_loss().item()))
-            table.add(name, "gradients", grad_delta(ours.bank.model, lambda: ours.compute_loss(batch)[0], trl, trl_loss))
+            table.add(name, "gradients",
+                      grad_delta(ours.bank.model, lambda: ours.compute_loss(batch)[0], trl, trl_loss))
 
 
 def reward(table: Table) -> None:
@@ -604,7 +609,8 @@ def main() -> int:
     tokenizer = load_tokenizer(BankSpec(model="assets/toy/base"))
     table = Table()
     with tempfile.TemporaryDirectory() as root:
-        models = {family: str(build_tiny(family, Path(root) / family)) for family in ("llama", "qwen2", "gpt2", "gemma2")}
+        models = {family: str(build_tiny(family, Path(root) / family))
+                  for family in ("llama", "qwen2", "gpt2", "gemma2")}
         tokenization(table, tokenizer)
         truncation(table, tokenizer)
         log_probs(table, models, tokenizer)

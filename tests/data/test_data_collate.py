@@ -68,7 +68,8 @@ def test_unpaired_kl_rows_are_cut_to_the_data_modules_max_length(toy_tokenizer, 
         {"prompt_ids": [2, 11, 12], "completion_ids": [21, 3], "label": False},
         {"prompt_ids": [2, 13], "completion_ids": [24, 25, 3], "label": True},
     ]
-    collator = UnpairedDataModule(train=str(toy_data / "unpaired_train.jsonl"), max_length=5).make_collator(toy_tokenizer)
+    data = UnpairedDataModule(train=str(toy_data / "unpaired_train.jsonl"), max_length=5)
+    collator = data.make_collator(toy_tokenizer)
     batch = collator(examples)
     pad = toy_tokenizer.pad_token_id
     assert batch["kl_input_ids"].tolist() == [[2, 10, 21, 3, pad], [2, 11, 12, 24, 25], [2, 13, 20, 3, pad]]
