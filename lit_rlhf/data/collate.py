@@ -163,10 +163,14 @@ class UnpairedCollator:
 
     Args:
         pad_token_id: the id padding is filled with.
+        max_length: the longest KL row: a mismatched completion is cut on the right to fit after its
+            prompt (as TRL's collator cuts it), since a long prompt with another row's long completion
+            may exceed what tokenization bounded each row to, and the model's positions. None: no limit.
     """
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, max_length: int | None = None):
         self.pad_token_id = pad_token_id
+        self.max_length = max_length
 
     def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         prompts = [e["prompt_ids"] for e in examples]
@@ -180,6 +184,8 @@ class UnpairedCollator:
                              f"got {len(examples)}: use batch_size >= 2 (UnpairedDataModule drops a 1-row remainder)")
         else:
             mismatched = completions[1:] + completions[:1]
+        if self.max_length is not None:
+            mismatched = [c[: max(self.max_length - len(p), 0)] for p, c in zip(prompts, mismatched)]
         kl = _sequences(prompts, mismatched, self.pad_token_id)
         batch["labels"] = torch.tensor([bool(e["label"]) for e in examples], dtype=torch.bool)
         batch.update({f"kl_{k}": v for k, v in kl.items()})

@@ -352,13 +352,14 @@ class UnpairedDataModule(_FormatDataModule):
                              "completion, so a batch of one row would pair a row with itself")
 
     def make_collator(self, tokenizer) -> Callable:
-        return UnpairedCollator(pad_token_id_of(tokenizer))
+        return UnpairedCollator(pad_token_id_of(tokenizer), self.max_length)
 
 
 class SFTDataModule(_FormatDataModule):
     """Demonstrations for SFT and supervised distillation.
 
-    Rows: ``{"text"}``, ``{"messages"}`` (the last, assistant, message is the completion), or
+    Rows: ``{"text"}``, ``{"messages"}`` (the last, assistant, message is the completion: with
+    ``completion_only_loss`` earlier assistant turns carry no loss, where TRL trains on every token), or
     ``{"prompt", "completion"}``. Batches: ``input_ids``, ``attention_mask``,
     ``completion_mask`` ``(batch, seq)``; with ``packing``: ``input_ids``, ``position_ids``,
     ``completion_mask`` ``(rows, seq)`` and no attention mask.

@@ -2,8 +2,8 @@
 
 The prompt/completion boundary is found on token ids, never by slicing strings: the prompt
 and the prompt + completion are tokenised separately, the prompt's ids must be a prefix of
-the full ids (otherwise the tokenizer merged tokens across the boundary and the row is an
-error), and the completion ids are the rest.
+the full ids (otherwise the tokenizer merged tokens across the boundary, or the chat template
+renders the prompt alone differently, and the row is an error), and the completion ids are the rest.
 
 - Plain text: the prompt is tokenised with the tokenizer's special tokens (its bos); prompt
   and completion are joined with one space unless the prompt already ends, or the completion
@@ -88,9 +88,14 @@ def _common_prefix(a: list, b: list) -> int:
     return n
 
 
-def _split(prompt_ids: list[int], full_ids: list[int], where: Where, field: str) -> list[int]:
+def _split(prompt_ids: list[int], full_ids: list[int], where: Where, field: str, chat: bool = False) -> list[int]:
     """Completion ids = full ids after the prompt ids, which must be their prefix."""
     n = len(prompt_ids)
+    if full_ids[:n] != prompt_ids and chat:
+        # TRL 1.16 starts the completion where the two diverge instead, training on a prompt it never generates from.
+        raise row_error(where, field, "the chat template renders the prompt alone (with the generation prompt) "
+                        "differently from the start of prompt + completion (the prompt's ids are not a prefix of the "
+                        "conversation's ids); use a chat template that renders both alike")
     if full_ids[:n] != prompt_ids:
         raise row_error(where, field, "the tokenizer merged tokens across the prompt/completion boundary (the prompt's "
                         "ids are not a prefix of the prompt + completion ids); end the prompt with whitespace or "
@@ -149,7 +154,7 @@ def _tokenize_chat(fmt: str, record: dict, tokenizer, where: Where) -> tuple[lis
     completions = {}
     for field in fields:
         full = encode(tokenizer, render_chat(tokenizer, prompt + messages[field], add_generation_prompt=False), False)
-        completions[field] = _split(prompt_ids, full, where, field)
+        completions[field] = _split(prompt_ids, full, where, field, chat=True)
     return prompt_ids, completions, prompt_text, prompt
 
 

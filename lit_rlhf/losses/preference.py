@@ -173,7 +173,7 @@ def dpo_loss(
       from Human Preferences", arXiv 2310.12036): ``(h' - 1/(2β))²`` with length-normalised
       log-ratios ``h' = a/|c| - b/|r|`` (as TRL does); needs ``chosen_lengths`` and
       ``rejected_lengths``. Its rewards use the same normalised log-ratios: ``β a/|c|``,
-      ``β b/|r|``.
+      ``β b/|r|`` (TRL 1.16 logs the plain ``β a``, ``β b``).
     - ``hinge``: SLiC / RSO (Zhao et al. 2023, arXiv 2305.10425; Liu et al. 2023, arXiv
       2309.06657): ``relu(1 - βh)``.
     - ``robust``: robust DPO (Chowdhury et al. 2024, "Provably Robust DPO", arXiv 2403.00409),
@@ -377,7 +377,8 @@ def cpo_loss(
     Args:
         chosen_logps, rejected_logps: ``(batch,)`` summed policy log-probs.
         chosen_nll: ``(batch,)`` NLL of the chosen completion, the mean over its tokens of
-            ``-log p(token)``.
+            ``-log p(token)`` (so the batch's NLL is a mean of per-example means; TRL's CPO takes the
+            mean over the batch's tokens).
         beta: β > 0.
         alpha: weight α of the NLL term.
         loss_type: one of ``CPO_LOSS_TYPES``.
@@ -438,7 +439,8 @@ def orpo_loss(
         log_odds = (pc - pr) - (log(1 - e^pc) - log(1 - e^pr))
         loss = -pc - β logσ(log_odds)
 
-    ``-pc`` is the NLL of the chosen completion (mean over its tokens); β is the paper's λ.
+    ``-pc`` is the NLL of the chosen completion (mean over its tokens), the paper's L_SFT; β is the
+    paper's λ. TRL's ORPO takes its NLL over the prompt's tokens too, averaged over the batch's tokens.
 
     Args:
         chosen_logps, rejected_logps: ``(batch,)`` summed policy log-probs.

@@ -1,8 +1,10 @@
 """Reward modelling: a Bradley-Terry scorer as a ``reward`` adapter + score head on the shared base.
 
 One forward scores chosen and rejected rows together (the preference collator stacks them);
-the score is the head's output at the last non-padding token (``AdapterBank.score``). After
-training, the adapter and its head are saved in PEFT format with ``lit_rlhf.json`` metadata:
+the score is the head's output at the last non-padding token (``AdapterBank.score``), found from the
+attention mask: the EOS ending each row even where the pad token is the EOS (transformers'
+``ForSequenceClassification``, TRL's reward model, reads the last token that is not the pad id, the one
+before that EOS). After training, the adapter and its head are saved in PEFT format with ``lit_rlhf.json`` metadata:
 the base's fingerprint, the base and tokenizer paths, and (``normalize_on``) the mean and
 standard deviation of the final model's scores over a reference set. The PPO stage loads it
 onto the same base with ``AdapterSpec("reward", path=..., head="score", trainable=False)``;

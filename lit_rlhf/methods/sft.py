@@ -3,9 +3,12 @@
 The loss is the mean negative log-likelihood over the tokens of ``completion_mask``: the
 completion only when the DataModule knows the prompt and ``completion_only_loss`` is on,
 every token otherwise; under data parallelism, over the loss tokens of every rank together (as
-one process holding the global batch). The per-token log-probs come from the offline methods' forward
-(``CompletionLogpsForward``): the LM head only where a loss token is predicted and, where the model
-allows, fused with the log-probs, so no logits tensor exists. Packed batches
+one process holding the global batch). With ``accumulate_grad_batches > 1`` Lightning averages the
+micro-batches' losses, so a step's loss is the mean of its micro-batches' token means (TRL divides by
+the token count of the whole step: the same when micro-batches hold equally many loss tokens). The
+per-token log-probs come from the offline methods' forward (``CompletionLogpsForward``): the LM head
+only where a loss token is predicted and, where the model allows, fused with the log-probs, so no
+logits tensor exists. Packed batches
 (``SFTDataModule(packing=True)``) carry ``position_ids`` and no attention mask; the loss is the
 same as on the padded batch.
 

@@ -58,6 +58,25 @@ def test_unpaired_collator_with_mismatched_kl_batch():
     assert batch["kl_attention_mask"].tolist() == [[1] * 6, [1] * 5 + [0], [1] * 4 + [0, 0]]
 
 
+def test_unpaired_kl_rows_are_cut_to_the_data_modules_max_length(toy_tokenizer, toy_data):
+    """Every row fits max_length = 5, but prompt 2 (3 tokens) with completion 3 (3 tokens) would not: its
+    KL row keeps that completion's first 2 tokens, as TRL's collator does."""
+    from lit_rlhf.data import UnpairedDataModule
+
+    examples = [
+        {"prompt_ids": [2, 10], "completion_ids": [20, 3], "label": True},
+        {"prompt_ids": [2, 11, 12], "completion_ids": [21, 3], "label": False},
+        {"prompt_ids": [2, 13], "completion_ids": [24, 25, 3], "label": True},
+    ]
+    data = UnpairedDataModule(train=str(toy_data / "unpaired_train.jsonl"), max_length=5)
+    collator = data.make_collator(toy_tokenizer)
+    batch = collator(examples)
+    pad = toy_tokenizer.pad_token_id
+    assert batch["kl_input_ids"].tolist() == [[2, 10, 21, 3, pad], [2, 11, 12, 24, 25], [2, 13, 20, 3, pad]]
+    assert batch["kl_completion_mask"].tolist() == [[0, 0, 1, 1, 0], [0, 0, 0, 1, 1], [0, 0, 1, 1, 0]]
+    assert batch["input_ids"].shape == (3, 5)  # the rows themselves are untouched
+
+
 def test_unpaired_collator_keeps_kl_pairs_fixed_in_the_data():
     """Examples carrying their own KL pair (KTO's precomputed reference) keep it whatever the batch,
     one row included, and bring their reference log-probs."""

@@ -116,6 +116,19 @@ def test_boundary_merge_is_an_error_naming_the_row():
         tokenize_record("sft", {"prompt": "a", "completion": "b"}, MergingTokenizer(), WHERE, conversational=False)
 
 
+def test_chat_template_rendering_the_prompt_alone_differently_is_an_error_naming_the_row(toy_tokenizer):
+    import copy
+
+    # The generation prompt ends with a token the rendered conversation does not have there (as Gemma 4's
+    # empty thought block): the completion boundary is not where the prompt ends.
+    tokenizer = copy.deepcopy(toy_tokenizer)
+    tokenizer.chat_template = toy_tokenizer.chat_template.replace("<|assistant|> {% endif %}",
+                                                                  "<|assistant|> <|system|> {% endif %}")
+    row = {"prompt": [USER], "completion": [{"role": "assistant", "content": "good ."}]}
+    with pytest.raises(DataError, match=r"x.jsonl:7: field 'completion': the chat template renders the prompt alone"):
+        tokenize_record("sft", row, tokenizer, WHERE, conversational=True)
+
+
 def test_conversational_without_chat_template_is_refused(toy_tokenizer):
     import copy
 

@@ -1,0 +1,43 @@
+"""benchmarks/agree_with_trl_offline.py's verdicts, without TRL: a difference passes only when it is within
+tolerance, or named by a note and (where the convention can be applied) agreeing once it is."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def agree():
+    spec = importlib.util.spec_from_file_location("agree_under_test", REPO / "benchmarks/agree_with_trl_offline.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def test_a_cell_passes_within_tolerance_or_by_a_note_that_aligns(agree):
+    table = agree.Table()
+    table.add("m", "loss", 3e-6)
+    assert table.cell("m", "loss") == ("agree (3e-06)", True)
+    table.add("m", "metrics", 0.2, "rewards_norm")
+    assert table.cell("m", "metrics") == ("by design [2]", True)
+    table.add("m", "gradients", 0.2, "nll_mean", aligned=4e-7)
+    assert table.cell("m", "gradients") == ("by design [3], aligned 4e-07", True)
+    assert table.cell("m", "logps") == ("-", True)
+
+
+def test_a_cell_fails_on_an_unnamed_difference_or_a_convention_that_does_not_align(agree):
+    table = agree.Table()
+    table.add("m", "loss", 1e-7)
+    table.add("m", "loss", 2e-3)
+    assert table.cell("m", "loss") == ("DIFFERS (2.0e-03)", False)
+    table.add("n", "loss", 2e-3, "nll_mean", aligned=1e-3)  # the note does not explain all of it
+    assert table.cell("n", "loss") == ("DIFFERS (2.0e-03)", False)
+    assert not table.print()
