@@ -64,6 +64,9 @@ PAD_ID, EOS_ID = 0, 3
 SIZES = {
     "small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=4, vocab_size=4096, tie_word_embeddings=False),
+    # Compute next to nothing: a step's time is the framework's own (data, hooks, logging, optimizer calls).
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False),
     # A CPU stand-in for the GPU sizes' memory: wide layers with grouped KV heads, a 32k vocabulary.
     "medium": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=16,
                    num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
