@@ -551,7 +551,9 @@ def grpo_loss(
     ``top_entropy_quantile = q < 1`` only the tokens in the top ``q`` of entropy keep a policy
     term (:func:`high_entropy_mask`, arXiv 2506.01939; the KL term keeps every token). With
     ``entropy_coef = c``, ``- c · mean_t H_t`` over the same tokens is added (an entropy bonus,
-    a mean whatever the aggregation, as TRL).
+    a mean whatever the aggregation, as TRL; for ``dapo`` and ``cispo``, whose micro-batch losses add up over the
+    step, the mean is weighted by this call's share of ``num_tokens``, so the step's bonus is one mean, not one per
+    micro-batch).
 
     ``loss_type`` picks the aggregation (and, for ``cispo``, the surrogate):
 
@@ -640,7 +642,12 @@ def grpo_loss(
     else:  # dr_grpo
         loss = masked.sum() / (per_token.size(0) * max_completion_length)
     if entropy_coef > 0:
-        loss = loss - entropy_coef * masked_mean(entropy, policy_mask)
+        bonus = masked_mean(entropy, policy_mask)
+        if loss_type in ("dapo", "cispo"):
+            # These micro-batch losses add up unweighted over the step: weigh the bonus by this call's share of the
+            # step's tokens, or accumulation would count it once per micro-batch.
+            bonus = bonus * mask_f.sum() / torch.as_tensor(num_tokens, dtype=bonus.dtype, device=bonus.device).clamp(min=1)
+        loss = loss - entropy_coef * bonus
 
     with torch.no_grad():
         clipfrac = masked_mean(clipped.float(), mask)
