@@ -646,7 +646,8 @@ def grpo_loss(
         if loss_type in ("dapo", "cispo"):
             # These micro-batch losses add up unweighted over the step: weigh the bonus by this call's share of the
             # step's tokens, or accumulation would count it once per micro-batch.
-            bonus = bonus * mask_f.sum() / torch.as_tensor(num_tokens, dtype=bonus.dtype, device=bonus.device).clamp(min=1)
+            step_tokens = torch.as_tensor(num_tokens, dtype=bonus.dtype, device=bonus.device).clamp(min=1)
+            bonus = bonus * mask_f.sum() / step_tokens
         loss = loss - entropy_coef * bonus
 
     with torch.no_grad():
