@@ -459,6 +459,58 @@ def gkd_checks() -> None:
             check("GKD", f"JSD grad beta={beta} T={temperature}", s1.grad, s2.grad, tol=1e-6)
 
 
+# -- Online DPO -----------------------------------------------------------------------------------
+
+
+def trl_online_dpo_loss(rewards, logps_sum, ref_sum, beta, loss_type):
+    """TRL 1.16 ``OnlineDPOTrainer.training_step``: rows are ``[first samples; second samples]``."""
+    import torch.nn.functional as F
+
+    n = rewards.numel() // 2
+    first, second = rewards.split(n)
+    first_chosen = first >= second
+    batch = torch.arange(n)
+    chosen, rejected = batch + (~first_chosen * n), batch + (first_chosen * n)
+    logits = (logps_sum[chosen] - logps_sum[rejected]) - (ref_sum[chosen] - ref_sum[rejected])
+    if loss_type == "sigmoid":
+        return (-F.logsigmoid(beta * logits)).mean()
+    return ((logits - 1 / (2 * beta)) ** 2).mean()
+
+
+def online_dpo_checks() -> None:
+    """``OnlineDPO.policy_loss`` itself, its forward standing in for the given log-probs (no ties: TRL takes the
+    first sample as chosen on a tie, ours gives the pair weight 0, documented)."""
+    from lit_rlhf.methods.online import MiniBatch, PolicyOutput
+    from lit_rlhf.methods.online_dpo import OnlineDPO
+    from lit_rlhf.rollout import Rollout
+
+    r = rollout(seed=6, prompts=4, k=2)
+    r.rewards = torch.tensor([1.0, 0.0, 0.2, 0.7, 3.0, -1.0, 0.0, 0.5])
+    for loss_type in ("sigmoid", "ipo"):
+        new = r.new.clone().requires_grad_(True)
+        dpo = SimpleNamespace(beta=0.1, loss_type=loss_type, label_smoothing=0.0)
+        dpo.policy_forward = lambda rollout, taken=None, new=new: PolicyOutput(new * r.mask, None, None)
+        targets = OnlineDPO.compute_advantages(None, SimpleNamespace(scores=r.rewards))
+        rows = Rollout(r.prompt_ids, torch.ones_like(r.prompt_ids), r.completion_ids, r.mask, r.mask.all(1))
+        ours, _ = OnlineDPO.policy_loss(dpo, MiniBatch(rows, None, r.ref * r.mask, targets))
+        # TRL's layout: the first sample of every prompt, then the second.
+        order = torch.cat([torch.arange(0, r.B, 2), torch.arange(1, r.B, 2)])
+        theirs = trl_online_dpo_loss(r.rewards[order], (new * r.mask).sum(1)[order], (r.ref * r.mask).sum(1)[order],
+                                     0.1, loss_type)
+        note = "by design: ipo on length-normalised log-ratios, as our (and TRL's) offline DPO; TRL's Online DPO sums"
+        note = note if loss_type == "ipo" else ""
+        check("OnlineDPO", f"loss {loss_type}", ours.detach(), theirs.detach(), note=note)
+        ours_grad, = torch.autograd.grad(ours, new, retain_graph=True)
+        theirs_grad, = torch.autograd.grad(theirs, new)
+        check("OnlineDPO", f"grad {loss_type}", ours_grad, theirs_grad, note=note)
+        if loss_type == "ipo":
+            lengths = r.mask.sum(1)[order]
+            normalised = trl_online_dpo_loss(r.rewards[order], (new * r.mask).sum(1)[order] / lengths,
+                                             (r.ref * r.mask).sum(1)[order] / lengths, 0.1, loss_type)
+            check("OnlineDPO", "loss ipo, TRL's formula on length-normalised log-probs", ours.detach(),
+                  normalised.detach())
+
+
 def main() -> None:
     import logging
     import sys
@@ -474,6 +526,7 @@ def main() -> None:
     grpo_method_checks()
     rloo_checks()
     ppo_checks()
+    online_dpo_checks()
     gkd_checks()
     width = max(len(f"{m} {w}") for m, w, _, _ in ROWS)
     for method, what, diff, verdict in ROWS:
