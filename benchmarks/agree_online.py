@@ -511,6 +511,68 @@ def online_dpo_checks() -> None:
                   normalised.detach())
 
 
+def gkd_method_checks() -> None:
+    """GKD's rows of generated completions and its loss, against TRL's ``generate_on_policy_outputs`` (fed the same
+    generated ids by a stand-in ``generate``) and ``compute_loss``, on a tiny llama (rotary: TRL passes no position
+    ids, which only absolute positions would notice) whose pad token is its EOS."""
+    import lightning.pytorch as pl
+    from trl.experimental.gkd import GKDTrainer
+
+    from lit_rlhf.methods.gkd import GKD, rollout_batch
+    from lit_rlhf.models import BankSpec, LoraSpec
+    from lit_rlhf.rollout import SamplingConfig, truncate_at_stop
+    from lit_rlhf.toy.families import build_tiny
+    from tests.methods.tiny_families import move_off_reference
+
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as root:
+        path = build_tiny("llama", f"{root}/llama")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.save_pretrained(path)
+        pl.seed_everything(0, verbose=False)
+        for beta in (0.0, 0.5, 1.0):
+            method = GKD(bank=BankSpec(model=path, lora=LoraSpec(r=4, alpha=8)), lmbda=1.0, beta=beta, engine="hf",
+                         sampling=SamplingConfig(max_new_tokens=6))
+            method.configure_model()
+            move_off_reference(method.bank, "lora")
+            method.bank.eval()
+            eos = method.tokenizer.eos_token_id
+            prompt_ids = torch.tensor([[eos, eos, 10, 11, 12], [20, 21, 22, 23, 24], [eos, eos, eos, 30, 31]])
+            prompt_mask = (torch.arange(5) >= torch.tensor([[2], [0], [3]])).long()
+            # Rows: EOS mid-response then pad (= EOS); no EOS (cut at the limit); EOS first.
+            generated = torch.tensor([[40, 41, eos, eos, eos, eos], [42, 43, 44, 45, 46, 47], [eos, eos, eos, eos, eos, eos]])
+            rows = rollout_batch(truncate_at_stop(prompt_ids, prompt_mask, generated, [eos], eos))
+            fake = SimpleNamespace(generate=lambda **kw: SimpleNamespace(sequences=torch.cat([prompt_ids, generated], 1)))
+            ids, attention, labels = GKDTrainer.generate_on_policy_outputs(
+                fake, {"prompts": prompt_ids, "prompt_attention_mask": prompt_mask}, SimpleNamespace(eos_token_id=eos))
+            check("GKD", f"attention mask of generated rows (pad = EOS), beta={beta}", rows.attention_mask, attention)
+            check("GKD", f"loss tokens of generated rows (pad = EOS), beta={beta}", rows.completion_mask,
+                  (labels != -100).long())
+            student, teacher, mask = method.aligned_logits(rows)
+            ours = method.divergence(student, teacher, mask, beta=beta, temperature=1.0)
+
+            def student_forward(**kw):
+                with method.bank.role(method.policy_adapter):
+                    return method.bank.model(**kw)
+
+            class Teacher:
+                def eval(self):
+                    return self
+
+                def __call__(self, **kw):
+                    with method.bank.teacher():
+                        return method.bank.model(**kw)
+
+            stub = GKDTrainer.__new__(GKDTrainer)
+            stub.__dict__.update(teacher_model=Teacher(), beta=beta)
+            theirs = stub.compute_loss(student_forward, {"input_ids": ids, "attention_mask": attention, "labels": labels})
+            check("GKD", f"method loss on generated rows, beta={beta}", ours.detach(), theirs.detach(), tol=1e-6)
+
+
 def main() -> None:
     import logging
     import sys
@@ -528,6 +590,7 @@ def main() -> None:
     ppo_checks()
     online_dpo_checks()
     gkd_checks()
+    gkd_method_checks()
     width = max(len(f"{m} {w}") for m, w, _, _ in ROWS)
     for method, what, diff, verdict in ROWS:
         if show_all or verdict != "agree":
