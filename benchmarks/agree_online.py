@@ -174,6 +174,32 @@ def _grpo_case(GRPOTrainer, r, advantages, max_len, case, accumulation, name) ->
               torch.tensor(theirs_metrics["kl"]).mean())
 
 
+def grpo_dapo_steps_checks() -> None:
+    """``dapo`` with two optimizer steps per rollout (our ``num_mini_batches: 2``, TRL's ``steps_per_generation: 2``):
+    ours divides each step by its own tokens, TRL by the rollout's tokens over the number of steps."""
+    from trl import GRPOTrainer
+
+    r = rollout(seed=7)
+    advantages = group_advantages(r.rewards, r.k).advantages
+    total = r.mask.sum().float()
+    for step, rows in enumerate(torch.arange(r.B).tensor_split(2)):
+        own = r.mask[rows].sum().float()
+        ours = grpo_loss(r.new[rows], r.old[rows], advantages[rows], r.mask[rows], loss_type="dapo", num_tokens=own)
+        stub = _stub(GRPOTrainer, r.new[rows], r.entropies[rows], gradient_accumulation_steps=1, top_entropy_quantile=1.0,
+                     off_policy_mask_threshold=None, importance_sampling_level="token", beta=0.0,
+                     args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=2),
+                     loss_type="dapo", epsilon_low=0.2, epsilon_high=0.2, use_vllm=False, max_completion_length=r.T,
+                     _entropy_bonus_enabled=False)
+        inputs = dict(prompt_ids=r.prompt_ids[rows], prompt_mask=torch.ones_like(r.prompt_ids[rows]),
+                      completion_ids=r.completion_ids[rows], completion_mask=r.mask[rows], advantages=advantages[rows],
+                      old_per_token_logps=r.old[rows], num_items_in_batch=total)
+        theirs = stub._compute_loss(None, inputs)
+        check("GRPO", f"dapo, optimizer step {step} of 2 per rollout", ours.loss, theirs,
+              note="by design: each step over its own tokens; TRL over the steps' mean token count")
+        check("GRPO", f"dapo, optimizer step {step} of 2 per rollout, x own tokens / mean tokens", ours.loss * own,
+              theirs * total / 2)
+
+
 def grpo_entropy_bonus_checks() -> None:
     """The entropy bonus (TRL ``entropy_coef``) under gradient accumulation, per loss type."""
     from trl import GRPOTrainer
@@ -584,6 +610,7 @@ def main() -> None:
     show_all = "--all" in sys.argv
     torch.manual_seed(0)
     grpo_checks()
+    grpo_dapo_steps_checks()
     grpo_entropy_bonus_checks()
     grpo_method_checks()
     rloo_checks()

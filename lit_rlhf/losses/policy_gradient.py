@@ -105,7 +105,8 @@ class GRPOLoss(NamedTuple):
 
     Attributes:
         loss: differentiable loss.
-        clipfrac: fraction of response tokens where the clipped branch is taken, detached.
+        clipfrac: fraction of response tokens where the clipped branch is taken, detached (a fraction of
+            tokens also with sequence-level ratios, where TRL counts sequences).
         kl: mean per-token k3 KL to the reference, detached (0 when no ``ref_logprobs``).
     """
 
@@ -566,8 +567,9 @@ def grpo_loss(
     - ``dapo``: ``Σ ℓ_t / num_tokens`` with ``num_tokens`` the response tokens of the whole
       optimizer step (all micro-batches, all ranks; divided by the number of ranks, since DDP
       averages gradients over ranks): every token of the step weighs the same, DAPO's
-      token-level loss (Yu et al. 2025, arXiv 2503.14476; TRL's ``dapo``). The caller sums the
-      micro-batch losses without reweighting them.
+      token-level loss (Yu et al. 2025, arXiv 2503.14476; TRL's ``dapo``, except that with several
+      optimizer steps per rollout TRL divides each by the steps' mean token count, not by its own).
+      The caller sums the micro-batch losses without reweighting them.
     - ``dr_grpo``: ``Σ ℓ_t / (batch · max_completion_length)``, a constant normaliser that
       removes the length bias (Liu et al. 2025, "Understanding R1-Zero-Like Training",
       arXiv 2503.20783); needs ``max_completion_length``.
