@@ -33,26 +33,32 @@ def pad_is_eos_models(tmp_path_factory):
     return models
 
 
-def plain_logprobs(model, rollout, temperature: float) -> torch.Tensor:
-    """``(B, T)`` log-probs of each row's response tokens from a forward of that row alone, no padding."""
-    out = torch.zeros(rollout.response_ids.shape)
-    for i in range(out.shape[0]):
+def plain_logprobs(model, rollout, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, T)`` log-probs of each row's response tokens, and the entropies there, from a forward of that row
+    alone, no padding."""
+    logprobs, entropy = torch.zeros(rollout.response_ids.shape), torch.zeros(rollout.response_ids.shape)
+    for i in range(logprobs.shape[0]):
         prompt = rollout.prompt_ids[i][rollout.prompt_mask[i].bool()]
         n = int(rollout.response_mask[i].sum())
         response = rollout.response_ids[i, :n]
         logits = model(input_ids=torch.cat([prompt, response])[None]).logits[0, len(prompt) - 1 : -1].float()
-        out[i, :n] = (logits / temperature).log_softmax(-1).gather(-1, response[:, None])[:, 0]
-    return out
+        log_p = (logits / temperature).log_softmax(-1)
+        logprobs[i, :n] = log_p.gather(-1, response[:, None])[:, 0]
+        entropy[i, :n] = -(log_p.exp() * log_p).sum(-1)
+    return logprobs, entropy
 
 
-@pytest.mark.parametrize("family, engine, shared", [("gpt2", "hf", True), ("gpt2", "hf_static", False),
-                                                    ("llama", "hf", False)])
-def test_recomputed_log_probs_are_a_plain_forward_of_each_row(pad_is_eos_models, family, engine, shared):
+# entropy_coef > 0 differentiates the entropy: the policy's forward keeps its logits instead of fusing the LM head.
+@pytest.mark.parametrize("family, engine, shared, entropy_coef", [("gpt2", "hf", True, 0.0),
+                                                                  ("gpt2", "hf_static", False, 0.01),
+                                                                  ("llama", "hf", False, 0.0)])
+def test_recomputed_log_probs_are_a_plain_forward_of_each_row(pad_is_eos_models, family, engine, shared, entropy_coef):
     pl.seed_everything(0)
     method = GRPO(bank=BankSpec(model=pad_is_eos_models[family], lora=LoraSpec(r=4, alpha=8)), rewards=[TOY_REWARD],
-                  engine=engine, beta=0.1, num_samples_per_prompt=2,
+                  engine=engine, beta=0.1, num_samples_per_prompt=2, entropy_coef=entropy_coef,
                   sampling=SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE))
     method.configure_model()
+    assert method.fuses_policy_head() == (entropy_coef == 0)
     assert method.shares_prompts()  # the tiny families run each distinct prompt once: or whole rows, when told to
     if not shared:
         method.shares_prompts = lambda: False
@@ -82,12 +88,13 @@ def test_recomputed_log_probs_are_a_plain_forward_of_each_row(pad_is_eos_models,
             assert n == MAX_NEW_TOKENS and not (row == eos).any()
 
     with torch.no_grad(), eval_mode(method.bank):
-        behaviour = method.policy_forward(rollout).logprobs
+        behaviour = method.policy_forward(rollout, with_entropy=True)
         reference = method.reference_logprobs(rollout)
         with method.bank.role("policy"):
-            expected = plain_logprobs(method.bank.model, rollout, TEMPERATURE)
+            expected, expected_entropy = plain_logprobs(method.bank.model, rollout, TEMPERATURE)
         with method.bank.reference():
-            expected_reference = plain_logprobs(method.bank.model, rollout, TEMPERATURE)
-    torch.testing.assert_close(behaviour, expected, atol=1e-5, rtol=1e-5)
+            expected_reference, _ = plain_logprobs(method.bank.model, rollout, TEMPERATURE)
+    torch.testing.assert_close(behaviour.logprobs, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(behaviour.entropy, expected_entropy, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(reference, expected_reference, atol=1e-5, rtol=1e-5)
     assert (expected - expected_reference).abs().max() > 1e-2  # policy and reference differ: both were checked
