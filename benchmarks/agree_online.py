@@ -15,13 +15,34 @@ that are by design are printed as such, with the relation that holds instead.
 
 from __future__ import annotations
 
+import logging
+import sys
+import tempfile
 from collections import defaultdict
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
+import transformers
+from transformers import AutoTokenizer
+from trl import GRPOTrainer, RLOOTrainer
+from trl.experimental.gkd import GKDTrainer
+from trl.trainer.utils import nanstd
 
-from lit_rlhf.losses import generalized_jsd_loss, group_advantages, grpo_loss, ppo_policy_loss, rloo_advantages
-from lit_rlhf.losses.policy_gradient import whiten
+from lit_rlhf.losses import (generalized_jsd_loss, group_advantages, grpo_loss, ppo_policy_loss, ppo_value_loss,
+                             rloo_advantages)
+from lit_rlhf.methods.gkd import GKD, rollout_batch
+from lit_rlhf.methods.grpo import GRPO
+from lit_rlhf.methods.online import MiniBatch, OnlineMethod, PolicyOutput, ScoredRollout
+from lit_rlhf.methods.online_dpo import OnlineDPO
+from lit_rlhf.methods.ppo import PPO
+from lit_rlhf.methods.rloo import RLOO, RLOOTargets
+from lit_rlhf.models import BankSpec, LoraSpec
+from lit_rlhf.rollout import Rollout, SamplingConfig, truncate_at_stop
+from lit_rlhf.toy.families import build_tiny
+from tests.methods.online_helpers import first_batch, make_online, perturbed
+from tests.methods.tiny_families import move_off_reference
 
 ROWS: list[tuple[str, str, float, str]] = []
 
@@ -91,8 +112,6 @@ def rollout(seed: int = 0, prompts: int = 3, k: int = 4, T: int = 6):
 
 def trl_group_advantages(rewards: torch.Tensor, k: int, scale: str) -> tuple[torch.Tensor, torch.Tensor]:
     """TRL 1.16 ``_generate_and_score_completions``, ``sum_then_normalize``, one reward function."""
-    from trl.trainer.utils import nanstd
-
     mean = torch.nanmean(rewards.view(-1, k), dim=1).repeat_interleave(k)
     if scale in ("group", "none"):
         std = nanstd(rewards.view(-1, k), dim=1).repeat_interleave(k)
@@ -105,7 +124,6 @@ def trl_group_advantages(rewards: torch.Tensor, k: int, scale: str) -> tuple[tor
 
 
 def grpo_checks() -> None:
-    from trl import GRPOTrainer
 
     r = rollout()
     for scale in ("group", "batch", "none"):
@@ -177,8 +195,6 @@ def _grpo_case(GRPOTrainer, r, advantages, max_len, case, accumulation, name) ->
 def grpo_dapo_steps_checks() -> None:
     """``dapo`` with two optimizer steps per rollout (our ``num_mini_batches: 2``, TRL's ``steps_per_generation: 2``):
     ours divides each step by its own tokens, TRL by the rollout's tokens over the number of steps."""
-    from trl import GRPOTrainer
-
     r = rollout(seed=7)
     advantages = group_advantages(r.rewards, r.k).advantages
     total = r.mask.sum().float()
@@ -202,7 +218,6 @@ def grpo_dapo_steps_checks() -> None:
 
 def grpo_entropy_bonus_checks() -> None:
     """The entropy bonus (TRL ``entropy_coef``) under gradient accumulation, per loss type."""
-    from trl import GRPOTrainer
 
     r = rollout(seed=1)
     advantages = group_advantages(r.rewards, r.k).advantages
@@ -247,12 +262,6 @@ def grpo_method_checks() -> None:
     """GRPO's own ``policy_loss`` on a real rollout of the toy model, micro-batch by micro-batch, against TRL's
     ``_compute_loss`` fed the same rows and the same forward: loss and the gradient of every LoRA parameter.
     The policy is moved after the rollout (as after an earlier optimizer step), so ratios are not 1."""
-    import lightning.pytorch as pl
-    from trl import GRPOTrainer
-
-    from lit_rlhf.methods.grpo import GRPO
-    from tests.methods.online_helpers import first_batch, make_online, perturbed
-
     for options in (dict(loss_type="grpo", beta=0.04), dict(loss_type="bnpo", epsilon_high=0.28),
                     dict(loss_type="dr_grpo", beta=0.04), dict(loss_type="dapo", mask_truncated_completions=True),
                     dict(loss_type="dapo", beta=0.04, importance_sampling_level="sequence", delta=1.5),
@@ -311,7 +320,6 @@ def grpo_method_checks() -> None:
 
 def trl_rloo_advantages(rewards, seq_kl, beta, k, normalize):
     """TRL 1.16 ``RLOOTrainer._generate_and_score_completions``: KL in the reward, leave-one-out, normalise."""
-    from trl.trainer.utils import nanstd
 
     rewards = rewards - beta * seq_kl
     grouped = rewards.view(-1, k)
@@ -323,14 +331,24 @@ def trl_rloo_advantages(rewards, seq_kl, beta, k, normalize):
 
 
 def rloo_checks() -> None:
-    from trl import RLOOTrainer
 
     r = rollout(seed=2)
     beta = 0.05
     seq_kl = ((r.old - r.ref) * r.mask).sum(1)  # TRL: k1 of the rollout-time log-probs, summed per sequence
-    ours = rloo_advantages(r.rewards - beta * seq_kl, r.k)
+
+    scored = ScoredRollout(Rollout(r.prompt_ids, torch.ones_like(r.prompt_ids), r.completion_ids, r.mask, r.mask.all(1)),
+                           [""] * r.B, [""] * r.B, r.rewards, {}, old_logprobs=r.old * r.mask,
+                           ref_logprobs=r.ref * r.mask)
+
+    def advantages(normalize):  # RLOO.compute_advantages itself, on a stand-in for the method's state
+        rloo = SimpleNamespace(kl_in_reward=True, kl_estimator="k1", kl_controller=SimpleNamespace(value=beta),
+                               num_samples_per_prompt=r.k, normalize_advantages=normalize)
+        rloo.sequence_kl = lambda scored: OnlineMethod.sequence_kl(rloo, scored)
+        return RLOO.compute_advantages(rloo, scored).advantages
+
+    ours = advantages(False)
     check("RLOO", "advantages (KL in reward, k1)", ours, trl_rloo_advantages(r.rewards, seq_kl, beta, r.k, False))
-    ours_norm = whiten(ours, torch.ones_like(ours))
+    ours_norm = advantages(True)
     check("RLOO", "advantages normalize_advantages", ours_norm,
           trl_rloo_advantages(r.rewards, seq_kl, beta, r.k, True), note="by design: eps 1e-8 on the variance (as PPO's whitening); TRL 1e-4 on the std",
           tol=1e-6)
@@ -349,6 +367,50 @@ def rloo_checks() -> None:
         scale = r.B / r.mask.sum()
         check("RLOO", f"grad x mean length, {name}", ours_new.grad[mask] / scale, theirs_new.grad[mask],
               note="by design: token-level ratio and token mean; TRL sequence ratio and sequence mean")
+
+
+def rloo_kl_in_loss_checks() -> None:
+    """``RLOO.policy_loss`` with ``kl_in_reward: false`` (its forward standing in for the given log-probs). TRL's
+    RLOOTrainer has no KL loss term; its nearest formula is GRPO's ``dapo`` with ``beta``: the token-level clipped
+    surrogate plus β k3 per token over the step's tokens, which ours should be."""
+    r = rollout(seed=8)
+    advantages = rloo_advantages(r.rewards, r.k)
+    beta = 0.05
+    for accumulation in (1, 2):
+        ours_new = r.new.clone().requires_grad_(True)
+        theirs_new = r.new.clone().requires_grad_(True)
+        rloo = SimpleNamespace(kl_in_reward=False, kl_controller=SimpleNamespace(value=beta), cliprange=0.2,
+                               epsilon_high=None, importance_sampling_level="token")
+        step_tokens = r.mask.sum().float()
+        ours, theirs = 0.0, 0.0
+        for rows in torch.arange(r.B).tensor_split(accumulation):
+            m = r.mask[rows]
+            new = ours_new[rows] * m
+            rloo.policy_forward = lambda rollout, with_entropy, taken, new=new: PolicyOutput(new, new.detach() * 0, None)
+            batch = MiniBatch(Rollout(r.prompt_ids[rows], torch.ones_like(r.prompt_ids[rows]), r.completion_ids[rows], m,
+                                      m.all(1)),
+                              r.old[rows] * m, r.ref[rows] * m, RLOOTargets(advantages[rows], r.rewards[rows]),
+                              step_rows=r.B, step_tokens=step_tokens)
+            loss, _ = RLOO.policy_loss(rloo, batch)
+            ours = ours + loss  # RLOO.accumulation_weight is 1
+            stub = _stub(GRPOTrainer, theirs_new[rows], r.entropies[rows], gradient_accumulation_steps=accumulation,
+                         top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
+                         beta=beta, args=SimpleNamespace(use_bias_correction_kl=False, delta=None,
+                                                         steps_per_generation=accumulation),
+                         loss_type="dapo", epsilon_low=0.2, epsilon_high=0.2, use_vllm=False, max_completion_length=r.T,
+                         _entropy_bonus_enabled=False)
+            inputs = dict(prompt_ids=r.prompt_ids[rows], prompt_mask=torch.ones_like(r.prompt_ids[rows]),
+                          completion_ids=r.completion_ids[rows], completion_mask=m, advantages=advantages[rows],
+                          old_per_token_logps=r.old[rows], ref_per_token_logps=r.ref[rows],
+                          num_items_in_batch=step_tokens)
+            theirs = theirs + stub._compute_loss(None, inputs)
+        ours.backward()
+        theirs.backward()
+        mask = r.mask.bool()
+        check("RLOO", f"kl_in_reward=false loss vs TRL GRPO dapo + beta, GA={accumulation}", ours.detach(),
+              theirs.detach())
+        check("RLOO", f"kl_in_reward=false grad vs TRL GRPO dapo + beta, GA={accumulation}", ours_new.grad[mask],
+              theirs_new.grad[mask])
 
 
 # -- PPO ------------------------------------------------------------------------------------------
@@ -411,10 +473,6 @@ def trl_ppo_losses(new_logprobs, old_logprobs, advantages, vpred, values, return
 
 
 def ppo_checks() -> None:
-    from lit_rlhf.losses import ppo_value_loss
-    from lit_rlhf.methods.online import ScoredRollout
-    from lit_rlhf.methods.ppo import PPO
-    from lit_rlhf.rollout import Rollout
 
     r = rollout(seed=4)
     g = torch.Generator().manual_seed(5)
@@ -460,13 +518,19 @@ def ppo_checks() -> None:
             check("PPO", f"policy/clipfrac, {name}", ours_pg.clipfrac, pg_clip)
             check("PPO", f"value loss, {name}", ours_vf.loss, vf, tol=1e-6)
             check("PPO", f"value/clipfrac, {name}", ours_vf.clipfrac, vf_clip)
+            # PPO.policy_loss itself, its forwards standing in for the given log-probs and values.
+            ppo.__dict__.update(cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, critic="adapter",
+                       policy_forward=lambda rollout, with_entropy, taken, new=new: PolicyOutput(new, new * 0, None),
+                       critic_values=lambda rollout, vp=vp: vp)
+            batch = MiniBatch(scored.rollout, old * mask, None, targets)
+            loss, metrics = PPO.policy_loss(ppo, batch)
+            check("PPO", f"method loss (policy + vf_coef x value), {name}", loss, pg + 0.1 * vf, tol=1e-6)
 
 
 # -- GKD ------------------------------------------------------------------------------------------
 
 
 def gkd_checks() -> None:
-    from trl.experimental.gkd import GKDTrainer
 
     g = torch.Generator().manual_seed(3)
     student = torch.randn(3, 5, 11, generator=g)
@@ -490,8 +554,6 @@ def gkd_checks() -> None:
 
 def trl_online_dpo_loss(rewards, logps_sum, ref_sum, beta, loss_type):
     """TRL 1.16 ``OnlineDPOTrainer.training_step``: rows are ``[first samples; second samples]``."""
-    import torch.nn.functional as F
-
     n = rewards.numel() // 2
     first, second = rewards.split(n)
     first_chosen = first >= second
@@ -506,10 +568,6 @@ def trl_online_dpo_loss(rewards, logps_sum, ref_sum, beta, loss_type):
 def online_dpo_checks() -> None:
     """``OnlineDPO.policy_loss`` itself, its forward standing in for the given log-probs (no ties: TRL takes the
     first sample as chosen on a tie, ours gives the pair weight 0, documented)."""
-    from lit_rlhf.methods.online import MiniBatch, PolicyOutput
-    from lit_rlhf.methods.online_dpo import OnlineDPO
-    from lit_rlhf.rollout import Rollout
-
     r = rollout(seed=6, prompts=4, k=2)
     r.rewards = torch.tensor([1.0, 0.0, 0.2, 0.7, 3.0, -1.0, 0.0, 0.5])
     for loss_type in ("sigmoid", "ipo"):
@@ -541,19 +599,6 @@ def gkd_method_checks() -> None:
     """GKD's rows of generated completions and its loss, against TRL's ``generate_on_policy_outputs`` (fed the same
     generated ids by a stand-in ``generate``) and ``compute_loss``, on a tiny llama (rotary: TRL passes no position
     ids, which only absolute positions would notice) whose pad token is its EOS."""
-    import lightning.pytorch as pl
-    from trl.experimental.gkd import GKDTrainer
-
-    from lit_rlhf.methods.gkd import GKD, rollout_batch
-    from lit_rlhf.models import BankSpec, LoraSpec
-    from lit_rlhf.rollout import SamplingConfig, truncate_at_stop
-    from lit_rlhf.toy.families import build_tiny
-    from tests.methods.tiny_families import move_off_reference
-
-    import tempfile
-
-    from transformers import AutoTokenizer
-
     with tempfile.TemporaryDirectory() as root:
         path = build_tiny("llama", f"{root}/llama")
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -600,11 +645,6 @@ def gkd_method_checks() -> None:
 
 
 def main() -> None:
-    import logging
-    import sys
-
-    import transformers
-
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     show_all = "--all" in sys.argv
@@ -614,6 +654,7 @@ def main() -> None:
     grpo_entropy_bonus_checks()
     grpo_method_checks()
     rloo_checks()
+    rloo_kl_in_loss_checks()
     ppo_checks()
     online_dpo_checks()
     gkd_checks()
