@@ -510,8 +510,9 @@ def group_advantages(
 def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
     """The response tokens whose entropy is in the top ``quantile`` of this batch's tokens
     ("Beyond the 80/20 Rule", Wang et al. 2025, arXiv 2506.01939; their ρ = 0.2): tokens with
-    entropy ``>=`` the ``1 - quantile`` quantile of the masked entropies. ``quantile = 1`` keeps
-    every token, ``0`` only the highest. ``(batch, seq)`` bool, False on padding."""
+    entropy ``>=`` the ``1 - quantile`` quantile of the masked entropies (of this call, so of one rank
+    under DDP, where TRL gathers every rank's). ``quantile = 1`` keeps every token, ``0`` only the
+    highest. ``(batch, seq)`` bool, False on padding."""
     valid = mask.bool()
     values = entropy.detach()[valid].float()
     if values.numel() == 0:
