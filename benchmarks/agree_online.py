@@ -425,7 +425,8 @@ def trl_masked_whiten(x, mask, shift_mean=True):
     return whitened if shift_mean else whitened + mean
 
 
-def trl_ppo_targets(scores, logprobs, ref_logprobs, values, last, kl_coef, gamma, lam, whiten_rewards, p1=True):
+def trl_ppo_targets(scores, logprobs, ref_logprobs, values, last, kl_coef, gamma, lam, whiten_rewards, p1=True,
+                    kl_estimator="k1"):
     """``last``: index of each response's last token (TRL's ``sequence_lengths``). ``p1=False`` moves TRL's score
     from the position after the last token onto it (and its value mask with it): our placement."""
     B, T = logprobs.shape
@@ -435,7 +436,8 @@ def trl_ppo_targets(scores, logprobs, ref_logprobs, values, last, kl_coef, gamma
     logprobs = logprobs.masked_fill(padding_mask, 1.0)  # INVALID_LOGPROB
     ref_logprobs = ref_logprobs.masked_fill(padding_mask, 1.0)
     values = values.masked_fill(padding_mask_p1, 0)
-    kl = logprobs - ref_logprobs  # k1
+    logr = ref_logprobs - logprobs
+    kl = -logr if kl_estimator == "k1" else (logr.exp() - 1) - logr
     rewards = -kl_coef * kl
     end = torch.where(last + 1 < T, last + 1, last) if p1 else last
     rewards[torch.arange(B), end] += scores
@@ -483,9 +485,9 @@ def ppo_checks() -> None:
         mask, lengths = r.mask[rows], r.mask[rows].sum(1)
         scores, old, ref, new = r.rewards[rows], r.old[rows], r.ref[rows], r.new[rows]
         v, vp = values[rows] * mask, vpred[rows] * mask
-        for whiten_rewards in (False, True):
+        for whiten_rewards, kl_estimator in ((False, "k1"), (True, "k1"), (False, "k3")):
             # PPO.compute_advantages itself, on a stand-in for the method's state.
-            ppo = SimpleNamespace(kl_estimator="k1", kl_controller=SimpleNamespace(value=beta), gamma=gamma, lam=lam,
+            ppo = SimpleNamespace(kl_estimator=kl_estimator, kl_controller=SimpleNamespace(value=beta), gamma=gamma, lam=lam,
                                   whiten_rewards=whiten_rewards)
             ppo.token_rewards = lambda scored, kl, ppo=ppo: PPO.token_rewards(ppo, scored, kl)
             b = int(rows.sum())
@@ -496,15 +498,15 @@ def ppo_checks() -> None:
             targets = PPO.compute_advantages(ppo, scored)
             adv, returns = targets.advantages, targets.returns
             t_adv, t_returns, t_values, pm, pm1 = trl_ppo_targets(scores, old, ref, values[rows], lengths - 1, beta,
-                                                                  gamma, lam, whiten_rewards)
+                                                                  gamma, lam, whiten_rewards, kl_estimator=kl_estimator)
             note = "" if subset.startswith("rows cut") else (
                 "by design: the score on the EOS token; TRL puts it one position after, on padding")
-            name = f"{subset}, whiten_rewards={whiten_rewards}"
+            name = f"{subset}, whiten_rewards={whiten_rewards}, kl_estimator={kl_estimator}"
             check("PPO", f"advantages, {name}", adv[mask.bool()], t_adv[mask.bool()], note=note, tol=1e-5)
             check("PPO", f"returns, {name}", returns[mask.bool()], t_returns[mask.bool()], note=note, tol=1e-5)
             if note:
                 moved = trl_ppo_targets(scores, old, ref, values[rows], lengths - 1, beta, gamma, lam, whiten_rewards,
-                                        p1=False)
+                                        p1=False, kl_estimator=kl_estimator)
                 check("PPO", f"advantages, {name}, TRL's score moved onto the EOS", adv[mask.bool()],
                       moved[0][mask.bool()], tol=1e-5)
                 check("PPO", f"returns, {name}, TRL's score moved onto the EOS", returns[mask.bool()],
