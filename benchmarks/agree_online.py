@@ -383,16 +383,19 @@ def rloo_kl_in_loss_checks() -> None:
                                epsilon_high=None, importance_sampling_level="token")
         step_tokens = r.mask.sum().float()
         ours, theirs = 0.0, 0.0
+        ours_entropy, theirs_entropy = [], []
         for rows in torch.arange(r.B).tensor_split(accumulation):
             m = r.mask[rows]
-            new = ours_new[rows] * m
-            rloo.policy_forward = lambda rollout, with_entropy, taken, new=new: PolicyOutput(new, new.detach() * 0, None)
+            new, entropy = ours_new[rows] * m, r.entropies[rows] * m
+            rloo.policy_forward = lambda rollout, with_entropy, taken, new=new, entropy=entropy: PolicyOutput(
+                new, entropy, None)
             batch = MiniBatch(Rollout(r.prompt_ids[rows], torch.ones_like(r.prompt_ids[rows]), r.completion_ids[rows], m,
                                       m.all(1)),
                               r.old[rows] * m, r.ref[rows] * m, RLOOTargets(advantages[rows], r.rewards[rows]),
                               step_rows=r.B, step_tokens=step_tokens)
-            loss, _ = RLOO.policy_loss(rloo, batch)
+            loss, metrics = RLOO.policy_loss(rloo, batch)
             ours = ours + loss  # RLOO.accumulation_weight is 1
+            ours_entropy.append(metrics["policy/entropy"])
             stub = _stub(GRPOTrainer, theirs_new[rows], r.entropies[rows], gradient_accumulation_steps=accumulation,
                          top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
                          beta=beta, args=SimpleNamespace(use_bias_correction_kl=False, delta=None,
@@ -404,9 +407,12 @@ def rloo_kl_in_loss_checks() -> None:
                           old_per_token_logps=r.old[rows], ref_per_token_logps=r.ref[rows],
                           num_items_in_batch=step_tokens)
             theirs = theirs + stub._compute_loss(None, inputs)
+            theirs_entropy.extend(stub._metrics["train"]["entropy"])
         ours.backward()
         theirs.backward()
         mask = r.mask.bool()
+        check("RLOO", f"policy/entropy vs entropy, GA={accumulation}", torch.stack(ours_entropy).mean(),
+              torch.tensor(theirs_entropy).mean())
         check("RLOO", f"kl_in_reward=false loss vs TRL GRPO dapo + beta, GA={accumulation}", ours.detach(),
               theirs.detach())
         check("RLOO", f"kl_in_reward=false grad vs TRL GRPO dapo + beta, GA={accumulation}", ours_new.grad[mask],
