@@ -105,7 +105,8 @@ class GRPOLoss(NamedTuple):
 
     Attributes:
         loss: differentiable loss.
-        clipfrac: fraction of response tokens where the clipped branch is taken, detached.
+        clipfrac: fraction of response tokens where the clipped branch is taken, detached (a fraction of
+            tokens also with sequence-level ratios, where TRL counts sequences).
         kl: mean per-token k3 KL to the reference, detached (0 when no ``ref_logprobs``).
     """
 
@@ -509,8 +510,9 @@ def group_advantages(
 def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
     """The response tokens whose entropy is in the top ``quantile`` of this batch's tokens
     ("Beyond the 80/20 Rule", Wang et al. 2025, arXiv 2506.01939; their ρ = 0.2): tokens with
-    entropy ``>=`` the ``1 - quantile`` quantile of the masked entropies. ``quantile = 1`` keeps
-    every token, ``0`` only the highest. ``(batch, seq)`` bool, False on padding."""
+    entropy ``>=`` the ``1 - quantile`` quantile of the masked entropies (of this call, so of one rank
+    under DDP, where TRL gathers every rank's). ``quantile = 1`` keeps every token, ``0`` only the
+    highest. ``(batch, seq)`` bool, False on padding."""
     valid = mask.bool()
     values = entropy.detach()[valid].float()
     if values.numel() == 0:
@@ -551,7 +553,9 @@ def grpo_loss(
     ``top_entropy_quantile = q < 1`` only the tokens in the top ``q`` of entropy keep a policy
     term (:func:`high_entropy_mask`, arXiv 2506.01939; the KL term keeps every token). With
     ``entropy_coef = c``, ``- c · mean_t H_t`` over the same tokens is added (an entropy bonus,
-    a mean whatever the aggregation, as TRL).
+    a mean whatever the aggregation, as TRL; for ``dapo`` and ``cispo``, whose micro-batch losses add up over the
+    step, the mean is weighted by this call's share of ``num_tokens``, so the step's bonus is one mean, not one per
+    micro-batch).
 
     ``loss_type`` picks the aggregation (and, for ``cispo``, the surrogate):
 
@@ -564,8 +568,9 @@ def grpo_loss(
     - ``dapo``: ``Σ ℓ_t / num_tokens`` with ``num_tokens`` the response tokens of the whole
       optimizer step (all micro-batches, all ranks; divided by the number of ranks, since DDP
       averages gradients over ranks): every token of the step weighs the same, DAPO's
-      token-level loss (Yu et al. 2025, arXiv 2503.14476; TRL's ``dapo``). The caller sums the
-      micro-batch losses without reweighting them.
+      token-level loss (Yu et al. 2025, arXiv 2503.14476; TRL's ``dapo``, except that with several
+      optimizer steps per rollout TRL divides each by the steps' mean token count, not by its own).
+      The caller sums the micro-batch losses without reweighting them.
     - ``dr_grpo``: ``Σ ℓ_t / (batch · max_completion_length)``, a constant normaliser that
       removes the length bias (Liu et al. 2025, "Understanding R1-Zero-Like Training",
       arXiv 2503.20783); needs ``max_completion_length``.
@@ -640,7 +645,13 @@ def grpo_loss(
     else:  # dr_grpo
         loss = masked.sum() / (per_token.size(0) * max_completion_length)
     if entropy_coef > 0:
-        loss = loss - entropy_coef * masked_mean(entropy, policy_mask)
+        bonus = masked_mean(entropy, policy_mask)
+        if loss_type in ("dapo", "cispo"):
+            # These micro-batch losses add up unweighted over the step: weigh the bonus by this call's share of the
+            # step's tokens, or accumulation would count it once per micro-batch.
+            step_tokens = torch.as_tensor(num_tokens, dtype=bonus.dtype, device=bonus.device).clamp(min=1)
+            bonus = bonus * mask_f.sum() / step_tokens
+        loss = loss - entropy_coef * bonus
 
     with torch.no_grad():
         clipfrac = masked_mean(clipped.float(), mask)

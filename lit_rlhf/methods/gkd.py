@@ -126,7 +126,7 @@ class GKD(BankMethod):
         beta: interpolation of the generalised JSD: 0 forward KL(teacher ‖ student), 1 reverse
             KL(student ‖ teacher), 0.5 the Jensen-Shannon divergence.
         temperature: softmax temperature of both distributions in the loss (sampling has its own,
-            ``sampling.temperature``).
+            ``sampling.temperature``; TRL's GKD ``temperature`` is the sampling one, its loss at 1).
         seq_kd: replace the dataset's completions by the teacher's samples (SeqKD) in the batches
             that are not on-policy.
         sampling: how student and teacher completions are sampled (``max_new_tokens``,

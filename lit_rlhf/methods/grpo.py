@@ -41,7 +41,12 @@ plain Python functions named ``module:function``, e.g. ``lit_rlhf.toy.rules:posi
 
 Metrics (TRL's names): ``objective/scores`` (TRL ``reward``), ``reward_std``,
 ``frac_reward_zero_std``, ``objective/kl`` (mean k3 per token, TRL ``kl``), ``policy/clipfrac``
-(TRL ``clip_ratio``), ``policy/approxkl``, ``loss/policy``, ``objective/entropy``.
+(TRL ``clip_ratio``), ``policy/approxkl``, ``loss/policy``, ``objective/entropy``. Where they mean other
+things than TRL 1.16's (``benchmarks/agree_online.py`` compares them): ``reward_std`` is the mean of the groups'
+stds (TRL: the std of the whole batch); ``objective/entropy`` is the sampled ``mean_i -Σ_t log π(y_t)`` (TRL's
+``entropy``: the mean per-token entropy); ``policy/clipfrac`` is a fraction of tokens also with
+``importance_sampling_level: sequence`` (TRL counts sequences there); ``frac_reward_zero_std`` counts flat groups
+under every ``scale_rewards`` (TRL, under ``batch``: whether the whole batch is flat).
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@ Each ``training_step`` is one rollout of the shared online loop (``OnlineMethod`
    pairs (any DPO ``loss_type``), with the reference's log-probs taken at rollout time. The two
    responses of a prompt always stay in the same micro-batch.
 
+Unlike TRL 1.16's OnlineDPOTrainer (by design): log-probs are taken at the sampling temperature, as in
+every online method (TRL takes them at temperature 1); ``ipo`` uses length-normalised log-ratios, as the
+offline DPO (TRL's Online DPO sums them); a tie weighs 0 (TRL makes the first response chosen).
+
 Metrics (TRL's names): ``objective/scores``, ``rewards/chosen``, ``rewards/rejected``,
 ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``, ``loss/dpo``,
 ``frac_ties``.

@@ -179,7 +179,9 @@ class PPO(OnlineMethod):
 
     def token_rewards(self, scored: ScoredRollout, kl: torch.Tensor) -> torch.Tensor:
         """``(B, T)``: ``-β KL_t`` on every token, plus the score on the response's last token (its
-        stop token when it has one): the score rewards the whole response."""
+        stop token when it has one): the score rewards the whole response. TRL's PPOTrainer (0.x) put the
+        score one position after an ended response's last token, on padding its critic also valued, and with
+        pad == EOS left the EOS out of the response; here neither (``benchmarks/agree_online.py``)."""
         rewards = -self.kl_controller.value * kl
         rows = torch.arange(rewards.shape[0], device=rewards.device)
         rewards[rows, scored.rollout.response_lengths - 1] += scored.scores

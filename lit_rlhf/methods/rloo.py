@@ -12,16 +12,21 @@ num_samples_per_prompt`` responses per prompt are sampled and scored, then
    responses to the same prompt (``lit_rlhf.losses.rloo_advantages``), optionally whitened over
    the rollout (``normalize_advantages``);
 3. ``update_epochs`` x ``num_mini_batches`` steps of the clipped surrogate (``ppo_policy_loss``) with
-   that one advantage shared by every token of the response. With ``update_epochs=1`` and
-   ``num_mini_batches=1`` the ratio is 1 at the only step and this is plain REINFORCE-LOO, as in
-   the paper.
+   that one advantage shared by every token of the response, the loss a token mean over the optimizer
+   step. With ``update_epochs=1`` and ``num_mini_batches=1`` the ratio is 1 at the only step and this is
+   REINFORCE-LOO, the paper's gradient divided by the rollout's mean response length. TRL 1.16's
+   RLOOTrainer differs by design: one ratio per response, ``exp(Σ_t log π - Σ_t log π_old)``, clipped per
+   response, mean over responses (so on-policy its gradient is ours times the mean length; off-policy its
+   clipping acts on whole responses, ours on tokens); and it normalises advantages with ε = 1e-4 on the
+   std where ``normalize_advantages`` puts 1e-8 on the variance.
 
 No critic: the baseline comes from the other samples of the same prompt, so ``k >= 2``.
 
 Metrics (TRL's names): ``objective/kl``, ``objective/entropy``, ``objective/non_score_reward``,
 ``objective/rlhf_reward``, ``objective/scores``, ``objective/kl_coef``, ``frac_reward_zero_std``,
 ``policy/clipfrac``, ``policy/approxkl``, ``policy/entropy``, ``loss/policy``, ``loss/kl`` (when
-the KL is a loss term).
+the KL is a loss term). ``objective/kl`` is the mean over responses of their summed KL, as TRL's earlier
+RLOOTrainer logged it (TRL 1.16's ``kl`` is a mean per token).
 """
 
 from __future__ import annotations

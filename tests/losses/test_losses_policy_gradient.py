@@ -340,6 +340,21 @@ def test_entropy_bonus_and_top_entropy_quantile_by_hand():
     assert 0 < len(kept) < len(tokens)
 
 
+@pytest.mark.parametrize("loss_type", ["dapo", "cispo"])
+def test_dapo_entropy_bonus_over_micro_batches_is_one_token_mean_of_the_step(loss_type):
+    # dapo's micro-batch losses are summed unweighted over the optimizer step; the bonus must add up to the
+    # step's token-mean entropy, -c (1 + 2 + 4) / 3, not to one mean per micro-batch, -c (1.5 + 4).
+    coef = 0.1
+    micro = [(t([[1.0, 2.0, 9.0]]), torch.tensor([[1, 1, 0]])), (t([[4.0, 9.0, 9.0]]), torch.tensor([[1, 0, 0]]))]
+    total = 0.0
+    for entropy, mask in micro:
+        logprobs = t([[-1.0, -1.0, -1.0]])
+        out = grpo_loss(logprobs, logprobs, t([0.0]), mask, loss_type=loss_type, num_tokens=3.0, entropy=entropy,
+                        entropy_coef=coef, epsilon_high=5.0)
+        total = total + out.loss
+    close(total, -coef * 7.0 / 3.0)
+
+
 def test_scale_rewards_group_batch_none_and_bool_aliases():
     rewards = t([1.0, 3.0, 0.0, 4.0, 4.0, 4.0])  # k = 3: groups [1, 3, 0] and [4, 4, 4]
     eps = 1e-4

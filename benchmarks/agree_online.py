@@ -1,0 +1,681 @@
+"""Differential check of the online methods' losses against TRL's, on identical fixed rollouts.
+
+Not a test (TRL is not a test dependency): run it where the ``bench`` extra is installed,
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/agree_online.py
+
+Each row feeds the same rollout (rewards, masks with a row cut at the length limit, old / reference /
+new per-token log-probs, entropies) to our function and to TRL 1.16's own code: ``GRPOTrainer._compute_loss``
+and ``RLOOTrainer._compute_loss`` on a trainer built without ``__init__`` whose forward returns the given
+log-probs, ``GKDTrainer.generalized_jsd_loss``; TRL's advantage lines (inside
+``_generate_and_score_completions``) are written out step by step with TRL's own ``nanstd``. It prints
+the largest absolute difference of each quantity (loss, its gradient, logged metrics). The differences
+that are by design are printed as such, with the relation that holds instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+from collections import defaultdict
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import AutoTokenizer
+from trl import GRPOTrainer, RLOOTrainer
+from trl.experimental.gkd import GKDTrainer
+from trl.trainer.utils import nanstd
+
+from lit_rlhf.losses import (generalized_jsd_loss, group_advantages, grpo_loss, ppo_policy_loss, ppo_value_loss,
+                             rloo_advantages)
+from lit_rlhf.methods.gkd import GKD, rollout_batch
+from lit_rlhf.methods.grpo import GRPO
+from lit_rlhf.methods.online import MiniBatch, OnlineMethod, PolicyOutput, ScoredRollout
+from lit_rlhf.methods.online_dpo import OnlineDPO
+from lit_rlhf.methods.ppo import PPO
+from lit_rlhf.methods.rloo import RLOO, RLOOTargets
+from lit_rlhf.models import BankSpec, LoraSpec
+from lit_rlhf.rollout import Rollout, SamplingConfig, truncate_at_stop
+from lit_rlhf.toy.families import build_tiny
+from tests.methods.online_helpers import first_batch, make_online, perturbed
+from tests.methods.tiny_families import move_off_reference
+
+ROWS: list[tuple[str, str, float, str]] = []
+
+
+def check(method: str, what: str, ours: torch.Tensor, theirs: torch.Tensor, note: str = "", tol: float = 1e-6) -> None:
+    diff = (torch.as_tensor(ours, dtype=torch.float64) - torch.as_tensor(theirs, dtype=torch.float64)).abs().max().item()
+    verdict = "agree" if diff <= tol else "DIFFERS"
+    ROWS.append((method, what, diff, verdict + (f" ({note})" if note else "")))
+
+
+class _Accelerator:
+    num_processes = 1
+    process_index = 0
+    sync_gradients = True
+
+    def gather(self, x):
+        return x
+
+    gather_for_metrics = gather
+
+    def reduce(self, x, reduction="sum"):
+        return x
+
+    def pad_across_processes(self, x, dim=0, pad_index=0):
+        return x
+
+
+def _stub(cls, logps: torch.Tensor, entropies: torch.Tensor, **attributes):
+    """A TRL trainer without ``__init__``: its forward hands back ``logps`` (a leaf, so gradients compare)."""
+
+    class Stub(cls):
+        current_gradient_accumulation_steps = attributes.pop("gradient_accumulation_steps", 1)
+
+        def __init__(self):
+            pass
+
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, **kw):
+            return self._logps, self._entropies, None
+
+    stub = Stub()
+    stub.__dict__.update(accelerator=_Accelerator(), model=SimpleNamespace(training=True), _metrics=defaultdict(lambda: defaultdict(list)),
+                         aux_loss_enabled=False, _logps=logps, _entropies=entropies, **attributes)
+    return stub
+
+
+def rollout(seed: int = 0, prompts: int = 3, k: int = 4, T: int = 6):
+    """A fixed rollout: rows of every length, some cut at ``T`` without EOS (mask all ones)."""
+    g = torch.Generator().manual_seed(seed)
+    B = prompts * k
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    lengths[0], lengths[5] = T, T  # cut at the limit
+    mask = (torch.arange(T)[None] < lengths[:, None]).long()
+    old = -torch.rand(B, T, generator=g) * 3
+    new = old + torch.randn(B, T, generator=g) * 0.3  # ratios well outside [0.8, 1.2] on some tokens
+    ref = old + torch.randn(B, T, generator=g) * 0.2
+    # Padding holds garbage on purpose: neither side may read it.
+    old, new, ref = (torch.where(mask.bool(), x, torch.full_like(x, 7.0)) for x in (old, new, ref))
+    rewards = torch.randint(0, 3, (B,), generator=g).float()
+    rewards[k : 2 * k] = 1.0  # one flat group
+    entropies = torch.rand(B, T, generator=g) * 2
+    return SimpleNamespace(B=B, k=k, T=T, mask=mask, old=old, new=new, ref=ref, rewards=rewards, entropies=entropies,
+                           prompt_ids=torch.ones(B, 2, dtype=torch.long), completion_ids=torch.ones(B, T, dtype=torch.long))
+
+
+# -- GRPO -----------------------------------------------------------------------------------------
+
+
+def trl_group_advantages(rewards: torch.Tensor, k: int, scale: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRL 1.16 ``_generate_and_score_completions``, ``sum_then_normalize``, one reward function."""
+    mean = torch.nanmean(rewards.view(-1, k), dim=1).repeat_interleave(k)
+    if scale in ("group", "none"):
+        std = nanstd(rewards.view(-1, k), dim=1).repeat_interleave(k)
+    else:
+        std = nanstd(rewards).expand_as(rewards)
+    advantages = rewards - mean
+    if scale != "none":
+        advantages = advantages / (std + 1e-4)
+    return advantages, torch.isclose(std, torch.zeros_like(std))
+
+
+def grpo_checks() -> None:
+
+    r = rollout()
+    for scale in ("group", "batch", "none"):
+        batch_std = r.rewards.std() if scale == "batch" else None
+        ours = group_advantages(r.rewards, r.k, scale_rewards=scale, batch_std=batch_std)
+        theirs, zero_std = trl_group_advantages(r.rewards, r.k, scale)
+        check("GRPO", f"advantages scale_rewards={scale}", ours.advantages, theirs)
+        if scale != "batch":
+            check("GRPO", f"frac_reward_zero_std ({scale})", ours.zero_std.float().mean(), zero_std.float().mean())
+    advantages = group_advantages(r.rewards, r.k).advantages
+    max_len = r.T + 2
+    cases = [dict(loss_type=t, beta=b, epsilon_high=h, delta=d, importance_sampling_level=lvl)
+             for t in ("grpo", "bnpo", "dr_grpo", "dapo") for b in (0.0, 0.04) for h in (None, 0.28)
+             for d, lvl in ((None, "token"), (1.5, "token"), (None, "sequence"))]
+    for case in cases:
+        for accumulation in (1, 2):
+            name = (f"{case['loss_type']} beta={case['beta']} eps_high={case['epsilon_high']} delta={case['delta']} "
+                    f"{case['importance_sampling_level']} GA={accumulation}")
+            _grpo_case(GRPOTrainer, r, advantages, max_len, case, accumulation, name)
+
+
+def _grpo_case(GRPOTrainer, r, advantages, max_len, case, accumulation, name) -> None:
+    eps, high = 0.2, case["epsilon_high"]
+    micro = torch.arange(r.B).tensor_split(accumulation)
+    step_tokens = r.mask.sum().float()
+    ours_new = r.new.clone().requires_grad_(True)
+    theirs_new = r.new.clone().requires_grad_(True)
+    ours_total, theirs_total = 0.0, 0.0
+    ours_metrics, theirs_metrics = defaultdict(list), defaultdict(list)
+    for rows in micro:
+        m = r.mask[rows]
+        out = grpo_loss(ours_new[rows], r.old[rows], advantages[rows], m, epsilon=eps, epsilon_high=high,
+                        beta=case["beta"], ref_logprobs=r.ref[rows], loss_type=case["loss_type"],
+                        max_completion_length=max_len, num_tokens=step_tokens,
+                        importance_sampling_level=case["importance_sampling_level"], delta=case["delta"])
+        weight = 1.0 if case["loss_type"] == "dapo" else rows.numel() / r.B
+        ours_total = ours_total + out.loss * weight
+        ours_metrics["clip"].append(out.clipfrac)
+        ours_metrics["kl"].append(out.kl)
+
+        stub = _stub(GRPOTrainer, theirs_new[rows], r.entropies[rows], gradient_accumulation_steps=accumulation,
+                     top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+                     importance_sampling_level=case["importance_sampling_level"], beta=case["beta"],
+                     args=SimpleNamespace(use_bias_correction_kl=False, delta=case["delta"],
+                                          steps_per_generation=accumulation),
+                     loss_type=case["loss_type"], epsilon_low=eps, epsilon_high=eps if high is None else high,
+                     use_vllm=False, max_completion_length=max_len, _entropy_bonus_enabled=False)
+        inputs = dict(prompt_ids=r.prompt_ids[rows], prompt_mask=torch.ones_like(r.prompt_ids[rows]),
+                      completion_ids=r.completion_ids[rows], completion_mask=m, advantages=advantages[rows],
+                      old_per_token_logps=r.old[rows], ref_per_token_logps=r.ref[rows],
+                      num_items_in_batch=step_tokens)
+        theirs_total = theirs_total + stub._compute_loss(None, inputs)
+        for key, values in stub._metrics["train"].items():
+            theirs_metrics[key].extend(values)
+    ours_total.backward()
+    theirs_total.backward()
+    check("GRPO", f"loss {name}", ours_total.detach(), theirs_total.detach())
+    mask = r.mask.bool()
+    check("GRPO", f"grad {name}", ours_new.grad[mask], theirs_new.grad[mask])
+    sequence = case["importance_sampling_level"] == "sequence"
+    check("GRPO", f"policy/clipfrac vs clip_ratio/region_mean {name}", torch.stack(ours_metrics["clip"]).mean(),
+          torch.tensor(theirs_metrics["clip_ratio/region_mean"]).mean(),
+          note="by design: a fraction of tokens; TRL counts sequences at the sequence level" if sequence else "")
+    if case["beta"] > 0:
+        check("GRPO", f"objective/kl vs kl {name}", torch.stack(ours_metrics["kl"]).mean(),
+              torch.tensor(theirs_metrics["kl"]).mean())
+
+
+def grpo_dapo_steps_checks() -> None:
+    """``dapo`` with two optimizer steps per rollout (our ``num_mini_batches: 2``, TRL's ``steps_per_generation: 2``):
+    ours divides each step by its own tokens, TRL by the rollout's tokens over the number of steps."""
+    r = rollout(seed=7)
+    advantages = group_advantages(r.rewards, r.k).advantages
+    total = r.mask.sum().float()
+    for step, rows in enumerate(torch.arange(r.B).tensor_split(2)):
+        own = r.mask[rows].sum().float()
+        ours = grpo_loss(r.new[rows], r.old[rows], advantages[rows], r.mask[rows], loss_type="dapo", num_tokens=own)
+        stub = _stub(GRPOTrainer, r.new[rows], r.entropies[rows], gradient_accumulation_steps=1, top_entropy_quantile=1.0,
+                     off_policy_mask_threshold=None, importance_sampling_level="token", beta=0.0,
+                     args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=2),
+                     loss_type="dapo", epsilon_low=0.2, epsilon_high=0.2, use_vllm=False, max_completion_length=r.T,
+                     _entropy_bonus_enabled=False)
+        inputs = dict(prompt_ids=r.prompt_ids[rows], prompt_mask=torch.ones_like(r.prompt_ids[rows]),
+                      completion_ids=r.completion_ids[rows], completion_mask=r.mask[rows], advantages=advantages[rows],
+                      old_per_token_logps=r.old[rows], num_items_in_batch=total)
+        theirs = stub._compute_loss(None, inputs)
+        check("GRPO", f"dapo, optimizer step {step} of 2 per rollout", ours.loss, theirs,
+              note="by design: each step over its own tokens; TRL over the steps' mean token count")
+        check("GRPO", f"dapo, optimizer step {step} of 2 per rollout, x own tokens / mean tokens", ours.loss * own,
+              theirs * total / 2)
+
+
+def grpo_entropy_bonus_checks() -> None:
+    """The entropy bonus (TRL ``entropy_coef``) under gradient accumulation, per loss type."""
+
+    r = rollout(seed=1)
+    advantages = group_advantages(r.rewards, r.k).advantages
+    coef = 0.1
+    varied = r.mask
+    for loss_type, accumulation, equal in [(t, a, e) for t in ("grpo", "bnpo", "dapo") for a in (1, 2)
+                                           for e in (False, True)]:
+        r.mask = torch.ones_like(varied) if equal else varied
+        micro = torch.arange(r.B).tensor_split(accumulation)
+        entropy_ours = r.entropies.clone().requires_grad_(True)
+        ours_total = 0.0
+        theirs_total = 0.0
+        theirs_new = r.new.clone().requires_grad_(True)
+        entropy_theirs = r.entropies.clone().requires_grad_(True)
+        for rows in micro:
+            out = grpo_loss(r.new[rows], r.old[rows], advantages[rows], r.mask[rows], loss_type=loss_type,
+                            num_tokens=r.mask.sum().float(), entropy=entropy_ours[rows], entropy_coef=coef)
+            ours_total = ours_total + out.loss * (1.0 if loss_type == "dapo" else rows.numel() / r.B)
+            stub = _stub(GRPOTrainer, theirs_new[rows], entropy_theirs[rows], gradient_accumulation_steps=accumulation,
+                         top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
+                         beta=0.0, args=SimpleNamespace(use_bias_correction_kl=False, delta=None,
+                                                        steps_per_generation=accumulation),
+                         loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.2, use_vllm=False,
+                         max_completion_length=r.T, _entropy_bonus_enabled=True, entropy_coef=coef,
+                         use_adaptive_entropy=False)
+            inputs = dict(prompt_ids=r.prompt_ids[rows], prompt_mask=torch.ones_like(r.prompt_ids[rows]),
+                          completion_ids=r.completion_ids[rows], completion_mask=r.mask[rows],
+                          advantages=advantages[rows], old_per_token_logps=r.old[rows],
+                          num_items_in_batch=r.mask.sum().float())
+            theirs_total = theirs_total + stub._compute_loss(None, inputs)
+        ours_total.backward()
+        theirs_total.backward()
+        mask = r.mask.bool()
+        by_design = loss_type == "dapo" and accumulation > 1 and not equal
+        check("GRPO", f"entropy-bonus grad {loss_type} GA={accumulation} equal tokens per micro-batch={equal}",
+              entropy_ours.grad[mask], entropy_theirs.grad[mask],
+              note="by design: dapo's bonus is the step's token mean; TRL weighs each micro-batch's mean 1/GA"
+              if by_design else "")
+
+
+def grpo_method_checks() -> None:
+    """GRPO's own ``policy_loss`` on a real rollout of the toy model, micro-batch by micro-batch, against TRL's
+    ``_compute_loss`` fed the same rows and the same forward: loss and the gradient of every LoRA parameter.
+    The policy is moved after the rollout (as after an earlier optimizer step), so ratios are not 1."""
+    for options in (dict(loss_type="grpo", beta=0.04), dict(loss_type="bnpo", epsilon_high=0.28),
+                    dict(loss_type="dr_grpo", beta=0.04), dict(loss_type="dapo", mask_truncated_completions=True),
+                    dict(loss_type="dapo", beta=0.04, importance_sampling_level="sequence", delta=1.5),
+                    dict(loss_type="bnpo", top_entropy_quantile=0.5),
+                    dict(loss_type="dapo", entropy_coef=0.1)):
+        pl.seed_everything(0, verbose=False)
+        method = perturbed(make_online(GRPO, max_new_tokens=6, **options))
+        scored = method.rollout_and_score(first_batch(method, batch_size=2))
+        targets = method.compute_advantages(scored)
+        with torch.no_grad():
+            for name, p in method.bank.named_parameters():
+                if "lora_A" in name and ".policy." in name:
+                    p.add_(torch.randn_like(p) * 0.05)
+        method.bank.eval()
+        params = [p for p in method.bank.parameters() if p.requires_grad]
+        rows = torch.arange(scored.scores.shape[0])
+        micros = [rows[:4], rows[4:]]  # two equal micro-batches of one optimizer step (check_rollout_split)
+        loss_mask = method.loss_mask(scored.rollout)
+        step_tokens = loss_mask.sum().float()
+        ours, theirs = 0.0, 0.0
+        for micro in micros:
+            batch = method.select(scored, targets, micro, step_rows=rows.numel(), step_tokens=step_tokens)
+            loss, _ = method.policy_loss(batch)
+            ours = ours + loss * method.accumulation_weight(batch)
+            out = method.policy_forward(batch.rollout, with_entropy=True)
+            high = method.epsilon if method.epsilon_high is None else method.epsilon_high
+            stub = _stub(GRPOTrainer, out.logprobs, out.entropy, gradient_accumulation_steps=len(micros),
+                         top_entropy_quantile=method.top_entropy_quantile, off_policy_mask_threshold=None,
+                         importance_sampling_level=method.importance_sampling_level, beta=method.beta,
+                         args=SimpleNamespace(use_bias_correction_kl=False, delta=method.delta,
+                                              steps_per_generation=len(micros)),
+                         loss_type=method.loss_type, epsilon_low=method.epsilon, epsilon_high=high, use_vllm=False,
+                         max_completion_length=method.sampling.max_new_tokens,
+                         _entropy_bonus_enabled=method.entropy_coef > 0, entropy_coef=method.entropy_coef,
+                         use_adaptive_entropy=False)
+            r = batch.rollout
+            completion_mask = r.response_mask
+            if method.mask_truncated_completions:  # TRL zeroes the truncated rows' completion mask
+                completion_mask = completion_mask * r.ended[:, None].long()
+            inputs = dict(prompt_ids=r.prompt_ids, prompt_mask=r.prompt_mask, completion_ids=r.response_ids,
+                          completion_mask=completion_mask, advantages=batch.targets.advantages,
+                          old_per_token_logps=batch.old_logprobs, ref_per_token_logps=batch.ref_logprobs,
+                          num_items_in_batch=step_tokens)
+            theirs = theirs + stub._compute_loss(None, inputs)
+        ours_grads = torch.autograd.grad(ours, params)
+        theirs_grads = torch.autograd.grad(theirs, params)
+        name = " ".join(f"{k}={v}" for k, v in options.items())
+        note = "by design: dapo's entropy bonus is the step's token mean (see above)" if "entropy_coef" in options else ""
+        check("GRPO", f"method loss, {name}", ours.detach(), theirs.detach(), note=note)
+        check("GRPO", f"method LoRA grads, {name}", torch.cat([g.flatten() for g in ours_grads]),
+              torch.cat([g.flatten() for g in theirs_grads]), note=note)
+
+
+# -- RLOO -----------------------------------------------------------------------------------------
+
+
+def trl_rloo_advantages(rewards, seq_kl, beta, k, normalize):
+    """TRL 1.16 ``RLOOTrainer._generate_and_score_completions``: KL in the reward, leave-one-out, normalise."""
+
+    rewards = rewards - beta * seq_kl
+    grouped = rewards.view(-1, k)
+    baselines = ((grouped.nansum(dim=1, keepdim=True) - grouped) / (k - 1)).view(-1)
+    advantages = rewards - baselines
+    if normalize:
+        advantages = (advantages - advantages.nanmean()) / (nanstd(advantages) + 1e-4)
+    return advantages
+
+
+def rloo_checks() -> None:
+
+    r = rollout(seed=2)
+    beta = 0.05
+    seq_kl = ((r.old - r.ref) * r.mask).sum(1)  # TRL: k1 of the rollout-time log-probs, summed per sequence
+
+    scored = ScoredRollout(Rollout(r.prompt_ids, torch.ones_like(r.prompt_ids), r.completion_ids, r.mask, r.mask.all(1)),
+                           [""] * r.B, [""] * r.B, r.rewards, {}, old_logprobs=r.old * r.mask,
+                           ref_logprobs=r.ref * r.mask)
+
+    def advantages(normalize):  # RLOO.compute_advantages itself, on a stand-in for the method's state
+        rloo = SimpleNamespace(kl_in_reward=True, kl_estimator="k1", kl_controller=SimpleNamespace(value=beta),
+                               num_samples_per_prompt=r.k, normalize_advantages=normalize)
+        rloo.sequence_kl = lambda scored: OnlineMethod.sequence_kl(rloo, scored)
+        return RLOO.compute_advantages(rloo, scored).advantages
+
+    ours = advantages(False)
+    check("RLOO", "advantages (KL in reward, k1)", ours, trl_rloo_advantages(r.rewards, seq_kl, beta, r.k, False))
+    ours_norm = advantages(True)
+    check("RLOO", "advantages normalize_advantages", ours_norm,
+          trl_rloo_advantages(r.rewards, seq_kl, beta, r.k, True), note="by design: eps 1e-8 on the variance (as PPO's whitening); TRL 1e-4 on the std",
+          tol=1e-6)
+    # The loss: TRL's ratio is per sequence, exp(sum_t logp - sum_t old), one clipped term per sequence, mean over
+    # sequences. Ours is per token, a token mean over the step.
+    for name, new in (("on-policy (ratio 1)", r.old), ("off-policy", r.new)):
+        ours_new = new.clone().requires_grad_(True)
+        theirs_new = new.clone().requires_grad_(True)
+        out = ppo_policy_loss(ours_new, r.old, ours, r.mask, clip_range=0.2)
+        out.loss.backward()
+        stub = _stub(RLOOTrainer, theirs_new, r.entropies, epsilon_low=0.2, epsilon_high=0.2)
+        inputs = dict(prompt_ids=r.prompt_ids, prompt_mask=torch.ones_like(r.prompt_ids), completion_ids=r.completion_ids,
+                      completion_mask=r.mask, advantages=ours, old_logps=(r.old * r.mask).sum(1))
+        stub._compute_loss(None, inputs).backward()
+        mask = r.mask.bool()
+        scale = r.B / r.mask.sum()
+        check("RLOO", f"grad x mean length, {name}", ours_new.grad[mask] / scale, theirs_new.grad[mask],
+              note="by design: token-level ratio and token mean; TRL sequence ratio and sequence mean")
+
+
+def rloo_kl_in_loss_checks() -> None:
+    """``RLOO.policy_loss`` with ``kl_in_reward: false`` (its forward standing in for the given log-probs). TRL's
+    RLOOTrainer has no KL loss term; its nearest formula is GRPO's ``dapo`` with ``beta``: the token-level clipped
+    surrogate plus β k3 per token over the step's tokens, which ours should be."""
+    r = rollout(seed=8)
+    advantages = rloo_advantages(r.rewards, r.k)
+    beta = 0.05
+    for accumulation in (1, 2):
+        ours_new = r.new.clone().requires_grad_(True)
+        theirs_new = r.new.clone().requires_grad_(True)
+        rloo = SimpleNamespace(kl_in_reward=False, kl_controller=SimpleNamespace(value=beta), cliprange=0.2,
+                               epsilon_high=None, importance_sampling_level="token")
+        step_tokens = r.mask.sum().float()
+        ours, theirs = 0.0, 0.0
+        ours_entropy, theirs_entropy = [], []
+        for rows in torch.arange(r.B).tensor_split(accumulation):
+            m = r.mask[rows]
+            new, entropy = ours_new[rows] * m, r.entropies[rows] * m
+            rloo.policy_forward = lambda rollout, with_entropy, taken, new=new, entropy=entropy: PolicyOutput(
+                new, entropy, None)
+            batch = MiniBatch(Rollout(r.prompt_ids[rows], torch.ones_like(r.prompt_ids[rows]), r.completion_ids[rows], m,
+                                      m.all(1)),
+                              r.old[rows] * m, r.ref[rows] * m, RLOOTargets(advantages[rows], r.rewards[rows]),
+                              step_rows=r.B, step_tokens=step_tokens)
+            loss, metrics = RLOO.policy_loss(rloo, batch)
+            ours = ours + loss  # RLOO.accumulation_weight is 1
+            ours_entropy.append(metrics["policy/entropy"])
+            stub = _stub(GRPOTrainer, theirs_new[rows], r.entropies[rows], gradient_accumulation_steps=accumulation,
+                         top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
+                         beta=beta, args=SimpleNamespace(use_bias_correction_kl=False, delta=None,
+                                                         steps_per_generation=accumulation),
+                         loss_type="dapo", epsilon_low=0.2, epsilon_high=0.2, use_vllm=False, max_completion_length=r.T,
+                         _entropy_bonus_enabled=False)
+            inputs = dict(prompt_ids=r.prompt_ids[rows], prompt_mask=torch.ones_like(r.prompt_ids[rows]),
+                          completion_ids=r.completion_ids[rows], completion_mask=m, advantages=advantages[rows],
+                          old_per_token_logps=r.old[rows], ref_per_token_logps=r.ref[rows],
+                          num_items_in_batch=step_tokens)
+            theirs = theirs + stub._compute_loss(None, inputs)
+            theirs_entropy.extend(stub._metrics["train"]["entropy"])
+        ours.backward()
+        theirs.backward()
+        mask = r.mask.bool()
+        check("RLOO", f"policy/entropy vs entropy, GA={accumulation}", torch.stack(ours_entropy).mean(),
+              torch.tensor(theirs_entropy).mean())
+        check("RLOO", f"kl_in_reward=false loss vs TRL GRPO dapo + beta, GA={accumulation}", ours.detach(),
+              theirs.detach())
+        check("RLOO", f"kl_in_reward=false grad vs TRL GRPO dapo + beta, GA={accumulation}", ours_new.grad[mask],
+              theirs_new.grad[mask])
+
+
+# -- PPO ------------------------------------------------------------------------------------------
+# TRL 1.16 has no PPOTrainer; its last one (trl/trainer/ppo_trainer.py at a08e713, TRL 0.2x) is written out
+# below step by step: rewards, GAE, whitening, losses.
+
+
+def trl_masked_whiten(x, mask, shift_mean=True):
+    mean = (x * mask).sum() / mask.sum()
+    var = (((x - mean) ** 2) * mask).sum() / mask.sum() * mask.sum() / (mask.sum() - 1)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def trl_ppo_targets(scores, logprobs, ref_logprobs, values, last, kl_coef, gamma, lam, whiten_rewards, p1=True,
+                    kl_estimator="k1"):
+    """``last``: index of each response's last token (TRL's ``sequence_lengths``). ``p1=False`` moves TRL's score
+    from the position after the last token onto it (and its value mask with it): our placement."""
+    B, T = logprobs.shape
+    idx = torch.arange(T).repeat(B, 1)
+    padding_mask = idx > last[:, None]
+    padding_mask_p1 = idx > (last + int(p1))[:, None]
+    logprobs = logprobs.masked_fill(padding_mask, 1.0)  # INVALID_LOGPROB
+    ref_logprobs = ref_logprobs.masked_fill(padding_mask, 1.0)
+    values = values.masked_fill(padding_mask_p1, 0)
+    logr = ref_logprobs - logprobs
+    kl = -logr if kl_estimator == "k1" else (logr.exp() - 1) - logr
+    rewards = -kl_coef * kl
+    end = torch.where(last + 1 < T, last + 1, last) if p1 else last
+    rewards[torch.arange(B), end] += scores
+    if whiten_rewards:
+        rewards = trl_masked_whiten(rewards, (~padding_mask_p1).float(), shift_mean=False).masked_fill(padding_mask_p1, 0)
+    lastgaelam, reversed_ = 0, []
+    for t in reversed(range(T)):
+        nextvalues = values[:, t + 1] if t < T - 1 else 0.0
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        reversed_.append(lastgaelam)
+    advantages = torch.stack(reversed_[::-1], dim=1)
+    returns = advantages + values
+    advantages = trl_masked_whiten(advantages, (~padding_mask).float()).masked_fill(padding_mask, 0)
+    return advantages, returns, values, padding_mask, padding_mask_p1
+
+
+def trl_ppo_losses(new_logprobs, old_logprobs, advantages, vpred, values, returns, padding_mask, padding_mask_p1,
+                   cliprange, cliprange_value):
+    new_logprobs = new_logprobs.masked_fill(padding_mask, 1.0)
+    old_logprobs = old_logprobs.masked_fill(padding_mask, 1.0)
+    vpredclipped = torch.clamp(vpred, values - cliprange_value, values + cliprange_value)
+    vf1, vf2 = (vpred - returns) ** 2, (vpredclipped - returns) ** 2
+
+    def masked_mean(x, m):
+        return (x * m).sum() / m.sum()
+
+    vf_loss = 0.5 * masked_mean(torch.max(vf1, vf2), ~padding_mask_p1)
+    vf_clipfrac = masked_mean((vf2 > vf1).float(), ~padding_mask_p1)
+    ratio = torch.exp(new_logprobs - old_logprobs)
+    pg1, pg2 = -advantages * ratio, -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = masked_mean(torch.max(pg1, pg2), ~padding_mask)
+    pg_clipfrac = masked_mean((pg2 > pg1).float(), ~padding_mask)
+    return pg_loss, pg_clipfrac, vf_loss, vf_clipfrac
+
+
+def ppo_checks() -> None:
+
+    r = rollout(seed=4)
+    g = torch.Generator().manual_seed(5)
+    values = torch.randn(r.B, r.T, generator=g)
+    vpred = values + torch.randn(r.B, r.T, generator=g) * 0.3
+    beta, gamma, lam = 0.05, 1.0, 0.95
+    for subset, rows in (("rows cut at the length limit", r.mask.all(1)), ("rows ended by EOS", ~r.mask.all(1))):
+        mask, lengths = r.mask[rows], r.mask[rows].sum(1)
+        scores, old, ref, new = r.rewards[rows], r.old[rows], r.ref[rows], r.new[rows]
+        v, vp = values[rows] * mask, vpred[rows] * mask
+        for whiten_rewards, kl_estimator in ((False, "k1"), (True, "k1"), (False, "k3")):
+            # PPO.compute_advantages itself, on a stand-in for the method's state.
+            ppo = SimpleNamespace(kl_estimator=kl_estimator, kl_controller=SimpleNamespace(value=beta), gamma=gamma, lam=lam,
+                                  whiten_rewards=whiten_rewards)
+            ppo.token_rewards = lambda scored, kl, ppo=ppo: PPO.token_rewards(ppo, scored, kl)
+            b = int(rows.sum())
+            ids = torch.ones(b, r.T, dtype=torch.long)
+            scored = ScoredRollout(Rollout(ids[:, :2], torch.ones(b, 2, dtype=torch.long), ids, mask, ~mask.all(1)),
+                                   [""] * b, [""] * b, scores, {}, old_logprobs=old * mask, ref_logprobs=ref * mask,
+                                   old_values=v)
+            targets = PPO.compute_advantages(ppo, scored)
+            adv, returns = targets.advantages, targets.returns
+            t_adv, t_returns, t_values, pm, pm1 = trl_ppo_targets(scores, old, ref, values[rows], lengths - 1, beta,
+                                                                  gamma, lam, whiten_rewards, kl_estimator=kl_estimator)
+            note = "" if subset.startswith("rows cut") else (
+                "by design: the score on the EOS token; TRL puts it one position after, on padding")
+            name = f"{subset}, whiten_rewards={whiten_rewards}, kl_estimator={kl_estimator}"
+            check("PPO", f"advantages, {name}", adv[mask.bool()], t_adv[mask.bool()], note=note, tol=1e-5)
+            check("PPO", f"returns, {name}", returns[mask.bool()], t_returns[mask.bool()], note=note, tol=1e-5)
+            if note:
+                moved = trl_ppo_targets(scores, old, ref, values[rows], lengths - 1, beta, gamma, lam, whiten_rewards,
+                                        p1=False, kl_estimator=kl_estimator)
+                check("PPO", f"advantages, {name}, TRL's score moved onto the EOS", adv[mask.bool()],
+                      moved[0][mask.bool()], tol=1e-5)
+                check("PPO", f"returns, {name}, TRL's score moved onto the EOS", returns[mask.bool()],
+                      moved[1][mask.bool()], tol=1e-5)
+                continue
+            ours_pg = ppo_policy_loss(new, old, adv, mask, clip_range=0.2)
+            ours_vf = ppo_value_loss(vp, v, returns, mask, clip_range_value=0.2)
+            pg, pg_clip, vf, vf_clip = trl_ppo_losses(new, old, t_adv, vpred[rows], t_values, t_returns, pm, pm1,
+                                                      0.2, 0.2)
+            check("PPO", f"policy loss, {name}", ours_pg.loss, pg, tol=1e-6)
+            check("PPO", f"policy/clipfrac, {name}", ours_pg.clipfrac, pg_clip)
+            check("PPO", f"value loss, {name}", ours_vf.loss, vf, tol=1e-6)
+            check("PPO", f"value/clipfrac, {name}", ours_vf.clipfrac, vf_clip)
+            # PPO.policy_loss itself, its forwards standing in for the given log-probs and values.
+            ppo.__dict__.update(cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, critic="adapter",
+                       policy_forward=lambda rollout, with_entropy, taken, new=new: PolicyOutput(new, new * 0, None),
+                       critic_values=lambda rollout, vp=vp: vp)
+            batch = MiniBatch(scored.rollout, old * mask, None, targets)
+            loss, metrics = PPO.policy_loss(ppo, batch)
+            check("PPO", f"method loss (policy + vf_coef x value), {name}", loss, pg + 0.1 * vf, tol=1e-6)
+
+
+# -- GKD ------------------------------------------------------------------------------------------
+
+
+def gkd_checks() -> None:
+
+    g = torch.Generator().manual_seed(3)
+    student = torch.randn(3, 5, 11, generator=g)
+    teacher = torch.randn(3, 5, 11, generator=g)
+    mask = torch.tensor([[0, 1, 1, 1, 1], [0, 0, 1, 1, 0], [1, 1, 1, 1, 1]])
+    labels = torch.where(mask.bool(), torch.zeros_like(mask), torch.full_like(mask, -100))
+    for beta in (0.0, 0.1, 0.5, 0.9, 1.0):
+        for temperature in (1.0, 0.7):
+            s1 = student.clone().requires_grad_(True)
+            s2 = student.clone().requires_grad_(True)
+            ours = generalized_jsd_loss(s1, teacher, mask, beta=beta, temperature=temperature, reduction="mean")
+            theirs = GKDTrainer.generalized_jsd_loss(s2, teacher, labels=labels, beta=beta, temperature=temperature)
+            ours.backward()
+            theirs.backward()
+            check("GKD", f"JSD beta={beta} T={temperature}", ours.detach(), theirs.detach(), tol=1e-5)
+            check("GKD", f"JSD grad beta={beta} T={temperature}", s1.grad, s2.grad, tol=1e-6)
+
+
+# -- Online DPO -----------------------------------------------------------------------------------
+
+
+def trl_online_dpo_loss(rewards, logps_sum, ref_sum, beta, loss_type):
+    """TRL 1.16 ``OnlineDPOTrainer.training_step``: rows are ``[first samples; second samples]``."""
+    n = rewards.numel() // 2
+    first, second = rewards.split(n)
+    first_chosen = first >= second
+    batch = torch.arange(n)
+    chosen, rejected = batch + (~first_chosen * n), batch + (first_chosen * n)
+    logits = (logps_sum[chosen] - logps_sum[rejected]) - (ref_sum[chosen] - ref_sum[rejected])
+    if loss_type == "sigmoid":
+        return (-F.logsigmoid(beta * logits)).mean()
+    return ((logits - 1 / (2 * beta)) ** 2).mean()
+
+
+def online_dpo_checks() -> None:
+    """``OnlineDPO.policy_loss`` itself, its forward standing in for the given log-probs (no ties: TRL takes the
+    first sample as chosen on a tie, ours gives the pair weight 0, documented)."""
+    r = rollout(seed=6, prompts=4, k=2)
+    r.rewards = torch.tensor([1.0, 0.0, 0.2, 0.7, 3.0, -1.0, 0.0, 0.5])
+    for loss_type in ("sigmoid", "ipo"):
+        new = r.new.clone().requires_grad_(True)
+        dpo = SimpleNamespace(beta=0.1, loss_type=loss_type, label_smoothing=0.0)
+        dpo.policy_forward = lambda rollout, taken=None, new=new: PolicyOutput(new * r.mask, None, None)
+        targets = OnlineDPO.compute_advantages(None, SimpleNamespace(scores=r.rewards))
+        rows = Rollout(r.prompt_ids, torch.ones_like(r.prompt_ids), r.completion_ids, r.mask, r.mask.all(1))
+        ours, _ = OnlineDPO.policy_loss(dpo, MiniBatch(rows, None, r.ref * r.mask, targets))
+        # TRL's layout: the first sample of every prompt, then the second.
+        order = torch.cat([torch.arange(0, r.B, 2), torch.arange(1, r.B, 2)])
+        theirs = trl_online_dpo_loss(r.rewards[order], (new * r.mask).sum(1)[order], (r.ref * r.mask).sum(1)[order],
+                                     0.1, loss_type)
+        note = "by design: ipo on length-normalised log-ratios, as our (and TRL's) offline DPO; TRL's Online DPO sums"
+        note = note if loss_type == "ipo" else ""
+        check("OnlineDPO", f"loss {loss_type}", ours.detach(), theirs.detach(), note=note)
+        ours_grad, = torch.autograd.grad(ours, new, retain_graph=True)
+        theirs_grad, = torch.autograd.grad(theirs, new)
+        check("OnlineDPO", f"grad {loss_type}", ours_grad, theirs_grad, note=note)
+        if loss_type == "ipo":
+            lengths = r.mask.sum(1)[order]
+            normalised = trl_online_dpo_loss(r.rewards[order], (new * r.mask).sum(1)[order] / lengths,
+                                             (r.ref * r.mask).sum(1)[order] / lengths, 0.1, loss_type)
+            check("OnlineDPO", "loss ipo, TRL's formula on length-normalised log-probs", ours.detach(),
+                  normalised.detach())
+
+
+def gkd_method_checks() -> None:
+    """GKD's rows of generated completions and its loss, against TRL's ``generate_on_policy_outputs`` (fed the same
+    generated ids by a stand-in ``generate``) and ``compute_loss``, on a tiny llama (rotary: TRL passes no position
+    ids, which only absolute positions would notice) whose pad token is its EOS."""
+    with tempfile.TemporaryDirectory() as root:
+        path = build_tiny("llama", f"{root}/llama")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.save_pretrained(path)
+        pl.seed_everything(0, verbose=False)
+        for beta in (0.0, 0.5, 1.0):
+            method = GKD(bank=BankSpec(model=path, lora=LoraSpec(r=4, alpha=8)), lmbda=1.0, beta=beta, engine="hf",
+                         sampling=SamplingConfig(max_new_tokens=6))
+            method.configure_model()
+            move_off_reference(method.bank, "lora")
+            method.bank.eval()
+            eos = method.tokenizer.eos_token_id
+            prompt_ids = torch.tensor([[eos, eos, 10, 11, 12], [20, 21, 22, 23, 24], [eos, eos, eos, 30, 31]])
+            prompt_mask = (torch.arange(5) >= torch.tensor([[2], [0], [3]])).long()
+            # Rows: EOS mid-response then pad (= EOS); no EOS (cut at the limit); EOS first.
+            generated = torch.tensor([[40, 41, eos, eos, eos, eos], [42, 43, 44, 45, 46, 47], [eos, eos, eos, eos, eos, eos]])
+            rows = rollout_batch(truncate_at_stop(prompt_ids, prompt_mask, generated, [eos], eos))
+            fake = SimpleNamespace(generate=lambda **kw: SimpleNamespace(sequences=torch.cat([prompt_ids, generated], 1)))
+            ids, attention, labels = GKDTrainer.generate_on_policy_outputs(
+                fake, {"prompts": prompt_ids, "prompt_attention_mask": prompt_mask}, SimpleNamespace(eos_token_id=eos))
+            check("GKD", f"attention mask of generated rows (pad = EOS), beta={beta}", rows.attention_mask, attention)
+            check("GKD", f"loss tokens of generated rows (pad = EOS), beta={beta}", rows.completion_mask,
+                  (labels != -100).long())
+            student, teacher, mask = method.aligned_logits(rows)
+            ours = method.divergence(student, teacher, mask, beta=beta, temperature=1.0)
+
+            def student_forward(**kw):
+                with method.bank.role(method.policy_adapter):
+                    return method.bank.model(**kw)
+
+            class Teacher:
+                def eval(self):
+                    return self
+
+                def __call__(self, **kw):
+                    with method.bank.teacher():
+                        return method.bank.model(**kw)
+
+            stub = GKDTrainer.__new__(GKDTrainer)
+            stub.__dict__.update(teacher_model=Teacher(), beta=beta)
+            theirs = stub.compute_loss(student_forward, {"input_ids": ids, "attention_mask": attention, "labels": labels})
+            check("GKD", f"method loss on generated rows, beta={beta}", ours.detach(), theirs.detach(), tol=1e-6)
+
+
+def main() -> None:
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
+    show_all = "--all" in sys.argv
+    torch.manual_seed(0)
+    grpo_checks()
+    grpo_dapo_steps_checks()
+    grpo_entropy_bonus_checks()
+    grpo_method_checks()
+    rloo_checks()
+    rloo_kl_in_loss_checks()
+    ppo_checks()
+    online_dpo_checks()
+    gkd_checks()
+    gkd_method_checks()
+    width = max(len(f"{m} {w}") for m, w, _, _ in ROWS)
+    for method, what, diff, verdict in ROWS:
+        if show_all or verdict != "agree":
+            print(f"{method + ' ' + what:<{width}}  {diff:.2e}  {verdict}")
+    differs = [row for row in ROWS if row[3].startswith("DIFFERS")]
+    unexplained = [row for row in differs if "by design" not in row[3]]
+    print(f"\n{len(ROWS)} checks: {len(ROWS) - len(differs)} agree, {len(differs) - len(unexplained)} differ by design, "
+          f"{len(unexplained)} differ otherwise (--all lists every check)")
+
+
+if __name__ == "__main__":
+    main()
