@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
+from jinja2 import TemplateError
 from peft import PeftModel
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -42,12 +43,45 @@ __all__ = [
     "SamplingConfig",
     "build_engine",
     "choose_tokens",
+    "end_of_turn_ids",
     "generating_with",
     "generation_config",
     "register_engine",
     "truncate_at_stop",
     "warp_logits",
 ]
+
+
+#: The assistant's content when rendering a turn to find what the template closes it with.
+_TURN_PROBE = "lit-rlhf-turn-probe"
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The special token the tokenizer's chat template writes right after an assistant's content
+    (whitespace between them allowed), as a one-id list; ``[]`` without a template, when the turn
+    ends in plain text, or when the template cannot render a user/assistant exchange.
+
+    This is where a chat model stops, and it need not be the tokenizer's EOS: Llama-3 Instruct's
+    first release has EOS ``<|end_of_text|>`` and ends turns with ``<|eot_id|>``; Gemma's EOS is
+    ``<eos>``, its turns end with ``<end_of_turn>`` (their ``generation_config.json`` list both, as
+    TRL reads them; lit_rlhf ignores that file, see ``SamplingConfig``, and reads the template).
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        return []
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _TURN_PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except TemplateError:  # e.g. a template that insists on a system turn: no turn end to learn here
+        return []
+    tail = text[text.rfind(_TURN_PROBE) + len(_TURN_PROBE):]
+    # Llama-3 names no additional special tokens: its turn tokens are special only as added tokens.
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    for token_id in tokenizer(tail, add_special_tokens=False)["input_ids"]:
+        if token_id in special:
+            return [token_id]
+        if tokenizer.decode([token_id]).strip():
+            return []
+    return []
 
 
 @dataclass
@@ -72,7 +106,10 @@ class SamplingConfig:
         top_k: keep the ``top_k`` most likely tokens; 0 keeps all.
         top_p: nucleus sampling mass; 1.0 keeps all.
         do_sample: sample (True) or decode greedily (False).
-        stop_token_ids: token ids that end a response; the tokenizer's EOS when ``None``.
+        stop_token_ids: token ids that end a response. ``None``: the tokenizer's EOS and the special
+            token its chat template closes an assistant turn with when that is another one (Llama-3's
+            ``<|eot_id|>``, Gemma's ``<end_of_turn>``; see ``end_of_turn_ids``), so a chat model's
+            rollouts end where its turns do instead of all running to ``max_new_tokens``.
         pad_token_id: id written after a response ends; the tokenizer's pad when ``None``.
     """
 
@@ -99,7 +136,7 @@ class SamplingConfig:
         if stop is None:
             if tokenizer.eos_token_id is None:
                 raise ValueError("the tokenizer has no EOS token: set sampling.stop_token_ids to the ids that end a response")
-            stop = [tokenizer.eos_token_id]
+            stop = list(dict.fromkeys([tokenizer.eos_token_id, *end_of_turn_ids(tokenizer)]))
         pad = self.pad_token_id if self.pad_token_id is not None else tokenizer.pad_token_id
         return replace(self, stop_token_ids=list(stop), pad_token_id=pad)
 
