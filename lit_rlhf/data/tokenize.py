@@ -39,6 +39,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
+from jinja2 import TemplateError
+
 from lit_rlhf.data.formats import DataError, Where, check_row, detect_conversational, row_error
 
 log = logging.getLogger("lit_rlhf.data")
@@ -67,9 +69,16 @@ def encode(tokenizer, text: str, special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
 
 
-def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    """The chat template's rendering of ``messages`` as a string."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool, where: Where, field: str = "prompt") -> str:
+    """The chat template's rendering of ``messages`` as a string.
+
+    A template that refuses the messages (``raise_exception``: Gemma and Mistral reject a system
+    turn, most templates roles out of order) makes the row, at ``where``, a :class:`DataError`.
+    """
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        raise row_error(where, field, f"the tokenizer's chat template refuses these messages: {e}") from e
 
 
 def join_prompt_completion(prompt: str, completion: str) -> str:
@@ -88,7 +97,8 @@ def _common_prefix(a: list, b: list) -> int:
     return n
 
 
-def _split(prompt_ids: list[int], full_ids: list[int], where: Where, field: str, chat: bool = False) -> list[int]:
+def _split(prompt_ids: list[int], full_ids: list[int], where: Where, field: str, chat: bool = False,
+           prompt: str = "") -> list[int]:
     """Completion ids = full ids after the prompt ids, which must be their prefix."""
     n = len(prompt_ids)
     if full_ids[:n] != prompt_ids and chat:
@@ -96,10 +106,15 @@ def _split(prompt_ids: list[int], full_ids: list[int], where: Where, field: str,
         raise row_error(where, field, "the chat template renders the prompt alone (with the generation prompt) "
                         "differently from the start of prompt + completion (the prompt's ids are not a prefix of the "
                         "conversation's ids); use a chat template that renders both alike")
+    if full_ids[:n] != prompt_ids and prompt[-1:].isspace():
+        # BPE tokenizers (byte-level and sentencepiece alike) attach a space to the word after it.
+        raise row_error(where, field, "the prompt ends with whitespace, which the tokenizer merges into the "
+                        "completion's first token (the prompt's ids are not a prefix of the prompt + completion ids); "
+                        "remove it from the prompt: prompt and completion are joined with one space")
     if full_ids[:n] != prompt_ids:
         raise row_error(where, field, "the tokenizer merged tokens across the prompt/completion boundary (the prompt's "
-                        "ids are not a prefix of the prompt + completion ids); end the prompt with whitespace or "
-                        "a separator the tokenizer keeps apart")
+                        "ids are not a prefix of the prompt + completion ids); end the prompt with a separator the "
+                        "tokenizer keeps apart (a newline, a colon)")
     if len(full_ids) == n:
         raise row_error(where, field, "produces no tokens after the prompt; give it some text")
     return full_ids[n:]
@@ -130,7 +145,7 @@ def _tokenize_plain(fmt: str, record: dict, tokenizer, where: Where) -> tuple[li
     completions = {}
     for field in fields:
         full = encode(tokenizer, join_prompt_completion(prompt, record[field]), True)
-        completions[field] = _with_eos(_split(prompt_ids, full, where, field), eos)
+        completions[field] = _with_eos(_split(prompt_ids, full, where, field, prompt=prompt), eos)
     return prompt_ids, completions, prompt, prompt
 
 
@@ -149,11 +164,11 @@ def _tokenize_chat(fmt: str, record: dict, tokenizer, where: Where) -> tuple[lis
         prompt, messages = chosen[:n], {"chosen": chosen[n:], "rejected": rejected[n:]}
     # All completions of a row start with the same role in practice; the prompt is rendered per completion.
     generation = not fields or messages[fields[0]][0]["role"] == "assistant"
-    prompt_text = render_chat(tokenizer, prompt, add_generation_prompt=generation)
+    prompt_text = render_chat(tokenizer, prompt, add_generation_prompt=generation, where=where)
     prompt_ids = encode(tokenizer, prompt_text, False)
     completions = {}
     for field in fields:
-        full = encode(tokenizer, render_chat(tokenizer, prompt + messages[field], add_generation_prompt=False), False)
+        full = encode(tokenizer, render_chat(tokenizer, prompt + messages[field], False, where, field), False)
         completions[field] = _split(prompt_ids, full, where, field, chat=True)
     return prompt_ids, completions, prompt_text, prompt
 

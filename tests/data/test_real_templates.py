@@ -1,0 +1,168 @@
+"""The data layer on tokenizers with real families' conventions (tests/data/real_tokenizers.py):
+BOS counts, where the prompt ends and what the completion holds, EOS on plain text, pad == eos."""
+
+from __future__ import annotations
+
+import pytest
+
+from lit_rlhf.data import SFTCollator, Where, pad_token_id_of
+from lit_rlhf.data.formats import DataError
+from lit_rlhf.data.tokenize import build_examples
+from tests.data.real_tokenizers import CHAT_FAMILIES, FAMILIES, build_family
+
+USER = [{"role": "user", "content": "what is the capital of france ?"}]
+PARIS = [{"role": "assistant", "content": "paris ."}]
+SEA = [{"role": "assistant", "content": "the sea ."}]
+
+#: What each template renders to open the assistant's turn (the generation prompt) ...
+GENERATION_PROMPT = {"llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n", "qwen2.5": "<|im_start|>assistant\n",
+                     "gemma2": "<start_of_turn>model\n", "mistral": " [/INST]", "llama2": " [/INST]"}
+#: ... and after the assistant's content: the end-of-turn token and what the template writes after it.
+TURN_END = {"llama3": ["<|eot_id|>"], "qwen2.5": ["<|im_end|>", "Ċ"], "gemma2": ["<end_of_turn>", "\n"],
+            "mistral": ["</s>"], "llama2": ["▁", "</s>"]}
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("real_tokenizers")
+    return {name: build_family(name, root) for name in FAMILIES}
+
+
+def one(fmt: str, row: dict, tokenizer) -> dict:
+    examples, errors = build_examples(fmt, [(Where("data.jsonl", 1, "line"), row)], tokenizer)
+    assert not errors, errors
+    return examples[0]
+
+
+def chat_ids(tokenizer, messages: list[dict], generation: bool = False) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation,
+                                              return_dict=False))
+
+
+CHAT_ROWS = {
+    "sft": ({"messages": USER + PARIS}, ["completion_ids"]),
+    "preference": ({"prompt": USER, "chosen": PARIS, "rejected": SEA}, ["chosen_ids", "rejected_ids"]),
+    "preference_implicit": ({"chosen": USER + PARIS, "rejected": USER + SEA}, ["chosen_ids", "rejected_ids"]),
+    "unpaired": ({"prompt": USER, "completion": PARIS, "label": True}, ["completion_ids"]),
+    "prompt": ({"prompt": USER}, []),
+}
+
+
+@pytest.mark.parametrize("family", CHAT_FAMILIES)
+def test_chat_rows_are_the_templates_own_tokens(tokenizers, family):
+    """Every conversational format: prompt ids are the template's generation-prompt rendering (same BOS
+    count as ``apply_chat_template(tokenize=True)``: one for Llama-3, Gemma, Mistral, Llama-2 whose
+    templates write it, although their tokenizers add one too; none for Qwen2.5), ending with the
+    generation prompt; prompt + completion is the template's whole conversation; the completion is
+    the assistant's content, its end-of-turn token and what the template writes after it."""
+    tok = tokenizers[family]
+    bos_count = {"qwen2.5": 0}.get(family, 1)
+    prompt_ref = chat_ids(tok, USER, generation=True)
+    generation = tok(GENERATION_PROMPT[family], add_special_tokens=False)["input_ids"]
+    assert prompt_ref.count(tok.bos_token_id) == bos_count if tok.bos_token_id is not None else bos_count == 0
+    for fmt, (row, keys) in CHAT_ROWS.items():
+        example = one(fmt.removesuffix("_implicit"), row, tok)
+        assert example["prompt_ids"] == prompt_ref, fmt
+        assert example["prompt_ids"][-len(generation):] == generation, fmt
+        for key, reply in zip(keys, (PARIS, SEA)):
+            full = example["prompt_ids"] + example[key]
+            assert full == chat_ids(tok, USER + reply), (fmt, key)
+            assert tok.convert_ids_to_tokens(example[key][-len(TURN_END[family]):]) == TURN_END[family], (fmt, key)
+            turn_end = tok.convert_tokens_to_ids(TURN_END[family][-1] if family in ("mistral", "llama2")
+                                                 else TURN_END[family][0])
+            assert example[key].count(turn_end) == 1, (fmt, key)
+            content = tok.decode(example[key], skip_special_tokens=True).strip()
+            assert content == reply[0]["content"], (fmt, key)
+
+
+def test_qwen_default_system_prompt_is_in_the_prompt_once(tokenizers):
+    """Qwen2.5's template injects its default system prompt when the row has none: in the prompt
+    (so training sees what inference will render), once, and never in the completion."""
+    tok = tokenizers["qwen2.5"]
+    example = one("sft", {"messages": USER + PARIS}, tok)
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    prompt = tok.decode(example["prompt_ids"])
+    assert prompt.count("You are Qwen, created by Alibaba Cloud.") == 1
+    assert prompt.startswith("<|im_start|>system\n")
+    assert start not in example["completion_ids"]
+    own = one("sft", {"messages": [{"role": "system", "content": "be kind ."}] + USER + PARIS}, tok)
+    assert "You are Qwen" not in tok.decode(own["prompt_ids"])
+
+
+PLAIN_ROWS = {
+    "sft_text": ("sft", {"text": "the movie was great fun ."}, ["completion_ids"]),
+    "sft": ("sft", {"prompt": "Question : what is two plus two ?", "completion": "Answer : four ."}, ["completion_ids"]),
+    "preference": ("preference", {"prompt": "hello there", "chosen": "how are you ?", "rejected": "the sea ."},
+                   ["chosen_ids", "rejected_ids"]),
+    "preference_implicit": ("preference", {"chosen": "the cat sat .", "rejected": "the dog slept ."},
+                            ["chosen_ids", "rejected_ids"]),
+    "unpaired": ("unpaired", {"prompt": "hello there", "completion": "how are you ?", "label": False}, ["completion_ids"]),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_plain_text_bos_once_and_eos_once(tokenizers, family):
+    """Plain text: the tokenizer's own BOS rule (one BOS for Llama-3, Gemma, Mistral, Llama-2; none
+    for GPT-2 and Qwen2.5), every completion ends with EOS exactly once (also when the text already
+    ends with the EOS string), and nothing merges across the prompt/completion boundary."""
+    tok = tokenizers[family]
+    bos = 1 if FAMILIES[family]["adds_bos"] else 0
+    eos = tok.eos_token_id
+    for name, (fmt, row, keys) in PLAIN_ROWS.items():
+        example = one(fmt, row, tok)
+        for key in keys:
+            full = example["prompt_ids"] + example[key]
+            # GPT-2's bos is its eos: count BOS only where it is a token of its own.
+            if tok.bos_token_id != eos:
+                assert full.count(tok.bos_token_id) == bos, (name, key)
+                assert full[:bos] == [tok.bos_token_id] * bos, (name, key)
+            assert example[key][-1] == eos and full.count(eos) == 1, (name, key)
+    closed = one("sft", {"prompt": "hello there", "completion": "how are you ?" + tok.eos_token}, tok)
+    assert closed["completion_ids"].count(eos) == 1
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama3", "mistral"])
+def test_pad_equal_to_eos_keeps_the_final_eos_in_the_loss(tokenizers, family):
+    """With no pad token of their own, these families pad with EOS (``load_tokenizer``'s rule):
+    the closing EOS of every completion is still a loss target and padding is not."""
+    tok = tokenizers[family]
+    assert tok.pad_token_id == tok.eos_token_id
+    rows = [{"prompt": "hello there", "completion": "how are you ?"}, {"prompt": "hello", "completion": "the sea ."}]
+    examples = [one("sft", r, tok) for r in rows]
+    batch = SFTCollator(pad_token_id_of(tok))(examples)
+    for i, e in enumerate(examples):
+        n_prompt, n = len(e["prompt_ids"]), len(e["prompt_ids"]) + len(e["completion_ids"])
+        assert batch["input_ids"][i, n - 1] == tok.eos_token_id
+        assert batch["completion_mask"][i].tolist() == [0] * n_prompt + [1] * (n - n_prompt) + [0] * (
+            batch["input_ids"].shape[1] - n)
+        assert batch["attention_mask"][i].sum() == n
+
+
+@pytest.mark.parametrize(("family", "messages", "refusal"), [
+    ("gemma2", [{"role": "system", "content": "be kind ."}] + USER + PARIS, "System role not supported"),
+    ("mistral", [{"role": "system", "content": "be kind ."}] + USER + PARIS, "Conversation roles must alternate"),
+])
+def test_a_row_the_template_refuses_is_a_data_error_naming_the_line(tokenizers, family, messages, refusal):
+    """Gemma's and Mistral's templates raise on a system message: that is a bad row, reported with its
+    file and line among the other rows' problems, not a bare jinja error that stops at the first."""
+    rows = [(Where("data.jsonl", 1, "line"), {"messages": USER + PARIS}),
+            (Where("data.jsonl", 2, "line"), {"messages": messages})]
+    examples, errors = build_examples("sft", rows, tokenizers[family])
+    assert len(examples) == 1 and len(errors) == 1
+    assert "data.jsonl:2" in str(errors[0]) and refusal in str(errors[0])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama3", "gemma2", "mistral"])
+def test_a_prompt_ending_in_a_space_is_told_to_drop_it(tokenizers, family):
+    """BPE tokenizers (byte-level and ``▁`` alike) merge a prompt's trailing space into the completion's
+    first word, so the prompt's ids are not a prefix of the row's: the error says to remove the
+    space (the pipeline joins with one), not to end the prompt with whitespace."""
+    row = {"prompt": "Question : what is two plus two ? ", "completion": "four ."}
+    _, errors = build_examples("sft", [(Where("data.jsonl", 3, "line"), row)], tokenizers[family])
+    assert len(errors) == 1 and isinstance(errors[0], DataError)
+    message = str(errors[0])
+    assert "data.jsonl:3" in message and "ends with whitespace" in message
+    assert "end the prompt with whitespace" not in message
+    fixed, errors = build_examples("sft", [(Where("data.jsonl", 3, "line"), {**row, "prompt": row["prompt"].rstrip()})],
+                                   tokenizers[family])
+    assert not errors and tokenizers[family].decode(fixed[0]["completion_ids"], skip_special_tokens=True).strip() == "four ."
