@@ -5,7 +5,8 @@ and the prompt + completion are tokenised separately, the prompt's ids must be a
 the full ids (otherwise the tokenizer merged tokens across the boundary, or the chat template
 renders the prompt alone differently, and the row is an error), and the completion ids are the rest.
 
-- Plain text: the prompt is tokenised with the tokenizer's special tokens (its bos); prompt
+- Plain text: the prompt is tokenised with the tokenizer's special tokens (its bos, unless the
+  text starts with that bos already, as a chat template rendered to a string does); prompt
   and completion are joined with one space unless the prompt already ends, or the completion
   already starts, with whitespace; the completion is followed by eos unless it already ends
   with it. A ``text`` row (SFT) is all completion: ``prompt_ids`` is empty.
@@ -66,7 +67,15 @@ def resolve_conversational(fmt: str, rows: list[tuple[Where, Any]], conversation
 
 
 def encode(tokenizer, text: str, special_tokens: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
+    """The ids of ``text``, with the tokenizer's special tokens when ``special_tokens``; a BOS the text
+    already starts with (a chat rendered to a string ahead of time writes its own) is not doubled."""
+    ids = list(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
+    bos = tokenizer.bos_token_id
+    if special_tokens and bos is not None and ids[:2] == [bos, bos]:
+        own = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if ids[1:] == own:  # the first BOS is the tokenizer's, the second the text's
+            return own
+    return ids
 
 
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool, where: Where, field: str = "prompt") -> str:

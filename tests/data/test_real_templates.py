@@ -166,3 +166,20 @@ def test_a_prompt_ending_in_a_space_is_told_to_drop_it(tokenizers, family):
     fixed, errors = build_examples("sft", [(Where("data.jsonl", 3, "line"), {**row, "prompt": row["prompt"].rstrip()})],
                                    tokenizers[family])
     assert not errors and tokenizers[family].decode(fixed[0]["completion_ids"], skip_special_tokens=True).strip() == "four ."
+
+
+@pytest.mark.parametrize("family", CHAT_FAMILIES)
+def test_text_rendered_by_the_template_ahead_of_time_keeps_one_bos(tokenizers, family):
+    """Plain-text rows that are a chat already rendered to a string (``apply_chat_template(...,
+    tokenize=False)``, as many datasets ship them) start with the BOS the template wrote; the
+    tokenizer's own BOS is not added in front of it: the ids are the template's, BOS once."""
+    tok = tokenizers[family]
+    rendered_prompt = tok.apply_chat_template(USER, tokenize=False, add_generation_prompt=True)
+    rendered = tok.apply_chat_template(USER + PARIS, tokenize=False)
+    text = one("sft", {"text": rendered}, tok)
+    assert text["completion_ids"][: len(chat_ids(tok, USER + PARIS))] == chat_ids(tok, USER + PARIS)
+    prompt = one("prompt", {"prompt": rendered_prompt}, tok)
+    assert prompt["prompt_ids"] == chat_ids(tok, USER, generation=True)
+    if tok.bos_token_id is not None:
+        assert text["completion_ids"].count(tok.bos_token_id) == prompt["prompt_ids"].count(tok.bos_token_id) == (
+            0 if family == "qwen2.5" else 1)
