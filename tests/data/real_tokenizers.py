@@ -4,7 +4,8 @@ The toy tokenizer (assets/toy) is word-level with a template whose turn end is i
 cannot show what real families do differently: a template that writes ``{{ bos_token }}`` while
 the tokenizer also adds one (Llama-3, Gemma, Mistral), no BOS at all (Qwen2.5, GPT-2), an
 end-of-turn token that is not the tokenizer's EOS (Llama-3 ``<|eot_id|>`` with the original
-release's EOS ``<|end_of_text|>``, Gemma ``<end_of_turn>``), pad == EOS (GPT-2, Llama-3 after
+release's EOS ``<|end_of_text|>``, Gemma ``<end_of_turn>``, ChatML ``<|im_end|>`` on the Qwen2.5 base
+tokenizer whose EOS is ``<|endoftext|>``), pad == EOS (GPT-2, Qwen2.5 base, Llama-3 after
 ``load_tokenizer``'s pad rule), byte-level BPE that merges a leading space into the next word,
 and a default system prompt the template injects (Qwen2.5).
 
@@ -106,6 +107,10 @@ FAMILIES: dict[str, dict] = {
                    template=LLAMA3_TEMPLATE, end_of_turn="<|eot_id|>"),
     "qwen2.5": dict(byte_level=True, bos=None, eos="<|im_end|>", unk=None, pad="<|endoftext|>",
                     extra=["<|im_start|>"], adds_bos=False, template=QWEN25_TEMPLATE, end_of_turn="<|im_end|>"),
+    # The base model's tokenizer ships the same ChatML template, with EOS (and pad) <|endoftext|>.
+    "qwen2.5_base": dict(byte_level=True, bos=None, eos="<|endoftext|>", unk=None, pad="<|endoftext|>",
+                         extra=["<|im_start|>", "<|im_end|>"], adds_bos=False, template=QWEN25_TEMPLATE,
+                         end_of_turn="<|im_end|>"),
     "gemma2": dict(byte_level=False, prefix_space=False, bos="<bos>", eos="<eos>", unk="<unk>", pad="<pad>",
                    extra=["<start_of_turn>", "<end_of_turn>"], adds_bos=True, template=GEMMA_TEMPLATE,
                    end_of_turn="<end_of_turn>"),

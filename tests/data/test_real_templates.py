@@ -16,9 +16,11 @@ SEA = [{"role": "assistant", "content": "the sea ."}]
 
 #: What each template renders to open the assistant's turn (the generation prompt) ...
 GENERATION_PROMPT = {"llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n", "qwen2.5": "<|im_start|>assistant\n",
+                     "qwen2.5_base": "<|im_start|>assistant\n",
                      "gemma2": "<start_of_turn>model\n", "mistral": " [/INST]", "llama2": " [/INST]"}
 #: ... and after the assistant's content: the end-of-turn token and what the template writes after it.
-TURN_END = {"llama3": ["<|eot_id|>"], "qwen2.5": ["<|im_end|>", "Ċ"], "gemma2": ["<end_of_turn>", "\n"],
+TURN_END = {"llama3": ["<|eot_id|>"], "qwen2.5": ["<|im_end|>", "Ċ"], "qwen2.5_base": ["<|im_end|>", "Ċ"],
+            "gemma2": ["<end_of_turn>", "\n"],
             "mistral": ["</s>"], "llama2": ["▁", "</s>"]}
 
 
@@ -56,7 +58,7 @@ def test_chat_rows_are_the_templates_own_tokens(tokenizers, family):
     generation prompt; prompt + completion is the template's whole conversation; the completion is
     the assistant's content, its end-of-turn token and what the template writes after it."""
     tok = tokenizers[family]
-    bos_count = {"qwen2.5": 0}.get(family, 1)
+    bos_count = 0 if family.startswith("qwen") else 1
     prompt_ref = chat_ids(tok, USER, generation=True)
     generation = tok(GENERATION_PROMPT[family], add_special_tokens=False)["input_ids"]
     assert prompt_ref.count(tok.bos_token_id) == bos_count if tok.bos_token_id is not None else bos_count == 0
@@ -121,7 +123,7 @@ def test_plain_text_bos_once_and_eos_once(tokenizers, family):
     assert closed["completion_ids"].count(eos) == 1
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama3", "mistral"])
+@pytest.mark.parametrize("family", ["gpt2", "llama3", "qwen2.5_base", "mistral"])
 def test_pad_equal_to_eos_keeps_the_final_eos_in_the_loss(tokenizers, family):
     """With no pad token of their own, these families pad with EOS (``load_tokenizer``'s rule):
     the closing EOS of every completion is still a loss target and padding is not."""
@@ -182,4 +184,4 @@ def test_text_rendered_by_the_template_ahead_of_time_keeps_one_bos(tokenizers, f
     assert prompt["prompt_ids"] == chat_ids(tok, USER, generation=True)
     if tok.bos_token_id is not None:
         assert text["completion_ids"].count(tok.bos_token_id) == prompt["prompt_ids"].count(tok.bos_token_id) == (
-            0 if family == "qwen2.5" else 1)
+            0 if family.startswith("qwen") else 1)

@@ -19,6 +19,7 @@ from tests.data.real_tokenizers import FAMILIES, build_family
 
 #: family -> the tokens a default rollout stops at: the EOS, and the template's end-of-turn token.
 EXPECTED_STOPS = {"gpt2": ["<|endoftext|>"], "llama3": ["<|end_of_text|>", "<|eot_id|>"], "qwen2.5": ["<|im_end|>"],
+                  "qwen2.5_base": ["<|endoftext|>", "<|im_end|>"],
                   "gemma2": ["<eos>", "<end_of_turn>"], "mistral": ["</s>"], "llama2": ["</s>"]}
 
 
@@ -38,6 +39,7 @@ def test_default_stop_tokens_are_eos_and_the_templates_end_of_turn(tokenizers, f
 
 
 @pytest.mark.parametrize(("family", "after"), [
+    ("qwen2.5_base", "<|im_end|>\n<|im_start|>user\nhello there<|im_end|>\n"),
     ("gemma2", "<end_of_turn>\n<start_of_turn>user\nhello there<end_of_turn>\n"),
     ("llama3", "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nhello there<|eot_id|>"),
 ])
@@ -95,3 +97,38 @@ def test_decoded_plain_response_rejoins_to_the_same_tokens(tokenizers, family):
     text = tok.decode(response, skip_special_tokens=True)
     assert text.strip() == "how are you ?"
     assert tok(join_prompt_completion("hello there", text))["input_ids"] == prompt_ids + response
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2.5", "gemma2", "mistral"])
+def test_reward_model_rows_are_the_templates_tokens_with_one_bos(tokenizers, family):
+    """What a reward model scores for a chat rollout: the messages + reply rendered by its template
+    (the ids ``apply_chat_template`` gives), or, when the reward tokenizer has no template, the policy's
+    rendered prompt + reply as a pair: one BOS either way, the template's own."""
+    from lit_rlhf.rollout import RewardScorer
+
+    tok = tokenizers[family]
+    user = [{"role": "user", "content": "what is the capital of france ?"}]
+    conversation = user + [{"role": "assistant", "content": "paris ."}]
+    scorer = RewardScorer(model=None, tokenizer=tok)
+    messages, pair = scorer.encode([conversation, (tok.apply_chat_template(user, tokenize=False,
+                                                                            add_generation_prompt=True), "paris .")])
+    ids = messages["prompt_ids"] + messages["completion_ids"]
+    assert ids == list(tok.apply_chat_template(conversation, tokenize=True, return_dict=False))
+    bos = 0 if family.startswith("qwen") else 1
+    assert ids.count(tok.bos_token_id) == bos
+    assert (pair["prompt_ids"] + pair["completion_ids"]).count(tok.bos_token_id) == bos
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama3", "qwen2.5_base"])
+def test_pad_equal_to_eos_keeps_the_stop_token_in_the_response(tokenizers, family):
+    """Padding with the EOS (these families have no pad of their own, or it is their EOS): the first
+    stop token is in the response mask, the padding written after it is not."""
+    tok = tokenizers[family]
+    sampling = SamplingConfig().resolved(tok)
+    assert sampling.pad_token_id == tok.eos_token_id
+    reply = tok("how are you ?", add_special_tokens=False)["input_ids"]
+    response = torch.tensor([reply + [sampling.stop_token_ids[-1]] + [sampling.pad_token_id] * 3])
+    prompt = torch.tensor([tok("hello there")["input_ids"]])
+    rollout = truncate_at_stop(prompt, torch.ones_like(prompt), response, sampling.stop_token_ids, sampling.pad_token_id)
+    assert rollout.ended.tolist() == [True]
+    assert rollout.response_mask.tolist() == [[1] * (len(reply) + 1) + [0] * 3]
