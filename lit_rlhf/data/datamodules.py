@@ -132,7 +132,7 @@ class _FormatDataModule(L.LightningDataModule):
             max_length: the longest prompt + completion in tokens; None for no limit.
             max_prompt_length: the longest prompt in tokens; None for no separate limit.
             truncation: "error" makes an over-long row an error at setup; "truncate" keeps the
-                end of the prompt and cuts the completion on the right.
+                end of the prompt (behind its BOS) and cuts the completion on the right.
             on_invalid: "error" reports all invalid rows and stops before training; "skip"
                 drops them and logs how many.
             num_workers: DataLoader worker processes.
@@ -398,7 +398,7 @@ class SFTDataModule(_FormatDataModule):
             max_length: the longest prompt + completion in tokens, and the longest packed row.
             max_prompt_length: the longest prompt in tokens; None for no separate limit.
             truncation: "error" makes an over-long row an error at setup; "truncate" keeps the
-                end of the prompt and cuts the completion on the right.
+                end of the prompt (behind its BOS) and cuts the completion on the right.
             on_invalid: "error" reports all invalid rows before training; "skip" drops them.
             num_workers: DataLoader worker processes.
             seed: the shuffling seed; the order of an epoch depends only on (seed, epoch).

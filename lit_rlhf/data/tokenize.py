@@ -20,7 +20,7 @@ renders the prompt alone differently, and the row is an error), and the completi
 
 Truncation (``max_length`` bounds prompt + completion, ``max_prompt_length`` the prompt):
 ``truncation="error"`` makes an over-long row a :class:`DataError`; ``"truncate"`` keeps the
-*end* of the prompt (left-truncation) and cuts the completion on the right. When the prompt
+*end* of the prompt (left-truncation; a leading BOS stays in front) and cuts the completion on the right. When the prompt
 alone would fill ``max_length``, it keeps its last ``max_length - 1`` tokens so every
 completion keeps at least one token.
 
@@ -182,8 +182,16 @@ def _tokenize_chat(fmt: str, record: dict, tokenizer, where: Where) -> tuple[lis
     return prompt_ids, completions, prompt_text, prompt
 
 
+def _keep_end(prompt_ids: list[int], limit: int, bos: int | None) -> list[int]:
+    """The last ``limit`` prompt ids, behind the prompt's leading BOS when it has one: a model that
+    always saw its BOS first (Llama-3, Gemma, Mistral) reads a sequence without one badly."""
+    head = 1 if bos is not None and prompt_ids[:1] == [bos] and limit > 1 else 0
+    return prompt_ids[:head] + prompt_ids[len(prompt_ids) - (limit - head):]
+
+
 def _fit(prompt_ids: list[int], completions: dict[str, list[int]], where: Where, *, max_length: int | None,
-         max_prompt_length: int | None, truncation: Truncation) -> tuple[list[int], dict[str, list[int]], bool]:
+         max_prompt_length: int | None, truncation: Truncation, bos: int | None = None
+         ) -> tuple[list[int], dict[str, list[int]], bool]:
     """Apply the truncation policy; returns the (possibly cut) ids and whether anything was cut."""
     prompt_limit = max_prompt_length
     if not completions and prompt_limit is None:  # prompt-only data: max_length bounds the prompt
@@ -202,10 +210,10 @@ def _fit(prompt_ids: list[int], completions: dict[str, list[int]], where: Where,
         raise ValueError(f"truncation must be 'error' or 'truncate', got {truncation!r}")
     cut = False
     if prompt_limit is not None and len(prompt_ids) > prompt_limit:
-        prompt_ids, cut = prompt_ids[len(prompt_ids) - prompt_limit:], True
+        prompt_ids, cut = _keep_end(prompt_ids, prompt_limit, bos), True
     if max_length is not None and completions:
         if len(prompt_ids) > max_length - 1:  # leave every completion at least one token
-            prompt_ids, cut = prompt_ids[len(prompt_ids) - (max_length - 1):], True
+            prompt_ids, cut = _keep_end(prompt_ids, max_length - 1, bos), True
         room = max_length - len(prompt_ids)
         for field, ids in completions.items():
             if len(ids) > room:
@@ -225,7 +233,8 @@ def tokenize_record(fmt: str, record: dict, tokenizer, where: Where, *, conversa
     tokenize = _tokenize_chat if conversational else _tokenize_plain
     prompt_ids, completions, prompt_text, raw_prompt = tokenize(fmt, record, tokenizer, where)
     prompt_ids, completions, cut = _fit(prompt_ids, completions, where, max_length=max_length,
-                                        max_prompt_length=max_prompt_length, truncation=truncation)
+                                        max_prompt_length=max_prompt_length, truncation=truncation,
+                                        bos=tokenizer.bos_token_id)
     example: Example = {"prompt_ids": prompt_ids, "prompt_text": prompt_text, "prompt": raw_prompt}
     for field, ids in completions.items():
         example[IDS_KEY[field]] = ids

@@ -83,7 +83,7 @@ def test_truncate_keeps_prompt_end_and_cuts_completion(toy_tokenizer):
     example, cut = tokenize_record("preference", record, toy_tokenizer, WHERE, conversational=False, max_length=5,
                                    max_prompt_length=2, truncation="truncate")
     assert cut
-    assert example["prompt_ids"] == _ids(toy_tokenizer, "class was")  # the end of the prompt
+    assert example["prompt_ids"] == _ids(toy_tokenizer, "<s> was")  # the end of the prompt, behind its BOS
     assert example["chosen_ids"] == _ids(toy_tokenizer, "really good and")  # cut on the right
     assert example["rejected_ids"] == _ids(toy_tokenizer, "bad . </s>")
 
@@ -92,13 +92,13 @@ def test_truncate_leaves_every_completion_a_token(toy_tokenizer):
     record = {"prompt": "honestly the class was", "completion": "good ."}
     example, _ = tokenize_record("sft", record, toy_tokenizer, WHERE, conversational=False, max_length=3,
                                  truncation="truncate")
-    assert example["prompt_ids"] == _ids(toy_tokenizer, "class was") and len(example["completion_ids"]) == 1
+    assert example["prompt_ids"] == _ids(toy_tokenizer, "<s> was") and len(example["completion_ids"]) == 1
 
 
 def test_prompt_format_bounded_by_max_length(toy_tokenizer):
     rows = [(WHERE, {"prompt": "honestly the class was"})]
     (example,), _ = build_examples("prompt", rows, toy_tokenizer, max_length=3, truncation="truncate")
-    assert example["prompt_ids"] == _ids(toy_tokenizer, "the class was")
+    assert example["prompt_ids"] == _ids(toy_tokenizer, "<s> class was")
 
 
 class MergingTokenizer:

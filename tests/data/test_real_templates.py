@@ -185,3 +185,25 @@ def test_text_rendered_by_the_template_ahead_of_time_keeps_one_bos(tokenizers, f
     if tok.bos_token_id is not None:
         assert text["completion_ids"].count(tok.bos_token_id) == prompt["prompt_ids"].count(tok.bos_token_id) == (
             0 if family.startswith("qwen") else 1)
+
+
+@pytest.mark.parametrize("family", ["llama3", "gemma2", "mistral", "qwen2.5"])
+def test_left_truncation_keeps_the_bos(tokenizers, family):
+    """``truncation: truncate`` keeps the end of an over-long prompt: the BOS in front stays (these
+    models are trained never to see a sequence without it); the rest of the budget is the prompt's end."""
+    tok = tokenizers[family]
+    row = {"prompt": USER, "completion": PARIS, "label": True}
+    full = one("unpaired", row, tok)
+    examples, errors = build_examples("unpaired", [(Where("data.jsonl", 1, "line"), row)], tok, max_prompt_length=8,
+                                      max_length=10, truncation="truncate")
+    assert not errors
+    prompt = examples[0]["prompt_ids"]
+    has_bos = family != "qwen2.5"
+    assert len(prompt) == 8 and prompt.count(tok.bos_token_id) == int(has_bos)
+    assert prompt == full["prompt_ids"][:1] * has_bos + full["prompt_ids"][-(8 - has_bos):]
+    assert examples[0]["completion_ids"] == full["completion_ids"][:2]
+    plain, errors = build_examples("sft", [(Where("data.jsonl", 2, "line"), {"prompt": "what is the capital of france ?",
+                                                                             "completion": "paris ."})],
+                                   tok, max_length=4, truncation="truncate")
+    assert not errors and plain[0]["prompt_ids"].count(tok.bos_token_id) == int(has_bos)
+    assert len(plain[0]["prompt_ids"]) == 3 and plain[0]["prompt_ids"][:has_bos] == [tok.bos_token_id] * has_bos
