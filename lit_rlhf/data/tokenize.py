@@ -13,7 +13,9 @@ renders the prompt alone differently, and the row is an error), and the completi
 - Conversational: the chat template renders the prompt messages with
   ``add_generation_prompt=True`` (when the completion is an assistant turn) and the prompt +
   completion messages without; both strings are tokenised with ``add_special_tokens=False``
-  because the template owns the special tokens (bos, turn ends, eos).
+  because the template owns the special tokens (bos, turn ends, eos). The completion ends with the
+  template's end-of-turn token (``end_of_turn_ids``): whitespace the template writes after it
+  (Qwen's and Gemma's ``\n``) is left out, since a rollout stops at that token.
 - Implicit preference prompts (no ``prompt`` field): for conversational rows the common
   leading messages of ``chosen`` and ``rejected``; for plain text the longest common prefix
   of their token ids.
@@ -90,6 +92,38 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool, wh
         raise row_error(where, field, f"the tokenizer's chat template refuses these messages: {e}") from e
 
 
+#: The assistant's content when rendering a turn to find what the template closes it with.
+_TURN_PROBE = "lit-rlhf-turn-probe"
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The special token the tokenizer's chat template writes right after an assistant's content
+    (whitespace between them allowed), as a one-id list; ``[]`` without a template, when the turn
+    ends in plain text, or when the template cannot render a user/assistant exchange.
+
+    This is where a chat model stops, and it need not be the tokenizer's EOS: Llama-3 Instruct's
+    first release has EOS ``<|end_of_text|>`` and ends turns with ``<|eot_id|>``; Gemma's EOS is
+    ``<eos>``, its turns end with ``<end_of_turn>`` (their ``generation_config.json`` list both, as
+    TRL reads them; lit_rlhf ignores that file, see ``SamplingConfig``, and reads the template).
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        return []
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _TURN_PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except TemplateError:  # e.g. a template that insists on a system turn: no turn end to learn here
+        return []
+    tail = text[text.rfind(_TURN_PROBE) + len(_TURN_PROBE):]
+    # Llama-3 names no additional special tokens: its turn tokens are special only as added tokens.
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    for token_id in tokenizer(tail, add_special_tokens=False)["input_ids"]:
+        if token_id in special:
+            return [token_id]
+        if tokenizer.decode([token_id]).strip():
+            return []
+    return []
+
+
 def join_prompt_completion(prompt: str, completion: str) -> str:
     """Plain-text prompt + completion with one space between, unless either side already has one there."""
     if not prompt or prompt[-1].isspace() or completion[:1].isspace():
@@ -127,6 +161,16 @@ def _split(prompt_ids: list[int], full_ids: list[int], where: Where, field: str,
     if len(full_ids) == n:
         raise row_error(where, field, "produces no tokens after the prompt; give it some text")
     return full_ids[n:]
+
+
+def _through_turn_end(ids: list[int], turn_end: list[int], tokenizer) -> list[int]:
+    """``ids`` up to their last end-of-turn token when the template writes only whitespace after it
+    (Qwen's and Gemma's ``\n``): a rollout stops at that token, so the completion a reward adapter
+    is trained on ends where it is read on rollouts, and SFT teaches nothing a rollout never samples."""
+    ends = [i for i, t in enumerate(ids) if t in turn_end]
+    if ends and not tokenizer.decode(ids[ends[-1] + 1:]).strip():
+        return ids[: ends[-1] + 1]
+    return ids
 
 
 def _with_eos(ids: list[int], eos: int | None) -> list[int]:
@@ -176,9 +220,10 @@ def _tokenize_chat(fmt: str, record: dict, tokenizer, where: Where) -> tuple[lis
     prompt_text = render_chat(tokenizer, prompt, add_generation_prompt=generation, where=where)
     prompt_ids = encode(tokenizer, prompt_text, False)
     completions = {}
+    turn_end = end_of_turn_ids(tokenizer)
     for field in fields:
         full = encode(tokenizer, render_chat(tokenizer, prompt + messages[field], False, where, field), False)
-        completions[field] = _split(prompt_ids, full, where, field, chat=True)
+        completions[field] = _through_turn_end(_split(prompt_ids, full, where, field, chat=True), turn_end, tokenizer)
     return prompt_ids, completions, prompt_text, prompt
 
 

@@ -22,12 +22,12 @@ from dataclasses import dataclass, replace
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
-from jinja2 import TemplateError
 from peft import PeftModel
 from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import GenerationConfig, GenerationMixin, StaticCache
 
+from lit_rlhf.data.tokenize import end_of_turn_ids
 from lit_rlhf.models.head import accepts_logits_to_keep
 from lit_rlhf.models.prefix import prompt_groups
 
@@ -43,45 +43,12 @@ __all__ = [
     "SamplingConfig",
     "build_engine",
     "choose_tokens",
-    "end_of_turn_ids",
     "generating_with",
     "generation_config",
     "register_engine",
     "truncate_at_stop",
     "warp_logits",
 ]
-
-
-#: The assistant's content when rendering a turn to find what the template closes it with.
-_TURN_PROBE = "lit-rlhf-turn-probe"
-
-
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """The special token the tokenizer's chat template writes right after an assistant's content
-    (whitespace between them allowed), as a one-id list; ``[]`` without a template, when the turn
-    ends in plain text, or when the template cannot render a user/assistant exchange.
-
-    This is where a chat model stops, and it need not be the tokenizer's EOS: Llama-3 Instruct's
-    first release has EOS ``<|end_of_text|>`` and ends turns with ``<|eot_id|>``; Gemma's EOS is
-    ``<eos>``, its turns end with ``<end_of_turn>`` (their ``generation_config.json`` list both, as
-    TRL reads them; lit_rlhf ignores that file, see ``SamplingConfig``, and reads the template).
-    """
-    if getattr(tokenizer, "chat_template", None) is None:
-        return []
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _TURN_PROBE}]
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-    except TemplateError:  # e.g. a template that insists on a system turn: no turn end to learn here
-        return []
-    tail = text[text.rfind(_TURN_PROBE) + len(_TURN_PROBE):]
-    # Llama-3 names no additional special tokens: its turn tokens are special only as added tokens.
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    for token_id in tokenizer(tail, add_special_tokens=False)["input_ids"]:
-        if token_id in special:
-            return [token_id]
-        if tokenizer.decode([token_id]).strip():
-            return []
-    return []
 
 
 @dataclass

@@ -18,10 +18,11 @@ SEA = [{"role": "assistant", "content": "the sea ."}]
 GENERATION_PROMPT = {"llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n", "qwen2.5": "<|im_start|>assistant\n",
                      "qwen2.5_base": "<|im_start|>assistant\n",
                      "gemma2": "<start_of_turn>model\n", "mistral": " [/INST]", "llama2": " [/INST]"}
-#: ... and after the assistant's content: the end-of-turn token and what the template writes after it.
-TURN_END = {"llama3": ["<|eot_id|>"], "qwen2.5": ["<|im_end|>", "Ċ"], "qwen2.5_base": ["<|im_end|>", "Ċ"],
-            "gemma2": ["<end_of_turn>", "\n"],
-            "mistral": ["</s>"], "llama2": ["▁", "</s>"]}
+#: ... and after the assistant's content, up to the end-of-turn token a rollout stops at ...
+TURN_END = {"llama3": ["<|eot_id|>"], "qwen2.5": ["<|im_end|>"], "qwen2.5_base": ["<|im_end|>"],
+            "gemma2": ["<end_of_turn>"], "mistral": ["</s>"], "llama2": ["▁", "</s>"]}
+#: ... and what the template writes after that token, left out of the completion.
+AFTER_TURN = {"qwen2.5": "\n", "qwen2.5_base": "\n", "gemma2": "\n"}
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +56,9 @@ def test_chat_rows_are_the_templates_own_tokens(tokenizers, family):
     """Every conversational format: prompt ids are the template's generation-prompt rendering (same BOS
     count as ``apply_chat_template(tokenize=True)``: one for Llama-3, Gemma, Mistral, Llama-2 whose
     templates write it, although their tokenizers add one too; none for Qwen2.5), ending with the
-    generation prompt; prompt + completion is the template's whole conversation; the completion is
-    the assistant's content, its end-of-turn token and what the template writes after it."""
+    generation prompt; prompt + completion is the template's whole conversation but for the
+    whitespace Qwen's and Gemma's templates write after the turn end; the completion is the
+    assistant's content and its end-of-turn token."""
     tok = tokenizers[family]
     bos_count = 0 if family.startswith("qwen") else 1
     prompt_ref = chat_ids(tok, USER, generation=True)
@@ -68,11 +70,10 @@ def test_chat_rows_are_the_templates_own_tokens(tokenizers, family):
         assert example["prompt_ids"][-len(generation):] == generation, fmt
         for key, reply in zip(keys, (PARIS, SEA)):
             full = example["prompt_ids"] + example[key]
-            assert full == chat_ids(tok, USER + reply), (fmt, key)
+            after = tok(AFTER_TURN.get(family, ""), add_special_tokens=False)["input_ids"]
+            assert full + after == chat_ids(tok, USER + reply), (fmt, key)
             assert tok.convert_ids_to_tokens(example[key][-len(TURN_END[family]):]) == TURN_END[family], (fmt, key)
-            turn_end = tok.convert_tokens_to_ids(TURN_END[family][-1] if family in ("mistral", "llama2")
-                                                 else TURN_END[family][0])
-            assert example[key].count(turn_end) == 1, (fmt, key)
+            assert example[key].count(tok.convert_tokens_to_ids(TURN_END[family][-1])) == 1, (fmt, key)
             content = tok.decode(example[key], skip_special_tokens=True).strip()
             assert content == reply[0]["content"], (fmt, key)
 
@@ -207,3 +208,18 @@ def test_left_truncation_keeps_the_bos(tokenizers, family):
                                    tok, max_length=4, truncation="truncate")
     assert not errors and plain[0]["prompt_ids"].count(tok.bos_token_id) == int(has_bos)
     assert len(plain[0]["prompt_ids"]) == 3 and plain[0]["prompt_ids"][:has_bos] == [tok.bos_token_id] * has_bos
+
+
+@pytest.mark.parametrize("family", CHAT_FAMILIES)
+def test_chat_completion_ends_at_the_token_a_rollout_stops_at(tokenizers, family):
+    """A chat completion ends with the token a rollout of the policy stops at: a reward adapter trained
+    on these rows reads its score at the very token it is read at on rollouts (the last one), and SFT
+    teaches nothing a rollout never generates (Qwen's and Gemma's ``\\n`` after the turn end)."""
+    from lit_rlhf.rollout import SamplingConfig
+
+    tok = tokenizers[family]
+    stops = SamplingConfig().resolved(tok).stop_token_ids
+    for fmt, (row, keys) in CHAT_ROWS.items():
+        example = one(fmt.removesuffix("_implicit"), row, tok)
+        for key in keys:
+            assert example[key][-1] in stops, (fmt, key, tok.convert_ids_to_tokens(example[key]))

@@ -102,7 +102,7 @@ def test_decoded_plain_response_rejoins_to_the_same_tokens(tokenizers, family):
 @pytest.mark.parametrize("family", ["llama3", "qwen2.5", "gemma2", "mistral"])
 def test_reward_model_rows_are_the_templates_tokens_with_one_bos(tokenizers, family):
     """What a reward model scores for a chat rollout: the messages + reply rendered by its template
-    (the ids ``apply_chat_template`` gives), or, when the reward tokenizer has no template, the policy's
+    (the ids ``apply_chat_template`` gives, through the turn end), or, when the reward tokenizer has no template, the policy's
     rendered prompt + reply as a pair: one BOS either way, the template's own."""
     from lit_rlhf.rollout import RewardScorer
 
@@ -113,7 +113,10 @@ def test_reward_model_rows_are_the_templates_tokens_with_one_bos(tokenizers, fam
     messages, pair = scorer.encode([conversation, (tok.apply_chat_template(user, tokenize=False,
                                                                             add_generation_prompt=True), "paris .")])
     ids = messages["prompt_ids"] + messages["completion_ids"]
-    assert ids == list(tok.apply_chat_template(conversation, tokenize=True, return_dict=False))
+    template = list(tok.apply_chat_template(conversation, tokenize=True, return_dict=False))
+    # The template's tokens through the turn end, where the policy's rollouts end too.
+    assert ids == template[: len(ids)] and not tok.decode(template[len(ids):]).strip()
+    assert ids[-1] in SamplingConfig().resolved(tok).stop_token_ids
     bos = 0 if family.startswith("qwen") else 1
     assert ids.count(tok.bos_token_id) == bos
     assert (pair["prompt_ids"] + pair["completion_ids"]).count(tok.bos_token_id) == bos
