@@ -315,6 +315,11 @@ def build_examples(fmt: str, rows: list[tuple[Where, Any]], tokenizer, *, conver
     if flag and getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(f"the {fmt} data is conversational ({hint}) but the tokenizer has no chat template; set "
                          "tokenizer.chat_template, or give plain-text data")
+    if flag and not end_of_turn_ids(tokenizer):
+        # Nothing in the rows marks where an answer ends, so nothing teaches the policy to stop.
+        log.warning("the chat template closes an assistant turn with no special token (neither EOS nor an "
+                    "end-of-turn token): a policy trained on such rows never learns to stop and rollouts run to "
+                    "max_new_tokens; use a template that ends turns with one, or set sampling.stop_token_ids")
     examples, errors, truncated = [], [], 0
     for where, row in rows:
         record, problems = check_row(fmt, row, where, flag, hint)

@@ -223,3 +223,23 @@ def test_chat_completion_ends_at_the_token_a_rollout_stops_at(tokenizers, family
         example = one(fmt.removesuffix("_implicit"), row, tok)
         for key in keys:
             assert example[key][-1] in stops, (fmt, key, tok.convert_ids_to_tokens(example[key]))
+
+
+def test_a_template_whose_turns_end_in_plain_text_is_warned_about(tokenizers, caplog):
+    """An Alpaca-style template ends an answer with nothing special: no row teaches the policy to stop
+    and its rollouts would all run to max_new_tokens (the stop tokens are EOS alone)."""
+    tok = tokenizers["gpt2"]
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n"
+                         "{% else %}### Response:\n{{ m['content'] }}\n\n{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}### Response:\n{% endif %}")
+    try:
+        with caplog.at_level("WARNING", logger="lit_rlhf.data"):
+            example = one("sft", {"messages": USER + PARIS}, tok)
+    finally:
+        tok.chat_template = None
+    assert tok.eos_token_id not in example["completion_ids"]
+    assert "never learns to stop" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lit_rlhf.data"):
+        one("sft", {"messages": USER + PARIS}, tokenizers["qwen2.5"])
+    assert "never learns to stop" not in caplog.text
