@@ -22,9 +22,9 @@ renders the prompt alone differently, and the row is an error), and the completi
 
 Truncation (``max_length`` bounds prompt + completion, ``max_prompt_length`` the prompt):
 ``truncation="error"`` makes an over-long row a :class:`DataError`; ``"truncate"`` keeps the
-*end* of the prompt (left-truncation; a leading BOS stays in front) and cuts the completion on the right. When the prompt
-alone would fill ``max_length``, it keeps its last ``max_length - 1`` tokens so every
-completion keeps at least one token.
+*end* of the prompt (left-truncation; a leading BOS stays in front) and cuts the completion on
+the right. When the prompt alone would fill ``max_length``, it keeps its last ``max_length - 1``
+tokens so every completion keeps at least one token.
 
 Examples (all ids are ``list[int]``; ``prompt`` is the raw prompt field, ``prompt_text``
 the rendered prompt string):
