@@ -26,6 +26,25 @@ def _run_from_repo_root(monkeypatch):
     monkeypatch.chdir(REPO)
 
 
+def _plot_group_unrendered(title, series, path):
+    """``lit_rlhf.report.plot_group`` without matplotlib: the report's reading, grouping and summary
+    still run, and no PNG is drawn."""
+    assert title and series and all(series.values()), (title, series)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _report_pngs(request, monkeypatch):
+    # Drawing a report's PNGs costs 0.5-3.5 s of matplotlib per fit (per panel, not per method); a
+    # test that runs a shipped config for its training draws them only when marked `report_pngs`.
+    # The marked ones (tests/test_cli_commands.py: a DPO run's report and the report command;
+    # tests/methods/test_grpo.py: an online run's, with its samples table) check the PNGs.
+    if request.node.get_closest_marker("report_pngs") is None:
+        from lit_rlhf import report
+
+        monkeypatch.setattr(report, "plot_group", _plot_group_unrendered)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_transformers():
     import transformers
