@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import pytest
 import torch
@@ -39,7 +40,9 @@ def _report_pngs(request, monkeypatch):
     # test that runs a shipped config for its training draws them only when marked `report_pngs`.
     # The marked ones (tests/test_cli_commands.py: a DPO run's report and the report command;
     # tests/methods/test_grpo.py: an online run's, with its samples table) check the PNGs.
-    if request.node.get_closest_marker("report_pngs") is None:
+    # Only once Lightning is loaded (collection loads it in a full run): importing the report would
+    # otherwise cost a pure test seconds; without the patch the PNGs are drawn, which is only slower.
+    if request.node.get_closest_marker("report_pngs") is None and "lightning.pytorch" in sys.modules:
         from lit_rlhf import report
 
         monkeypatch.setattr(report, "plot_group", _plot_group_unrendered)

@@ -79,7 +79,7 @@ def test_cli_overrides_and_print_config(capsys):
 
 
 # Slow (15 s each): the default suite keeps its two-process checks to the gloo collectives
-# (tests/test_distributed.py, tests/test_scale.py's whitening) and stays under 3 minutes.
+# (tests/test_distributed.py: the helpers and the whitening, two ranks spawned once) and stays under 3 minutes.
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["dpo", "ppo"])
 def test_ddp_on_two_cpu_processes_fits_and_exports(tmp_path, config):
