@@ -270,7 +270,7 @@ def test_quantized_or_bf16_teacher_in_its_own_dtype(tmp_path, teacher_spec):
 
 # -- distillation moves the student towards the teacher ----------------------------------------------
 
-STEPS = 32  # one epoch of sft_train.jsonl at batch 16
+STEPS = 16  # half an epoch of sft_train.jsonl at batch 16
 KL_RATIO = 0.3  # the held-out KL must fall to under 30% of the base's
 
 
@@ -292,7 +292,8 @@ def test_distillation_lowers_held_out_kl_to_the_teacher(tmp_path, name, settings
     after = trainer(tmp_path).validate(method, dm, verbose=False)[0]
     print(f"{name}: held-out KL(teacher||student) before {before['val/kl_teacher']:.4f} "
           f"after {after['val/kl_teacher']:.4f}")
-    # Measured (2 CPU cores, seed 0): 0.0711 -> 0.0052 (KD), 0.0058 (SeqKD), 0.0055 (GKD), about 13x.
+    # Measured after 16 steps: 0.0711 -> 0.0063 (KD, seed 0), 0.0063 (SeqKD, seed 0), 0.0064-0.0070 (GKD,
+    # seeds 0-3), about 10x (after 32 steps: 0.0052-0.0058, about 13x).
     assert after["val/kl_teacher"] < KL_RATIO * before["val/kl_teacher"]
 
 
