@@ -24,9 +24,25 @@ def test_every_shipped_config_parses_and_builds(config):
     assert cli.datamodule is not None
 
 
+@pytest.fixture(scope="module")
+def quick_fit(tmp_path_factory):
+    """``quick_fit(config)``: the LightningCLI of a 3-step ``fit`` of ``configs/<config>.yaml``, run once for the
+    module (the tests after it read the run and evaluate the model; none trains it further)."""
+    runs = {}
+
+    def fit(config: str):
+        if config not in runs:
+            root = tmp_path_factory.mktemp(config)
+            runs[config] = build_cli(["fit", "--config", f"configs/{config}.yaml", "--trainer.default_root_dir", str(root),
+                                      *QUICK])
+        return runs[config]
+
+    return fit
+
+
 @pytest.mark.parametrize("config", ["dpo", "simpo", "cpo", "orpo"])
-def test_preference_config_fits_logs_and_exports_a_peft_adapter(tmp_path, config):
-    cli = build_cli(["fit", "--config", f"configs/{config}.yaml", "--trainer.default_root_dir", str(tmp_path), *QUICK])
+def test_preference_config_fits_logs_and_exports_a_peft_adapter(quick_fit, config):
+    cli = quick_fit(config)
     log_dir = Path(cli.trainer.log_dir)
     assert list(log_dir.glob("events.out.tfevents.*")), "no TensorBoard event file"
     assert (log_dir / "config.yaml").exists()
@@ -47,8 +63,8 @@ def test_preference_config_fits_logs_and_exports_a_peft_adapter(tmp_path, config
     assert (base_logits - logits).abs().max() > 1e-3
 
 
-def test_export_command_writes_adapter_and_merged_model_from_a_checkpoint(tmp_path):
-    cli = build_cli(["fit", "--config", "configs/dpo.yaml", "--trainer.default_root_dir", str(tmp_path), *QUICK])
+def test_export_command_writes_adapter_and_merged_model_from_a_checkpoint(quick_fit, tmp_path):
+    cli = quick_fit("dpo")
     ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
     main(["export", "--config", "configs/dpo.yaml", "--ckpt_path", str(ckpt), "--out", str(tmp_path / "merged"), "--merged", "true"])
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
@@ -79,7 +95,7 @@ def test_cli_overrides_and_print_config(capsys):
 
 
 # Slow (15 s each): the default suite keeps its two-process checks to the gloo collectives
-# (tests/test_distributed.py, tests/test_scale.py's whitening) and stays under 3 minutes.
+# (tests/test_distributed.py: the helpers and the whitening, two ranks spawned once) and stays under 3 minutes.
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["dpo", "ppo"])
 def test_ddp_on_two_cpu_processes_fits_and_exports(tmp_path, config):

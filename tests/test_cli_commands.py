@@ -142,6 +142,7 @@ def test_debug_lets_the_traceback_through(tmp_path, monkeypatch, capsys):
 # -- after fit: report and model card ------------------------------------------------------------------
 
 
+@pytest.mark.report_pngs
 def test_fit_writes_a_report_and_an_adapter_model_card(dpo_run):
     assert "loss.png" in _assert_pngs(dpo_run / "report")
     summary = (dpo_run / "report" / "summary.md").read_text()
@@ -153,6 +154,7 @@ def test_fit_writes_a_report_and_an_adapter_model_card(dpo_run):
         assert expected in card, expected
 
 
+@pytest.mark.report_pngs
 def test_report_command_writes_valid_pngs(dpo_run, tmp_path, capsys):
     main(["report", str(dpo_run), "--out", str(tmp_path)])
     assert {"loss.png", "rewards.png"} <= set(_assert_pngs(tmp_path))

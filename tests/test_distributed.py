@@ -1,12 +1,16 @@
-"""The cross-rank helpers on two gloo processes: ragged rows gathered in rank order, a flag ANDed."""
+"""The cross-rank helpers on two gloo processes: ragged rows gathered in rank order, a flag ANDed, and
+advantages whitened with the statistics of the whole rollout. The two ranks are spawned once for the
+module (a spawned interpreter costs seconds of imports; the checks take milliseconds)."""
 
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lit_rlhf.distributed import all_rows, every_rank
+from lit_rlhf.distributed import all_rows, every_rank, global_whiten
+from lit_rlhf.losses import whiten
 
 
 def _free_port() -> int:
@@ -15,24 +19,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _whiten_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    return torch.randn(6, 5), (torch.rand(6, 5) > 0.3).float()
+
+
 def _on_rank(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         rows = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]) if rank == 0 else torch.tensor([[7.0, 8.0]])
-        result = (all_rows(rows), every_rank(True), every_rank(rank == 0), all_rows(torch.zeros(0, 2)))
+        x, mask = _whiten_inputs()
+        share = slice(0, 2) if rank == 0 else slice(2, 6)  # unequal shares: a mean of per-rank means would differ
+        result = {"helpers": (all_rows(rows), every_rank(True), every_rank(rank == 0), all_rows(torch.zeros(0, 2))),
+                  "whitened": global_whiten(x[share], mask[share])}
         torch.save(result, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_helpers_agree_across_two_ranks(tmp_path):
-    mp.start_processes(_on_rank, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+@pytest.fixture(scope="module")
+def on_two_ranks(tmp_path_factory) -> list[dict]:
+    """What each of two gloo ranks computed with the helpers (``_on_rank``), in rank order."""
+    out = tmp_path_factory.mktemp("ranks")
+    mp.start_processes(_on_rank, args=(_free_port(), str(out)), nprocs=2, start_method="spawn")
+    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+
+
+def test_helpers_agree_across_two_ranks(on_two_ranks):
     expected = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [7.0, 8.0]])
-    for rank in (0, 1):
-        rows, all_true, one_false, empty = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+    for result in on_two_ranks:
+        rows, all_true, one_false, empty = result["helpers"]
         torch.testing.assert_close(rows, expected)  # 3 rows and 1 row: padded for the gather, cut back after
         assert all_true and not one_false
         assert empty.shape == (0, 2)
+
+
+def test_global_whiten_on_two_ranks_equals_whiten_of_the_whole_rollout(on_two_ranks):
+    got = torch.cat([result["whitened"] for result in on_two_ranks])
+    torch.testing.assert_close(got, whiten(*_whiten_inputs()))
 
 
 def test_helpers_are_the_identity_in_one_process():

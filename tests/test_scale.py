@@ -175,18 +175,6 @@ def test_rank_seeds_differ_per_rank_and_rollout_and_repeat():
     assert rank_seed(3, 1, 7) == rank_seed(3, 1, 7) != rank_seed(4, 1, 7)
 
 
-def test_global_whiten_on_two_ranks_equals_whiten_of_the_whole_rollout(tmp_path):
-    from lit_rlhf.losses import whiten
-
-    from tests._whiten_worker import whiten_on_a_rank
-
-    torch.multiprocessing.spawn(whiten_on_a_rank, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2)
-    got = torch.cat([torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")])
-    torch.manual_seed(0)
-    x, mask = torch.randn(6, 5), (torch.rand(6, 5) > 0.3).float()
-    torch.testing.assert_close(got, whiten(x, mask))
-
-
 # -- two processes against one ------------------------------------------------------------------------
 
 

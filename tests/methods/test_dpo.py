@@ -39,9 +39,10 @@ def test_dpo_raises_ground_truth_score_on_held_out_prompts(tmp_path):
     pl.seed_everything(0)
     method = small_dpo()
     data = PreferenceDataModule(train=TRAIN, batch_size=16, max_length=64)
-    trainer(tmp_path, max_epochs=2).fit(method, data)
+    trainer(tmp_path, max_epochs=1).fit(method, data)
     before, after, sampled_before, sampled_after = greedy_and_sampled_scores(method)
-    # Measured (seeds 0 and 1): greedy 0.0 -> 1.0, sampled -0.05 -> 0.5-0.75.
+    # Measured after one epoch (seeds 0-3): greedy -0.17 -> 0.81-1.0, sampled 0.01 -> 0.70-0.76 (two epochs:
+    # greedy 1.0, sampled 0.49-0.76).
     assert after > before + 0.3, (before, after)
     assert sampled_after > sampled_before + 0.3, (sampled_before, sampled_after)
 

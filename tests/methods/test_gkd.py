@@ -262,14 +262,15 @@ def test_quantized_or_bf16_teacher_in_its_own_dtype(tmp_path, teacher_spec):
     else:
         assert q_proj.weight.dtype == torch.bfloat16
     assert method.bank.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.float32
-    trainer(tmp_path, max_steps=16, limit_val_batches=0).fit(method, dm)
+    # 8 steps take the held-out KL to 0.11-0.13 of its start in every teacher dtype (seeds 0-2; 0.08-0.18 after 16).
+    trainer(tmp_path, max_steps=8, limit_val_batches=0).fit(method, dm)
     after = trainer(tmp_path).validate(method, dm, verbose=False)[0]
     assert after["val/kl_teacher"] < 0.5 * before["val/kl_teacher"]
 
 
 # -- distillation moves the student towards the teacher ----------------------------------------------
 
-STEPS = 32  # one epoch of sft_train.jsonl at batch 16
+STEPS = 16  # half an epoch of sft_train.jsonl at batch 16
 KL_RATIO = 0.3  # the held-out KL must fall to under 30% of the base's
 
 
@@ -291,7 +292,8 @@ def test_distillation_lowers_held_out_kl_to_the_teacher(tmp_path, name, settings
     after = trainer(tmp_path).validate(method, dm, verbose=False)[0]
     print(f"{name}: held-out KL(teacher||student) before {before['val/kl_teacher']:.4f} "
           f"after {after['val/kl_teacher']:.4f}")
-    # Measured (2 CPU cores, seed 0): 0.0711 -> 0.0052 (KD), 0.0058 (SeqKD), 0.0055 (GKD), about 13x.
+    # Measured after 16 steps: 0.0711 -> 0.0063 (KD, seed 0), 0.0063 (SeqKD, seed 0), 0.0064-0.0070 (GKD,
+    # seeds 0-3), about 10x (after 32 steps: 0.0052-0.0058, about 13x).
     assert after["val/kl_teacher"] < KL_RATIO * before["val/kl_teacher"]
 
 

@@ -7,6 +7,7 @@ toy task's ground-truth score goes up."""
 import lightning.pytorch as pl
 import pytest
 import torch
+from PIL import Image
 
 from lit_rlhf.losses import group_advantages, grpo_loss
 from lit_rlhf.methods.grpo import GRPO
@@ -155,6 +156,7 @@ def test_needs_a_group_and_valid_options():
             make_grpo(**kwargs)
 
 
+@pytest.mark.report_pngs  # the online methods' report: one PNG per metric group and the samples table
 def test_cli_fit_with_the_shipped_config(tmp_path):
     events = fit_shipped_config("configs/grpo.yaml", tmp_path, "--trainer.max_steps=8", "--trainer.val_check_interval=2",
                                 "--trainer.limit_val_batches=1")
@@ -164,6 +166,11 @@ def test_cli_fit_with_the_shipped_config(tmp_path):
                 "rollout/count", "lr"}
     assert expected <= scalars, expected - scalars
     assert events.Scalars("rollout/count")[-1].value == 2  # max_steps 8 = 2 rollouts x 2 epochs x 2 mini-batches
+    report = tmp_path / "lightning_logs" / "version_0" / "report"
+    for name in ("loss", "rewards", "kl", "response_length", "learning_rate", "other"):
+        with Image.open(report / f"{name}.png") as image:
+            image.verify()  # a truncated or non-PNG file raises
+    assert "## Samples (last logged rollout)\n\n| prompt | completion | score |" in (report / "summary.md").read_text()
 
 
 def test_grpo_raises_the_ground_truth_score_on_held_out_prompts():
