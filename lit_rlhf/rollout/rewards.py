@@ -43,7 +43,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lit_rlhf.data import SFTCollator, Where, pad_token_id_of, tokenize_record
-from lit_rlhf.data.tokenize import join_prompt_completion
+from lit_rlhf.data.tokenize import end_of_turn_ids, join_prompt_completion
 from lit_rlhf.distributed import all_rows
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer, read_adapter_meta
 from lit_rlhf.models.saving import HEAD_FILE
@@ -299,7 +299,8 @@ class RewardScorer:
     model's training rows were: a string gets the tokenizer's special tokens (its bos) and a
     closing eos; a pair is joined as the pipeline joins a prompt and its completion; messages are
     rendered by the chat template, which owns the special tokens. A text whose response was cut
-    off (``ended`` False: it reached ``max_new_tokens`` without a stop token) gets no closing eos.
+    off (``ended`` False: it reached ``max_new_tokens`` without a stop token) gets no closing eos,
+    and a chat reply no turn end.
 
     Args:
         model: an ``AdapterBank`` carrying ``adapter`` with a ``score`` head, or a transformers
@@ -384,10 +385,9 @@ class RewardScorer:
 
         Args:
             texts: what to score (see :data:`Text`).
-            ended: per text, whether its response ended with a stop token; a plain-text one that
-                did not loses the closing eos. ``None``: every response ended.
+            ended: per text, whether its response ended with a stop token; one that did not loses
+                the closing eos (a chat reply: its turn end). ``None``: every response ended.
         """
-        eos = self.tokenizer.eos_token_id
         examples = []
         for i, text in enumerate(texts):
             record, conversational = _sft_record(text, i)
@@ -395,11 +395,24 @@ class RewardScorer:
                 raise ValueError(f"text {i} is a list of chat messages but the reward tokenizer has no chat template")
             example, _ = tokenize_record("sft", record, self.tokenizer, Where("texts", i + 1, "row", "python"),
                                          conversational=conversational, max_length=None)
-            cut_off = ended is not None and not ended[i]
-            if cut_off and not conversational and eos is not None and example["completion_ids"][-1:] == [eos]:
-                example["completion_ids"] = example["completion_ids"][:-1]
+            if ended is not None and not ended[i]:
+                example["completion_ids"] = self._unclosed(example["completion_ids"], conversational)
             examples.append(example)
         return examples
+
+    def _unclosed(self, ids: list[int], conversational: bool) -> list[int]:
+        """A cut-off response's ids without the close the pipeline gave it (plain text: the eos; a chat
+        reply: the template's turn end or eos, and the whitespace the template wrote before it, as
+        Llama-2's ``' ' + eos``): a reward model reads a complete answer at that close, so a response
+        cut at ``max_new_tokens`` would otherwise be scored as if the policy had finished it."""
+        eos = self.tokenizer.eos_token_id
+        close = {eos} | set(end_of_turn_ids(self.tokenizer)) if conversational else {eos}
+        if not ids or ids[-1] not in close:
+            return ids
+        ids = ids[:-1]
+        while conversational and ids and not self.tokenizer.decode(ids[-1:]).strip():
+            ids = ids[:-1]
+        return ids
 
     @torch.no_grad()
     def scores(self, texts: Sequence[Text], *, ended: Sequence[bool] | None = None) -> torch.Tensor:
@@ -469,9 +482,9 @@ class ModelReward(RewardSource):
 
     The text scored is the rendered prompt and the completion as a pair, or, for conversational
     prompts and a reward tokenizer with a chat template, the messages plus an assistant turn
-    rendered with the reward tokenizer's own template. A plain-text response that reached
-    ``max_new_tokens`` without a stop token gets no closing eos (nor does any with
-    ``append_eos=False``).
+    rendered with the reward tokenizer's own template. A response that reached ``max_new_tokens``
+    without a stop token is scored open: no closing eos after plain text, no turn end after a chat
+    reply (nor does any response get one with ``append_eos=False``).
 
     Args:
         path: the reward adapter, merged reward model or transformers model directory.
