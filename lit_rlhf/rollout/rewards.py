@@ -505,17 +505,33 @@ class ModelReward(RewardSource):
         self.name = Path(path).name or "model"
         self.label = f"reward model {path!r}"
         self.scorer: RewardScorer | None = None
+        self._warned_tags = False
 
     def setup(self, bank: AdapterBank | None = None, tokenizer=None) -> None:
         if self.scorer is None:
             self.scorer = RewardScorer.load(self.path, base=self.base, tokenizer=self.tokenizer_path, dtype=self.dtype)
 
     def texts(self, request: RewardRequest) -> list[Text]:
+        self._warn_on_tags(request.completions)
         chat = getattr(self.scorer.tokenizer, "chat_template", None) is not None
         raw = request.raw_prompts or [None] * len(request.prompts)
         return [list(raw_prompt) + [{"role": "assistant", "content": completion}]
                 if isinstance(raw_prompt, list) and chat else (prompt, completion)
                 for prompt, completion, raw_prompt in zip(request.prompts, request.completions, raw)]
+
+    def _warn_on_tags(self, completions: list[str]) -> None:
+        """Warn (once) when a response spells one of the reward tokenizer's special tokens as text: it is
+        re-tokenised as that token (a turn end, a header), so the reward model reads a conversation the
+        policy wrote rather than its reply, which a policy can learn to exploit."""
+        if self._warned_tags:
+            return
+        tok = self.scorer.tokenizer
+        tags = set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values() if t.special}
+        found = sorted({tag for tag in tags if len(tag) > 1 for c in completions if tag in c})
+        if found:
+            self._warned_tags = True
+            log.warning("%s: a response contains %s as text, which the reward tokenizer reads as special token(s); "
+                        "the reward model scores that markup (warned once)", self.label, ", ".join(found))
 
     @torch.no_grad()
     def __call__(self, request: RewardRequest) -> torch.Tensor:
