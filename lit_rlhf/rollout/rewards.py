@@ -9,9 +9,13 @@ A source maps a batch of (prompt, response) to one float per row:
   model, or a transformers model with a score head (``AutoModelForSequenceClassification``). It
   may use another tokenizer: the text is decoded and re-tokenised as its training rows were.
 - ``function``: a Python function named ``module:function``, called as
-  ``fn(prompts: list[str], completions: list[str]) -> list[float]``. It is imported from the
-  module the name gives, nowhere else; what it returns is checked (one real number per
-  completion) and an exception it raises is reported with its name (:class:`RewardError`).
+  ``fn(prompts: list[str], completions: list[str]) -> list[float]``, one entry per rollout row
+  (each prompt repeated for its samples). A plain prompt is the dataset's string as written; a
+  conversational one is the policy's chat template rendering of its messages, generation prompt
+  included (special tokens as text, a default system prompt the template adds; not the message
+  list TRL passes). A completion is the reply decoded without its stop token and special tokens.
+  It is imported from the module the name gives, nowhere else; what it returns is checked (one
+  real number per completion) and an exception it raises is reported with its name (:class:`RewardError`).
 
 ``Rewards`` combines them: each source's score is normalised (none, fixed mean/std, the
 ``normalization`` saved in a reward adapter's ``lit_rlhf.json``, or running statistics),
@@ -91,8 +95,9 @@ class RewardSpec:
         tokenizer: for ``model``: where its tokenizer is; the recorded one, else ``path`` (or
             ``base``), when ``None``.
         dtype: for ``model``: weights dtype of the separate model.
-        append_eos: for ``model``: append the reward tokenizer's EOS to responses that ended with
-            a stop token (lit_rlhf reward models are trained on completions ending in EOS).
+        append_eos: for ``model``: close responses that ended with a stop token as the reward
+            model's training rows were (plain text: its EOS; a chat reply: its template's turn end);
+            a response cut at ``max_new_tokens`` is never closed.
         function: for ``function``: ``"package.module:function"``.
         normalize: ``none``; ``fixed`` (``(r - mean) / std``); ``saved`` (mean/std from the
             ``normalization`` entry of the reward adapter's ``lit_rlhf.json``); ``running``
@@ -262,7 +267,9 @@ def check_scores(values: Any, n: int, label: str) -> torch.Tensor:
 
 
 class FunctionReward(RewardSource):
-    """A Python function ``fn(prompts: list[str], completions: list[str]) -> list[float]``.
+    """A Python function ``fn(prompts: list[str], completions: list[str]) -> list[float]``: the
+    ``RewardRequest``'s rendered prompts (a conversational prompt as the policy's chat template
+    renders it, not its messages) and reply texts (see the module docstring).
 
     Args:
         function: ``"module:function"``, or the callable itself.
@@ -491,8 +498,8 @@ class ModelReward(RewardSource):
         base: for an adapter directory, the base model; the recorded one when ``None``.
         tokenizer: the tokenizer directory; the recorded one, or the model's, when ``None``.
         dtype: weights dtype.
-        append_eos: close each response that ended with a stop token with the reward
-            tokenizer's eos (lit_rlhf reward models are trained on completions ending in eos).
+        append_eos: close each response that ended with a stop token as the reward model's
+            training rows were (plain text: the reward tokenizer's eos; a chat reply: its turn end).
     """
 
     def __init__(self, path: str, *, base: str | None = None, tokenizer: str | None = None, dtype: str = "float32",

@@ -248,3 +248,31 @@ def test_a_reply_spelling_the_reward_templates_tags_is_warned_about(tokenizers, 
         source.texts(request)
     warned = [r for r in caplog.records if "as text" in r.getMessage()]
     assert len(warned) == 1 and "<|eot_id|>, <|start_header_id|>" in warned[0].getMessage()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mistral"])
+def test_a_reward_function_gets_a_plain_prompt_as_written(tokenizers, tmp_path, family):
+    """Plain prompts: the function gets each dataset prompt as written (no BOS text, once per sample)
+    and the reply decoded from the rollout without its stop token."""
+    from lit_rlhf.data import PromptDataModule
+    from lit_rlhf.methods import GRPO
+    from lit_rlhf.rollout import RewardSpec
+
+    tok = tokenizers[family]
+    model = tiny_model(tok, tmp_path / "model", stop_logits={tok.eos_token_id: 5.5})
+    data = tmp_path / "prompts.jsonl"
+    rows = ["hello there , how are you today ?", "Question : what is two plus two ? Answer :"]
+    data.write_text("".join(json.dumps({"prompt": r}) + "\n" for r in rows))
+    method = GRPO(bank=BankSpec(model=model, adapters=[]), rewards=[RewardSpec(
+        "function", function=f"{__name__}:recording_reward")], num_samples_per_prompt=2,
+        sampling=SamplingConfig(max_new_tokens=6), log_samples_every_n_rollouts=0)
+    method.configure_model()
+    batch = next(iter(PromptDataModule(train=str(data), batch_size=2).prepare(method.tokenizer).train_dataloader()))
+    SEEN.clear()
+    scored = method.rollout_and_score(batch)
+    (prompts, completions), = SEEN
+    assert prompts == [rows[0], rows[0], rows[1], rows[1]]
+    rollout = scored.rollout
+    lengths = (rollout.response_lengths - rollout.ended.long()).tolist()
+    assert completions == [tok.decode(ids[:n], skip_special_tokens=True)
+                           for ids, n in zip(rollout.response_ids.tolist(), lengths)]
