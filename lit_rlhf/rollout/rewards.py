@@ -325,7 +325,10 @@ class RewardScorer:
         self.adapter = adapter
         self.normalization = normalization
         self.batch_size = batch_size
-        self.collate = SFTCollator(pad_token_id_of(tokenizer))
+        # A sequence classifier reads its score at the last token that is not its config's pad id, whatever the
+        # attention mask says: padded with another id (the tokenizer's), a shorter row would be read on padding.
+        pad = None if isinstance(model, AdapterBank) else getattr(getattr(model, "config", None), "pad_token_id", None)
+        self.collate = SFTCollator(pad if pad is not None else pad_token_id_of(tokenizer))
 
     @classmethod
     def load(cls, path: str | Path, *, base: str | None = None, tokenizer: str | None = None,

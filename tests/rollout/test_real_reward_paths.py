@@ -276,3 +276,27 @@ def test_a_reward_function_gets_a_plain_prompt_as_written(tokenizers, tmp_path, 
     lengths = (rollout.response_lengths - rollout.ended.long()).tolist()
     assert completions == [tok.decode(ids[:n], skip_special_tokens=True)
                            for ids, n in zip(rollout.response_ids.tolist(), lengths)]
+
+
+def test_a_sequence_classifier_is_padded_with_its_own_pad_id(tokenizers, tmp_path):
+    """A transformers reward model reads its score at the last token that is not ``config.pad_token_id``.
+    Llama-3's tokenizer gets EOS as pad (it has none), while the model's config names another pad id:
+    padded with the tokenizer's pad, a shorter row was read on its padding. Each row of a batch now scores
+    as it does alone. Failed before (the short row's score moved)."""
+    from transformers import AutoModelForSequenceClassification
+
+    tok = tokenizers["llama3"]
+    config = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, intermediate_size=32, num_labels=1,
+                                  pad_token_id=0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    assert tok.pad_token_id != config.pad_token_id
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 10.0)  # scores far apart wherever they are read
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    scorer = RewardScorer.load(tmp_path)
+    texts = [("hello there", "how are you ?"), ("hello there", "i am fine , thank you . the movie was great fun")]
+    alone = torch.cat([scorer.scores([text]) for text in texts])
+    torch.testing.assert_close(scorer.scores(texts), alone, atol=1e-5, rtol=1e-5)
