@@ -6,6 +6,7 @@ short GRPO run whose rollouts stop at a chat template's end-of-turn token."""
 from __future__ import annotations
 
 import json
+import zlib
 from types import SimpleNamespace
 
 import pytest
@@ -183,6 +184,12 @@ def recording_reward(prompts, completions):
     return [float(len(c.split())) for c in completions]
 
 
+def hashed_reward(prompts, completions):
+    """Records what it receives; a score fixed by the reply's text, unrelated to whether it ended."""
+    SEEN.append((list(prompts), list(completions)))
+    return [float(zlib.crc32(c.encode()) % 1000) for c in completions]
+
+
 @pytest.mark.parametrize(("family", "engine"), [("llama3", "hf"), ("qwen2.5_base", "hf"), ("llama3", "hf_static"),
                                                  ("qwen2.5_base", "hf_static")])
 def test_grpo_rollouts_stop_at_the_turn_end_and_the_function_sees_the_reply(tokenizers, tmp_path, family, engine):
@@ -300,3 +307,37 @@ def test_a_sequence_classifier_is_padded_with_its_own_pad_id(tokenizers, tmp_pat
     texts = [("hello there", "how are you ?"), ("hello there", "i am fine , thank you . the movie was great fun")]
     alone = torch.cat([scorer.scores([text]) for text in texts])
     torch.testing.assert_close(scorer.scores(texts), alone, atol=1e-5, rtol=1e-5)
+
+
+def test_best_of_n_data_leaves_out_responses_cut_at_max_new_tokens(tokenizers, tmp_path):
+    """Best-of-n data closes every completion with EOS when trained on, so a best (or worst) response cut
+    at max_new_tokens would teach stopping wherever the cut fell: such prompts give no row. The reward here
+    ignores whether a reply ended. Failed before (cut replies written)."""
+    from lit_rlhf.data import PromptDataModule
+    from lit_rlhf.methods import BestOfN
+    from lit_rlhf.methods.best_of_n import generate_best_of_n
+    from lit_rlhf.rollout import RewardSpec
+
+    tok = tokenizers["gpt2"]
+    model = tiny_model(tok, tmp_path / "model", stop_logits={tok.eos_token_id: 5.5})
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"prompt {i} :"}) + "\n" for i in range(16)))
+    method = BestOfN(bank=BankSpec(model=model, adapters=[]), rewards=[RewardSpec(
+        "function", function=f"{__name__}:hashed_reward")], num_samples_per_prompt=4,
+        sampling=SamplingConfig(max_new_tokens=4), log_samples_every_n_rollouts=0)
+    rollouts = []
+    generate = method.generate_rollout
+    method.generate_rollout = lambda *a: rollouts.append(generate(*a)) or rollouts[-1]
+    torch.manual_seed(0)
+    method.configure_model()
+    batches = PromptDataModule(train=str(data), batch_size=16).prepare(method.tokenizer).train_dataloader()
+    SEEN.clear()
+    for format, ended_side in (("sft", ("completion",)), ("preference", ("chosen", "rejected"))):
+        rows = generate_best_of_n(method, batches, format=format)
+        (_, completions), rollout = SEEN[-1], rollouts[-1]
+        ended = {}
+        for text, done in zip(completions, rollout.ended.tolist()):
+            ended.setdefault(text, set()).add(done)
+        assert rows and not rollout.ended.all()  # cut replies were there to leave out
+        for row in rows:
+            assert all(True in ended[row[side]] for side in ended_side)
