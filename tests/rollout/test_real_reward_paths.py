@@ -190,14 +190,28 @@ def hashed_reward(prompts, completions):
     return [float(zlib.crc32(c.encode()) % 1000) for c in completions]
 
 
+def saved_reward_adapter(model: str, out) -> str:
+    """A reward adapter (LoRA + score head moved off their initial values) of ``model``, saved at ``out``."""
+    torch.manual_seed(2)
+    bank = AdapterBank(BankSpec(model=model), require=[AdapterSpec("reward", head="score")])
+    with torch.no_grad():
+        for name, p in bank.named_parameters():
+            if "lora_B" in name or "heads" in name:
+                p.normal_(0, 0.5)
+    bank.save_adapter("reward", out)
+    return str(out)
+
+
 @pytest.mark.parametrize(("family", "engine"), [("llama3", "hf"), ("qwen2.5_base", "hf"), ("llama3", "hf_static"),
-                                                 ("qwen2.5_base", "hf_static")])
-def test_grpo_rollouts_stop_at_the_turn_end_and_the_function_sees_the_reply(tokenizers, tmp_path, family, engine):
+                                                 ("qwen2.5_base", "hf_static"), ("gemma2", "hf_static")])
+def test_grpo_rollouts_stop_at_the_turn_end_and_the_rewards_read_the_reply(tokenizers, tmp_path, family, engine):
     """Two GRPO rollouts of conversational prompts on a tiny model that writes the template's turn end
-    (not the EOS; qwen2.5_base pads with its EOS) about one token in three: responses end there and are
-    ``ended``, the mask covers the reply through its stop token only, the reward function gets the
-    chat-rendered prompt (the template's text, generation prompt included) and the reply's text without
-    the stop token, and the policy moves."""
+    (not the EOS; qwen2.5_base pads with its EOS) about one token in five, rewarded by a function plus
+    0.5 x a reward adapter on the bank: responses end at the turn end and are ``ended``, the mask covers
+    the reply through its stop token only, the function gets the chat-rendered prompt (the template's
+    text, generation prompt included) and the reply's text without the stop token, the adapter scores
+    each row as it scores the row alone (prompt + reply through its stop token), the reward is their
+    weighted sum, and the policy moves."""
     from lit_rlhf.data import PromptDataModule
     from lit_rlhf.methods import GRPO
     from lit_rlhf.rollout import RewardSpec
@@ -206,28 +220,39 @@ def test_grpo_rollouts_stop_at_the_turn_end_and_the_function_sees_the_reply(toke
     tok = tokenizers[family]
     turn_end = end_of_turn_ids(tok)[0]
     assert turn_end != tok.eos_token_id
-    model = tiny_model(tok, tmp_path / "model", stop_logits={turn_end: 5.5})
+    model = tiny_model(tok, tmp_path / "model", stop_logits={turn_end: 5.0})
+    reward_adapter = saved_reward_adapter(model, tmp_path / "reward")
     data = tmp_path / "prompts.jsonl"
     rows = [[{"role": "user", "content": c}] for c in ("hello there", "what is two plus two ?", "say hi", "the sea")]
     data.write_text("".join(json.dumps({"prompt": r}) + "\n" for r in rows))
-    method = GRPO(bank=BankSpec(model=model, adapters=[]), rewards=[RewardSpec(
-        "function", function=f"{__name__}:recording_reward")], num_samples_per_prompt=4, learning_rate=1e-2,
-        sampling=SamplingConfig(max_new_tokens=6), log_samples_every_n_rollouts=0, engine=engine)
-    rollouts = []
-    generate = method.generate_rollout
-    method.generate_rollout = lambda *a: rollouts.append(generate(*a)) or rollouts[-1]
+    bank = BankSpec(model=model, adapters=[AdapterSpec("reward", path=reward_adapter, head="score", trainable=False)])
+    method = GRPO(bank=bank, rewards=[RewardSpec("function", function=f"{__name__}:recording_reward"),
+                                      RewardSpec("adapter", adapter="reward", weight=0.5)],
+                  num_samples_per_prompt=4, learning_rate=1e-2, sampling=SamplingConfig(max_new_tokens=6),
+                  log_samples_every_n_rollouts=0, engine=engine)
+    calls = []
+    score = method.score_responses
+
+    def recorded(rollout, prompts, raw_prompts, **kwargs):
+        completions, out = score(rollout, prompts, raw_prompts, **kwargs)
+        calls.append((rollout, completions, out))
+        return completions, out
+
+    method.score_responses = recorded
     SEEN.clear()
     method.configure_model()
     before = {n: p.detach().clone() for n, p in method.bank.named_parameters() if p.requires_grad}
     trainer(rollouts=2, root=tmp_path).fit(method, datamodule=PromptDataModule(train=str(data), batch_size=2,
                                                                                 max_length=96))
-    assert len(rollouts) == len(SEEN) == 2
+    assert len(calls) == len(SEEN) == 2
     rendered = {tok.apply_chat_template(r, tokenize=False, add_generation_prompt=True) for r in rows}
     ended_by_turn_end = 0
-    for rollout, (prompts, completions) in zip(rollouts, SEEN):
-        assert set(prompts) <= rendered
-        for ids, mask, ended, text in zip(rollout.response_ids.tolist(), rollout.response_mask.tolist(),
-                                          rollout.ended.tolist(), completions):
+    method.bank.eval()
+    for (rollout, completions, out), (prompts, seen) in zip(calls, SEEN):
+        assert set(prompts) <= rendered and seen == completions
+        torch.testing.assert_close(out.scores, out.per_source["recording_reward"] + 0.5 * out.per_source["reward"])
+        for row, (ids, mask, ended, text) in enumerate(zip(rollout.response_ids.tolist(), rollout.response_mask.tolist(),
+                                                           rollout.ended.tolist(), completions)):
             n = sum(mask)
             assert mask == [1] * n + [0] * (len(mask) - n)
             stops = [i for i, t in enumerate(ids[:n]) if t in (turn_end, tok.eos_token_id)]
@@ -235,9 +260,13 @@ def test_grpo_rollouts_stop_at_the_turn_end_and_the_function_sees_the_reply(toke
             assert ids[n:] == [tok.pad_token_id] * (len(ids) - n)
             assert text == tok.decode(ids[: n - ended], skip_special_tokens=True)
             ended_by_turn_end += ended and ids[n - 1] == turn_end
+            alone = torch.tensor([rollout.prompt_ids[row][rollout.prompt_mask[row].bool()].tolist() + ids[:n]])
+            with torch.no_grad():
+                want = method.bank.score(alone, torch.ones_like(alone), adapter="reward")
+            torch.testing.assert_close(out.per_source["reward"][row:row + 1], want, atol=1e-5, rtol=1e-5)
     assert 0 < ended_by_turn_end < 16  # some rows stop at the turn end, some run to max_new_tokens
     moved = [n for n, p in method.bank.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
-    assert moved
+    assert moved and not any(".reward." in n for n in moved)
 
 
 def test_a_reply_spelling_the_reward_templates_tags_is_warned_about(tokenizers, caplog):
