@@ -370,3 +370,29 @@ def test_best_of_n_data_leaves_out_responses_cut_at_max_new_tokens(tokenizers, t
         assert rows and not rollout.ended.all()  # cut replies were there to leave out
         for row in rows:
             assert all(True in ended[row[side]] for side in ended_side)
+
+
+def test_a_reward_adapter_on_another_family_scores_the_rows_its_template_makes(tokenizers, tmp_path):
+    """``kind: model``: a saved reward adapter on a Llama-3-tokenizer base scores a ChatML policy's rollout
+    rows (one ended, one cut off, batched: right padding with Llama-3's pad == EOS) exactly as it scores
+    each conversation alone, rendered by its own template: BOS once, through ``<|eot_id|>`` when ended,
+    open when cut."""
+    policy, tok = tokenizers["qwen2.5"], tokenizers["llama3"]
+    model = tiny_model(tok, tmp_path / "model")
+    source = ModelReward(saved_reward_adapter(model, tmp_path / "reward"))
+    source.setup()
+    prompt = policy.apply_chat_template(USER, tokenize=False, add_generation_prompt=True)
+    replies = ["paris .", "the capital of france is paris and the"]
+    request = RewardRequest([prompt] * 2, replies, SimpleNamespace(ended=torch.tensor([True, False]),
+                                                                   response_ids=torch.zeros(2, 1)), [USER] * 2)
+    got = source(request)
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    want = []
+    for reply, ended in zip(replies, (True, False)):
+        ids = list(tok.apply_chat_template(USER + [{"role": "assistant", "content": reply}], tokenize=True,
+                                           return_dict=False))
+        ids = ids[: ids.index(eot, len(ids) - 1) + (1 if ended else 0)]
+        assert ids.count(tok.bos_token_id) == 1
+        row = torch.tensor([ids])
+        want.append(source.scorer.model.score(row, torch.ones_like(row), adapter="reward"))
+    torch.testing.assert_close(got, torch.cat(want), atol=1e-5, rtol=1e-5)
