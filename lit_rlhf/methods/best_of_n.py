@@ -170,8 +170,10 @@ def iter_best_of_n(
 
     ``method`` (usually a ``BestOfN``; any online method works) supplies the bank, the sampling
     settings, ``n = num_samples_per_prompt`` and the reward sources. A prompt gives no row when
-    its best response is empty or below ``min_score`` (``sft``), or when best and worst tie in
-    reward or text (``preference``: no preference to learn).
+    its best response is empty, below ``min_score`` or cut at ``max_new_tokens`` (``sft``), or when
+    best and worst tie in reward or text or either was cut (``preference``: no preference to learn).
+    A cut response is left out because the data pipeline closes every completion with EOS (or the
+    template's turn end): trained on, it would teach the policy to stop wherever the cut fell.
 
     Args:
         method: the online method whose policy samples and whose rewards score.
@@ -189,14 +191,16 @@ def iter_best_of_n(
     method.configure_model()
     skipped = 0
     for batch in batches:
-        _, _, completions, reward = method.sample_and_score(batch, update_stats=False)
+        rollout, _, completions, reward = method.sample_and_score(batch, update_stats=False)
+        ended = rollout.ended.tolist()
         scores = reward.scores.float().cpu()
         best, worst = best_and_worst(scores, k)
         raw_prompts = batch.get("raw_prompts") or batch["prompts"]
         scored = reward.valid.view(-1, k).all(dim=1).tolist()  # False: a sample's reward was skipped (non-finite)
         for p, (b, w) in enumerate(zip(best.tolist(), worst.tolist())):
             prompt, best_text, worst_text = raw_prompts[p], completions[b], completions[w]
-            if not scored[p] or not best_text.strip() or (min_score is not None and scores[b] < min_score):
+            if (not scored[p] or not ended[b] or not best_text.strip()
+                    or (min_score is not None and scores[b] < min_score)):
                 skipped += 1
                 continue
             if format == "sft":
@@ -204,7 +208,7 @@ def iter_best_of_n(
                 if with_scores:
                     row["score"] = float(scores[b])
             else:
-                if scores[b] == scores[w] or best_text == worst_text or not worst_text.strip():
+                if scores[b] == scores[w] or best_text == worst_text or not worst_text.strip() or not ended[w]:
                     skipped += 1
                     continue
                 row = {"prompt": prompt, "chosen": _as_completion(best_text, prompt),
@@ -213,7 +217,8 @@ def iter_best_of_n(
                     row.update(chosen_score=float(scores[b]), rejected_score=float(scores[w]))
             yield row
     if skipped:
-        log.info("best-of-n: %d prompts gave no %s row (empty, tied, below min_score or unscored)", skipped, format)
+        log.info("best-of-n: %d prompts gave no %s row (empty, cut at max_new_tokens, tied, below min_score or "
+                 "unscored)", skipped, format)
 
 
 def generate_best_of_n(method: OnlineMethod, batches: Iterable[dict], **kwargs) -> list[dict]:

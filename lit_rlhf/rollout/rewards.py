@@ -9,9 +9,13 @@ A source maps a batch of (prompt, response) to one float per row:
   model, or a transformers model with a score head (``AutoModelForSequenceClassification``). It
   may use another tokenizer: the text is decoded and re-tokenised as its training rows were.
 - ``function``: a Python function named ``module:function``, called as
-  ``fn(prompts: list[str], completions: list[str]) -> list[float]``. It is imported from the
-  module the name gives, nowhere else; what it returns is checked (one real number per
-  completion) and an exception it raises is reported with its name (:class:`RewardError`).
+  ``fn(prompts: list[str], completions: list[str]) -> list[float]``, one entry per rollout row
+  (each prompt repeated for its samples). A plain prompt is the dataset's string as written; a
+  conversational one is the policy's chat template rendering of its messages, generation prompt
+  included (special tokens as text, a default system prompt the template adds; not the message
+  list TRL passes). A completion is the reply decoded without its stop token and special tokens.
+  It is imported from the module the name gives, nowhere else; what it returns is checked (one
+  real number per completion) and an exception it raises is reported with its name (:class:`RewardError`).
 
 ``Rewards`` combines them: each source's score is normalised (none, fixed mean/std, the
 ``normalization`` saved in a reward adapter's ``lit_rlhf.json``, or running statistics),
@@ -43,7 +47,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lit_rlhf.data import SFTCollator, Where, pad_token_id_of, tokenize_record
-from lit_rlhf.data.tokenize import join_prompt_completion
+from lit_rlhf.data.tokenize import end_of_turn_ids, join_prompt_completion
 from lit_rlhf.distributed import all_rows
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer, read_adapter_meta
 from lit_rlhf.models.saving import HEAD_FILE
@@ -91,8 +95,9 @@ class RewardSpec:
         tokenizer: for ``model``: where its tokenizer is; the recorded one, else ``path`` (or
             ``base``), when ``None``.
         dtype: for ``model``: weights dtype of the separate model.
-        append_eos: for ``model``: append the reward tokenizer's EOS to responses that ended with
-            a stop token (lit_rlhf reward models are trained on completions ending in EOS).
+        append_eos: for ``model``: close responses that ended with a stop token as the reward
+            model's training rows were (plain text: its EOS; a chat reply: its template's turn end);
+            a response cut at ``max_new_tokens`` is never closed.
         function: for ``function``: ``"package.module:function"``.
         normalize: ``none``; ``fixed`` (``(r - mean) / std``); ``saved`` (mean/std from the
             ``normalization`` entry of the reward adapter's ``lit_rlhf.json``); ``running``
@@ -262,7 +267,9 @@ def check_scores(values: Any, n: int, label: str) -> torch.Tensor:
 
 
 class FunctionReward(RewardSource):
-    """A Python function ``fn(prompts: list[str], completions: list[str]) -> list[float]``.
+    """A Python function ``fn(prompts: list[str], completions: list[str]) -> list[float]``: the
+    ``RewardRequest``'s rendered prompts (a conversational prompt as the policy's chat template
+    renders it, not its messages) and reply texts (see the module docstring).
 
     Args:
         function: ``"module:function"``, or the callable itself.
@@ -299,7 +306,8 @@ class RewardScorer:
     model's training rows were: a string gets the tokenizer's special tokens (its bos) and a
     closing eos; a pair is joined as the pipeline joins a prompt and its completion; messages are
     rendered by the chat template, which owns the special tokens. A text whose response was cut
-    off (``ended`` False: it reached ``max_new_tokens`` without a stop token) gets no closing eos.
+    off (``ended`` False: it reached ``max_new_tokens`` without a stop token) gets no closing eos,
+    and a chat reply no turn end.
 
     Args:
         model: an ``AdapterBank`` carrying ``adapter`` with a ``score`` head, or a transformers
@@ -317,7 +325,10 @@ class RewardScorer:
         self.adapter = adapter
         self.normalization = normalization
         self.batch_size = batch_size
-        self.collate = SFTCollator(pad_token_id_of(tokenizer))
+        # A sequence classifier reads its score at the last token that is not its config's pad id, whatever the
+        # attention mask says: padded with another id (the tokenizer's), a shorter row would be read on padding.
+        pad = None if isinstance(model, AdapterBank) else getattr(getattr(model, "config", None), "pad_token_id", None)
+        self.collate = SFTCollator(pad if pad is not None else pad_token_id_of(tokenizer))
 
     @classmethod
     def load(cls, path: str | Path, *, base: str | None = None, tokenizer: str | None = None,
@@ -384,10 +395,9 @@ class RewardScorer:
 
         Args:
             texts: what to score (see :data:`Text`).
-            ended: per text, whether its response ended with a stop token; a plain-text one that
-                did not loses the closing eos. ``None``: every response ended.
+            ended: per text, whether its response ended with a stop token; one that did not loses
+                the closing eos (a chat reply: its turn end). ``None``: every response ended.
         """
-        eos = self.tokenizer.eos_token_id
         examples = []
         for i, text in enumerate(texts):
             record, conversational = _sft_record(text, i)
@@ -395,11 +405,24 @@ class RewardScorer:
                 raise ValueError(f"text {i} is a list of chat messages but the reward tokenizer has no chat template")
             example, _ = tokenize_record("sft", record, self.tokenizer, Where("texts", i + 1, "row", "python"),
                                          conversational=conversational, max_length=None)
-            cut_off = ended is not None and not ended[i]
-            if cut_off and not conversational and eos is not None and example["completion_ids"][-1:] == [eos]:
-                example["completion_ids"] = example["completion_ids"][:-1]
+            if ended is not None and not ended[i]:
+                example["completion_ids"] = self._unclosed(example["completion_ids"], conversational)
             examples.append(example)
         return examples
+
+    def _unclosed(self, ids: list[int], conversational: bool) -> list[int]:
+        """A cut-off response's ids without the close the pipeline gave it (plain text: the eos; a chat
+        reply: the template's turn end or eos, and the whitespace the template wrote before it, as
+        Llama-2's ``' ' + eos``): a reward model reads a complete answer at that close, so a response
+        cut at ``max_new_tokens`` would otherwise be scored as if the policy had finished it."""
+        eos = self.tokenizer.eos_token_id
+        close = {eos} | set(end_of_turn_ids(self.tokenizer)) if conversational else {eos}
+        if not ids or ids[-1] not in close:
+            return ids
+        ids = ids[:-1]
+        while conversational and ids and not self.tokenizer.decode(ids[-1:]).strip():
+            ids = ids[:-1]
+        return ids
 
     @torch.no_grad()
     def scores(self, texts: Sequence[Text], *, ended: Sequence[bool] | None = None) -> torch.Tensor:
@@ -469,17 +492,17 @@ class ModelReward(RewardSource):
 
     The text scored is the rendered prompt and the completion as a pair, or, for conversational
     prompts and a reward tokenizer with a chat template, the messages plus an assistant turn
-    rendered with the reward tokenizer's own template. A plain-text response that reached
-    ``max_new_tokens`` without a stop token gets no closing eos (nor does any with
-    ``append_eos=False``).
+    rendered with the reward tokenizer's own template. A response that reached ``max_new_tokens``
+    without a stop token is scored open: no closing eos after plain text, no turn end after a chat
+    reply (nor does any response get one with ``append_eos=False``).
 
     Args:
         path: the reward adapter, merged reward model or transformers model directory.
         base: for an adapter directory, the base model; the recorded one when ``None``.
         tokenizer: the tokenizer directory; the recorded one, or the model's, when ``None``.
         dtype: weights dtype.
-        append_eos: close each response that ended with a stop token with the reward
-            tokenizer's eos (lit_rlhf reward models are trained on completions ending in eos).
+        append_eos: close each response that ended with a stop token as the reward model's
+            training rows were (plain text: the reward tokenizer's eos; a chat reply: its turn end).
     """
 
     def __init__(self, path: str, *, base: str | None = None, tokenizer: str | None = None, dtype: str = "float32",
@@ -492,17 +515,33 @@ class ModelReward(RewardSource):
         self.name = Path(path).name or "model"
         self.label = f"reward model {path!r}"
         self.scorer: RewardScorer | None = None
+        self._warned_tags = False
 
     def setup(self, bank: AdapterBank | None = None, tokenizer=None) -> None:
         if self.scorer is None:
             self.scorer = RewardScorer.load(self.path, base=self.base, tokenizer=self.tokenizer_path, dtype=self.dtype)
 
     def texts(self, request: RewardRequest) -> list[Text]:
+        self._warn_on_tags(request.completions)
         chat = getattr(self.scorer.tokenizer, "chat_template", None) is not None
         raw = request.raw_prompts or [None] * len(request.prompts)
         return [list(raw_prompt) + [{"role": "assistant", "content": completion}]
                 if isinstance(raw_prompt, list) and chat else (prompt, completion)
                 for prompt, completion, raw_prompt in zip(request.prompts, request.completions, raw)]
+
+    def _warn_on_tags(self, completions: list[str]) -> None:
+        """Warn (once) when a response spells one of the reward tokenizer's special tokens as text: it is
+        re-tokenised as that token (a turn end, a header), so the reward model reads a conversation the
+        policy wrote rather than its reply, which a policy can learn to exploit."""
+        if self._warned_tags:
+            return
+        tok = self.scorer.tokenizer
+        tags = set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values() if t.special}
+        found = sorted({tag for tag in tags if len(tag) > 1 for c in completions if tag in c})
+        if found:
+            self._warned_tags = True
+            log.warning("%s: a response contains %s as text, which the reward tokenizer reads as special token(s); "
+                        "the reward model scores that markup (warned once)", self.label, ", ".join(found))
 
     @torch.no_grad()
     def __call__(self, request: RewardRequest) -> torch.Tensor:
