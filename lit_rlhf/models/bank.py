@@ -38,6 +38,7 @@ from lit_rlhf.models.loading import (
     CONVERT_MODEL,
     fingerprint,
     load_base,
+    load_dequantized_base,
     load_tokenizer,
     require_safetensors,
 )
@@ -731,7 +732,9 @@ class AdapterBank(nn.Module):
         """Save a plain transformers model (``save_pretrained``) with ``adapter`` merged into the base.
 
         The merge happens on a fresh unquantized load of the base, so the bank's own base and
-        its reference policy are untouched and a 4-bit run exports full-precision weights.
+        its reference policy are untouched and a 4-bit run exports full-precision weights: the
+        dequantized 4-bit weights the adapter was trained against, not the original ones (the
+        exported model computes the trained function).
 
         Args:
             path: the directory to write.
@@ -756,8 +759,14 @@ class AdapterBank(nn.Module):
             return Path(path)
         with tempfile.TemporaryDirectory() as adapter_dir:
             self.save_adapter(adapter, Path(adapter_dir) / "adapter")
-            base = load_base(replace(self.spec, quantization=None, train_mode="lora"), quantize=False)
-            merged = PeftModel.from_pretrained(base, str(Path(adapter_dir) / "adapter")).merge_and_unload()
+            if self.spec.effective_quantization:
+                base = load_dequantized_base(self.spec)  # what the adapter trained against
+            else:
+                base = load_base(self.spec, quantize=False)
+            with warnings.catch_warnings():
+                # A QLoRA GPT-2 adapter was made on 4-bit linears; peft transposes it for the Conv1D it merges into.
+                warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False but the target module is `Conv1D`")
+                merged = PeftModel.from_pretrained(base, str(Path(adapter_dir) / "adapter")).merge_and_unload()
             with atomic_directory(path) as tmp:
                 write(merged, tmp)
         return Path(path)

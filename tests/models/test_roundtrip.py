@@ -1,0 +1,108 @@
+"""What lit_rlhf writes reloads to the same function, on the families users bring (GPT-2: Conv1D,
+tied embeddings, absolute positions; Qwen2: tied; Gemma 2: scaled and tied embeddings, soft-capped
+logits; GPT-NeoX) and in every train mode: the PEFT adapter (plain peft, and as a starting policy
+whose reference is the loaded adapter), the merged export (plain transformers), the reward export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, LoraSpec
+from lit_rlhf.models.loading import load_base
+from tests.methods.tiny_families import build_families
+
+FAMILIES = ["gpt2", "qwen2", "gemma2", "gpt_neox"]
+TOL = dict(atol=1e-5, rtol=1e-5)
+IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [1, 1, 13, 14, 15, 16, 17, 18]])
+MASK = torch.tensor([[1] * 8, [0, 0] + [1] * 6])
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return build_families(tmp_path_factory.mktemp("families"), FAMILIES)
+
+
+def bank_of(model: str, train_mode: str, **policy) -> AdapterBank:
+    torch.manual_seed(0)
+    bank = AdapterBank(BankSpec(model=model, train_mode=train_mode, lora=LoraSpec(r=4, alpha=8)),
+                       require=[AdapterSpec("policy", **policy)], reference_of="policy")
+    return bank.eval()
+
+
+def trained_bank(model: str, train_mode: str) -> AdapterBank:
+    """A bank whose policy has moved off its start: LoRA B off zero, or (``full``) every base weight,
+    the tied embedding and LM head included."""
+    bank = bank_of(model, train_mode)
+    with torch.no_grad():
+        for name, param in bank.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+            elif train_mode == "full" and param.requires_grad:
+                param.add_(torch.randn_like(param), alpha=0.05)
+    return bank
+
+
+@torch.no_grad()
+def logits_of(model) -> torch.Tensor:
+    return model(input_ids=IDS, attention_mask=MASK).logits.float()
+
+
+@torch.no_grad()
+def policy_logits(bank: AdapterBank) -> torch.Tensor:
+    with bank.role("policy"):
+        return logits_of(bank)
+
+
+def plain_base(model: str, train_mode: str):
+    """The base as plain transformers loads it (4-bit as the bank loads it for ``qlora``)."""
+    if train_mode == "lora":
+        return AutoModelForCausalLM.from_pretrained(model)
+    base = load_base(BankSpec(model=model, train_mode=train_mode))
+    for module in base.modules():  # the bank's guard against bitsandbytes' CPU inference repacking
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return base
+
+
+@pytest.mark.parametrize("train_mode", ["lora", "qlora"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_saved_policy_adapter_is_the_trained_policy_and_the_reference_of_a_run_started_from_it(
+        models, family, train_mode, tmp_path):
+    bank = trained_bank(models[family], train_mode)
+    trained = policy_logits(bank)
+    bank.save_adapter("policy", tmp_path / "policy")
+
+    peft_model = PeftModel.from_pretrained(plain_base(models[family], train_mode), tmp_path / "policy")
+    torch.testing.assert_close(logits_of(peft_model.eval()), trained, **TOL)
+
+    started = bank_of(models[family], train_mode, path=str(tmp_path / "policy"))
+    torch.testing.assert_close(policy_logits(started), trained, **TOL)
+    with started.reference():
+        torch.testing.assert_close(logits_of(started), trained, **TOL)  # KL 0 at step 0: the loaded adapter...
+    with started._as_loaded():
+        assert not torch.allclose(logits_of(started), trained, **TOL)  # ... not the bare base
+
+
+@pytest.mark.parametrize("train_mode", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_merged_export_is_the_trained_policy_in_plain_transformers(models, family, train_mode, tmp_path):
+    bank = trained_bank(models[family], train_mode)
+    trained = policy_logits(bank)
+    bank.export_merged(tmp_path / "merged", adapter="policy")
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config  # a QLoRA run exports plain full-precision weights
+    assert {p.dtype for p in merged.parameters()} == {torch.float32}
+    tied = merged.config.tie_word_embeddings
+    assert tied == AutoModelForCausalLM.from_pretrained(models[family]).config.tie_word_embeddings
+    if tied:  # a trained, tied embedding survives as one tensor, not as a stale copy on either side
+        assert merged.get_output_embeddings().weight.data_ptr() == merged.get_input_embeddings().weight.data_ptr()
+    # QLoRA: the adapter was trained on the 4-bit weights; merged into the dequantized ones it computes the
+    # trained function (into the original weights it was off by up to a third of the logits' size here).
+    torch.testing.assert_close(logits_of(merged), trained, **TOL)
