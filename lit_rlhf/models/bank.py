@@ -215,7 +215,7 @@ def check_bank_spec(spec: BankSpec, adapters: Sequence[AdapterSpec]) -> dict:
         require_safetensors(spec.model, what="model", convert=CONVERT_MODEL)
     for adapter in adapters:
         if adapter.path:
-            _check_saved_adapter(adapter, spec.model, base_fingerprint)
+            _check_saved_adapter(adapter, spec.model, base_fingerprint, spec.effective_quantization)
     if spec.teacher is not None:
         check_shared_vocabulary(spec, spec.teacher, config.vocab_size)
     return base_fingerprint
@@ -259,7 +259,7 @@ def _check_recomputed_roles(setting, adapters: Sequence[AdapterSpec]) -> None:
         )
 
 
-def _check_saved_adapter(adapter: AdapterSpec, model: str, base_fingerprint: dict) -> None:
+def _check_saved_adapter(adapter: AdapterSpec, model: str, base_fingerprint: dict, quantization: str | None) -> None:
     """A saved adapter: PEFT files, safetensors weights, and the fingerprint of the base it was trained on."""
     if not Path(adapter.path, "adapter_config.json").exists():
         raise FileNotFoundError(f"adapter {adapter.name!r}: {adapter.path} is not a saved PEFT adapter (no adapter_config.json)")
@@ -270,6 +270,13 @@ def _check_saved_adapter(adapter: AdapterSpec, model: str, base_fingerprint: dic
         # Same shapes can still be another model (a merged SFT model vs its base): say so.
         log.warning("adapter %r was trained on %s and is loaded onto %s", adapter.name, meta["base_model"],
                     model_identity(model))
+    trained_on = meta.get("quantization")
+    if "quantization" in meta and trained_on != quantization:
+        # A QLoRA adapter corrects the 4-bit weights, not the originals: on another base it computes another
+        # function (a reward adapter's scores off by twice their spread on the tiny test models).
+        log.warning("adapter %r was trained on a %s base and is loaded onto a %s one: it computes another function "
+                    "than the one trained (set bank.train_mode or bank.quantization as in training)", adapter.name,
+                    trained_on or "full-precision", quantization or "full-precision")
     if saved is not None and saved != base_fingerprint:
         diff = {k: (saved.get(k), v) for k, v in base_fingerprint.items() if saved.get(k) != v}
         raise ValueError(
@@ -723,7 +730,8 @@ class AdapterBank(nn.Module):
             config.save_pretrained(str(tmp))
             state = get_peft_model_state_dict(self.model, adapter_name=name)
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"))
-            meta = {"base": self.base_fingerprint, "base_model": model_identity(self.spec.model), **(metadata or {})}
+            meta = {"base": self.base_fingerprint, "base_model": model_identity(self.spec.model),
+                    "quantization": self.spec.effective_quantization, **(metadata or {})}
             write_head_and_meta(tmp, self.heads[name] if name in self.heads else None, meta)
         return Path(path)
 

@@ -6,14 +6,18 @@ whose reference is the loaded adapter), the merged export (plain transformers), 
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from lit_rlhf.methods import DPO
+from lit_rlhf.methods.export import write_model_card
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, LoraSpec
 from lit_rlhf.models.loading import load_base
+from lit_rlhf.models.saving import META_FILE
 from tests.methods.tiny_families import build_families
 
 FAMILIES = ["gpt2", "qwen2", "gemma2", "gpt_neox"]
@@ -106,3 +110,32 @@ def test_a_merged_export_is_the_trained_policy_in_plain_transformers(models, fam
     # QLoRA: the adapter was trained on the 4-bit weights; merged into the dequantized ones it computes the
     # trained function (into the original weights it was off by up to a third of the logits' size here).
     torch.testing.assert_close(logits_of(merged), trained, **TOL)
+
+
+def test_a_qlora_adapter_records_its_quantization_its_card_loads_it_so_and_another_base_warns(
+        models, tmp_path, caplog):
+    model = models["qwen2"]
+    bank = trained_bank(model, "qlora")
+    trained = policy_logits(bank)
+    method = DPO(bank=BankSpec(model=model, train_mode="qlora"))
+    write_model_card(bank.save_adapter("policy", tmp_path / "policy"), method)
+    assert json.loads((tmp_path / "policy" / META_FILE).read_text())["quantization"] == "4bit"
+
+    # The card's "Load it" lines give the trained policy: on the 4-bit base, not the original one.
+    card = (tmp_path / "policy" / "README.md").read_text()
+    code = card.split("```python\n")[1].split("```")[0]
+    scope: dict = {}
+    exec(code, scope)
+    for module in scope["model"].modules():  # the bank's guard against bitsandbytes' CPU inference repacking
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    torch.testing.assert_close(logits_of(scope["model"].eval()), trained, **TOL)
+
+    with caplog.at_level(logging.WARNING, logger="lit_rlhf.models"):
+        on_original = bank_of(model, "lora", path=str(tmp_path / "policy"))
+    assert "trained on a 4bit base and is loaded onto a full-precision one" in caplog.text
+    assert not torch.allclose(policy_logits(on_original), trained, **TOL)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lit_rlhf.models"):
+        bank_of(model, "qlora", path=str(tmp_path / "policy"))
+    assert "trained on a" not in caplog.text
