@@ -321,6 +321,8 @@ class AdapterBank(nn.Module):
             for module in base.modules():
                 if hasattr(module, "support_avx512bf16_for_cpu"):
                     module.support_avx512bf16_for_cpu = False
+        # Off for training forwards (the bank turns the cache on to generate); an export writes the loaded value.
+        self._loaded_use_cache = base.config.use_cache
         base.config.use_cache = False
         if spec.disable_dropout:
             disable_dropout(base)
@@ -762,8 +764,13 @@ class AdapterBank(nn.Module):
                 write_head_and_meta(directory, self.heads[adapter], {"base": None, **(metadata or {})})
 
         if self.full:
-            with atomic_directory(path) as tmp:
-                write(self.model, tmp)
+            config = self.model.config
+            training_use_cache, config.use_cache = config.use_cache, self._loaded_use_cache
+            try:
+                with atomic_directory(path) as tmp:
+                    write(self.model, tmp)
+            finally:
+                config.use_cache = training_use_cache
             return Path(path)
         with tempfile.TemporaryDirectory() as adapter_dir:
             self.save_adapter(adapter, Path(adapter_dir) / "adapter")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,8 +104,12 @@ def test_a_merged_export_is_the_trained_policy_in_plain_transformers(models, fam
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert "quantization_config" not in config  # a QLoRA run exports plain full-precision weights
     assert {p.dtype for p in merged.parameters()} == {torch.float32}
+    original = json.loads((Path(models[family]) / "config.json").read_text())
+    # The bank trains with the KV cache off; the export generates with it as the base did.
+    assert config["use_cache"] == original["use_cache"] is True
+    assert bank.model.config.use_cache is False
     tied = merged.config.tie_word_embeddings
-    assert tied == AutoModelForCausalLM.from_pretrained(models[family]).config.tie_word_embeddings
+    assert tied == original["tie_word_embeddings"]
     if tied:  # a trained, tied embedding survives as one tensor, not as a stale copy on either side
         assert merged.get_output_embeddings().weight.data_ptr() == merged.get_input_embeddings().weight.data_ptr()
     # QLoRA: the adapter was trained on the 4-bit weights; merged into the dequantized ones it computes the
