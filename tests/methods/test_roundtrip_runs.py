@@ -6,6 +6,7 @@ and a reward model's exports (adapter, merged) score as it did, with the normali
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import lightning.pytorch as pl
 import pytest
@@ -80,11 +81,11 @@ def test_a_run_started_from_a_saved_adapter_has_it_as_its_reference(models, tmp_
     assert {n.split(".lora_")[1].split(".")[1] for n in method.bank.trainable_names()} == {"policy"}
 
 
-@pytest.mark.parametrize(("family", "train_mode"), [("gpt2", "lora"), ("gemma2", "full")])
+@pytest.mark.parametrize(("family", "train_mode"), [("gpt2", "lora"), ("qwen2", "qlora"), ("gemma2", "full")])
 def test_reward_exports_score_as_trained_with_the_normalisation_they_record(models, family, train_mode, tmp_path):
     pl.seed_everything(0)
-    method = RewardModeling(bank=BankSpec(model=models[family], train_mode=train_mode, lora=LoraSpec(r=4, alpha=8)),
-                            learning_rate=3e-2)
+    spec = BankSpec(model=models[family], train_mode=train_mode, lora=LoraSpec(r=4, alpha=8))
+    method = RewardModeling(bank=spec, learning_rate=3e-2)
     data = PreferenceDataModule(VAL, val=VAL, batch_size=8, max_length=64, seed=3)
     trainer(tmp_path, 3, limit_val_batches=1, enable_checkpointing=False,
             callbacks=[ExportOnFitEnd(str(tmp_path / "export"), merged=True)]).fit(method, data)
@@ -94,14 +95,18 @@ def test_reward_exports_score_as_trained_with_the_normalisation_they_record(mode
     with torch.no_grad():
         trained = method.bank.score(ids, mask, adapter="reward")
 
-    exports = [tmp_path / "export" / "merged"] + ([tmp_path / "export" / "adapter"] if train_mode != "full" else [])
-    for export in exports:
-        recorded = json.loads((export / META_FILE).read_text())["normalization"]
-        scorer = RewardScorer.load(export)
+    # The merged export (a QLoRA one: merged into the dequantized 4-bit weights), as scorers load it ...
+    merged = tmp_path / "export" / "merged"
+    reloaded = {merged: RewardScorer.load(merged).model}
+    if train_mode != "full":  # ... and the adapter, on the base it was trained on
+        adapter = tmp_path / "export" / "adapter"
+        reloaded[adapter] = AdapterBank(replace(spec, adapters=[
+            AdapterSpec("reward", path=str(adapter), head="score", trainable=False)])).eval()
+    for export, bank in reloaded.items():
         with torch.no_grad():
-            torch.testing.assert_close(scorer.model.score(ids, mask, adapter="reward"), trained, atol=1e-5, rtol=1e-5)
-        assert scorer.normalization == recorded
+            torch.testing.assert_close(bank.score(ids, mask, adapter="reward"), trained, atol=1e-5, rtol=1e-5)
         # The recorded statistics are those of the exported weights over the validation data.
-        method.bank = scorer.model
+        recorded = json.loads((export / META_FILE).read_text())["normalization"]
+        method.bank = bank
         for key, value in method.score_statistics(data.val_dataloader()).items():
             assert value == pytest.approx(recorded[key], abs=1e-5), key
