@@ -1,5 +1,6 @@
 """What a run writes reloads to what it trained, on families other than the toy Llama: a stopped run
-resumes exactly (GPT-2 LoRA; Qwen2 and Gemma 2 full, whose trained embedding is tied to the LM head),
+resumes exactly (GPT-2 LoRA; Qwen2 and Gemma 2 full, whose trained embedding is tied to the LM head;
+TR-DPO's moving reference copy in full mode),
 a run started from a saved adapter has that adapter as its reference (DPO's rewards 0 at step 0),
 and a reward model's exports (adapter, merged) score as it did, with the normalisation they record."""
 
@@ -33,11 +34,12 @@ def trainer(root, max_steps: int, **kwargs) -> pl.Trainer:
                       default_root_dir=root, num_sanity_val_steps=0, max_steps=max_steps, **kwargs)
 
 
-def dpo_fit(model: str, train_mode: str, root, max_steps: int, ckpt_path=None) -> dict[str, torch.Tensor]:
-    """DPO (LoRA dropout on: the RNG state is part of what a resume restores); its trainable tensors at the end."""
+def dpo_fit(model: str, train_mode: str, root, max_steps: int, ckpt_path=None, **options) -> dict[str, torch.Tensor]:
+    """DPO (LoRA dropout on: the RNG state is part of what a resume restores); its trainable tensors and
+    (``full``) its reference copy at the end."""
     pl.seed_everything(0)
     method = DPO(bank=BankSpec(model=model, train_mode=train_mode, disable_dropout=False,
-                               lora=LoraSpec(r=4, alpha=8, dropout=0.1)), learning_rate=3e-3)
+                               lora=LoraSpec(r=4, alpha=8, dropout=0.1)), learning_rate=3e-3, **options)
     data = PreferenceDataModule(VAL, batch_size=8, max_length=64, seed=3)
     fit = trainer(root, max_steps, limit_val_batches=0, callbacks=[ResumableCheckpoint(dirpath=root)],
                   plugins=[AtomicCheckpointIO()])
@@ -45,14 +47,22 @@ def dpo_fit(model: str, train_mode: str, root, max_steps: int, ckpt_path=None) -
     if method.bank.full and method.bank.model.config.tie_word_embeddings:
         model_ = method.bank.model
         assert model_.get_output_embeddings().weight is model_.get_input_embeddings().weight
-    return {n: p.detach().clone() for n, p in method.bank.named_parameters() if p.requires_grad}
+    return {n: p.detach().clone() for n, p in method.bank.named_parameters()
+            if p.requires_grad or n.startswith("reference_model.")}
 
 
-@pytest.mark.parametrize(("family", "train_mode"), [("gpt2", "lora"), ("qwen2", "full"), ("gemma2", "full")])
-def test_a_stopped_run_resumes_exactly_on_other_families(models, family, train_mode, tmp_path):
-    straight = dpo_fit(models[family], train_mode, tmp_path / "straight", 4)
-    dpo_fit(models[family], train_mode, tmp_path / "a", 2)
-    resumed = dpo_fit(models[family], train_mode, tmp_path / "a" / "resumed", 4, ckpt_path=tmp_path / "a" / "last.ckpt")
+#: TR-DPO moves the reference every step; in full mode the checkpoint carries the frozen copy's weights.
+TR_DPO = dict(sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5)
+
+
+@pytest.mark.parametrize(("family", "train_mode", "options"), [
+    ("gpt2", "lora", {}), ("qwen2", "full", {}), ("gemma2", "full", {}), ("qwen2", "full", TR_DPO)],
+    ids=["gpt2-lora", "qwen2-full", "gemma2-full", "qwen2-full-tr_dpo"])
+def test_a_stopped_run_resumes_exactly_on_other_families(models, family, train_mode, options, tmp_path):
+    straight = dpo_fit(models[family], train_mode, tmp_path / "straight", 4, **options)
+    dpo_fit(models[family], train_mode, tmp_path / "a", 2, **options)
+    resumed = dpo_fit(models[family], train_mode, tmp_path / "a" / "resumed", 4,
+                      ckpt_path=tmp_path / "a" / "last.ckpt", **options)
     assert resumed.keys() == straight.keys()
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
