@@ -1,6 +1,6 @@
 """What a run writes reloads to what it trained, on families other than the toy Llama: a stopped run
 resumes exactly (GPT-2 LoRA; Qwen2 and Gemma 2 full, whose trained embedding is tied to the LM head;
-TR-DPO's moving reference copy in full mode),
+TR-DPO's moving reference copy in full mode; PPO's value adapter and head on GPT-2),
 a run started from a saved adapter has that adapter as its reference (DPO's rewards 0 at step 0),
 and a reward model's exports (adapter, merged) score as it did, with the normalisation they record."""
 
@@ -13,11 +13,12 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lit_rlhf.data import PreferenceDataModule
-from lit_rlhf.methods import DPO, AtomicCheckpointIO, ExportOnFitEnd, ResumableCheckpoint, RewardModeling
+from lit_rlhf.data import PreferenceDataModule, PromptDataModule
+from lit_rlhf.methods import DPO, PPO, AtomicCheckpointIO, ExportOnFitEnd, ResumableCheckpoint, RewardModeling
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, LoraSpec
 from lit_rlhf.models.saving import META_FILE
 from lit_rlhf.rollout.rewards import RewardScorer
+from tests.methods.online_helpers import make_online
 from tests.methods.tiny_families import PREFERENCE, build_families
 from tests.paths import TOY_DATA
 
@@ -120,3 +121,25 @@ def test_reward_exports_score_as_trained_with_the_normalisation_they_record(mode
         method.bank = bank
         for key, value in method.score_statistics(data.val_dataloader()).items():
             assert value == pytest.approx(recorded[key], abs=1e-5), key
+
+
+def ppo_fit(model: str, root, max_steps: int, ckpt_path=None) -> dict[str, torch.Tensor]:
+    """PPO with its critic as a value adapter and head (dropout on, adaptive KL); its trainable tensors at the end."""
+    pl.seed_everything(0)
+    method = make_online(PPO, update_epochs=1, num_mini_batches=1, num_samples_per_prompt=2, max_new_tokens=4,
+                         adaptive_kl=True, kl_coef=0.05, kl_target=0.1, kl_horizon=100)
+    method.bank_spec.model, method.bank_spec.disable_dropout, method.bank_spec.lora.dropout = model, False, 0.1
+    data = PromptDataModule(str(TOY_DATA / "prompt_val.jsonl"), batch_size=2, max_length=32, seed=3)
+    trainer(root, max_steps, limit_val_batches=0, callbacks=[ResumableCheckpoint(dirpath=root)],
+            plugins=[AtomicCheckpointIO()]).fit(method, data, ckpt_path=ckpt_path)
+    return {n: p.detach().clone() for n, p in method.bank.named_parameters() if p.requires_grad}
+
+
+def test_a_stopped_ppo_run_resumes_its_critic_exactly_on_gpt2(models, tmp_path):
+    straight = ppo_fit(models["gpt2"], tmp_path / "straight", 4)
+    assert any(name.startswith("heads.value.") for name in straight)
+    ppo_fit(models["gpt2"], tmp_path / "a", 2)
+    resumed = ppo_fit(models["gpt2"], tmp_path / "a" / "resumed", 4, ckpt_path=tmp_path / "a" / "last.ckpt")
+    assert resumed.keys() == straight.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
