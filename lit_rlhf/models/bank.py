@@ -285,6 +285,31 @@ def _check_saved_adapter(adapter: AdapterSpec, model: str, base_fingerprint: dic
         )
 
 
+def merge_adapter(base: nn.Module, adapter_dir: str) -> nn.Module:
+    """``base`` with the LoRA adapter saved at ``adapter_dir`` merged into its weights.
+
+    A LoRA on a tied LM head (or input embedding) changes that side only; merged into the shared
+    weight it would change both (GPT-2, Qwen2: logits off by more than the adapter's own effect). So
+    a tied pair is untied before the merge and tied again only when the two still agree.
+    """
+    tied = getattr(base.config, "tie_word_embeddings", False)
+    if tied:
+        head = base.get_output_embeddings()
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        base.config.tie_word_embeddings = False
+    with warnings.catch_warnings():
+        # A QLoRA GPT-2 adapter was made on 4-bit linears; peft transposes it for the Conv1D it merges into.
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False but the target module is `Conv1D`")
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    if tied:
+        if torch.equal(merged.get_output_embeddings().weight, merged.get_input_embeddings().weight):
+            merged.config.tie_word_embeddings = True
+            merged.tie_weights()
+        else:
+            log.info("the adapter changes the tied LM head or input embedding: the merged model saves them untied")
+    return merged
+
+
 class AdapterBank(nn.Module):
     """One transformers causal LM carrying named LoRA adapters and scalar heads.
 
@@ -778,10 +803,7 @@ class AdapterBank(nn.Module):
                 base = load_dequantized_base(self.spec)  # what the adapter trained against
             else:
                 base = load_base(self.spec, quantize=False)
-            with warnings.catch_warnings():
-                # A QLoRA GPT-2 adapter was made on 4-bit linears; peft transposes it for the Conv1D it merges into.
-                warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False but the target module is `Conv1D`")
-                merged = PeftModel.from_pretrained(base, str(Path(adapter_dir) / "adapter")).merge_and_unload()
+            merged = merge_adapter(base, str(Path(adapter_dir) / "adapter"))
             with atomic_directory(path) as tmp:
                 write(merged, tmp)
         return Path(path)
