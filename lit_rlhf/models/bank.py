@@ -40,6 +40,7 @@ from lit_rlhf.models.loading import (
     load_base,
     load_dequantized_base,
     load_tokenizer,
+    quantization_record,
     require_safetensors,
 )
 from lit_rlhf.models.saving import HEAD_FILE, atomic_directory, read_adapter_meta, write_head_and_meta
@@ -215,7 +216,7 @@ def check_bank_spec(spec: BankSpec, adapters: Sequence[AdapterSpec]) -> dict:
         require_safetensors(spec.model, what="model", convert=CONVERT_MODEL)
     for adapter in adapters:
         if adapter.path:
-            _check_saved_adapter(adapter, spec.model, base_fingerprint, spec.effective_quantization)
+            _check_saved_adapter(adapter, spec.model, base_fingerprint, quantization_record(spec))
     if spec.teacher is not None:
         check_shared_vocabulary(spec, spec.teacher, config.vocab_size)
     return base_fingerprint
@@ -259,7 +260,7 @@ def _check_recomputed_roles(setting, adapters: Sequence[AdapterSpec]) -> None:
         )
 
 
-def _check_saved_adapter(adapter: AdapterSpec, model: str, base_fingerprint: dict, quantization: str | None) -> None:
+def _check_saved_adapter(adapter: AdapterSpec, model: str, base_fingerprint: dict, quantization: dict | None) -> None:
     """A saved adapter: PEFT files, safetensors weights, and the fingerprint of the base it was trained on."""
     if not Path(adapter.path, "adapter_config.json").exists():
         raise FileNotFoundError(f"adapter {adapter.name!r}: {adapter.path} is not a saved PEFT adapter (no adapter_config.json)")
@@ -274,9 +275,9 @@ def _check_saved_adapter(adapter: AdapterSpec, model: str, base_fingerprint: dic
     if "quantization" in meta and trained_on != quantization:
         # A QLoRA adapter corrects the 4-bit weights, not the originals: on another base it computes another
         # function (a reward adapter's scores off by twice their spread on the tiny test models).
-        log.warning("adapter %r was trained on a %s base and is loaded onto a %s one: it computes another function "
-                    "than the one trained (set bank.train_mode or bank.quantization as in training)", adapter.name,
-                    trained_on or "full-precision", quantization or "full-precision")
+        log.warning("adapter %r was trained on a base quantized as %s and is loaded onto one quantized as %s: it "
+                    "computes another function than the one trained (set bank.train_mode, bank.quantization, "
+                    "bank.quant_type, bank.double_quant as in training)", adapter.name, trained_on, quantization)
     if saved is not None and saved != base_fingerprint:
         diff = {k: (saved.get(k), v) for k, v in base_fingerprint.items() if saved.get(k) != v}
         raise ValueError(
@@ -758,7 +759,7 @@ class AdapterBank(nn.Module):
             state = get_peft_model_state_dict(self.model, adapter_name=name)
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"))
             meta = {"base": self.base_fingerprint, "base_model": model_identity(self.spec.model),
-                    "quantization": self.spec.effective_quantization, **(metadata or {})}
+                    "quantization": quantization_record(self.spec), **(metadata or {})}
             write_head_and_meta(tmp, self.heads[name] if name in self.heads else None, meta)
         return Path(path)
 

@@ -56,6 +56,15 @@ def quantization_config(spec: BankSpec) -> BitsAndBytesConfig | None:
     )
 
 
+def quantization_record(spec: BankSpec) -> dict | None:
+    """What an adapter trained on ``spec``'s base records of its quantization (``None``: full precision):
+    the weights it corrects depend on each of these."""
+    mode = spec.effective_quantization
+    if mode != "4bit":
+        return None if mode is None else {"mode": mode}
+    return {"mode": mode, "quant_type": spec.quant_type, "double_quant": spec.double_quant}
+
+
 def require_safetensors(path: str, *, what: str, convert: str) -> None:
     """Fail clearly when a local directory holds its weights only as pickles (``.bin``, ``.pt``).
 

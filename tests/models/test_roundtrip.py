@@ -124,7 +124,8 @@ def test_a_qlora_adapter_records_its_quantization_its_card_loads_it_so_and_anoth
     trained = policy_logits(bank)
     method = DPO(bank=BankSpec(model=model, train_mode="qlora"))
     write_model_card(bank.save_adapter("policy", tmp_path / "policy"), method)
-    assert json.loads((tmp_path / "policy" / META_FILE).read_text())["quantization"] == "4bit"
+    recorded = json.loads((tmp_path / "policy" / META_FILE).read_text())["quantization"]
+    assert recorded == {"mode": "4bit", "quant_type": "nf4", "double_quant": True}
 
     # The card's "Load it" lines give the trained policy: on the 4-bit base, not the original one.
     card = (tmp_path / "policy" / "README.md").read_text()
@@ -138,12 +139,18 @@ def test_a_qlora_adapter_records_its_quantization_its_card_loads_it_so_and_anoth
 
     with caplog.at_level(logging.WARNING, logger="lit_rlhf.models"):
         on_original = bank_of(model, "lora", path=str(tmp_path / "policy"))
-    assert "trained on a 4bit base and is loaded onto a full-precision one" in caplog.text
+    assert "trained on a base quantized as {'mode': '4bit'" in caplog.text
+    assert "loaded onto one quantized as None" in caplog.text
     assert not torch.allclose(policy_logits(on_original), trained, **TOL)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lit_rlhf.models"):
         bank_of(model, "qlora", path=str(tmp_path / "policy"))
-    assert "trained on a" not in caplog.text
+    assert "trained on a base quantized" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lit_rlhf.models"):
+        AdapterBank(BankSpec(model=model, train_mode="qlora", quant_type="fp4"),
+                    require=[AdapterSpec("policy", path=str(tmp_path / "policy"))])
+    assert "'quant_type': 'fp4'" in caplog.text
 
 
 # peft warns, when a LoRA wraps a tied LM head, that merging it can go wrong (it did), that GPT-2's
