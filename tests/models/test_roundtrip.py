@@ -176,3 +176,8 @@ def test_a_lora_on_a_tied_lm_head_or_embedding_merges_into_an_untied_copy(models
     # round): logits off by 0.85.
     torch.testing.assert_close(logits_of(merged), trained, **TOL)
     assert merged.config.tie_word_embeddings is False
+    # Rollouts sample from the trained policy too: generation merges LoRA deltas only into untied weights
+    # (the head's delta in its tied weight gave generation-time logits off by 0.85), and restores them.
+    with bank.generating("policy") as model:
+        torch.testing.assert_close(logits_of(model), trained, **TOL)
+    torch.testing.assert_close(policy_logits(bank), trained, rtol=0, atol=0)
