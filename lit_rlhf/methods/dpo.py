@@ -245,10 +245,10 @@ class DPO(PreferenceMethod):
         if self._synced_reference is None:
             mix_adapter_weights(self.bank, self.policy_adapter, self.reference_adapter, 1.0)
             return
-        params = dict(self.bank.named_parameters())
+        params = dict(self.bank.named_parameters())  # bank-relative names, as _reference_state wrote them
         with torch.no_grad():
             for name, value in self._synced_reference.items():
-                params[name.removeprefix("reference_model.") if self.bank.full else name].copy_(value)
+                params[name].copy_(value)
         self._synced_reference = None
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

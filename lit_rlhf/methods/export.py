@@ -62,6 +62,18 @@ def write_model_card(path: str | Path, method: BankMethod, *, datamodule=None, m
         lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   f'model = AutoModelForCausalLM.from_pretrained("{path}")',
                   f'tokenizer = AutoTokenizer.from_pretrained("{path}")']
+    elif spec.effective_quantization:
+        # The adapter corrects the quantized weights: on the full-precision base it is another model.
+        quantized = ("load_in_8bit=True" if spec.effective_quantization == "8bit" else
+                     f'load_in_4bit=True, bnb_4bit_quant_type="{spec.quant_type}", '
+                     f'bnb_4bit_use_double_quant={spec.double_quant}, bnb_4bit_compute_dtype=torch.{spec.dtype}')
+        lines += ["import torch", "from peft import PeftModel",
+                  "from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig", "",
+                  "# trained on the quantized base: load it quantized the same way",
+                  f'base = AutoModelForCausalLM.from_pretrained("{spec.model}", '
+                  f'quantization_config=BitsAndBytesConfig({quantized}))',
+                  f'model = PeftModel.from_pretrained(base, "{path}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{spec.tokenizer or spec.model}")']
     else:
         lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   f'base = AutoModelForCausalLM.from_pretrained("{spec.model}")',

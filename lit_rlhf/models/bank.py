@@ -38,7 +38,9 @@ from lit_rlhf.models.loading import (
     CONVERT_MODEL,
     fingerprint,
     load_base,
+    load_dequantized_base,
     load_tokenizer,
+    quantization_record,
     require_safetensors,
 )
 from lit_rlhf.models.saving import HEAD_FILE, atomic_directory, read_adapter_meta, write_head_and_meta
@@ -214,7 +216,7 @@ def check_bank_spec(spec: BankSpec, adapters: Sequence[AdapterSpec]) -> dict:
         require_safetensors(spec.model, what="model", convert=CONVERT_MODEL)
     for adapter in adapters:
         if adapter.path:
-            _check_saved_adapter(adapter, spec.model, base_fingerprint)
+            _check_saved_adapter(adapter, spec.model, base_fingerprint, quantization_record(spec))
     if spec.teacher is not None:
         check_shared_vocabulary(spec, spec.teacher, config.vocab_size)
     return base_fingerprint
@@ -258,7 +260,7 @@ def _check_recomputed_roles(setting, adapters: Sequence[AdapterSpec]) -> None:
         )
 
 
-def _check_saved_adapter(adapter: AdapterSpec, model: str, base_fingerprint: dict) -> None:
+def _check_saved_adapter(adapter: AdapterSpec, model: str, base_fingerprint: dict, quantization: dict | None) -> None:
     """A saved adapter: PEFT files, safetensors weights, and the fingerprint of the base it was trained on."""
     if not Path(adapter.path, "adapter_config.json").exists():
         raise FileNotFoundError(f"adapter {adapter.name!r}: {adapter.path} is not a saved PEFT adapter (no adapter_config.json)")
@@ -269,12 +271,44 @@ def _check_saved_adapter(adapter: AdapterSpec, model: str, base_fingerprint: dic
         # Same shapes can still be another model (a merged SFT model vs its base): say so.
         log.warning("adapter %r was trained on %s and is loaded onto %s", adapter.name, meta["base_model"],
                     model_identity(model))
+    trained_on = meta.get("quantization")
+    if "quantization" in meta and trained_on != quantization:
+        # A QLoRA adapter corrects the 4-bit weights, not the originals: on another base it computes another
+        # function (a reward adapter's scores off by twice their spread on the tiny test models).
+        log.warning("adapter %r was trained on a base quantized as %s and is loaded onto one quantized as %s: it "
+                    "computes another function than the one trained (set bank.train_mode, bank.quantization, "
+                    "bank.quant_type, bank.double_quant as in training)", adapter.name, trained_on, quantization)
     if saved is not None and saved != base_fingerprint:
         diff = {k: (saved.get(k), v) for k, v in base_fingerprint.items() if saved.get(k) != v}
         raise ValueError(
             f"adapter {adapter.name!r} at {adapter.path} was trained on a different base model "
             f"(saved vs this base: {diff}); load it onto the base it was trained on ({model!r} is not)"
         )
+
+
+def merge_adapter(base: nn.Module, adapter_dir: str) -> nn.Module:
+    """``base`` with the LoRA adapter saved at ``adapter_dir`` merged into its weights.
+
+    A LoRA on a tied LM head (or input embedding) changes that side only; merged into the shared
+    weight it would change both (GPT-2, Qwen2: logits off by more than the adapter's own effect). So
+    a tied pair is untied before the merge and tied again only when the two still agree.
+    """
+    tied = getattr(base.config, "tie_word_embeddings", False)
+    if tied:
+        head = base.get_output_embeddings()
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        base.config.tie_word_embeddings = False
+    with warnings.catch_warnings():
+        # A QLoRA GPT-2 adapter was made on 4-bit linears; peft transposes it for the Conv1D it merges into.
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False but the target module is `Conv1D`")
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    if tied:
+        if torch.equal(merged.get_output_embeddings().weight, merged.get_input_embeddings().weight):
+            merged.config.tie_word_embeddings = True
+            merged.tie_weights()
+        else:
+            log.info("the adapter changes the tied LM head or input embedding: the merged model saves them untied")
+    return merged
 
 
 class AdapterBank(nn.Module):
@@ -313,6 +347,8 @@ class AdapterBank(nn.Module):
             for module in base.modules():
                 if hasattr(module, "support_avx512bf16_for_cpu"):
                     module.support_avx512bf16_for_cpu = False
+        # Off for training forwards (the bank turns the cache on to generate); an export writes the loaded value.
+        self._loaded_use_cache = base.config.use_cache
         base.config.use_cache = False
         if spec.disable_dropout:
             disable_dropout(base)
@@ -722,7 +758,8 @@ class AdapterBank(nn.Module):
             config.save_pretrained(str(tmp))
             state = get_peft_model_state_dict(self.model, adapter_name=name)
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"))
-            meta = {"base": self.base_fingerprint, "base_model": model_identity(self.spec.model), **(metadata or {})}
+            meta = {"base": self.base_fingerprint, "base_model": model_identity(self.spec.model),
+                    "quantization": quantization_record(self.spec), **(metadata or {})}
             write_head_and_meta(tmp, self.heads[name] if name in self.heads else None, meta)
         return Path(path)
 
@@ -731,7 +768,9 @@ class AdapterBank(nn.Module):
         """Save a plain transformers model (``save_pretrained``) with ``adapter`` merged into the base.
 
         The merge happens on a fresh unquantized load of the base, so the bank's own base and
-        its reference policy are untouched and a 4-bit run exports full-precision weights.
+        its reference policy are untouched and a 4-bit run exports full-precision weights: the
+        dequantized 4-bit weights the adapter was trained against, not the original ones (the
+        exported model computes the trained function).
 
         Args:
             path: the directory to write.
@@ -751,13 +790,21 @@ class AdapterBank(nn.Module):
                 write_head_and_meta(directory, self.heads[adapter], {"base": None, **(metadata or {})})
 
         if self.full:
-            with atomic_directory(path) as tmp:
-                write(self.model, tmp)
+            config = self.model.config
+            training_use_cache, config.use_cache = config.use_cache, self._loaded_use_cache
+            try:
+                with atomic_directory(path) as tmp:
+                    write(self.model, tmp)
+            finally:
+                config.use_cache = training_use_cache
             return Path(path)
         with tempfile.TemporaryDirectory() as adapter_dir:
             self.save_adapter(adapter, Path(adapter_dir) / "adapter")
-            base = load_base(replace(self.spec, quantization=None, train_mode="lora"), quantize=False)
-            merged = PeftModel.from_pretrained(base, str(Path(adapter_dir) / "adapter")).merge_and_unload()
+            if self.spec.effective_quantization:
+                base = load_dequantized_base(self.spec)  # what the adapter trained against
+            else:
+                base = load_base(self.spec, quantize=False)
+            merged = merge_adapter(base, str(Path(adapter_dir) / "adapter"))
             with atomic_directory(path) as tmp:
                 write(merged, tmp)
         return Path(path)

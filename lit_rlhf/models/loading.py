@@ -56,6 +56,15 @@ def quantization_config(spec: BankSpec) -> BitsAndBytesConfig | None:
     )
 
 
+def quantization_record(spec: BankSpec) -> dict | None:
+    """What an adapter trained on ``spec``'s base records of its quantization (``None``: full precision):
+    the weights it corrects depend on each of these."""
+    mode = spec.effective_quantization
+    if mode != "4bit":
+        return None if mode is None else {"mode": mode}
+    return {"mode": mode, "quant_type": spec.quant_type, "double_quant": spec.double_quant}
+
+
 def require_safetensors(path: str, *, what: str, convert: str) -> None:
     """Fail clearly when a local directory holds its weights only as pickles (``.bin``, ``.pt``).
 
@@ -112,3 +121,30 @@ def fingerprint(config) -> dict:
         "hidden_size": config.hidden_size,
         "num_hidden_layers": config.num_hidden_layers,
     }
+
+
+def load_dequantized_base(spec: BankSpec):
+    """The base of a quantized ``spec`` in full precision, holding the weights its adapters trained against.
+
+    A QLoRA adapter learns to correct the 4-bit (or 8-bit) weights, not the originals: merged into
+    the original base it gives another function (on the tiny test models, logits off by a third of
+    their size). Here every quantized linear of a fresh quantized load is dequantized into an
+    unquantized load of the same model (quantization is deterministic), so the merge reproduces the
+    model that was trained. GPT-2's ``Conv1D`` layers are quantized as ``nn.Linear``: transposed back.
+    """
+    from transformers.integrations.bitsandbytes import dequantize_bnb_weight
+    from transformers.pytorch_utils import Conv1D
+
+    base = load_base(spec, quantize=False)
+    quantized = load_base(spec)
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            weight = getattr(module, "weight", None)
+            if type(weight).__name__ not in ("Params4bit", "Int8Params"):
+                continue
+            value = dequantize_bnb_weight(weight, getattr(module, "state", None))
+            target = base.get_submodule(name)
+            if isinstance(target, Conv1D):
+                value = value.t()
+            target.weight.copy_(value.to(target.weight.dtype))
+    return base

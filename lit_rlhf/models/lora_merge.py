@@ -9,7 +9,7 @@ rounds, in bfloat16 by a part in 256): repeated every rollout, the frozen base, 
 reference policy, would drift. Here the merged weights are restored from copies taken before, so the
 base after generation is the base before it, exactly.
 
-Only plain LoRA linears merge (not DoRA or other variants, LoRA biases, quantized or sharded bases);
+Only plain LoRA linears merge (not DoRA or other variants, LoRA biases, quantized, sharded or tied bases);
 the others keep running their LoRA branch, which gives the same outputs. The copies cost the size of the
 merged weights while generation runs: on CUDA they are taken only when twice that is free.
 """
@@ -17,6 +17,7 @@ merged weights while generation runs: on CUDA they are taken only when twice tha
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -29,14 +30,18 @@ log = logging.getLogger("lit_rlhf.models")
 
 
 def mergeable_layers(model: nn.Module, adapter: str) -> list[LoraLinear]:
-    """The LoRA linears of ``model`` whose ``adapter`` merges into a plain floating-point base weight."""
+    """The LoRA linears of ``model`` whose ``adapter`` merges into a plain floating-point base weight of
+    their own: a weight tied to another module (a LoRA on Qwen2's or GPT-2's tied LM head) would carry the
+    delta into the input embedding too, and generation would sample from another model."""
+    names = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     layers = []
     for module in model.modules():
         if type(module) is not LoraLinear or adapter not in module.lora_A or module.merged:
             continue
         weight = module.get_base_layer().weight
         if (adapter in module.lora_variant or module.lora_bias.get(adapter, False) or not weight.is_floating_point()
-                or isinstance(weight, DTensor) or hasattr(weight, "ds_id") or weight.requires_grad):
+                or isinstance(weight, DTensor) or hasattr(weight, "ds_id") or weight.requires_grad
+                or names[id(weight)] > 1):
             continue
         layers.append(module)
     return layers
