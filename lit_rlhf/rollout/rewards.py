@@ -341,7 +341,8 @@ class RewardScorer:
                 reward model (``save_pretrained`` + ``HEAD_FILE``), or a transformers
                 sequence-classification model (one label, safetensors weights).
             base: the base model an adapter was trained on; by default the one recorded in its
-                ``META_FILE`` (``base_model``), else PEFT's ``base_model_name_or_path``.
+                ``META_FILE`` (``base_model``), else PEFT's ``base_model_name_or_path``. It is loaded
+                quantized as the adapter records (``quantization``: a QLoRA adapter on a 4-bit base).
             tokenizer: the tokenizer; by default the recorded one (when ``base`` is not given),
                 else the base's (the model's own for a full model).
             adapter: the name the reward adapter gets on the bank.
@@ -363,7 +364,10 @@ class RewardScorer:
             if not base:
                 raise ValueError(f"reward adapter {path} records no base model: pass the model it was trained on "
                                  "(base=... in Python, `base` in a reward spec)")
-            spec = BankSpec(model=str(base), tokenizer=tokenizer, dtype=dtype,
+            # An adapter corrects the weights it was trained against: a QLoRA one needs its base quantized alike.
+            quantized = meta.get("quantization") or {}
+            spec = BankSpec(model=str(base), tokenizer=tokenizer, dtype=dtype, quantization=quantized.get("mode"),
+                            quant_type=quantized.get("quant_type", "nf4"), double_quant=quantized.get("double_quant", True),
                             adapters=[AdapterSpec(adapter, path=str(path), head="score", trainable=False)])
             model = AdapterBank(spec)
         elif (path / "config.json").exists() and (path / HEAD_FILE).exists():

@@ -108,12 +108,13 @@ def test_reward_exports_score_as_trained_with_the_normalisation_they_record(mode
 
     # The merged export (a QLoRA one: merged into the dequantized 4-bit weights), as scorers load it ...
     merged = tmp_path / "export" / "merged"
-    reloaded = {merged: RewardScorer.load(merged).model}
-    if train_mode != "full":  # ... and the adapter, on the base it was trained on
+    reloaded = [(merged, RewardScorer.load(merged).model)]
+    if train_mode != "full":  # ... and the adapter, on the base it was trained on, and as a scorer loads it
         adapter = tmp_path / "export" / "adapter"
-        reloaded[adapter] = AdapterBank(replace(spec, adapters=[
-            AdapterSpec("reward", path=str(adapter), head="score", trainable=False)])).eval()
-    for export, bank in reloaded.items():
+        reloaded.append((adapter, AdapterBank(replace(spec, adapters=[
+            AdapterSpec("reward", path=str(adapter), head="score", trainable=False)])).eval()))
+        reloaded.append((adapter, RewardScorer.load(adapter).model))  # a QLoRA one: on the base quantized as recorded
+    for export, bank in reloaded:
         with torch.no_grad():
             torch.testing.assert_close(bank.score(ids, mask, adapter="reward"), trained, atol=1e-5, rtol=1e-5)
         # The recorded statistics are those of the exported weights over the validation data.
