@@ -73,7 +73,7 @@ def test_greedy_tokens_are_those_of_hf_on_every_family(family, copies, family_ba
 
 @pytest.mark.parametrize("bucket", [1, 7])
 def test_bucketing_and_a_reused_cache_do_not_change_greedy_output(bucket, bank, tokenizer):
-    engine = fast_engine(bucket=bucket)
+    engine = fast_engine(bucket=bucket, keep_cache=True)  # as a compiled step pads and keeps its cache
     ids, mask = encode(tokenizer, PROMPTS)
     expected = build_engine("hf").generate(bank, "policy", ids, mask, greedy(tokenizer))
     for prompts in (PROMPTS, PROMPTS[:1] * 4, PROMPTS):  # the cache is reused, shorter then longer
@@ -83,6 +83,22 @@ def test_bucketing_and_a_reused_cache_do_not_change_greedy_output(bucket, bank, 
         assert torch.equal(got.response_ids, want.response_ids)
         assert torch.equal(got.response_mask, want.response_mask) and torch.equal(got.ended, want.ended)
     assert torch.equal(got.response_ids, expected.response_ids)
+
+
+def test_an_eager_decode_pads_no_prompt_and_attends_over_no_spare_cache(bank, tokenizer):
+    # Padding serves a compiled step's shapes only; eagerly, every padded slot costs prefill and attention.
+    ids, mask = encode(tokenizer, PROMPTS)
+    seen = []
+    hook = bank.model.get_base_model().register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((kwargs["input_ids"].shape[1], kwargs["cache"].get_max_length())),
+        with_kwargs=True)
+    try:
+        fast_engine().generate(bank, "policy", ids, mask, greedy(tokenizer, max_new_tokens=5))
+    finally:
+        hook.remove()
+    prompt_len = ids.shape[1]
+    assert seen[0] == (prompt_len, prompt_len + 5)  # the prefill: the batch's own width, a cache of exactly its need
+    assert all(width == 1 and capacity == prompt_len + 5 for width, capacity in seen[1:])
 
 
 def count_forwards(bank):
