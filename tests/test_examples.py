@@ -3,7 +3,6 @@ stage promises, PPO beats SFT on held-out prompts, and the shell commands still 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shlex
@@ -17,17 +16,13 @@ from lit_rlhf.cli import build_cli
 from lit_rlhf.methods import SFT, ExportOnFitEnd, RewardModeling
 from lit_rlhf.methods.ppo import PPO
 
-from tests.paths import REPO
+from tests.paths import REPO, import_file
 
 EXAMPLES = REPO / "examples"
 
 
 def load_pipeline():
-    spec = importlib.util.spec_from_file_location("examples_pipeline", EXAMPLES / "pipeline.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return import_file(EXAMPLES / "pipeline.py", "examples_pipeline")
 
 
 # Three convergence fits in a row (about 10 s); SFT's, Reward's and PPO's own run in the default suite.

@@ -3,23 +3,16 @@ tolerance, or named by a note and (where the convention can be applied) agreeing
 
 from __future__ import annotations
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
+from tests.paths import REPO, import_file
 
 @pytest.fixture(scope="module")
 def agree():
-    spec = importlib.util.spec_from_file_location("agree_under_test", REPO / "benchmarks/agree_with_trl_offline.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield import_file(REPO / "benchmarks/agree_with_trl_offline.py", "agree_under_test")
+    del sys.modules["agree_under_test"]
 
 
 def test_a_cell_passes_within_tolerance_or_by_a_note_that_aligns(agree):

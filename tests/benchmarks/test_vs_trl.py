@@ -3,24 +3,17 @@ and gpu.sh's plan. No timings are asserted."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
+from tests.paths import REPO, import_file
 
 @pytest.fixture(scope="module")
 def vs_trl():
-    spec = importlib.util.spec_from_file_location("vs_trl_under_test", REPO / "benchmarks/vs_trl.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield import_file(REPO / "benchmarks/vs_trl.py", "vs_trl_under_test")
+    del sys.modules["vs_trl_under_test"]
 
 
 def test_synthetic_rows_vary_within_bounds_and_tokenize_one_token_per_word(vs_trl):

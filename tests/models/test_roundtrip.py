@@ -19,7 +19,7 @@ from lit_rlhf.methods.export import write_model_card
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, LoraSpec
 from lit_rlhf.models.loading import load_base
 from lit_rlhf.models.saving import META_FILE
-from tests.methods.tiny_families import build_families
+from tests.methods.tiny_families import build_families, move_off_reference
 
 FAMILIES = ["gpt2", "qwen2", "gemma2", "gpt_neox"]
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -43,12 +43,7 @@ def trained_bank(model: str, train_mode: str) -> AdapterBank:
     """A bank whose policy has moved off its start: LoRA B off zero, or (``full``) every base weight,
     the tied embedding and LM head included."""
     bank = bank_of(model, train_mode)
-    with torch.no_grad():
-        for name, param in bank.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-            elif train_mode == "full" and param.requires_grad:
-                param.add_(torch.randn_like(param), alpha=0.05)
+    move_off_reference(bank, train_mode)
     return bank
 
 
