@@ -27,6 +27,9 @@ from lit_rlhf.strategies import check_trainer_support, shard_bank, synchronise_g
 log = logging.getLogger("lit_rlhf.methods")
 
 
+#: Suffix of a role's parameter group without weight decay (its biases and norm weights).
+NO_DECAY = ".no_decay"
+
 #: The learning-rate decays after warmup, written once (the signature's Literal; the check reads it).
 LRSchedule = Literal["constant", "linear", "cosine"]
 LR_SCHEDULERS: tuple[str, ...] = get_args(LRSchedule)
@@ -137,7 +140,7 @@ class BankMethod(pl.LightningModule):
         bank: the base model and its adapters.
         policy_adapter: the adapter trained (and exported) as the policy; several may live on one bank.
         learning_rate: peak learning rate of AdamW.
-        weight_decay: AdamW weight decay.
+        weight_decay: AdamW weight decay, on every trained tensor but biases and norm weights.
         adam_betas: AdamW betas.
         warmup_steps: optimizer steps of linear warmup.
         lr_scheduler: decay after warmup: ``constant``, ``linear`` or ``cosine`` to zero.
@@ -252,13 +255,18 @@ class BankMethod(pl.LightningModule):
     def parameter_groups(self) -> list[dict]:
         """The trainable tensors as one parameter group per role (``policy``, ``value``, ``value.head``,
         ...; ``base`` in full mode) of one optimizer: DeepSpeed takes exactly one, and a group per role
-        is where a role-specific setting goes."""
+        is where a role-specific setting goes. With ``weight_decay > 0``, a role's biases and norm
+        weights (its 1-D tensors) form a ``<role>.no_decay`` group with no decay, as transformers'
+        Trainer (and so TRL) leaves them undecayed: decay would pull a norm's gain toward zero."""
         trainable = set(self.bank.trainable_names())
+        split = self.hparams.weight_decay > 0
         groups: dict[str, list] = {}
         for name, param in self.bank.named_parameters():
             if name in trainable:
-                groups.setdefault(self._role_of(name), []).append(param)
-        return [{"name": role, "params": params} for role, params in groups.items()]
+                role = self._role_of(name) + (NO_DECAY if split and param.ndim < 2 else "")
+                groups.setdefault(role, []).append(param)
+        return [{"name": role, "params": params, **({"weight_decay": 0.0} if role.endswith(NO_DECAY) else {})}
+                for role, params in groups.items()]
 
     @staticmethod
     def _role_of(name: str) -> str:

@@ -266,3 +266,22 @@ def test_gkd_with_a_4bit_teacher_trains_the_student_only(monkeypatch):
     run.assert_trains_exactly(lora("policy"))
     with torch.no_grad():
         torch.testing.assert_close(method.bank.teacher_model(ids).logits, teacher_before)
+
+
+# -- weight decay ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["dpo-full", "reward-lora"])
+def test_weight_decay_spares_biases_and_norm_weights(case, monkeypatch):
+    """As transformers' Trainer (and TRL): decay on matrices only, none on biases and norm gains (1-D)."""
+    make = {"dpo-full": lambda: DPO(bank=bank("full"), learning_rate=1e-3, weight_decay=0.1),
+            "reward-lora": lambda: RewardModeling(bank=bank(), learning_rate=1e-2, weight_decay=0.1)}[case]
+    run = Recorded(make(), preference(), monkeypatch=monkeypatch)
+    groups = run.method.trainer.optimizers[0].param_groups
+    one_d = [p for g in groups for p in g["params"] if p.ndim < 2]
+    assert one_d  # RMSNorm gains in full mode; the score head's bias with LoRA
+    for group in groups:
+        assert group["weight_decay"] == (0.0 if all(p.ndim < 2 for p in group["params"]) else 0.1), group["name"]
+        assert len({p.ndim < 2 for p in group["params"]}) == 1, group["name"]  # no group mixes the two
+    # Still one group per role (plus its no-decay part), and every trained tensor in exactly one of them.
+    assert sum(len(g["params"]) for g in groups) == len(run.optimized)
