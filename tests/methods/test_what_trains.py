@@ -285,3 +285,40 @@ def test_weight_decay_spares_biases_and_norm_weights(case, monkeypatch):
         assert len({p.ndim < 2 for p in group["params"]}) == 1, group["name"]  # no group mixes the two
     # Still one group per role (plus its no-decay part), and every trained tensor in exactly one of them.
     assert sum(len(g["params"]) for g in groups) == len(run.optimized)
+
+
+# -- resume ----------------------------------------------------------------------------------------------
+
+
+def test_a_resumed_run_restores_each_tensors_optimizer_state_to_the_same_tensor(tmp_path, monkeypatch):
+    """PPO's groups (policy, value, value.head and their no-decay parts) come back in the same order, so
+    each tensor's Adam moments land on that tensor, not on a same-shaped neighbour."""
+
+    def ppo():
+        return online(PPO, weight_decay=0.1)
+
+    first = Recorded(ppo(), prompts(), monkeypatch=monkeypatch, gradient_clip_val=None,
+                     default_root_dir=tmp_path)
+    first.method.trainer.save_checkpoint(tmp_path / "last.ckpt")
+
+    def state_by_name(method):
+        optimizer = method.trainer.optimizers[0]
+        names = {id(p): n for n, p in method.bank.named_parameters()}
+        groups = [(g["name"], g["weight_decay"], [names[id(p)] for p in g["params"]]) for g in optimizer.param_groups]
+        return groups, {names[id(p)]: {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
+
+    groups, state = state_by_name(first.method)
+    assert {g[0] for g in groups} == {"policy", "value", "value.head", "value.head.no_decay"}
+
+    pl.seed_everything(0)
+    method = ppo()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=1, limit_val_batches=0,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, max_steps=first.steps)
+    trainer.fit(method, prompts(), ckpt_path=tmp_path / "last.ckpt")  # already at max_steps: restores, trains nothing
+    resumed_groups, resumed_state = state_by_name(method)
+    assert resumed_groups == groups
+    assert set(resumed_state) == set(state) == {n for g in groups for n in g[2]}
+    for name, values in state.items():
+        for key, value in values.items():
+            assert torch.equal(resumed_state[name][key], value), (name, key)
