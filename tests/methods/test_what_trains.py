@@ -119,6 +119,7 @@ OFFLINE = {
     "dpo-lora": (lambda: DPO(bank=bank(), learning_rate=1e-2), preference, lora("policy")),
     "dpo-full": (lambda: DPO(bank=bank("full"), learning_rate=1e-3), preference, whole_base),
     "kto-lora": (lambda: KTO(bank=bank(), learning_rate=1e-2, desirable_weight=1.5), unpaired, lora("policy")),
+    "kto-full": (lambda: KTO(bank=bank("full"), learning_rate=1e-3, desirable_weight=1.5), unpaired, whole_base),
     "orpo-lora": (lambda: ORPO(bank=bank(), learning_rate=1e-2), preference, lora("policy")),
     "cpo-lora": (lambda: CPO(bank=bank(), learning_rate=1e-2), preference, lora("policy")),
     "simpo-full": (lambda: SimPO(bank=bank("full"), learning_rate=1e-3), preference, whole_base),
@@ -136,7 +137,7 @@ def test_offline_methods_train_exactly_their_parameters(case, monkeypatch):
     make, data, expected = OFFLINE[case]
     run = Recorded(make(), data(), monkeypatch=monkeypatch)
     run.assert_trains_exactly(expected, unread=lambda n: case == "reward-full" and n.startswith("model.lm_head."))
-    if case.endswith("-full") and case.split("-")[0] in ("dpo", "kto"):
+    if case in ("dpo-full", "kto-full"):
         assert any(n.startswith("reference_model.") for n in run.all_names)  # the frozen copy exists (and held still)
     if case.split("-")[0] in ("orpo", "cpo", "simpo", "reward", "sft"):
         # Reference-free: no frozen copy of the base, no reference adapter kept.
@@ -229,17 +230,28 @@ def test_online_methods_train_the_policy_only_beside_a_frozen_reward_adapter(cls
     run.assert_trains_exactly(lora("policy"))
 
 
+@pytest.mark.parametrize("cls", [RLOO, GRPO], ids=lambda c: c.__name__)
+def test_online_methods_in_full_mode_keep_the_reference_copy_still(cls, monkeypatch):
+    method = online(cls, train_mode="full", **({"beta": 0.05} if cls is GRPO else {}))
+    run = Recorded(method, prompts(), monkeypatch=monkeypatch)
+    assert any(n.startswith("reference_model.") for n in run.all_names)
+    run.assert_trains_exactly(whole_base)
+
+
 # -- distillation -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("teacher", ["separate", "base"])
-def test_gkd_trains_the_student_only(teacher, monkeypatch):
-    spec = bank(teacher=TeacherSpec(model=TOY_TEACHER) if teacher == "separate" else None)
-    method = GKD(bank=spec, lmbda=0.0, learning_rate=1e-2, sampling=SAMPLING)
+@pytest.mark.parametrize("train_mode", ["lora", "full"])
+def test_gkd_trains_the_student_only(teacher, train_mode, monkeypatch):
+    spec = bank(train_mode, teacher=TeacherSpec(model=TOY_TEACHER) if teacher == "separate" else None)
+    method = GKD(bank=spec, lmbda=0.0, learning_rate=1e-2 if train_mode == "lora" else 1e-3, sampling=SAMPLING)
     run = Recorded(method, sft(), monkeypatch=monkeypatch)
     if teacher == "separate":
         assert any(n.startswith("teacher_model.") for n in run.all_names)
-    run.assert_trains_exactly(lora("policy"))
+    elif train_mode == "full":
+        assert any(n.startswith("reference_model.") for n in run.all_names)  # the base as loaded teaches
+    run.assert_trains_exactly(lora("policy") if train_mode == "lora" else whole_base)
 
 
 # -- quantized bases ----------------------------------------------------------------------------------
