@@ -729,10 +729,13 @@ class AdapterBank(nn.Module):
             return False
         if self.full:
             return any(a.trainable for a in self.adapters.values()) or not self.adapters
+        # peft names a LoRA tensor ``<module path>.lora_X.<adapter>[.weight]``: the adapter is the part after
+        # ``lora_X``. Anywhere in the path, a trainable adapter called ``model`` or ``mlp`` would train
+        # every adapter's tensors under such a module, a frozen reward adapter's included.
         parts = name.split(".")
-        return any(p.startswith("lora_") for p in parts) and any(
-            a.trainable and a.name in parts for a in self.adapters.values()
-        )
+        lora = next((i for i, part in enumerate(parts) if part.startswith("lora_")), None)
+        adapter = self.adapters.get(parts[lora + 1]) if lora is not None and lora + 1 < len(parts) else None
+        return adapter is not None and adapter.trainable
 
     def _apply_trainability(self) -> None:
         for name, param in self.named_parameters():

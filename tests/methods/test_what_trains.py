@@ -334,3 +334,15 @@ def test_a_resumed_run_restores_each_tensors_optimizer_state_to_the_same_tensor(
     for name, values in state.items():
         for key, value in values.items():
             assert torch.equal(resumed_state[name][key], value), (name, key)
+
+
+# -- adapter names ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["model", "mlp", "q_proj"])
+def test_a_trainable_adapter_named_like_a_module_trains_only_itself(name, tmp_path, monkeypatch):
+    """An adapter's name is matched where peft puts it (after ``lora_X``), not anywhere in the module path."""
+    adapters, _ = reward_adapter(tmp_path)
+    method = SFT(bank=bank(adapters=adapters), policy_adapter=name, learning_rate=1e-2)
+    run = Recorded(method, sft(), monkeypatch=monkeypatch)
+    run.assert_trains_exactly(lambda n: f".lora_A.{name}." in n or f".lora_B.{name}." in n)
