@@ -439,11 +439,14 @@ class AdapterBank(nn.Module):
     def _make_head(self, adapter: AdapterSpec) -> ScalarHead:
         # The width the LM head reads, i.e. the trunk's output (some configs project it: OPT's word_embed_proj_dim).
         head = ScalarHead(self.model.get_output_embeddings().weight.shape[-1], adapter.head)
-        if adapter.path:
-            head_file = Path(adapter.path, HEAD_FILE)
-            if not head_file.exists():
-                raise FileNotFoundError(f"adapter {adapter.name!r} needs a {adapter.head} head but {head_file} is missing")
+        head_file = Path(adapter.path, HEAD_FILE) if adapter.path else None
+        if head_file is not None and head_file.exists():
             head.load_state_dict(load_file(str(head_file)))
+        elif head_file is not None and not (adapter.trainable and adapter.head == "value"):
+            raise FileNotFoundError(f"adapter {adapter.name!r} needs a {adapter.head} head but {head_file} is missing")
+        elif head_file is not None:
+            # PPO's shared critic on a loaded SFT policy: the value head is new, as TRL's on its SFT model.
+            log.info("adapter %r: %s has no value head; training a fresh one", adapter.name, adapter.path)
         return head
 
     @staticmethod

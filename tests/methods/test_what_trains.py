@@ -215,6 +215,24 @@ def test_ppo_shared_critic_trains_the_value_head_on_the_policy(tmp_path, monkeyp
     run.assert_trains_exactly(either(lora("policy"), heads("policy")))
 
 
+def test_ppo_shared_critic_from_a_loaded_sft_policy_trains_a_fresh_value_head(tmp_path, monkeypatch):
+    """The usual start, an SFT adapter, carries no value head: the critic's head starts fresh (the frozen
+    starting copy, the reference, has none)."""
+    sft_start = saved_random_adapter(tmp_path / "sft", "policy")
+    method = online(PPO, critic="shared", adapters=[AdapterSpec("policy", path=sft_start)])
+    run = Recorded(method, prompts(), monkeypatch=monkeypatch)
+    assert any(".reference." in n for n in run.all_names)
+    run.assert_trains_exactly(either(lora("policy"), heads("policy")))
+
+
+def test_a_frozen_adapter_missing_its_head_is_refused(tmp_path):
+    path = saved_random_adapter(tmp_path / "rm", "reward")  # saved without a head
+    method = online(PPO, adapters=[AdapterSpec("reward", path=path, trainable=False, head="score")],
+                    rewards=[RewardSpec("adapter", adapter="reward")])
+    with pytest.raises(FileNotFoundError, match="needs a score head"):
+        method.configure_model()
+
+
 def test_ppo_full_mode_shared_critic_keeps_its_reference_copy_still(monkeypatch):
     method = online(PPO, critic="shared", train_mode="full")
     run = Recorded(method, prompts(), monkeypatch=monkeypatch)
