@@ -20,7 +20,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from lit_rlhf.distributed import every_rank
 from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, eval_mode, load_tokenizer
-from lit_rlhf.models.bank import check_bank_spec, merge_adapter_specs
+from lit_rlhf.models.bank import check_bank_spec, lora_adapter_of, merge_adapter_specs
 from lit_rlhf.models.head import fused_head_supported, head_selection_supported
 from lit_rlhf.strategies import check_trainer_support, shard_bank, synchronise_generation
 
@@ -274,8 +274,7 @@ class BankMethod(pl.LightningModule):
         parts = name.split(".")
         if parts[0] == "heads":
             return f"{parts[1]}.head"
-        lora = next((i for i, part in enumerate(parts) if part.startswith("lora_")), None)
-        return parts[lora + 1] if lora is not None and lora + 1 < len(parts) else "base"
+        return lora_adapter_of(name) or "base"
 
     def total_optimizer_steps(self) -> int:
         return max(1, int(self.trainer.estimated_stepping_batches))

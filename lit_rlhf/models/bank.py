@@ -311,6 +311,16 @@ def merge_adapter(base: nn.Module, adapter_dir: str) -> nn.Module:
     return merged
 
 
+def lora_adapter_of(name: str) -> str | None:
+    """The adapter a LoRA tensor belongs to, ``None`` for any other tensor. peft names them
+    ``<module path>.lora_X.<adapter>[.weight]``: the adapter is the part right after ``lora_X``. Read
+    anywhere in the path, an adapter called ``model`` or ``mlp`` would claim every adapter's tensors
+    under such a module, a frozen reward adapter's included."""
+    parts = name.split(".")
+    lora = next((i for i, part in enumerate(parts) if part.startswith("lora_")), None)
+    return parts[lora + 1] if lora is not None and lora + 1 < len(parts) else None
+
+
 class AdapterBank(nn.Module):
     """One transformers causal LM carrying named LoRA adapters and scalar heads.
 
@@ -732,12 +742,7 @@ class AdapterBank(nn.Module):
             return False
         if self.full:
             return any(a.trainable for a in self.adapters.values()) or not self.adapters
-        # peft names a LoRA tensor ``<module path>.lora_X.<adapter>[.weight]``: the adapter is the part after
-        # ``lora_X``. Anywhere in the path, a trainable adapter called ``model`` or ``mlp`` would train
-        # every adapter's tensors under such a module, a frozen reward adapter's included.
-        parts = name.split(".")
-        lora = next((i for i, part in enumerate(parts) if part.startswith("lora_")), None)
-        adapter = self.adapters.get(parts[lora + 1]) if lora is not None and lora + 1 < len(parts) else None
+        adapter = self.adapters.get(lora_adapter_of(name))
         return adapter is not None and adapter.trainable
 
     def _apply_trainability(self) -> None:
