@@ -406,6 +406,12 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         """``(b, T)``: the response tokens that enter the loss (all of them unless a subclass says otherwise)."""
         return rollout.response_mask
 
+    def step_weights(self, scored: ScoredRollout, targets: NamedTuple) -> torch.Tensor:
+        """``(B, T)`` or ``(B, 1)``: what a step's loss is normalised by, per row, summed over the step's
+        rows and every rank into ``MiniBatch.step_tokens``. The loss tokens by default; a loss over
+        weighted rows (best-of-n's kept rows, Online DPO's untied pairs) counts those instead."""
+        return self.loss_mask(scored.rollout)
+
     def accumulation_weight(self, batch: MiniBatch) -> float:
         """Factor on a micro-batch's loss before backward. By default its share of the step's rows,
         so the step sees the mean over the mini-batch; a loss already normalised by the whole step
@@ -617,7 +623,7 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         rows = scored.scores.shape[0]
         sums: dict[str, float] = defaultdict(float)
         count = skipped = 0
-        loss_mask = self.loss_mask(scored.rollout)
+        loss_mask = self.step_weights(scored, targets)
         for _ in range(self.update_args.update_epochs):
             for micros in self.mini_batches(rows, scored.scores.device):
                 step_rows = sum(m.numel() for m in micros)

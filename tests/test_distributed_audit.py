@@ -1,0 +1,64 @@
+"""Losses over weighted rows under data parallelism: a step split between ranks takes the gradient one
+process takes over the whole step.
+
+DDP averages the ranks' gradients; ``OnlineMethod.update`` divides each loss by the step's
+``step_weights`` summed over every rank and divided by their number (``step_token_count``). The step is
+split here as ``update`` splits it between two ranks (each rank's rows in a micro-batch of their own),
+with that arithmetic: a loss normalised by its own rank's rows (kept tokens, untied pairs) weighs a row
+by 1 / its rank's count, and the split gradient differs from the whole one.
+"""
+
+import lightning.pytorch as pl
+import torch
+
+from lit_rlhf.methods import BestOfN, OnlineDPO
+from lit_rlhf.methods.best_of_n import BestOfNTargets
+
+from tests.methods.online_helpers import first_batch, make_online, perturbed
+
+
+def data_parallel_gradient(method, scored, targets, shares: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The averaged gradient of one optimizer step whose rows ``shares[r]`` sit on rank ``r``."""
+    world = len(shares)
+    weights = method.step_weights(scored, targets)
+    step = weights[torch.cat(shares)].sum().float() / world  # step_token_count: all-reduced, / world
+    params = list(method.bank.trainable_parameters())
+    for p in params:
+        p.grad = None
+    for share in shares:
+        batch = method.select(scored, targets, share, step_rows=share.numel(), step_tokens=step)
+        loss, _ = method.policy_loss(batch)
+        (loss * method.accumulation_weight(batch) / world).backward()  # DDP's gradient average
+    return [p.grad.clone() for p in params]
+
+
+def assert_two_ranks_match_one_process(method, scored, targets) -> None:
+    rows = torch.arange(scored.scores.shape[0])
+    method.bank.eval()  # no dropout: the two passes see the same network
+    whole = data_parallel_gradient(method, scored, targets, [rows])
+    split = data_parallel_gradient(method, scored, targets, list(rows.chunk(2)))
+    for one, two in zip(whole, split):
+        torch.testing.assert_close(two, one)
+
+
+def test_best_of_n_sft_mean_is_over_the_kept_tokens_of_every_rank():
+    pl.seed_everything(0)
+    method = perturbed(make_online(BestOfN, num_samples_per_prompt=2, update_epochs=1, num_mini_batches=1))
+    scored = method.rollout_and_score(first_batch(method, batch_size=2))  # 4 rows: 2 per rank
+    # Rank 0 keeps one row, rank 1 both (as ``min_score`` leaves them): unequal kept tokens per rank.
+    weight = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    targets = BestOfNTargets(is_best=torch.ones(4, dtype=torch.bool), weight=weight)
+    assert (scored.rollout.response_mask.sum(1) > 0).all()
+    assert_two_ranks_match_one_process(method, scored, targets)
+
+
+def test_online_dpo_mean_is_over_the_untied_pairs_of_every_rank():
+    pl.seed_everything(0)
+    method = perturbed(make_online(OnlineDPO, num_samples_per_prompt=2, beta=0.5, update_epochs=1,
+                                   num_mini_batches=1))
+    scored = method.rollout_and_score(first_batch(method, batch_size=4))  # 4 pairs: 2 per rank
+    pairs = scored.scores.view(-1, 2)
+    pairs[:, 1] = pairs[:, 0] + torch.tensor([1.0, 0.0, -1.0, 1.0])  # pair 1 (rank 0) a tie; the rest decided
+    targets = method.compute_advantages(scored)
+    assert targets.pair_weight.tolist() == [1, 1, 0, 0, 1, 1, 1, 1]
+    assert_two_ranks_match_one_process(method, scored, targets)
