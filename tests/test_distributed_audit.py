@@ -1,5 +1,8 @@
-"""Losses over weighted rows under data parallelism: a step split between ranks takes the gradient one
-process takes over the whole step.
+"""Losses under data parallelism equal one process's over the same global batch.
+
+Token means over every rank: ``global_mean_loss`` on two gloo processes, and supervised KD (GKD) on
+two DDP processes against one (slow). Losses over weighted rows (best-of-n, Online DPO): a step split
+between ranks takes the gradient one process takes over the whole step.
 
 DDP averages the ranks' gradients; ``OnlineMethod.update`` divides each loss by the step's
 ``step_weights`` summed over every rank and divided by their number (``step_token_count``). The step is
@@ -9,12 +12,17 @@ by 1 / its rank's count, and the split gradient differs from the whole one.
 """
 
 import lightning.pytorch as pl
+import pytest
 import torch
+import torch.multiprocessing as mp
 
+from lit_rlhf.distributed import global_mean_loss
 from lit_rlhf.methods import BestOfN, OnlineDPO
 from lit_rlhf.methods.best_of_n import BestOfNTargets
 
 from tests.methods.online_helpers import first_batch, make_online, perturbed
+from tests._distributed_workers import free_port, token_mean_inputs, token_mean_on_rank
+from tests.test_scale import _compare_with_one_process
 
 
 def data_parallel_gradient(method, scored, targets, shares: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -62,3 +70,30 @@ def test_online_dpo_mean_is_over_the_untied_pairs_of_every_rank():
     targets = method.compute_advantages(scored)
     assert targets.pair_weight.tolist() == [1, 1, 0, 0, 1, 1, 1, 1]
     assert_two_ranks_match_one_process(method, scored, targets)
+
+
+# -- a token mean over every rank (SFT, GKD): two gloo processes ---------------------------------------
+
+
+def test_global_mean_loss_on_two_ranks_is_the_mean_over_every_ranks_items(tmp_path):
+    mp.start_processes(token_mean_on_rank, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    items = token_mean_inputs()
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        # One process: d/dw mean_i(x_i . w) = mean_i x_i. Per-rank means would give (x_0 + mean(x_1..4)) / 2.
+        torch.testing.assert_close(got["grad"], items.mean(0))
+        torch.testing.assert_close(got["mean"], items.sum(1).mean())
+
+
+def test_global_mean_loss_in_one_process_is_the_mean():
+    total, count = torch.tensor(6.0, requires_grad=True), torch.tensor(4)
+    loss, mean = global_mean_loss(total, count)
+    assert loss.item() == mean.item() == 1.5 and loss.requires_grad and not mean.requires_grad
+
+
+@pytest.mark.slow  # three fits at once (about a minute on 2 busy cores), as test_scale's comparisons
+def test_kd_on_two_processes_matches_one_process(tmp_path):
+    """Supervised KD (GKD, ``lmbda: 0``) with packed rows: the ranks' batches hold different token counts,
+    so the JSD token mean over every rank (not each rank's own) is what reaches the one-process weights."""
+    one, _ = _compare_with_one_process(tmp_path, "kd", "ddp", per_rank_batch=4, steps=3)
+    assert any(v.abs().max() > 0 for k, v in one["state"].items() if "lora_B" in k)
