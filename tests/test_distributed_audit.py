@@ -1,8 +1,9 @@
 """Losses under data parallelism equal one process's over the same global batch.
 
-Token means over every rank: ``global_mean_loss`` on two gloo processes, and supervised KD (GKD) on
-two DDP processes against one (slow). Losses over weighted rows (best-of-n, Online DPO): a step split
-between ranks takes the gradient one process takes over the whole step.
+Each rank reads its own share of one shuffled epoch. Token means over every rank: ``global_mean_loss``
+on two gloo processes, and supervised KD (GKD) on two DDP processes against one (slow). Losses over
+weighted rows (best-of-n, Online DPO): a step split between ranks takes the gradient one process takes
+over the whole step.
 
 DDP averages the ranks' gradients; ``OnlineMethod.update`` divides each loss by the step's
 ``step_weights`` summed over every rank and divided by their number (``step_token_count``). The step is
@@ -11,17 +12,22 @@ with that arithmetic: a loss normalised by its own rank's rows (kept tokens, unt
 by 1 / its rank's count, and the split gradient differs from the whole one.
 """
 
+from types import SimpleNamespace
+
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.multiprocessing as mp
+from transformers import AutoTokenizer
 
+from lit_rlhf.data import PromptDataModule
 from lit_rlhf.distributed import global_mean_loss
 from lit_rlhf.methods import BestOfN, OnlineDPO
 from lit_rlhf.methods.best_of_n import BestOfNTargets
 
-from tests.methods.online_helpers import first_batch, make_online, perturbed
 from tests._distributed_workers import free_port, token_mean_inputs, token_mean_on_rank
+from tests.methods.online_helpers import first_batch, make_online, perturbed
+from tests.paths import TOY_BASE
 from tests.test_scale import _compare_with_one_process
 
 
@@ -97,3 +103,29 @@ def test_kd_on_two_processes_matches_one_process(tmp_path):
     so the JSD token mean over every rank (not each rank's own) is what reaches the one-process weights."""
     one, _ = _compare_with_one_process(tmp_path, "kd", "ddp", per_rank_batch=4, steps=3)
     assert any(v.abs().max() > 0 for k, v in one["state"].items() if "lora_B" in k)
+
+
+# -- data: what each rank reads ------------------------------------------------------------------------
+
+
+def test_two_ranks_split_one_shuffled_epoch_and_hold_out_the_same_validation_rows(tmp_path):
+    train = tmp_path / "prompts.jsonl"
+    train.write_text("".join(f'{{"prompt": "the prompt number {i}"}}\n' for i in range(13)))
+    tokenizer = AutoTokenizer.from_pretrained(TOY_BASE)
+    ranks = []
+    for rank in (0, 1):
+        data = PromptDataModule(train=str(train), val_fraction=0.25, batch_size=2, max_length=32, seed=5)
+        data.trainer = SimpleNamespace(world_size=2, global_rank=rank)  # what train_dataloader reads of it
+        data.prepare(tokenizer)
+        sampler = data.train_dataloader().sampler
+        epochs = []
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            epochs.append(list(sampler))
+        ranks.append((data.train_examples, data.val_examples, epochs))
+    (train0, val0, epochs0), (train1, val1, epochs1) = ranks
+    assert train0 == train1 and val0 == val1 and len(val0) == 3  # one hold-out split, the same on every rank
+    for rows0, rows1 in zip(epochs0, epochs1):
+        # 10 training rows: 5 distinct ones per rank, together the epoch once (no padding needed).
+        assert len(rows0) == len(rows1) == 5 and sorted(rows0 + rows1) == list(range(10))
+    assert epochs0[0] != epochs0[1]  # shuffled per epoch, with one seed: the ranks' shares stay disjoint
