@@ -1,6 +1,7 @@
 """Losses under data parallelism equal one process's over the same global batch.
 
-Each rank reads its own share of one shuffled epoch. Token means over every rank: ``global_mean_loss``
+Each rank reads its own share of one shuffled epoch; the logged rollout metrics are over every rank's
+rows. Token means over every rank: ``global_mean_loss``
 on two gloo processes, and supervised KD (GKD) on two DDP processes against one (slow). Losses over
 weighted rows (best-of-n, Online DPO): a step split between ranks takes the gradient one process takes
 over the whole step.
@@ -25,7 +26,7 @@ from lit_rlhf.distributed import global_mean_loss
 from lit_rlhf.methods import BestOfN, OnlineDPO
 from lit_rlhf.methods.best_of_n import BestOfNTargets
 
-from tests._distributed_workers import free_port, token_mean_inputs, token_mean_on_rank
+from tests._distributed_workers import free_port, rollout_metrics_on_rank, token_mean_inputs, token_mean_on_rank
 from tests.methods.online_helpers import first_batch, make_online, perturbed
 from tests.paths import TOY_BASE
 from tests.test_scale import _compare_with_one_process
@@ -81,14 +82,27 @@ def test_online_dpo_mean_is_over_the_untied_pairs_of_every_rank():
 # -- a token mean over every rank (SFT, GKD): two gloo processes ---------------------------------------
 
 
+def on_two_ranks(worker, out) -> list[dict]:
+    """What each of two gloo ranks running ``worker`` (``tests._distributed_workers``) saved, in rank order."""
+    mp.start_processes(worker, args=(free_port(), str(out)), nprocs=2, start_method="spawn")
+    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+
+
 def test_global_mean_loss_on_two_ranks_is_the_mean_over_every_ranks_items(tmp_path):
-    mp.start_processes(token_mean_on_rank, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     items = token_mean_inputs()
-    for rank in (0, 1):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+    for got in on_two_ranks(token_mean_on_rank, tmp_path):
         # One process: d/dw mean_i(x_i . w) = mean_i x_i. Per-rank means would give (x_0 + mean(x_1..4)) / 2.
         torch.testing.assert_close(got["grad"], items.mean(0))
         torch.testing.assert_close(got["mean"], items.sum(1).mean())
+
+
+@pytest.mark.slow  # each spawned rank imports Lightning and transformers: about 14 s on 2 busy cores
+def test_rollout_metrics_on_two_ranks_are_over_every_ranks_rows(tmp_path):
+    # Rank 0 alone would log scores 1.5, length 3, ended 1, 4 episodes after the second rollout.
+    expected = {"objective/scores": 4.0, "response_length": 8.0, "rollout/ended_with_eos": 0.5,
+                "rollout/episodes": 8.0, "objective/scores/a": 1.5, "objective/scores/b": 2.5}
+    for got in on_two_ranks(rollout_metrics_on_rank, tmp_path):
+        assert got["metrics"] == pytest.approx(expected)
 
 
 def test_global_mean_loss_in_one_process_is_the_mean():
