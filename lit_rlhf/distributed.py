@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from lit_rlhf.losses import whiten
 
-__all__ = ["all_rows", "every_rank", "global_sum", "global_whiten", "is_distributed", "rank_seed"]
+__all__ = ["all_rows", "every_rank", "global_mean_loss", "global_sum", "global_whiten", "is_distributed", "rank_seed"]
 
 
 def is_distributed() -> bool:
@@ -90,6 +90,24 @@ def global_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
 def global_sum(value: torch.Tensor) -> torch.Tensor:
     """``value`` summed over the data-parallel ranks (a collective); itself on one process."""
     return _all_reduce_sum(value.detach().clone())
+
+
+def global_mean_loss(total: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean of a sum over items (loss tokens) over the items of every data-parallel rank, as one
+    process holding them all takes it (a collective).
+
+    Args:
+        total: this rank's sum, with its graph.
+        count: this rank's number of items.
+
+    Returns:
+        ``(loss, mean)``: ``loss`` is ``total`` scaled by ``world / global count``, whose gradient DDP's
+        average over ranks turns into the global mean's (a per-rank mean would weigh an item by 1 / its
+        rank's count); ``mean`` is the global mean, detached, for logging.
+    """
+    world = dist.get_world_size() if is_distributed() else 1
+    global_count = global_sum(count.float()).clamp(min=1)
+    return total * (world / global_count), global_sum(total) / global_count
 
 
 def rank_seed(base_seed: int, rank: int, step: int) -> int:

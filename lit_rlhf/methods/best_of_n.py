@@ -132,20 +132,31 @@ class BestOfN(OnlineMethod):
             return {}
         return super().update(scored.select(rows), kept)
 
+    def step_weights(self, scored: ScoredRollout, targets: BestOfNTargets) -> torch.Tensor:
+        # The kept rows' response tokens: the SFT mean is over those of the whole step (every rank).
+        return scored.rollout.response_mask * targets.weight.unsqueeze(1).to(scored.rollout.response_mask.dtype)
+
+    def accumulation_weight(self, batch: MiniBatch) -> float:
+        # The loss is already divided by the whole step's kept tokens: micro-batch losses just add up.
+        return 1.0
+
     def policy_loss(self, batch: MiniBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rollout = batch.rollout
         response_mask = rollout.response_mask * batch.targets.weight.unsqueeze(1).to(rollout.response_mask.dtype)
+        # The mean over the kept tokens of the optimizer step (every micro-batch, every rank), as one process
+        # holding the step's rows takes it: a per-rank mean would weigh a token by 1 / its rank's count.
+        num_tokens = (response_mask.sum() if batch.step_tokens is None else batch.step_tokens).clamp(min=1)
         if self.uses_fused_head():  # no logits: the LM head fused into the log-probs, at temperature 1 (plain SFT)
             with self.bank.role(self.policy_adapter):
                 logps, _ = self.fused_response_logprobs(rollout, temperature=1.0)
-            loss = -(logps * response_mask).sum() / response_mask.sum().clamp(min=1)
+            loss = -(logps * response_mask).sum() / num_tokens
             return loss, {"loss/sft": loss.detach()}
         logits, _ = self.policy_logits_and_values(rollout)
         completion_mask = torch.cat([torch.zeros_like(rollout.prompt_mask), response_mask], dim=1)
         # The logits may cover only the last positions (the last prompt token and the response): the same columns.
         window = logits.shape[1]
-        nll_sum, num_tokens = completion_nll(logits, rollout.input_ids[:, -window:], completion_mask[:, -window:])
-        loss = nll_sum / num_tokens.clamp(min=1)
+        nll_sum, _ = completion_nll(logits, rollout.input_ids[:, -window:], completion_mask[:, -window:])
+        loss = nll_sum / num_tokens
         return loss, {"loss/sft": loss.detach()}
 
 

@@ -51,6 +51,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from lit_rlhf.data.collate import pad, pad_token_id_of
+from lit_rlhf.distributed import global_mean_loss
 from lit_rlhf.losses import generalized_jsd_loss
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.models import eval_mode
@@ -256,11 +257,15 @@ class GKD(BankMethod):
     def training_step(self, batch: dict, batch_idx: int):
         rows, source = self.training_sequences(batch)
         student, teacher, mask = self.aligned_logits(rows)
-        loss = self.divergence(student, teacher, mask, beta=self.beta, temperature=self.temperature)
+        divergence_sum = generalized_jsd_loss(student, teacher, mask, beta=self.beta, temperature=self.temperature,
+                                              reduction="sum", chunk_size=self.chunk_size)
+        # The mean over the loss tokens of every data-parallel rank, as one process holding the global batch
+        # takes it (ranks' completions differ in length, on-policy ones above all).
+        loss, mean_divergence = global_mean_loss(divergence_sum, mask.sum())
         self.distill_batches += 1
         self.on_policy_batches += source == "student"
         size = rows.input_ids.shape[0]
-        self.log("loss", loss, prog_bar=True, batch_size=size)
+        self.log("loss", mean_divergence, prog_bar=True, batch_size=size)
         self.log("on_policy", self.on_policy_batches / self.distill_batches, prog_bar=True, batch_size=size)
         self.log("completion_length", mask.sum() / size, batch_size=size)
         return self.skip_if_nonfinite(loss)

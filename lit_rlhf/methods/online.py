@@ -42,7 +42,7 @@ from typing import Literal, NamedTuple
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
-from lit_rlhf.distributed import every_rank, global_sum, rank_seed
+from lit_rlhf.distributed import all_rows, every_rank, global_sum, rank_seed
 from lit_rlhf.losses import entropy_chunk, entropy_from_logits, head_token_logps, kl_penalty, token_logps
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.methods.kl_control import FixedKLController
@@ -376,16 +376,20 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         """The scalar loss of a micro-batch and detached metrics; see the class docstring."""
 
     def rollout_metrics(self, scored: ScoredRollout, targets: NamedTuple) -> dict[str, float | torch.Tensor]:
-        """Metrics of the rollout itself (scores, lengths); subclasses add theirs to these."""
+        """Metrics of the rollout itself (scores, lengths) over every data-parallel rank's rows (a collective:
+        the logger writes rank 0's values); subclasses add theirs to these."""
         rollout = scored.rollout
+        per_source = scored.per_source if len(scored.per_source) > 1 else {}
+        columns = [scored.scores, rollout.response_lengths, rollout.ended, *per_source.values()]
+        rows = all_rows(torch.stack([c.float() for c in columns], dim=1))
+        means = rows.mean(dim=0).tolist()
         metrics = {
-            "objective/scores": scored.scores.mean().item(),
-            "response_length": rollout.response_lengths.float().mean().item(),
-            "rollout/ended_with_eos": rollout.ended.float().mean().item(),
-            "rollout/episodes": float((self.rollout_count + 1) * scored.scores.shape[0]),
+            "objective/scores": means[0],
+            "response_length": means[1],
+            "rollout/ended_with_eos": means[2],
+            "rollout/episodes": float((self.rollout_count + 1) * rows.shape[0]),
         }
-        if len(scored.per_source) > 1:
-            metrics.update({f"objective/scores/{name}": v.mean().item() for name, v in scored.per_source.items()})
+        metrics.update({f"objective/scores/{name}": mean for name, mean in zip(per_source, means[3:])})
         return metrics
 
     def uses_reference(self) -> bool:
@@ -405,6 +409,12 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
     def loss_mask(self, rollout: Rollout) -> torch.Tensor:
         """``(b, T)``: the response tokens that enter the loss (all of them unless a subclass says otherwise)."""
         return rollout.response_mask
+
+    def step_weights(self, scored: ScoredRollout, targets: NamedTuple) -> torch.Tensor:
+        """``(B, T)`` or ``(B, 1)``: what a step's loss is normalised by, per row, summed over the step's
+        rows and every rank into ``MiniBatch.step_tokens``. The loss tokens by default; a loss over
+        weighted rows (best-of-n's kept rows, Online DPO's untied pairs) counts those instead."""
+        return self.loss_mask(scored.rollout)
 
     def accumulation_weight(self, batch: MiniBatch) -> float:
         """Factor on a micro-batch's loss before backward. By default its share of the step's rows,
@@ -617,7 +627,7 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         rows = scored.scores.shape[0]
         sums: dict[str, float] = defaultdict(float)
         count = skipped = 0
-        loss_mask = self.loss_mask(scored.rollout)
+        loss_mask = self.step_weights(scored, targets)
         for _ in range(self.update_args.update_epochs):
             for micros in self.mini_batches(rows, scored.scores.device):
                 step_rows = sum(m.numel() for m in micros)

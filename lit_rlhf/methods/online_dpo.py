@@ -95,6 +95,14 @@ class OnlineDPO(OnlineMethod):
         return PairTargets(first_is_chosen=first_wins.repeat_interleave(2),
                            pair_weight=(~tie).float().repeat_interleave(2))
 
+    def step_weights(self, scored: ScoredRollout, targets: PairTargets) -> torch.Tensor:
+        # Half of a pair's weight on each of its two rows: the step's sum is its untied pairs.
+        return (targets.pair_weight / 2).unsqueeze(1)
+
+    def accumulation_weight(self, batch: MiniBatch) -> float:
+        # The loss is already divided by the whole step's untied pairs: micro-batch losses just add up.
+        return 1.0
+
     def rollout_metrics(self, scored: ScoredRollout, targets: PairTargets) -> dict:
         return {**super().rollout_metrics(scored, targets), "frac_ties": (targets.pair_weight == 0).float().mean()}
 
@@ -118,13 +126,16 @@ class OnlineDPO(OnlineMethod):
                        label_smoothing=self.label_smoothing, chosen_lengths=chosen_len, rejected_lengths=rejected_len,
                        chosen_nll=-chosen / chosen_len.clamp(min=1))
         pairs = weight.sum().clamp(min=1)
-        loss = (out.losses * weight).sum() / pairs
+        # The mean over the untied pairs of the optimizer step (every micro-batch, every rank), as one process
+        # holding the step's pairs takes it: a per-rank mean would weigh a pair by 1 / its rank's untied pairs.
+        step_pairs = pairs if batch.step_tokens is None else batch.step_tokens.clamp(min=1)
+        loss = (out.losses * weight).sum() / step_pairs
 
         def mean(x: torch.Tensor) -> torch.Tensor:
             return (x.detach() * weight).sum() / pairs
 
         metrics = {
-            "loss/dpo": loss.detach(),
+            "loss/dpo": mean(out.losses),
             "rewards/chosen": mean(out.chosen_rewards),
             "rewards/rejected": mean(out.rejected_rewards),
             "rewards/margins": mean(out.chosen_rewards - out.rejected_rewards),

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torchmetrics import MeanMetric
 
-from lit_rlhf.distributed import global_sum
+from lit_rlhf.distributed import global_mean_loss
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.methods.offline import CompletionLogpsForward
 
@@ -60,12 +60,8 @@ class SFT(CompletionLogpsForward, BankMethod):
 
     def training_step(self, batch: dict, batch_idx: int):
         nll_sum, num_tokens = self.nll(batch)
-        # The mean over the loss tokens of every data-parallel rank, as one process holding the global
-        # batch takes it. Gradients are averaged over ranks, so each rank's sum is scaled by
-        # world_size / global token count (a per-rank mean would weight a token by 1 / its rank's count).
-        total_tokens = global_sum(num_tokens).clamp(min=1)
-        loss = nll_sum * (self.trainer.world_size / total_tokens)
-        mean_nll = global_sum(nll_sum) / total_tokens
+        # The mean over the loss tokens of every data-parallel rank, as one process holding the global batch takes it.
+        loss, mean_nll = global_mean_loss(nll_sum, num_tokens)
         self.log("loss", mean_nll, prog_bar=True)
         self.log("ppl", torch.exp(mean_nll))
         self.log("num_tokens", num_tokens.float(), reduce_fx="sum")

@@ -1,0 +1,145 @@
+"""Losses under data parallelism equal one process's over the same global batch.
+
+Each rank reads its own share of one shuffled epoch; the logged rollout metrics are over every rank's
+rows. Token means over every rank: ``global_mean_loss``
+on two gloo processes, and supervised KD (GKD) on two DDP processes against one (slow). Losses over
+weighted rows (best-of-n, Online DPO): a step split between ranks takes the gradient one process takes
+over the whole step.
+
+DDP averages the ranks' gradients; ``OnlineMethod.update`` divides each loss by the step's
+``step_weights`` summed over every rank and divided by their number (``step_token_count``). The step is
+split here as ``update`` splits it between two ranks (each rank's rows in a micro-batch of their own),
+with that arithmetic: a loss normalised by its own rank's rows (kept tokens, untied pairs) weighs a row
+by 1 / its rank's count, and the split gradient differs from the whole one.
+"""
+
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.multiprocessing as mp
+from transformers import AutoTokenizer
+
+from lit_rlhf.data import PromptDataModule
+from lit_rlhf.distributed import global_mean_loss
+from lit_rlhf.methods import BestOfN, OnlineDPO
+from lit_rlhf.methods.best_of_n import BestOfNTargets
+
+from tests._distributed_workers import free_port, rollout_metrics_on_rank, token_mean_inputs, token_mean_on_rank
+from tests.methods.online_helpers import first_batch, make_online, perturbed
+from tests.paths import TOY_BASE
+from tests.test_scale import _compare_with_one_process
+
+
+def data_parallel_gradient(method, scored, targets, shares: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The averaged gradient of one optimizer step whose rows ``shares[r]`` sit on rank ``r``."""
+    world = len(shares)
+    weights = method.step_weights(scored, targets)
+    step = weights[torch.cat(shares)].sum().float() / world  # step_token_count: all-reduced, / world
+    params = list(method.bank.trainable_parameters())
+    for p in params:
+        p.grad = None
+    for share in shares:
+        batch = method.select(scored, targets, share, step_rows=share.numel(), step_tokens=step)
+        loss, _ = method.policy_loss(batch)
+        (loss * method.accumulation_weight(batch) / world).backward()  # DDP's gradient average
+    return [p.grad.clone() for p in params]
+
+
+def assert_two_ranks_match_one_process(method, scored, targets) -> None:
+    rows = torch.arange(scored.scores.shape[0])
+    method.bank.eval()  # no dropout: the two passes see the same network
+    whole = data_parallel_gradient(method, scored, targets, [rows])
+    split = data_parallel_gradient(method, scored, targets, list(rows.chunk(2)))
+    for one, two in zip(whole, split):
+        torch.testing.assert_close(two, one)
+
+
+def test_best_of_n_sft_mean_is_over_the_kept_tokens_of_every_rank():
+    pl.seed_everything(0)
+    method = perturbed(make_online(BestOfN, num_samples_per_prompt=2, update_epochs=1, num_mini_batches=1))
+    scored = method.rollout_and_score(first_batch(method, batch_size=2))  # 4 rows: 2 per rank
+    # Rank 0 keeps one row, rank 1 both (as ``min_score`` leaves them): unequal kept tokens per rank.
+    weight = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    targets = BestOfNTargets(is_best=torch.ones(4, dtype=torch.bool), weight=weight)
+    assert (scored.rollout.response_mask.sum(1) > 0).all()
+    assert_two_ranks_match_one_process(method, scored, targets)
+
+
+def test_online_dpo_mean_is_over_the_untied_pairs_of_every_rank():
+    pl.seed_everything(0)
+    method = perturbed(make_online(OnlineDPO, num_samples_per_prompt=2, beta=0.5, update_epochs=1,
+                                   num_mini_batches=1))
+    scored = method.rollout_and_score(first_batch(method, batch_size=4))  # 4 pairs: 2 per rank
+    pairs = scored.scores.view(-1, 2)
+    pairs[:, 1] = pairs[:, 0] + torch.tensor([1.0, 0.0, -1.0, 1.0])  # pair 1 (rank 0) a tie; the rest decided
+    targets = method.compute_advantages(scored)
+    assert targets.pair_weight.tolist() == [1, 1, 0, 0, 1, 1, 1, 1]
+    assert_two_ranks_match_one_process(method, scored, targets)
+
+
+# -- a token mean over every rank (SFT, GKD): two gloo processes ---------------------------------------
+
+
+def on_two_ranks(worker, out) -> list[dict]:
+    """What each of two gloo ranks running ``worker`` (``tests._distributed_workers``) saved, in rank order."""
+    mp.start_processes(worker, args=(free_port(), str(out)), nprocs=2, start_method="spawn")
+    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+
+
+def test_global_mean_loss_on_two_ranks_is_the_mean_over_every_ranks_items(tmp_path):
+    items = token_mean_inputs()
+    for got in on_two_ranks(token_mean_on_rank, tmp_path):
+        # One process: d/dw mean_i(x_i . w) = mean_i x_i. Per-rank means would give (x_0 + mean(x_1..4)) / 2.
+        torch.testing.assert_close(got["grad"], items.mean(0))
+        torch.testing.assert_close(got["mean"], items.sum(1).mean())
+
+
+@pytest.mark.slow  # each spawned rank imports Lightning and transformers: about 14 s on 2 busy cores
+def test_rollout_metrics_on_two_ranks_are_over_every_ranks_rows(tmp_path):
+    # Rank 0 alone would log scores 1.5, length 3, ended 1, 4 episodes after the second rollout.
+    expected = {"objective/scores": 4.0, "response_length": 8.0, "rollout/ended_with_eos": 0.5,
+                "rollout/episodes": 8.0, "objective/scores/a": 1.5, "objective/scores/b": 2.5}
+    for got in on_two_ranks(rollout_metrics_on_rank, tmp_path):
+        assert got["metrics"] == pytest.approx(expected)
+
+
+def test_global_mean_loss_in_one_process_is_the_mean():
+    total, count = torch.tensor(6.0, requires_grad=True), torch.tensor(4)
+    loss, mean = global_mean_loss(total, count)
+    assert loss.item() == mean.item() == 1.5 and loss.requires_grad and not mean.requires_grad
+
+
+@pytest.mark.slow  # three fits at once (about a minute on 2 busy cores), as test_scale's comparisons
+def test_kd_on_two_processes_matches_one_process(tmp_path):
+    """Supervised KD (GKD, ``lmbda: 0``) with packed rows: the ranks' batches hold different token counts,
+    so the JSD token mean over every rank (not each rank's own) is what reaches the one-process weights."""
+    one, _ = _compare_with_one_process(tmp_path, "kd", "ddp", per_rank_batch=4, steps=3)
+    assert any(v.abs().max() > 0 for k, v in one["state"].items() if "lora_B" in k)
+
+
+# -- data: what each rank reads ------------------------------------------------------------------------
+
+
+def test_two_ranks_split_one_shuffled_epoch_and_hold_out_the_same_validation_rows(tmp_path):
+    train = tmp_path / "prompts.jsonl"
+    train.write_text("".join(f'{{"prompt": "the prompt number {i}"}}\n' for i in range(13)))
+    tokenizer = AutoTokenizer.from_pretrained(TOY_BASE)
+    ranks = []
+    for rank in (0, 1):
+        data = PromptDataModule(train=str(train), val_fraction=0.25, batch_size=2, max_length=32, seed=5)
+        data.trainer = SimpleNamespace(world_size=2, global_rank=rank)  # what train_dataloader reads of it
+        data.prepare(tokenizer)
+        sampler = data.train_dataloader().sampler
+        epochs = []
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            epochs.append(list(sampler))
+        ranks.append((data.train_examples, data.val_examples, epochs))
+    (train0, val0, epochs0), (train1, val1, epochs1) = ranks
+    assert train0 == train1 and val0 == val1 and len(val0) == 3  # one hold-out split, the same on every rank
+    for rows0, rows1 in zip(epochs0, epochs1):
+        # 10 training rows: 5 distinct ones per rank, together the epoch once (no padding needed).
+        assert len(rows0) == len(rows1) == 5 and sorted(rows0 + rows1) == list(range(10))
+    assert epochs0[0] != epochs0[1]  # shuffled per epoch, with one seed: the ranks' shares stay disjoint
