@@ -40,6 +40,7 @@ the rendered prompt string):
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any, Literal
 
 from jinja2 import TemplateError
@@ -95,6 +96,10 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool, wh
 #: The assistant's content when rendering a turn to find what the template closes it with.
 _TURN_PROBE = "lit-rlhf-turn-probe"
 
+#: Per tokenizer: (the chat template the turn end was found for, the turn end). It is read for every
+#: conversational row and every scored reply; a changed template is read again.
+_TURN_ENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 
 def end_of_turn_ids(tokenizer) -> list[int]:
     """The special token the tokenizer's chat template writes right after an assistant's content
@@ -106,8 +111,16 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     ``<eos>``, its turns end with ``<end_of_turn>`` (their ``generation_config.json`` list both, as
     TRL reads them; lit_rlhf ignores that file, see ``SamplingConfig``, and reads the template).
     """
-    if getattr(tokenizer, "chat_template", None) is None:
-        return []
+    template = getattr(tokenizer, "chat_template", None)
+    known = _TURN_ENDS.get(tokenizer)
+    if known is None or known[0] is not template:
+        known = template, _find_end_of_turn(tokenizer) if template is not None else []
+        _TURN_ENDS[tokenizer] = known
+    return list(known[1])
+
+
+def _find_end_of_turn(tokenizer) -> list[int]:
+    """``end_of_turn_ids`` from a rendered probe turn (uncached)."""
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _TURN_PROBE}]
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False)
