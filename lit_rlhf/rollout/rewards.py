@@ -520,6 +520,7 @@ class ModelReward(RewardSource):
         self.label = f"reward model {path!r}"
         self.scorer: RewardScorer | None = None
         self._warned_tags = False
+        self._tags: list[str] | None = None  # the reward tokenizer's multi-character special tokens
 
     def setup(self, bank: AdapterBank | None = None, tokenizer=None) -> None:
         if self.scorer is None:
@@ -539,9 +540,11 @@ class ModelReward(RewardSource):
         policy wrote rather than its reply, which a policy can learn to exploit."""
         if self._warned_tags:
             return
-        tok = self.scorer.tokenizer
-        tags = set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values() if t.special}
-        found = sorted({tag for tag in tags if len(tag) > 1 for c in completions if tag in c})
+        if self._tags is None:
+            tok = self.scorer.tokenizer
+            tags = set(tok.all_special_tokens) | {t.content for t in tok.added_tokens_decoder.values() if t.special}
+            self._tags = sorted(tag for tag in tags if len(tag) > 1)
+        found = [tag for tag in self._tags if any(tag in c for c in completions)]
         if found:
             self._warned_tags = True
             log.warning("%s: a response contains %s as text, which the reward tokenizer reads as special token(s); "
