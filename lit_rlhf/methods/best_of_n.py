@@ -132,9 +132,14 @@ class BestOfN(OnlineMethod):
             return {}
         return super().update(scored.select(rows), kept)
 
+    @staticmethod
+    def kept_tokens(rollout, targets: BestOfNTargets) -> torch.Tensor:
+        """``(B, T)``: the response tokens of the kept rows, the SFT loss's tokens."""
+        return rollout.response_mask * targets.weight.unsqueeze(1).to(rollout.response_mask.dtype)
+
     def step_weights(self, scored: ScoredRollout, targets: BestOfNTargets) -> torch.Tensor:
-        # The kept rows' response tokens: the SFT mean is over those of the whole step (every rank).
-        return scored.rollout.response_mask * targets.weight.unsqueeze(1).to(scored.rollout.response_mask.dtype)
+        # The SFT mean is over the kept tokens of the whole step (every rank).
+        return self.kept_tokens(scored.rollout, targets)
 
     def accumulation_weight(self, batch: MiniBatch) -> float:
         # The loss is already divided by the whole step's kept tokens: micro-batch losses just add up.
@@ -142,7 +147,7 @@ class BestOfN(OnlineMethod):
 
     def policy_loss(self, batch: MiniBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rollout = batch.rollout
-        response_mask = rollout.response_mask * batch.targets.weight.unsqueeze(1).to(rollout.response_mask.dtype)
+        response_mask = self.kept_tokens(rollout, batch.targets)
         # The mean over the kept tokens of the optimizer step (every micro-batch, every rank), as one process
         # holding the step's rows takes it: a per-rank mean would weigh a token by 1 / its rank's count.
         num_tokens = (response_mask.sum() if batch.step_tokens is None else batch.step_tokens).clamp(min=1)
