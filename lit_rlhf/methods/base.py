@@ -20,7 +20,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from lit_rlhf.distributed import every_rank
 from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, eval_mode, load_tokenizer
-from lit_rlhf.models.bank import check_bank_spec, lora_adapter_of, merge_adapter_specs
+from lit_rlhf.models.bank import adapter_of, check_bank_spec, merge_adapter_specs
 from lit_rlhf.models.head import fused_head_supported, head_selection_supported
 from lit_rlhf.strategies import check_trainer_support, shard_bank, synchronise_generation
 
@@ -270,11 +270,12 @@ class BankMethod(pl.LightningModule):
 
     @staticmethod
     def _role_of(name: str) -> str:
-        """``heads.<adapter>.*`` -> ``<adapter>.head``; ``...lora_A.<adapter>.weight`` -> ``<adapter>``; else ``base``."""
+        """``heads.<adapter>.*`` -> ``<adapter>.head``; ``...lora_A.<adapter>.weight`` (or another of the adapter's
+        tensors, ``models.bank.adapter_of``) -> ``<adapter>``; else ``base``."""
         parts = name.split(".")
         if parts[0] == "heads":
             return f"{parts[1]}.head"
-        return lora_adapter_of(name) or "base"
+        return adapter_of(name) or "base"
 
     def total_optimizer_steps(self) -> int:
         return max(1, int(self.trainer.estimated_stepping_batches))

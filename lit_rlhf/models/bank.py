@@ -311,14 +311,21 @@ def merge_adapter(base: nn.Module, adapter_dir: str) -> nn.Module:
     return merged
 
 
-def lora_adapter_of(name: str) -> str | None:
-    """The adapter a LoRA tensor belongs to, ``None`` for any other tensor. peft names them
-    ``<module path>.lora_X.<adapter>[.weight]``: the adapter is the part right after ``lora_X``. Read
-    anywhere in the path, an adapter called ``model`` or ``mlp`` would claim every adapter's tensors
-    under such a module, a frozen reward adapter's included."""
+#: peft's containers keyed by adapter name besides the ``lora_*`` ones: a module a saved adapter trains whole
+#: (``modules_to_save``, e.g. an LM head TRL's SFT trained for new tokens) and trainable token rows.
+ADAPTER_KEYED = ("modules_to_save", "trainable_tokens_delta")
+
+
+def adapter_of(name: str) -> str | None:
+    """The adapter a tensor belongs to, ``None`` for any other tensor (the base, a wrapped module's
+    ``original_module``). peft names them ``<module path>.<container>.<adapter>[.weight]``, the container
+    being ``lora_A``, ``lora_B``, ``lora_magnitude_vector``..., ``modules_to_save`` or
+    ``trainable_tokens_delta``: the adapter is the part right after it. Read anywhere in the path, an adapter
+    called ``model`` or ``mlp`` would claim every adapter's tensors under such a module, a frozen reward
+    adapter's included."""
     parts = name.split(".")
-    lora = next((i for i, part in enumerate(parts) if part.startswith("lora_")), None)
-    return parts[lora + 1] if lora is not None and lora + 1 < len(parts) else None
+    container = next((i for i, part in enumerate(parts) if part.startswith("lora_") or part in ADAPTER_KEYED), None)
+    return parts[container + 1] if container is not None and container + 1 < len(parts) else None
 
 
 class AdapterBank(nn.Module):
@@ -742,7 +749,7 @@ class AdapterBank(nn.Module):
             return False
         if self.full:
             return any(a.trainable for a in self.adapters.values()) or not self.adapters
-        adapter = self.adapters.get(lora_adapter_of(name))
+        adapter = self.adapters.get(adapter_of(name))
         return adapter is not None and adapter.trainable
 
     def _apply_trainability(self) -> None:

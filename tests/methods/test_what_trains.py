@@ -152,6 +152,23 @@ def test_dpo_from_a_loaded_policy_keeps_its_frozen_starting_copy_still(tmp_path,
     run.assert_trains_exactly(lora("policy"))
 
 
+def test_dpo_from_a_peft_adapter_with_a_saved_module_trains_its_copy_of_the_module(tmp_path, monkeypatch):
+    """An adapter saved with ``modules_to_save`` (TRL's SFT with new tokens trains the LM head that way) trains
+    the policy's copy of the module, as peft and TRL's DPO do; the reference's copy and the original stay."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    start = tmp_path / "sft"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(TOY_BASE), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])).save_pretrained(start)
+    method = DPO(bank=bank(adapters=[AdapterSpec("policy", path=str(start))]), learning_rate=1e-2)
+    run = Recorded(method, preference(), monkeypatch=monkeypatch)
+    assert {n for n in run.all_names if "lm_head.modules_to_save." in n} == {
+        "model.base_model.model.lm_head.modules_to_save.policy.weight",
+        "model.base_model.model.lm_head.modules_to_save.reference.weight"}
+    run.assert_trains_exactly(either(lora("policy"), lambda n: n.endswith("lm_head.modules_to_save.policy.weight")))
+
+
 @pytest.mark.parametrize("train_mode", ["lora", "full"])
 def test_tr_dpo_reference_moves_only_by_its_sync_rule(train_mode, monkeypatch):
     alpha = 0.25
