@@ -11,6 +11,7 @@ base as loaded.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import tempfile
 import warnings
@@ -265,6 +266,15 @@ def _check_saved_adapter(adapter: AdapterSpec, model: str, base_fingerprint: dic
     if not Path(adapter.path, "adapter_config.json").exists():
         raise FileNotFoundError(f"adapter {adapter.name!r}: {adapter.path} is not a saved PEFT adapter (no adapter_config.json)")
     require_safetensors(adapter.path, what=f"adapter {adapter.name!r}", convert=CONVERT_ADAPTER)
+    bias = json.loads(Path(adapter.path, "adapter_config.json").read_text()).get("bias", "none")
+    if bias != "none":
+        # Its trained biases are the base's own tensors: loading writes them into the base every role reads (the
+        # reference, a reward adapter's trunk), and they are no adapter's to train.
+        raise ValueError(
+            f"adapter {adapter.name!r} at {adapter.path} was saved with LoRA bias {bias!r} (adapter_config.json): its "
+            "biases overwrite the shared base's, which the reference and every other role read; lit_rlhf loads "
+            "adapters with bias 'none' only (merge this one into its base, or retrain it without biases)"
+        )
     meta = read_adapter_meta(adapter.path)
     saved = meta.get("base")
     if meta.get("base_model") and meta["base_model"] != model_identity(model):

@@ -175,6 +175,19 @@ def test_adapter_from_another_base_fails_clearly(tmp_path):
         AdapterBank(BankSpec(adapters=[AdapterSpec("reward", path=str(tmp_path / "reward"), head="score")]))
 
 
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_an_adapter_with_lora_biases_is_refused_before_it_overwrites_the_base(bias, tmp_path):
+    """peft writes such an adapter's biases into the base's own tensors (read by the reference and every role)
+    and trains them; the bank would have frozen them silently."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained("assets/toy/base"),
+                           LoraConfig(r=2, target_modules=["q_proj"], bias=bias))
+    model.save_pretrained(tmp_path / "sft")
+    with pytest.raises(ValueError, match=rf"adapter 'policy' at .*sft was saved with LoRA bias '{bias}'"):
+        AdapterBank(BankSpec(adapters=[AdapterSpec("policy", path=str(tmp_path / "sft"))]))
+
+
 def test_pad_token_rule_is_stated_and_logged(tmp_path, caplog):
     tokenizer = AutoTokenizer.from_pretrained("assets/toy/base")
     tokenizer.pad_token = None
