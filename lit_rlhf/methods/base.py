@@ -349,13 +349,24 @@ class BankMethod(pl.LightningModule):
         out = []
         for start in range(0, len(examples), batch_size):
             batch = {k: v.to(self.device) for k, v in collator(examples[start : start + batch_size]).items()}
-            if self.bank.has_reference:
+            if self._reference_is_policy_at_start():
+                with self.bank.role(self.trained_adapter), eval_mode(self.bank.model):
+                    out.append(row_logps(batch).cpu())
+            else:
                 with self.bank.reference():
                     out.append(row_logps(batch).cpu())
-            else:  # full mode without a frozen copy: the policy before its first step is the reference
-                with self.bank.role(self.trained_adapter):
-                    out.append(row_logps(batch).cpu())
         return torch.cat(out) if out else torch.zeros(0, width)
+
+    def _reference_is_policy_at_start(self) -> bool:
+        """Whether precomputed reference log-probs are the policy's own before its first step: the bank keeps no
+        frozen copy of the starting policy (precomputing spares it) where that policy is not the bare base, i.e.
+        in full mode, and for a policy adapter loaded from a path (an SFT adapter) unless ``bank.reference: base``.
+        ``bank.reference()`` would read the base with adapters off there: the policy before SFT."""
+        bank = self.bank
+        if bank.full:
+            return bank.reference_model is None
+        loaded = bank.adapters[self.trained_adapter].path is not None
+        return loaded and bank.reference_adapter is None and bank.spec.reference == "start"
 
     # -- checkpoints ----------------------------------------------------------------------------
 

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import math
-
+from dataclasses import replace
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lit_rlhf.data import PreferenceDataModule
+from lit_rlhf.data import PreferenceDataModule, UnpairedDataModule
 from lit_rlhf.losses import dpo_loss
-from lit_rlhf.methods import DPO
-from lit_rlhf.models import BankSpec, LoraSpec
+from lit_rlhf.methods import DPO, KTO
+from lit_rlhf.models import AdapterSpec, BankSpec, LoraSpec
 
-from tests.methods.online_helpers import greedy_and_sampled_scores, perturbed
+from tests.methods.online_helpers import greedy_and_sampled_scores, perturbed, saved_random_adapter
 
 TRAIN = "assets/toy/data/preference_train.jsonl"
 VAL = "assets/toy/data/preference_val.jsonl"
@@ -129,6 +129,30 @@ def test_precomputed_reference_matches_the_live_reference(tmp_path):
     # Same data order and same reference: the two runs end with the same weights.
     for name, value in _trainable_state(live).items():
         torch.testing.assert_close(_trainable_state(cached)[name], value, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cls", [DPO, KTO])
+def test_precomputed_reference_of_a_loaded_policy_is_that_policy_not_the_bare_base(cls, tmp_path):
+    """Started from a saved SFT adapter, the reference is that adapter (the frozen copy a live reference reads),
+    precomputed or not; precomputing keeps no copy, and read the base with adapters off instead."""
+    dpo = cls is DPO
+    rows = str(VAL if dpo else "assets/toy/data/unpaired_val.jsonl")
+    data_cls, row_logps = ((PreferenceDataModule, DPO._chosen_and_rejected_logps) if dpo
+                           else (UnpairedDataModule, KTO._reference_rows))
+    balanced = {} if dpo else dict(desirable_weight=2.5)  # 31 desirable rows to 65
+    spec = BankSpec(lora=LoraSpec(r=8, alpha=16),
+                    adapters=[AdapterSpec("policy", path=saved_random_adapter(tmp_path / "sft", "policy"))])
+    pl.seed_everything(0)
+    data = data_cls(train=rows, batch_size=8, max_length=64)
+    cached = cls(bank=spec, precompute_ref_logps=True, **balanced)
+    trainer(tmp_path, max_steps=1).fit(cached, data)
+    batch = data.collator(data.train_examples[:8])
+    for reference, close in (("start", True), ("base", False)):
+        live = cls(bank=replace(spec, reference=reference))
+        live.configure_model()
+        with live.bank.reference():
+            expected = row_logps(live, batch)
+        assert torch.allclose(cached._ref_cache["train"][:8], expected, atol=1e-5, rtol=0) == close, reference
 
 
 def test_full_mode_with_precomputed_reference_keeps_no_copy(tmp_path):
