@@ -13,6 +13,16 @@ both sides, compared at each stage where a silent wrong-training bug could hide.
    SFT's token-mean NLL) on the same batch and weights, reference log-probs precomputed (the same
    numbers on both sides).
 
+``--lora`` instead trains LoRA adapters two AdamW steps on both sides (weight decay, clipping, constant
+learning rate), through Lightning here and each TRL trainer's own ``train()`` there, from the same adapter
+weights and the same ``LoraConfig`` (r 4, alpha 12, all linear layers, no dropout): DPO and KTO with a fresh
+adapter (reference: the base with adapters off; DPO also on a 4-bit base, on Llama) and from a saved SFT adapter
+(reference: its frozen copy, TRL's ``ref`` adapter, or log-probs precomputed from it; DPO also from one saved
+with the LM head in ``modules_to_save``, on Llama), reward modelling (TRL: a sequence-classification model, ``task_type=SEQ_CLS``)
+and SFT, on each model. Columns: the trained tensors (the same names and starting values), each step's loss,
+the first step's clipped gradients, the weights after both steps (tolerances: ``LORA_GRADIENTS_TOL``,
+``WEIGHTS_TOL``).
+
 A cell is ``agree`` (every difference <= 1e-5; gradients relative to their largest entry), or
 ``by design [n]`` with the note saying what differs and where it is documented; where a convention
 can be applied to our numbers (TRL's token-mean NLL), the cell also shows the difference after
@@ -20,10 +30,12 @@ applying it, which must agree. Anything else prints ``DIFFERS`` and the script e
 
     pip install -e ".[bench]"                      # TRL, pinned; never a runtime dependency
     OMP_NUM_THREADS=1 python benchmarks/agree_with_trl_offline.py
+    OMP_NUM_THREADS=1 python benchmarks/agree_with_trl_offline.py --lora
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import logging
 import sys
@@ -62,7 +74,9 @@ logging.disable(logging.WARNING)
 class Table:
     """Per (method, column): the largest difference seen and the note that excuses it, if any."""
 
-    def __init__(self):
+    def __init__(self, columns: tuple[str, ...] = COLUMNS, notes: dict[str, str] = NOTES,
+                 tolerances: dict[str, float] | None = None):
+        self.columns, self.notes, self.tolerances = columns, notes, tolerances or {}
         self.cells: dict[tuple[str, str], list[tuple[float, str | None, float | None]]] = defaultdict(list)
 
     def add(self, method: str, column: str, delta: float, note: str | None = None, aligned: float | None = None):
@@ -72,31 +86,32 @@ class Table:
         entries = self.cells.get((method, column))
         if not entries:
             return "-", True
+        tol = self.tolerances.get(column, TOL)
         worst = max(delta for delta, _, _ in entries)
-        if worst <= TOL:
+        if worst <= tol:
             return f"agree ({worst:.0e})", True
-        notes = sorted({note for delta, note, _ in entries if delta > TOL and note})
+        notes = sorted({note for delta, note, _ in entries if delta > tol and note})
         unexcused = [d for d, note, aligned in entries
-                     if d > TOL and (note is None or (aligned is not None and aligned > TOL))]
+                     if d > tol and (note is None or (aligned is not None and aligned > tol))]
         if unexcused:
             return f"DIFFERS ({max(unexcused):.1e})", False
-        aligned = [a for d, note, a in entries if d > TOL and a is not None]
+        aligned = [a for d, note, a in entries if d > tol and a is not None]
         tail = f", aligned {max(aligned):.0e}" if aligned else ""
-        return f"by design [{','.join(str(list(NOTES).index(n) + 1) for n in notes)}]{tail}", True
+        return f"by design [{','.join(str(list(self.notes).index(n) + 1) for n in notes)}]{tail}", True
 
     def print(self) -> bool:
         methods = list(dict.fromkeys(m for m, _ in self.cells))
-        rows = [[m, *(self.cell(m, c)[0] for c in COLUMNS)] for m in methods]
-        widths = [max(len(r[i]) for r in rows + [["method", *COLUMNS]]) for i in range(len(COLUMNS) + 1)]
+        rows = [[m, *(self.cell(m, c)[0] for c in self.columns)] for m in methods]
+        widths = [max(len(r[i]) for r in rows + [["method", *self.columns]]) for i in range(len(self.columns) + 1)]
         line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-        print(line(["method", *COLUMNS]))
+        print(line(["method", *self.columns]))
         print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
         for r in rows:
             print(line(r))
         print()
-        for i, (key, text) in enumerate(NOTES.items(), start=1):
+        for i, (key, text) in enumerate(self.notes.items(), start=1):
             print(f"[{i}] {text}")
-        return all(self.cell(m, c)[1] for m in methods for c in COLUMNS)
+        return all(self.cell(m, c)[1] for m in methods for c in self.columns)
 
 
 def tokenization(table: Table, tokenizer) -> None:
@@ -601,16 +616,296 @@ def reward(table: Table) -> None:
         table.add(name, "metrics", abs(metrics["rewards/margins"].item() - trl_metrics["margin"]))
 
 
-def main() -> int:
+# -- LoRA: the same adapter on both sides, trained two optimizer steps ----------------------------------------
+
+#: Adam divides each gradient entry by its own running size, so its steps (about lr each) move with the ratios of
+#: an entry's gradients over the steps, and an entry whose gradient is small carries the float32 rounding
+#: differences of the two forwards (1e-6 of the largest gradient: padding-free rows, the fused head) into its step
+#: at up to 1e-3 of it. An entry whose gradient is rounding noise (within 100x of Adam's eps, 1e-8 on both sides)
+#: may even take a step of the other sign: those are left out. What the column catches is larger: weight decay
+#: (0.5 here, on weights up to about 1) moves an entry by 0.25 of the run's largest step, a 10% different learning
+#: rate by 0.1, one more step by 0.5.
+ADAM_EPS = 1e-8
+WEIGHTS_TOL = 1e-2
+#: The first step's gradients, relative to the largest: float32 rounding of the two forwards reaches 1.4e-5 (Qwen2:
+#: DPO, reward); with both sides in float64 the same runs agree to 2e-7.
+LORA_GRADIENTS_TOL = 5e-5
+LORA_COLUMNS = ("adapter", "loss", "gradients", "weights")
+LORA = dict(r=4, alpha=12, target_modules="all-linear")  # alpha / r = 3: a scaling slip shows
+OPTIM = dict(learning_rate=1e-2, weight_decay=0.5, max_grad_norm=0.05, steps=2, rows=8)
+LORA_NOTES = {
+    "score_bias": "reward: our score head has a bias (zero at start; the Bradley-Terry loss's gradient on it is 0 "
+                  "without centring, so it stays 0); TRL's sequence-classification head has none "
+                  "(README, LoRA settings against TRL and peft)",
+    "sft_dropout": "SFT: TRL's SFTTrainer trains with the model's dropout (GPT-2's config: 0.1); our bank zeroes every "
+                   "dropout by default (`bank.disable_dropout`, as TRL's DPO, KTO and reward trainers do): compared "
+                   "with TRL's dropout zeroed (README, LoRA settings against TRL and peft)",
+    "qlora_dtype": "QLoRA: TRL casts the adapter of a quantized model to bfloat16; ours stays in the bank's dtype "
+                   "(float32 here): compared with TRL's cast back to float32 (README, LoRA settings against TRL and peft)",
+}
+
+
+class Steps:
+    """Every optimizer step of the run in progress: the gradients it applied (after clipping; read after the step,
+    as Lightning runs the forward and backward inside `optimizer.step(closure)`) and the losses."""
+
+    def __init__(self):
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self.grads: list[dict[int, torch.Tensor]] = []
+        self.losses: list[float] = []
+        self._handle = register_optimizer_step_post_hook(self._record)
+
+    def _record(self, optimizer, args, kwargs):
+        self.grads.append({id(p): p.grad.detach().clone() for group in optimizer.param_groups for p in group["params"]
+                           if p.grad is not None})
+
+    def wrap_loss(self, obj, name: str):
+        """Record the first value ``obj.<name>`` returns (the loss) at every call."""
+        inner = getattr(obj, name)
+
+        def recorded(*args, **kwargs):
+            out = inner(*args, **kwargs)
+            loss = out[0] if isinstance(out, tuple) else out["loss"] if isinstance(out, dict) else out
+            self.losses.append(float(loss.detach()))
+            return out
+
+        setattr(obj, name, recorded)
+
+    def close(self):
+        self._handle.remove()
+
+
+def canonical(name: str, adapter: str) -> str:
+    """One name for a trained tensor on both sides: the module path under the peft wrapper without the adapter's
+    name; a score head (ours ``heads.<adapter>.linear``, TRL's ``score`` module saved whole) is ``score``."""
+    if name.startswith("heads."):
+        return "score." + name.rsplit(".", 1)[1]
+    name = name.split("base_model.model.", 1)[1]
+    return name.replace(f".modules_to_save.{adapter}.", ".").replace(f".{adapter}.", ".")
+
+
+def trained(model, adapter: str) -> dict[str, torch.nn.Parameter]:
+    return {canonical(n, adapter): p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def lora_row(table: Table, name: str, ours: dict, theirs: dict, start: dict, ours_steps: Steps, trl_steps: Steps,
+             excused: dict[str, str] | None = None) -> None:
+    """Compare one LoRA run: the trained tensors (names and starting values), the loss of each step, the clipped
+    gradient each step applied (relative to its largest entry) and the weights after the run (relative to the
+    largest change the run made)."""
+    excused = excused or {}
+    for key, note in excused.items():
+        assert key in ours and key not in theirs, key
+        largest = max(g[id(ours[key])].abs().max().item() for g in ours_steps.grads)
+        assert largest < TOL, f"{name}: {key} has a gradient ({largest:.1e})"
+        table.add(name, "adapter", float("inf"), note)
+    ours = {k: v for k, v in ours.items() if k not in excused}
+    if set(ours) != set(theirs):
+        print(f"{name}: trained only by us: {sorted(set(ours) - set(theirs))[:6]}; "
+              f"only by TRL: {sorted(set(theirs) - set(ours))[:6]}")
+        table.add(name, "adapter", float("inf"))
+        return
+    table.add(name, "adapter", max((start["ours"][k] - start["trl"][k]).abs().max().item() for k in ours))
+    if len(ours_steps.losses) != len(trl_steps.losses) or len(ours_steps.grads) != len(trl_steps.grads):
+        print(f"{name}: {len(ours_steps.grads)} optimizer steps here, {len(trl_steps.grads)} in TRL")
+        table.add(name, "loss", float("inf"))
+        return
+    for mine, their in zip(ours_steps.losses, trl_steps.losses):
+        table.add(name, "loss", abs(mine - their))
+    for mine, their in zip(ours_steps.grads, trl_steps.grads):
+        missing = [k for k in ours if id(ours[k]) not in mine] + [k for k in theirs if id(theirs[k]) not in their]
+        if missing:
+            print(f"{name}: no gradient applied to {missing[:6]}")
+            table.add(name, "gradients", float("inf"))
+            return
+    # The first step only: after it the weights differ by float32 rounding, amplified by Adam (see WEIGHTS_TOL).
+    mine, their = ours_steps.grads[0], trl_steps.grads[0]
+    scale = max(their[id(p)].abs().max().item() for p in theirs.values())
+    table.add(name, "gradients", max((mine[id(ours[k])] - their[id(theirs[k])]).abs().max().item() for k in ours) / scale)
+    # Entries whose gradient was ever within 100x of Adam's eps are left out (see WEIGHTS_TOL).
+    conditioned = {k: torch.stack([g[id(theirs[k])].abs() for g in trl_steps.grads]).amin(0) > 100 * ADAM_EPS
+                   for k in theirs}
+    moved = max((theirs[k].detach() - start["trl"][k]).abs().max().item() for k in theirs)
+    table.add(name, "weights", max((ours[k].detach() - theirs[k].detach())[conditioned[k]].abs().max().item()
+                                   for k in ours) / moved)
+
+
+def lora_pair(method_cls, trainer_cls, config_cls, model_dir: str, rows: list[dict], data_cls, *, adapter: str,
+              trl_model, out: str, peft_config=None, bank_adapters=(), ours_kwargs=None, trl_kwargs=None,
+              trl_rows=None, copy_start: bool = True, excused=None, table: Table, name: str,
+              trl_dropout_note: str | None = None, train_mode: str = "lora") -> None:
+    """One method on one model: ours through Lightning, TRL through its trainer, from the same LoRA weights."""
+    import json
+
+    import lightning.pytorch as pl
+    from datasets import Dataset
+
+    from lit_rlhf.models import BankSpec, LoraSpec
+
+    rows_file = Path(out) / f"{name.replace(' ', '_')}.jsonl"
+    rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ours = method_cls(bank=BankSpec(model=model_dir, train_mode=train_mode, lora=LoraSpec(**LORA),
+                                    adapters=list(bank_adapters)),
+                      learning_rate=OPTIM["learning_rate"], weight_decay=OPTIM["weight_decay"], **(ours_kwargs or {}))
+    ours.configure_model()
+    ours_trained = trained(ours.bank, adapter)
+    if copy_start:  # B away from 0, so that A has a gradient and the reference differs from the policy
+        torch.manual_seed(7)
+        with torch.no_grad():
+            for key, p in ours_trained.items():
+                if ".lora_" in key:
+                    p.copy_(torch.randn_like(p) * 0.3)
+                elif key == "score.bias":
+                    p.zero_()
+    args = config_cls(output_dir=str(Path(out) / "trl"), use_cpu=True, bf16=False, report_to=[], save_strategy="no",
+                      max_steps=OPTIM["steps"], per_device_train_batch_size=OPTIM["rows"],
+                      learning_rate=OPTIM["learning_rate"], weight_decay=OPTIM["weight_decay"],
+                      max_grad_norm=OPTIM["max_grad_norm"], lr_scheduler_type="constant", warmup_steps=0,
+                      logging_steps=1, seed=0, **(trl_kwargs or {}))
+    trainer = trainer_cls(model=trl_model, args=args, processing_class=ours.tokenizer, peft_config=peft_config,
+                          train_dataset=Dataset.from_list(trl_rows or rows))
+    if trl_dropout_note and any(m.p > 0 for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout)):
+        from trl.trainer.utils import disable_dropout_in_model
+
+        disable_dropout_in_model(trainer.model)
+        table.add(name, "adapter", float("inf"), trl_dropout_note)
+    if train_mode == "qlora":
+        for module in trainer.model.modules():  # as the bank does: bitsandbytes' CPU repacking drops gradients
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+        for p in trainer.model.parameters():
+            if p.requires_grad and p.dtype == torch.bfloat16:
+                p.data = p.data.float()
+                table.add(name, "adapter", float("inf"), "qlora_dtype")
+    theirs = trained(trainer.model, "default")
+    with torch.no_grad():
+        if copy_start:
+            for key, p in theirs.items():
+                if key in ours_trained:
+                    p.copy_(ours_trained[key])
+    start = {"ours": {k: p.detach().clone() for k, p in ours_trained.items()},
+             "trl": {k: p.detach().clone() for k, p in theirs.items()}}
+    ours_steps = Steps()
+    try:
+        ours_steps.wrap_loss(ours, "training_step")
+        pl.Trainer(max_steps=OPTIM["steps"], accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                   gradient_clip_val=OPTIM["max_grad_norm"]).fit(
+            ours, data_cls(train=str(rows_file), batch_size=OPTIM["rows"], max_length=64))
+    finally:
+        ours_steps.close()
+    trl_steps = Steps()
+    try:
+        trl_steps.wrap_loss(trainer, "compute_loss")
+        trainer.train()
+    finally:
+        trl_steps.close()
+    lora_row(table, name, ours_trained, theirs, start, ours_steps, trl_steps, excused)
+
+
+def lora(table: Table, models: dict[str, str], out: str) -> None:
+    """DPO and KTO (fresh adapter: the reference is the base with adapters off; started from a saved SFT adapter:
+    the reference is a frozen copy of it, TRL's ``ref`` adapter), reward modelling (TRL: a sequence-classification
+    model, ``task_type=SEQ_CLS``, its ``score`` head trained whole) and SFT, each on each model."""
+    import json
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from trl import DPOConfig, KTOConfig, RewardConfig, SFTConfig
+    from trl.trainer.dpo_trainer import DPOTrainer
+    from trl.trainer.kto_trainer import KTOTrainer
+    from trl.trainer.reward_trainer import RewardTrainer
+    from trl.trainer.sft_trainer import SFTTrainer
+
+    from lit_rlhf.data import PreferenceDataModule, SFTDataModule, UnpairedDataModule
+    from lit_rlhf.methods import DPO, KTO, SFT, RewardModeling
+    from lit_rlhf.models import AdapterSpec
+
+    def first(path, n=OPTIM["rows"]):  # completions with their leading space: both sides read the same text
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines()[:n]]
+        return [{k: (" " + v if k in ("chosen", "rejected", "completion") else v) for k, v in r.items()} for r in rows]
+
+    preference, unpaired, sft_rows = first(PREFERENCE), first(UNPAIRED), first(SFT_DATA)
+    peft = dict(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules=LORA["target_modules"], lora_dropout=0.0)
+    length = dict(max_length=None)
+    for family, model_dir in models.items():
+        causal = lambda: AutoModelForCausalLM.from_pretrained(model_dir)  # noqa: E731
+
+        def loaded(path: Path) -> dict:  # both start from it; the reference: TRL's frozen `ref` copy, our `reference`
+            return dict(trl_model=PeftModel.from_pretrained(causal(), str(path), is_trainable=True),
+                        bank_adapters=[AdapterSpec("policy", path=str(path))], copy_start=False)
+
+        lora_pair(DPO, DPOTrainer, DPOConfig, model_dir, preference, PreferenceDataModule, adapter="policy",
+                  trl_model=causal(), peft_config=LoraConfig(**peft, task_type="CAUSAL_LM"), out=out,
+                  ours_kwargs=dict(beta=0.3), trl_kwargs=dict(beta=0.3, **length), table=table, name=f"DPO {family}")
+        if family == "llama":  # the same on a 4-bit base (nf4, double quantization, float32 compute)
+            from lit_rlhf.models import BankSpec
+            from lit_rlhf.models.loading import quantization_config
+
+            quantized = AutoModelForCausalLM.from_pretrained(
+                model_dir, quantization_config=quantization_config(BankSpec(model=model_dir, train_mode="qlora")))
+            lora_pair(DPO, DPOTrainer, DPOConfig, model_dir, preference, PreferenceDataModule, adapter="policy",
+                      trl_model=quantized, peft_config=LoraConfig(**peft, task_type="CAUSAL_LM"), out=out,
+                      train_mode="qlora", ours_kwargs=dict(beta=0.3), trl_kwargs=dict(beta=0.3, **length),
+                      table=table, name=f"DPO QLoRA {family}")
+        # An SFT adapter saved by peft, as TRL's SFTTrainer leaves one, then loaded by both sides; on Llama also one
+        # that trained the LM head whole (`modules_to_save`, as TRL's SFT does for added tokens).
+        for saved_modules in [None] + [["lm_head"]] * (family == "llama"):
+            sft_dir = Path(out) / f"sft_adapter_{family}{'_lm_head' if saved_modules else ''}"
+            torch.manual_seed(8)
+            saved = get_peft_model(causal(), LoraConfig(**peft, task_type="CAUSAL_LM", modules_to_save=saved_modules))
+            with torch.no_grad():
+                for n, p in saved.named_parameters():
+                    if "lora_" in n:
+                        p.copy_(torch.randn_like(p) * 0.3)
+            saved.save_pretrained(str(sft_dir))
+            lora_pair(DPO, DPOTrainer, DPOConfig, model_dir, preference, PreferenceDataModule, adapter="policy",
+                      **loaded(sft_dir), out=out, ours_kwargs=dict(beta=0.3), trl_kwargs=dict(beta=0.3, **length),
+                      table=table, name=f"DPO from SFT adapter{' + lm_head' if saved_modules else ''} {family}")
+        if family == "llama":  # reference log-probs computed once before training, from the loaded adapter
+            lora_pair(DPO, DPOTrainer, DPOConfig, model_dir, preference, PreferenceDataModule, adapter="policy",
+                      **loaded(Path(out) / f"sft_adapter_{family}"), out=out,
+                      ours_kwargs=dict(beta=0.3, precompute_ref_logps=True),
+                      trl_kwargs=dict(beta=0.3, precompute_ref_log_probs=True, **length), table=table,
+                      name=f"DPO from SFT adapter, precomputed reference {family}")
+        # TRL pairs row i with completion i-1 for the KL rows, ours with i+1: TRL reads the rows reversed; ours
+        # precomputes the reference (the KL pairs are then fixed in the data, as TRL's are).
+        kto = dict(trl_rows=unpaired[::-1], ours_kwargs=dict(beta=0.3, precompute_ref_logps=True),
+                   trl_kwargs=dict(beta=0.3, **length), table=table)
+        lora_pair(KTO, KTOTrainer, KTOConfig, model_dir, unpaired, UnpairedDataModule, adapter="policy",
+                  trl_model=causal(), peft_config=LoraConfig(**peft, task_type="CAUSAL_LM"), out=out, **kto,
+                  name=f"KTO {family}")
+        lora_pair(KTO, KTOTrainer, KTOConfig, model_dir, unpaired, UnpairedDataModule, adapter="policy",
+                  **loaded(Path(out) / f"sft_adapter_{family}"), out=out, **kto, name=f"KTO from SFT adapter {family}")
+        scorer = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+        lora_pair(RewardModeling, RewardTrainer, RewardConfig, model_dir, preference, PreferenceDataModule,
+                  adapter="reward", trl_model=scorer, peft_config=LoraConfig(**peft, task_type="SEQ_CLS"), out=out,
+                  ours_kwargs=dict(normalize_on=None), trl_kwargs=length, excused={"score.bias": "score_bias"},
+                  table=table, name=f"Reward {family}")
+        lora_pair(SFT, SFTTrainer, SFTConfig, model_dir, sft_rows, SFTDataModule, adapter="policy",
+                  trl_model=causal(), peft_config=LoraConfig(**peft, task_type="CAUSAL_LM"), out=out,
+                  trl_kwargs=length, trl_dropout_note="sft_dropout", table=table, name=f"SFT {family}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lora", action="store_true", help="LoRA adapters trained two optimizer steps on both sides "
+                        "(DPO, DPO from an SFT adapter, KTO, reward, SFT) instead of the full-parameter checks")
+    lora_mode = parser.parse_args(argv).lora
     torch.set_num_threads(1)
     from lit_rlhf.models import BankSpec, load_tokenizer
     from lit_rlhf.toy.families import build_tiny
 
     tokenizer = load_tokenizer(BankSpec(model="assets/toy/base"))
-    table = Table()
     with tempfile.TemporaryDirectory() as root:
         models = {family: str(build_tiny(family, Path(root) / family))
                   for family in ("llama", "qwen2", "gpt2", "gemma2")}
+        if lora_mode:
+            table = Table(LORA_COLUMNS, LORA_NOTES, {"weights": WEIGHTS_TOL, "gradients": LORA_GRADIENTS_TOL})
+            lora(table, models, root)
+            return 0 if table.print() else 1
+        table = Table()
         tokenization(table, tokenizer)
         truncation(table, tokenizer)
         log_probs(table, models, tokenizer)

@@ -34,3 +34,25 @@ def test_a_cell_fails_on_an_unnamed_difference_or_a_convention_that_does_not_ali
     table.add("n", "loss", 2e-3, "nll_mean", aligned=1e-3)  # the note does not explain all of it
     assert table.cell("n", "loss") == ("DIFFERS (2.0e-03)", False)
     assert not table.print()
+
+
+def test_a_column_can_carry_its_own_tolerance(agree):
+    table = agree.Table(agree.LORA_COLUMNS, agree.LORA_NOTES, {"weights": 1e-2})
+    table.add("m", "weights", 3e-3)
+    table.add("m", "loss", 3e-3)
+    assert table.cell("m", "weights") == ("agree (3e-03)", True)
+    assert table.cell("m", "loss") == ("DIFFERS (3.0e-03)", False)
+
+
+def test_lora_tensors_of_both_sides_meet_under_one_name(agree):
+    """Ours (bank-relative, adapter ``policy``/``reward``) and TRL's (adapter ``default``, the score module saved
+    whole) name the same tensor alike; another adapter's copy of a saved module does not."""
+    pairs = [("model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.policy.weight", "policy",
+              "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"),
+             ("model.base_model.model.lm_head.modules_to_save.policy.weight", "policy",
+              "base_model.model.lm_head.modules_to_save.default.weight"),
+             ("heads.reward.linear.weight", "reward", "base_model.model.score.modules_to_save.default.weight")]
+    for ours, adapter, theirs in pairs:
+        assert agree.canonical(ours, adapter) == agree.canonical(theirs, "default")
+    assert (agree.canonical("model.base_model.model.lm_head.modules_to_save.reference.weight", "policy")
+            != agree.canonical("base_model.model.lm_head.modules_to_save.default.weight", "default"))
