@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import torch
 
 from lit_rlhf.data import PreferenceDataModule
-from lit_rlhf.methods import RewardModeling
+from lit_rlhf.methods import DPO, RewardModeling
 from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.models.heads import ScalarHead
 
@@ -41,3 +41,21 @@ def test_reward_model_trains_under_bf16_true_with_float32_adapter_and_head(tmp_p
     assert any(n.startswith("heads.") for n in trained) and any("lora_A" in n for n in trained)
     assert all(dtypes[n] == torch.float32 for n in trained), {n: dtypes[n] for n in trained if dtypes[n] != torch.float32}
     assert torch.isfinite(trainer.callback_metrics["loss"])
+
+
+class ReferenceSeen(DPO):
+    """DPO that records the precomputed reference log-probs its training steps receive."""
+
+    def training_step(self, batch, batch_idx):
+        self.seen = batch["ref_chosen_logps"]
+        return super().training_step(batch, batch_idx)
+
+
+def test_precomputed_reference_logps_reach_the_step_in_float32_under_bf16_true(tmp_path):
+    pl.seed_everything(0)
+    method = ReferenceSeen(learning_rate=1e-3, precompute_ref_logps=True, bank=BankSpec(model=TOY_BASE, lora=LoraSpec(r=4)))
+    quiet_trainer(tmp_path, max_steps=1, precision="bf16-true").fit(
+        method, PreferenceDataModule(train=TRAIN, batch_size=4, max_length=64))
+    precomputed = set(method._ref_cache["train"][:, 0].tolist())
+    assert method.seen.dtype == torch.float32
+    assert set(method.seen.tolist()) <= precomputed  # bit for bit (bf16 rounds -21.8 to -21.75)
