@@ -7,7 +7,8 @@ import logging
 import math
 import pickle
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -364,13 +365,22 @@ class BankMethod(pl.LightningModule):
         out = []
         for start in range(0, len(examples), batch_size):
             batch = {k: v.to(self.device) for k, v in collator(examples[start : start + batch_size]).items()}
-            if self.bank.has_reference:
-                with self.bank.reference():
-                    out.append(row_logps(batch).cpu())
-            else:  # full mode without a frozen copy: the policy before its first step is the reference
-                with self.bank.role(self.trained_adapter):
-                    out.append(row_logps(batch).cpu())
+            with self._starting_policy():
+                out.append(row_logps(batch).cpu())
         return torch.cat(out) if out else torch.zeros(0, width)
+
+    @contextmanager
+    def _starting_policy(self) -> Iterator[None]:
+        """The reference before the first step, in eval mode: the trained role itself (an SFT adapter loaded
+        from a path, a fresh adapter that is the base, or full mode's base), or the bare base when
+        ``bank.reference`` is ``base``. A method that precomputes keeps no ``reference`` role: adapters off
+        would be the pre-SFT base (DPO from an SFT adapter: first-step rewards 0.022 and -0.012, not 0)."""
+        if self.bank_spec.reference == "base" and self.bank.is_peft:
+            with self.bank.reference():
+                yield
+        else:
+            with eval_mode(self.bank), self.bank.role(self.trained_adapter):
+                yield
 
     # -- checkpoints ----------------------------------------------------------------------------
 
