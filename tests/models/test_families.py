@@ -3,8 +3,11 @@ gradient checkpointing behave the same whatever the architecture."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, LoraSpec, load_tokenizer
@@ -119,3 +122,21 @@ def test_full_mode_reference_copy_stays_in_eval_mode(family_dirs, batch):
     assert bank.model.training and not any(m.training for m in bank.reference_model.modules())
     with bank.reference():
         torch.testing.assert_close(bank(*batch).logits, bank(*batch).logits, atol=0, rtol=0)
+
+
+def test_dropout_rates_read_from_the_config_are_off_and_exported_as_loaded(tmp_path, batch):
+    # Falcon reads hidden_dropout and attention_dropout from its config in every forward, not from a module.
+    tokenizer = load_tokenizer(BankSpec())
+    config = AutoConfig.for_model("falcon", vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, hidden_dropout=0.1, attention_dropout=0.1)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "falcon")
+    tokenizer.save_pretrained(tmp_path / "falcon")
+    bank = AdapterBank(BankSpec(model=str(tmp_path / "falcon"), train_mode="full"), require=[AdapterSpec("policy")])
+    assert bank.model.training
+    with torch.no_grad():
+        torch.testing.assert_close(bank(*batch).logits, bank(*batch).logits, atol=0, rtol=0)
+    bank.export_merged(tmp_path / "export")
+    saved = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert saved["hidden_dropout"] == saved["attention_dropout"] == 0.1 and saved["use_cache"] is True
+    assert bank.model.config.hidden_dropout == 0.0  # and training goes on without it
