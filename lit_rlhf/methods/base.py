@@ -20,6 +20,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lit_rlhf.distributed import every_rank
 from lit_rlhf.errors import InvalidArgument
+from lit_rlhf.methods.precision import fit_precision_plugin
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, eval_mode, load_tokenizer
 from lit_rlhf.models.bank import check_bank_spec, lora_adapter_of, merge_adapter_specs
 from lit_rlhf.models.head import fused_head_supported, head_selection_supported
@@ -131,21 +132,6 @@ def settle_epoch_progress(loops: dict, trainer: pl.Trainer) -> None:
         progress["is_last_batch"] = False
 
 
-def hand_batches_over_uncast(trainer: pl.Trainer) -> None:
-    """Make the Trainer's precision plugin pass batches through as the collators made them.
-
-    Lightning's half "true" precisions (``bf16-true``, ``16-true``) cast every float tensor of a batch to
-    the model's dtype, as for image inputs. A lit_rlhf batch gives the model token ids only; its float
-    fields are loss quantities kept in float32 on purpose (precomputed reference log-probs, margins): in
-    bf16 a sequence log-prob of -40 is rounded to a multiple of 0.25, so DPO's implicit rewards would not
-    start at 0 and the reference would differ from the one computed on the fly."""
-    trainer.precision_plugin.convert_input = _as_collated
-
-
-def _as_collated(batch):
-    return batch
-
-
 class BankMethod(pl.LightningModule):
     """Base of every method: owns an ``AdapterBank`` built from a light spec in ``configure_model``.
 
@@ -238,7 +224,7 @@ class BankMethod(pl.LightningModule):
     def setup(self, stage: str) -> None:
         # Before configure_model: an unsupported strategy fails here, before any weights load.
         check_trainer_support(self.trainer, self)
-        hand_batches_over_uncast(self.trainer)
+        fit_precision_plugin(self.trainer)
         if hasattr(self, "engine"):
             synchronise_generation(self.engine, self.trainer)
 

@@ -493,18 +493,15 @@ class AdapterBank(nn.Module):
                 frozen.eval()
         return self
 
-    def _apply(self, fn, recurse: bool = True) -> AdapterBank:
-        """As ``nn.Module._apply`` (``to``, ``bfloat16``...), except that a half-precision cast leaves the
-        LoRA adapters and the scalar heads in float32, as the bank built them (peft keeps LoRA in float32
-        on a bf16 base too). Lightning's ``bf16-true`` / ``16-true`` cast the whole module: the base is what
-        that is for (memory); a bf16 adapter would drop AdamW's small steps below its rounding (at lr 1e-4,
-        73% of the toy DPO policy's LoRA A entries never moved in 5 steps) and a bf16 head would break
-        its float32 forward."""
-        super()._apply(fn, recurse)
+    def float32_adapters_and_heads(self) -> None:
+        """Put the LoRA adapters and the scalar heads back in float32 after a cast of the whole module to
+        half precision (Lightning's ``bf16-true`` / ``16-true``), as the bank built them (peft keeps LoRA in
+        float32 on a bf16 base too): the base is what such a cast is for (memory). A bf16 adapter drops
+        AdamW's small steps below its rounding: at lr 1e-4, 73% of the toy DPO policy's LoRA A entries never
+        moved in 5 steps."""
         for name, param in self.named_parameters():
             if param.dtype in (torch.float16, torch.bfloat16) and (name.startswith("heads.") or lora_adapter_of(name)):
                 param.data = param.data.float()
-        return self
 
     @staticmethod
     def _frozen_copy(model) -> nn.Module:

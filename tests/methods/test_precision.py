@@ -19,7 +19,7 @@ from tests.methods.test_real_setups import TRAIN, quiet_trainer
 from tests.paths import TOY_BASE
 
 
-def test_scalar_head_is_float32_under_bf16_autocast():
+def test_scalar_head_is_float32_under_bf16_autocast_and_with_bf16_weights():
     torch.manual_seed(0)
     head = ScalarHead(16, "score")
     hidden = torch.randn(2, 3, 16).bfloat16() * 8  # large scores: bf16 keeps 8 significant bits of them
@@ -28,6 +28,9 @@ def test_scalar_head_is_float32_under_bf16_autocast():
         scores = head(hidden)
     assert scores.dtype == torch.float32
     torch.testing.assert_close(scores, expected, atol=0, rtol=0)
+    # DeepSpeed's bf16 mode casts the whole module, the head's weights included (its masters stay float32).
+    head.bfloat16()
+    assert head(hidden).dtype == torch.float32
 
 
 def test_reward_model_trains_under_bf16_true_with_float32_adapter_and_head(tmp_path):
