@@ -7,7 +7,8 @@ import logging
 import math
 import pickle
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -19,6 +20,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lit_rlhf.distributed import every_rank
 from lit_rlhf.errors import InvalidArgument
+from lit_rlhf.methods.precision import fit_precision_plugin
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, eval_mode, load_tokenizer
 from lit_rlhf.models.bank import adapter_of, check_bank_spec, merge_adapter_specs
 from lit_rlhf.models.head import fused_head_supported, head_selection_supported
@@ -222,6 +224,7 @@ class BankMethod(pl.LightningModule):
     def setup(self, stage: str) -> None:
         # Before configure_model: an unsupported strategy fails here, before any weights load.
         check_trainer_support(self.trainer, self)
+        fit_precision_plugin(self.trainer)
         if hasattr(self, "engine"):
             synchronise_generation(self.engine, self.trainer)
 
@@ -349,24 +352,22 @@ class BankMethod(pl.LightningModule):
         out = []
         for start in range(0, len(examples), batch_size):
             batch = {k: v.to(self.device) for k, v in collator(examples[start : start + batch_size]).items()}
-            if self._reference_is_policy_at_start():
-                with self.bank.role(self.trained_adapter), eval_mode(self.bank.model):
-                    out.append(row_logps(batch).cpu())
-            else:
-                with self.bank.reference():
-                    out.append(row_logps(batch).cpu())
+            with self._starting_policy():
+                out.append(row_logps(batch).cpu())
         return torch.cat(out) if out else torch.zeros(0, width)
 
-    def _reference_is_policy_at_start(self) -> bool:
-        """Whether precomputed reference log-probs are the policy's own before its first step: the bank keeps no
-        frozen copy of the starting policy (precomputing spares it) where that policy is not the bare base, i.e.
-        in full mode, and for a policy adapter loaded from a path (an SFT adapter) unless ``bank.reference: base``.
-        ``bank.reference()`` would read the base with adapters off there: the policy before SFT."""
-        bank = self.bank
-        if bank.full:
-            return bank.reference_model is None
-        loaded = bank.adapters[self.trained_adapter].path is not None
-        return loaded and bank.reference_adapter is None and bank.spec.reference == "start"
+    @contextmanager
+    def _starting_policy(self) -> Iterator[None]:
+        """The reference before the first step, in eval mode: the trained role itself (an SFT adapter loaded
+        from a path, a fresh adapter that is the base, or full mode's base), or the bare base when
+        ``bank.reference`` is ``base``. A method that precomputes keeps no ``reference`` role: adapters off
+        would be the pre-SFT base (DPO from an SFT adapter: first-step rewards 0.022 and -0.012, not 0)."""
+        if self.bank_spec.reference == "base" and self.bank.is_peft:
+            with self.bank.reference():
+                yield
+        else:
+            with eval_mode(self.bank), self.bank.role(self.trained_adapter):
+                yield
 
     # -- checkpoints ----------------------------------------------------------------------------
 

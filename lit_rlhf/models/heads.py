@@ -5,14 +5,15 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 class ScalarHead(nn.Module):
     """A linear map from the last hidden state to one float32 scalar per position.
 
-    Kept in float32 whatever the base dtype, since reward and value regressions are
-    sensitive to bf16 rounding.
+    Computed in float32 whatever the base dtype or the Trainer's precision, since reward and value
+    regressions are sensitive to bf16 rounding.
 
     Args:
         hidden_size: the base model's hidden size.
@@ -30,8 +31,12 @@ class ScalarHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(batch, seq, hidden) -> (batch, seq) float32."""
-        return self.linear(hidden.float()).squeeze(-1)
+        """(batch, seq, hidden) -> (batch, seq) float32, under autocast too: ``bf16-mixed`` would run this
+        linear in bf16 and round every score and value to 8 significant bits (a reward of 5 to a multiple
+        of 1/32, so a group's close rewards tie and their advantages vanish)."""
+        # In float32 also when a strategy keeps the weights in bf16 (DeepSpeed's bf16 mode casts the module).
+        with torch.autocast(hidden.device.type, enabled=False):
+            return F.linear(hidden.float(), self.linear.weight.float(), self.linear.bias.float()).squeeze(-1)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

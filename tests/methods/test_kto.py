@@ -200,8 +200,10 @@ def test_precomputed_reference_covers_the_kl_rows_and_no_reference_runs_in_train
 
     method.training_step = counting_training_step
     method.configure_model()
-    live_reference = method.bank.reference
+    # Every way to the reference: the live role, and the starting policy that the precomputation reads.
+    live_reference, starting_policy = method.bank.reference, method._starting_policy
     method.bank.reference = lambda: (reference_calls.append(in_training_step[0]), live_reference())[1]
+    method._starting_policy = lambda: (reference_calls.append(in_training_step[0]), starting_policy())[1]
     trainer(tmp_path, max_steps=3, limit_val_batches=0).fit(method, data)
     assert method.trainer.global_step == 3
     assert reference_calls and not any(reference_calls), "a reference forward ran inside a training step"

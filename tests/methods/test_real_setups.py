@@ -91,6 +91,34 @@ def test_dpo_reference_is_the_loaded_policy_so_validation_rewards_start_at_zero(
     assert abs(metrics["val/rewards/chosen"].item()) > 1e-3
 
 
+def precomputing_dpo_step(tmp_path, **bank) -> tuple[DPO, dict[str, float]]:
+    """One DPO step with reference log-probs precomputed: the method and the step's metrics."""
+    method = DPO(learning_rate=1e-3, precompute_ref_logps=True, bank=BankSpec(lora=LoraSpec(r=4), **bank))
+    trainer = quiet_trainer(tmp_path, max_steps=1)
+    trainer.fit(method, PreferenceDataModule(train=TRAIN, batch_size=4, max_length=64))
+    return method, {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+def test_precomputed_reference_is_the_loaded_policy(tmp_path, sft_adapter):
+    pl.seed_everything(0)
+    _, metrics = precomputing_dpo_step(tmp_path, model=TOY_BASE, adapters=[AdapterSpec("policy", path=sft_adapter)])
+    # Before the first update the policy is its reference (old code: the bare base, rewards 0.022 and -0.012).
+    for name in ("rewards/chosen", "rewards/rejected"):
+        assert abs(metrics[name]) < 1e-5, metrics
+
+
+def test_precomputed_reference_never_drops(tmp_path):
+    # Full mode keeps no frozen copy when the reference is precomputed: the policy itself, which trains with
+    # the base's dropout here (GPT-2: 0.1), gives the reference log-probs, in eval mode.
+    model = str(build_tiny("gpt2", tmp_path / "gpt2"))
+    caches = []
+    for seed in (0, 1):
+        pl.seed_everything(seed)
+        method, _ = precomputing_dpo_step(tmp_path, model=model, train_mode="full", disable_dropout=False)
+        caches.append(method._ref_cache["train"])
+    torch.testing.assert_close(caches[0], caches[1], atol=0, rtol=0)
+
+
 def test_ppo_from_a_loaded_policy_starts_with_zero_kl(sft_adapter):
     pl.seed_everything(0)
     method = make_online(PPO, adapters=[AdapterSpec("policy", path=sft_adapter)], num_samples_per_prompt=2)

@@ -3,8 +3,11 @@ gradient checkpointing behave the same whatever the architecture."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, LoraSpec, load_tokenizer
@@ -51,7 +54,9 @@ def first_layer_linear_calls(bank: AdapterBank) -> list[int]:
 
 
 def policy_and_critic_grads(bank: AdapterBank, batch) -> dict[str, torch.Tensor]:
-    """One backward of a policy term and a value-adapter term, the way PPO combines them."""
+    """One backward of a policy term and a value-adapter term, the way PPO combines them (with the same
+    dropout draws each time: the RNG is seeded)."""
+    torch.manual_seed(2)
     values = bank.values(*batch, adapter="value")  # the role is switched back before backward
     with bank.role("policy"):
         logits = bank(*batch).logits
@@ -79,13 +84,16 @@ def test_heads_read_the_trunk_and_roles_differ(family, family_dirs, batch):
     assert bank.active == "policy"
 
 
+@pytest.mark.parametrize("train_mode", ["lora", pytest.param("qlora", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_checkpointing_recomputes_in_the_forward_s_role(family, family_dirs, batch):
-    plain = make_bank(family_dirs[family])
+def test_checkpointing_recomputes_in_the_forward_s_role(family, train_mode, family_dirs, batch):
+    # With the configs' own dropout live (GPT-2, GPT-NeoX, OPT, Phi-3): the recomputation must replay the
+    # forward's dropout masks (torch's checkpoint restores the RNG state) or the gradients differ.
+    plain = make_bank(family_dirs[family], train_mode=train_mode, disable_dropout=False)
     plain_calls = first_layer_linear_calls(plain)
     expected = policy_and_critic_grads(plain, batch)
 
-    checkpointed = make_bank(family_dirs[family], gradient_checkpointing=True)
+    checkpointed = make_bank(family_dirs[family], train_mode=train_mode, disable_dropout=False, gradient_checkpointing=True)
     checkpointed_calls = first_layer_linear_calls(checkpointed)
     grads = policy_and_critic_grads(checkpointed, batch)
 
@@ -119,3 +127,21 @@ def test_full_mode_reference_copy_stays_in_eval_mode(family_dirs, batch):
     assert bank.model.training and not any(m.training for m in bank.reference_model.modules())
     with bank.reference():
         torch.testing.assert_close(bank(*batch).logits, bank(*batch).logits, atol=0, rtol=0)
+
+
+def test_dropout_rates_read_from_the_config_are_off_and_exported_as_loaded(tmp_path, batch):
+    # Falcon reads hidden_dropout and attention_dropout from its config in every forward, not from a module.
+    tokenizer = load_tokenizer(BankSpec())
+    config = AutoConfig.for_model("falcon", vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, hidden_dropout=0.1, attention_dropout=0.1)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "falcon")
+    tokenizer.save_pretrained(tmp_path / "falcon")
+    bank = AdapterBank(BankSpec(model=str(tmp_path / "falcon"), train_mode="full"), require=[AdapterSpec("policy")])
+    assert bank.model.training
+    with torch.no_grad():
+        torch.testing.assert_close(bank(*batch).logits, bank(*batch).logits, atol=0, rtol=0)
+    bank.export_merged(tmp_path / "export")
+    saved = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert saved["hidden_dropout"] == saved["attention_dropout"] == 0.1 and saved["use_cache"] is True
+    assert bank.model.config.hidden_dropout == 0.0  # and training goes on without it
