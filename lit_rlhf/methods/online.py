@@ -528,9 +528,9 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         """Whether the model gives the same logits with each distinct prompt run once: checked once, on a
         tiny rollout, at the first forward; else whole rows, with the reason logged."""
         if self._prompt_sharing is None:
-            embeddings = self.bank.model.get_input_embeddings()
+            embeddings = self.bank.model.get_input_embeddings()  # a LoRA embedding lacks num_embeddings
             with eval_mode(self.bank):
-                supported = prompt_sharing_supported(self.bank, embeddings.num_embeddings, embeddings.weight.device)
+                supported = prompt_sharing_supported(self.bank, embeddings.weight.shape[0], embeddings.weight.device)
             log.info("rollout forwards %s", "run each distinct prompt once" if supported else
                      "run whole rows (the model's KV cache does not give the same logits with shared prompts)")
             self._prompt_sharing = supported
