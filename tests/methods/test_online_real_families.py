@@ -1,7 +1,9 @@
 """The online loop on tiny models of real families, speaking their tokenizers and chat templates
 (tests/data/real_tokenizers.py): the log-probs a rollout was sampled with are the ones the loop
 recomputes for it, token by token, whatever the family does on the way (sliding-window layers longer
-rollouts outrun, soft-capped logits, tied heads, a LoRA on the tied LM head and input embedding)."""
+rollouts outrun, soft-capped logits, tied heads, a LoRA on the tied LM head and input embedding); and on
+a hand-made Llama-3 rollout (pad == EOS, turns closed by <|eot_id|>, a reply cut at max_new_tokens) PPO's
+rewards, values, returns and advantages, Online DPO's and best-of-n's losses, each from the rows run alone."""
 
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import lit_rlhf.rollout.engine as engine_module
 from lit_rlhf.data import PromptDataModule
-from lit_rlhf.methods import GRPO
-from lit_rlhf.models import BankSpec, LoraSpec
-from lit_rlhf.rollout import RewardSpec, SamplingConfig
+from lit_rlhf.methods import GRPO, PPO, BestOfN, OnlineDPO
+from lit_rlhf.methods.online import ScoredRollout
+from lit_rlhf.models import BankSpec, LoraSpec, eval_mode
+from lit_rlhf.rollout import RewardSpec, SamplingConfig, truncate_at_stop
 from lit_rlhf.toy.families import FAMILIES as ARCHITECTURES
 from tests.data.real_tokenizers import build_family
 
@@ -112,3 +115,135 @@ def test_the_forward_probes_run_with_a_lora_on_the_input_embedding(tmp_path):
     assert method.uses_head_selection() and method.uses_fused_head()
     with method.bank.role("policy"):
         assert bank_supports_packing(method.bank)
+
+
+# -- a hand-made rollout on Llama-3's conventions: pad == EOS, turns end with <|eot_id|> -----------------
+
+
+def llama3_rollout(tok):
+    """Four rows, two prompts (a chat one and a plain one, left-padded to one width), two samples each:
+    a reply closed by ``<|eot_id|>`` with other tokens after it (cut), one closed by a real EOS (the pad id)
+    and followed by padding, one cut at max_new_tokens (no stop), one closed by ``<|eot_id|>``."""
+    sampling = SamplingConfig(max_new_tokens=7).resolved(tok)
+    eot, eos = tok.convert_tokens_to_ids("<|eot_id|>"), tok.eos_token_id
+    assert sampling.pad_token_id == eos and sampling.stop_token_ids == [eos, eot]
+
+    def words(text):
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    chat = words(tok.apply_chat_template([{"role": "user", "content": "what is the capital of france ?"}],
+                                         add_generation_prompt=True, tokenize=False))
+    plain = tok("hello there")["input_ids"]
+    width = max(len(chat), len(plain))
+    prompts = [chat, chat, plain, plain]
+    prompt_ids = torch.tensor([[eos] * (width - len(p)) + p for p in prompts])
+    prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    replies = [words(" paris .")[:3] + [eot], words(" the capital")[:4] + [eos], words(" how are you today ?")[:7],
+               words(" hi .")[:2] + [eot]]
+    after = words(" the dog slept in the sun .")
+    raw = torch.tensor([(r + after)[:7] for r in replies[:1]] + [r + [eos] * (7 - len(r)) for r in replies[1:]])
+    rollout = truncate_at_stop(prompt_ids, prompt_mask, raw, sampling.stop_token_ids, sampling.pad_token_id)
+    lengths = [len(r) for r in replies]
+    assert rollout.response_lengths.tolist() == lengths and lengths[2] == 7
+    assert rollout.ended.tolist() == [True, True, False, True]
+    return rollout
+
+
+def alone(method, rollout, i: int, role: str | None, temperature: float, values: str | None = None):
+    """Row ``i`` run alone, without padding: ``(n,)`` log-probs of its ``n`` response tokens at ``temperature``
+    under ``role`` (``None``: the reference), and the critic's values at the positions before each of them."""
+    prompt = rollout.prompt_ids[i][rollout.prompt_mask[i].bool()]
+    n = int(rollout.response_lengths[i])
+    response = rollout.response_ids[i, :n]
+    ids = torch.cat([prompt, response])[None]
+    ones = torch.ones_like(ids)
+    here = slice(len(prompt) - 1, len(prompt) + n - 1)  # the positions predicting the response tokens
+    with torch.no_grad(), eval_mode(method.bank), (method.bank.role(role) if role else method.bank.reference()):
+        logits = method.bank(ids, ones).logits[0, here].float()
+        value = None
+        if values == "shared":
+            value = method.bank.logits_and_values(ids, ones, adapter=role)[1][0, here]
+        elif values == "adapter":
+            value = method.bank.values(ids, ones, adapter="value")[0, here]
+    logprobs = (logits / temperature).log_softmax(-1).gather(-1, response[:, None])[:, 0]
+    return logprobs, value
+
+
+def online_method(cls, tmp_path, **kwargs):
+    method = cls(bank=BankSpec(model=tiny_model("llama", "llama3", tmp_path), lora=LoraSpec(r=4, alpha=8)),
+                 rewards=REWARD, engine="hf", sampling=SamplingConfig(max_new_tokens=7, temperature=TEMPERATURE),
+                 **kwargs)
+    method.configure_model()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in method.bank.named_parameters():
+            if "lora_B" in name or "heads." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    return method
+
+
+SCORES = torch.tensor([1.0, -0.5, 0.3, 0.3])
+
+
+@pytest.mark.parametrize("critic", ["adapter", "shared"])
+def test_ppo_targets_by_hand_on_a_pad_is_eos_rollout(tmp_path, critic):
+    """Rewards, values, GAE returns and whitened advantages of each row over exactly its response tokens
+    (the stop token once, whichever it is; all 7 of the cut row), from the row run alone: the KL penalty on
+    every token, the score on the last one, the critic read before each token, V = 0 after the last."""
+    beta, gamma, lam = 0.2, 0.9, 0.8
+    method = online_method(PPO, tmp_path, critic=critic, kl_coef=beta, gamma=gamma, lam=lam)
+    tok = method.tokenizer
+    rollout = llama3_rollout(tok)
+    with torch.no_grad(), eval_mode(method.bank):
+        behaviour = method.policy_forward(rollout)
+        values = behaviour.values if critic == "shared" else method.critic_values(rollout)
+        scored = ScoredRollout(rollout, ["p"] * 4, ["c"] * 4, SCORES, {}, behaviour.logprobs,
+                               method.reference_logprobs(rollout), values)
+    targets = method.compute_advantages(scored)
+
+    raw_advantages = []
+    for i, n in enumerate(rollout.response_lengths.tolist()):
+        logprobs, value = alone(method, rollout, i, "policy", TEMPERATURE, values=critic)
+        reference, _ = alone(method, rollout, i, None, TEMPERATURE)
+        rewards = -beta * (logprobs - reference)
+        rewards[-1] += SCORES[i]
+        advantages, next_value, next_advantage = torch.zeros(n), 0.0, 0.0
+        for t in reversed(range(n)):
+            delta = rewards[t] + gamma * next_value - value[t]
+            advantages[t] = next_advantage = delta + gamma * lam * next_advantage
+            next_value = value[t]
+        raw_advantages.append(advantages)
+        for name, expected in (("kl", logprobs - reference), ("values", value), ("returns", advantages + value)):
+            got = getattr(targets, name)[i]
+            torch.testing.assert_close(got[:n], expected, atol=1e-5, rtol=1e-5, msg=f"{name} of row {i}")
+            assert not got[n:].any(), f"{name} of row {i} past its response"
+    flat = torch.cat(raw_advantages)
+    whitened = (flat - flat.mean()) / (flat.var() + 1e-8).sqrt()
+    torch.testing.assert_close(targets.advantages[rollout.response_mask.bool()], whitened, atol=1e-4, rtol=1e-4)
+
+
+def test_online_dpo_and_best_of_n_losses_by_hand_on_a_pad_is_eos_rollout(tmp_path):
+    """Online DPO's pairs (rows 0/1: the EOS-closed reply loses; rows 2/3 tie, weight 0) and best-of-n's SFT
+    tokens (rows 0 and 2, the best of each prompt, at temperature 1) summed over exactly the response tokens."""
+    beta = 0.1
+    dpo = online_method(OnlineDPO, tmp_path, beta=beta)
+    rollout = llama3_rollout(dpo.tokenizer)
+
+    def loss_of(method, logprobs=None):
+        with torch.no_grad(), eval_mode(method.bank):
+            reference = method.reference_logprobs(rollout) if method.uses_reference() else None
+            scored = ScoredRollout(rollout, ["p"] * 4, ["c"] * 4, SCORES, {}, logprobs, reference)
+            targets = method.compute_advantages(scored)
+            rows = torch.arange(4)
+            batch = method.select(scored, targets, rows, step_rows=4,
+                                  step_tokens=method.step_weights(scored, targets).sum())
+            return method.policy_loss(batch)[0]
+
+    sums = {role: [alone(dpo, rollout, i, role, TEMPERATURE)[0].sum() for i in range(2)] for role in ("policy", None)}
+    margin = (sums["policy"][0] - sums[None][0]) - (sums["policy"][1] - sums[None][1])
+    torch.testing.assert_close(loss_of(dpo), -torch.nn.functional.logsigmoid(beta * margin), atol=1e-5, rtol=1e-5)
+
+    best_of_n = online_method(BestOfN, tmp_path / "bon", num_samples_per_prompt=2)
+    kept = [alone(best_of_n, rollout, i, "policy", 1.0)[0] for i in (0, 2)]
+    expected = -torch.cat(kept).sum() / sum(len(k) for k in kept)
+    torch.testing.assert_close(loss_of(best_of_n), expected, atol=1e-5, rtol=1e-5)
