@@ -169,8 +169,8 @@ def alone(method, rollout, i: int, role: str | None, temperature: float, values:
     return logprobs, value
 
 
-def online_method(cls, tmp_path, **kwargs):
-    method = cls(bank=BankSpec(model=tiny_model("llama", "llama3", tmp_path), lora=LoraSpec(r=4, alpha=8)),
+def online_method(cls, tmp_path, architecture="llama", **kwargs):
+    method = cls(bank=BankSpec(model=tiny_model(architecture, "llama3", tmp_path), lora=LoraSpec(r=4, alpha=8)),
                  rewards=REWARD, engine="hf", sampling=SamplingConfig(max_new_tokens=7, temperature=TEMPERATURE),
                  **kwargs)
     method.configure_model()
@@ -185,13 +185,14 @@ def online_method(cls, tmp_path, **kwargs):
 SCORES = torch.tensor([1.0, -0.5, 0.3, 0.3])
 
 
-@pytest.mark.parametrize("critic", ["adapter", "shared"])
-def test_ppo_targets_by_hand_on_a_pad_is_eos_rollout(tmp_path, critic):
+# GPT-2's absolute positions: a left-padded row read at other positions than alone would show.
+@pytest.mark.parametrize(("architecture", "critic"), [("llama", "adapter"), ("gpt2", "shared")])
+def test_ppo_targets_by_hand_on_a_pad_is_eos_rollout(tmp_path, architecture, critic):
     """Rewards, values, GAE returns and whitened advantages of each row over exactly its response tokens
     (the stop token once, whichever it is; all 7 of the cut row), from the row run alone: the KL penalty on
     every token, the score on the last one, the critic read before each token, V = 0 after the last."""
     beta, gamma, lam = 0.2, 0.9, 0.8
-    method = online_method(PPO, tmp_path, critic=critic, kl_coef=beta, gamma=gamma, lam=lam)
+    method = online_method(PPO, tmp_path, architecture, critic=critic, kl_coef=beta, gamma=gamma, lam=lam)
     tok = method.tokenizer
     rollout = llama3_rollout(tok)
     with torch.no_grad(), eval_mode(method.bank):
