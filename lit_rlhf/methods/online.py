@@ -514,10 +514,12 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         """Logits of the active role over the rows: their last ``T + 1`` positions (``logits_to_keep``), or all.
 
         With ``num_samples_per_prompt > 1`` the rows that share a prompt run it once (``models.prefix``) where
-        the model allows it; not in a forward with gradients under gradient checkpointing, which drops the
-        cache. The choice never depends on the rows: every rank makes the same forward calls (FSDP and
-        ZeRO-3 gather parameters in lockstep), also for a mini-batch whose prompts happen to be distinct."""
-        checkpointed = torch.is_grad_enabled() and self.bank_spec.gradient_checkpointing
+        the model allows it; not under gradient checkpointing, which drops the cache in the update's forward
+        (with gradients): the behaviour and reference forwards then run whole rows too, since in bfloat16 the
+        two ways round differently and the first ratio would not be 1. The choice never depends on the rows:
+        every rank makes the same forward calls (FSDP and ZeRO-3 gather parameters in lockstep), also for a
+        mini-batch whose prompts happen to be distinct."""
+        checkpointed = bool(self.bank_spec.gradient_checkpointing)
         if self.num_samples_per_prompt > 1 and not checkpointed and self.shares_prompts():
             return shared_prompt_logits(self.bank, rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids,
                                         rollout.response_mask, prompt_groups(rollout.prompt_ids, rollout.prompt_mask))

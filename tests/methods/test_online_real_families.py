@@ -22,6 +22,8 @@ from lit_rlhf.models import BankSpec, LoraSpec, eval_mode
 from lit_rlhf.rollout import RewardSpec, SamplingConfig, truncate_at_stop
 from lit_rlhf.toy.families import FAMILIES as ARCHITECTURES
 from tests.data.real_tokenizers import build_family
+from tests.methods.online_helpers import first_batch, perturbed
+from tests.methods.tiny_families import build_families
 
 TEMPERATURE = 0.7
 MAX_NEW_TOKENS = 24  # past the tiny Gemma 2 / Mistral sliding window (16) with every prompt
@@ -248,3 +250,30 @@ def test_online_dpo_and_best_of_n_losses_by_hand_on_a_pad_is_eos_rollout(tmp_pat
     kept = [alone(best_of_n, rollout, i, "policy", 1.0)[0] for i in (0, 2)]
     expected = -torch.cat(kept).sum() / sum(len(k) for k in kept)
     torch.testing.assert_close(loss_of(best_of_n), expected, atol=1e-5, rtol=1e-5)
+
+
+# -- bfloat16 with gradient checkpointing ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toy_families(tmp_path_factory) -> dict[str, str]:
+    return build_families(tmp_path_factory.mktemp("families"), ["qwen2", "gpt2"])
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_first_ratio_is_one_in_bfloat16_under_gradient_checkpointing(toy_families, family):
+    """The update's forward (with gradient) cannot share prompts under gradient checkpointing, so the
+    behaviour forward (without) must not either: in bfloat16 the two ways of running the rows round
+    differently (the first log-ratio was off by up to 2.4e-3 here, noise the clipping then saw)."""
+    pl.seed_everything(0)
+    method = GRPO(bank=BankSpec(model=toy_families[family], lora=LoraSpec(r=4, alpha=8), dtype="bfloat16",
+                                gradient_checkpointing=True),
+                  rewards=REWARD, engine="hf", beta=0.1, num_samples_per_prompt=4, update_epochs=2,
+                  sampling=SamplingConfig(max_new_tokens=16, temperature=TEMPERATURE))
+    perturbed(method)
+    assert not method.fuses_behaviour_pass() and method.shares_prompts()
+    scored = method.rollout_and_score(first_batch(method))
+    method.bank.train()
+    update = method.policy_forward(scored.rollout)  # what the first micro-batch's loss reads
+    assert update.logprobs.requires_grad
+    assert torch.equal(update.logprobs.detach(), scored.old_logprobs)
