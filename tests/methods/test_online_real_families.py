@@ -3,7 +3,9 @@
 recomputes for it, token by token, whatever the family does on the way (sliding-window layers longer
 rollouts outrun, soft-capped logits, tied heads, a LoRA on the tied LM head and input embedding); and on
 a hand-made Llama-3 rollout (pad == EOS, turns closed by <|eot_id|>, a reply cut at max_new_tokens) PPO's
-rewards, values, returns and advantages, Online DPO's and best-of-n's losses, each from the rows run alone."""
+rewards, values, returns and advantages, Online DPO's and best-of-n's losses, each from the rows run alone;
+in bfloat16, the forwards whose log-probs are compared (behaviour and update, policy and reference) run
+alike, so the first ratio is 1 and a fresh policy's KL 0 exactly; and on-policy GKD's rows and loss."""
 
 from __future__ import annotations
 
@@ -292,3 +294,64 @@ def test_reference_log_probs_are_the_policys_while_it_is_the_reference_in_bfloat
     assert method.uses_fused_head() and not method.fuses_policy_head()
     scored = method.rollout_and_score(first_batch(method))
     assert torch.equal(scored.old_logprobs, scored.ref_logprobs)
+
+
+# -- GKD on-policy --------------------------------------------------------------------------------------
+
+
+def test_gkd_on_policy_rows_are_the_templates_prompt_and_the_reply_for_both_models(tmp_path):
+    """On-policy GKD on Llama-3 chat rows (pad == EOS) with a separate teacher of the family: student and teacher
+    read the template's generation prompt (one BOS) and the student's reply, and the divergence is summed over
+    exactly the reply's tokens, as for each row run alone."""
+    from lit_rlhf.data import SFTDataModule
+    from lit_rlhf.losses import generalized_jsd_loss
+    from lit_rlhf.methods import GKD
+    from lit_rlhf.models import TeacherSpec
+
+    student = tiny_model("llama", "llama3", tmp_path / "student")
+    teacher = AutoModelForCausalLM.from_pretrained(student)
+    with torch.no_grad():
+        for param in teacher.parameters():
+            param.add_(torch.randn_like(param), alpha=0.05)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tok = build_family("llama3", tmp_path)
+    tok.save_pretrained(tmp_path / "teacher")
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "paris ."}]}
+            for q in QUESTIONS]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pl.seed_everything(0)
+    bank = BankSpec(model=student, lora=LoraSpec(r=4, alpha=8), teacher=TeacherSpec(str(tmp_path / "teacher")))
+    method = GKD(bank=bank,
+                 lmbda=1.0, beta=0.3, temperature=0.9, engine="hf_static",
+                 # The EOS (the pad), the turn end and a third of the vocabulary stop: replies end before padding.
+                 sampling=SamplingConfig(max_new_tokens=8, temperature=TEMPERATURE, stop_token_ids=[
+                     tok.eos_token_id, tok.convert_tokens_to_ids("<|eot_id|>"), *range(100, 400, 3)]))
+    method.configure_model()
+    batch = next(iter(SFTDataModule(train=str(tmp_path / "sft.jsonl"), batch_size=3, max_length=128)
+                      .prepare(tok).train_dataloader()))
+
+    sequences, source = method.training_sequences(batch)
+    student_logits, teacher_logits, mask = method.aligned_logits(sequences)
+    loss = generalized_jsd_loss(student_logits, teacher_logits, mask, beta=0.3, temperature=0.9, reduction="sum")
+
+    assert source == "student"
+    lengths = sequences.completion_mask.sum(dim=1)
+    assert lengths.min() < lengths.max()  # padding after a reply that ended
+    prompts = {tuple(tok(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                  tokenize=False), add_special_tokens=False)["input_ids"])
+               for q in QUESTIONS}
+    expected, seen = 0.0, set()
+    for i in range(len(QUESTIONS)):  # the batch is shuffled
+        ids = sequences.input_ids[i][sequences.attention_mask[i].bool()]
+        reply = sequences.completion_mask[i][sequences.attention_mask[i].bool()].bool()
+        seen.add(tuple(ids[~reply].tolist()))
+        assert reply.sum() == sequences.completion_mask[i].sum() > 0 and reply[-int(reply.sum()):].all()
+        with torch.no_grad():
+            with method.bank.role("policy"):
+                alone_student = method.bank(ids[None], torch.ones_like(ids)[None]).logits
+            with method.bank.teacher():
+                alone_teacher = method.bank(ids[None], torch.ones_like(ids)[None]).logits
+        expected += generalized_jsd_loss(alone_student[:, :-1], alone_teacher[:, :-1], reply[None, 1:].long(),
+                                         beta=0.3, temperature=0.9, reduction="sum")
+    assert seen == prompts and mask.sum() == sequences.completion_mask.sum()
+    torch.testing.assert_close(loss.detach(), expected, atol=1e-5, rtol=1e-5)
