@@ -314,9 +314,9 @@ class BankMethod(pl.LightningModule):
         def forward(input_ids):
             return self.bank(input_ids, torch.ones_like(input_ids)).logits
 
-        embeddings = self.bank.model.get_input_embeddings()
+        embeddings = self.bank.model.get_input_embeddings()  # a LoRA embedding lacks num_embeddings
         with eval_mode(self.bank):
-            return check(forward, self.bank.output_embeddings(), embeddings.num_embeddings, embeddings.weight.device)
+            return check(forward, self.bank.output_embeddings(), embeddings.weight.shape[0], embeddings.weight.device)
 
     # -- reference log-probs computed once (precompute_ref_logps) -------------------------------
 

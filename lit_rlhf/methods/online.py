@@ -513,24 +513,30 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
     def rollout_logits(self, rollout: Rollout) -> torch.Tensor:
         """Logits of the active role over the rows: their last ``T + 1`` positions (``logits_to_keep``), or all.
 
-        With ``num_samples_per_prompt > 1`` the rows that share a prompt run it once (``models.prefix``) where
-        the model allows it; not in a forward with gradients under gradient checkpointing, which drops the
-        cache. The choice never depends on the rows: every rank makes the same forward calls (FSDP and
-        ZeRO-3 gather parameters in lockstep), also for a mini-batch whose prompts happen to be distinct."""
-        checkpointed = torch.is_grad_enabled() and self.bank_spec.gradient_checkpointing
-        if self.num_samples_per_prompt > 1 and not checkpointed and self.shares_prompts():
+        With ``runs_shared_prompts()`` the rows that share a prompt run it once (``models.prefix``). The choice
+        never depends on the rows: every rank makes the same forward calls (FSDP and ZeRO-3 gather parameters
+        in lockstep), also for a mini-batch whose prompts happen to be distinct."""
+        if self.runs_shared_prompts():
             return shared_prompt_logits(self.bank, rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids,
                                         rollout.response_mask, prompt_groups(rollout.prompt_ids, rollout.prompt_mask))
         keep = self.logits_to_keep(rollout)
         return self.bank(rollout.input_ids, rollout.attention_mask, rollout.position_ids, **kept_logits(keep)).logits
 
+    def runs_shared_prompts(self) -> bool:
+        """Whether the policy, behaviour and reference forwards run each distinct prompt once: with several
+        samples per prompt, where the model allows it (``shares_prompts``), and not under gradient
+        checkpointing, which drops the cache in the update's forward. All of them or none: in bfloat16 the two
+        ways round differently, so a behaviour forward run otherwise than the update's would start the ratio
+        off 1, and a reference forward run otherwise than the policy's the KL off 0."""
+        return self.num_samples_per_prompt > 1 and not self.bank_spec.gradient_checkpointing and self.shares_prompts()
+
     def shares_prompts(self) -> bool:
         """Whether the model gives the same logits with each distinct prompt run once: checked once, on a
         tiny rollout, at the first forward; else whole rows, with the reason logged."""
         if self._prompt_sharing is None:
-            embeddings = self.bank.model.get_input_embeddings()
+            embeddings = self.bank.model.get_input_embeddings()  # a LoRA embedding lacks num_embeddings
             with eval_mode(self.bank):
-                supported = prompt_sharing_supported(self.bank, embeddings.num_embeddings, embeddings.weight.device)
+                supported = prompt_sharing_supported(self.bank, embeddings.weight.shape[0], embeddings.weight.device)
             log.info("rollout forwards %s", "run each distinct prompt once" if supported else
                      "run whole rows (the model's KV cache does not give the same logits with shared prompts)")
             self._prompt_sharing = supported
@@ -611,9 +617,11 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
     @torch.no_grad()
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
         """``(b, T)`` response log-probs under the reference (adapters off, or the frozen copy), with the LM
-        head fused in where the model allows."""
+        head fused in exactly where the policy's forward fuses it (``fuses_policy_head``): in bfloat16 the
+        fused head's float32 products round otherwise than the model's logits, and the KL of a policy that is
+        still its reference must be 0."""
         with self.bank.reference():
-            if self.uses_fused_head():
+            if self.fuses_policy_head():
                 return self.fused_response_logprobs(rollout)[0]
             logits = self.rollout_logits(rollout)
         return self.response_logprobs(logits, rollout)

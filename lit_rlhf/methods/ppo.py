@@ -155,6 +155,10 @@ class PPO(OnlineMethod):
         # The shared critic reads the trunk of the policy's own forward, which keeps its logits.
         return self.critic != "shared" and super().fuses_policy_head()
 
+    def runs_shared_prompts(self) -> bool:
+        # That forward runs whole rows (bank.logits_and_values), so the reference's does too.
+        return self.critic != "shared" and super().runs_shared_prompts()
+
     def loss_entropy(self) -> str:
         return "metric"  # policy/entropy
 

@@ -98,6 +98,6 @@ def bank_supports_packing(bank) -> bool:
     def forward(input_ids, attention_mask, position_ids):
         return bank(input_ids, attention_mask, position_ids).logits
 
-    embeddings = bank.model.get_input_embeddings()
+    embeddings = bank.model.get_input_embeddings()  # a LoRA embedding lacks num_embeddings
     with eval_mode(bank):
-        return packing_supported(forward, embeddings.num_embeddings, embeddings.weight.device)
+        return packing_supported(forward, embeddings.weight.shape[0], embeddings.weight.device)

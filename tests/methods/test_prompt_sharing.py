@@ -98,7 +98,9 @@ def test_sliding_window_caches_keep_whole_rows(models, family):
     assert not make_grpo(models[family]).shares_prompts()
 
 
-def test_gradient_checkpointing_keeps_whole_rows_in_a_forward_with_gradients(models, monkeypatch):
+def test_gradient_checkpointing_keeps_whole_rows_in_every_forward(models, monkeypatch):
+    """The update's forward (with gradients) drops the cache; the behaviour and reference forwards (without)
+    run whole rows too, so their log-probs round as the update's do (bfloat16: ratio 1 on the first update)."""
     method = make_grpo(models["llama"], gradient_checkpointing=True)
     r = rollout(method.bank.model.config.vocab_size)
     assert method.shares_prompts()
@@ -111,9 +113,9 @@ def test_gradient_checkpointing_keeps_whole_rows_in_a_forward_with_gradients(mod
     with method.bank.role(method.policy_adapter):
         logits = method.rollout_logits(r)
     assert not calls and logits.requires_grad
-    with torch.no_grad():  # no backward to replay: the cache stays, the prompts are shared
+    with torch.no_grad():
         method.rollout_logits(r)
-    assert len(calls) == 1
+    assert not calls
 
 
 def test_rows_without_a_shared_prompt_make_the_same_calls(models):
