@@ -85,7 +85,7 @@ def sft_stage(out: Path, *, max_epochs: int = 2) -> Path:
                  bank=BankSpec(model=str(TOY_BASE), train_mode="lora", lora=LORA))
     data = SFTDataModule(train=str(DATA / "sft_train.jsonl"), val=str(DATA / "sft_val.jsonl"), batch_size=16,
                          max_length=64, packing=True, completion_only_loss=True)
-    trainer(out / "sft", max_epochs, merged=True, log_every_n_steps=5).fit(method, data)
+    trainer(out / "sft", max_epochs, merged=True, log_every_n_steps=5, gradient_clip_val=1.0).fit(method, data)
     return paths(out)["sft_merged"]
 
 
@@ -96,7 +96,7 @@ def reward_stage(out: Path, base: Path, *, max_epochs: int = 3) -> Path:
                             lr_scheduler="cosine", bank=BankSpec(model=str(base), train_mode="lora", lora=LORA))
     data = PreferenceDataModule(train=str(DATA / "preference_train.jsonl"), val=str(DATA / "preference_val.jsonl"),
                                 batch_size=16, max_length=64)
-    trainer(out / "reward", max_epochs, log_every_n_steps=5).fit(method, data)
+    trainer(out / "reward", max_epochs, log_every_n_steps=5, gradient_clip_val=1.0).fit(method, data)
     return paths(out)["reward_adapter"]
 
 

@@ -82,7 +82,7 @@ def _cli_classes():
     from lightning.pytorch import LightningDataModule
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-    from lit_rlhf.errors import InvalidArgument
+    from lit_rlhf.errors import InvalidArgument, SourceNotFound
     from lit_rlhf.methods.base import BankMethod
     from lit_rlhf.methods.checkpoints import find_last_checkpoint, finished_message
 
@@ -142,7 +142,10 @@ def _cli_classes():
             self.model.check_config()
             prepare = getattr(self.datamodule, "prepare", None)
             if prepare is not None:
-                prepare(self.model.tokenizer)
+                try:
+                    prepare(self.model.tokenizer)
+                except SourceNotFound as missing:
+                    raise ConfigError(f"config key '{self._config_key(missing.argument)}': {missing}") from missing
             check_split = getattr(self.model, "check_rollout_split", None)
             if check_split is not None and getattr(self.datamodule, "batch_size", None) is not None:
                 check_split(self.datamodule.batch_size)
@@ -333,13 +336,22 @@ def _accepted_options(class_path: str) -> list[str]:
 def explain(message: str, options: list[str] = ()) -> str:
     """jsonargparse's nested error text as one line, with "did you mean" for an unknown option
     (``options``: the keys of the parser that reported it)."""
+    # A field of a dataclass inside a class's arguments (bank.lora.r), from a file or the command line.
+    nested = re.search(r"Group '([^']+)' does not accept option '([^']+)'", message) or \
+        re.search(r"unrecognized arguments: --([^\s=]+\.)([^\s=.]+)", message)
+    classes = re.findall(r"class_path '([^']+)'", message)
+    if nested and classes:
+        option = ".".join(part.strip(".") for part in nested.groups())
+        parent = ".init_args.".join(re.findall(r'Parser key "([^"]+)"', message))
+        close = difflib.get_close_matches(option, _accepted_options(classes[-1]), n=1, cutoff=0.6)
+        return f"config key '{parent}.{option}' does not exist" + (
+            f"; did you mean '{parent}.{close[0]}'?" if close else "")
     rejected = re.search(r"does not accept option '([^']+)'", message) or \
         re.search(r"unrecognized arguments: --(\S+)", message)
     if rejected:
         close = difflib.get_close_matches(rejected.group(1), options, n=1, cutoff=0.6)
         return f"config key '{rejected.group(1)}' does not exist" + (f"; did you mean '{close[0]}'?" if close else "")
     unknown = re.findall(r"Option '([^']+)' is not accepted", message)
-    classes = re.findall(r"class_path '([^']+)'", message)
     given = re.findall(r"NestedArg\(key='([^']+)'", message)
     top = re.match(r'Parser key "([^"]+)"', message)
     if unknown and classes:
@@ -348,6 +360,9 @@ def explain(message: str, options: list[str] = ()) -> str:
         close = difflib.get_close_matches(unknown[-1], options, n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else (f"; options: {', '.join(options)}" if options else "")
         return f"config key '{key}': {classes[-1]} has no option '{unknown[-1]}'{hint}"
+    missing_config = re.match(r"""Parser key "config": File does not exist: '([^']+)'""", message)
+    if missing_config:
+        return f"--config {missing_config.group(1)}: no such file"
     keys = re.findall(r'Parser key "([^"]+)"', message)
     expected = re.search(r"Expected a <class '([^']+)'>\. Got value: (.*)", message)
     if keys and expected:
@@ -373,6 +388,42 @@ def clean_message(error: BaseException) -> str | None:
     if isinstance(error, ValueError):  # raised in a constructor, jsonargparse wraps it in its Union report
         return explain(str(error))
     return None
+
+
+def key_location(key: str, argv: list[str]) -> str | None:
+    """``file:line`` where a config key (``model.init_args.beta``) is set: in the last ``--config`` file of
+    ``argv`` that sets it, as a later file overrides an earlier one; ``None`` when the command line sets it
+    or no file does."""
+    import yaml
+
+    if any(arg == f"--{key}" or arg.startswith(f"--{key}=") for arg in argv):
+        return None
+    files = [value for flag, value in zip(argv, argv[1:]) if flag in ("--config", "-c")]
+    files += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+    found = None
+    for path in files:
+        try:
+            node = yaml.compose(Path(path).read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        line = None
+        for part in key.split("."):
+            entry = next(((k, v) for k, v in node.value if k.value == part), None) \
+                if isinstance(node, yaml.MappingNode) else None
+            if entry is None:
+                line = None
+                break
+            line, node = entry[0].start_mark.line + 1, entry[1]
+        if line is not None:
+            found = f"{path}:{line}"
+    return found
+
+
+def _with_location(message: str, argv: list[str]) -> str:
+    """``message`` led by the file and line of the config key it names, when a config file set it."""
+    named = re.match(r"config key '([^']+)'", message)
+    where = key_location(named.group(1), argv) if named else None
+    return f"{where}: {message}" if where else message
 
 
 # -- the dispatcher --------------------------------------------------------------------------------
@@ -420,7 +471,7 @@ def console(args: list[str] | None = None) -> None:
         message = clean_message(error)
         if debug or message is None:
             raise
-        print(f"lit-rlhf: error: {message}", file=sys.stderr)
+        print(f"lit-rlhf: error: {_with_location(message, argv)}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

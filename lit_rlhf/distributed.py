@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from lit_rlhf.losses import whiten
 
-__all__ = ["all_rows", "every_rank", "global_mean_loss", "global_sum", "global_whiten", "is_distributed", "rank_seed"]
+__all__ = ["all_rows", "every_rank", "global_mean_loss", "global_means", "global_sum", "global_whiten", "is_distributed",
+           "rank_seed"]
 
 
 def is_distributed() -> bool:
@@ -92,6 +93,34 @@ def global_sum(value: torch.Tensor) -> torch.Tensor:
     return _all_reduce_sum(value.detach().clone())
 
 
+def global_means(metrics: dict[str, tuple[torch.Tensor | float, torch.Tensor | float]],
+                 device: torch.device | str = "cpu") -> dict[str, tuple[float, float]]:
+    """Weighted means over every data-parallel rank, in one all-reduce (a collective: every rank passes
+    the same names, in the same order); the metrics themselves in one process.
+
+    Args:
+        metrics: ``name -> (mean, weight)``: this rank's mean of a metric over ``weight`` items (rows,
+            tokens, micro-batches); an item-less metric (``weight`` 0) may hold any mean, NaN included.
+        device: where the reduction runs; the device of the model (NCCL reduces CUDA tensors only).
+
+    Returns:
+        ``name -> (mean, weight)``: the mean over every rank's items, as one process holding them all
+        takes it, and their number (NaN for the mean of a metric no rank had items for).
+    """
+    if not metrics:
+        return {}
+
+    def scalar(value):  # a tensor stays on its device: no host round trip per metric
+        return torch.as_tensor(value, dtype=torch.float64, device=device).detach().reshape(())
+
+    pairs = torch.stack([torch.stack([scalar(mean), scalar(weight)]) for mean, weight in metrics.values()])
+    weights = pairs[:, 1]
+    # Sums of mean x weight, so an item-less rank's NaN mean stays out.
+    totals = _all_reduce_sum(torch.stack([torch.where(weights > 0, pairs[:, 0] * weights, 0.0), weights], dim=1))
+    return {name: (total / weight if weight > 0 else float("nan"), weight)
+            for name, (total, weight) in zip(metrics, totals.tolist())}
+
+
 def global_mean_loss(total: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The mean of a sum over items (loss tokens) over the items of every data-parallel rank, as one
     process holding them all takes it (a collective).
@@ -106,8 +135,9 @@ def global_mean_loss(total: torch.Tensor, count: torch.Tensor) -> tuple[torch.Te
         rank's count); ``mean`` is the global mean, detached, for logging.
     """
     world = dist.get_world_size() if is_distributed() else 1
-    global_count = global_sum(count.float()).clamp(min=1)
-    return total * (world / global_count), global_sum(total) / global_count
+    global_total, global_count = global_sum(torch.stack([total.float(), count.float()]))  # one all-reduce
+    global_count = global_count.clamp(min=1)
+    return total * (world / global_count), global_total / global_count
 
 
 def rank_seed(base_seed: int, rank: int, step: int) -> int:

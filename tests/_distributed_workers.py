@@ -57,3 +57,70 @@ def rollout_metrics_on_rank(rank: int, port: int, out: str) -> None:
         torch.save({"metrics": metrics}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+# -- the training-step metrics of the offline methods, logged over every rank's rows ---------------------
+
+#: Rows of one global batch per method, and the share of each of two ranks: unequal, so a mean of the
+#: ranks' means differs from the mean over the rows; rank 0's one KTO row is desirable only.
+TRAINING_SHARES = (slice(0, 1), slice(1, 5))
+
+
+def _rows(batch: dict, share: slice, rows: int) -> dict:
+    """``share`` of a collated batch's ``rows`` examples; a preference batch stacks chosen over rejected."""
+    def take(value):
+        if len(value) == 2 * rows:  # chosen rows, then rejected rows
+            return torch.cat([value[:rows][share], value[rows:][share]]) if torch.is_tensor(value) else \
+                value[:rows][share] + value[rows:][share]
+        return value[share] if len(value) == rows else value
+
+    return {key: take(value) for key, value in batch.items()}
+
+
+def training_step_logs(share: slice | None) -> dict[str, dict[str, float]]:
+    """What ``training_step`` of DPO, KTO, RewardModeling and SFT logs on ``share`` of one global batch of 5
+    rows (all of it for ``None``), the LoRA weights moved off zero alike in every process."""
+    from lit_rlhf.data import PreferenceDataModule, SFTDataModule, UnpairedDataModule
+    from lit_rlhf.methods import DPO, KTO, SFT, RewardModeling
+    from lit_rlhf.models import BankSpec, LoraSpec
+
+    from tests.paths import TOY_BASE, TOY_DATA
+
+    def toy(data_class, file, **kwargs):
+        return lambda: data_class(str(TOY_DATA / file), max_length=64, **kwargs)
+
+    cases = {"dpo": (DPO, toy(PreferenceDataModule, "preference_train.jsonl")),
+             "kto": (KTO, toy(UnpairedDataModule, "unpaired_train.jsonl")),
+             "reward": (RewardModeling, toy(PreferenceDataModule, "preference_train.jsonl")),
+             "sft": (SFT, toy(SFTDataModule, "sft_train.jsonl", packing=False))}
+    logs = {}
+    for name, (method_class, data) in cases.items():
+        torch.manual_seed(0)
+        method = method_class(bank=BankSpec(model=str(TOY_BASE), lora=LoraSpec(r=4, alpha=8)))
+        method.configure_model()
+        with torch.no_grad():
+            for param_name, param in method.bank.named_parameters():
+                if "lora_B" in param_name:
+                    param.normal_(0, 0.1)
+        data = data().prepare(method.tokenizer)
+        examples = data.train_examples
+        if name == "kto":  # three desirable rows, then two undesirable ones
+            examples = [e for e in examples if e["label"]][:3] + [e for e in examples if not e["label"]][:2]
+        batch = data.collator(examples[:5])
+        logged = logs[name] = {}
+
+        def log(name, value, logged=logged, **kwargs):  # a torchmetrics Metric logs its value
+            logged[name] = float(torch.as_tensor(value.compute() if hasattr(value, "compute") else value).detach())
+
+        method.log = log
+        method.training_step(batch if share is None else _rows(batch, share, 5), 0)
+    return logs
+
+
+def training_step_logs_on_rank(rank: int, port: int, out: str) -> None:
+    """Rank ``rank`` of two: ``training_step_logs`` of its share of the global batch."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.save({"logs": training_step_logs(TRAINING_SHARES[rank])}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -94,6 +94,25 @@ def test_cli_overrides_and_print_config(capsys):
     assert "beta: 0.25" in printed and "class_path: lit_rlhf.methods.DPO" in printed
 
 
+def test_a_printed_config_builds_the_same_run_and_prints_itself(tmp_path, capsys):
+    def printed(config) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", str(config), "--print_config"])
+        assert exit_info.value.code == 0
+        return capsys.readouterr().out
+
+    first = tmp_path / "printed.yaml"
+    first.write_text(printed("configs/kto.yaml"))
+    assert printed(first) == first.read_text()
+    # Built as `fit` builds it (the keys of `fit` itself, ckpt_path and weights_only, are not a run's).
+    run = tmp_path / "run.yaml"
+    run.write_text("".join(line for line in first.read_text().splitlines(keepends=True)
+                           if not line.startswith(("ckpt_path:", "weights_only:"))))
+    cli = build_cli(["--config", str(run)], run=False)
+    assert type(cli.model).__name__ == "KTO" and cli.model.beta == 0.1 and cli.trainer.max_epochs == 3
+    assert {type(c).__name__ for c in cli.trainer.callbacks} >= {"ResumableCheckpoint", "ReportOnFitEnd", "ExportOnFitEnd"}
+
+
 # Slow (15 s each): the default suite keeps its two-process checks to the gloo collectives
 # (tests/test_distributed.py: the helpers and the whitening, two ranks spawned once) and stays under 3 minutes.
 @pytest.mark.slow

@@ -86,7 +86,7 @@ def _failing_fit(tmp_path: Path, case: str) -> tuple[list[str], str]:
                 "--trainer.default_root_dir", str(tmp_path / "run")], "lit-rlhf: error: GRPO"
     if case == "missing file":
         return args + ["--data.init_args.train", str(tmp_path / "nope.jsonl")], \
-            f"lit-rlhf: error: {tmp_path / 'nope.jsonl'}: no such file or directory"
+            f"lit-rlhf: error: config key 'data.init_args.train': {tmp_path / 'nope.jsonl'}: no such file or directory"
     return args + ["--model.init_args.betta", "0.2"], \
         ("lit-rlhf: error: config key 'model.init_args.betta': lit_rlhf.methods.DPO has no option 'betta'; "
          "did you mean 'beta'?")
@@ -104,16 +104,45 @@ def test_user_errors_exit_1_with_the_message_only(tmp_path, capsys, case):
     assert not list((tmp_path / "run").rglob("*.ckpt"))
 
 
-def test_typos_in_a_config_file_and_in_trainer_keys_get_the_closest_key(tmp_path, capsys):
-    config = tmp_path / "typo.yaml"
-    config.write_text((REPO / "configs" / "dpo.yaml").read_text().replace("    beta: 1.0", "    betta: 1.0"))
+def _config_with(tmp_path: Path, old: str, new: str) -> tuple[Path, int]:
+    """configs/dpo.yaml with the line holding ``old`` edited to hold ``new``, and that line's number."""
+    lines = (REPO / "configs" / "dpo.yaml").read_text().splitlines(keepends=True)
+    number = next(i for i, line in enumerate(lines, 1) if line.startswith(old))
+    lines[number - 1] = lines[number - 1].replace(old, new)
+    config = tmp_path / "edited.yaml"
+    config.write_text("".join(lines))
+    return config, number
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ("    beta:", "    betta:",
+     "config key 'model.init_args.betta': lit_rlhf.methods.DPO has no option 'betta'; did you mean 'beta'?"),
+    ("        r: 8", "        rr: 8",
+     "config key 'model.init_args.bank.lora.rr' does not exist; did you mean 'model.init_args.bank.lora.r'?"),
+    ("  max_epochs:", "  max_epochz:", "config key 'trainer.max_epochz' does not exist; did you mean 'trainer.max_epochs'?"),
+    ("    beta: 1.0", "    beta: one", "config key 'model.init_args.beta': expected a float, got 'one'"),
+    ("    train: assets/toy/data/preference_train", "    train: assets/toy/data/preference_trian",
+     "config key 'data.init_args.train': assets/toy/data/preference_trian.jsonl: no such file or directory"),
+], ids=["method option", "nested field", "trainer option", "wrong type", "missing data file"])
+def test_a_bad_key_or_value_in_a_config_file_names_its_file_line_and_key(tmp_path, capsys, old, new, expected):
+    config, line = _config_with(tmp_path, old, new)
     with pytest.raises(SystemExit):
-        console(["fit", "--config", str(config)])
-    assert "config key 'model.init_args.betta': lit_rlhf.methods.DPO has no option 'betta'; did you mean 'beta'?" \
-        in capsys.readouterr().err
+        console(["fit", "--config", str(config), "--trainer.default_root_dir", str(tmp_path / "run")])
+    assert capsys.readouterr().err.strip() == f"lit-rlhf: error: {config}:{line}: {expected}"
+    assert not (tmp_path / "run").exists()  # refused before the Trainer wrote anything
+
+
+def test_typos_on_the_command_line_get_the_closest_key(capsys):
     with pytest.raises(SystemExit):
         console(["fit", "--config", "configs/dpo.yaml", "--trainer.max_epochz", "2"])
     assert "config key 'trainer.max_epochz' does not exist; did you mean 'trainer.max_epochs'?" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        console(["fit", "--config", "configs/dpo.yaml", "--model.init_args.bank.lora.alpah", "3"])
+    assert capsys.readouterr().err.strip() == ("lit-rlhf: error: config key 'model.init_args.bank.lora.alpah' does not "
+                                               "exist; did you mean 'model.init_args.bank.lora.alpha'?")
+    with pytest.raises(SystemExit):
+        console(["fit", "--config", "configs/nope.yaml"])
+    assert capsys.readouterr().err.strip() == f"lit-rlhf: error: --config {REPO / 'configs/nope.yaml'}: no such file"
 
 
 def test_the_lit_rlhf_process_exits_1_without_a_traceback(tmp_path):

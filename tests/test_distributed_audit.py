@@ -26,7 +26,14 @@ from lit_rlhf.distributed import global_mean_loss
 from lit_rlhf.methods import BestOfN, OnlineDPO
 from lit_rlhf.methods.best_of_n import BestOfNTargets
 
-from tests._distributed_workers import free_port, rollout_metrics_on_rank, token_mean_inputs, token_mean_on_rank
+from tests._distributed_workers import (
+    free_port,
+    rollout_metrics_on_rank,
+    token_mean_inputs,
+    token_mean_on_rank,
+    training_step_logs,
+    training_step_logs_on_rank,
+)
 from tests.methods.online_helpers import first_batch, make_online, perturbed
 from tests.paths import TOY_BASE
 from tests.test_scale import _compare_with_one_process
@@ -143,3 +150,19 @@ def test_two_ranks_split_one_shuffled_epoch_and_hold_out_the_same_validation_row
         # 10 training rows: 5 distinct ones per rank, together the epoch once (no padding needed).
         assert len(rows0) == len(rows1) == 5 and sorted(rows0 + rows1) == list(range(10))
     assert epochs0[0] != epochs0[1]  # shuffled per epoch, with one seed: the ranks' shares stay disjoint
+
+
+# -- the offline methods' training-step metrics: over every rank's rows ----------------------------------
+
+
+def test_training_step_metrics_on_two_ranks_are_those_of_one_process_on_both_ranks_rows(tmp_path):
+    """DPO, KTO, RewardModeling and SFT log, on every rank, what one process logs on the union of the ranks'
+    rows (pairs, labelled rows, loss tokens): rank 0 holds 1 of 5 rows, so its own metrics (or the mean of the
+    two ranks') differ; KTO's rank 0 holds no undesirable row, yet its rejected means and margin are logged."""
+    mp.start_processes(training_step_logs_on_rank, args=(free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)["logs"] for rank in (0, 1)]
+    one_process = training_step_logs(None)
+    assert set(one_process["kto"]) >= {"rewards/rejected", "rewards/margins", "logps/rejected", "kl", "loss"}
+    for logs in ranks:
+        for method, expected in one_process.items():
+            assert logs[method] == pytest.approx(expected, rel=1e-5, abs=1e-6), method

@@ -38,6 +38,7 @@ from lit_rlhf.data.collate import (
 from lit_rlhf.data.formats import DataError, report_invalid
 from lit_rlhf.data.sources import load_rows
 from lit_rlhf.data.tokenize import Example, build_examples, resolve_conversational
+from lit_rlhf.errors import SourceNotFound
 
 log = logging.getLogger("lit_rlhf.data")
 
@@ -190,8 +191,8 @@ class _FormatDataModule(L.LightningDataModule):
         if tokenizer is self._prepared_with:
             return self
         errors: list[DataError] = []
-        train_rows = load_rows(self.train, self.hub_split, errors)
-        val_rows = load_rows(self.val, self.hub_split, errors) if self.val is not None else []
+        train_rows = self._load("train", errors)
+        val_rows = self._load("val", errors) if self.val is not None else []
         flag, hint = resolve_conversational(self.format, train_rows or val_rows, self.conversational)
         settings = dict(conversational=flag, hint=hint, max_length=self.max_length,
                         max_prompt_length=self.max_prompt_length, truncation=self.truncation)
@@ -209,6 +210,13 @@ class _FormatDataModule(L.LightningDataModule):
                  "conversational" if flag else "plain text")
         self._check_resumed_state()
         return self
+
+    def _load(self, argument: str, errors: list[DataError]) -> list:
+        """The rows of the source ``argument`` names; a missing source says which argument named it."""
+        try:
+            return load_rows(getattr(self, argument), self.hub_split, errors)
+        except FileNotFoundError as error:
+            raise SourceNotFound(argument, str(error)) from error
 
     def setup(self, stage: str) -> None:
         tokenizer = self.tokenizer

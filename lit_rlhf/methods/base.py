@@ -418,6 +418,14 @@ class BankMethod(pl.LightningModule):
             self._drop_next_step = True
         return loss
 
+    def log_means(self, metrics: dict[str, tuple[float, float]], *, prog_bar: tuple[str, ...] = ()) -> None:
+        """Log ``name -> (mean, weight)`` (of ``lit_rlhf.distributed.global_means``: a training step's metrics
+        over every data-parallel rank's rows or tokens, all in one all-reduce where ``sync_dist=True`` would
+        take one per metric); a metric without items (weight 0) is not logged."""
+        for name, (mean, weight) in metrics.items():
+            if weight > 0:
+                self.log(name, mean, prog_bar=name in prog_bar, batch_size=max(1, round(weight)))
+
     def on_before_optimizer_step(self, optimizer) -> None:
         # Runs before every optimizer step, automatic or manual: a step that runs ends a streak of skips.
         if not self._drop_next_step:

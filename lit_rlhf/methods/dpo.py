@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import torch
 
+from lit_rlhf.distributed import global_means
 from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.losses import (
     CPO_LOSS_TYPES,
@@ -77,10 +78,11 @@ class PreferenceMethod(OfflineMethod):
 
     def training_step(self, batch: dict, batch_idx: int):
         loss, metrics = self.compute_loss(batch)
-        batch_size = batch["input_ids"].shape[0] // 2
-        self.log("loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log("rewards/accuracies", metrics.pop("rewards/accuracies"), prog_bar=True, batch_size=batch_size)
-        self.log_dict(metrics, batch_size=batch_size)
+        pairs = batch["input_ids"].shape[0] // 2
+        # Every metric is a mean over the batch's pairs: logged over every rank's pairs, as TRL gathers them.
+        means = global_means({"loss": (loss, pairs)} | {name: (value, pairs) for name, value in metrics.items()},
+                             self.device)
+        self.log_means(means, prog_bar=("loss", "rewards/accuracies"))
         return self.skip_if_nonfinite(loss)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -51,7 +51,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from lit_rlhf.data.collate import pad, pad_token_id_of
-from lit_rlhf.distributed import global_mean_loss
+from lit_rlhf.distributed import global_mean_loss, global_means
 from lit_rlhf.losses import generalized_jsd_loss
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.models import eval_mode
@@ -267,7 +267,7 @@ class GKD(BankMethod):
         size = rows.input_ids.shape[0]
         self.log("loss", mean_divergence, prog_bar=True, batch_size=size)
         self.log("on_policy", self.on_policy_batches / self.distill_batches, prog_bar=True, batch_size=size)
-        self.log("completion_length", mask.sum() / size, batch_size=size)
+        self.log_means(global_means({"completion_length": (mask.sum() / size, size)}, self.device))  # every rank's rows
         return self.skip_if_nonfinite(loss)
 
     # -- validation and test: the dataset's completions, token-weighted over the epoch -----------

@@ -19,7 +19,7 @@ import logging
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_rlhf.distributed import all_rows
+from lit_rlhf.distributed import all_rows, global_means
 from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.losses import (
     KTO_LOSS_TYPES, KTOLossType, SequenceLogps, check_beta, check_loss_type, kto_kl_estimate, kto_loss,
@@ -177,31 +177,34 @@ class KTO(OfflineMethod):
                        loss_type=self.loss_type)
 
         batch_size = labels.shape[0]
-        desirable, undesirable = labels.bool(), ~labels.bool()
-        n_desirable, n_undesirable = int(desirable.sum()), int(undesirable.sum())
         logps = policy.logps.detach()
         metrics: dict[str, tuple[torch.Tensor, int]] = {"kl": (out.kl, batch_size)}
-        if n_desirable:
-            metrics["rewards/chosen"] = (out.rewards[desirable].mean(), n_desirable)
-            metrics["logps/chosen"] = (logps[desirable].mean(), n_desirable)
-        if n_undesirable:
-            metrics["rewards/rejected"] = (out.rewards[undesirable].mean(), n_undesirable)
-            metrics["logps/rejected"] = (logps[undesirable].mean(), n_undesirable)
-        if n_desirable and n_undesirable:
-            margin = metrics["rewards/chosen"][0] - metrics["rewards/rejected"][0]
-            metrics["rewards/margins"] = (margin, batch_size)
+        # Means over the desirable (chosen) and undesirable (rejected) rows, each weighted by its own row
+        # count; a batch may hold none of one kind (weight 0, never logged).
+        for side, rows in (("chosen", labels.bool()), ("rejected", ~labels.bool())):
+            count = int(rows.sum())
+            metrics[f"rewards/{side}"] = (out.rewards[rows].mean() if count else 0.0, count)
+            metrics[f"logps/{side}"] = (logps[rows].mean() if count else 0.0, count)
         return out.losses.mean(), metrics
 
-    def _log_metrics(self, metrics: dict[str, tuple[torch.Tensor, int]], prefix: str = "") -> None:
-        # A batch without desirable (or undesirable) rows does not log their means, and each
-        # mean is weighted by its own row count, so epoch averages are over rows, not batches.
+    def _log_metrics(self, metrics: dict[str, tuple[torch.Tensor | float, float]], prefix: str = "") -> None:
+        # The margin is the chosen rows' mean reward minus the rejected rows' (TRL's too), taken over the
+        # rows the two means were (a step's, over every rank), when there are both.
+        (chosen, n_chosen), (rejected, n_rejected) = metrics["rewards/chosen"], metrics["rewards/rejected"]
+        if n_chosen and n_rejected:
+            metrics = metrics | {"rewards/margins": (chosen - rejected, n_chosen + n_rejected)}
+        if not prefix:
+            self.log_means(metrics, prog_bar=("loss",))
+            return
+        # Epoch averages are over rows, not batches: each mean is weighted by its own row count.
         for name, (value, count) in metrics.items():
-            self.log(f"{prefix}{name}", value, batch_size=count, sync_dist=bool(prefix))
+            if count:
+                self.log(f"{prefix}{name}", value, batch_size=count, sync_dist=True)
 
     def training_step(self, batch: dict, batch_idx: int):
         loss, metrics = self.compute_loss(batch)
-        self.log("loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0])
-        self._log_metrics(metrics)
+        # Every metric over every rank's rows, as TRL gathers them (its margin too: of the gathered means).
+        self._log_metrics(global_means({"loss": (loss, batch["labels"].shape[0])} | metrics, self.device))
         return self.skip_if_nonfinite(loss)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

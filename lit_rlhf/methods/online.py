@@ -42,7 +42,7 @@ from typing import Literal, NamedTuple
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
-from lit_rlhf.distributed import all_rows, every_rank, global_sum, rank_seed
+from lit_rlhf.distributed import all_rows, every_rank, global_means, global_sum, rank_seed
 from lit_rlhf.losses import entropy_chunk, entropy_from_logits, head_token_logps, kl_penalty, token_logps
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.methods.kl_control import FixedKLController
@@ -670,7 +670,10 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
                 optimizer.zero_grad(set_to_none=True)
                 if scheduler is not None:
                     scheduler.step()
-        means = {name: total / max(count, 1) for name, total in sums.items()}
+        # Each rank's mean over its micro-batches (as many on every rank), then over the ranks, as TRL
+        # gathers its update metrics.
+        reduced = global_means({name: (total / max(count, 1), count) for name, total in sums.items()}, self.device)
+        means = {name: mean for name, (mean, _) in reduced.items()}
         if skipped:
             means["train/skipped_nonfinite"] = float(self.skipped_nonfinite)
         return means

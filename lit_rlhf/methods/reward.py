@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
+from lit_rlhf.distributed import global_means
 from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.losses import bradley_terry_loss
 from lit_rlhf.methods.offline import OfflineMethod
@@ -72,7 +73,6 @@ class RewardModeling(OfflineMethod):
         self.reward_adapter = reward_adapter
         self.center_coefficient = center_coefficient
         self.normalize_on = normalize_on
-        self.train_accuracy = MeanMetric()
         self.val_accuracy = MeanMetric()
         self.test_accuracy = MeanMetric()
         self.normalization: dict[str, float] | None = None
@@ -107,11 +107,11 @@ class RewardModeling(OfflineMethod):
 
     def training_step(self, batch: dict, batch_idx: int):
         loss, correct, metrics = self.compute_loss(batch)
-        batch_size = correct.shape[0]
-        self.log("loss", loss, prog_bar=True, batch_size=batch_size)
-        self.train_accuracy(correct)
-        self.log("accuracy", self.train_accuracy, prog_bar=True, batch_size=batch_size)
-        self.log_dict(metrics, batch_size=batch_size)
+        pairs = correct.shape[0]
+        # Every metric is a mean over the batch's pairs: logged over every rank's pairs, as TRL gathers them.
+        means = global_means({"loss": (loss, pairs), "accuracy": (correct.mean(), pairs)}
+                             | {name: (value, pairs) for name, value in metrics.items()}, self.device)
+        self.log_means(means, prog_bar=("loss", "accuracy"))
         return self.skip_if_nonfinite(loss)
 
     def _eval_step(self, batch: dict, prefix: str, accuracy: MeanMetric) -> None:

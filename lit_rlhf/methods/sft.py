@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torchmetrics import MeanMetric
 
-from lit_rlhf.distributed import global_mean_loss
+from lit_rlhf.distributed import global_mean_loss, global_sum
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.methods.offline import CompletionLogpsForward
 
@@ -64,7 +64,7 @@ class SFT(CompletionLogpsForward, BankMethod):
         loss, mean_nll = global_mean_loss(nll_sum, num_tokens)
         self.log("loss", mean_nll, prog_bar=True)
         self.log("ppl", torch.exp(mean_nll))
-        self.log("num_tokens", num_tokens.float(), reduce_fx="sum")
+        self.log("num_tokens", global_sum(num_tokens.float()), reduce_fx="sum")  # the step's, every rank's
         return self.skip_if_nonfinite(loss)
 
     def _accumulate(self, metric: MeanMetric, batch: dict) -> None:
