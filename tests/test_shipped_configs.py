@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
