@@ -54,7 +54,10 @@ def check_optimizer_arguments(*, learning_rate: float, warmup_steps: int, lr_sch
 
 
 def schedule_factor(step: int, *, warmup_steps: int, total_steps: int, kind: str) -> float:
-    """Learning-rate multiplier: linear warmup, then constant, linear or cosine decay to 0."""
+    """Learning-rate multiplier: linear warmup, then constant, linear or cosine decay to 0.
+
+    Warmup step ``i`` gets ``(i + 1) / warmup_steps``: transformers' ``i / warmup_steps`` spends the first
+    optimizer step at learning rate 0 (Adam's moments move, the weights do not)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if kind == "constant":
