@@ -92,7 +92,8 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     - when training ends (``max_steps``, ``max_epochs``): ``ModelCheckpoint`` alone leaves the
       last periodic checkpoint there, up to N steps old;
-    - on SIGTERM (preemption) or Ctrl-C (SIGINT): the step under way finishes, ``last.ckpt`` is
+    - on SIGTERM (preemption) or Ctrl-C (SIGINT): the optimizer step under way finishes (with
+      ``accumulate_grad_batches``, every micro-batch of its window), ``last.ckpt`` is
       written, the command that resumes is printed, and the process exits with status 0. A second
       Ctrl-C aborts at once, without a checkpoint.
 
@@ -147,6 +148,12 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            # Mid gradient accumulation (accumulate_grad_batches > 1): the checkpoint cannot hold the
+            # accumulated gradients, and a run resumed from it would step on the window's later
+            # micro-batches only. Stop at the optimizer step that ends the window. Every rank is at the
+            # same micro-batch, so every rank skips the decision below together.
+            return
         # Every rank takes part in the decision, then all save together (saving has a barrier).
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return

@@ -225,3 +225,17 @@ def test_cli_resumes_from_last_and_says_when_there_is_nothing_to_do(tmp_path, ca
     assert f"--ckpt_path last: {second}" in err
     assert "nothing to do: the run reached max_steps=4; raise it to continue" in err
     assert sorted(tmp_path.rglob("*")) == before, "resuming a finished run wrote something"
+
+
+def test_a_signal_mid_gradient_accumulation_stops_at_the_end_of_the_window(tmp_path):
+    # accumulate_grad_batches=2: the signal lands on the window's first micro-batch. The checkpoint cannot hold
+    # the accumulated gradient, so the run finishes the window (one optimizer step) before it saves and stops.
+    straight = fit("dpo", tmp_path / "straight", 2, accumulate_grad_batches=2)
+    with pytest.raises(SystemExit):
+        fit("dpo", tmp_path / "a", 2, callbacks=[SignalAt(0)], accumulate_grad_batches=2)
+    saved = torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 1
+    assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 2
+    resumed = fit("dpo", tmp_path / "a" / "resumed", 2, ckpt_path=tmp_path / "a" / "last.ckpt",
+                  accumulate_grad_batches=2)
+    assert_same(resumed, straight)
