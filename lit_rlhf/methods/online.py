@@ -822,6 +822,10 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["lit_rlhf_online"] = {"rollout_count": self.rollout_count, "rewards": self.rewards.state_dict()}
+        if self._sampling_seed is not None:
+            # The run's own seed, not the resuming process's: a CLI run seeded at random (seed_everything: true)
+            # draws a new seed each time it starts, and would sample other responses after the resume.
+            checkpoint["lit_rlhf_online"]["sampling_seed"] = self._sampling_seed
         if self.kl_controller is not None:
             checkpoint["kl_controller"] = self.kl_controller.state_dict()
 
@@ -831,6 +835,7 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         if state is not None:
             self.rollout_count = int(state["rollout_count"])
             self.rewards.load_state_dict(state["rewards"])
+            self._sampling_seed = state.get("sampling_seed", self._sampling_seed)
         if self.kl_controller is not None and "kl_controller" in checkpoint:
             self.kl_controller.load_state_dict(checkpoint["kl_controller"])
 

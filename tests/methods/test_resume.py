@@ -70,9 +70,9 @@ METHODS = {
 }
 
 
-def fit(name, root, max_steps, *, ckpt_path=None, callbacks=(), every_n_train_steps=None, **kwargs):
-    """One run of method ``name`` (seed 0), checkpointing into ``root``; its trainable tensors at the end."""
-    pl.seed_everything(0)
+def fit(name, root, max_steps, *, ckpt_path=None, callbacks=(), every_n_train_steps=None, seed=0, **kwargs):
+    """One run of method ``name`` (seeded with ``seed``), checkpointing into ``root``; its trainable tensors at the end."""
+    pl.seed_everything(seed)
     method, data = METHODS[name]()
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -239,3 +239,11 @@ def test_a_signal_mid_gradient_accumulation_stops_at_the_end_of_the_window(tmp_p
     resumed = fit("dpo", tmp_path / "a" / "resumed", 2, ckpt_path=tmp_path / "a" / "last.ckpt",
                   accumulate_grad_batches=2)
     assert_same(resumed, straight)
+
+
+def test_a_run_resumed_under_another_seed_samples_what_the_straight_run_sampled(tmp_path):
+    # A CLI run seeded at random (seed_everything: true) draws a new seed each time it starts: the rollouts'
+    # sampling seed is the interrupted run's, from the checkpoint.
+    straight = fit("grpo", tmp_path / "straight", 2)
+    fit("grpo", tmp_path / "a", 1)
+    assert_same(fit("grpo", tmp_path / "a" / "resumed", 2, ckpt_path=tmp_path / "a" / "last.ckpt", seed=1), straight)
