@@ -794,7 +794,9 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
             )
 
     def total_optimizer_steps(self) -> int:
-        return self.update_args.optimizer_steps(max(1, int(self.trainer.estimated_stepping_batches)))
+        # Lightning estimates rollouts (capped by max_steps); max_steps itself counts optimizer steps here.
+        steps = self.update_args.optimizer_steps(max(1, int(self.trainer.estimated_stepping_batches)))
+        return steps if self.trainer.max_steps == -1 else min(steps, self.trainer.max_steps)
 
     # lit_rlhf.strategies reads these two of any method (DeepSpeed takes over clipping and accumulation).
     @property
