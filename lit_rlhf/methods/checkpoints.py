@@ -111,6 +111,7 @@ class ResumableCheckpoint(ModelCheckpoint):
     def __init__(self, *args, save_last: bool = True, **kwargs) -> None:
         super().__init__(*args, save_last=save_last, **kwargs)
         self.received: Optional[str] = None
+        self._step_before_batch = 0
         self._previous_handlers: dict[int, Any] = {}
 
     # -- signal handlers, installed only while training ---------------------------------------------
@@ -146,8 +147,13 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     # -- stopping ----------------------------------------------------------------------------------
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self._step_before_batch = trainer.global_step
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._save_if_a_period_ended_inside_the_batch(trainer, pl_module)
         if trainer.fit_loop.epoch_loop._should_accumulate():
             # Mid gradient accumulation (accumulate_grad_batches > 1): the checkpoint cannot hold the
             # accumulated gradients, and a run resumed from it would step on the window's later
@@ -164,6 +170,23 @@ class ResumableCheckpoint(ModelCheckpoint):
                   f"checkpoint: {self.last_model_path}\nresume with:\n  {resume_command(Path(self.last_model_path))}",
                   file=sys.stderr, flush=True)
         raise SIGTERMException(0)
+
+    def _save_if_a_period_ended_inside_the_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``every_n_train_steps`` for a manually optimized method, whose batch (a rollout) takes several
+        optimizer steps: ``ModelCheckpoint`` saves only where ``global_step`` lands on a multiple of N, which
+        with 3 steps a rollout and N = 20 is every 60 steps; this saves at the batch that passed one."""
+        n = self._every_n_train_steps
+        step = trainer.global_step
+        if pl_module.automatic_optimization or n < 1 or step % n == 0 or step // n == self._step_before_batch // n:
+            return  # ModelCheckpoint's own case, or no multiple of N passed in this batch
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        if self.monitor is not None and self.monitor not in candidates:
+            self._defer_save_until_validation = True  # as ModelCheckpoint: saved after the next validation
+            return
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore_handlers()

@@ -247,3 +247,17 @@ def test_a_run_resumed_under_another_seed_samples_what_the_straight_run_sampled(
     straight = fit("grpo", tmp_path / "straight", 2)
     fit("grpo", tmp_path / "a", 1)
     assert_same(fit("grpo", tmp_path / "a" / "resumed", 2, ckpt_path=tmp_path / "a" / "last.ckpt", seed=1), straight)
+
+
+# The package silences this at import (checkpoints.py), which pytest's per-test warning filters undo.
+@pytest.mark.filterwarnings("ignore:Using ModelCheckpoint with manual optimization and every_n_train_steps")
+def test_every_n_train_steps_saves_when_a_rollout_passes_a_multiple_of_n(tmp_path):
+    # Three optimizer steps a rollout, a checkpoint every 2: global_step goes 3, 6, 9, passing 2, 4|6, 8.
+    pl.seed_everything(0)
+    method = make_online(GRPO, update_epochs=3, num_mini_batches=1, num_samples_per_prompt=2, max_new_tokens=4)
+    data = PromptDataModule(f"{TOY_DATA}/prompt_val.jsonl", batch_size=2, max_length=32, seed=3)
+    every_2 = ResumableCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, save_last=False)
+    pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+               limit_val_batches=0, max_steps=9, callbacks=[every_2]).fit(method, data)
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["epoch=0-step=3.ckpt", "epoch=0-step=6.ckpt",
+                                                               "epoch=0-step=9.ckpt"]
