@@ -70,10 +70,18 @@ METHODS = {
 }
 
 
+#: Settings of one method whose resume has a case of its own below (not run by the parametrized tests).
+VARIANTS = {
+    # TR-DPO: the reference adapter moves toward the policy at every step, after the step.
+    "tr_dpo": _offline(partial(DPO, sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5),
+                       PreferenceDataModule, "preference_val.jsonl"),
+}
+
+
 def fit(name, root, max_steps, *, ckpt_path=None, callbacks=(), every_n_train_steps=None, seed=0, **kwargs):
     """One run of method ``name`` (seeded with ``seed``), checkpointing into ``root``; its trainable tensors at the end."""
     pl.seed_everything(seed)
-    method, data = METHODS[name]()
+    method, data = (METHODS | VARIANTS)[name]()
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=root, num_sanity_val_steps=0, limit_val_batches=0, max_steps=max_steps,
@@ -261,3 +269,12 @@ def test_every_n_train_steps_saves_when_a_rollout_passes_a_multiple_of_n(tmp_pat
                limit_val_batches=0, max_steps=9, callbacks=[every_2]).fit(method, data)
     assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["epoch=0-step=3.ckpt", "epoch=0-step=6.ckpt",
                                                                "epoch=0-step=9.ckpt"]
+
+
+def test_tr_dpo_stopped_at_a_sync_step_resumes_with_the_synced_reference(tmp_path):
+    # A checkpoint callback saves before the module's on_train_batch_end, where the step's sync happens.
+    straight = fit("tr_dpo", tmp_path / "straight", 2 * N)
+    with pytest.raises(SystemExit):
+        fit("tr_dpo", tmp_path / "a", 2 * N, callbacks=[SignalAt(1)])
+    assert torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)["tr_dpo_reference"]["last_sync_step"] == 2
+    assert_same(fit("tr_dpo", tmp_path / "a" / "resumed", 2 * N, ckpt_path=tmp_path / "a" / "last.ckpt"), straight)
