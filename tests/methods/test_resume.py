@@ -16,8 +16,8 @@ import torch
 
 from lit_rlhf.data import PreferenceDataModule, PromptDataModule, SFTDataModule, UnpairedDataModule
 from lit_rlhf.methods import (
-    CPO, DPO, GKD, GRPO, KTO, PPO, RLOO, SFT, AtomicCheckpointIO, BestOfN, CheckpointWriteError, RewardModeling,
-    ResumableCheckpoint, SimPO,
+    CPO, DPO, GKD, GRPO, KTO, PPO, RLOO, SFT, AtomicCheckpointIO, BestOfN, CheckpointWriteError, OnlineDPO,
+    RewardModeling, ResumableCheckpoint, SimPO,
 )
 from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.models.spec import TeacherSpec
@@ -40,8 +40,8 @@ def _offline(cls, data_cls, rows):
 
 def _online(cls, **kwargs):
     def build():
-        method = make_online(cls, update_epochs=1, num_mini_batches=1, num_samples_per_prompt=2, max_new_tokens=4,
-                             **kwargs)
+        options = {**dict(update_epochs=1, num_mini_batches=1, num_samples_per_prompt=2, max_new_tokens=4), **kwargs}
+        method = make_online(cls, **options)
         method.bank_spec.lora.dropout = 0.1
         return method, PromptDataModule(f"{TOY_DATA}/prompt_val.jsonl", batch_size=2, max_length=32, seed=3)
     return build
@@ -66,6 +66,7 @@ METHODS = {
     "rloo": _online(RLOO),
     "grpo": _online(GRPO),
     "best_of_n": _online(BestOfN),
+    "online_dpo": _online(OnlineDPO),
     "gkd": _gkd,
 }
 
@@ -75,6 +76,8 @@ VARIANTS = {
     # TR-DPO: the reference adapter moves toward the policy at every step, after the step.
     "tr_dpo": _offline(partial(DPO, sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5),
                        PreferenceDataModule, "preference_val.jsonl"),
+    # 4 optimizer steps a rollout (2 passes x 2 mini-batches, 2 micro-batches each), over reshuffled rows.
+    "grpo_update": _online(GRPO, update_epochs=2, num_mini_batches=2, gradient_accumulation_steps=2),
 }
 
 
@@ -278,3 +281,23 @@ def test_tr_dpo_stopped_at_a_sync_step_resumes_with_the_synced_reference(tmp_pat
         fit("tr_dpo", tmp_path / "a", 2 * N, callbacks=[SignalAt(1)])
     assert torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)["tr_dpo_reference"]["last_sync_step"] == 2
     assert_same(fit("tr_dpo", tmp_path / "a" / "resumed", 2 * N, ckpt_path=tmp_path / "a" / "last.ckpt"), straight)
+
+
+class SignalAtOptimizerStep(pl.Callback):
+    """Sends SIGTERM to this process before optimizer step ``step + 1``: inside an online method's update."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_signal_inside_an_online_update_stops_after_the_rollouts_last_step(tmp_path):
+    # At step 2 of the first rollout's 4: the update's remaining steps run, then the rollout is saved whole.
+    straight = fit("grpo_update", tmp_path / "straight", 8)
+    with pytest.raises(SystemExit):
+        fit("grpo_update", tmp_path / "a", 8, callbacks=[SignalAtOptimizerStep(1)])
+    assert torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert_same(fit("grpo_update", tmp_path / "a" / "resumed", 8, ckpt_path=tmp_path / "a" / "last.ckpt"), straight)
