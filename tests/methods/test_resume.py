@@ -19,11 +19,11 @@ from lit_rlhf.methods import (
     CPO, DPO, GKD, GRPO, KTO, PPO, RLOO, SFT, AtomicCheckpointIO, BestOfN, CheckpointWriteError, OnlineDPO,
     RewardModeling, ResumableCheckpoint, SimPO,
 )
-from lit_rlhf.models import BankSpec, LoraSpec
+from lit_rlhf.models import AdapterSpec, BankSpec, LoraSpec
 from lit_rlhf.models.spec import TeacherSpec
 from lit_rlhf.rollout import SamplingConfig
 
-from tests.methods.online_helpers import make_online
+from tests.methods.online_helpers import make_online, saved_random_adapter
 from tests.paths import REPO, TOY_BASE, TOY_DATA, TOY_TEACHER
 
 
@@ -301,3 +301,18 @@ def test_a_signal_inside_an_online_update_stops_after_the_rollouts_last_step(tmp
         fit("grpo_update", tmp_path / "a", 8, callbacks=[SignalAtOptimizerStep(1)])
     assert torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)["global_step"] == 4
     assert_same(fit("grpo_update", tmp_path / "a" / "resumed", 8, ckpt_path=tmp_path / "a" / "last.ckpt"), straight)
+
+
+def test_a_run_from_a_loaded_adapter_resumes_with_that_adapter_as_its_reference(tmp_path, monkeypatch):
+    # The reference is a frozen copy of the adapter loaded at the start (an SFT stage's output), rebuilt from its
+    # path by the resumed run: not the policy the checkpoint holds, which would change every later DPO step.
+    start = saved_random_adapter(tmp_path / "sft", "policy")
+
+    def build():
+        return (DPO(bank=_bank(adapters=[AdapterSpec("policy", path=start)]), learning_rate=3e-3),
+                PreferenceDataModule(f"{TOY_DATA}/preference_val.jsonl", batch_size=8, max_length=64, seed=3))
+
+    monkeypatch.setitem(VARIANTS, "dpo_from_sft", build)
+    straight = fit("dpo_from_sft", tmp_path / "straight", 2 * N)
+    fit("dpo_from_sft", tmp_path / "a", N)
+    assert_same(fit("dpo_from_sft", tmp_path / "a" / "resumed", 2 * N, ckpt_path=tmp_path / "a" / "last.ckpt"), straight)
