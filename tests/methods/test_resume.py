@@ -28,8 +28,8 @@ from tests.paths import REPO, TOY_BASE, TOY_DATA, TOY_TEACHER
 
 
 def _bank(**kwargs) -> BankSpec:
-    # LoRA dropout makes the RNG state part of what a resume must restore.
-    return BankSpec(model=TOY_BASE, lora=LoraSpec(r=4, alpha=8, dropout=0.1), **kwargs)
+    # LoRA dropout makes the RNG state part of what a resume must restore (kept on: disable_dropout is the default).
+    return BankSpec(model=TOY_BASE, lora=LoraSpec(r=4, alpha=8, dropout=0.1), disable_dropout=False, **kwargs)
 
 
 def _offline(cls, data_cls, rows):
@@ -38,11 +38,14 @@ def _offline(cls, data_cls, rows):
     return build
 
 
-def _online(cls, **kwargs):
+def _online(cls, *, dropout: bool = False, **kwargs):
+    """``cls`` on short rollouts; LoRA dropout on with ``dropout`` (off by default, as ``disable_dropout`` has it:
+    the update's forward is then the rollout's, ``OnlineMethod.fuses_behaviour_pass``)."""
     def build():
         options = {**dict(update_epochs=1, num_mini_batches=1, num_samples_per_prompt=2, max_new_tokens=4), **kwargs}
         method = make_online(cls, **options)
         method.bank_spec.lora.dropout = 0.1
+        method.bank_spec.disable_dropout = not dropout
         return method, PromptDataModule(f"{TOY_DATA}/prompt_val.jsonl", batch_size=2, max_length=32, seed=3)
     return build
 
@@ -77,7 +80,7 @@ VARIANTS = {
     "tr_dpo": _offline(partial(DPO, sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5),
                        PreferenceDataModule, "preference_val.jsonl"),
     # 4 optimizer steps a rollout (2 passes x 2 mini-batches, 2 micro-batches each), over reshuffled rows.
-    "grpo_update": _online(GRPO, update_epochs=2, num_mini_batches=2, gradient_accumulation_steps=2),
+    "grpo_update": _online(GRPO, dropout=True, update_epochs=2, num_mini_batches=2, gradient_accumulation_steps=2),
 }
 
 
