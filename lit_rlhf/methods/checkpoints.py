@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_rlhf.models.saving import fsync_directory
@@ -95,7 +96,8 @@ class ResumableCheckpoint(ModelCheckpoint):
     - on SIGTERM (preemption) or Ctrl-C (SIGINT): the optimizer step under way finishes (with
       ``accumulate_grad_batches``, every micro-batch of its window), ``last.ckpt`` is
       written, the command that resumes is printed, and the process exits with status 0. A second
-      Ctrl-C aborts at once, without a checkpoint.
+      Ctrl-C aborts at once, without a checkpoint. A stop asked for through ``trainer.should_stop``
+      (``max_time``, EarlyStopping) also waits for the window's optimizer step.
 
     Lightning on its own notices SIGTERM (``trainer.received_sigterm``) but exits after the step
     without saving, and turns Ctrl-C into an abort mid-step. This callback takes both signals
@@ -112,13 +114,14 @@ class ResumableCheckpoint(ModelCheckpoint):
         super().__init__(*args, save_last=save_last, **kwargs)
         self.received: Optional[str] = None
         self._step_before_batch = 0
+        self._stop_held = False  # trainer.should_stop, held until the optimizer step ending the window
         self._previous_handlers: dict[int, Any] = {}
 
     # -- signal handlers, installed only while training ---------------------------------------------
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self.received = None
+        self.received, self._stop_held = None, False
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -154,12 +157,11 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self._save_if_a_period_ended_inside_the_batch(trainer, pl_module)
-        if trainer.fit_loop.epoch_loop._should_accumulate():
-            # Mid gradient accumulation (accumulate_grad_batches > 1): the checkpoint cannot hold the
-            # accumulated gradients, and a run resumed from it would step on the window's later
-            # micro-batches only. Stop at the optimizer step that ends the window. Every rank is at the
-            # same micro-batch, so every rank skips the decision below together.
+        if self._hold_stop_mid_accumulation(trainer):
+            # Every rank is at the same micro-batch, so every rank skips the decision below together.
             return
+        if self._stop_held:
+            trainer.should_stop, self._stop_held = True, False
         # Every rank takes part in the decision, then all save together (saving has a barrier).
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
@@ -170,6 +172,21 @@ class ResumableCheckpoint(ModelCheckpoint):
                   f"checkpoint: {self.last_model_path}\nresume with:\n  {resume_command(Path(self.last_model_path))}",
                   file=sys.stderr, flush=True)
         raise SIGTERMException(0)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._hold_stop_mid_accumulation(trainer)  # EarlyStopping after a validation inside the window
+
+    def _hold_stop_mid_accumulation(self, trainer: pl.Trainer) -> bool:
+        """Whether training is mid gradient accumulation (``accumulate_grad_batches > 1``); if so, a stop asked
+        for (a signal; ``trainer.should_stop`` from ``max_time``'s Timer or EarlyStopping) waits for the
+        optimizer step that ends the window. The checkpoint written at the stop cannot hold the accumulated
+        gradients, and a run resumed from it would step on the window's later micro-batches alone."""
+        if trainer.state.fn != TrainerFn.FITTING or not trainer.fit_loop.epoch_loop._should_accumulate():
+            return False
+        if trainer.should_stop:
+            trainer.should_stop, self._stop_held = False, True
+        return True
 
     def _save_if_a_period_ended_inside_the_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """``every_n_train_steps`` for a manually optimized method, whose batch (a rollout) takes several

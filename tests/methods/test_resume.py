@@ -241,12 +241,24 @@ def test_cli_resumes_from_last_and_says_when_there_is_nothing_to_do(tmp_path, ca
     assert sorted(tmp_path.rglob("*")) == before, "resuming a finished run wrote something"
 
 
-def test_a_signal_mid_gradient_accumulation_stops_at_the_end_of_the_window(tmp_path):
-    # accumulate_grad_batches=2: the signal lands on the window's first micro-batch. The checkpoint cannot hold
+class StopAfterFirstBatch(pl.Callback):
+    """``trainer.should_stop`` after the first batch, as ``max_time``'s Timer sets it at a batch's end."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 0:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("stop", ["signal", "should_stop"])
+def test_a_stop_mid_gradient_accumulation_waits_for_the_end_of_the_window(stop, tmp_path):
+    # accumulate_grad_batches=2: the stop comes on the window's first micro-batch. The checkpoint cannot hold
     # the accumulated gradient, so the run finishes the window (one optimizer step) before it saves and stops.
     straight = fit("dpo", tmp_path / "straight", 2, accumulate_grad_batches=2)
-    with pytest.raises(SystemExit):
-        fit("dpo", tmp_path / "a", 2, callbacks=[SignalAt(0)], accumulate_grad_batches=2)
+    if stop == "signal":
+        with pytest.raises(SystemExit):
+            fit("dpo", tmp_path / "a", 2, callbacks=[SignalAt(0)], accumulate_grad_batches=2)
+    else:
+        fit("dpo", tmp_path / "a", 2, callbacks=[StopAfterFirstBatch()], accumulate_grad_batches=2)
     saved = torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 1
     assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 2
