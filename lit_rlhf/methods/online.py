@@ -30,6 +30,7 @@ optimizer step. ``trainer.global_step`` counts optimizer steps; the rollouts are
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from abc import ABCMeta, abstractmethod
@@ -794,9 +795,13 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
             )
 
     def total_optimizer_steps(self) -> int:
-        # Lightning estimates rollouts (capped by max_steps); max_steps itself counts optimizer steps here.
+        # Lightning estimates rollouts (capped by max_steps); max_steps itself counts optimizer steps here, and
+        # the run stops after the rollout that reaches it.
         steps = self.update_args.optimizer_steps(max(1, int(self.trainer.estimated_stepping_batches)))
-        return steps if self.trainer.max_steps == -1 else min(steps, self.trainer.max_steps)
+        if self.trainer.max_steps == -1:
+            return steps
+        rollouts_to_max_steps = math.ceil(self.trainer.max_steps / self.update_args.optimizer_steps(1))
+        return min(steps, self.update_args.optimizer_steps(rollouts_to_max_steps))
 
     # lit_rlhf.strategies reads these two of any method (DeepSpeed takes over clipping and accumulation).
     @property
