@@ -79,6 +79,11 @@ VARIANTS = {
     # TR-DPO: the reference adapter moves toward the policy at every step, after the step.
     "tr_dpo": _offline(partial(DPO, sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5),
                        PreferenceDataModule, "preference_val.jsonl"),
+    # Full fine-tuning with the reference's log-probs computed once, before step 1: no frozen copy of the base
+    # exists, so a resumed run can only read them from its checkpoint (the policy it holds is no reference).
+    "dpo_full_precomputed": lambda: (
+        DPO(bank=_bank(train_mode="full"), learning_rate=1e-3, precompute_ref_logps=True),
+        PreferenceDataModule(f"{TOY_DATA}/preference_val.jsonl", batch_size=8, max_length=64, seed=3)),
     # 4 optimizer steps a rollout (2 passes x 2 mini-batches, 2 micro-batches each), over reshuffled rows.
     "grpo_update": _online(GRPO, dropout=True, update_epochs=2, num_mini_batches=2, gradient_accumulation_steps=2),
 }
@@ -327,3 +332,10 @@ def test_a_run_from_a_loaded_adapter_resumes_with_that_adapter_as_its_reference(
     straight = fit("dpo_from_sft", tmp_path / "straight", 2 * N)
     fit("dpo_from_sft", tmp_path / "a", N)
     assert_same(fit("dpo_from_sft", tmp_path / "a" / "resumed", 2 * N, ckpt_path=tmp_path / "a" / "last.ckpt"), straight)
+
+
+def test_full_fine_tuning_with_a_precomputed_reference_resumes_exactly(tmp_path):
+    straight = fit("dpo_full_precomputed", tmp_path / "straight", 2 * N)
+    fit("dpo_full_precomputed", tmp_path / "a", N)
+    assert_same(fit("dpo_full_precomputed", tmp_path / "a" / "resumed", 2 * N, ckpt_path=tmp_path / "a" / "last.ckpt"),
+                straight)
