@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_rlhf.models.saving import fsync_directory
@@ -92,9 +93,11 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     - when training ends (``max_steps``, ``max_epochs``): ``ModelCheckpoint`` alone leaves the
       last periodic checkpoint there, up to N steps old;
-    - on SIGTERM (preemption) or Ctrl-C (SIGINT): the step under way finishes, ``last.ckpt`` is
+    - on SIGTERM (preemption) or Ctrl-C (SIGINT): the optimizer step under way finishes (with
+      ``accumulate_grad_batches``, every micro-batch of its window), ``last.ckpt`` is
       written, the command that resumes is printed, and the process exits with status 0. A second
-      Ctrl-C aborts at once, without a checkpoint.
+      Ctrl-C aborts at once, without a checkpoint. A stop asked for through ``trainer.should_stop``
+      (``max_time``, EarlyStopping) also waits for the window's optimizer step.
 
     Lightning on its own notices SIGTERM (``trainer.received_sigterm``) but exits after the step
     without saving, and turns Ctrl-C into an abort mid-step. This callback takes both signals
@@ -110,13 +113,15 @@ class ResumableCheckpoint(ModelCheckpoint):
     def __init__(self, *args, save_last: bool = True, **kwargs) -> None:
         super().__init__(*args, save_last=save_last, **kwargs)
         self.received: Optional[str] = None
+        self._step_before_batch = 0
+        self._stop_held = False  # trainer.should_stop, held until the optimizer step ending the window
         self._previous_handlers: dict[int, Any] = {}
 
     # -- signal handlers, installed only while training ---------------------------------------------
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self.received = None
+        self.received, self._stop_held = None, False
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -145,8 +150,18 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     # -- stopping ----------------------------------------------------------------------------------
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self._step_before_batch = trainer.global_step
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._save_if_a_period_ended_inside_the_batch(trainer, pl_module)
+        if self._hold_stop_mid_accumulation(trainer):
+            # Every rank is at the same micro-batch, so every rank skips the decision below together.
+            return
+        if self._stop_held:
+            trainer.should_stop, self._stop_held = True, False
         # Every rank takes part in the decision, then all save together (saving has a barrier).
         if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
             return
@@ -157,6 +172,38 @@ class ResumableCheckpoint(ModelCheckpoint):
                   f"checkpoint: {self.last_model_path}\nresume with:\n  {resume_command(Path(self.last_model_path))}",
                   file=sys.stderr, flush=True)
         raise SIGTERMException(0)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._hold_stop_mid_accumulation(trainer)  # EarlyStopping after a validation inside the window
+
+    def _hold_stop_mid_accumulation(self, trainer: pl.Trainer) -> bool:
+        """Whether training is mid gradient accumulation (``accumulate_grad_batches > 1``); if so, a stop asked
+        for (a signal; ``trainer.should_stop`` from ``max_time``'s Timer or EarlyStopping) waits for the
+        optimizer step that ends the window. The checkpoint written at the stop cannot hold the accumulated
+        gradients, and a run resumed from it would step on the window's later micro-batches alone."""
+        if trainer.state.fn != TrainerFn.FITTING or not trainer.fit_loop.epoch_loop._should_accumulate():
+            return False
+        if trainer.should_stop:
+            trainer.should_stop, self._stop_held = False, True
+        return True
+
+    def _save_if_a_period_ended_inside_the_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``every_n_train_steps`` for a manually optimized method, whose batch (a rollout) takes several
+        optimizer steps: ``ModelCheckpoint`` saves only where ``global_step`` lands on a multiple of N, which
+        with 3 steps a rollout and N = 20 is every 60 steps; this saves at the batch that passed one."""
+        n = self._every_n_train_steps
+        step = trainer.global_step
+        if pl_module.automatic_optimization or n < 1 or step % n == 0 or step // n == self._step_before_batch // n:
+            return  # ModelCheckpoint's own case, or no multiple of N passed in this batch
+        if self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        if self.monitor is not None and self.monitor not in candidates:
+            self._defer_save_until_validation = True  # as ModelCheckpoint: saved after the next validation
+            return
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore_handlers()

@@ -254,6 +254,10 @@ class DPO(PreferenceMethod):
         self._synced_reference = None
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._sync_reference_if_due()
+
+    def _sync_reference_if_due(self) -> None:
+        """Mix the policy into the reference once at every ``ref_model_sync_steps``-th optimizer step."""
         step = self.trainer.global_step
         if self.sync_ref_model and step > self._last_sync_step and step % self.ref_model_sync_steps == 0:
             mix_adapter_weights(self.bank, self.policy_adapter, self.reference_adapter, self.ref_model_mixup_alpha)
@@ -276,6 +280,9 @@ class DPO(PreferenceMethod):
         super().on_save_checkpoint(checkpoint)
         checkpoint["bco_running_mean"] = (self._bco_reward_sum, self._bco_batches)
         if self.sync_ref_model:
+            # Checkpoint callbacks save at their on_train_batch_end, before this module's: a sync due at this
+            # step is done now, or a run resumed from here would never make it.
+            self._sync_reference_if_due()
             checkpoint["tr_dpo_reference"] = {"weights": self._reference_state(), "last_sync_step": self._last_sync_step}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

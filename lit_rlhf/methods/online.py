@@ -30,6 +30,7 @@ optimizer step. ``trainer.global_step`` counts optimizer steps; the rollouts are
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from abc import ABCMeta, abstractmethod
@@ -805,7 +806,13 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
             )
 
     def total_optimizer_steps(self) -> int:
-        return self.update_args.optimizer_steps(max(1, int(self.trainer.estimated_stepping_batches)))
+        # Lightning estimates rollouts (capped by max_steps); max_steps itself counts optimizer steps here, and
+        # the run stops after the rollout that reaches it.
+        steps = self.update_args.optimizer_steps(max(1, int(self.trainer.estimated_stepping_batches)))
+        if self.trainer.max_steps == -1:
+            return steps
+        rollouts_to_max_steps = math.ceil(self.trainer.max_steps / self.update_args.optimizer_steps(1))
+        return min(steps, self.update_args.optimizer_steps(rollouts_to_max_steps))
 
     # lit_rlhf.strategies reads these two of any method (DeepSpeed takes over clipping and accumulation).
     @property
@@ -833,6 +840,10 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["lit_rlhf_online"] = {"rollout_count": self.rollout_count, "rewards": self.rewards.state_dict()}
+        if self._sampling_seed is not None:
+            # The run's own seed, not the resuming process's: a CLI run seeded at random (seed_everything: true)
+            # draws a new seed each time it starts, and would sample other responses after the resume.
+            checkpoint["lit_rlhf_online"]["sampling_seed"] = self._sampling_seed
         if self.kl_controller is not None:
             checkpoint["kl_controller"] = self.kl_controller.state_dict()
 
@@ -842,6 +853,7 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         if state is not None:
             self.rollout_count = int(state["rollout_count"])
             self.rewards.load_state_dict(state["rewards"])
+            self._sampling_seed = state.get("sampling_seed", self._sampling_seed)
         if self.kl_controller is not None and "kl_controller" in checkpoint:
             self.kl_controller.load_state_dict(checkpoint["kl_controller"])
 

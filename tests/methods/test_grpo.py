@@ -142,6 +142,21 @@ def test_rule_based_reward_by_name_trains_and_reports_flat_groups():
     assert float(fit.callback_metrics["frac_reward_zero_std"]) == pytest.approx(expected)
 
 
+def test_a_linear_learning_rate_decays_over_the_optimizer_steps_the_run_takes():
+    # max_steps counts optimizer steps, update_epochs x num_mini_batches = 2 of them per rollout, and the run stops
+    # after the rollout that reaches it: max_steps=3 takes 2 rollouts, 4 steps, and the decay spans those 4.
+    lrs = []
+
+    class Seen(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            lrs.append(optimizer.param_groups[0]["lr"])
+
+    method = make_grpo(learning_rate=1e-3, lr_scheduler="linear", update_epochs=2, num_mini_batches=1,
+                       num_samples_per_prompt=2, max_new_tokens=4)
+    trainer(rollouts=10, max_steps=3, callbacks=[Seen()]).fit(method, datamodule=prompts(batch_size=2))
+    assert lrs == pytest.approx([1e-3 * (1 - step / 4) for step in range(4)])
+
+
 def test_needs_a_group_and_valid_options():
     with pytest.raises(ValueError, match="num_samples_per_prompt >= 2"):
         make_grpo(num_samples_per_prompt=1)

@@ -16,20 +16,20 @@ import torch
 
 from lit_rlhf.data import PreferenceDataModule, PromptDataModule, SFTDataModule, UnpairedDataModule
 from lit_rlhf.methods import (
-    CPO, DPO, GKD, GRPO, KTO, PPO, RLOO, SFT, AtomicCheckpointIO, BestOfN, CheckpointWriteError, RewardModeling,
-    ResumableCheckpoint, SimPO,
+    CPO, DPO, GKD, GRPO, KTO, PPO, RLOO, SFT, AtomicCheckpointIO, BestOfN, CheckpointWriteError, OnlineDPO,
+    RewardModeling, ResumableCheckpoint, SimPO,
 )
-from lit_rlhf.models import BankSpec, LoraSpec
+from lit_rlhf.models import AdapterSpec, BankSpec, LoraSpec
 from lit_rlhf.models.spec import TeacherSpec
 from lit_rlhf.rollout import SamplingConfig
 
-from tests.methods.online_helpers import make_online
+from tests.methods.online_helpers import make_online, saved_random_adapter
 from tests.paths import REPO, TOY_BASE, TOY_DATA, TOY_TEACHER
 
 
 def _bank(**kwargs) -> BankSpec:
-    # LoRA dropout makes the RNG state part of what a resume must restore.
-    return BankSpec(model=TOY_BASE, lora=LoraSpec(r=4, alpha=8, dropout=0.1), **kwargs)
+    # LoRA dropout makes the RNG state part of what a resume must restore (kept on: disable_dropout is the default).
+    return BankSpec(model=TOY_BASE, lora=LoraSpec(r=4, alpha=8, dropout=0.1), disable_dropout=False, **kwargs)
 
 
 def _offline(cls, data_cls, rows):
@@ -38,11 +38,14 @@ def _offline(cls, data_cls, rows):
     return build
 
 
-def _online(cls, **kwargs):
+def _online(cls, *, dropout: bool = False, **kwargs):
+    """``cls`` on short rollouts; LoRA dropout on with ``dropout`` (off by default, as ``disable_dropout`` has it:
+    the update's forward is then the rollout's, ``OnlineMethod.fuses_behaviour_pass``)."""
     def build():
-        method = make_online(cls, update_epochs=1, num_mini_batches=1, num_samples_per_prompt=2, max_new_tokens=4,
-                             **kwargs)
+        options = {**dict(update_epochs=1, num_mini_batches=1, num_samples_per_prompt=2, max_new_tokens=4), **kwargs}
+        method = make_online(cls, **options)
         method.bank_spec.lora.dropout = 0.1
+        method.bank_spec.disable_dropout = not dropout
         return method, PromptDataModule(f"{TOY_DATA}/prompt_val.jsonl", batch_size=2, max_length=32, seed=3)
     return build
 
@@ -66,14 +69,30 @@ METHODS = {
     "rloo": _online(RLOO),
     "grpo": _online(GRPO),
     "best_of_n": _online(BestOfN),
+    "online_dpo": _online(OnlineDPO),
     "gkd": _gkd,
 }
 
 
-def fit(name, root, max_steps, *, ckpt_path=None, callbacks=(), every_n_train_steps=None, **kwargs):
-    """One run of method ``name`` (seed 0), checkpointing into ``root``; its trainable tensors at the end."""
-    pl.seed_everything(0)
-    method, data = METHODS[name]()
+#: Settings of one method whose resume has a case of its own below (not run by the parametrized tests).
+VARIANTS = {
+    # TR-DPO: the reference adapter moves toward the policy at every step, after the step.
+    "tr_dpo": _offline(partial(DPO, sync_ref_model=True, ref_model_sync_steps=1, ref_model_mixup_alpha=0.5),
+                       PreferenceDataModule, "preference_val.jsonl"),
+    # Full fine-tuning with the reference's log-probs computed once, before step 1: no frozen copy of the base
+    # exists, so a resumed run can only read them from its checkpoint (the policy it holds is no reference).
+    "dpo_full_precomputed": lambda: (
+        DPO(bank=_bank(train_mode="full"), learning_rate=1e-3, precompute_ref_logps=True),
+        PreferenceDataModule(f"{TOY_DATA}/preference_val.jsonl", batch_size=8, max_length=64, seed=3)),
+    # 4 optimizer steps a rollout (2 passes x 2 mini-batches, 2 micro-batches each), over reshuffled rows.
+    "grpo_update": _online(GRPO, dropout=True, update_epochs=2, num_mini_batches=2, gradient_accumulation_steps=2),
+}
+
+
+def fit(name, root, max_steps, *, ckpt_path=None, callbacks=(), every_n_train_steps=None, seed=0, **kwargs):
+    """One run of method ``name`` (seeded with ``seed``), checkpointing into ``root``; its trainable tensors at the end."""
+    pl.seed_everything(seed)
+    method, data = (METHODS | VARIANTS)[name]()
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=root, num_sanity_val_steps=0, limit_val_batches=0, max_steps=max_steps,
@@ -225,3 +244,98 @@ def test_cli_resumes_from_last_and_says_when_there_is_nothing_to_do(tmp_path, ca
     assert f"--ckpt_path last: {second}" in err
     assert "nothing to do: the run reached max_steps=4; raise it to continue" in err
     assert sorted(tmp_path.rglob("*")) == before, "resuming a finished run wrote something"
+
+
+class StopAfterFirstBatch(pl.Callback):
+    """``trainer.should_stop`` after the first batch, as ``max_time``'s Timer sets it at a batch's end."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 0:
+            trainer.should_stop = True
+
+
+def test_a_stop_mid_gradient_accumulation_waits_for_the_end_of_the_window(tmp_path):
+    # accumulate_grad_batches=2: the stop comes on the window's first micro-batch. The checkpoint cannot hold
+    # the accumulated gradient, so the run finishes the window (one optimizer step) before it saves and stops.
+    straight = fit("dpo", tmp_path / "straight", 2, accumulate_grad_batches=2)
+    with pytest.raises(SystemExit):
+        fit("dpo", tmp_path / "signal", 2, callbacks=[SignalAt(0)], accumulate_grad_batches=2)
+    fit("dpo", tmp_path / "should_stop", 2, callbacks=[StopAfterFirstBatch()], accumulate_grad_batches=2)
+    for root in (tmp_path / "signal", tmp_path / "should_stop"):
+        saved = torch.load(root / "last.ckpt", weights_only=True)
+        assert saved["global_step"] == 1, root.name
+        assert saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 2, root.name
+        assert_same(fit("dpo", root / "resumed", 2, ckpt_path=root / "last.ckpt", accumulate_grad_batches=2), straight)
+
+
+def test_a_run_resumed_under_another_seed_samples_what_the_straight_run_sampled(tmp_path):
+    # A CLI run seeded at random (seed_everything: true) draws a new seed each time it starts: the rollouts'
+    # sampling seed is the interrupted run's, from the checkpoint.
+    straight = fit("grpo", tmp_path / "straight", 2)
+    fit("grpo", tmp_path / "a", 1)
+    assert_same(fit("grpo", tmp_path / "a" / "resumed", 2, ckpt_path=tmp_path / "a" / "last.ckpt", seed=1), straight)
+
+
+# The package silences this at import (checkpoints.py), which pytest's per-test warning filters undo.
+@pytest.mark.filterwarnings("ignore:Using ModelCheckpoint with manual optimization and every_n_train_steps")
+def test_every_n_train_steps_saves_when_a_rollout_passes_a_multiple_of_n(tmp_path):
+    # Three optimizer steps a rollout, a checkpoint every 2: global_step goes 3, 6, 9, passing 2, 4|6, 8.
+    pl.seed_everything(0)
+    method = make_online(GRPO, update_epochs=3, num_mini_batches=1, num_samples_per_prompt=2, max_new_tokens=4)
+    data = PromptDataModule(f"{TOY_DATA}/prompt_val.jsonl", batch_size=2, max_length=32, seed=3)
+    every_2 = ResumableCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, save_last=False)
+    pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+               limit_val_batches=0, max_steps=9, callbacks=[every_2]).fit(method, data)
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["epoch=0-step=3.ckpt", "epoch=0-step=6.ckpt",
+                                                               "epoch=0-step=9.ckpt"]
+
+
+def test_tr_dpo_stopped_at_a_sync_step_resumes_with_the_synced_reference(tmp_path):
+    # A checkpoint callback saves before the module's on_train_batch_end, where the step's sync happens.
+    straight = fit("tr_dpo", tmp_path / "straight", 2 * N)
+    with pytest.raises(SystemExit):
+        fit("tr_dpo", tmp_path / "a", 2 * N, callbacks=[SignalAt(1)])
+    assert torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)["tr_dpo_reference"]["last_sync_step"] == 2
+    assert_same(fit("tr_dpo", tmp_path / "a" / "resumed", 2 * N, ckpt_path=tmp_path / "a" / "last.ckpt"), straight)
+
+
+class SignalAtOptimizerStep(pl.Callback):
+    """Sends SIGTERM to this process before optimizer step ``step + 1``: inside an online method's update."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_signal_inside_an_online_update_stops_after_the_rollouts_last_step(tmp_path):
+    # At step 2 of the first rollout's 4: the update's remaining steps run, then the rollout is saved whole.
+    straight = fit("grpo_update", tmp_path / "straight", 8)
+    with pytest.raises(SystemExit):
+        fit("grpo_update", tmp_path / "a", 8, callbacks=[SignalAtOptimizerStep(1)])
+    assert torch.load(tmp_path / "a" / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert_same(fit("grpo_update", tmp_path / "a" / "resumed", 8, ckpt_path=tmp_path / "a" / "last.ckpt"), straight)
+
+
+def test_a_run_from_a_loaded_adapter_resumes_with_that_adapter_as_its_reference(tmp_path, monkeypatch):
+    # The reference is a frozen copy of the adapter loaded at the start (an SFT stage's output), rebuilt from its
+    # path by the resumed run: not the policy the checkpoint holds, which would change every later DPO step.
+    start = saved_random_adapter(tmp_path / "sft", "policy")
+
+    def build():
+        return (DPO(bank=_bank(adapters=[AdapterSpec("policy", path=start)]), learning_rate=3e-3),
+                PreferenceDataModule(f"{TOY_DATA}/preference_val.jsonl", batch_size=8, max_length=64, seed=3))
+
+    monkeypatch.setitem(VARIANTS, "dpo_from_sft", build)
+    straight = fit("dpo_from_sft", tmp_path / "straight", 2 * N)
+    fit("dpo_from_sft", tmp_path / "a", N)
+    assert_same(fit("dpo_from_sft", tmp_path / "a" / "resumed", 2 * N, ckpt_path=tmp_path / "a" / "last.ckpt"), straight)
+
+
+def test_full_fine_tuning_with_a_precomputed_reference_resumes_exactly(tmp_path):
+    straight = fit("dpo_full_precomputed", tmp_path / "straight", 2 * N)
+    fit("dpo_full_precomputed", tmp_path / "a", N)
+    assert_same(fit("dpo_full_precomputed", tmp_path / "a" / "resumed", 2 * N, ckpt_path=tmp_path / "a" / "last.ckpt"),
+                straight)
