@@ -243,3 +243,18 @@ def test_a_template_whose_turns_end_in_plain_text_is_warned_about(tokenizers, ca
     with caplog.at_level("WARNING", logger="lit_rlhf.data"):
         one("sft", {"messages": USER + PARIS}, tokenizers["qwen2.5"])
     assert "never learns to stop" not in caplog.text
+
+
+SYSTEM = [{"role": "system", "content": "be kind ."}]
+HELLO = [{"role": "user", "content": "hello there"}]
+FINE = [{"role": "assistant", "content": "i am fine ."}]
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2.5"])
+def test_empty_chat_prompt_makes_the_row_all_completion(tokenizers, family):
+    """An SFT row's prompt may be empty: a conversational ``prompt: []`` is the template's rendering of the
+    completion alone, every token of it a completion token (transformers refuses to render no messages)."""
+    tok = tokenizers[family]
+    example = one("sft", {"prompt": [], "completion": HELLO + PARIS}, tok)
+    after = tok(AFTER_TURN.get(family, ""), add_special_tokens=False)["input_ids"]
+    assert example["prompt_ids"] == [] and example["completion_ids"] + after == chat_ids(tok, HELLO + PARIS)
