@@ -304,3 +304,31 @@ def test_empty_chat_prompt_makes_the_row_all_completion(tokenizers, family):
     example = one("sft", {"prompt": [], "completion": HELLO + PARIS}, tok)
     after = tok(AFTER_TURN.get(family, ""), add_special_tokens=False)["input_ids"]
     assert example["prompt_ids"] == [] and example["completion_ids"] + after == chat_ids(tok, HELLO + PARIS)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_plain_rows_in_trls_convention_are_trls_tokens(tokenizers, family):
+    """Plain text in TRL's convention (the completion starts with its space), against TRL 1.16's steps:
+    EOS appended to the completion text, then ``tokenizer(prompt)`` and ``tokenizer(prompt + completion)``;
+    an implicit prompt (HH-RLHF's shape) is the text shared up to the space before the first difference."""
+    tok = tokenizers[family]
+
+    def trl_ids(prompt: str, completion: str) -> tuple[list[int], list[int]]:
+        prompt_ids = tok(prompt)["input_ids"]
+        full = tok(prompt + completion + tok.eos_token)["input_ids"]
+        assert full[: len(prompt_ids)] == prompt_ids
+        return prompt_ids, full[len(prompt_ids):]
+
+    hh = "\n\nHuman: hello there\n\nAssistant:"
+    rows = [  # (format, row, the prompt TRL gets, the completions it gets)
+        ("sft", {"prompt": "Question : two plus two ?", "completion": " Answer : four ."}, "Question : two plus two ?",
+         {"completion_ids": " Answer : four ."}),
+        ("preference", {"chosen": hh + " the cat sat .", "rejected": hh + " the dog slept ."}, hh + " the",
+         {"chosen_ids": " cat sat .", "rejected_ids": " dog slept ."}),
+        ("unpaired", {"prompt": "hello there ,", "completion": " how are you ?", "label": True}, "hello there ,",
+         {"completion_ids": " how are you ?"}),
+    ]
+    for fmt, row, prompt, completions in rows:
+        example = one(fmt, row, tok)
+        for key, completion in completions.items():
+            assert (example["prompt_ids"], example[key]) == trl_ids(prompt, completion), (fmt, key)
