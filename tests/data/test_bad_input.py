@@ -133,6 +133,8 @@ CASES = [
     Case("preference/implicit-chat-nothing-shared", "preference", ":2", "chosen", "shares no leading message", 1,
          [PAIR_CHAT, {"chosen": [system("be kind"), user("hi"), assistant("good .")],
                       "rejected": [user("hi"), assistant("bad .")]}]),
+    Case("preference/implicit-nothing-shared", "preference", ":2", "chosen", "shares no leading text", 1,
+         [PAIR, {"chosen": "good .", "rejected": "bad ."}]),
     Case("preference/implicit-prefix", "preference", ":2", "chosen", "has no tokens after the prefix", 1,
          [PAIR, {"chosen": "the class was good .", "rejected": "the class was good . very"}]),
     Case("preference/over-max-length", "preference", ":2", "rejected", "is 12 tokens, longer than max_length=8", 1,
