@@ -233,7 +233,8 @@ def _check_format(fmt: str, row: dict, where: Where) -> list[DataError]:
 def _check_role_order(messages: list, where: Where, field: str) -> list[DataError]:
     """A system message only first: chat templates drop a later one or render it mid-dialogue.
 
-    Any list may open with one, as a completion that repeats the whole conversation does.
+    Any list may open with one, as a completion that repeats the whole conversation does (an implicit
+    prompt); after an explicit prompt, ``_check_after_prompt`` refuses it.
     """
     for i, message in enumerate(messages[1:], start=1):
         if isinstance(message, dict) and message.get("role") == "system":
@@ -248,6 +249,25 @@ def _check_prompt_turn(prompt: list, where: Where) -> list[DataError]:
     if isinstance(last, dict) and last.get("role") == "assistant":
         return [row_error(where, f"prompt[{len(prompt) - 1}].role", "is 'assistant', the last message of a prompt; "
                           "the model answers the last user (or tool) message, so end the prompt with one")]
+    return []
+
+
+def _check_after_prompt(prompt: list, completion: list, where: Where, field: str) -> list[DataError]:
+    """A completion follows its explicit prompt in one rendered conversation, so it must not open with
+    the prompt again (the conversation would hold the user's turn twice) nor with a system message
+    (rendered mid-conversation). TRL trains on both as they render."""
+    if not prompt:
+        return []
+    # The whole prompt, or its last message (a prompt [system, user] with a completion [user, assistant]).
+    if completion[: len(prompt)] == prompt or completion[:1] == prompt[-1:]:
+        return [row_error(where, field, "repeats the prompt's messages at its start, so prompt + completion would "
+                          "hold them twice; give only the messages after the prompt" + (
+                              ", or drop 'prompt' and let the shared leading messages of 'chosen' and 'rejected' "
+                              "be the prompt" if field in ("chosen", "rejected") else ""))]
+    first = completion[0] if completion else None
+    if isinstance(first, dict) and first.get("role") == "system":
+        return [row_error(where, f"{field}[0].role", "is 'system' right after the prompt; a system message may only "
+                          "be the first message of the conversation, so put it at the start of the prompt")]
     return []
 
 
@@ -332,6 +352,8 @@ def check_row(fmt: str, row: Any, where: Where, conversational: bool, mode_hint:
             # leading messages; the string only has to match one of their user turns.
             errors = _check_repeated_prompt(row, where)
             implicit = True
+        if not errors and conversational and not implicit:
+            errors = [e for f in ("chosen", "rejected") for e in _check_after_prompt(row["prompt"], row[f], where, f)]
         if not errors and row["chosen"] == row["rejected"]:
             errors.append(row_error(where, "chosen", "is identical to 'rejected'; a preference pair needs two "
                                     "different completions"))
@@ -346,6 +368,8 @@ def check_row(fmt: str, row: Any, where: Where, conversational: bool, mode_hint:
 
     if fmt == "unpaired":
         errors = text("prompt", nonempty=True) + text("completion", True)
+        if not errors and conversational:
+            errors = _check_after_prompt(row["prompt"], row["completion"], where, "completion")
         label, label_errors = _check_label(row, where)
         errors += label_errors
         if errors:
@@ -376,4 +400,6 @@ def check_row(fmt: str, row: Any, where: Where, conversational: bool, mode_hint:
                                 "'prompt' and 'completion'")]
     # An empty SFT prompt is allowed: the row is then all completion, like a 'text' row.
     errors = text("prompt", nonempty=False) + text("completion", True)
+    if not errors and conversational:
+        errors = _check_after_prompt(row["prompt"], row["completion"], where, "completion")
     return (None, errors) if errors else ({"prompt": row["prompt"], "completion": row["completion"]}, [])

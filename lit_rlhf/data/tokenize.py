@@ -17,8 +17,8 @@ renders the prompt alone differently, and the row is an error), and the completi
   template's end-of-turn token (``end_of_turn_ids``): whitespace the template writes after it
   (Qwen's and Gemma's ``\n``) is left out, since a rollout stops at that token.
 - Implicit preference prompts (no ``prompt`` field): for conversational rows the common
-  leading messages of ``chosen`` and ``rejected``; for plain text the longest common prefix
-  of their token ids.
+  leading messages of ``chosen`` and ``rejected`` (at least one); for plain text the longest common prefix
+  of their token ids (holding some text, not a BOS alone).
 
 Truncation (``max_length`` bounds prompt + completion, ``max_prompt_length`` the prompt):
 ``truncation="error"`` makes an over-long row a :class:`DataError`; ``"truncate"`` keeps the
@@ -87,6 +87,8 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool, wh
     A template that refuses the messages (``raise_exception``: Gemma and Mistral reject a system
     turn, most templates roles out of order) makes the row, at ``where``, a :class:`DataError`.
     """
+    if not messages:  # an empty SFT prompt: the row is all completion (transformers refuses to render nothing)
+        return ""
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except TemplateError as e:
@@ -199,13 +201,16 @@ def _tokenize_plain(fmt: str, record: dict, tokenizer, where: Where) -> tuple[li
     if fmt == "preference" and prompt is None:  # implicit prompt: the common prefix on token ids
         chosen, rejected = (encode(tokenizer, record[f], True) for f in ("chosen", "rejected"))
         n = _common_prefix(chosen, rejected)
+        text = tokenizer.decode(chosen[:n], skip_special_tokens=True)
+        if not text.strip():  # nothing shared but a BOS: two texts, not two answers to one prompt
+            raise row_error(where, "chosen", "shares no leading text with 'rejected', so there is no implicit prompt "
+                            "(the shared leading text); give an explicit 'prompt'")
         for field, ids in (("chosen", chosen), ("rejected", rejected)):
             if len(ids) == n:
                 other = "rejected" if field == "chosen" else "chosen"
                 raise row_error(where, field, f"has no tokens after the prefix it shares with '{other}' (it is a "
                                 f"prefix of '{other}'), so nothing is left to compare; give an explicit 'prompt'")
         prompt_ids = chosen[:n]
-        text = tokenizer.decode(prompt_ids, skip_special_tokens=True)
         return prompt_ids, {"chosen": _with_eos(chosen[n:], eos), "rejected": _with_eos(rejected[n:], eos)}, text, text
     prompt_ids = encode(tokenizer, prompt, True)
     completions = {}
@@ -222,6 +227,9 @@ def _tokenize_chat(fmt: str, record: dict, tokenizer, where: Where) -> tuple[lis
     if fmt == "preference" and prompt is None:  # implicit prompt: the common leading messages
         chosen, rejected = record["chosen"], record["rejected"]
         n = _common_prefix(chosen, rejected)
+        if n == 0:
+            raise row_error(where, "chosen", "shares no leading message with 'rejected', so there is no implicit prompt "
+                            "(the shared leading messages); give an explicit 'prompt'")
         for field, msgs in (("chosen", chosen), ("rejected", rejected)):
             if len(msgs) == n:
                 other = "rejected" if field == "chosen" else "chosen"

@@ -243,3 +243,92 @@ def test_a_template_whose_turns_end_in_plain_text_is_warned_about(tokenizers, ca
     with caplog.at_level("WARNING", logger="lit_rlhf.data"):
         one("sft", {"messages": USER + PARIS}, tokenizers["qwen2.5"])
     assert "never learns to stop" not in caplog.text
+
+
+SYSTEM = [{"role": "system", "content": "be kind ."}]
+HELLO = [{"role": "user", "content": "hello there"}]
+FINE = [{"role": "assistant", "content": "i am fine ."}]
+
+
+def trl_split(tok, prompt: list[dict], completion: list[dict]) -> tuple[list[int], list[int]]:
+    """TRL 1.16's tokenize step for a conversational row (``tokenize_fn`` of its SFT, DPO and KTO trainers):
+    the prompt with the generation prompt, the completion the rest of ``prompt + completion`` (here the
+    prompt is always a prefix, so ``common_prefix_length`` is the prompt's length)."""
+    prompt_ids, full = chat_ids(tok, prompt, generation=True), chat_ids(tok, prompt + completion)
+    assert full[: len(prompt_ids)] == prompt_ids
+    return prompt_ids, full[len(prompt_ids):]
+
+
+@pytest.mark.parametrize("family", CHAT_FAMILIES)
+def test_multi_turn_rows_are_trls_tokens(tokenizers, family):
+    """Multi-turn rows (a system turn where the template takes one; Gemma's and Mistral's refuse it), in every
+    conversational format, against TRL's tokenize step: the same prompt ids, the same completion ids but
+    for the whitespace Qwen's and Gemma's templates write after the turn end. An SFT ``messages`` row splits
+    before its last message, an implicit prompt at the first message ``chosen`` and ``rejected`` differ in,
+    and a completion of several messages is all completion."""
+    tok = tokenizers[family]
+    context = ([] if family in ("gemma2", "mistral") else SYSTEM) + HELLO + FINE + USER
+    pair = {"chosen_ids": PARIS, "rejected_ids": SEA}
+    rows = [  # (format, row, the prompt TRL gets, the completions it gets)
+        ("sft", {"messages": context + PARIS}, context, {"completion_ids": PARIS}),
+        ("sft", {"prompt": HELLO, "completion": FINE + USER + PARIS}, HELLO, {"completion_ids": FINE + USER + PARIS}),
+        ("preference", {"prompt": context, "chosen": PARIS, "rejected": SEA}, context, pair),
+        ("preference", {"chosen": context + PARIS, "rejected": context + SEA}, context, pair),
+        ("unpaired", {"prompt": context, "completion": PARIS, "label": False}, context, {"completion_ids": PARIS}),
+    ]
+    after = tok(AFTER_TURN.get(family, ""), add_special_tokens=False)["input_ids"]
+    for fmt, row, prompt, completions in rows:
+        example = one(fmt, row, tok)
+        for key, completion in completions.items():
+            prompt_ids, completion_ids = trl_split(tok, prompt, completion)
+            assert example["prompt_ids"] == prompt_ids, (fmt, key)
+            assert example[key] + after == completion_ids, (fmt, key)
+
+
+def test_multi_turn_sft_loss_is_the_last_assistant_turn(tokenizers):
+    """With ``completion_only_loss`` (the default) a multi-turn ``messages`` row carries loss on its last
+    assistant turn alone, through its turn end; with it off, on every token (TRL's default)."""
+    tok = tokenizers["llama3"]
+    example = one("sft", {"messages": SYSTEM + HELLO + FINE + USER + PARIS}, tok)
+    only, every = (SFTCollator(pad_token_id_of(tok), flag)([example]) for flag in (True, False))
+    ids, mask = only["input_ids"][0].tolist(), only["completion_mask"][0].tolist()
+    assert tok.decode([t for t, m in zip(ids, mask) if m]) == "paris .<|eot_id|>"
+    assert every["completion_mask"][0].tolist() == [1] * len(ids)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2.5"])
+def test_empty_chat_prompt_makes_the_row_all_completion(tokenizers, family):
+    """An SFT row's prompt may be empty: a conversational ``prompt: []`` is the template's rendering of the
+    completion alone, every token of it a completion token (transformers refuses to render no messages)."""
+    tok = tokenizers[family]
+    example = one("sft", {"prompt": [], "completion": HELLO + PARIS}, tok)
+    after = tok(AFTER_TURN.get(family, ""), add_special_tokens=False)["input_ids"]
+    assert example["prompt_ids"] == [] and example["completion_ids"] + after == chat_ids(tok, HELLO + PARIS)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_plain_rows_in_trls_convention_are_trls_tokens(tokenizers, family):
+    """Plain text in TRL's convention (the completion starts with its space), against TRL 1.16's steps:
+    EOS appended to the completion text, then ``tokenizer(prompt)`` and ``tokenizer(prompt + completion)``;
+    an implicit prompt (HH-RLHF's shape) is the text shared up to the space before the first difference."""
+    tok = tokenizers[family]
+
+    def trl_ids(prompt: str, completion: str) -> tuple[list[int], list[int]]:
+        prompt_ids = tok(prompt)["input_ids"]
+        full = tok(prompt + completion + tok.eos_token)["input_ids"]
+        assert full[: len(prompt_ids)] == prompt_ids
+        return prompt_ids, full[len(prompt_ids):]
+
+    hh = "\n\nHuman: hello there\n\nAssistant:"
+    rows = [  # (format, row, the prompt TRL gets, the completions it gets)
+        ("sft", {"prompt": "Question : two plus two ?", "completion": " Answer : four ."}, "Question : two plus two ?",
+         {"completion_ids": " Answer : four ."}),
+        ("preference", {"chosen": hh + " the cat sat .", "rejected": hh + " the dog slept ."}, hh + " the",
+         {"chosen_ids": " cat sat .", "rejected_ids": " dog slept ."}),
+        ("unpaired", {"prompt": "hello there ,", "completion": " how are you ?", "label": True}, "hello there ,",
+         {"completion_ids": " how are you ?"}),
+    ]
+    for fmt, row, prompt, completions in rows:
+        example = one(fmt, row, tok)
+        for key, completion in completions.items():
+            assert (example["prompt_ids"], example[key]) == trl_ids(prompt, completion), (fmt, key)
