@@ -112,7 +112,7 @@ def sample(policy: Policy, batch: dict, sampling: SamplingConfig, *, adapter: st
     device = next(policy.bank.parameters()).device
     rollout = build_engine(engine).generate(
         policy.bank, adapter, batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device),
-        sampling.resolved(policy.tokenizer),
+        sampling.resolved(policy.tokenizer, policy.bank.model),
     )
     # The same decoding as the online methods (OnlineMethod.decode_responses): cut before the stop token.
     lengths = (rollout.response_lengths - rollout.ended.long()).tolist()

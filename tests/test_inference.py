@@ -1,0 +1,53 @@
+"""After training: ``generate`` / ``chat`` / ``evaluate`` on real families' conventions (the offline
+tokenizers of ``tests/data/real_tokenizers.py`` on tiny random models)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+from lit_rlhf import inference
+from lit_rlhf.rollout import SamplingConfig
+from tests.data.real_tokenizers import build_family
+
+
+def tiny_model(tok, *, always=None, seed=0):
+    """A one-layer GPT-2 over ``tok``'s vocabulary; with ``always``, one that writes that token after any prompt
+    (final hidden state all ones, tied embeddings zero but for it)."""
+    config = AutoConfig.for_model("gpt2", vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=128,
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                  pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    if always is not None:
+        with torch.no_grad():
+            model.transformer.ln_f.weight.zero_()
+            model.transformer.ln_f.bias.fill_(1.0)
+            model.transformer.wte.weight.zero_()
+            model.transformer.wte.weight[always] = 1.0
+    return model
+
+
+def test_a_reply_stops_at_every_end_token_the_models_generation_config_lists(tmp_path):
+    """Qwen2.5-Instruct's generation_config.json lists ``<|im_end|>`` (its tokenizer's EOS) and
+    ``<|endoftext|>``: transformers' ``generate`` stops at either, and so do ours (a model that writes
+    ``<|endoftext|>`` ran on to max_new_tokens before, its reply counted as truncated)."""
+    tok = build_family("qwen2.5", tmp_path / "tokenizers")
+    end_of_text = tok.convert_tokens_to_ids("<|endoftext|>")
+    model = tiny_model(tok, always=end_of_text)
+    model.generation_config = GenerationConfig(eos_token_id=[tok.eos_token_id, end_of_text], pad_token_id=end_of_text)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+
+    policy = inference.load_policy(tmp_path / "model")
+    assert end_of_text in SamplingConfig().resolved(tok, policy.bank.model).stop_token_ids
+    batch = next(inference.prompt_batches(policy, [[{"role": "user", "content": "hello there"}]]))
+    texts, lengths, rollout = inference.sample(policy, batch, SamplingConfig(max_new_tokens=6, do_sample=False),
+                                               adapter=None)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "model").generate(
+        batch["prompt_input_ids"], attention_mask=batch["prompt_attention_mask"], max_new_tokens=6, do_sample=False)
+    assert theirs.shape[1] - batch["prompt_input_ids"].shape[1] == 1
+    assert lengths.tolist() == [1] and rollout.ended.tolist() == [True] and texts == [""]
