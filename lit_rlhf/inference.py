@@ -24,10 +24,12 @@ from pathlib import Path
 import torch
 
 from lit_rlhf.data import PromptCollator, Where, build_examples, load_rows, pad_token_id_of, report_invalid
-from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer
+from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer, read_adapter_meta
 from lit_rlhf.rollout import SamplingConfig, build_engine
 
 POLICY = "policy"
+#: The adapter the policy started from, when it did not start as the base (see ``load_policy``).
+START = "start"
 
 
 @dataclass
@@ -37,14 +39,17 @@ class Policy:
     Attributes:
         bank: one base; the policy is adapter ``adapter`` on it, or the base itself when ``adapter`` is ``None``.
         tokenizer: the base's tokenizer.
-        adapter: ``"policy"`` for an adapter (the reference is then the base with it off), ``None`` for a merged model.
+        adapter: ``"policy"`` for an adapter, ``None`` for a merged model.
         path: the directory the policy was loaded from.
+        reference: the adapter that is the policy's reference (``"start"``: the adapter it was trained
+            from), or ``None``: the base with adapters off.
     """
 
     bank: AdapterBank
     tokenizer: object
     adapter: str | None
     path: Path
+    reference: str | None = None
 
 
 def find_export(path: str | Path) -> Path:
@@ -64,26 +69,35 @@ def find_export(path: str | Path) -> Path:
     return max(found, key=lambda p: (p.stat().st_mtime, p.name == "adapter"))
 
 
-def load_policy(path: str | Path, *, base: str | None = None, dtype: str = "float32") -> Policy:
+def load_policy(path: str | Path, *, base: str | None = None, dtype: str = "float32",
+                reference: str | None = None) -> Policy:
     """Load the policy at ``path`` (see :func:`find_export`) in eval mode.
 
     Args:
         path: an adapter directory, a merged model directory, or a run directory.
         base: for an adapter, the base model; the adapter's ``base_model_name_or_path`` when ``None``.
         dtype: weights dtype of the base.
+        reference: an adapter's reference policy: an adapter directory, or ``"base"`` (adapters off).
+            ``None``: the starting policy the export records (``lit_rlhf.json``: the SFT adapter a
+            DPO run went on from), else the base.
     """
     found = find_export(path)
-    if (found / "adapter_config.json").exists():
-        base = base or json.loads((found / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base:
-            raise ValueError(f"{found}/adapter_config.json does not name its base model: pass --base")
-        spec = BankSpec(model=base, dtype=dtype, adapters=[AdapterSpec(POLICY, path=str(found), trainable=False)])
-        adapter = POLICY
-    else:
+    if not (found / "adapter_config.json").exists():
         spec = BankSpec(model=str(found), dtype=dtype)
-        adapter = None
+        return Policy(AdapterBank(spec).eval(), load_tokenizer(spec), None, found)
+    base = base or json.loads((found / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{found}/adapter_config.json does not name its base model: pass --base")
+    start = read_adapter_meta(found).get("reference") if reference is None else reference
+    adapters = [AdapterSpec(POLICY, path=str(found), trainable=False)]
+    if start not in (None, "base"):
+        if not (Path(start) / "adapter_config.json").exists():
+            raise FileNotFoundError(f"{start}: the reference adapter of {found} is not there (moved or deleted?): "
+                                    "pass --reference DIR, or --reference base to compare with the bare base")
+        adapters.append(AdapterSpec(START, path=str(start), trainable=False))
+    spec = BankSpec(model=base, dtype=dtype, adapters=adapters)
     bank = AdapterBank(spec).eval()
-    return Policy(bank, load_tokenizer(spec), adapter, found)
+    return Policy(bank, load_tokenizer(spec), POLICY, found, START if len(adapters) > 1 else None)
 
 
 def prompt_batches(policy: Policy, prompts: list, *, where: list[Where] | None = None, batch_size: int = 16,

@@ -51,3 +51,32 @@ def test_a_reply_stops_at_every_end_token_the_models_generation_config_lists(tmp
         batch["prompt_input_ids"], attention_mask=batch["prompt_attention_mask"], max_new_tokens=6, do_sample=False)
     assert theirs.shape[1] - batch["prompt_input_ids"].shape[1] == 1
     assert lengths.tolist() == [1] and rollout.ended.tolist() == [True] and texts == [""]
+
+
+def test_evaluate_compares_a_policy_with_the_adapter_it_was_trained_from(tmp_path):
+    """DPO went on from an SFT adapter: its reference, and evaluate's, is that adapter, not the bare
+    base. A policy still equal to its SFT start is its reference: KL 0, win rate one half (evaluate
+    measured the KL of the whole SFT step to the base before)."""
+    from lit_rlhf.evaluate import main as evaluate_main
+    from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec
+
+    sft_bank = AdapterBank(BankSpec(model="assets/toy/base"), require=[AdapterSpec("policy")])
+    torch.manual_seed(0)
+    with torch.no_grad():  # an SFT step that moved the policy well off the base
+        for name, param in sft_bank.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 1.0)
+    sft = sft_bank.save_adapter("policy", tmp_path / "sft")
+    dpo_bank = AdapterBank(BankSpec(model="assets/toy/base", adapters=[AdapterSpec("policy", path=str(sft))]),
+                           reference_of="policy")
+    policy = dpo_bank.save_adapter("policy", tmp_path / "dpo")  # as DPO exports it before its first step
+
+    args = [str(policy), "--samples", "2", "--max_new_tokens", "6"]
+    result = evaluate_main(args + ["--out", str(tmp_path / "eval.json")])
+    assert result["reference_model"] == str(sft.resolve())
+    assert result["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert result["win_rate"] == 0.5 and result["policy"]["reward"] == result["reference"]["reward"]
+    # The bare base on request: the SFT adapter moved the policy off it.
+    base = evaluate_main(args + ["--out", str(tmp_path / "base.json"), "--reference", "base"])
+    assert base["reference_model"] == "base" and base["kl"] > 0.1
+    assert json.loads((tmp_path / "eval.json").read_text())["reference_model"] == str(sft.resolve())
