@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from lit_rlhf import inference
+from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec
 from lit_rlhf.rollout import SamplingConfig
 from tests.data.real_tokenizers import build_family
 
@@ -58,7 +59,6 @@ def test_evaluate_compares_a_policy_with_the_adapter_it_was_trained_from(tmp_pat
     base. A policy still equal to its SFT start is its reference: KL 0, win rate one half (evaluate
     measured the KL of the whole SFT step to the base before)."""
     from lit_rlhf.evaluate import main as evaluate_main
-    from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec
 
     sft_bank = AdapterBank(BankSpec(model="assets/toy/base"), require=[AdapterSpec("policy")])
     torch.manual_seed(0)
@@ -80,3 +80,39 @@ def test_evaluate_compares_a_policy_with_the_adapter_it_was_trained_from(tmp_pat
     base = evaluate_main(args + ["--out", str(tmp_path / "base.json"), "--reference", "base"])
     assert base["reference_model"] == "base" and base["kl"] > 0.1
     assert json.loads((tmp_path / "eval.json").read_text())["reference_model"] == str(sft.resolve())
+
+
+@pytest.mark.parametrize(("family", "arch"), [("llama3", "llama"), ("gemma2", "gemma2")])
+def test_generate_from_an_adapter_or_its_merged_export_is_transformers_generate(tmp_path, family, arch):
+    """Greedy replies to a batch of chats of different lengths (left padding; a multi-turn history) from
+    the LoRA adapter and from its merged export are the tokens transformers' own ``generate`` gives on
+    the exported directory for each chat alone, its prompt the template's generation prompt."""
+    tok = build_family(family, tmp_path / "tokenizers")
+    config = AutoConfig.for_model(arch, vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, bos_token_id=tok.bos_token_id,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    bank = AdapterBank(BankSpec(model=str(tmp_path / "base")), require=[AdapterSpec("policy")])
+    with torch.no_grad():
+        for name, param in bank.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    exports = [bank.save_adapter("policy", tmp_path / "adapter"), bank.export_merged(tmp_path / "merged", adapter="policy")]
+    chats = [[{"role": "user", "content": "what is the capital of france ?"}],
+             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"},
+              {"role": "user", "content": "how are you ?"}]]
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    theirs = []
+    for chat in chats:
+        ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        theirs.append(merged.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                      do_sample=False)[0, ids.shape[1]:].tolist())
+    for path in exports:
+        policy = inference.load_policy(path)
+        batch = next(inference.prompt_batches(policy, chats))
+        _, lengths, rollout = inference.sample(policy, batch, SamplingConfig(max_new_tokens=8, do_sample=False),
+                                               adapter=policy.adapter)
+        assert [row[:n] for row, n in zip(rollout.response_ids.tolist(), lengths.tolist())] == theirs, path
