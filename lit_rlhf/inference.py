@@ -76,7 +76,7 @@ def load_policy(path: str | Path, *, base: str | None = None, dtype: str = "floa
     Args:
         path: an adapter directory, a merged model directory, or a run directory.
         base: for an adapter, the base model; the adapter's ``base_model_name_or_path`` when ``None``.
-        dtype: weights dtype of the base.
+        dtype: weights dtype of the base (quantized as the adapter's ``lit_rlhf.json`` records, for QLoRA).
         reference: an adapter's reference policy: an adapter directory, or ``"base"`` (adapters off).
             ``None``: the starting policy the export records (``lit_rlhf.json``: the SFT adapter a
             DPO run went on from), else the base.
@@ -88,14 +88,19 @@ def load_policy(path: str | Path, *, base: str | None = None, dtype: str = "floa
     base = base or json.loads((found / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{found}/adapter_config.json does not name its base model: pass --base")
-    start = read_adapter_meta(found).get("reference") if reference is None else reference
+    meta = read_adapter_meta(found)
+    start = meta.get("reference") if reference is None else reference
     adapters = [AdapterSpec(POLICY, path=str(found), trainable=False)]
     if start not in (None, "base"):
         if not (Path(start) / "adapter_config.json").exists():
             raise FileNotFoundError(f"{start}: the reference adapter of {found} is not there (moved or deleted?): "
                                     "pass --reference DIR, or --reference base to compare with the bare base")
         adapters.append(AdapterSpec(START, path=str(start), trainable=False))
-    spec = BankSpec(model=base, dtype=dtype, adapters=adapters)
+    # A QLoRA adapter corrects the quantized weights it was trained against: load the base quantized as they were.
+    quantized = meta.get("quantization") or {}
+    quantization = {"quantization": quantized["mode"], **{k: v for k, v in quantized.items() if k != "mode"}} \
+        if quantized else {}
+    spec = BankSpec(model=base, dtype=dtype, adapters=adapters, **quantization)
     bank = AdapterBank(spec).eval()
     return Policy(bank, load_tokenizer(spec), POLICY, found, START if len(adapters) > 1 else None)
 

@@ -116,3 +116,21 @@ def test_generate_from_an_adapter_or_its_merged_export_is_transformers_generate(
         _, lengths, rollout = inference.sample(policy, batch, SamplingConfig(max_new_tokens=8, do_sample=False),
                                                adapter=policy.adapter)
         assert [row[:n] for row, n in zip(rollout.response_ids.tolist(), lengths.tolist())] == theirs, path
+
+
+def test_a_qlora_adapter_is_loaded_onto_its_base_quantized_as_in_training(tmp_path):
+    """A QLoRA adapter corrects the 4-bit weights it was trained against: generate/chat/evaluate load
+    the base 4-bit as its lit_rlhf.json records (they ran it on the full-precision base before, next-token
+    logits off by 0.34 of a 4.0 range on the toy base, other greedy replies, one log warning)."""
+    bank = AdapterBank(BankSpec(model="assets/toy/base", train_mode="qlora"), require=[AdapterSpec("policy")]).eval()
+    with torch.no_grad():
+        for name, param in bank.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    policy = inference.load_policy(bank.save_adapter("policy", tmp_path / "adapter"))
+    assert policy.bank.spec.effective_quantization == "4bit"
+    batch = next(inference.prompt_batches(policy, ["the movie was", "i think the car is"]))
+    with torch.no_grad():
+        ours = policy.bank(batch["prompt_input_ids"], batch["prompt_attention_mask"]).logits
+        trained = bank(batch["prompt_input_ids"], batch["prompt_attention_mask"]).logits
+    torch.testing.assert_close(ours, trained)
