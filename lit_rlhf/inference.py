@@ -195,16 +195,23 @@ def generate_main(argv: list[str]) -> None:
     parser.add_argument("--n", type=int, default=1, help="completions per prompt (a list in `completions` when > 1)")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--engine", default="hf", help="a registered rollout engine (hf, hf_static)")
+    parser.add_argument("--chat", action="store_true",
+                        help="send each text prompt as a user turn through the chat template, with its generation "
+                        "prompt (as `chat` does and as conversational training rows were); without it a text "
+                        "prompt is plain text, as a text `prompt` field of a dataset is")
     add_sampling_arguments(parser)
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
     policy = load_policy(args.model, base=args.base, dtype=args.dtype)
     prompts, where = read_prompts(args)
+    if args.chat:
+        require_chat_template(policy)
     sampling = sampling_from(args)
 
     def rows() -> Iterator[dict]:
-        repeated = [p for p in prompts for _ in range(args.n)]
+        sent = [[{"role": "user", "content": p}] if args.chat and isinstance(p, str) else p for p in prompts]
+        repeated = [p for p in sent for _ in range(args.n)]
         batches = prompt_batches(policy, repeated, where=[w for w in where for _ in range(args.n)],
                                  batch_size=args.batch_size * args.n)
         texts = [t for batch in batches for t in sample(policy, batch, sampling, adapter=policy.adapter,
@@ -222,6 +229,12 @@ def generate_main(argv: list[str]) -> None:
     print(f"{count} rows -> {args.out}", file=sys.stderr)
 
 
+def require_chat_template(policy: Policy) -> None:
+    if getattr(policy.tokenizer, "chat_template", None) is None:
+        raise ValueError(f"the tokenizer of {policy.path} has no chat template: send plain text prompts "
+                         "(`lit-rlhf generate` without --chat)")
+
+
 def chat_main(argv: list[str], stdin=None, stdout=None) -> None:
     """Talk to a policy: each line you type is a user turn; the conversation so far is the prompt,
     rendered with the tokenizer's chat template. /reset clears the history, /exit (or end of input) quits."""
@@ -234,8 +247,7 @@ def chat_main(argv: list[str], stdin=None, stdout=None) -> None:
 
     torch.manual_seed(args.seed)
     policy = load_policy(args.model, base=args.base, dtype=args.dtype)
-    if getattr(policy.tokenizer, "chat_template", None) is None:
-        raise ValueError(f"the tokenizer of {policy.path} has no chat template; use `lit-rlhf generate` for plain text")
+    require_chat_template(policy)
     sampling = sampling_from(args)
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)

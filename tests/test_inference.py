@@ -134,3 +134,21 @@ def test_a_qlora_adapter_is_loaded_onto_its_base_quantized_as_in_training(tmp_pa
         ours = policy.bank(batch["prompt_input_ids"], batch["prompt_attention_mask"]).logits
         trained = bank(batch["prompt_input_ids"], batch["prompt_attention_mask"]).logits
     torch.testing.assert_close(ours, trained)
+
+
+def test_generate_chat_sends_a_text_prompt_as_a_user_turn(tmp_path):
+    """``generate --chat --prompt TEXT`` is the reply to the chat ``[{user: TEXT}]`` through the template
+    (a text prompt is plain text otherwise, as a dataset's is: a chat model's reply to something else)."""
+    tok = build_family("llama3", tmp_path / "tokenizers")
+    tiny_model(tok).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"prompt": [{"role": "user", "content": "how are you ?"}]}) + "\n")
+    args = [str(tmp_path / "model"), "--do_sample", "false", "--max_new_tokens", "6"]
+
+    def completion(*extra):
+        inference.generate_main(args + ["--out", str(tmp_path / "out.jsonl"), *extra])
+        return json.loads((tmp_path / "out.jsonl").read_text())["completion"]
+
+    assert completion("--prompt", "how are you ?", "--chat") == completion("--prompts", str(chat))
+    assert completion("--prompt", "how are you ?") != completion("--prompts", str(chat))
