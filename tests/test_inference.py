@@ -152,3 +152,40 @@ def test_generate_chat_sends_a_text_prompt_as_a_user_turn(tmp_path):
 
     assert completion("--prompt", "how are you ?", "--chat") == completion("--prompts", str(chat))
     assert completion("--prompt", "how are you ?") != completion("--prompts", str(chat))
+
+
+def test_evaluate_kl_is_the_log_ratio_summed_over_each_responses_tokens(tmp_path):
+    """``sequence_kl`` of a padded batch (prompts of three lengths, one response ended early) is, per row,
+    the sum over its response tokens (stop token included, padding not) of log pi - log pi_ref at the
+    sampling temperature, as plain peft and transformers compute it on the row alone."""
+    from peft import PeftModel
+
+    from lit_rlhf.evaluate import sequence_kl
+
+    torch.manual_seed(0)
+    bank = AdapterBank(BankSpec(model="assets/toy/base"), require=[AdapterSpec("policy")])
+    with torch.no_grad():
+        for name, param in bank.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    adapter = bank.save_adapter("policy", tmp_path / "adapter")
+    policy = inference.load_policy(adapter)
+    batch = next(inference.prompt_batches(policy, ["the movie was", "i think the car is really", "hi"]))
+    torch.manual_seed(1)
+    _, lengths, rollout = inference.sample(policy, batch, SamplingConfig(max_new_tokens=8, temperature=0.7))
+    assert not rollout.ended.all() and rollout.ended.any() and len(set(batch["prompt_attention_mask"].sum(1).tolist())) == 3
+
+    base = AutoModelForCausalLM.from_pretrained("assets/toy/base")
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("assets/toy/base"), adapter)
+    expected = []
+    for i, n in enumerate(lengths.tolist()):
+        prompt, response = rollout.prompt_ids[i][rollout.prompt_mask[i].bool()], rollout.response_ids[i, :n]
+        ids = torch.cat([prompt, response])[None]
+
+        def logp(model):
+            with torch.no_grad():
+                logits = model(ids).logits[0, len(prompt) - 1 : -1] / 0.7
+            return logits.log_softmax(-1).gather(1, response[:, None]).sum()
+
+        expected.append(logp(tuned) - logp(base))
+    torch.testing.assert_close(sequence_kl(policy, rollout, 0.7), torch.stack(expected), atol=1e-4, rtol=1e-5)
