@@ -1,8 +1,10 @@
 """``lit-rlhf evaluate``: a trained policy against its reference on held-out prompts.
 
 For every prompt, ``samples`` responses are drawn from the policy (the adapter) and from the
-reference (the same base with the adapter off), through the rollout engine the online methods
-use. Reported, for both:
+reference, through the rollout engine the online methods use. The reference is the starting
+policy the training run used: the adapter the policy was trained from when the export records one
+(``lit_rlhf.json``; e.g. the SFT adapter DPO went on from), else the base with the adapter off;
+``--reference DIR`` or ``--reference base`` chooses another. Reported, for both:
 
 - ``reward``: mean score of a reward source (a function ``module:function``, a transformers
   reward model, or a saved lit_rlhf reward adapter; the ``lit_rlhf.rollout.rewards`` sources),
@@ -85,7 +87,8 @@ def sequence_kl(policy: Policy, rollout, temperature: float) -> torch.Tensor:
             logits = bank(rollout.input_ids, rollout.attention_mask, rollout.position_ids).logits
         return token_logps(logits[:, start : start + width] / temperature, rollout.response_ids) * rollout.response_mask
 
-    return (logps(bank.role(POLICY)) - logps(bank.reference())).sum(dim=1)
+    reference = bank.role(policy.reference) if policy.reference else bank.reference()
+    return (logps(bank.role(POLICY)) - logps(reference)).sum(dim=1)
 
 
 def evaluate(policy: Policy, prompts: list, where: list[Where], *, sampling: SamplingConfig, samples: int = 4,
@@ -101,7 +104,7 @@ def evaluate(policy: Policy, prompts: list, where: list[Where], *, sampling: Sam
     repeated_where = [w for w in where for _ in range(samples)]
     results = {}
     kl = []
-    for role, adapter in (("reference", None), ("policy", POLICY)):
+    for role, adapter in (("reference", policy.reference), ("policy", POLICY)):
         torch.manual_seed(seed)
         texts, lengths, scores = [], [], []
         for batch in prompt_batches(policy, repeated, where=repeated_where, batch_size=batch_size):
@@ -111,7 +114,7 @@ def evaluate(policy: Policy, prompts: list, where: list[Where], *, sampling: Sam
             if rewards is not None:
                 request = RewardRequest(list(batch["prompts"]), completions, rollout, batch.get("raw_prompts"))
                 scores += rewards(request, update_stats=False).scores.tolist()
-            if adapter is not None:
+            if role == "policy":
                 kl += sequence_kl(policy, rollout, sampling.temperature).tolist()
         metrics = {"response_length": sum(lengths) / len(lengths), "example": texts[0]}
         if rewards is not None:
@@ -123,7 +126,8 @@ def evaluate(policy: Policy, prompts: list, where: list[Where], *, sampling: Sam
                       for t in sample(policy, batch, sampling.greedy(), adapter=adapter)[0]]
             metrics["toy_score_greedy"] = sum(toy.score(t) for t in greedy) / len(greedy)
         results[role] = metrics
-    out = {"model": str(policy.path), "prompts": len(prompts), "samples_per_prompt": samples,
+    reference = str(policy.bank.adapters[policy.reference].path) if policy.reference else "base"
+    out = {"model": str(policy.path), "reference_model": reference, "prompts": len(prompts), "samples_per_prompt": samples,
            "sampling": asdict(sampling),
            "kl": sum(kl) / len(kl)}
     if rewards is not None:
@@ -153,6 +157,9 @@ def main(argv: list[str]) -> dict:
     """Compare a trained policy with its reference on held-out prompts; print a table, write JSON."""
     parser = argparse.ArgumentParser(prog="lit-rlhf evaluate", description=main.__doc__)
     add_policy_arguments(parser)
+    parser.add_argument("--reference", default=None,
+                        help="the reference: an adapter directory, or `base` (default: the adapter the policy was "
+                        "trained from, as its export records, else the base)")
     parser.add_argument("--prompts", default=None, help="held-out prompts (rows with a `prompt` field); see above")
     parser.add_argument("--samples", type=int, default=4, help="sampled responses per prompt and role")
     parser.add_argument("--reward_function", action="append", help="a reward function module:function (repeatable)")
@@ -164,7 +171,7 @@ def main(argv: list[str]) -> dict:
     add_sampling_arguments(parser)
     args = parser.parse_args(argv)
 
-    policy = load_policy(args.model, base=args.base, dtype=args.dtype)
+    policy = load_policy(args.model, base=args.base, dtype=args.dtype, reference=args.reference)
     prompts, where, origin = held_out_prompts(policy, args.prompts)
     specs = reward_specs(args, speaks_toy(policy.tokenizer))
     result = evaluate(policy, prompts, where, sampling=sampling_from(args), samples=args.samples,
@@ -173,7 +180,8 @@ def main(argv: list[str]) -> dict:
     out = Path(args.out) if args.out else (run_dir_of(policy.path) or Path(".")) / "evaluation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(f"{policy.path}: {len(prompts)} prompts from {origin}, {args.samples} samples each")
+    print(f"{policy.path} vs reference {result['reference_model']}: {len(prompts)} prompts from {origin}, "
+          f"{args.samples} samples each")
     print(table(result))
     print(f"-> {out}")
     return result

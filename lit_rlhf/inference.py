@@ -24,10 +24,12 @@ from pathlib import Path
 import torch
 
 from lit_rlhf.data import PromptCollator, Where, build_examples, load_rows, pad_token_id_of, report_invalid
-from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer
+from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer, read_adapter_meta
 from lit_rlhf.rollout import SamplingConfig, build_engine
 
 POLICY = "policy"
+#: The adapter the policy started from, when it did not start as the base (see ``load_policy``).
+START = "start"
 
 
 @dataclass
@@ -37,14 +39,17 @@ class Policy:
     Attributes:
         bank: one base; the policy is adapter ``adapter`` on it, or the base itself when ``adapter`` is ``None``.
         tokenizer: the base's tokenizer.
-        adapter: ``"policy"`` for an adapter (the reference is then the base with it off), ``None`` for a merged model.
+        adapter: ``"policy"`` for an adapter, ``None`` for a merged model.
         path: the directory the policy was loaded from.
+        reference: the adapter that is the policy's reference (``"start"``: the adapter it was trained
+            from), or ``None``: the base with adapters off.
     """
 
     bank: AdapterBank
     tokenizer: object
     adapter: str | None
     path: Path
+    reference: str | None = None
 
 
 def find_export(path: str | Path) -> Path:
@@ -64,26 +69,40 @@ def find_export(path: str | Path) -> Path:
     return max(found, key=lambda p: (p.stat().st_mtime, p.name == "adapter"))
 
 
-def load_policy(path: str | Path, *, base: str | None = None, dtype: str = "float32") -> Policy:
+def load_policy(path: str | Path, *, base: str | None = None, dtype: str = "float32",
+                reference: str | None = None) -> Policy:
     """Load the policy at ``path`` (see :func:`find_export`) in eval mode.
 
     Args:
         path: an adapter directory, a merged model directory, or a run directory.
         base: for an adapter, the base model; the adapter's ``base_model_name_or_path`` when ``None``.
-        dtype: weights dtype of the base.
+        dtype: weights dtype of the base (quantized as the adapter's ``lit_rlhf.json`` records, for QLoRA).
+        reference: an adapter's reference policy: an adapter directory, or ``"base"`` (adapters off).
+            ``None``: the starting policy the export records (``lit_rlhf.json``: the SFT adapter a
+            DPO run went on from), else the base.
     """
     found = find_export(path)
-    if (found / "adapter_config.json").exists():
-        base = base or json.loads((found / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base:
-            raise ValueError(f"{found}/adapter_config.json does not name its base model: pass --base")
-        spec = BankSpec(model=base, dtype=dtype, adapters=[AdapterSpec(POLICY, path=str(found), trainable=False)])
-        adapter = POLICY
-    else:
+    if not (found / "adapter_config.json").exists():
         spec = BankSpec(model=str(found), dtype=dtype)
-        adapter = None
+        return Policy(AdapterBank(spec).eval(), load_tokenizer(spec), None, found)
+    base = base or json.loads((found / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{found}/adapter_config.json does not name its base model: pass --base")
+    meta = read_adapter_meta(found)
+    start = meta.get("reference") if reference is None else reference
+    adapters = [AdapterSpec(POLICY, path=str(found), trainable=False)]
+    if start not in (None, "base"):
+        if not (Path(start) / "adapter_config.json").exists():
+            raise FileNotFoundError(f"{start}: the reference adapter of {found} is not there (moved or deleted?): "
+                                    "pass --reference DIR, or --reference base to compare with the bare base")
+        adapters.append(AdapterSpec(START, path=str(start), trainable=False))
+    # A QLoRA adapter corrects the quantized weights it was trained against: load the base quantized as they were.
+    quantized = meta.get("quantization") or {}
+    quantization = {"quantization": quantized["mode"], **{k: v for k, v in quantized.items() if k != "mode"}} \
+        if quantized else {}
+    spec = BankSpec(model=base, dtype=dtype, adapters=adapters, **quantization)
     bank = AdapterBank(spec).eval()
-    return Policy(bank, load_tokenizer(spec), adapter, found)
+    return Policy(bank, load_tokenizer(spec), POLICY, found, START if len(adapters) > 1 else None)
 
 
 def prompt_batches(policy: Policy, prompts: list, *, where: list[Where] | None = None, batch_size: int = 16,
@@ -112,7 +131,7 @@ def sample(policy: Policy, batch: dict, sampling: SamplingConfig, *, adapter: st
     device = next(policy.bank.parameters()).device
     rollout = build_engine(engine).generate(
         policy.bank, adapter, batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device),
-        sampling.resolved(policy.tokenizer),
+        sampling.resolved(policy.tokenizer, policy.bank.model),
     )
     # The same decoding as the online methods (OnlineMethod.decode_responses): cut before the stop token.
     lengths = (rollout.response_lengths - rollout.ended.long()).tolist()
@@ -176,16 +195,23 @@ def generate_main(argv: list[str]) -> None:
     parser.add_argument("--n", type=int, default=1, help="completions per prompt (a list in `completions` when > 1)")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--engine", default="hf", help="a registered rollout engine (hf, hf_static)")
+    parser.add_argument("--chat", action="store_true",
+                        help="send each text prompt as a user turn through the chat template, with its generation "
+                        "prompt (as `chat` does and as conversational training rows were); without it a text "
+                        "prompt is plain text, as a text `prompt` field of a dataset is")
     add_sampling_arguments(parser)
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
     policy = load_policy(args.model, base=args.base, dtype=args.dtype)
     prompts, where = read_prompts(args)
+    if args.chat:
+        require_chat_template(policy)
     sampling = sampling_from(args)
 
     def rows() -> Iterator[dict]:
-        repeated = [p for p in prompts for _ in range(args.n)]
+        sent = [[{"role": "user", "content": p}] if args.chat and isinstance(p, str) else p for p in prompts]
+        repeated = [p for p in sent for _ in range(args.n)]
         batches = prompt_batches(policy, repeated, where=[w for w in where for _ in range(args.n)],
                                  batch_size=args.batch_size * args.n)
         texts = [t for batch in batches for t in sample(policy, batch, sampling, adapter=policy.adapter,
@@ -203,6 +229,12 @@ def generate_main(argv: list[str]) -> None:
     print(f"{count} rows -> {args.out}", file=sys.stderr)
 
 
+def require_chat_template(policy: Policy) -> None:
+    if getattr(policy.tokenizer, "chat_template", None) is None:
+        raise ValueError(f"the tokenizer of {policy.path} has no chat template: send plain text prompts "
+                         "(`lit-rlhf generate` without --chat)")
+
+
 def chat_main(argv: list[str], stdin=None, stdout=None) -> None:
     """Talk to a policy: each line you type is a user turn; the conversation so far is the prompt,
     rendered with the tokenizer's chat template. /reset clears the history, /exit (or end of input) quits."""
@@ -215,8 +247,7 @@ def chat_main(argv: list[str], stdin=None, stdout=None) -> None:
 
     torch.manual_seed(args.seed)
     policy = load_policy(args.model, base=args.base, dtype=args.dtype)
-    if getattr(policy.tokenizer, "chat_template", None) is None:
-        raise ValueError(f"the tokenizer of {policy.path} has no chat template; use `lit-rlhf generate` for plain text")
+    require_chat_template(policy)
     sampling = sampling_from(args)
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)

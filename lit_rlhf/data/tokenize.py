@@ -111,7 +111,7 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     This is where a chat model stops, and it need not be the tokenizer's EOS: Llama-3 Instruct's
     first release has EOS ``<|end_of_text|>`` and ends turns with ``<|eot_id|>``; Gemma's EOS is
     ``<eos>``, its turns end with ``<end_of_turn>`` (their ``generation_config.json`` list both, as
-    TRL reads them; lit_rlhf ignores that file, see ``SamplingConfig``, and reads the template).
+    TRL reads them; lit_rlhf reads the template, and the file's end tokens when it has the model).
     """
     template = getattr(tokenizer, "chat_template", None)
     known = _TURN_ENDS.get(tokenizer)

@@ -229,7 +229,7 @@ class GKD(BankMethod):
             if "input_ids" not in batch:
                 raise ValueError("this batch has prompts only, no completions: set lmbda: 1 or seq_kd: true")
             return dataset_batch(batch), source
-        return rollout_batch(self.generate(batch, source, self.sampling.resolved(self.tokenizer))), source
+        return rollout_batch(self.generate(batch, source, self.sampling.resolved(self.tokenizer, self.bank.model))), source
 
     # -- the loss -------------------------------------------------------------------------------
 
@@ -276,7 +276,7 @@ class GKD(BankMethod):
         if "input_ids" in batch:
             return dataset_batch(batch)
         # Prompt-only data: measure on the teacher's greedy completions.
-        return rollout_batch(self.generate(batch, "teacher", self.sampling.resolved(self.tokenizer).greedy()))
+        return rollout_batch(self.generate(batch, "teacher", self.sampling.resolved(self.tokenizer, self.bank.model).greedy()))
 
     @torch.no_grad()
     def _accumulate(self, loss_metric: MeanMetric, kl_metric: MeanMetric, batch: dict) -> None:

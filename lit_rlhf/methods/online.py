@@ -499,7 +499,7 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
 
     @property
     def train_sampling(self) -> SamplingConfig:
-        return self.sampling.resolved(self.tokenizer)
+        return self.sampling.resolved(self.tokenizer, self.bank.model)
 
     # -- 3. log-probs: one path (lit_rlhf.losses.token_logps) ----------------------------------------
 

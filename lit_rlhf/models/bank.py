@@ -811,9 +811,19 @@ class AdapterBank(nn.Module):
             state = get_peft_model_state_dict(self.model, adapter_name=name)
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"))
             meta = {"base": self.base_fingerprint, "base_model": model_identity(self.spec.model),
-                    "quantization": quantization_record(self.spec), **(metadata or {})}
+                    "quantization": quantization_record(self.spec), "reference": self._start_of(name),
+                    **(metadata or {})}
             write_head_and_meta(tmp, self.heads[name] if name in self.heads else None, meta)
         return Path(path)
+
+    def _start_of(self, name: str) -> str | None:
+        """Where adapter ``name`` started, recorded with it as the reference ``lit-rlhf evaluate``
+        compares it with: the adapter it was loaded from (an SFT adapter DPO went on from), ``None``
+        for a fresh one or with ``bank.reference: base`` (the bare base is then the reference)."""
+        start = self.adapters[name].path
+        if start is None or self.spec.reference == "base":
+            return None
+        return str(Path(start).resolve()) if Path(start).exists() else start
 
     def export_merged(self, path: str | Path, *, adapter: str | None = None, keep_head: bool = False,
                       metadata: dict | None = None) -> Path:

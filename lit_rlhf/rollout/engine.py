@@ -45,6 +45,7 @@ __all__ = [
     "choose_tokens",
     "generating_with",
     "generation_config",
+    "model_end_ids",
     "register_engine",
     "truncate_at_stop",
     "warp_logits",
@@ -61,7 +62,8 @@ class SamplingConfig:
     truncation are not reflected in the recomputed log-probs (as in TRL).
 
     These fields are the whole generation config: the model's own ``generation_config.json``
-    (repetition penalty, n-gram bans, minimum length, ... common in instruct models) is ignored,
+    (repetition penalty, n-gram bans, minimum length, ... common in instruct models) is ignored but
+    for its end tokens (``model_end_ids``),
     so the same weights roll out the same way with or without it. Knobs that reshape the
     distribution are deliberately absent: the log-probs recomputed for the loss would not describe
     the samples.
@@ -76,7 +78,8 @@ class SamplingConfig:
         stop_token_ids: token ids that end a response. ``None``: the tokenizer's EOS and the special
             token its chat template closes an assistant turn with when that is another one (Llama-3's
             ``<|eot_id|>``, Gemma's ``<end_of_turn>``; see ``end_of_turn_ids``), so a chat model's
-            rollouts end where its turns do instead of all running to ``max_new_tokens``.
+            rollouts end where its turns do instead of all running to ``max_new_tokens``; with the
+            generating model given to ``resolved``, also its generation config's end tokens.
         pad_token_id: id written after a response ends; the tokenizer's pad when ``None``.
     """
 
@@ -97,18 +100,33 @@ class SamplingConfig:
                 f"{self.temperature}, top_k {self.top_k}, top_p {self.top_p} (greedy decoding: do_sample: false)"
             )
 
-    def resolved(self, tokenizer) -> SamplingConfig:
-        """A copy with ``stop_token_ids`` and ``pad_token_id`` filled from ``tokenizer``."""
+    def resolved(self, tokenizer, model: nn.Module | None = None) -> SamplingConfig:
+        """A copy with ``stop_token_ids`` and ``pad_token_id`` filled from ``tokenizer`` (and the end
+        tokens ``model``'s generation config lists, see ``model_end_ids``)."""
         stop = self.stop_token_ids
         if stop is None:
             if tokenizer.eos_token_id is None:
                 raise ValueError("the tokenizer has no EOS token: set sampling.stop_token_ids to the ids that end a response")
-            stop = list(dict.fromkeys([tokenizer.eos_token_id, *end_of_turn_ids(tokenizer)]))
+            ends = [tokenizer.eos_token_id, *end_of_turn_ids(tokenizer), *model_end_ids(model, len(tokenizer))]
+            stop = list(dict.fromkeys(ends))
         pad = self.pad_token_id if self.pad_token_id is not None else tokenizer.pad_token_id
         return replace(self, stop_token_ids=list(stop), pad_token_id=pad)
 
     def greedy(self) -> SamplingConfig:
         return replace(self, do_sample=False)
+
+
+def model_end_ids(model: nn.Module | None, vocab_size: int) -> list[int]:
+    """The ``eos_token_id`` (an id or a list) of ``model``'s generation config: the ends transformers'
+    own ``generate`` stops at. Instruct models list more than the tokenizer's EOS there
+    (Qwen2.5-Instruct ``<|im_end|>`` and ``<|endoftext|>``; Llama-3.1-Instruct ``<|end_of_text|>``,
+    ``<|eom_id|>``, ``<|eot_id|>``): a sampled one of them ends the reply, as it would anywhere else
+    the model is served. Only which token ends a response is read from that file, nothing that
+    reshapes the distribution. Ids outside the tokenizer's vocabulary (a config default) are dropped."""
+    config = getattr(model, "generation_config", None)
+    ids = getattr(config, "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return [i for i in ids if 0 <= i < vocab_size]
 
 
 class Rollout(NamedTuple):
