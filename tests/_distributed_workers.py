@@ -131,7 +131,8 @@ def training_step_logs_on_rank(rank: int, port: int, out: str) -> None:
 
 def update_metrics_on_rank(rank: int, port: int, out: str) -> None:
     """Rank ``rank`` of two: one GRPO and one PPO rollout under Lightning's DDP (gloo), each rank sampling its
-    own rows. Saves, per method, what the rank logged and the metrics of every micro-batch it computed."""
+    own rows. Saves, per method, what the rank logged, the metrics of every micro-batch it computed, and its
+    rollout metrics (as ``rollout_metrics`` returned them) with its number of rows."""
     import os
 
     import lightning.pytorch as pl
@@ -156,9 +157,16 @@ def update_metrics_on_rank(rank: int, port: int, out: str) -> None:
             micro_batches.append({k: float(v) for k, v in metrics.items()})
             return loss, metrics
 
-        method.policy_loss = recording
+        rollouts = []
+
+        def rollout(scored, targets, rollout_metrics=method.rollout_metrics, rollouts=rollouts):
+            metrics = rollout_metrics(scored, targets)
+            rollouts.append(({k: float(v) for k, v in metrics.items()}, scored.scores.shape[0]))
+            return metrics
+
+        method.policy_loss, method.rollout_metrics = recording, rollout
         fit = trainer(rollouts=1, devices=2, strategy="ddp")
         fit.fit(method, datamodule=prompts(batch_size=2))
-        logged = {k: float(v) for k, v in fit.callback_metrics.items() if k in micro_batches[0]}
-        saved[name] = {"logged": logged, "micro_batches": micro_batches}
+        saved[name] = {"logged": {k: float(v) for k, v in fit.callback_metrics.items()},
+                       "micro_batches": micro_batches, "rollout": rollouts[0]}
     torch.save(saved, f"{out}/rank{rank}.pt")
