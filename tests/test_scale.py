@@ -324,3 +324,17 @@ def test_fsdp_exports_and_checkpoint_are_those_of_one_process(tmp_path):
     (from_one,), (from_fsdp,) = resumed["from_one"], resumed["from_fsdp"]
     assert from_one["steps"] == from_fsdp["steps"] == 3
     assert_same_weights(from_fsdp["state"], from_one["state"], **TOL)
+
+
+def test_the_unsharded_copy_an_fsdp_export_writes_from_holds_every_trained_tensor():
+    cli = build_cli(["--config", "configs/dpo.yaml"], run=False)
+    method = cli.model
+    method.configure_model()
+    trained = {name: torch.full_like(p, 0.5) for name, p in method.bank.named_parameters()
+               if name in set(method.bank.trainable_names())}
+    copy = method.unsharded_copy(trained)
+    assert copy.bank is not method.bank
+    assert all(torch.equal(p, trained[name]) for name, p in copy.bank.named_parameters() if name in trained)
+    # Names that miss the bank's (a wrapper's prefix, say) would leave the fresh adapters in the export.
+    with pytest.raises(RuntimeError, match=r"unknown \['_orig\..*missing \['model\."):
+        method.unsharded_copy({f"_orig.{name}": value for name, value in trained.items()})

@@ -467,7 +467,13 @@ class BankMethod(pl.LightningModule):
         copy._modules["bank"] = None
         copy._device_mesh = None  # or configure_model would shard the copy too
         copy.configure_model()
-        copy.bank.load_state_dict(trained, strict=False)
+        # Not strict about the frozen base (it is the copy's own); every trained tensor must land, or the
+        # export would silently hold the copy's fresh adapters.
+        unexpected = copy.bank.load_state_dict(trained, strict=False).unexpected_keys
+        missing = set(copy.bank.trainable_names()) - set(trained)
+        if unexpected or missing:
+            raise RuntimeError(f"the gathered trained tensors do not match an unsharded bank: unknown "
+                               f"{sorted(unexpected)[:3]}, missing {sorted(missing)[:3]}")
         return copy
 
     def export(self, path: str | Path, *, merged: bool = False) -> Path:
