@@ -124,3 +124,49 @@ def training_step_logs_on_rank(rank: int, port: int, out: str) -> None:
         torch.save({"logs": training_step_logs(TRAINING_SHARES[rank])}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+# -- the online methods' update metrics, logged over every rank's micro-batches ---------------------------
+
+
+def update_metrics_on_rank(rank: int, port: int, out: str) -> None:
+    """Rank ``rank`` of two: one GRPO and one PPO rollout under Lightning's DDP (gloo), each rank sampling its
+    own rows. Saves, per method, what the rank logged, the metrics of every micro-batch it computed, and its
+    rollout metrics (as ``rollout_metrics`` returned them) with its number of rows."""
+    import os
+
+    import lightning.pytorch as pl
+
+    from lit_rlhf.methods import GRPO, PPO
+
+    from tests.methods.online_helpers import make_online, prompts, trainer
+
+    # LOCAL_RANK makes Lightning take this process as one rank of a launched job (it launches nothing).
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    saved = {}
+    for name, method_class in (("grpo", GRPO), ("ppo", PPO)):
+        pl.seed_everything(0)
+        method = make_online(method_class, max_new_tokens=4, num_samples_per_prompt=2, update_epochs=2,
+                             num_mini_batches=2)
+        micro_batches = []
+
+        def recording(batch, policy_loss=method.policy_loss, micro_batches=micro_batches):
+            loss, metrics = policy_loss(batch)
+            micro_batches.append({k: float(v) for k, v in metrics.items()})
+            return loss, metrics
+
+        rollouts = []
+
+        def rollout(scored, targets, rollout_metrics=method.rollout_metrics, rollouts=rollouts):
+            metrics = rollout_metrics(scored, targets)
+            rollouts.append(({k: float(v) for k, v in metrics.items()}, scored.scores.shape[0]))
+            return metrics
+
+        method.policy_loss, method.rollout_metrics = recording, rollout
+        fit = trainer(rollouts=1, devices=2, strategy="ddp")
+        fit.fit(method, datamodule=prompts(batch_size=2))
+        saved[name] = {"logged": {k: float(v) for k, v in fit.callback_metrics.items()},
+                       "micro_batches": micro_batches, "rollout": rollouts[0]}
+    torch.save(saved, f"{out}/rank{rank}.pt")

@@ -81,8 +81,9 @@ class SeedSamplesByPrompt(pl.Callback):
 
 
 def fit_command(config: str, root: Path, *, devices: int, strategy: str | None, steps: int, args=(),
-                callbacks: Sequence[str] = ()) -> list[str]:
-    """The command line of one fit; ``callbacks``: class paths of more callbacks (no arguments)."""
+                callbacks: Sequence[str] = (), merged: bool = False) -> list[str]:
+    """The command line of one fit; ``callbacks``: class paths of more callbacks (no arguments); ``merged``:
+    export a merged model beside the adapter at the end of fit."""
     overlay = root / "overlay.yaml"
     overlay.parent.mkdir(parents=True, exist_ok=True)
     overlay.write_text(
@@ -94,6 +95,7 @@ def fit_command(config: str, root: Path, *, devices: int, strategy: str | None, 
         "    - class_path: tests._scale_helpers.DumpTrainable\n"
         + "".join(f"    - class_path: {path}\n" for path in callbacks) +
         "    - class_path: lit_rlhf.methods.ExportOnFitEnd\n"
+        f"      init_args: {{merged: {str(merged).lower()}}}\n"
         "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
         f"      init_args: {{dirpath: {root / 'ckpt'}, save_last: true, every_n_train_steps: 1}}\n"
     )

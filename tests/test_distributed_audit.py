@@ -33,6 +33,7 @@ from tests._distributed_workers import (
     token_mean_on_rank,
     training_step_logs,
     training_step_logs_on_rank,
+    update_metrics_on_rank,
 )
 from tests.methods.online_helpers import first_batch, make_online, perturbed
 from tests.paths import TOY_BASE
@@ -166,3 +167,45 @@ def test_training_step_metrics_on_two_ranks_are_those_of_one_process_on_both_ran
     for logs in ranks:
         for method, expected in one_process.items():
             assert logs[method] == pytest.approx(expected, rel=1e-5, abs=1e-6), method
+
+
+# -- the online methods' update metrics: over every rank's micro-batches -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def online_logs_on_two_ranks(tmp_path_factory) -> list[dict]:
+    """``update_metrics_on_rank`` of each of two ranks (one GRPO and one PPO rollout each), in rank order."""
+    out = tmp_path_factory.mktemp("online_logs")
+    mp.start_processes(update_metrics_on_rank, args=(free_port(), str(out)), nprocs=2, start_method="fork")
+    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+
+
+def test_update_metrics_on_two_ranks_are_the_mean_over_every_ranks_micro_batches(online_logs_on_two_ranks):
+    """GRPO and PPO under DDP log (on every rank) each update metric as the mean over the micro-batches of
+    both ranks, each rank sampling its own rollout; rank 0's own mean differs (else the check is empty)."""
+    ranks = online_logs_on_two_ranks
+    for method in ("grpo", "ppo"):
+        micro = [rank[method]["micro_batches"] for rank in ranks]
+        assert len(micro[0]) == len(micro[1]) == 4  # update_epochs 2 x num_mini_batches 2, every step taken
+        names = set(micro[0][0])
+        assert {"loss/policy", "policy/clipfrac", "policy/approxkl"} <= names
+        expected = {n: sum(m[n] for share in micro for m in share) / sum(map(len, micro)) for n in names}
+        rank0_alone = {n: sum(m[n] for m in micro[0]) / len(micro[0]) for n in names}
+        assert rank0_alone["loss/policy"] != pytest.approx(expected["loss/policy"], rel=1e-3), method
+        for rank in ranks:
+            logged = {n: v for n, v in rank[method]["logged"].items() if n in names}
+            assert logged == pytest.approx(expected, rel=1e-5, abs=1e-7), method
+
+
+def test_rollout_metrics_of_online_methods_on_two_ranks_are_over_every_ranks_rows(online_logs_on_two_ranks):
+    """What GRPO and PPO add to the shared rollout metrics (entropy, KL, reward std, ...) is logged as the
+    mean over both ranks' rows, not as rank 0's (the shared ones, scores and lengths, are global already)."""
+    ranks = online_logs_on_two_ranks
+    for method in ("grpo", "ppo"):
+        (local0, rows0), (local1, rows1) = (rank[method]["rollout"] for rank in ranks)
+        names = set(local0) - set(ranks[0][method]["micro_batches"][0])  # the update's own are checked above
+        expected = {n: (local0[n] * rows0 + local1[n] * rows1) / (rows0 + rows1) for n in names}
+        assert local0["objective/entropy"] != pytest.approx(expected["objective/entropy"], rel=1e-3), method
+        for rank in ranks:
+            logged = {n: v for n, v in rank[method]["logged"].items() if n in names}
+            assert logged == pytest.approx(expected, rel=1e-5, abs=1e-7), method

@@ -297,3 +297,44 @@ def test_gpu_scale_dry_run_parses_every_run(tmp_path):
     assert "model: 0.45B parameters" in done.stderr
     assert done.stderr.count("ok: ") == 12
     assert (tmp_path / "llama-0.5b" / "config.json").exists()
+
+
+@pytest.mark.slow  # two fits at once, then two resumes (about 90 s on 2 busy cores)
+def test_fsdp_exports_and_checkpoint_are_those_of_one_process(tmp_path):
+    """A LoRA run under FSDP exports, at the end of fit, the adapter and the merged model one process
+    exports with the same global batch (every tensor, whole: not rank 0's shard); its sharded checkpoint
+    resumes in one process (weights and Adam's moments consolidated) to the weights of the one-process
+    run resumed from its own, and ``--ckpt_path last`` finds it."""
+    from lit_rlhf.methods.checkpoints import find_last_checkpoint, finished_message
+
+    batch = "--data.init_args.batch_size"
+    runs = {name: (fit_command("dpo", tmp_path / name, devices=devices, strategy=strategy, steps=2, merged=True,
+                               args=[batch, str(8 // devices)]), tmp_path / name / "dump")
+            for name, devices, strategy in (("one", 1, None), ("fsdp", 2, "fsdp"))}
+    run_all(runs)
+    for export, weights in (("adapter", "adapter_model.safetensors"), ("merged", "model.safetensors")):
+        one, sharded = (load_file(str(tmp_path / name / "export" / export / weights)) for name in ("one", "fsdp"))
+        assert_same_weights(sharded, one, **TOL)
+    last = tmp_path / "fsdp" / "ckpt" / "last.ckpt"
+    assert last.is_dir() and find_last_checkpoint(tmp_path / "fsdp") == last
+    assert finished_message(last, 2, None) == "nothing to do: the run reached max_steps=2; raise it to continue"
+    resumed = run_all({f"from_{name}": (fit_command("dpo", tmp_path / f"from_{name}", devices=1, strategy=None, steps=3,
+                                                    args=[batch, "8", "--ckpt_path", str(tmp_path / name / "ckpt" / "last.ckpt")]),
+                                        tmp_path / f"from_{name}" / "dump") for name in ("one", "fsdp")})
+    (from_one,), (from_fsdp,) = resumed["from_one"], resumed["from_fsdp"]
+    assert from_one["steps"] == from_fsdp["steps"] == 3
+    assert_same_weights(from_fsdp["state"], from_one["state"], **TOL)
+
+
+def test_the_unsharded_copy_an_fsdp_export_writes_from_holds_every_trained_tensor():
+    cli = build_cli(["--config", "configs/dpo.yaml"], run=False)
+    method = cli.model
+    method.configure_model()
+    trained = {name: torch.full_like(p, 0.5) for name, p in method.bank.named_parameters()
+               if name in set(method.bank.trainable_names())}
+    copy = method.unsharded_copy(trained)
+    assert copy.bank is not method.bank
+    assert all(torch.equal(p, trained[name]) for name, p in copy.bank.named_parameters() if name in trained)
+    # Names that miss the bank's (a wrapper's prefix, say) would leave the fresh adapters in the export.
+    with pytest.raises(RuntimeError, match=r"unknown \['_orig\..*missing \['model\."):
+        method.unsharded_copy({f"_orig.{name}": value for name, value in trained.items()})

@@ -178,7 +178,7 @@ class BankMethod(pl.LightningModule):
         self._rng_to_restore: dict | None = None
         self._ref_cache: dict[str, torch.Tensor] | None = None
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
-        self.skipped_nonfinite = 0  # optimizer steps skipped for a non-finite loss, in this process's run
+        self.skipped_nonfinite = 0  # optimizer steps skipped for a non-finite loss, over the run and its resumes
         self._consecutive_nonfinite = 0
         self._drop_next_step = False
         # Checkpoints hold only trainable state, so the frozen base is missing from them by design.
@@ -381,6 +381,8 @@ class BankMethod(pl.LightningModule):
         keep = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["rng_states"] = rng_states()
+        # A resume must not hand a diverging run a fresh streak of max_consecutive_nonfinite skips.
+        checkpoint["lit_rlhf_nonfinite"] = {"skipped": self.skipped_nonfinite, "consecutive": self._consecutive_nonfinite}
         if self._ref_cache is not None:
             checkpoint["ref_logps"] = self._ref_cache
         if self._trainer is not None and "loops" in checkpoint:
@@ -389,6 +391,9 @@ class BankMethod(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._rng_to_restore = checkpoint.get("rng_states")
         self._ref_cache = checkpoint.get("ref_logps")
+        nonfinite = checkpoint.get("lit_rlhf_nonfinite", {})
+        self.skipped_nonfinite = int(nonfinite.get("skipped", 0))
+        self._consecutive_nonfinite = int(nonfinite.get("consecutive", 0))
         if self.bank is None:
             return
         missing = self._trainable_keys() - set(checkpoint["state_dict"])
@@ -462,7 +467,13 @@ class BankMethod(pl.LightningModule):
         copy._modules["bank"] = None
         copy._device_mesh = None  # or configure_model would shard the copy too
         copy.configure_model()
-        copy.bank.load_state_dict(trained, strict=False)
+        # Not strict about the frozen base (it is the copy's own); every trained tensor must land, or the
+        # export would silently hold the copy's fresh adapters.
+        unexpected = copy.bank.load_state_dict(trained, strict=False).unexpected_keys
+        missing = set(copy.bank.trainable_names()) - set(trained)
+        if unexpected or missing:
+            raise RuntimeError(f"the gathered trained tensors do not match an unsharded bank: unknown "
+                               f"{sorted(unexpected)[:3]}, missing {sorted(missing)[:3]}")
         return copy
 
     def export(self, path: str | Path, *, merged: bool = False) -> Path:

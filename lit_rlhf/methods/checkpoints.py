@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
@@ -41,6 +42,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     A run killed mid-write, or a full disk, leaves the previous checkpoint of that name intact
     and loadable; the temporary file is removed. Remote paths (``s3://``...) go through
     Lightning's own writer. DeepSpeed writes checkpoint directories itself and does not use this.
+
+    Reads a sharded (FSDP) checkpoint directory too, consolidated in this process's memory, so a run
+    trained under ``fsdp.yaml`` resumes in one process or under DDP.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
@@ -66,6 +70,33 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                     "another default_root_dir, then resume with --ckpt_path last"
                 ) from error
             raise
+
+    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        if "://" not in str(path) and (Path(path) / _METADATA_FILENAME).is_file():
+            return consolidated_checkpoint(Path(path))
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
+
+def consolidated_checkpoint(path: Path) -> dict[str, Any]:
+    """A sharded checkpoint directory (Lightning's ``ModelParallelStrategy``: ``torch.distributed.checkpoint``
+    shards and ``meta.pt``) as the one-file checkpoint of the same run, whole tensors on CPU."""
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    checkpoint = _load_distributed_checkpoint(path)
+    keys = sorted((k for k in checkpoint if k.startswith("optimizer_")), key=lambda k: int(k.removeprefix("optimizer_")))
+    checkpoint["optimizer_states"] = [optimizer_state_by_position(checkpoint.pop(k)) for k in keys]
+    return checkpoint
+
+
+def optimizer_state_by_position(state: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state keyed by parameter names (``torch.distributed.checkpoint.state_dict``'s, as FSDP
+    saves it) keyed by position instead, as ``Optimizer.load_state_dict`` takes it: the same
+    ``configure_optimizers`` lists each group's parameters in the same order in every process."""
+    names = [name for group in state["param_groups"] for name in group["params"]]
+    position = {name: i for i, name in enumerate(names)}
+    return {"state": {position[name]: value for name, value in state["state"].items()},
+            "param_groups": [{**group, "params": [position[name] for name in group["params"]]}
+                             for group in state["param_groups"]]}
 
 
 def resume_command(ckpt_path: Path) -> str:
@@ -228,15 +259,28 @@ class ResumableCheckpoint(ModelCheckpoint):
 
 
 def find_last_checkpoint(root: str | os.PathLike) -> Optional[Path]:
-    """The newest ``last*.ckpt`` under ``root`` (any ``version_N/checkpoints`` folder), or ``None``."""
-    candidates = [p for p in Path(root).rglob("last*.ckpt") if p.is_file()]
-    return max(candidates, key=lambda p: p.stat().st_mtime_ns) if candidates else None
+    """The newest ``last*.ckpt`` under ``root`` (any ``version_N/checkpoints`` folder), or ``None``: a file, or
+    a sharded (FSDP) checkpoint directory whose save completed."""
+    written = {p: at for p in Path(root).rglob("last*.ckpt") if (at := _written_at(p)) is not None}
+    return max(written, key=written.get) if written else None
+
+
+def _written_at(checkpoint: Path) -> Optional[int]:
+    """When ``checkpoint`` was last written, or ``None`` when it is not a complete checkpoint."""
+    if checkpoint.is_file():
+        return checkpoint.stat().st_mtime_ns
+    # Lightning writes a sharded checkpoint's meta.pt after every rank's shards.
+    meta = checkpoint / _METADATA_FILENAME
+    return meta.stat().st_mtime_ns if meta.is_file() else None
 
 
 def finished_message(ckpt_path: str | os.PathLike, max_steps: int, max_epochs: Optional[int]) -> Optional[str]:
     """Why resuming from ``ckpt_path`` would train nothing under these limits, or ``None``."""
     if Path(ckpt_path).is_dir():
-        return None  # a DeepSpeed checkpoint directory: Lightning reads it, and the limits, itself
+        # A sharded (FSDP) checkpoint keeps the step and loops in meta.pt; a DeepSpeed one: Lightning reads it.
+        ckpt_path = Path(ckpt_path) / _METADATA_FILENAME
+        if not ckpt_path.is_file():
+            return None
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     if max_steps is not None and 0 <= max_steps <= checkpoint["global_step"]:
         return f"nothing to do: the run reached max_steps={max_steps}; raise it to continue"

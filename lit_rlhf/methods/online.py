@@ -309,7 +309,7 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
             return
         # 4. advantages; the rollout's metrics read β before the controller moves it for the next rollout
         targets = self.compute_advantages(scored)
-        metrics = self.rollout_metrics(scored, targets)
+        metrics = self.global_rollout_metrics(scored, targets)
         if self.kl_controller is not None and scored.ref_logprobs is not None:
             self.kl_controller.observe(self.sequence_kl(scored))
         # 5. update
@@ -392,6 +392,15 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         }
         metrics.update({f"objective/scores/{name}": mean for name, mean in zip(per_source, means[3:])})
         return metrics
+
+    def global_rollout_metrics(self, scored: ScoredRollout, targets: NamedTuple) -> dict[str, float]:
+        """``rollout_metrics`` over every data-parallel rank's rows (a collective): a subclass's metrics are
+        means over its rank's rows (or groups, as many per row on every rank), averaged here weighted by the
+        rows; the base's are over every rank's rows already, and stay. A ratio of two means (PPO's
+        ``value/explained_variance``) becomes the mean of the ranks' ratios."""
+        rows = scored.scores.shape[0]
+        local = {name: (value, rows) for name, value in self.rollout_metrics(scored, targets).items()}
+        return {name: mean for name, (mean, _) in global_means(local, self.device).items()}
 
     def uses_reference(self) -> bool:
         """Whether the reference's log-probs are computed for each rollout."""

@@ -42,11 +42,11 @@ class Snapshots(pl.Callback):
                                       for p in module.bank.trainable_parameters()])
 
 
-def fit_sft(method, steps, callbacks=()):
+def fit_sft(method, steps, callbacks=(), ckpt_path=None):
     fit = pl.Trainer(accelerator="cpu", max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                      callbacks=list(callbacks))
-    fit.fit(method, SFTDataModule(str(TOY_DATA / "sft_train.jsonl"), batch_size=4, max_length=48))
+    fit.fit(method, SFTDataModule(str(TOY_DATA / "sft_train.jsonl"), batch_size=4, max_length=48), ckpt_path=ckpt_path)
     return fit
 
 
@@ -100,3 +100,16 @@ def test_online_update_skips_counts_and_stops():
         fit.fit(method, datamodule=prompts(batch_size=2))
     assert method.skipped_nonfinite == 3
     assert fit.callback_metrics["train/skipped_nonfinite"] == 1.0  # logged with the first rollout's metrics
+
+
+def test_a_resumed_run_keeps_its_streak_of_non_finite_steps(tmp_path):
+    """Two skipped steps, a checkpoint, a resume: the third skip in a row stops the run, as it would have
+    without the interruption (a fresh streak would give a diverged run max_consecutive_nonfinite more steps)."""
+    pl.seed_everything(0)
+    first = FlakySFT(nan_steps={1, 2}, max_consecutive_nonfinite=3)
+    fit = fit_sft(first, steps=3)
+    fit.save_checkpoint(tmp_path / "skipping.ckpt")
+    resumed = FlakySFT(nan_steps={3}, max_consecutive_nonfinite=3)
+    with pytest.raises(RuntimeError, match=r"3 optimizer steps in a row had a non-finite loss \(step 3, 3 skipped"):
+        fit_sft(resumed, steps=5, ckpt_path=tmp_path / "skipping.ckpt")
+    assert resumed.skipped_nonfinite == 3

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from functools import partial
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -339,3 +340,28 @@ def test_full_fine_tuning_with_a_precomputed_reference_resumes_exactly(tmp_path)
     fit("dpo_full_precomputed", tmp_path / "a", N)
     assert_same(fit("dpo_full_precomputed", tmp_path / "a" / "resumed", 2 * N, ckpt_path=tmp_path / "a" / "last.ckpt"),
                 straight)
+
+
+def test_last_finds_a_sharded_checkpoint_directory_once_its_save_completed(tmp_path):
+    """Under FSDP ``last.ckpt`` is a directory of shards with Lightning's meta.pt written after them: the newest
+    complete one is found; one without meta.pt (a save cut short) is not a candidate."""
+    from lit_rlhf.methods.checkpoints import find_last_checkpoint
+
+    def checkpoint(version: int, *, sharded: bool, complete: bool = True) -> Path:
+        path = tmp_path / f"version_{version}" / "last.ckpt"
+        if not sharded:
+            path.parent.mkdir()
+            path.write_bytes(b"one file")
+        else:
+            path.mkdir(parents=True)
+            (path / "__0_0.distcp").write_bytes(b"shard")
+            if complete:
+                (path / "meta.pt").write_bytes(b"loops")
+        os.utime(path / "meta.pt" if sharded and complete else path, ns=(version * 10**9, version * 10**9))
+        return path
+
+    checkpoint(0, sharded=False)
+    newest = checkpoint(1, sharded=True)
+    cut_short = checkpoint(2, sharded=True, complete=False)
+    os.utime(cut_short, ns=(3 * 10**9, 3 * 10**9))
+    assert find_last_checkpoint(tmp_path) == newest
