@@ -254,12 +254,25 @@ def test_sharded_parameters_fall_back_to_hf_and_zero3_accepts_auto(bank, monkeyp
                         engine="auto", accelerator="cuda")
 
 
+def test_hf_compiled_compiles_the_decode_step_on_cpu_where_hf_static_does_not(bank):
+    # The choice alone (torch.compile is lazy: nothing compiles until the step runs).
+    net, cpu = bank.model.get_base_model(), torch.device("cpu")
+    eager, compiled = build_engine("hf_static"), build_engine("hf_compiled")
+    assert isinstance(compiled, HFStaticCacheEngine)
+    eager._step(net, cpu, sliding=False)
+    compiled._step(net, cpu, sliding=False)
+    assert net not in eager._steps and net in compiled._steps  # only compiled steps are kept
+    compiled._steps.clear()
+    assert compiled._step(net, cpu, sliding=True) is not None and net not in compiled._steps  # sliding: eager
+
+
 @pytest.mark.slow
 def test_the_compiled_decode_step_gives_the_tokens_of_the_eager_one(bank, tokenizer):
-    """torch.compile of the decode step (what CUDA runs, here on CPU with inductor): minutes to compile.
-    Greedy: the tokens of hf too; seeded sampling: the draws of the eager loop."""
+    """torch.compile of the decode step (what CUDA runs; on CPU the ``hf_compiled`` engine, with inductor):
+    minutes to compile. Greedy: the tokens of hf too; seeded sampling: the draws of the eager loop."""
     ids, mask = encode(tokenizer, PROMPTS)
-    engine = fast_engine(compile=True)
+    engine = build_engine("hf_compiled")
+    engine.fallback = NoFallback()
     for sampling, anchor in ((greedy(tokenizer), build_engine("hf")),
                              (SamplingConfig(max_new_tokens=12).resolved(tokenizer), fast_engine())):
         out = []
