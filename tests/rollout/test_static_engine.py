@@ -107,6 +107,25 @@ def count_forwards(bank):
     return calls, hook
 
 
+def test_an_eager_cpu_decode_step_attends_through_eager_attention_and_gives_sdpa_back(bank, tokenizer):
+    # One query token: transformers' eager attention, faster on CPU than sdpa's flash kernel; the prefill keeps sdpa.
+    net = bank.model.get_base_model()
+    assert net.config._attn_implementation == "sdpa"
+    attention = next(m for m in net.modules() if type(m).__name__.endswith("Attention"))
+    seen = []
+    handle = attention.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((kwargs["hidden_states"].shape[1], module.config._attn_implementation)),
+        with_kwargs=True)
+    try:
+        fast_engine().generate(bank, "policy", *encode(tokenizer, PROMPTS), greedy(tokenizer, max_new_tokens=6))
+    finally:
+        handle.remove()
+    decode = [implementation for width, implementation in seen if width == 1]
+    assert [implementation for width, implementation in seen if width > 1] == ["sdpa"]
+    assert decode and set(decode) == {"eager"}
+    assert net.config._attn_implementation == "sdpa"
+
+
 def test_generation_stops_when_every_row_has_stopped(bank, tokenizer):
     ids, mask = encode(tokenizer, PROMPTS)
     sampling = greedy(tokenizer, max_new_tokens=40)
