@@ -563,9 +563,10 @@ def warp_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
 class CompiledStaticEngine(HFStaticCacheEngine):
     """``hf_static`` with its decode step compiled on every device: on CPU too, where ``hf_static`` decodes
     eagerly. inductor fuses what an eager decode step runs op by op around its matmuls (norms, rotary,
-    attention over the cache, residuals): 0.75-0.8x the decode time of vs_trl's small Llama on CPU (16 rows x 32
-    tokens), for a one-time compile of each new shape (tens of seconds on CPU, at the first rollout; a C++
-    compiler is needed, and a step that fails to compile decodes eagerly). Worth it for a long CPU run; a
+    attention over the cache, residuals): 0.88x the eager step's decode time on vs_trl's small Llama on CPU (16
+    rows x 32 tokens; a GRPO step 1.17x the tokens per CPU-second), for a compile of each new shape at its first
+    rollout (there 41 s wall with inductor's on-disk cache empty, 7.5 s warm; a C++ compiler is needed, and a
+    step that fails to compile decodes eagerly). Worth it for a long CPU run; a
     short one (a test, a toy config) is faster eager, hence not ``auto``'s choice on CPU.
 
     Its tokens are those of the eager step (greedy: those of ``hf``; seeded sampling: the same draws) up to
