@@ -290,7 +290,8 @@ def steady_state(probe: Probe, warmup: int, online: bool) -> dict:
 # -- one run of one framework ------------------------------------------------------------------
 
 
-def run_lit(workload: str, assets: Path, work: Workload, dtype: str, device: str, probe: Probe) -> None:
+def run_lit(workload: str, assets: Path, work: Workload, dtype: str, device: str, probe: Probe,
+            engine: str | None = None) -> None:
     import lightning.pytorch as pl
 
     from lit_rlhf.data import PreferenceDataModule, PromptDataModule, SFTDataModule
@@ -313,7 +314,8 @@ def run_lit(workload: str, assets: Path, work: Workload, dtype: str, device: str
     common = dict(bank=bank, learning_rate=work.lr)
     online = dict(sampling=SamplingConfig(max_new_tokens=work.new_tokens, temperature=1.0),
                   rewards=[RewardSpec(kind="function", function="vs_trl:reward")],
-                  num_samples_per_prompt=work.generations, update_epochs=1, num_mini_batches=1, max_grad_norm=1.0)
+                  num_samples_per_prompt=work.generations, update_epochs=1, num_mini_batches=1, max_grad_norm=1.0,
+                  **({} if engine is None else {"engine": engine}))
     steps = work.steps
     if workload.startswith("dpo"):
         method = DPO(beta=work.beta, **common)
@@ -416,7 +418,7 @@ def worker(args: argparse.Namespace) -> None:
     probe = vs_trl.Probe(args.device, memory_step=work.warmup if work.warmup >= 2 else None)
     with tempfile.TemporaryDirectory() as out:
         if args.worker == "lit":
-            vs_trl.run_lit(args.run, assets, work, args.dtype, args.device, probe)
+            vs_trl.run_lit(args.run, assets, work, args.dtype, args.device, probe, engine=args.lit_engine)
         else:
             vs_trl.run_trl(args.run, assets, work, args.dtype, args.device, probe, Path(out))
     result = vs_trl.steady_state(probe, work.warmup, online=args.run in ("rloo", "grpo"))
@@ -489,7 +491,7 @@ def run_one(workload: str, framework: str, assets: Path, work: Workload, args: a
                OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", framework, "--run", workload,
                "--assets", str(assets), "--workload-json", json.dumps(asdict(work)), "--device", args.device,
-               "--dtype", args.dtype, "--threads", str(args.threads)]
+               "--dtype", args.dtype, "--threads", str(args.threads)] + (["--lit-engine", args.lit_engine] if args.lit_engine else [])
     started = time.perf_counter()
     try:
         done = subprocess.run(command, env=env, text=True, capture_output=True, timeout=args.timeout)
@@ -559,6 +561,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="first steps left out of the timing (>= 1)")
     parser.add_argument("--warmup-runs", type=int, default=0,
                         help="discarded runs per framework before the timed rounds (first-process costs of a fresh machine)")
+    parser.add_argument("--lit-engine", default=None,
+                        help="lit_rlhf's rollout engine (RLOO, GRPO), e.g. hf_compiled; default: the methods' default (auto)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (workload, run order) and exit")
     # worker mode (one run in this process)
     parser.add_argument("--worker", choices=FRAMEWORKS, help=argparse.SUPPRESS)
@@ -584,7 +588,7 @@ def main(argv: list[str] | None = None) -> None:
     plan = schedule(workloads, args.repeats, args.warmup_runs)
     print(f"vs_trl: size {args.size} ({SIZES[args.size]['hidden_size']} hidden, {SIZES[args.size]['num_hidden_layers']} "
           f"layers, vocab {SIZES[args.size]['vocab_size']}), {args.device}, {args.dtype}, {args.threads} thread(s)")
-    print(f"workload: {json.dumps(asdict(work))}")
+    print(f"workload: {json.dumps(asdict(work))}" + (f"; lit_rlhf engine {args.lit_engine}" if args.lit_engine else ""))
     if args.dry_run:
         print("runs: " + ", ".join(f"{w}#{r}:{fw}" for w, r, fw in plan))
         return

@@ -2,7 +2,8 @@
 
 - :mod:`.engine`: ``SamplingConfig``, the ``Rollout`` tuple, the ``RolloutEngine`` protocol and
   its registry (``hf``: transformers ``generate``; ``hf_static``: our decode loop over a static KV
-  cache, compiled on CUDA; ``auto``: ``hf_static`` on CUDA, the faster of the two on CPU)
+  cache, compiled on CUDA; ``hf_compiled``: the same compiled on every device; ``auto``: ``hf_static`` on CUDA,
+  the faster of ``hf`` and an eager ``hf_static`` on CPU)
 - :mod:`.rewards`: ``RewardSpec`` (config), the sources (bank adapter, separate model, Python
   function) and ``Rewards``, their weighted, normalised, clipped combination; ``RewardScorer``
   (and ``score_texts``), the one loader of a reward model saved on disk
@@ -11,6 +12,7 @@
 from lit_rlhf.rollout.engine import (
     ENGINES,
     AutoEngine,
+    CompiledStaticEngine,
     HFGenerateEngine,
     HFStaticCacheEngine,
     Rollout,
@@ -41,6 +43,7 @@ __all__ = [
     "ENGINES",
     "AdapterReward",
     "AutoEngine",
+    "CompiledStaticEngine",
     "FunctionReward",
     "HFGenerateEngine",
     "HFStaticCacheEngine",

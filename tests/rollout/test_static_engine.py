@@ -107,6 +107,25 @@ def count_forwards(bank):
     return calls, hook
 
 
+def test_an_eager_cpu_decode_step_attends_through_eager_attention_and_gives_sdpa_back(bank, tokenizer):
+    # One query token: transformers' eager attention, faster on CPU than sdpa's flash kernel; the prefill keeps sdpa.
+    net = bank.model.get_base_model()
+    assert net.config._attn_implementation == "sdpa"
+    attention = next(m for m in net.modules() if type(m).__name__.endswith("Attention"))
+    seen = []
+    handle = attention.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((kwargs["hidden_states"].shape[1], module.config._attn_implementation)),
+        with_kwargs=True)
+    try:
+        fast_engine().generate(bank, "policy", *encode(tokenizer, PROMPTS), greedy(tokenizer, max_new_tokens=6))
+    finally:
+        handle.remove()
+    decode = [implementation for width, implementation in seen if width == 1]
+    assert [implementation for width, implementation in seen if width > 1] == ["sdpa"]
+    assert decode and set(decode) == {"eager"}
+    assert net.config._attn_implementation == "sdpa"
+
+
 def test_generation_stops_when_every_row_has_stopped(bank, tokenizer):
     ids, mask = encode(tokenizer, PROMPTS)
     sampling = greedy(tokenizer, max_new_tokens=40)
@@ -254,12 +273,25 @@ def test_sharded_parameters_fall_back_to_hf_and_zero3_accepts_auto(bank, monkeyp
                         engine="auto", accelerator="cuda")
 
 
+def test_hf_compiled_compiles_the_decode_step_on_cpu_where_hf_static_does_not(bank):
+    # The choice alone (torch.compile is lazy: nothing compiles until the step runs).
+    net, cpu = bank.model.get_base_model(), torch.device("cpu")
+    eager, compiled = build_engine("hf_static"), build_engine("hf_compiled")
+    assert isinstance(compiled, HFStaticCacheEngine)
+    eager._step(net, cpu, sliding=False)
+    compiled._step(net, cpu, sliding=False)
+    assert net not in eager._steps and net in compiled._steps  # only compiled steps are kept
+    compiled._steps.clear()
+    assert compiled._step(net, cpu, sliding=True) is not None and net not in compiled._steps  # sliding: eager
+
+
 @pytest.mark.slow
 def test_the_compiled_decode_step_gives_the_tokens_of_the_eager_one(bank, tokenizer):
-    """torch.compile of the decode step (what CUDA runs, here on CPU with inductor): minutes to compile.
-    Greedy: the tokens of hf too; seeded sampling: the draws of the eager loop."""
+    """torch.compile of the decode step (what CUDA runs; on CPU the ``hf_compiled`` engine, with inductor):
+    minutes to compile. Greedy: the tokens of hf too; seeded sampling: the draws of the eager loop."""
     ids, mask = encode(tokenizer, PROMPTS)
-    engine = fast_engine(compile=True)
+    engine = build_engine("hf_compiled")
+    engine.fallback = NoFallback()
     for sampling, anchor in ((greedy(tokenizer), build_engine("hf")),
                              (SamplingConfig(max_new_tokens=12).resolved(tokenizer), fast_engine())):
         out = []
