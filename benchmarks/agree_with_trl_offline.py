@@ -62,9 +62,9 @@ NOTES = {
                 "covers prompt and completion tokens, batch token mean (README loss table)",
     "avg_logps": "logps/chosen, logps/rejected: we log summed log-probs for every method; TRL's CPO/ORPO "
                  "trainers log the length-averaged ones where the loss uses them (ipo, simpo, ORPO)",
-    "last_turn": "SFT `messages` rows: the loss covers the last assistant message (completion-only); TRL "
-                 "trains on every token of a `messages` row (README Data; completion_only_loss: false "
-                 "matches TRL, checked)",
+    "last_turn": "SFT `messages` rows: the loss covers every assistant turn (completion-only, as TRL's "
+                 "assistant_only_loss); TRL's completion_only_loss trains on every token of a `messages` row "
+                 "(README Data; completion_only_loss: false matches TRL, checked)",
 }
 
 warnings.filterwarnings("ignore")
@@ -123,6 +123,7 @@ def tokenization(table: Table, tokenizer) -> None:
     from trl.trainer.reward_trainer import RewardTrainer
     from trl.trainer.sft_trainer import SFTTrainer
 
+    from lit_rlhf.data import SFTCollator
     from lit_rlhf.data.formats import Where
     from lit_rlhf.data.tokenize import build_examples
 
@@ -197,7 +198,7 @@ def tokenization(table: Table, tokenizer) -> None:
                 theirs = SFTTrainer._prepare_dataset(stub, Dataset.from_list(rows), tok, args, False, None, "train")
                 theirs = [[r["input_ids"], [int(t != -100) for t in r["labels"]]] for r in theirs]
                 mine = [[e["prompt_ids"] + e["completion_ids"],
-                         [0 if completion_only else 1] * len(e["prompt_ids"]) + [1] * len(e["completion_ids"])]
+                         SFTCollator(0, completion_only)([e])["completion_mask"][0].tolist()]
                         for e in ours("sft", rows, tok)]
                 table.add("SFT", "tokenization", float(mine != theirs),
                           note if completion_only and mine != theirs else None)
