@@ -202,6 +202,22 @@ def tokenization(table: Table, tokenizer) -> None:
                         for e in ours("sft", rows, tok)]
                 table.add("SFT", "tokenization", float(mine != theirs),
                           note if completion_only and mine != theirs else None)
+    # TRL's assistant_only_loss reads the assistant turns from {% generation %} markers: the toy template with
+    # them around each turn's content and end (it renders the same text) gives the masks we find without them.
+    marked = copy.deepcopy(tokenizer)
+    marked.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|> {% if m['role'] == 'assistant' %}"
+                            "{% generation %}{{ m['content'] }} </s>{% endgeneration %} {% else %}{{ m['content'] }} "
+                            "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
+    rows = [{"messages": user("a") + assistant("good .") + user("b") + assistant("bad .") + user("c") + assistant("fun .")}]
+    assert marked.apply_chat_template(rows[0]["messages"], tokenize=False) == tokenizer.apply_chat_template(
+        rows[0]["messages"], tokenize=False)
+    stub = types.SimpleNamespace(_tokenizer=marked, chat_template=None, completion_only_loss=True)
+    theirs = SFTTrainer._prepare_dataset(stub, Dataset.from_list(rows), marked,
+                                         SFTConfig(**config, assistant_only_loss=True), False, None, "train")
+    theirs = [[r["input_ids"], [int(t != -100) for t in r["labels"]]] for r in theirs]
+    mine = [[e["prompt_ids"] + e["completion_ids"], SFTCollator(0)([e])["completion_mask"][0].tolist()]
+            for e in ours("sft", rows, tokenizer)]
+    table.add("SFT", "tokenization", float(mine != theirs))
 
 
 class Sides:
