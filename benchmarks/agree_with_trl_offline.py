@@ -208,7 +208,8 @@ def tokenization(table: Table, tokenizer) -> None:
     marked.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|> {% if m['role'] == 'assistant' %}"
                             "{% generation %}{{ m['content'] }} </s>{% endgeneration %} {% else %}{{ m['content'] }} "
                             "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
-    rows = [{"messages": user("a") + assistant("good .") + user("b") + assistant("bad .") + user("c") + assistant("fun .")}]
+    rows = [{"messages": user("a") + assistant("good .") + user("b") + assistant("bad .") + user("c")
+             + assistant("fun .")}]
     assert marked.apply_chat_template(rows[0]["messages"], tokenize=False) == tokenizer.apply_chat_template(
         rows[0]["messages"], tokenize=False)
     stub = types.SimpleNamespace(_tokenizer=marked, chat_template=None, completion_only_loss=True)

@@ -54,7 +54,7 @@ def _prompt_loss_mask(example: Example) -> list[int]:
     return example.get("prompt_loss_mask") or [0] * len(example["prompt_ids"])
 
 
-def _has_earlier_turns(examples: list[Example], completion_only: bool) -> bool:
+def _trains_earlier_turns(examples: list[Example], completion_only: bool) -> bool:
     """Whether a batch's loss mask holds earlier assistant turns (and so needs ``earlier_turns_mask``)."""
     return completion_only and any("prompt_loss_mask" in e for e in examples)
 
@@ -118,7 +118,7 @@ class SFTCollator:
         completions = [e["completion_ids"] for e in examples]
         batch = _sequences(prompts, completions, self.pad_token_id, self.completion_only_loss,
                            [_prompt_loss_mask(e) for e in examples])
-        if _has_earlier_turns(examples, self.completion_only_loss):
+        if _trains_earlier_turns(examples, self.completion_only_loss):
             batch["earlier_turns_mask"] = pad([_earlier_turns(e) for e in examples], 0)
         return batch
 
@@ -178,7 +178,7 @@ class PackingCollator:
         positions = [p + list(range(width - len(p))) for p in positions]
         batch = {"input_ids": pad(ids, self.pad_token_id), "position_ids": pad(positions, 0),
                  "completion_mask": pad(masks, 0)}
-        if _has_earlier_turns(examples, self.completion_only_loss):
+        if _trains_earlier_turns(examples, self.completion_only_loss):
             batch["earlier_turns_mask"] = pad([[m for e in row for m in _earlier_turns(e)] for row in rows], 0)
         return batch
 

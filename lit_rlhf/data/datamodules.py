@@ -368,8 +368,8 @@ class SFTDataModule(_FormatDataModule):
 
     Rows: ``{"text"}``, ``{"messages"}`` (the last, assistant, message is the completion; with
     ``completion_only_loss`` every assistant turn carries loss, as with TRL's ``assistant_only_loss`` and
-    torchtune, see ``lit_rlhf.data.tokenize``), or ``{"prompt", "completion"}``. Batches: ``input_ids``, ``attention_mask``,
-    ``completion_mask`` ``(batch, seq)``; with ``packing``: ``input_ids``, ``position_ids``,
+    torchtune, see ``lit_rlhf.data.tokenize``), or ``{"prompt", "completion"}``. Batches: ``input_ids``,
+    ``attention_mask``, ``completion_mask`` ``(batch, seq)``; with ``packing``: ``input_ids``, ``position_ids``,
     ``completion_mask`` ``(rows, seq)`` and no attention mask.
     """
 
