@@ -411,8 +411,8 @@ def build_examples(fmt: str, rows: list[tuple[Where, Any]], tokenizer, *, conver
     if last_turn_only:
         log.warning("the chat template renders %d of %d multi-turn messages row(s) differently up to an earlier "
                     "assistant turn than in the whole conversation (it rewrites earlier turns, or refuses a "
-                    "conversation ending there), so their earlier assistant turns carry no loss: only their last "
-                    "turn is trained on", last_turn_only, len(examples))
+                    "conversation ending there), or they open with an assistant turn, so their earlier assistant "
+                    "turns carry no loss: only their last turn is trained on", last_turn_only, len(examples))
     if truncated:
         log.info("truncated %d of %d %s example(s) (max_length=%s, max_prompt_length=%s)", truncated, len(examples),
                  fmt, max_length, max_prompt_length)
