@@ -62,9 +62,9 @@ NOTES = {
                 "covers prompt and completion tokens, batch token mean (README loss table)",
     "avg_logps": "logps/chosen, logps/rejected: we log summed log-probs for every method; TRL's CPO/ORPO "
                  "trainers log the length-averaged ones where the loss uses them (ipo, simpo, ORPO)",
-    "last_turn": "SFT `messages` rows: the loss covers the last assistant message (completion-only); TRL "
-                 "trains on every token of a `messages` row (README Data; completion_only_loss: false "
-                 "matches TRL, checked)",
+    "last_turn": "SFT `messages` rows: the loss covers every assistant turn (completion-only, as TRL's "
+                 "assistant_only_loss); TRL's completion_only_loss trains on every token of a `messages` row "
+                 "(README Data; completion_only_loss: false matches TRL, checked)",
 }
 
 warnings.filterwarnings("ignore")
@@ -123,6 +123,7 @@ def tokenization(table: Table, tokenizer) -> None:
     from trl.trainer.reward_trainer import RewardTrainer
     from trl.trainer.sft_trainer import SFTTrainer
 
+    from lit_rlhf.data import SFTCollator
     from lit_rlhf.data.formats import Where
     from lit_rlhf.data.tokenize import build_examples
 
@@ -197,10 +198,27 @@ def tokenization(table: Table, tokenizer) -> None:
                 theirs = SFTTrainer._prepare_dataset(stub, Dataset.from_list(rows), tok, args, False, None, "train")
                 theirs = [[r["input_ids"], [int(t != -100) for t in r["labels"]]] for r in theirs]
                 mine = [[e["prompt_ids"] + e["completion_ids"],
-                         [0 if completion_only else 1] * len(e["prompt_ids"]) + [1] * len(e["completion_ids"])]
+                         SFTCollator(0, completion_only)([e])["completion_mask"][0].tolist()]
                         for e in ours("sft", rows, tok)]
                 table.add("SFT", "tokenization", float(mine != theirs),
                           note if completion_only and mine != theirs else None)
+    # TRL's assistant_only_loss reads the assistant turns from {% generation %} markers: the toy template with
+    # them around each turn's content and end (it renders the same text) gives the masks we find without them.
+    marked = copy.deepcopy(tokenizer)
+    marked.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|> {% if m['role'] == 'assistant' %}"
+                            "{% generation %}{{ m['content'] }} </s>{% endgeneration %} {% else %}{{ m['content'] }} "
+                            "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
+    rows = [{"messages": user("a") + assistant("good .") + user("b") + assistant("bad .") + user("c")
+             + assistant("fun .")}]
+    assert marked.apply_chat_template(rows[0]["messages"], tokenize=False) == tokenizer.apply_chat_template(
+        rows[0]["messages"], tokenize=False)
+    stub = types.SimpleNamespace(_tokenizer=marked, chat_template=None, completion_only_loss=True)
+    theirs = SFTTrainer._prepare_dataset(stub, Dataset.from_list(rows), marked,
+                                         SFTConfig(**config, assistant_only_loss=True), False, None, "train")
+    theirs = [[r["input_ids"], [int(t != -100) for t in r["labels"]]] for r in theirs]
+    mine = [[e["prompt_ids"] + e["completion_ids"], SFTCollator(0)([e])["completion_mask"][0].tolist()]
+            for e in ours("sft", rows, tokenizer)]
+    table.add("SFT", "tokenization", float(mine != theirs))
 
 
 class Sides:

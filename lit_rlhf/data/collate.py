@@ -31,16 +31,37 @@ def pad(sequences: list[list[int]], value: int, left: bool = False) -> torch.Ten
     return out
 
 
-def _sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int, completion_only: bool = True
-               ) -> dict[str, torch.Tensor]:
-    """Right-padded prompt + completion rows with their attention and completion masks."""
+def _sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int, completion_only: bool = True,
+               prompt_masks: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded prompt + completion rows with their attention and completion masks; with
+    ``completion_only``, ``prompt_masks`` (else 0s) is the loss mask over each prompt."""
     ids = [p + c for p, c in zip(prompts, completions)]
-    masks = [[0 if completion_only else 1] * len(p) + [1] * len(c) for p, c in zip(prompts, completions)]
+    if not completion_only:
+        prompt_masks = [[1] * len(p) for p in prompts]
+    elif prompt_masks is None:
+        prompt_masks = [[0] * len(p) for p in prompts]
+    masks = [m + [1] * len(c) for m, c in zip(prompt_masks, completions)]
     return {
         "input_ids": pad(ids, pad_id),
         "attention_mask": pad([[1] * len(s) for s in ids], 0),
         "completion_mask": pad(masks, 0),
     }
+
+
+def _prompt_loss_mask(example: Example) -> list[int]:
+    """The loss mask over an SFT example's prompt under ``completion_only_loss``: its earlier assistant
+    turns (``prompt_loss_mask``, on multi-turn ``messages`` rows), else nothing."""
+    return example.get("prompt_loss_mask") or [0] * len(example["prompt_ids"])
+
+
+def _trains_earlier_turns(examples: list[Example], completion_only: bool) -> bool:
+    """Whether a batch's loss mask holds earlier assistant turns (and so needs ``earlier_turns_mask``)."""
+    return completion_only and any("prompt_loss_mask" in e for e in examples)
+
+
+def _earlier_turns(example: Example) -> list[int]:
+    """1 on an example's earlier assistant turns, over prompt + completion."""
+    return _prompt_loss_mask(example) + [0] * len(example["completion_ids"])
 
 
 class PreferenceCollator:
@@ -76,12 +97,16 @@ class PreferenceCollator:
 class SFTCollator:
     """Demonstrations, right-padded.
 
-    Returns ``input_ids``, ``attention_mask``, ``completion_mask``: ``(batch, seq)``.
+    Returns ``input_ids``, ``attention_mask``, ``completion_mask``: ``(batch, seq)``; and, when an
+    example has earlier assistant turns in its loss (``prompt_loss_mask``), ``earlier_turns_mask``
+    ``(batch, seq)``: 1 on those turns' tokens, so that ``completion_mask - earlier_turns_mask`` is
+    the last turn alone (what distillation reads, see ``lit_rlhf.methods.gkd``).
 
     Args:
         pad_token_id: the id padding is filled with.
-        completion_only_loss: take the loss on completion tokens only; when False (and for
-            ``text`` rows, which have no prompt) every non-pad token is in ``completion_mask``.
+        completion_only_loss: take the loss on completion tokens (and on a ``messages`` row's earlier
+            assistant turns) only; when False (and for ``text`` rows, which have no prompt) every
+            non-pad token is in ``completion_mask``.
     """
 
     def __init__(self, pad_token_id: int, completion_only_loss: bool = True):
@@ -91,13 +116,18 @@ class SFTCollator:
     def __call__(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         prompts = [e["prompt_ids"] for e in examples]
         completions = [e["completion_ids"] for e in examples]
-        return _sequences(prompts, completions, self.pad_token_id, self.completion_only_loss)
+        batch = _sequences(prompts, completions, self.pad_token_id, self.completion_only_loss,
+                           [_prompt_loss_mask(e) for e in examples])
+        if _trains_earlier_turns(examples, self.completion_only_loss):
+            batch["earlier_turns_mask"] = pad([_earlier_turns(e) for e in examples], 0)
+        return batch
 
 
 def _packed_mask(example: Example, completion_only: bool) -> list[int]:
     """An example's loss mask inside a packed row. Its first token is never a target: in a
     packed row it would be "predicted" from the previous example's last token."""
-    mask = [0 if completion_only else 1] * len(example["prompt_ids"]) + [1] * len(example["completion_ids"])
+    prompt = _prompt_loss_mask(example) if completion_only else [1] * len(example["prompt_ids"])
+    mask = prompt + [1] * len(example["completion_ids"])
     if mask:
         mask[0] = 0
     return mask
@@ -115,8 +145,8 @@ class PackingCollator:
     the rows are right-padded; the padding is a sequence of its own (positions from 0) that
     ``completion_mask`` excludes.
 
-    Returns ``input_ids``, ``position_ids``, ``completion_mask``: ``(rows, seq)``, one row
-    when ``max_length`` is None.
+    Returns ``input_ids``, ``position_ids``, ``completion_mask`` (and ``earlier_turns_mask``, as in
+    :class:`SFTCollator`): ``(rows, seq)``, one row when ``max_length`` is None.
 
     Args:
         pad_token_id: the id padding is filled with.
@@ -146,8 +176,11 @@ class PackingCollator:
             masks.append([m for e in row for m in _packed_mask(e, self.completion_only_loss)])
         width = max(len(r) for r in ids)
         positions = [p + list(range(width - len(p))) for p in positions]
-        return {"input_ids": pad(ids, self.pad_token_id), "position_ids": pad(positions, 0),
-                "completion_mask": pad(masks, 0)}
+        batch = {"input_ids": pad(ids, self.pad_token_id), "position_ids": pad(positions, 0),
+                 "completion_mask": pad(masks, 0)}
+        if _trains_earlier_turns(examples, self.completion_only_loss):
+            batch["earlier_turns_mask"] = pad([[m for e in row for m in _earlier_turns(e)] for row in rows], 0)
+        return batch
 
 
 class UnpairedCollator:

@@ -366,10 +366,10 @@ class UnpairedDataModule(_FormatDataModule):
 class SFTDataModule(_FormatDataModule):
     """Demonstrations for SFT and supervised distillation.
 
-    Rows: ``{"text"}``, ``{"messages"}`` (the last, assistant, message is the completion: with
-    ``completion_only_loss`` earlier assistant turns carry no loss, where TRL trains on every token), or
-    ``{"prompt", "completion"}``. Batches: ``input_ids``, ``attention_mask``,
-    ``completion_mask`` ``(batch, seq)``; with ``packing``: ``input_ids``, ``position_ids``,
+    Rows: ``{"text"}``, ``{"messages"}`` (the last, assistant, message is the completion; with
+    ``completion_only_loss`` every assistant turn carries loss, as with TRL's ``assistant_only_loss`` and
+    torchtune, see ``lit_rlhf.data.tokenize``), or ``{"prompt", "completion"}``. Batches: ``input_ids``,
+    ``attention_mask``, ``completion_mask`` ``(batch, seq)``; with ``packing``: ``input_ids``, ``position_ids``,
     ``completion_mask`` ``(rows, seq)`` and no attention mask.
     """
 
@@ -414,7 +414,8 @@ class SFTDataModule(_FormatDataModule):
             hub_split: the split to load from a hub dataset or a saved DatasetDict.
             packing: pack each batch's examples padding-free into rows of at most
                 ``max_length`` tokens (needs a model that reads packed ``position_ids``).
-            completion_only_loss: take the loss on completion tokens only.
+            completion_only_loss: take the loss on completion tokens (and a ``messages`` row's
+                earlier assistant turns) only.
         """
         super().__init__(train, val, val_fraction, split_seed, conversational, batch_size, max_length,
                          max_prompt_length, truncation, on_invalid, num_workers, seed, tokenizer, hub_split)

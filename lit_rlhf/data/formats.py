@@ -317,7 +317,7 @@ def check_row(fmt: str, row: Any, where: Where, conversational: bool, mode_hint:
         plus ``"margin"`` (float) when the row has one;
         unpaired ``{"prompt", "completion", "label"}``; sft ``{"prompt", "completion"}`` where
         ``prompt`` is None for a ``text`` row, and a ``messages`` row is split before its
-        last (assistant) message.
+        last (assistant) message and marked ``"split_messages": True``.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r}; use one of {', '.join(FORMATS)}")
@@ -388,7 +388,8 @@ def check_row(fmt: str, row: Any, where: Where, conversational: bool, mode_hint:
         if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
             return None, [row_error(where, "messages", "must end with a non-empty assistant message (the "
                                     "completion the model learns)")]
-        return {"prompt": messages[:-1], "completion": messages[-1:]}, []
+        # Marked: every assistant turn of a messages row is trained on, not only the split-off last one.
+        return {"prompt": messages[:-1], "completion": messages[-1:], "split_messages": True}, []
     if "text" in row and row["text"] is not None:
         if conversational:
             return None, [row_error(where, "text", f"is present but this dataset is conversational ({hint}); "

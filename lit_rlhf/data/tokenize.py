@@ -34,7 +34,14 @@ the rendered prompt string):
 | prompt     | ``prompt_ids``, ``prompt_text``, ``prompt``                      |
 | preference | ``prompt_ids``, ``chosen_ids``, ``rejected_ids``, ``prompt_text``, ``prompt`` |
 | unpaired   | ``prompt_ids``, ``completion_ids``, ``label``, ``prompt_text``, ``prompt`` |
-| sft        | ``prompt_ids``, ``completion_ids``, ``prompt_text``, ``prompt``  |
+| sft        | ``prompt_ids``, ``completion_ids``, ``prompt_text``, ``prompt``; ``prompt_loss_mask`` |
+
+``prompt_loss_mask`` (0/1 per prompt id, cut as the prompt ids are cut) is on a ``messages`` row with
+assistant turns before its last one: 1 on each earlier assistant turn's tokens, from after its
+generation prompt through its end-of-turn token, so every assistant turn is trained on, as TRL's
+``assistant_only_loss`` and torchtune do. A row whose template renders a conversation ending at an earlier
+turn differently from the whole (one that rewrites earlier turns) has none: its last turn alone is
+trained on, and the number of such rows is logged once.
 """
 
 from __future__ import annotations
@@ -248,11 +255,51 @@ def _tokenize_chat(fmt: str, record: dict, tokenizer, where: Where) -> tuple[lis
     return prompt_ids, completions, prompt_text, prompt
 
 
-def _keep_end(prompt_ids: list[int], limit: int, bos: int | None) -> list[int]:
-    """The last ``limit`` prompt ids, behind the prompt's leading BOS when it has one: a model that
-    always saw its BOS first (Llama-3, Gemma, Mistral) reads a sequence without one badly."""
-    head = 1 if bos is not None and prompt_ids[:1] == [bos] and limit > 1 else 0
-    return prompt_ids[:head] + prompt_ids[len(prompt_ids) - (limit - head):]
+def _has_earlier_turns(fmt: str, record: dict) -> bool:
+    """Whether a record is a ``messages`` row with assistant turns before its last one."""
+    return fmt == "sft" and bool(record.get("split_messages")) and any(
+        m["role"] == "assistant" for m in record["prompt"])
+
+
+def _earlier_turns_mask(prompt: list[dict], prompt_ids: list[int], tokenizer, where: Where) -> list[int] | None:
+    """1 on the prompt ids of each assistant turn, from after its generation prompt through its
+    end-of-turn token (the span a completion covers), 0 elsewhere; None when the chat template renders
+    a conversation ending at some assistant turn differently from the start of the whole prompt (Qwen3
+    drops the reasoning of earlier turns, for one), so the turn's tokens there are not known.
+
+    Each turn is found by rendering the messages before it with the generation prompt and the messages
+    through it without, as the last turn is split off (TRL's ``assistant_only_loss`` reads the same
+    spans from the template's ``{% generation %}`` markers instead, which few templates carry)."""
+    mask = [0] * len(prompt_ids)
+    turn_end = end_of_turn_ids(tokenizer)
+    for i, message in enumerate(prompt):
+        if message["role"] != "assistant":
+            continue
+        if i == 0:  # no messages to render a generation prompt after: its header is unknown
+            return None
+        try:
+            head = encode(tokenizer, render_chat(tokenizer, prompt[:i], True, where), False)
+            turn = encode(tokenizer, render_chat(tokenizer, prompt[: i + 1], False, where), False)
+        except DataError:  # the template refuses a conversation ending here
+            return None
+        turn = _through_turn_end(turn, turn_end, tokenizer)
+        if len(turn) <= len(head) or turn[: len(head)] != head or prompt_ids[: len(turn)] != turn:
+            return None
+        mask[len(head): len(turn)] = [1] * (len(turn) - len(head))
+    return mask
+
+
+def _keep_end(seq: list[int], limit: int, keep_first: bool) -> list[int]:
+    """The last ``limit`` items of a prompt's ids (or of a mask aligned with them), behind its first
+    when ``keep_first`` (the prompt starts with BOS): a model that always saw its BOS first (Llama-3,
+    Gemma, Mistral) reads a sequence without one badly. Cutting to a limit and then to a smaller one
+    keeps what cutting to the smaller one at once keeps, so a mask is cut once to the ids' final length."""
+    head = 1 if keep_first and limit > 1 else 0
+    return seq[:head] + seq[len(seq) - (limit - head):]
+
+
+def _starts_with_bos(prompt_ids: list[int], bos: int | None) -> bool:
+    return bos is not None and prompt_ids[:1] == [bos]
 
 
 def _fit(prompt_ids: list[int], completions: dict[str, list[int]], where: Where, *, max_length: int | None,
@@ -276,10 +323,10 @@ def _fit(prompt_ids: list[int], completions: dict[str, list[int]], where: Where,
         raise ValueError(f"truncation must be 'error' or 'truncate', got {truncation!r}")
     cut = False
     if prompt_limit is not None and len(prompt_ids) > prompt_limit:
-        prompt_ids, cut = _keep_end(prompt_ids, prompt_limit, bos), True
+        prompt_ids, cut = _keep_end(prompt_ids, prompt_limit, _starts_with_bos(prompt_ids, bos)), True
     if max_length is not None and completions:
         if len(prompt_ids) > max_length - 1:  # leave every completion at least one token
-            prompt_ids, cut = _keep_end(prompt_ids, max_length - 1, bos), True
+            prompt_ids, cut = _keep_end(prompt_ids, max_length - 1, _starts_with_bos(prompt_ids, bos)), True
         room = max_length - len(prompt_ids)
         for field, ids in completions.items():
             if len(ids) > room:
@@ -297,11 +344,16 @@ def tokenize_record(fmt: str, record: dict, tokenizer, where: Where, *, conversa
         tokenised (boundary merge, over-long with ``truncation="error"``).
     """
     tokenize = _tokenize_chat if conversational else _tokenize_plain
-    prompt_ids, completions, prompt_text, raw_prompt = tokenize(fmt, record, tokenizer, where)
-    prompt_ids, completions, cut = _fit(prompt_ids, completions, where, max_length=max_length,
+    full_prompt_ids, completions, prompt_text, raw_prompt = tokenize(fmt, record, tokenizer, where)
+    prompt_ids, completions, cut = _fit(full_prompt_ids, completions, where, max_length=max_length,
                                         max_prompt_length=max_prompt_length, truncation=truncation,
                                         bos=tokenizer.bos_token_id)
     example: Example = {"prompt_ids": prompt_ids, "prompt_text": prompt_text, "prompt": raw_prompt}
+    if conversational and _has_earlier_turns(fmt, record):
+        mask = _earlier_turns_mask(record["prompt"], full_prompt_ids, tokenizer, where)
+        if mask is not None:
+            keep_first = _starts_with_bos(full_prompt_ids, tokenizer.bos_token_id)
+            example["prompt_loss_mask"] = _keep_end(mask, len(prompt_ids), keep_first)
     for field, ids in completions.items():
         example[IDS_KEY[field]] = ids
     if fmt == "unpaired":
@@ -341,7 +393,7 @@ def build_examples(fmt: str, rows: list[tuple[Where, Any]], tokenizer, *, conver
         log.warning("the chat template closes an assistant turn with no special token (neither EOS nor an "
                     "end-of-turn token): a policy trained on such rows never learns to stop and rollouts run to "
                     "max_new_tokens; use a template that ends turns with one, or set sampling.stop_token_ids")
-    examples, errors, truncated = [], [], 0
+    examples, errors, truncated, last_turn_only = [], [], 0, 0
     for where, row in rows:
         record, problems = check_row(fmt, row, where, flag, hint)
         if problems:
@@ -355,6 +407,12 @@ def build_examples(fmt: str, rows: list[tuple[Where, Any]], tokenizer, *, conver
             continue
         examples.append(example)
         truncated += cut
+        last_turn_only += _has_earlier_turns(fmt, record) and flag and "prompt_loss_mask" not in example
+    if last_turn_only:
+        log.warning("the chat template renders %d of %d multi-turn messages row(s) differently up to an earlier "
+                    "assistant turn than in the whole conversation (it rewrites earlier turns, or refuses a "
+                    "conversation ending there), or they open with an assistant turn, so their earlier assistant "
+                    "turns carry no loss: only their last turn is trained on", last_turn_only, len(examples))
     if truncated:
         log.info("truncated %d of %d %s example(s) (max_length=%s, max_prompt_length=%s)", truncated, len(examples),
                  fmt, max_length, max_prompt_length)

@@ -32,7 +32,9 @@ the Trainer's ``gradient_clip_val``, ``accumulate_grad_batches``, precision plug
 scheduler stepping working unchanged (manual optimization would have to re-implement them).
 
 Data: an ``SFTDataModule`` of prompt + completion rows (``completion_only_loss: true``); the
-prompts for generation are the tokens before each row's completion, left-padded here. Packed
+prompts for generation are the tokens before each row's completion, left-padded here. Of a multi-turn
+``messages`` row only the last assistant turn is distilled (SFT trains every assistant turn): the
+earlier turns are context, as they are when the last turn is generated. Packed
 batches work for supervised KD only (generation needs unpacked prompts). A
 ``PromptDataModule`` works when every batch is generated (``lmbda: 1`` or ``seq_kd: true``).
 
@@ -77,10 +79,19 @@ class DistillBatch(NamedTuple):
     completion_mask: torch.Tensor
 
 
+def last_turn_mask(batch: dict) -> torch.Tensor:
+    """An SFT batch's loss mask without a ``messages`` row's earlier assistant turns: the completion alone.
+    Distillation reads the last turn only: on-policy and SeqKD rows regenerate it, so supervised KD
+    distils the same tokens."""
+    if "earlier_turns_mask" in batch:
+        return batch["completion_mask"] * (1 - batch["earlier_turns_mask"])
+    return batch["completion_mask"]
+
+
 def dataset_batch(batch: dict) -> DistillBatch:
     """The dataset's completions of an SFT batch (padded or packed)."""
     return DistillBatch(batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"),
-                        batch["completion_mask"])
+                        last_turn_mask(batch))
 
 
 def rollout_batch(rollout: Rollout) -> DistillBatch:
@@ -103,7 +114,7 @@ def dataset_prompts(batch: dict, pad_token_id: int) -> tuple[torch.Tensor, torch
         )
     prompts = []
     for ids, attention, completion in zip(
-        batch["input_ids"].tolist(), batch["attention_mask"].tolist(), batch["completion_mask"].tolist()
+        batch["input_ids"].tolist(), batch["attention_mask"].tolist(), last_turn_mask(batch).tolist()
     ):
         start = completion.index(1) if 1 in completion else sum(attention)
         if start == 0:

@@ -3,9 +3,11 @@ BOS counts, where the prompt ends and what the completion holds, EOS on plain te
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
-from lit_rlhf.data import SFTCollator, Where, pad_token_id_of
+from lit_rlhf.data import PackingCollator, SFTCollator, Where, pad_token_id_of
 from lit_rlhf.data.formats import DataError
 from lit_rlhf.data.tokenize import build_examples
 from tests.data.real_tokenizers import CHAT_FAMILIES, FAMILIES, build_family
@@ -285,15 +287,96 @@ def test_multi_turn_rows_are_trls_tokens(tokenizers, family):
             assert example[key] + after == completion_ids, (fmt, key)
 
 
-def test_multi_turn_sft_loss_is_the_last_assistant_turn(tokenizers):
-    """With ``completion_only_loss`` (the default) a multi-turn ``messages`` row carries loss on its last
-    assistant turn alone, through its turn end; with it off, on every token (TRL's default)."""
-    tok = tokenizers["llama3"]
-    example = one("sft", {"messages": SYSTEM + HELLO + FINE + USER + PARIS}, tok)
-    only, every = (SFTCollator(pad_token_id_of(tok), flag)([example]) for flag in (True, False))
+THREE_TURNS = HELLO + FINE + USER + PARIS + [{"role": "user", "content": "and the sea ?"}] + SEA
+
+
+def loss_spans(ids: list[int], mask: list[int]) -> list[list[int]]:
+    """The runs of consecutive loss tokens."""
+    spans, run = [], []
+    for token, m in zip(ids, mask):
+        if m:
+            run.append(token)
+        elif run:
+            spans, run = spans + [run], []
+    return spans + [run] * bool(run)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2.5", "gemma2"])
+def test_every_assistant_turn_of_a_messages_row_carries_loss(tokenizers, family):
+    """With ``completion_only_loss`` (the default) a multi-turn ``messages`` row carries loss on each assistant
+    turn, from after its generation prompt through its turn end, and on nothing else (system, user turns,
+    headers, the whitespace after a turn end), as TRL's ``assistant_only_loss`` and torchtune; padded and
+    packed batches agree; with it off, every token (TRL's ``completion_only_loss`` on such a row)."""
+    tok = tokenizers[family]
+    messages = ([] if family == "gemma2" else SYSTEM) + THREE_TURNS
+    example = one("sft", {"messages": messages}, tok)
+    pad_id = pad_token_id_of(tok)
+    only, every = (SFTCollator(pad_id, flag)([example]) for flag in (True, False))
     ids, mask = only["input_ids"][0].tolist(), only["completion_mask"][0].tolist()
-    assert tok.decode([t for t, m in zip(ids, mask) if m]) == "paris .<|eot_id|>"
+    turn_end = TURN_END[family][0]
+    assert [tok.decode(span) for span in loss_spans(ids, mask)] == [
+        m["content"] + turn_end for m in messages if m["role"] == "assistant"]
     assert every["completion_mask"][0].tolist() == [1] * len(ids)
+    # Distillation's view: the earlier turns apart, the completion (the last turn) alone left.
+    last = [m - e for m, e in zip(mask, only["earlier_turns_mask"][0].tolist())]
+    assert [tok.decode(span) for span in loss_spans(ids, last)] == ["the sea ." + turn_end]
+
+    single = one("sft", {"messages": USER + PARIS}, tok)
+    padded = SFTCollator(pad_id)([example, single])
+    packed = PackingCollator(pad_id)([example, single])
+    for key in ("completion_mask", "earlier_turns_mask"):
+        rows = [padded[key][i, : len(e["prompt_ids"]) + len(e["completion_ids"])].tolist()
+                for i, e in enumerate([example, single])]
+        if key == "completion_mask":  # each packed example's first token is never a target
+            rows = [[0] + r[1:] for r in rows]
+        assert packed[key][0].tolist() == rows[0] + rows[1], key
+
+
+def test_truncation_cuts_the_turn_mask_with_the_prompt(tokenizers):
+    """Left-truncation keeps the prompt's BOS and end; the earlier turns' mask is cut at the same positions,
+    whether ``max_prompt_length`` or ``max_length`` cuts it, so it still marks the same tokens."""
+    tok = tokenizers["llama3"]
+    row = {"messages": SYSTEM + THREE_TURNS}
+    full = one("sft", row, tok)
+    pairs = list(zip(full["prompt_ids"], full["prompt_loss_mask"]))
+    fine = loss_spans(full["prompt_ids"], full["prompt_loss_mask"])[0]
+    limit = len(pairs) - full["prompt_loss_mask"].index(1) - 2 + 1  # the BOS, and the first turn but its 2 first tokens
+    # max_length cuts the prompt only where it leaves the completion no room: one token is kept.
+    for limits, kept in (({"max_prompt_length": limit}, None), ({"max_length": limit + 1}, 1)):
+        examples, errors = build_examples("sft", [(Where("data.jsonl", 1, "line"), row)], tok, truncation="truncate",
+                                          **limits)
+        assert not errors
+        cut = examples[0]
+        assert len(cut["prompt_ids"]) == limit and cut["completion_ids"] == full["completion_ids"][:kept]
+        assert list(zip(cut["prompt_ids"], cut["prompt_loss_mask"])) == pairs[:1] + pairs[-(limit - 1):], limits
+        # What is left of the earlier turns is still exactly their tokens: the cut fell in the first turn.
+        spans = loss_spans(cut["prompt_ids"], cut["prompt_loss_mask"])
+        assert spans[0] == fine[2:] and tok.decode(spans[1]) == "paris .<|eot_id|>"
+
+
+def test_a_template_that_rewrites_earlier_turns_trains_their_last_turn_with_one_warning(tokenizers, caplog):
+    """A template that renders an earlier assistant turn differently from a conversation ending at it (here
+    dropping an earlier turn's reasoning, as Qwen3's does) leaves that turn's tokens unknown: such rows train
+    their last turn only, and one warning counts them; the rows it renders alike keep every turn."""
+    tok = copy.deepcopy(tokenizers["llama3"])
+    # Llama-3's template, but an assistant turn before the last keeps only what follows its reasoning.
+    tok.chat_template = tok.chat_template.replace(
+        "message['content'] | trim", "(message['content'].split('</think>')[-1] if message['role'] == 'assistant' "
+        "and not loop.last else message['content']) | trim")
+    thinking = [{"role": "assistant", "content": "<think> the sea </think> i am fine ."}]
+    rows = [{"messages": HELLO + thinking + USER + PARIS}, {"messages": HELLO + FINE + USER + PARIS},
+            {"messages": USER + thinking + HELLO + SEA}]
+    with caplog.at_level("WARNING", logger="lit_rlhf.data"):
+        examples, errors = build_examples("sft", [(Where("data.jsonl", i + 1, "line"), r) for i, r in enumerate(rows)],
+                                          tok)
+    assert not errors
+    warned = [r for r in caplog.records if "differently" in r.getMessage()]
+    assert len(warned) == 1 and "2 of 3" in warned[0].getMessage()
+    assert ["prompt_loss_mask" in e for e in examples] == [False, True, False]
+    batch = SFTCollator(pad_token_id_of(tok))(examples)
+    decoded = [[tok.decode(s) for s in loss_spans(batch["input_ids"][i].tolist(), batch["completion_mask"][i].tolist())]
+               for i in range(3)]
+    assert decoded == [["paris .<|eot_id|>"], ["i am fine .<|eot_id|>", "paris .<|eot_id|>"], ["the sea .<|eot_id|>"]]
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen2.5"])

@@ -8,9 +8,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import LlamaForCausalLM
 
 from lit_rlhf.cli import main as cli_main
-from lit_rlhf.data import PromptDataModule, SFTDataModule
+from lit_rlhf.data import PackingCollator, PromptDataModule, SFTCollator, SFTDataModule, Where, build_examples
 from lit_rlhf.losses import generalized_jsd_loss
-from lit_rlhf.methods.gkd import GKD, dataset_prompts
+from lit_rlhf.methods.gkd import GKD, dataset_batch, dataset_prompts
 from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.models.spec import TeacherSpec
 from lit_rlhf.rollout import SamplingConfig
@@ -76,6 +76,28 @@ def test_dataset_prompts_are_the_tokens_before_each_completion_left_padded():
         n = len(e["prompt_ids"])
         assert prompt_ids[row, width - n:].tolist() == e["prompt_ids"]
         assert prompt_mask[row].tolist() == [0] * (width - n) + [1] * n
+
+
+def test_multi_turn_rows_distil_their_last_turn_only():
+    """SFT trains every assistant turn of a ``messages`` row, GKD as before only the last: supervised KD's
+    loss mask and the prompts on-policy / SeqKD rows are generated from are what they were without the
+    earlier turns' mask, padded or packed."""
+    tokenizer = make_gkd().tokenizer
+    turn = [{"role": "user", "content": "the movie was"}, {"role": "assistant", "content": "good ."}]
+    rows = [{"messages": turn * 2 + [{"role": "user", "content": "the book was"},
+                                     {"role": "assistant", "content": "bad ."}]}, {"messages": turn}]
+    examples, errors = build_examples("sft", [(Where("data.jsonl", i + 1, "line"), r) for i, r in enumerate(rows)],
+                                      tokenizer)
+    assert not errors and "prompt_loss_mask" in examples[0]
+    last_only = [{k: v for k, v in e.items() if k != "prompt_loss_mask"} for e in examples]
+    pad_id = tokenizer.pad_token_id
+    for collator in (SFTCollator(pad_id), PackingCollator(pad_id)):
+        batch, before = collator(examples), collator(last_only)
+        assert (batch["completion_mask"] != before["completion_mask"]).any()  # SFT does train the earlier turns
+        torch.testing.assert_close(dataset_batch(batch).completion_mask, before["completion_mask"])
+    batch = SFTCollator(pad_id)(examples)
+    prompt_ids, _ = dataset_prompts(batch, pad_id)
+    assert prompt_ids[0].tolist() == examples[0]["prompt_ids"]
 
 
 def test_loss_is_jsd_of_next_token_distributions_over_completion_tokens_by_hand():

@@ -148,6 +148,29 @@ def test_sft_lowers_held_out_perplexity(tmp_path):
     assert after["val/ppl"] < 0.97 * before["val/ppl"]
 
 
+def test_multi_turn_rows_train_every_assistant_turn(tmp_path):
+    """A short fit on multi-turn ``messages`` rows: the loss is over every assistant turn's tokens (the toy
+    template's word tokens and its ``</s>`` turn end), counted by hand, padded and packed alike, and it trains."""
+    pl.seed_everything(0)
+    words = ["good .", "bad really .", "very nice fun .", "sad ."]
+    rows = [{"messages": [m for j in range(3) for m in (
+        {"role": "user", "content": f"the movie was {words[(i + j) % 4]}"},
+        {"role": "assistant", "content": words[(i + j + 1) % 4]})]} for i in range(8)]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    method = make_sft(learning_rate=3e-3)
+    loss_tokens = sum(len(m["content"].split()) + 1 for r in rows[:4] for m in r["messages"] if m["role"] == "assistant")
+    for packing in (False, True):
+        dm = SFTDataModule(str(path), val=str(path), batch_size=4, max_length=64, packing=packing)
+        dm.prepare(method.tokenizer)
+        with torch.no_grad():
+            assert method.nll(dm.collator(dm.train_examples[:4]))[1].item() == loss_tokens
+    before = trainer(tmp_path).validate(method, dm, verbose=False)[0]["val/loss"]
+    trainer(tmp_path, max_steps=4).fit(method, dm)
+    after = trainer(tmp_path).validate(method, dm, verbose=False)[0]["val/loss"]
+    assert after < before
+
+
 # -- the shipped config and bad data --------------------------------------------------------------
 
 
