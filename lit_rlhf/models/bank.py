@@ -134,6 +134,34 @@ def _recompute_with(bank: AdapterBank | None, adapter: str | None) -> Iterator[N
         bank._activate(previous)
 
 
+def one_int8_path(model: nn.Module) -> None:
+    """Every 8-bit linear of ``model`` computes the same function in train and eval mode.
+
+    bitsandbytes (0.50) picks an 8-bit layer's matmul by the layer's mode on CPU and XPU: in train mode
+    its dequantized weights times the input, in eval mode LLM.int8's int8-rounded activations (with outlier
+    columns). The bank's trainable path runs in train mode and its reference, generation, validation and
+    scorers in eval mode, so on the toy base a fresh policy's log-probs differed from the reference's
+    (adapters off) by up to 0.12 a token, DPO's implicit rewards were not 0 before the first step, and the
+    merged export (dequantized weights) was not what ``evaluate`` scored. The layers read their mode only
+    for that choice: in train mode always. On CUDA both modes run LLM.int8, and this changes nothing.
+    """
+    from bitsandbytes.nn import Linear8bitLt
+
+    for module in model.modules():
+        if isinstance(module, Linear8bitLt):
+            module.register_forward_pre_hook(_int8_train_mode)
+            module.register_forward_hook(_int8_restore_mode, always_call=True)
+
+
+def _int8_train_mode(module: nn.Module, args) -> None:
+    module._mode_before_int8 = module.training
+    module.training = True
+
+
+def _int8_restore_mode(module: nn.Module, args, output) -> None:
+    module.training = module._mode_before_int8
+
+
 def merge_adapter_specs(declared: Sequence[AdapterSpec], required: Sequence[AdapterSpec]) -> list[AdapterSpec]:
     """The adapters a method requires, overridden field by field by those the user declared.
 
@@ -387,6 +415,7 @@ class AdapterBank(nn.Module):
             for module in base.modules():
                 if hasattr(module, "support_avx512bf16_for_cpu"):
                     module.support_avx512bf16_for_cpu = False
+            one_int8_path(base)
         # Off for training forwards (the bank turns the cache on to generate); an export writes the loaded value.
         # What an export writes back into the config: the loaded values of what training changes in it.
         self._loaded_config = {"use_cache": base.config.use_cache}
