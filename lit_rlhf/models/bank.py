@@ -253,6 +253,7 @@ def check_bank_spec(spec: BankSpec, adapters: Sequence[AdapterSpec]) -> dict:
     base_fingerprint = fingerprint(config)
     if spec.train_mode == "full":
         _check_full_mode(spec, adapters)
+    _check_not_saved_quantized(spec, config, adapters)
     _check_recomputed_roles(spec.gradient_checkpointing, adapters)
     if not spec.random_init:
         require_safetensors(spec.model, what="model", convert=CONVERT_MODEL)
@@ -280,6 +281,26 @@ def _check_full_mode(spec: BankSpec, adapters: Sequence[AdapterSpec]) -> None:
             f"train_mode 'full' has no LoRA adapters, so adapter(s) {loaded} cannot be loaded from a path; merge "
             "an adapter into its base (lit-rlhf export --merged true) and set bank.model to that, or use train_mode 'lora'"
         )
+
+
+def _check_not_saved_quantized(spec: BankSpec, config, adapters: Sequence[AdapterSpec]) -> None:
+    """A base saved quantized (``quantization_config`` in its config.json, a ``*-bnb-4bit`` hub model) loads
+    quantized whatever ``bank.quantization`` says. Unset, the bank trained on it without its quantized setup
+    (``prepare_model_for_kbit_training``, the bitsandbytes guards) and recorded its adapters as trained on
+    unquantized weights; set or not, the merged export failed after training (transformers cannot save the
+    merge back quantized). It is read (generate, evaluate, a frozen scorer), not trained on."""
+    saved = getattr(config, "quantization_config", None)
+    trainable = [a.name for a in adapters if a.trainable]
+    if saved is None or not trainable:
+        return
+    method = saved.get("quant_method") if isinstance(saved, dict) else getattr(saved, "quant_method", saved)
+    raise InvalidArgument(
+        "bank",
+        f"bank.model {spec.model!r} is saved quantized (config.json quantization_config: {method}); lit_rlhf "
+        f"trains {trainable} on a full-precision checkpoint that it quantizes itself (bank.quantization: 4bit | "
+        "8bit). Give the full-precision model, or dequantize this one once: "
+        "AutoModelForCausalLM.from_pretrained(path).dequantize().save_pretrained(out)",
+    )
 
 
 def _check_recomputed_roles(setting, adapters: Sequence[AdapterSpec]) -> None:

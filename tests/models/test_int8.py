@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from lit_rlhf import inference
 from lit_rlhf.data import PreferenceDataModule
+from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.methods import DPO
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, LoraSpec
 from lit_rlhf.models.saving import META_FILE
@@ -79,3 +82,19 @@ def test_8bit_dpo_starts_at_log_2_and_learns():
     assert abs(losses[0] - math.log(2)) < 1e-6, losses  # the fresh policy is the reference: margins 0
     assert losses[-1] < losses[0] - 0.01, losses
     assert all(not torch.equal(p, lora[n]) for n, p in method.bank.named_parameters() if n in lora and "lora_B" in n)
+
+
+def test_a_base_saved_quantized_is_refused_for_training_and_still_read(tmp_path):
+    """It loads quantized whatever ``bank.quantization`` says: trained on, its adapter recorded no quantization
+    and the merged export raised NotImplementedError after training."""
+    saved = tmp_path / "int8"
+    model = AutoModelForCausalLM.from_pretrained("assets/toy/base", quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    model.save_pretrained(saved)
+    AutoTokenizer.from_pretrained("assets/toy/base").save_pretrained(saved)
+    for quantization in (None, "8bit"):
+        with pytest.raises(InvalidArgument, match=r"saved quantized \(config.json quantization_config: bitsandbytes\)"
+                                                  r"; lit_rlhf trains \['policy'\].*\.dequantize\(\)"):
+            DPO(bank=BankSpec(model=str(saved), quantization=quantization)).configure_model()
+    policy = inference.load_policy(saved)  # generate / evaluate read it as it is
+    with torch.no_grad():
+        torch.testing.assert_close(policy.bank(IDS, MASK).logits, model.eval()(input_ids=IDS, attention_mask=MASK).logits)
