@@ -43,6 +43,7 @@ from lit_rlhf.models.loading import (
     load_tokenizer,
     quantization_record,
     require_safetensors,
+    saved_quantization,
 )
 from lit_rlhf.models.saving import HEAD_FILE, atomic_directory, read_adapter_meta, write_head_and_meta
 from lit_rlhf.models.spec import AdapterSpec, BankSpec, TeacherSpec
@@ -284,22 +285,27 @@ def _check_full_mode(spec: BankSpec, adapters: Sequence[AdapterSpec]) -> None:
 
 
 def _check_not_saved_quantized(spec: BankSpec, config, adapters: Sequence[AdapterSpec]) -> None:
-    """A base saved quantized (``quantization_config`` in its config.json, a ``*-bnb-4bit`` hub model) loads
-    quantized whatever ``bank.quantization`` says. Unset, the bank trained on it without its quantized setup
-    (``prepare_model_for_kbit_training``, the bitsandbytes guards) and recorded its adapters as trained on
-    unquantized weights; set or not, the merged export failed after training (transformers cannot save the
-    merge back quantized). It is read (generate, evaluate, a frozen scorer), not trained on."""
-    saved = getattr(config, "quantization_config", None)
+    """A base saved quantized (``quantization_config`` in its config.json: a ``*-bnb-4bit`` hub model, one
+    keeping modules in full precision with ``llm_int8_skip_modules``) loads as saved whatever the bank's
+    settings say. Settings saying otherwise trained it without its quantized setup when unset
+    (``prepare_model_for_kbit_training``, the bitsandbytes guards) and recorded in its adapters a quantization
+    its weights never had; so they must say how it is saved. Read only (generate, evaluate, a frozen
+    scorer), it needs nothing."""
+    saved = saved_quantization(config)
     trainable = [a.name for a in adapters if a.trainable]
-    if saved is None or not trainable:
+    if saved is None or not trainable or saved == quantization_record(spec):
         return
-    method = saved.get("quant_method") if isinstance(saved, dict) else getattr(saved, "quant_method", saved)
+    if saved["mode"] not in ("4bit", "8bit"):
+        how = "give its full-precision model"
+    elif saved["mode"] == "8bit":
+        how = "set bank.quantization: 8bit"
+    else:
+        how = (f"set bank.train_mode: qlora, bank.quant_type: {saved['quant_type']}, "
+               f"bank.double_quant: {str(saved['double_quant']).lower()}")
     raise InvalidArgument(
         "bank",
-        f"bank.model {spec.model!r} is saved quantized (config.json quantization_config: {method}); lit_rlhf "
-        f"trains {trainable} on a full-precision checkpoint that it quantizes itself (bank.quantization: 4bit | "
-        "8bit). Give the full-precision model, or dequantize this one once: "
-        "AutoModelForCausalLM.from_pretrained(path).dequantize().save_pretrained(out)",
+        f"bank.model {spec.model!r} is saved quantized ({saved}, config.json quantization_config) but the bank "
+        f"trains {trainable} on it as quantized {quantization_record(spec)}: {how}, or give the full-precision model",
     )
 
 

@@ -65,6 +65,21 @@ def quantization_record(spec: BankSpec) -> dict | None:
     return {"mode": mode, "quant_type": spec.quant_type, "double_quant": spec.double_quant}
 
 
+def saved_quantization(config) -> dict | None:
+    """How a model saved quantized is quantized (``quantization_config`` in its config.json), as
+    ``quantization_record`` writes it; ``None`` for a full-precision checkpoint."""
+    saved = getattr(config, "quantization_config", None)
+    if saved is None:
+        return None
+    saved = saved if isinstance(saved, dict) else saved.to_dict()
+    if saved.get("quant_method") != "bitsandbytes":
+        return {"mode": saved.get("quant_method")}
+    if saved.get("load_in_8bit"):
+        return {"mode": "8bit"}
+    return {"mode": "4bit", "quant_type": saved.get("bnb_4bit_quant_type", "fp4"),
+            "double_quant": bool(saved.get("bnb_4bit_use_double_quant", False))}
+
+
 def require_safetensors(path: str, *, what: str, convert: str) -> None:
     """Fail clearly when a local directory holds its weights only as pickles (``.bin``, ``.pt``).
 
@@ -105,7 +120,9 @@ def load_base(spec: BankSpec, *, quantize: bool = True):
         config = AutoConfig.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code)
         return AutoModelForCausalLM.from_config(config, dtype=DTYPES[spec.dtype], **common)
     require_safetensors(spec.model, what="model", convert=CONVERT_MODEL)
-    qconfig = quantization_config(spec) if quantize else None
+    # A model saved quantized loads as saved (``check_bank_spec`` has the bank's settings agree to train on it).
+    saved = saved_quantization(AutoConfig.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code))
+    qconfig = quantization_config(spec) if quantize and saved is None else None
     kwargs = dict(common, dtype=DTYPES[spec.dtype], use_safetensors=True)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
@@ -136,6 +153,8 @@ def load_dequantized_base(spec: BankSpec):
     from transformers.pytorch_utils import Conv1D
 
     base = load_base(spec, quantize=False)
+    if getattr(base, "hf_quantizer", None) is not None:  # saved quantized: its weights are the only ones there are
+        return base.dequantize(dtype=DTYPES[spec.dtype])
     quantized = load_base(spec)
     with torch.no_grad():
         for name, module in quantized.named_modules():

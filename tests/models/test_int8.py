@@ -84,17 +84,30 @@ def test_8bit_dpo_starts_at_log_2_and_learns():
     assert all(not torch.equal(p, lora[n]) for n, p in method.bank.named_parameters() if n in lora and "lora_B" in n)
 
 
-def test_a_base_saved_quantized_is_refused_for_training_and_still_read(tmp_path):
-    """It loads quantized whatever ``bank.quantization`` says: trained on, its adapter recorded no quantization
-    and the merged export raised NotImplementedError after training."""
+# peft saves the LM head's base weight with an adapter holding a LoRA on it, and says so.
+@pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers` to `True`:UserWarning")
+def test_a_base_saved_in_8bit_trains_only_as_saved_and_merges_with_its_full_precision_modules(tmp_path):
+    """A base saved quantized loads quantized whatever ``bank.quantization`` says. Before: trained with it unset,
+    the adapter recorded no quantization; set or not, the merged export raised NotImplementedError after training.
+    Saved with modules kept in full precision (``llm_int8_skip_modules``; the LM head is never quantized), a LoRA
+    on those merges into them as trained."""
     saved = tmp_path / "int8"
-    model = AutoModelForCausalLM.from_pretrained("assets/toy/base", quantization_config=BitsAndBytesConfig(load_in_8bit=True))
-    model.save_pretrained(saved)
+    keep = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["lm_head", "o_proj"])
+    AutoModelForCausalLM.from_pretrained("assets/toy/base", quantization_config=keep).save_pretrained(saved)
     AutoTokenizer.from_pretrained("assets/toy/base").save_pretrained(saved)
-    for quantization in (None, "8bit"):
-        with pytest.raises(InvalidArgument, match=r"saved quantized \(config.json quantization_config: bitsandbytes\)"
-                                                  r"; lit_rlhf trains \['policy'\].*\.dequantize\(\)"):
-            DPO(bank=BankSpec(model=str(saved), quantization=quantization)).configure_model()
-    policy = inference.load_policy(saved)  # generate / evaluate read it as it is
+    with pytest.raises(InvalidArgument, match=r"saved quantized \(\{'mode': '8bit'\}.*as quantized None: set "
+                                              r"bank.quantization: 8bit"):
+        DPO(bank=BankSpec(model=str(saved))).configure_model()
+
+    torch.manual_seed(0)
+    spec = BankSpec(model=str(saved), quantization="8bit", lora=LoraSpec(r=4, alpha=8, target_modules=["q_proj", "o_proj", "lm_head"]))
+    bank = AdapterBank(spec, require=[AdapterSpec("policy")])
+    attention = bank.model.base_model.model.model.layers[0].self_attn
+    assert [type(m.base_layer).__name__ for m in (attention.q_proj, attention.o_proj)] == ["Linear8bitLt", "Linear"]
+    move_off_reference(bank, "lora")
+    trained = policy_logits(bank.eval())
+    merged = AutoModelForCausalLM.from_pretrained(bank.export_merged(tmp_path / "merged", adapter="policy")).eval()
     with torch.no_grad():
-        torch.testing.assert_close(policy.bank(IDS, MASK).logits, model.eval()(input_ids=IDS, attention_mask=MASK).logits)
+        torch.testing.assert_close(merged(input_ids=IDS, attention_mask=MASK).logits, trained, atol=1e-5, rtol=1e-5)
+    policy = inference.load_policy(bank.save_adapter("policy", tmp_path / "adapter"))
+    torch.testing.assert_close(policy_logits(policy.bank), trained, **EXACT)
