@@ -1,0 +1,73 @@
+"""Sequence lengths against the model's positions: a run whose longest row (+ the tokens it samples)
+is past the model's last position stops at setup, naming the setting, before any weights load
+(GPT-2 used to fail with an IndexError at the first long rollout; a Llama read positions it was never
+trained at, silently)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoConfig
+
+from lit_rlhf.data import PromptDataModule, SFTDataModule
+from lit_rlhf.errors import InvalidArgument
+from lit_rlhf.methods import GRPO, SFT
+from lit_rlhf.methods.lengths import check_positions, position_limit
+from lit_rlhf.models import BankSpec
+from lit_rlhf.rollout import SamplingConfig
+from lit_rlhf.toy.families import POSITIONS
+
+from tests.methods.online_helpers import TOY_REWARD, trainer
+from tests.methods.tiny_families import build_families
+
+WORDS = "the movie was great fun but boring . "  # 8 toy words, one token each
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    return build_families(tmp_path_factory.mktemp("families"), ["gpt2", "llama"])
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_an_online_run_past_the_models_positions_stops_at_setup_naming_max_new_tokens(family, families, tmp_path):
+    key = "n_positions" if family == "gpt2" else "max_position_embeddings"
+    # A prompt of 15 x 8 words (+ BOS) = 121 tokens; + 16 sampled ones is past the 128 positions.
+    prompts = write_rows(tmp_path / "prompts.jsonl", [{"prompt": "the book was"}, {"prompt": WORDS * 15}])
+    data = PromptDataModule(train=prompts, batch_size=2, max_length=None)
+    grpo = GRPO(bank=BankSpec(model=families[family]), rewards=[TOY_REWARD], num_samples_per_prompt=2,
+                sampling=SamplingConfig(max_new_tokens=16))
+    with pytest.raises(InvalidArgument, match=rf"137 tokens.*{key}={POSITIONS}.*121-token prompt \+ "
+                                              r"sampling.max_new_tokens=16") as refused:
+        trainer(1).fit(grpo, datamodule=data)
+    assert refused.value.argument == "sampling"
+    assert grpo.bank is None, "refused before any weights load"
+
+
+def test_capped_prompts_fit_and_an_offline_row_past_the_positions_names_max_length(families, tmp_path):
+    prompts = write_rows(tmp_path / "prompts.jsonl", [{"prompt": WORDS * 15}])
+    capped = PromptDataModule(train=prompts, batch_size=1, max_length=None, max_prompt_length=POSITIONS - 16,
+                              truncation="truncate")
+    capped.prepare(SFT(bank=BankSpec(model=families["gpt2"])).tokenizer)
+    assert len(capped.train_examples[0]["prompt_ids"]) == POSITIONS - 16
+    check_positions([("policy", families["gpt2"], False)], capped.train_examples, new_tokens=16)  # 128: fits exactly
+
+    rows = write_rows(tmp_path / "sft.jsonl", [{"prompt": "the book was", "completion": WORDS * 16}])
+    sft = SFT(bank=BankSpec(model=families["gpt2"]))
+    with pytest.raises(ValueError, match=r"133 tokens.*n_positions=128.*data.init_args.max_length"):
+        trainer(1).fit(sft, datamodule=SFTDataModule(train=rows, batch_size=1, max_length=None))
+    assert sft.bank is None
+
+
+def test_rope_scaling_stretches_the_positions_a_config_states(families):
+    assert position_limit(AutoConfig.from_pretrained(families["gpt2"])) == ("n_positions", POSITIONS)
+    config = AutoConfig.from_pretrained(families["llama"])
+    assert position_limit(config) == ("max_position_embeddings", POSITIONS)
+    config.rope_parameters = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                              "original_max_position_embeddings": POSITIONS}
+    assert position_limit(config) == ("max_position_embeddings", 4 * POSITIONS)
