@@ -8,18 +8,21 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoConfig
 
 from lit_rlhf.data import PromptDataModule, SFTDataModule
 from lit_rlhf.errors import InvalidArgument
-from lit_rlhf.methods import GRPO, SFT
+from lit_rlhf.methods import GKD, GRPO, SFT
+from lit_rlhf.methods.gkd import dataset_batch
 from lit_rlhf.methods.lengths import check_positions, position_limit
 from lit_rlhf.models import BankSpec
 from lit_rlhf.rollout import SamplingConfig
 from lit_rlhf.toy.families import POSITIONS
 
 from tests.methods.online_helpers import TOY_REWARD, trainer
-from tests.methods.tiny_families import build_families
+from tests.methods.tiny_families import TOL, build_families
+from tests.paths import TOY_DATA
 
 WORDS = "the movie was great fun but boring . "  # 8 toy words, one token each
 
@@ -71,3 +74,51 @@ def test_rope_scaling_stretches_the_positions_a_config_states(families):
     config.rope_parameters = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
                               "original_max_position_embeddings": POSITIONS}
     assert position_limit(config) == ("max_position_embeddings", 4 * POSITIONS)
+
+
+# -- packed rows: sequences past the sliding window, rows past the positions ------------------------
+
+
+@pytest.fixture(scope="module")
+def packing_families(tmp_path_factory):
+    return build_families(tmp_path_factory.mktemp("packing"), ["mistral", "gemma2", "gpt2", "opt"])
+
+
+def sft_batches(method, path, max_length=None):
+    """The same rows padded and packed (one packed row of every sequence)."""
+    padded = SFTDataModule(path, batch_size=4, max_length=max_length).prepare(method.tokenizer)
+    packed = SFTDataModule(path, batch_size=4, max_length=max_length, packing=True).prepare(method.tokenizer)
+    return next(iter(padded.train_dataloader())), next(iter(packed.train_dataloader()))
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gpt2"])
+def test_packed_rows_past_the_sliding_window_and_the_positions_give_the_padded_loss(family, packing_families, tmp_path):
+    # 21-61 token sequences (Mistral's and Gemma 2's window is 16) in one packed row of 156 (> 128 positions).
+    rows = write_rows(tmp_path / "sft.jsonl", [{"prompt": "the book was", "completion": WORDS * n} for n in (2, 7, 3, 5)])
+    method = SFT(bank=BankSpec(model=packing_families[family]))
+    method.configure_model()
+    padded, packed = sft_batches(method, rows)
+    assert packed["input_ids"].shape == (1, 156) and packed["position_ids"].max() < POSITIONS
+    with torch.no_grad():
+        loss_padded, tokens_padded = method.compute_loss(padded)
+        loss_packed, tokens_packed = method.compute_loss(packed)
+    assert tokens_packed == tokens_padded
+    torch.testing.assert_close(loss_packed, loss_padded, **TOL)
+
+
+def test_packing_on_a_model_that_ignores_position_ids_is_refused(packing_families):
+    method = SFT(bank=BankSpec(model=packing_families["opt"]))
+    method.configure_model()
+    padded, packed = sft_batches(method, f"{TOY_DATA}/sft_train.jsonl", max_length=64)
+    method.compute_loss(padded)  # padded batches need no check
+    with pytest.raises(ValueError, match=r"packing: true, but the policy model lets packed sequences attend.*"
+                                         r"data.init_args.packing"):
+        method.compute_loss(packed)
+
+
+def test_supervised_kd_on_packed_rows_checks_student_and_teacher(packing_families):
+    gkd = GKD(bank=BankSpec(model=packing_families["opt"]), lmbda=0.0)
+    gkd.configure_model()
+    _, packed = sft_batches(gkd, f"{TOY_DATA}/sft_train.jsonl", max_length=64)
+    with pytest.raises(ValueError, match=r"packing: true, but the student model lets packed sequences attend"):
+        gkd.aligned_logits(dataset_batch(packed))
