@@ -6,6 +6,7 @@ trained at, silently)."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -13,10 +14,11 @@ from transformers import AutoConfig
 
 from lit_rlhf.data import PromptDataModule, SFTDataModule
 from lit_rlhf.errors import InvalidArgument
+from lit_rlhf.inference import Policy, prompt_batches, sample
 from lit_rlhf.methods import GKD, GRPO, SFT
 from lit_rlhf.methods.gkd import dataset_batch
 from lit_rlhf.methods.lengths import check_positions, position_limit
-from lit_rlhf.models import BankSpec
+from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer
 from lit_rlhf.rollout import SamplingConfig
 from lit_rlhf.toy.families import POSITIONS
 
@@ -122,3 +124,25 @@ def test_supervised_kd_on_packed_rows_checks_student_and_teacher(packing_familie
     _, packed = sft_batches(gkd, f"{TOY_DATA}/sft_train.jsonl", max_length=64)
     with pytest.raises(ValueError, match=r"packing: true, but the student model lets packed sequences attend"):
         gkd.aligned_logits(dataset_batch(packed))
+
+
+# -- sampling outside training (generate, chat, evaluate) ----------------------------------------------
+
+
+def test_sampling_keeps_the_end_of_a_prompt_that_would_run_past_the_positions(families, caplog):
+    bank = AdapterBank(BankSpec(model=families["gpt2"], adapters=[AdapterSpec("policy")])).eval()
+    policy = Policy(bank, load_tokenizer(BankSpec(model=families["gpt2"])), "policy", families["gpt2"], None)
+    # A chat history grown to 124 tokens; 16 new ones would run to position 139 of 128.
+    long, short = WORDS * 15 + "the book was", "the movie was"
+    batch = next(prompt_batches(policy, [long, short]))
+    assert batch["prompt_input_ids"].shape[1] == 124
+    sampling = SamplingConfig(do_sample=False, max_new_tokens=16, stop_token_ids=[])
+    with caplog.at_level(logging.WARNING, logger="lit_rlhf.inference"):
+        texts, lengths, rollout = sample(policy, batch, sampling)  # GPT-2: IndexError before
+    assert "keep their last 112" in caplog.text and rollout.prompt_ids.shape[1] == POSITIONS - 16
+    assert lengths.tolist() == [16, 16]
+    # The short prompt is untouched: its response is the one it gets alone.
+    alone = sample(policy, next(prompt_batches(policy, [short])), sampling)[0]
+    assert texts[1] == alone[0]
+    with pytest.raises(InvalidArgument, match=r"max_new_tokens=128 leaves no room .*\(n_positions=128\)"):
+        sample(policy, batch, SamplingConfig(max_new_tokens=POSITIONS))
