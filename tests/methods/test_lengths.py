@@ -16,11 +16,11 @@ from lit_rlhf.data import PromptDataModule, SFTDataModule
 from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.inference import Policy, prompt_batches, sample
 from lit_rlhf.methods import GKD, GRPO, SFT
-from lit_rlhf.methods.gkd import dataset_batch
+from lit_rlhf.methods.gkd import dataset_batch, rollout_batch
 from lit_rlhf.methods.lengths import check_positions, position_limit
-from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer
-from lit_rlhf.rollout import SamplingConfig
-from lit_rlhf.toy.families import POSITIONS
+from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, TeacherSpec, load_tokenizer
+from lit_rlhf.rollout import SamplingConfig, build_engine
+from lit_rlhf.toy.families import POSITIONS, build_tiny
 
 from tests.methods.online_helpers import TOY_REWARD, trainer
 from tests.methods.tiny_families import TOL, build_families
@@ -146,3 +146,53 @@ def test_sampling_keeps_the_end_of_a_prompt_that_would_run_past_the_positions(fa
     assert texts[1] == alone[0]
     with pytest.raises(InvalidArgument, match=r"max_new_tokens=128 leaves no room .*\(n_positions=128\)"):
         sample(policy, batch, SamplingConfig(max_new_tokens=POSITIONS))
+
+
+# -- left padding: GPT-2's absolute positions are those of the prompt alone ----------------------------
+
+PROMPTS = ["the book was", "i think the park is really good and the coffee", "honestly"]
+
+
+def left_padded(tokenizer, prompts):
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+@pytest.mark.parametrize("engine", ["hf", "hf_static"])
+def test_left_padded_rollouts_and_their_training_forward_read_each_row_at_its_own_positions(engine, families):
+    bank = AdapterBank(BankSpec(model=families["gpt2"], adapters=[AdapterSpec("policy")])).eval()
+    tokenizer = load_tokenizer(BankSpec(model=families["gpt2"]))
+    sampling = SamplingConfig(do_sample=False, max_new_tokens=10, stop_token_ids=[]).resolved(tokenizer)
+    ids, mask = left_padded(tokenizer, PROMPTS)
+    rollout = build_engine(engine).generate(bank, "policy", ids, mask, sampling)
+    with torch.no_grad(), bank.role("policy"):
+        batch_logits = bank(rollout.input_ids, rollout.attention_mask, rollout.position_ids).logits
+    width = ids.shape[1]
+    for i, prompt in enumerate(PROMPTS):
+        alone = build_engine(engine).generate(bank, "policy", *left_padded(tokenizer, [prompt]), sampling)
+        assert torch.equal(alone.response_ids[0], rollout.response_ids[i])
+        with torch.no_grad(), bank.role("policy"):
+            alone_logits = bank(alone.input_ids).logits[0]
+        n = alone.prompt_ids.shape[1]
+        torch.testing.assert_close(batch_logits[i, width - 1:], alone_logits[n - 1:], **TOL)
+
+
+def test_seq_kd_teacher_and_student_read_the_teachers_samples_at_their_own_positions(families, tmp_path):
+    teacher = build_tiny("gpt2", tmp_path / "teacher", seed=1)
+    gkd = GKD(bank=BankSpec(model=families["gpt2"], teacher=TeacherSpec(model=str(teacher))), lmbda=0.0, seq_kd=True,
+              sampling=SamplingConfig(do_sample=False, max_new_tokens=8, stop_token_ids=[]))
+    gkd.configure_model()
+    ids, mask = left_padded(gkd.tokenizer, PROMPTS)
+    sampling = gkd.sampling.resolved(gkd.tokenizer, gkd.bank.model)
+    rows = rollout_batch(gkd.generate({"prompt_input_ids": ids, "prompt_attention_mask": mask}, "teacher", sampling))
+    with torch.no_grad():
+        student, teacher_logits, loss_mask = gkd.aligned_logits(rows)
+    width = ids.shape[1]
+    for i, prompt in enumerate(PROMPTS):
+        alone = torch.cat([gkd.tokenizer(prompt, return_tensors="pt")["input_ids"][0], rows.input_ids[i, width:]])[None]
+        n = alone.shape[1] - 8
+        assert loss_mask[i, width - 1:].sum() == 8 and loss_mask[i].sum() == 8
+        with torch.no_grad(), gkd.bank.teacher():
+            torch.testing.assert_close(teacher_logits[i, width - 1:], gkd.bank(alone).logits[0, n - 1:-1], **TOL)
+        with torch.no_grad(), gkd.bank.role("policy"):
+            torch.testing.assert_close(student[i, width - 1:], gkd.bank(alone).logits[0, n - 1:-1], **TOL)
