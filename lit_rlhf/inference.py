@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -24,12 +25,16 @@ from pathlib import Path
 import torch
 
 from lit_rlhf.data import PromptCollator, Where, build_examples, load_rows, pad_token_id_of, report_invalid
+from lit_rlhf.errors import InvalidArgument
+from lit_rlhf.methods.lengths import position_limit
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer, read_adapter_meta
 from lit_rlhf.rollout import SamplingConfig, build_engine
 
 POLICY = "policy"
 #: The adapter the policy started from, when it did not start as the base (see ``load_policy``).
 START = "start"
+
+log = logging.getLogger("lit_rlhf.inference")
 
 
 @dataclass
@@ -119,6 +124,25 @@ def prompt_batches(policy: Policy, prompts: list, *, where: list[Where] | None =
         yield collate(examples[start : start + batch_size])
 
 
+def fit_positions(config, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts cut to their last tokens where, with ``max_new_tokens`` after them, they would run
+    past the model's positions (a chat's history grows without bound): GPT-2 failed there with an IndexError,
+    a rotary model read positions it was never trained at. Logged when it cuts."""
+    found = position_limit(config)
+    if found is None:
+        return ids, mask
+    key, limit = found
+    room = limit - max_new_tokens
+    if room < 1:
+        raise InvalidArgument("max_new_tokens", f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the "
+                                                f"model's {limit} positions ({key}={limit})")
+    if ids.shape[1] > room:
+        log.warning("prompts of up to %d tokens keep their last %d: with max_new_tokens=%d they fit the model's %d "
+                    "positions (%s)", ids.shape[1], room, max_new_tokens, limit, key)
+        ids, mask = ids[:, -room:], mask[:, -room:]
+    return ids, mask
+
+
 @torch.no_grad()
 def sample(policy: Policy, batch: dict, sampling: SamplingConfig, *, adapter: str | None = POLICY,
            engine: str = "hf") -> tuple[list[str], torch.Tensor, object]:
@@ -129,10 +153,10 @@ def sample(policy: Policy, batch: dict, sampling: SamplingConfig, *, adapter: st
         special tokens, lengths count tokens including the stop token.
     """
     device = next(policy.bank.parameters()).device
-    rollout = build_engine(engine).generate(
-        policy.bank, adapter, batch["prompt_input_ids"].to(device), batch["prompt_attention_mask"].to(device),
-        sampling.resolved(policy.tokenizer, policy.bank.model),
-    )
+    ids, mask = fit_positions(policy.bank.model.config, batch["prompt_input_ids"], batch["prompt_attention_mask"],
+                              sampling.max_new_tokens)
+    rollout = build_engine(engine).generate(policy.bank, adapter, ids.to(device), mask.to(device),
+                                            sampling.resolved(policy.tokenizer, policy.bank.model))
     # The same decoding as the online methods (OnlineMethod.decode_responses): cut before the stop token.
     lengths = (rollout.response_lengths - rollout.ended.long()).tolist()
     rows = [ids[:n] for ids, n in zip(rollout.response_ids.tolist(), lengths)]

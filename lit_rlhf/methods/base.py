@@ -20,6 +20,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lit_rlhf.distributed import every_rank
 from lit_rlhf.errors import InvalidArgument
+from lit_rlhf.methods.lengths import check_positions
 from lit_rlhf.methods.precision import fit_precision_plugin
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, eval_mode, load_tokenizer
 from lit_rlhf.models.bank import adapter_of, check_bank_spec, merge_adapter_specs
@@ -230,6 +231,21 @@ class BankMethod(pl.LightningModule):
         fit_precision_plugin(self.trainer)
         if hasattr(self, "engine"):
             synchronise_generation(self.engine, self.trainer)
+        if stage == "fit":
+            self.check_sequence_lengths()
+
+    def check_sequence_lengths(self) -> None:
+        """The longest row (+ the tokens sampled after it) fits every model's positions; read from the
+        config files, after the data module tokenised its rows and before any weights load."""
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "train_examples"):
+            return
+        spec = self.bank_spec
+        models = [("policy", spec.model, spec.trust_remote_code)]
+        if spec.teacher is not None:
+            models.append(("teacher", spec.teacher.model, spec.teacher.trust_remote_code))
+        new_tokens = self.sampling.max_new_tokens if self.generates_during_training() else 0
+        check_positions(models, [*datamodule.train_examples, *datamodule.val_examples], new_tokens=new_tokens)
 
     def configure_model(self) -> None:
         if self.bank is not None:

@@ -56,6 +56,7 @@ from lit_rlhf.data.collate import pad, pad_token_id_of
 from lit_rlhf.distributed import global_mean_loss, global_means
 from lit_rlhf.losses import generalized_jsd_loss
 from lit_rlhf.methods.base import BankMethod
+from lit_rlhf.methods.offline import check_packed_batches
 from lit_rlhf.models import eval_mode
 from lit_rlhf.rollout import Rollout, SamplingConfig, build_engine
 
@@ -248,6 +249,9 @@ class GKD(BankMethod):
         """Student logits (with gradient), teacher logits (without) and the loss mask, aligned so
         that position ``t`` predicts token ``t + 1``. ``(batch, seq - 1, vocab)`` twice and ``(batch, seq - 1)``."""
         args = (rows.input_ids, rows.attention_mask)
+        if rows.attention_mask is None:
+            check_packed_batches(self, {"student": lambda: self.bank.role(self.policy_adapter),
+                                        "teacher": self.bank.teacher})
         with self.bank.role(self.policy_adapter):
             student = self.bank(*args, position_ids=rows.position_ids).logits
         with self.bank.teacher():

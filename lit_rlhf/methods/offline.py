@@ -12,6 +12,8 @@ head's weight is fused into the log-probs (``losses.head_token_logps``): no logi
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import NamedTuple
 
 import torch
@@ -96,6 +98,25 @@ class CompletionLogpsForward:
             log_sum_sq = log_sum_squared_probs(logits)
             log_sum_sq = log_sum_sq if layout is None else unpack_tokens(log_sum_sq, layout)
         return CompletionLogps(per_token, mask, log_sum_sq)
+
+
+def check_packed_batches(method: BankMethod, roles: dict[str, Callable[[], AbstractContextManager]]) -> None:
+    """Refuse packed batches (``SFTDataModule(packing=True)``) where a model reading them lets packed
+    sequences attend to each other: OPT (5.x) builds its mask and its learned positions without
+    ``position_ids``, so its packed SFT loss was silently another (4.186 for the padded 4.182 on a toy batch).
+    Checked once per method, at its first packed batch, for every role in ``roles`` (name -> context
+    that makes the bank run that model)."""
+    if getattr(method, "_packed_batches_checked", False):
+        return
+    for role, context in roles.items():
+        with context():
+            if not bank_supports_packing(method.bank):
+                raise ValueError(
+                    f"packing: true, but the {role} model lets packed sequences attend to each other (its attention "
+                    "mask ignores position_ids, as OPT's does): set packing: false in the data module "
+                    "(data.init_args.packing)"
+                )
+    method._packed_batches_checked = True
 
 
 class OfflineMethod(CompletionLogpsForward, BankMethod):

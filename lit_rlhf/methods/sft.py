@@ -23,7 +23,7 @@ from torchmetrics import MeanMetric
 
 from lit_rlhf.distributed import global_mean_loss, global_sum
 from lit_rlhf.methods.base import BankMethod
-from lit_rlhf.methods.offline import CompletionLogpsForward
+from lit_rlhf.methods.offline import CompletionLogpsForward, check_packed_batches
 
 
 class SFT(CompletionLogpsForward, BankMethod):
@@ -46,6 +46,8 @@ class SFT(CompletionLogpsForward, BankMethod):
         """``(nll_sum, num_tokens)`` of the policy on a padded or packed SFT batch: ``-Σ m·log p`` over the
         loss tokens ``m`` (``completion_mask``), and ``Σ m``."""
         forward_args = (batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
+        if forward_args[1] is None:
+            check_packed_batches(self, {"policy": lambda: self.bank.role(self.trained_adapter)})
         with self.bank.role(self.trained_adapter):
             per_token, mask, _ = self.forward_logps(forward_args, batch["input_ids"], batch["completion_mask"])
         return -per_token.sum(), mask.sum()
