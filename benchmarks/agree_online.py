@@ -15,6 +15,7 @@ that are by design are printed as such, with the relation that holds instead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import tempfile
@@ -652,11 +653,278 @@ def gkd_method_checks() -> None:
             check("GKD", f"method loss on generated rows, beta={beta}", ours.detach(), theirs.detach(), tol=1e-6)
 
 
+# -- LoRA mode (--lora) ---------------------------------------------------------------------------
+# Each method fits one rollout here through Lightning (one optimizer step: update_epochs 1, one mini-batch), its
+# rollout recorded; TRL's side gets that same rollout on a peft model built independently from the same weights
+# (a fresh adapter: get_peft_model + the starting LoRA copied in; a loaded SFT adapter: PeftModel.from_pretrained
+# and TRL's "ref" copy of it, as GRPOTrainer.__init__ makes one), its log-probs from TRL's own fused forward
+# (``_get_per_token_logps_and_entropies``, reference through TRL's ``use_adapter``), its loss from TRL's code, then
+# clipping and one AdamW step as transformers' Trainer takes them. Compared: behaviour and reference log-probs,
+# KL, advantages, loss, the clipped LoRA gradients, the LoRA weights after the step.
+
+LORA_R, LORA_ALPHA = 8, 16  # make_online's adapters
+LORA_OPTIM = dict(learning_rate=1e-2, weight_decay=0.5, max_grad_norm=0.05)
+
+
+def _canonical(name: str, adapter: str) -> str:
+    name = name.split("base_model.model.", 1)[1]
+    return name.replace(f".{adapter}.", ".")
+
+
+def _lora_tensors(model, adapter: str) -> dict[str, torch.nn.Parameter]:
+    return {_canonical(n, adapter): p for n, p in model.named_parameters() if f".{adapter}." in n and "lora_" in n}
+
+
+def _saved_sft_adapter(root: str) -> str:
+    """An SFT adapter saved by peft (as TRL's SFTTrainer leaves one), its LoRA away from zero."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tests.paths import TOY_BASE
+
+    torch.manual_seed(8)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(TOY_BASE),
+                           LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear", lora_dropout=0.0,
+                                      task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(f"{root}/sft")
+    return f"{root}/sft"
+
+
+def _saved_reward_adapter(root: str) -> str:
+    """A reward adapter (LoRA + score head) as lit_rlhf's Reward method saves one, weights away from zero."""
+    from lit_rlhf.models import AdapterBank, AdapterSpec
+    from tests.paths import TOY_BASE
+
+    bank = AdapterBank(BankSpec(model=TOY_BASE, lora=LoraSpec(r=LORA_R, alpha=LORA_ALPHA)),
+                       require=[AdapterSpec("reward", head="score")])
+    torch.manual_seed(9)
+    with torch.no_grad():
+        for n, p in bank.named_parameters():
+            if "lora_" in n or n.startswith("heads."):
+                p.copy_(torch.randn_like(p) * 0.3)
+    bank.save_adapter("reward", f"{root}/reward")
+    return f"{root}/reward"
+
+
+class _Recorded:
+    """Our fit of one rollout: the scored rollout, its targets, the loss, the applied (clipped) gradients."""
+
+    def __init__(self, method):
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self.grads: dict[int, torch.Tensor] = {}
+        self.losses: list[torch.Tensor] = []
+        self._handle = register_optimizer_step_post_hook(self._step)
+        for name in ("rollout_and_score", "compute_advantages", "policy_loss"):
+            inner = getattr(method, name)
+            setattr(method, name, self._wrap(name, inner))
+
+    def _wrap(self, name, inner):
+        def recorded(*args, **kwargs):
+            out = inner(*args, **kwargs)
+            if name == "policy_loss":
+                self.losses.append(out[0].detach())
+            else:
+                setattr(self, name, out)
+            return out
+
+        return recorded
+
+    def _step(self, optimizer, args, kwargs):
+        self.grads = {id(p): p.grad.detach().clone() for g in optimizer.param_groups for p in g["params"]
+                      if p.grad is not None}
+        self._handle.remove()
+
+
+def _fit_ours(cls, *, sft_dir=None, reward_dir=None, options=None):
+    """Our method on the toy base in LoRA mode, its starting LoRA set, and one rollout fitted (one optimizer step)."""
+    from lit_rlhf.models import AdapterSpec
+    from lit_rlhf.rollout import RewardSpec
+    from tests.methods.online_helpers import TOY_REWARD, prompts, trainer
+
+    options = dict(options or {})
+    adapters = [AdapterSpec("policy", path=sft_dir)] if sft_dir else []
+    rewards = [TOY_REWARD]
+    if reward_dir:
+        adapters.append(AdapterSpec("reward", path=reward_dir))
+        rewards = [RewardSpec("adapter", adapter="reward")]
+    temperature = options.pop("temperature", 0.7)
+    method = make_online(cls, adapters=adapters, rewards=rewards, update_epochs=1, num_mini_batches=1,
+                         sampling=SamplingConfig(max_new_tokens=6, temperature=temperature), **LORA_OPTIM, **options)
+    method.configure_model()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in method.bank.named_parameters():
+            if "lora_" in name and ".policy." in name and not sft_dir:  # a fresh adapter, moved off the base
+                p.copy_(torch.randn_like(p) * 0.3)
+            elif "lora_" in name and ".value." in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    start = {k: p.detach().clone() for k, p in _lora_tensors(method.bank.model, "policy").items()}
+    value_start = {k: p.detach().clone() for k, p in _lora_tensors(method.bank.model, "value").items()}
+    record = _Recorded(method)
+    pl.seed_everything(0, verbose=False)
+    trainer(1).fit(method, prompts(batch_size=2))
+    return method, record, start, value_start, temperature
+
+
+def _trl_policy(start: dict, sft_dir: str | None, temperature: float):
+    """TRL's policy: the same base with TRL's fused LM head, the same adapter; loaded: plus TRL's ``ref`` copy."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from tests.paths import TOY_BASE
+
+    base = AutoModelForCausalLM.from_pretrained(TOY_BASE)
+    add_fused_lm_head(base, temperature=temperature, outputs=("log_probs", "entropy"))
+    if sft_dir:
+        model = PeftModel.from_pretrained(base, sft_dir, is_trainable=True)
+        # GRPOTrainer.__init__, a PeftModel with beta != 0: a frozen "ref" copy of the loaded adapter.
+        model.add_adapter("ref", model.peft_config["default"])
+        for name, param in model.named_parameters():
+            if ".default." in name:
+                model.get_parameter(name.replace(".default.", ".ref.")).data.copy_(param.data)
+                model.get_parameter(name.replace(".default.", ".ref.")).requires_grad_(False)
+    else:
+        model = get_peft_model(base, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear",
+                                                lora_dropout=0.0, task_type="CAUSAL_LM"))
+    theirs = _lora_tensors(model, "default")
+    assert set(theirs) == set(start), (sorted(set(theirs) ^ set(start)))[:4]
+    with torch.no_grad():
+        for key, p in theirs.items():
+            p.copy_(start[key])
+    model.train()
+    return model, theirs
+
+
+class _TRLForward:
+    """TRL's forward of the policy and of its reference on a rollout (GRPOTrainer's own code)."""
+
+    def __init__(self, model, rollout, temperature):
+        from trl.trainer.utils import use_adapter
+
+        self.model, self.rollout, self.use_adapter = model, rollout, use_adapter
+        self.stub = GRPOTrainer.__new__(GRPOTrainer)
+        self.stub.__dict__.update(accelerator=SimpleNamespace(autocast=contextlib.nullcontext, is_main_process=True), temperature=temperature,
+                                  args=SimpleNamespace(report_to=[]))
+
+    def logps(self, *, grad=False, entropy=False):
+        r = self.rollout
+        with torch.set_grad_enabled(grad):
+            logps, ent, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+                self.stub, self.model, r.input_ids, r.attention_mask, r.response_ids.shape[1], compute_entropy=entropy)
+        return (logps * r.response_mask, ent) if entropy else logps * r.response_mask
+
+    def ref_logps(self):
+        with self.use_adapter(self.model, adapter_name="ref" if "ref" in self.model.peft_config else None):
+            return self.logps()
+
+
+def _trl_step(theirs: dict, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    """backward, clipping and one AdamW step as transformers' Trainer takes them (LoRA matrices decayed); returns
+    the clipped gradients."""
+    params = list(theirs.values())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, LORA_OPTIM["max_grad_norm"])
+    grads = {k: p.grad.detach().clone() for k, p in theirs.items()}
+    torch.optim.AdamW(params, lr=LORA_OPTIM["learning_rate"], weight_decay=LORA_OPTIM["weight_decay"]).step()
+    return grads
+
+
+def _compare_step(method_name, case, ours_tensors, record, trl_grads, theirs, start, grad_scale=1.0, note=""):
+    ours_g = torch.cat([record.grads[id(ours_tensors[k])].flatten() for k in sorted(theirs)])
+    theirs_g = torch.cat([trl_grads[k].flatten() for k in sorted(theirs)])
+    largest = theirs_g.abs().max()
+    check(method_name, f"LoRA clipped gradients / largest, {case}", ours_g * grad_scale / largest, theirs_g / largest,
+          tol=1e-4, note=note)
+    moved = max((theirs[k].detach() - start[k]).abs().max().item() for k in theirs)
+    ours_w = torch.cat([ours_tensors[k].detach().flatten() for k in sorted(theirs)])
+    theirs_w = torch.cat([theirs[k].detach().flatten() for k in sorted(theirs)])
+    check(method_name, f"LoRA weights after one step / largest move, {case}", ours_w / moved, theirs_w / moved,
+          tol=1e-2)
+
+
+def _compare_rollout(method_name, case, scored, forward):
+    mask = scored.rollout.response_mask.bool()
+    check(method_name, f"behaviour log-probs, {case}", scored.old_logprobs[mask], forward.logps()[mask], tol=1e-5)
+    if scored.ref_logprobs is not None:
+        ref = forward.ref_logps()
+        check(method_name, f"reference log-probs, {case}", scored.ref_logprobs[mask], ref[mask], tol=1e-5)
+        return ref
+    return None
+
+
+def lora_grpo(case: str, sft_dir: str | None) -> None:
+    method, rec, start, _, temperature = _fit_ours(GRPO, sft_dir=sft_dir, options=dict(beta=0.04, loss_type="grpo"))
+    scored, targets = rec.rollout_and_score, rec.compute_advantages
+    model, theirs = _trl_policy(start, sft_dir, temperature)
+    forward = _TRLForward(model, scored.rollout, temperature)
+    ref = _compare_rollout("GRPO LoRA", case, scored, forward)
+    advantages, _ = trl_group_advantages(scored.scores, method.num_samples_per_prompt, "group")
+    check("GRPO LoRA", f"advantages, {case}", targets.advantages, advantages)
+    old = forward.logps()
+    r = scored.rollout
+    stub = _stub(GRPOTrainer, None, None, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+                 importance_sampling_level="token", beta=method.beta,
+                 args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1, report_to=[]),
+                 loss_type="grpo", epsilon_low=method.epsilon, epsilon_high=method.epsilon, use_vllm=False,
+                 max_completion_length=r.response_ids.shape[1], _entropy_bonus_enabled=False)
+    stub._get_per_token_logps_and_entropies = lambda model, *a, **kw: (*forward.logps(grad=True, entropy=True), None)
+    inputs = dict(prompt_ids=r.prompt_ids, prompt_mask=r.prompt_mask, completion_ids=r.response_ids,
+                  completion_mask=r.response_mask, advantages=advantages, old_per_token_logps=old,
+                  ref_per_token_logps=ref, num_items_in_batch=r.response_mask.sum())
+    loss = stub._compute_loss(model, inputs)
+    check("GRPO LoRA", f"loss, {case}", rec.losses[0], loss.detach())
+    kl = (torch.exp(ref - old) - (ref - old) - 1)
+    check("GRPO LoRA", f"objective/kl (k3, rollout), {case}", ((scored.old_logprobs.new_tensor(0)) + (
+        torch.exp(scored.ref_logprobs - scored.old_logprobs) - (scored.ref_logprobs - scored.old_logprobs) - 1))[
+        r.response_mask.bool()], kl[r.response_mask.bool()], tol=1e-5)
+    grads = _trl_step(theirs, loss)
+    _compare_step("GRPO LoRA", case, _lora_tensors(method.bank.model, "policy"), rec, grads, theirs, start)
+
+
+def lora_rloo(case: str, sft_dir: str | None) -> None:
+    method, rec, start, _, temperature = _fit_ours(RLOO, sft_dir=sft_dir, options=dict(kl_coef=0.05))
+    scored, targets = rec.rollout_and_score, rec.compute_advantages
+    model, theirs = _trl_policy(start, sft_dir, temperature)
+    forward = _TRLForward(model, scored.rollout, temperature)
+    ref = _compare_rollout("RLOO LoRA", case, scored, forward)
+    old = forward.logps()
+    r = scored.rollout
+    seq_kl = ((old - ref) * r.response_mask).sum(1)
+    advantages = trl_rloo_advantages(scored.scores, seq_kl, 0.05, method.num_samples_per_prompt, False)
+    check("RLOO LoRA", f"advantages (KL in the reward), {case}", targets.advantages, advantages, tol=1e-5)
+    stub = _stub(RLOOTrainer, None, None, epsilon_low=0.2, epsilon_high=0.2)
+    stub._get_per_token_logps_and_entropies = lambda model, *a, **kw: (*forward.logps(grad=True, entropy=True), None)
+    inputs = dict(prompt_ids=r.prompt_ids, prompt_mask=r.prompt_mask, completion_ids=r.response_ids,
+                  completion_mask=r.response_mask, advantages=advantages, old_logps=old.sum(1))
+    loss = stub._compute_loss(model, inputs)
+    grads = _trl_step(theirs, loss)
+    # On-policy, ours is REINFORCE-LOO's gradient over the step's tokens, TRL's over its responses (README): the
+    # same direction, a mean response length apart, which clipping to max_grad_norm (both sides past it) removes.
+    _compare_step("RLOO LoRA", case, _lora_tensors(method.bank.model, "policy"), rec, grads, theirs, start)
+
+
+def lora_checks() -> None:
+    with tempfile.TemporaryDirectory() as root:
+        sft_dir = _saved_sft_adapter(root)
+        for case, path in (("fresh adapter", None), ("from a loaded SFT adapter", sft_dir)):
+            lora_grpo(case, path)
+            lora_rloo(case, path)
+
+
 def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     show_all = "--all" in sys.argv
     torch.manual_seed(0)
+    if "--lora" in sys.argv:
+        lora_checks()
+        return report(show_all)
     grpo_checks()
     grpo_dapo_steps_checks()
     grpo_entropy_bonus_checks()
@@ -667,6 +935,10 @@ def main() -> None:
     online_dpo_checks()
     gkd_checks()
     gkd_method_checks()
+    report(show_all)
+
+
+def report(show_all: bool) -> None:
     width = max(len(f"{m} {w}") for m, w, _, _ in ROWS)
     for method, what, diff, verdict in ROWS:
         if show_all or verdict != "agree":
