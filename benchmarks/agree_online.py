@@ -16,6 +16,7 @@ that are by design are printed as such, with the relation that holds instead.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import sys
 import tempfile
@@ -26,6 +27,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 import transformers
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 from trl import GRPOTrainer, RLOOTrainer
 from trl.experimental.gkd import GKDTrainer
@@ -40,6 +42,7 @@ from lit_rlhf.methods.online_dpo import OnlineDPO
 from lit_rlhf.methods.ppo import PPO
 from lit_rlhf.methods.rloo import RLOO, RLOOTargets
 from lit_rlhf.models import BankSpec, LoraSpec
+from lit_rlhf.models.bank import eval_mode
 from lit_rlhf.rollout import Rollout, SamplingConfig, truncate_at_stop
 from lit_rlhf.toy.families import build_tiny
 from tests.methods.online_helpers import first_batch, make_online, perturbed
@@ -766,12 +769,15 @@ def _fit_ours(cls, *, sft_dir=None, reward_dir=None, options=None):
     start = {k: p.detach().clone() for k, p in _lora_tensors(method.bank.model, "policy").items()}
     value_start = {k: p.detach().clone() for k, p in _lora_tensors(method.bank.model, "value").items()}
     record = _Recorded(method)
+    heads = [h for h in method.bank.heads.values() if h.kind == "value"]
+    if heads:
+        record.head_start = [p.detach().clone() for p in heads[0].linear.parameters()]
     pl.seed_everything(0, verbose=False)
     trainer(1).fit(method, prompts(batch_size=2))
     return method, record, start, value_start, temperature
 
 
-def _trl_policy(start: dict, sft_dir: str | None, temperature: float):
+def _trl_policy(start: dict, sft_dir: str | None, temperature: float, ref_adapter: bool = True):
     """TRL's policy: the same base with TRL's fused LM head, the same adapter; loaded: plus TRL's ``ref`` copy."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -783,13 +789,14 @@ def _trl_policy(start: dict, sft_dir: str | None, temperature: float):
     add_fused_lm_head(base, temperature=temperature, outputs=("log_probs", "entropy"))
     if sft_dir:
         model = PeftModel.from_pretrained(base, sft_dir, is_trainable=True)
+    if sft_dir and ref_adapter:
         # GRPOTrainer.__init__, a PeftModel with beta != 0: a frozen "ref" copy of the loaded adapter.
         model.add_adapter("ref", model.peft_config["default"])
         for name, param in model.named_parameters():
             if ".default." in name:
                 model.get_parameter(name.replace(".default.", ".ref.")).data.copy_(param.data)
                 model.get_parameter(name.replace(".default.", ".ref.")).requires_grad_(False)
-    else:
+    if not sft_dir:
         model = get_peft_model(base, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear",
                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
     theirs = _lora_tensors(model, "default")
@@ -858,6 +865,21 @@ def _compare_rollout(method_name, case, scored, forward):
     return None
 
 
+def _after_step(method_name: str, case: str, method, scored, forward) -> None:
+    """After the step and one more generation by the trained policy (its LoRA merged into the base and the base
+    restored): the reference must still be the starting policy, the policy TRL's after its step, a frozen reward
+    adapter untouched."""
+    r = scored.rollout
+    method.bank.generate(r.prompt_ids, r.prompt_mask, adapter=method.policy_adapter, max_new_tokens=4, do_sample=False)
+    mask = r.response_mask.bool()
+    with torch.no_grad(), eval_mode(method.bank):
+        ref = method.reference_logprobs(r)
+        policy = method.policy_forward(r).logprobs
+    check(method_name, f"reference log-probs after the step and a generation, {case}", ref[mask],
+          forward.ref_logps()[mask], tol=1e-5)
+    check(method_name, f"policy log-probs after the step, {case}", policy[mask], forward.logps()[mask], tol=1e-4)
+
+
 def lora_grpo(case: str, sft_dir: str | None) -> None:
     method, rec, start, _, temperature = _fit_ours(GRPO, sft_dir=sft_dir, options=dict(beta=0.04, loss_type="grpo"))
     scored, targets = rec.rollout_and_score, rec.compute_advantages
@@ -885,6 +907,7 @@ def lora_grpo(case: str, sft_dir: str | None) -> None:
         r.response_mask.bool()], kl[r.response_mask.bool()], tol=1e-5)
     grads = _trl_step(theirs, loss)
     _compare_step("GRPO LoRA", case, _lora_tensors(method.bank.model, "policy"), rec, grads, theirs, start)
+    _after_step("GRPO LoRA", case, method, scored, forward)
 
 
 def lora_rloo(case: str, sft_dir: str | None) -> None:
@@ -907,6 +930,177 @@ def lora_rloo(case: str, sft_dir: str | None) -> None:
     # On-policy, ours is REINFORCE-LOO's gradient over the step's tokens, TRL's over its responses (README): the
     # same direction, a mean response length apart, which clipping to max_grad_norm (both sides past it) removes.
     _compare_step("RLOO LoRA", case, _lora_tensors(method.bank.model, "policy"), rec, grads, theirs, start)
+    _after_step("RLOO LoRA", case, method, scored, forward)
+
+
+def lora_online_dpo(case: str, sft_dir: str | None) -> None:
+    """TRL's OnlineDPOTrainer: log-probs at temperature 1 (``_forward``); the reference is the base with the adapter
+    disabled (a fresh adapter, ``peft_config``), or a frozen copy of the loaded PeftModel (``create_reference_model``)."""
+    import copy
+
+    from trl.experimental.online_dpo import OnlineDPOTrainer
+
+    method, rec, start, _, _ = _fit_ours(OnlineDPO, sft_dir=sft_dir, options=dict(temperature=1.0, beta=0.1, num_samples_per_prompt=2))
+    scored = rec.rollout_and_score
+    model, theirs = _trl_policy(start, sft_dir, 1.0, ref_adapter=False)
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if sft_dir else None
+    r = scored.rollout
+    stub = OnlineDPOTrainer.__new__(OnlineDPOTrainer)
+    stub.max_length = 10_000
+
+    def forward(m):
+        return stub._forward(m, r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask) * r.response_mask
+
+    mask = r.response_mask.bool()
+    with torch.no_grad():
+        if reference is None:
+            with model.disable_adapter():
+                ref = forward(model)
+        else:
+            ref = forward(reference)
+    check("OnlineDPO LoRA", f"reference log-probs, {case}", scored.ref_logprobs[mask], ref[mask], tol=1e-5)
+    logps = forward(model)
+    # TRL's rows: first samples, then second samples; a tie trains with the first as chosen, ours weighs 0 (README):
+    # TRL's loss over the untied pairs.
+    first, second = torch.arange(0, r.response_ids.shape[0], 2), torch.arange(1, r.response_ids.shape[0], 2)
+    untied = scored.scores[first] != scored.scores[second]
+    order = torch.cat([first[untied], second[untied]])
+    loss = trl_online_dpo_loss(scored.scores[order], logps.sum(1)[order], ref.sum(1)[order], method.beta, "sigmoid")
+    check("OnlineDPO LoRA", f"loss over untied pairs ({int(untied.sum())} of {untied.numel()}), {case}", rec.losses[0],
+          loss.detach(), tol=1e-6)
+    grads = _trl_step(theirs, loss)
+    _compare_step("OnlineDPO LoRA", case, _lora_tensors(method.bank.model, "policy"), rec, grads, theirs, start)
+
+
+def _value_model(value_start: dict, head: torch.nn.Module):
+    """TRL 0.x PPO's value model, written out on a LoRA adapter: a separate base carrying the value adapter (the same
+    starting weights), ``score`` = our value head (TRL's sequence-classification head has no bias; ours does)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tests.paths import TOY_BASE
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(TOY_BASE),
+                           LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear", lora_dropout=0.0,
+                                      task_type="CAUSAL_LM"))
+    tensors = _lora_tensors(model, "default")
+    with torch.no_grad():
+        for key, p in tensors.items():
+            p.copy_(value_start[key])
+    score = copy.deepcopy(head)
+    return model, score, tensors
+
+
+def _trl_values(model, score, rollout) -> torch.Tensor:
+    """TRL 0.x ``get_reward`` on the value model, sliced ``[context_length - 1 : -1]`` (the positions predicting each
+    response token)."""
+    mask = rollout.attention_mask
+    out = model.get_base_model().model(input_ids=rollout.input_ids, attention_mask=mask,
+                                       position_ids=mask.cumsum(1) - mask, use_cache=False)
+    values = score(out.last_hidden_state)
+    context = rollout.prompt_ids.shape[1]
+    return values[:, context - 1 : -1] * rollout.response_mask
+
+
+def lora_ppo(case: str, sft_dir: str | None, reward_dir: str | None = None, critic: str = "adapter") -> None:
+    """PPO with its value adapter (``critic: adapter``). TRL 1.16 has no PPOTrainer: its last one (0.x) is written
+    out above (``trl_ppo_targets``, ``trl_ppo_losses``); here on TRL's forward of the same LoRA policy, and its value
+    model as a separate base carrying the same value adapter (TRL trains a whole separate model: by design)."""
+    method, rec, start, value_start, temperature = _fit_ours(PPO, sft_dir=sft_dir, reward_dir=reward_dir,
+                                                             options=dict(kl_coef=0.05, critic=critic))
+    scored, targets = rec.rollout_and_score, rec.compute_advantages
+    model, theirs = _trl_policy(start, sft_dir, temperature)
+    forward = _TRLForward(model, scored.rollout, temperature)
+    ref = _compare_rollout("PPO LoRA", case, scored, forward)
+    head_start = {"weight": rec.head_start[0], "bias": rec.head_start[1]}
+    value_adapter = "value" if critic == "adapter" else "policy"
+    head = copy.deepcopy(method.bank.heads[value_adapter])
+    with torch.no_grad():
+        head.linear.weight.copy_(head_start["weight"])
+        head.linear.bias.copy_(head_start["bias"])
+    if critic == "adapter":
+        value_model, score, value_tensors = _value_model(value_start, head)
+    else:  # the value head on the policy's own trunk: TRL has no such critic; written out on TRL's policy
+        value_model, score, value_tensors = model, head, {}
+    r = scored.rollout
+    mask = r.response_mask.bool()
+    with torch.no_grad():
+        values = _trl_values(value_model, score, r)
+    check("PPO LoRA", f"rollout values (value adapter + head), {case}", scored.old_values[mask], values[mask], tol=1e-5)
+    old = forward.logps()
+    lengths = r.response_mask.sum(1)
+    t_adv, t_returns, t_values, pm, pm1 = trl_ppo_targets(scored.scores, old, ref, values, lengths - 1,
+                                                          method.kl_controller.value, method.gamma, method.lam, False,
+                                                          p1=False)
+    check("PPO LoRA", f"advantages (TRL's score moved onto the last token), {case}", targets.advantages[mask],
+          t_adv[mask], tol=1e-5)
+    check("PPO LoRA", f"returns (TRL's score moved onto the last token), {case}", targets.returns[mask],
+          t_returns[mask], tol=1e-5)
+    new = forward.logps(grad=True)
+    vpred = _trl_values(value_model, score, r)
+    pg, _, vf, _ = trl_ppo_losses(new, old, t_adv, vpred, t_values, t_returns, pm, pm1, method.cliprange,
+                                  method.cliprange_value)
+    loss = pg + method.vf_coef * vf
+    check("PPO LoRA", f"loss (policy + vf_coef x value), {case}", rec.losses[0], loss.detach(), tol=1e-6)
+    both = {**{f"policy.{k}": v for k, v in theirs.items()}, **{f"value.{k}": v for k, v in value_tensors.items()},
+            "value.head.weight": score.linear.weight, "value.head.bias": score.linear.bias}
+    params = list(both.values())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, LORA_OPTIM["max_grad_norm"])
+    grads = {k: p.grad.detach().clone() for k, p in both.items()}
+    decay = [p for k, p in both.items() if k != "value.head.bias"]
+    torch.optim.AdamW([{"params": decay}, {"params": [score.linear.bias], "weight_decay": 0.0}],
+                      lr=LORA_OPTIM["learning_rate"], weight_decay=LORA_OPTIM["weight_decay"]).step()
+    ours = {**{f"policy.{k}": v for k, v in _lora_tensors(method.bank.model, "policy").items()},
+            **{f"value.{k}": v for k, v in _lora_tensors(method.bank.model, "value").items()},
+            "value.head.weight": method.bank.heads[value_adapter].linear.weight,
+            "value.head.bias": method.bank.heads[value_adapter].linear.bias}
+    begin = {**{f"policy.{k}": v for k, v in start.items()}, **{f"value.{k}": v for k, v in value_start.items()},
+             "value.head.weight": head_start["weight"], "value.head.bias": head_start["bias"]}
+    _compare_step("PPO LoRA", f"{case} (policy, value {'adapter and ' * (critic == 'adapter')}head)", ours, rec,
+                  grads, both, begin)
+    _after_step("PPO LoRA", case, method, scored, forward)
+    if reward_dir:
+        saved = load_file(f"{reward_dir}/adapter_model.safetensors")
+        moved = max((p.detach() - saved[f"base_model.model.{key}"]).abs().max().item()
+                    for key, p in _lora_tensors(method.bank.model, "reward").items())
+        check("PPO LoRA", "reward adapter after the step: as loaded", moved, 0.0, tol=0.0)
+        check("PPO LoRA", "reward adapter scores on the bank vs a sequence-classification model carrying it",
+              scored.scores, _trl_reward(reward_dir, r), tol=1e-5)
+
+
+def _trl_reward(reward_dir: str, rollout) -> torch.Tensor:
+    """A reward adapter read as TRL reads a reward model: ``AutoModelForSequenceClassification`` with the adapter
+    loaded (peft), its ``score`` our head's weight (+ its bias, which TRL's head lacks), at the last non-pad token of
+    prompt + response right-padded. On the rollout's own ids: TRL re-tokenizes the decoded text, which drops the
+    EOS a reward adapter on the bank reads (README, reward sources)."""
+    from peft import PeftConfig, PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from lit_rlhf.models.saving import HEAD_FILE
+    from tests.paths import TOY_BASE
+
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()  # its load report: the LM head unused, the score head new
+    base = AutoModelForSequenceClassification.from_pretrained(TOY_BASE, num_labels=1)
+    transformers.utils.logging.set_verbosity(verbosity)
+    head = load_file(f"{reward_dir}/{HEAD_FILE}")
+    with torch.no_grad():
+        base.score.weight.copy_(head["linear.weight"])
+    config = PeftConfig.from_pretrained(reward_dir)
+    config.task_type = None  # saved as a causal LM's adapter: the same LoRA tensors on the classifier's trunk
+    model = PeftModel.from_pretrained(base, reward_dir, config=config).eval()
+    rows = []
+    for p, pm, c, cm in zip(rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask):
+        rows.append(torch.cat([p[pm.bool()], c[cm.bool()]]))
+    width = max(len(x) for x in rows)
+    pad = model.config.pad_token_id
+    ids = torch.stack([torch.cat([x, x.new_full((width - len(x),), pad)]) for x in rows])
+    attention = torch.stack([torch.arange(width) < len(x) for x in rows]).long()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, 0]
+    return logits + head["linear.bias"]
 
 
 def lora_checks() -> None:
@@ -915,6 +1109,10 @@ def lora_checks() -> None:
         for case, path in (("fresh adapter", None), ("from a loaded SFT adapter", sft_dir)):
             lora_grpo(case, path)
             lora_rloo(case, path)
+            lora_online_dpo(case, path)
+            lora_ppo(case, path)
+            lora_ppo(f"{case}, critic: shared", path, critic="shared")
+        lora_ppo("fresh adapter, reward adapter on the bank", None, reward_dir=_saved_reward_adapter(root))
 
 
 def main() -> None:
