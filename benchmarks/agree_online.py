@@ -725,6 +725,15 @@ class _Recorded:
         for name in ("rollout_and_score", "compute_advantages", "policy_loss"):
             inner = getattr(method, name)
             setattr(method, name, self._wrap(name, inner))
+        self.micro_batches: list[list[torch.Tensor]] = []
+        mini_batches = method.mini_batches
+
+        def recorded_mini_batches(rows, device):
+            for micros in mini_batches(rows, device):
+                self.micro_batches.append([m.clone() for m in micros])
+                yield micros
+
+        method.mini_batches = recorded_mini_batches
 
     def _wrap(self, name, inner):
         def recorded(*args, **kwargs):
@@ -756,7 +765,8 @@ def _fit_ours(cls, *, sft_dir=None, reward_dir=None, options=None):
         adapters.append(AdapterSpec("reward", path=reward_dir))
         rewards = [RewardSpec("adapter", adapter="reward")]
     temperature = options.pop("temperature", 0.7)
-    method = make_online(cls, adapters=adapters, rewards=rewards, update_epochs=1, num_mini_batches=1,
+    steps = dict(update_epochs=options.pop("update_epochs", 1), num_mini_batches=options.pop("num_mini_batches", 1))
+    method = make_online(cls, adapters=adapters, rewards=rewards, **steps,
                          sampling=SamplingConfig(max_new_tokens=6, temperature=temperature), **LORA_OPTIM, **options)
     method.configure_model()
     torch.manual_seed(3)
@@ -865,10 +875,11 @@ def _compare_rollout(method_name, case, scored, forward):
     return None
 
 
-def _after_step(method_name: str, case: str, method, scored, forward) -> None:
+def _after_step(method_name: str, case: str, method, scored, forward, theirs: dict) -> None:
     """After the step and one more generation by the trained policy (its LoRA merged into the base and the base
-    restored): the reference must still be the starting policy, the policy TRL's after its step, a frozen reward
-    adapter untouched."""
+    restored): the reference must still be the starting policy, and the policy's forward TRL's forward of the same
+    trained LoRA weights (ours, copied in: Adam amplifies float32 rounding where a gradient is near 0, so the two
+    runs' weights differ slightly in those entries)."""
     r = scored.rollout
     method.bank.generate(r.prompt_ids, r.prompt_mask, adapter=method.policy_adapter, max_new_tokens=4, do_sample=False)
     mask = r.response_mask.bool()
@@ -877,8 +888,15 @@ def _after_step(method_name: str, case: str, method, scored, forward) -> None:
         policy = method.policy_forward(r).logprobs
     check(method_name, f"reference log-probs after the step and a generation, {case}", ref[mask],
           forward.ref_logps()[mask], tol=1e-5)
-    check(method_name, f"policy log-probs after the step, {case}", policy[mask], forward.logps()[mask], tol=1e-4)
-
+    ours = _lora_tensors(method.bank.model, method.policy_adapter)
+    kept = {k: p.detach().clone() for k, p in theirs.items()}
+    with torch.no_grad():
+        for k, p in theirs.items():
+            p.copy_(ours[k])
+        check(method_name, f"policy log-probs after the step (our trained weights in TRL's model), {case}",
+              policy[mask], forward.logps()[mask], tol=1e-5)
+        for k, p in theirs.items():
+            p.copy_(kept[k])
 
 def lora_grpo(case: str, sft_dir: str | None) -> None:
     method, rec, start, _, temperature = _fit_ours(GRPO, sft_dir=sft_dir, options=dict(beta=0.04, loss_type="grpo"))
@@ -907,7 +925,51 @@ def lora_grpo(case: str, sft_dir: str | None) -> None:
         r.response_mask.bool()], kl[r.response_mask.bool()], tol=1e-5)
     grads = _trl_step(theirs, loss)
     _compare_step("GRPO LoRA", case, _lora_tensors(method.bank.model, "policy"), rec, grads, theirs, start)
-    _after_step("GRPO LoRA", case, method, scored, forward)
+    _after_step("GRPO LoRA", case, method, scored, forward, theirs)
+
+
+def lora_grpo_steps(case: str, sft_dir: str | None) -> None:
+    """GRPO with ``update_epochs: 2`` and ``num_mini_batches: 2`` (four optimizer steps on one rollout: ratios off 1
+    after the first, behaviour log-probs from their own forward) against TRL's ``num_iterations=2``,
+    ``steps_per_generation=2``, each step over the rows ours took (recorded), with one AdamW across the steps."""
+    method, rec, start, _, temperature = _fit_ours(GRPO, sft_dir=sft_dir, options=dict(
+        beta=0.04, loss_type="grpo", update_epochs=2, num_mini_batches=2))
+    scored = rec.rollout_and_score
+    model, theirs = _trl_policy(start, sft_dir, temperature)
+    whole = _TRLForward(model, scored.rollout, temperature)
+    ref = _compare_rollout("GRPO LoRA 4 steps", case, scored, whole)
+    old = whole.logps()
+    advantages, _ = trl_group_advantages(scored.scores, method.num_samples_per_prompt, "group")
+    optimizer = torch.optim.AdamW(list(theirs.values()), lr=LORA_OPTIM["learning_rate"],
+                                  weight_decay=LORA_OPTIM["weight_decay"])
+    losses = []
+    for micros in rec.micro_batches:
+        (rows,) = micros
+        r = Rollout(*(x[rows] for x in scored.rollout))
+        forward = _TRLForward(model, r, temperature)
+        stub = _stub(GRPOTrainer, None, None, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+                     importance_sampling_level="token", beta=method.beta,
+                     args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=2, report_to=[]),
+                     loss_type="grpo", epsilon_low=method.epsilon, epsilon_high=method.epsilon, use_vllm=False,
+                     max_completion_length=r.response_ids.shape[1], _entropy_bonus_enabled=False)
+        stub._get_per_token_logps_and_entropies = lambda model, *a, forward=forward, **kw: (
+            *forward.logps(grad=True, entropy=True), None)
+        inputs = dict(prompt_ids=r.prompt_ids, prompt_mask=r.prompt_mask, completion_ids=r.response_ids,
+                      completion_mask=r.response_mask, advantages=advantages[rows], old_per_token_logps=old[rows],
+                      ref_per_token_logps=ref[rows], num_items_in_batch=r.response_mask.sum())
+        loss = stub._compute_loss(model, inputs)
+        losses.append(loss.detach())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(theirs.values()), LORA_OPTIM["max_grad_norm"])
+        optimizer.step()
+        optimizer.zero_grad()
+    check("GRPO LoRA 4 steps", f"loss of each step, {case}", torch.stack(rec.losses), torch.stack(losses), tol=1e-5)
+    ours = _lora_tensors(method.bank.model, "policy")
+    moved = max((theirs[k].detach() - start[k]).abs().max().item() for k in theirs)
+    check("GRPO LoRA 4 steps", f"LoRA weights after four steps / largest move, {case}",
+          torch.cat([ours[k].detach().flatten() for k in sorted(theirs)]) / moved,
+          torch.cat([theirs[k].detach().flatten() for k in sorted(theirs)]) / moved, tol=1e-2)
+    _after_step("GRPO LoRA 4 steps", case, method, scored, whole, theirs)
 
 
 def lora_rloo(case: str, sft_dir: str | None) -> None:
@@ -930,7 +992,7 @@ def lora_rloo(case: str, sft_dir: str | None) -> None:
     # On-policy, ours is REINFORCE-LOO's gradient over the step's tokens, TRL's over its responses (README): the
     # same direction, a mean response length apart, which clipping to max_grad_norm (both sides past it) removes.
     _compare_step("RLOO LoRA", case, _lora_tensors(method.bank.model, "policy"), rec, grads, theirs, start)
-    _after_step("RLOO LoRA", case, method, scored, forward)
+    _after_step("RLOO LoRA", case, method, scored, forward, theirs)
 
 
 def lora_online_dpo(case: str, sft_dir: str | None) -> None:
@@ -1059,7 +1121,7 @@ def lora_ppo(case: str, sft_dir: str | None, reward_dir: str | None = None, crit
              "value.head.weight": head_start["weight"], "value.head.bias": head_start["bias"]}
     _compare_step("PPO LoRA", f"{case} (policy, value {'adapter and ' * (critic == 'adapter')}head)", ours, rec,
                   grads, both, begin)
-    _after_step("PPO LoRA", case, method, scored, forward)
+    _after_step("PPO LoRA", case, method, scored, forward, theirs)
     if reward_dir:
         saved = load_file(f"{reward_dir}/adapter_model.safetensors")
         moved = max((p.detach() - saved[f"base_model.model.{key}"]).abs().max().item()
@@ -1108,6 +1170,7 @@ def lora_checks() -> None:
         sft_dir = _saved_sft_adapter(root)
         for case, path in (("fresh adapter", None), ("from a loaded SFT adapter", sft_dir)):
             lora_grpo(case, path)
+            lora_grpo_steps(case, path)
             lora_rloo(case, path)
             lora_online_dpo(case, path)
             lora_ppo(case, path)
