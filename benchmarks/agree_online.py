@@ -667,19 +667,23 @@ def gkd_method_checks() -> None:
 
 LORA_R, LORA_ALPHA = 8, 16  # make_online's adapters
 LORA_OPTIM = dict(learning_rate=1e-2, weight_decay=0.5, max_grad_norm=0.05)
+ADAM_EPS = 1e-8
 
 
 def _canonical(name: str, adapter: str) -> str:
     name = name.split("base_model.model.", 1)[1]
-    return name.replace(f".{adapter}.", ".")
+    return name.replace(f".modules_to_save.{adapter}.", ".").replace(f".{adapter}.", ".")
 
 
 def _lora_tensors(model, adapter: str) -> dict[str, torch.nn.Parameter]:
-    return {_canonical(n, adapter): p for n, p in model.named_parameters() if f".{adapter}." in n and "lora_" in n}
+    """``adapter``'s trained tensors: its LoRA matrices and its whole copies of ``modules_to_save``."""
+    return {_canonical(n, adapter): p for n, p in model.named_parameters() if f".{adapter}." in n
+            and ("lora_" in n or ".modules_to_save." in n)}
 
 
-def _saved_sft_adapter(root: str) -> str:
-    """An SFT adapter saved by peft (as TRL's SFTTrainer leaves one), its LoRA away from zero."""
+def _saved_sft_adapter(root: str, modules_to_save: list[str] | None = None) -> str:
+    """An SFT adapter saved by peft (as TRL's SFTTrainer leaves one), its LoRA away from zero; ``modules_to_save``:
+    trained whole (TRL's SFT does so for the LM head when tokens are added), moved off the base too."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -688,13 +692,16 @@ def _saved_sft_adapter(root: str) -> str:
     torch.manual_seed(8)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(TOY_BASE),
                            LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear", lora_dropout=0.0,
-                                      task_type="CAUSAL_LM"))
+                                      task_type="CAUSAL_LM", modules_to_save=modules_to_save))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_" in n:
                 p.copy_(torch.randn_like(p) * 0.3)
-    model.save_pretrained(f"{root}/sft")
-    return f"{root}/sft"
+            elif ".modules_to_save." in n:
+                p.add_(torch.randn_like(p) * 0.3)
+    path = f"{root}/sft{'_' + '_'.join(modules_to_save) if modules_to_save else ''}"
+    model.save_pretrained(path)
+    return path
 
 
 def _saved_reward_adapter(root: str) -> str:
@@ -859,8 +866,11 @@ def _compare_step(method_name, case, ours_tensors, record, trl_grads, theirs, st
     check(method_name, f"LoRA clipped gradients / largest, {case}", ours_g * grad_scale / largest, theirs_g / largest,
           tol=1e-4, note=note)
     moved = max((theirs[k].detach() - start[k]).abs().max().item() for k in theirs)
-    ours_w = torch.cat([ours_tensors[k].detach().flatten() for k in sorted(theirs)])
-    theirs_w = torch.cat([theirs[k].detach().flatten() for k in sorted(theirs)])
+    # Adam's first step is about lr x sign(gradient): an entry whose gradient is float32 rounding noise (within
+    # 100x of Adam's eps) may step either way; those are left out, as in agree_with_trl_offline.py --lora.
+    kept = {k: trl_grads[k].abs() > 100 * ADAM_EPS for k in theirs}
+    ours_w = torch.cat([ours_tensors[k].detach()[kept[k]] for k in sorted(theirs)])
+    theirs_w = torch.cat([theirs[k].detach()[kept[k]] for k in sorted(theirs)])
     check(method_name, f"LoRA weights after one step / largest move, {case}", ours_w / moved, theirs_w / moved,
           tol=1e-2)
 
@@ -1176,6 +1186,9 @@ def lora_checks() -> None:
             lora_ppo(case, path)
             lora_ppo(f"{case}, critic: shared", path, critic="shared")
         lora_ppo("fresh adapter, reward adapter on the bank", None, reward_dir=_saved_reward_adapter(root))
+        with_head = _saved_sft_adapter(root, modules_to_save=["lm_head"])
+        lora_grpo("from a loaded SFT adapter + lm_head (modules_to_save)", with_head)
+        lora_ppo("from a loaded SFT adapter + lm_head (modules_to_save)", with_head)
 
 
 def main() -> None:
