@@ -772,9 +772,11 @@ def _fit_ours(cls, *, sft_dir=None, reward_dir=None, options=None):
         adapters.append(AdapterSpec("reward", path=reward_dir))
         rewards = [RewardSpec("adapter", adapter="reward")]
     temperature = options.pop("temperature", 0.7)
+    checkpointing = options.pop("gradient_checkpointing", False)
     steps = dict(update_epochs=options.pop("update_epochs", 1), num_mini_batches=options.pop("num_mini_batches", 1))
     method = make_online(cls, adapters=adapters, rewards=rewards, **steps,
                          sampling=SamplingConfig(max_new_tokens=6, temperature=temperature), **LORA_OPTIM, **options)
+    method.bank_spec.gradient_checkpointing = checkpointing
     method.configure_model()
     torch.manual_seed(3)
     with torch.no_grad():
@@ -1074,12 +1076,14 @@ def _trl_values(model, score, rollout) -> torch.Tensor:
     return values[:, context - 1 : -1] * rollout.response_mask
 
 
-def lora_ppo(case: str, sft_dir: str | None, reward_dir: str | None = None, critic: str = "adapter") -> None:
+def lora_ppo(case: str, sft_dir: str | None, reward_dir: str | None = None, critic: str = "adapter",
+             gradient_checkpointing: bool | list[str] = False) -> None:
     """PPO with its value adapter (``critic: adapter``). TRL 1.16 has no PPOTrainer: its last one (0.x) is written
     out above (``trl_ppo_targets``, ``trl_ppo_losses``); here on TRL's forward of the same LoRA policy, and its value
     model as a separate base carrying the same value adapter (TRL trains a whole separate model: by design)."""
     method, rec, start, value_start, temperature = _fit_ours(PPO, sft_dir=sft_dir, reward_dir=reward_dir,
-                                                             options=dict(kl_coef=0.05, critic=critic))
+                                                             options=dict(kl_coef=0.05, critic=critic,
+                                                                          gradient_checkpointing=gradient_checkpointing))
     scored, targets = rec.rollout_and_score, rec.compute_advantages
     model, theirs = _trl_policy(start, sft_dir, temperature)
     forward = _TRLForward(model, scored.rollout, temperature)
@@ -1186,6 +1190,8 @@ def lora_checks() -> None:
             lora_ppo(case, path)
             lora_ppo(f"{case}, critic: shared", path, critic="shared")
         lora_ppo("fresh adapter, reward adapter on the bank", None, reward_dir=_saved_reward_adapter(root))
+        lora_ppo("from a loaded SFT adapter, gradient_checkpointing: true", sft_dir, gradient_checkpointing=True)
+        lora_ppo("fresh adapter, gradient_checkpointing: [policy]", None, gradient_checkpointing=["policy"])
         with_head = _saved_sft_adapter(root, modules_to_save=["lm_head"])
         lora_grpo("from a loaded SFT adapter + lm_head (modules_to_save)", with_head)
         lora_ppo("from a loaded SFT adapter + lm_head (modules_to_save)", with_head)
