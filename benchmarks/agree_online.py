@@ -11,6 +11,16 @@ log-probs, ``GKDTrainer.generalized_jsd_loss``; TRL's advantage lines (inside
 ``_generate_and_score_completions``) are written out step by step with TRL's own ``nanstd``. It prints
 the largest absolute difference of each quantity (loss, its gradient, logged metrics). The differences
 that are by design are printed as such, with the relation that holds instead.
+
+``--lora`` instead trains LoRA adapters (r 8, alpha 16, all linear layers) on the toy base: each of GRPO, RLOO,
+Online DPO and PPO fits one rollout through Lightning (one AdamW step: decay 0.5, clipping 0.05; GRPO also four
+steps, two epochs x two mini-batches), from a fresh adapter (reference: the base, adapters off) and from a loaded
+SFT adapter (reference: its frozen copy; TRL: a ``PeftModel`` with GRPOTrainer's ``ref`` copy, or Online DPO's
+``create_reference_model``); TRL's side gets the recorded rollout on a peft model built apart from the same weights
+and compares behaviour / reference log-probs, KL, advantages, loss, clipped LoRA gradients and the weights after the
+step (see "LoRA mode" below).
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/agree_online.py --lora
 """
 
 from __future__ import annotations
