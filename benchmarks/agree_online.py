@@ -11,10 +11,22 @@ log-probs, ``GKDTrainer.generalized_jsd_loss``; TRL's advantage lines (inside
 ``_generate_and_score_completions``) are written out step by step with TRL's own ``nanstd``. It prints
 the largest absolute difference of each quantity (loss, its gradient, logged metrics). The differences
 that are by design are printed as such, with the relation that holds instead.
+
+``--lora`` instead trains LoRA adapters (r 8, alpha 16, all linear layers) on the toy base: each of GRPO, RLOO,
+Online DPO and PPO fits one rollout through Lightning (one AdamW step: decay 0.5, clipping 0.05; GRPO also four
+steps, two epochs x two mini-batches), from a fresh adapter (reference: the base, adapters off) and from a loaded
+SFT adapter (reference: its frozen copy; TRL: a ``PeftModel`` with GRPOTrainer's ``ref`` copy, or Online DPO's
+``create_reference_model``); TRL's side gets the recorded rollout on a peft model built apart from the same weights
+and compares behaviour / reference log-probs, KL, advantages, loss, clipped LoRA gradients and the weights after the
+step (see "LoRA mode" below).
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/agree_online.py --lora
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import sys
 import tempfile
@@ -25,6 +37,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 import transformers
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 from trl import GRPOTrainer, RLOOTrainer
 from trl.experimental.gkd import GKDTrainer
@@ -39,6 +52,7 @@ from lit_rlhf.methods.online_dpo import OnlineDPO
 from lit_rlhf.methods.ppo import PPO
 from lit_rlhf.methods.rloo import RLOO, RLOOTargets
 from lit_rlhf.models import BankSpec, LoraSpec
+from lit_rlhf.models.bank import eval_mode
 from lit_rlhf.rollout import Rollout, SamplingConfig, truncate_at_stop
 from lit_rlhf.toy.families import build_tiny
 from tests.methods.online_helpers import first_batch, make_online, perturbed
@@ -652,11 +666,555 @@ def gkd_method_checks() -> None:
             check("GKD", f"method loss on generated rows, beta={beta}", ours.detach(), theirs.detach(), tol=1e-6)
 
 
+# -- LoRA mode (--lora) ---------------------------------------------------------------------------
+# Each method fits one rollout here through Lightning (one optimizer step: update_epochs 1, one mini-batch), its
+# rollout recorded; TRL's side gets that same rollout on a peft model built independently from the same weights
+# (a fresh adapter: get_peft_model + the starting LoRA copied in; a loaded SFT adapter: PeftModel.from_pretrained
+# and TRL's "ref" copy of it, as GRPOTrainer.__init__ makes one), its log-probs from TRL's own fused forward
+# (``_get_per_token_logps_and_entropies``, reference through TRL's ``use_adapter``), its loss from TRL's code, then
+# clipping and one AdamW step as transformers' Trainer takes them. Compared: behaviour and reference log-probs,
+# KL, advantages, loss, the clipped LoRA gradients, the LoRA weights after the step.
+
+LORA_R, LORA_ALPHA = 8, 16  # make_online's adapters
+LORA_OPTIM = dict(learning_rate=1e-2, weight_decay=0.5, max_grad_norm=0.05)
+ADAM_EPS = 1e-8
+
+
+def _canonical(name: str, adapter: str) -> str:
+    name = name.split("base_model.model.", 1)[1]
+    return name.replace(f".modules_to_save.{adapter}.", ".").replace(f".{adapter}.", ".")
+
+
+def _lora_tensors(model, adapter: str) -> dict[str, torch.nn.Parameter]:
+    """``adapter``'s trained tensors: its LoRA matrices and its whole copies of ``modules_to_save``."""
+    return {_canonical(n, adapter): p for n, p in model.named_parameters() if f".{adapter}." in n
+            and ("lora_" in n or ".modules_to_save." in n)}
+
+
+def _saved_sft_adapter(root: str, modules_to_save: list[str] | None = None) -> str:
+    """An SFT adapter saved by peft (as TRL's SFTTrainer leaves one), its LoRA away from zero; ``modules_to_save``:
+    trained whole (TRL's SFT does so for the LM head when tokens are added), moved off the base too."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tests.paths import TOY_BASE
+
+    torch.manual_seed(8)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(TOY_BASE),
+                           LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear", lora_dropout=0.0,
+                                      task_type="CAUSAL_LM", modules_to_save=modules_to_save))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.3)
+            elif ".modules_to_save." in n:
+                p.add_(torch.randn_like(p) * 0.3)
+    path = f"{root}/sft{'_' + '_'.join(modules_to_save) if modules_to_save else ''}"
+    model.save_pretrained(path)
+    return path
+
+
+def _saved_reward_adapter(root: str) -> str:
+    """A reward adapter (LoRA + score head) as lit_rlhf's Reward method saves one, weights away from zero."""
+    from lit_rlhf.models import AdapterBank, AdapterSpec
+    from tests.paths import TOY_BASE
+
+    bank = AdapterBank(BankSpec(model=TOY_BASE, lora=LoraSpec(r=LORA_R, alpha=LORA_ALPHA)),
+                       require=[AdapterSpec("reward", head="score")])
+    torch.manual_seed(9)
+    with torch.no_grad():
+        for n, p in bank.named_parameters():
+            if "lora_" in n or n.startswith("heads."):
+                p.copy_(torch.randn_like(p) * 0.3)
+    bank.save_adapter("reward", f"{root}/reward")
+    return f"{root}/reward"
+
+
+class _Recorded:
+    """Our fit of one rollout: the scored rollout, its targets, the loss, the applied (clipped) gradients."""
+
+    def __init__(self, method):
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self.grads: dict[int, torch.Tensor] = {}
+        self.losses: list[torch.Tensor] = []
+        self.metrics: list[dict[str, torch.Tensor]] = []
+        self._handle = register_optimizer_step_post_hook(self._step)
+        for name in ("rollout_and_score", "compute_advantages", "policy_loss"):
+            inner = getattr(method, name)
+            setattr(method, name, self._wrap(name, inner))
+        self.micro_batches: list[list[torch.Tensor]] = []
+        mini_batches = method.mini_batches
+
+        def recorded_mini_batches(rows, device):
+            for micros in mini_batches(rows, device):
+                self.micro_batches.append([m.clone() for m in micros])
+                yield micros
+
+        method.mini_batches = recorded_mini_batches
+
+    def _wrap(self, name, inner):
+        def recorded(*args, **kwargs):
+            out = inner(*args, **kwargs)
+            if name == "policy_loss":
+                self.losses.append(out[0].detach())
+                self.metrics.append({k: torch.as_tensor(v).detach() for k, v in out[1].items()})
+            else:
+                setattr(self, name, out)
+            return out
+
+        return recorded
+
+    def _step(self, optimizer, args, kwargs):
+        self.grads = {id(p): p.grad.detach().clone() for g in optimizer.param_groups for p in g["params"]
+                      if p.grad is not None}
+        self._handle.remove()
+
+
+def _fit_ours(cls, *, sft_dir=None, reward_dir=None, options=None):
+    """Our method on the toy base in LoRA mode, its starting LoRA set, and one rollout fitted (one optimizer step)."""
+    from lit_rlhf.models import AdapterSpec
+    from lit_rlhf.rollout import RewardSpec
+    from tests.methods.online_helpers import TOY_REWARD, prompts, trainer
+
+    options = dict(options or {})
+    adapters = [AdapterSpec("policy", path=sft_dir)] if sft_dir else []
+    rewards = [TOY_REWARD]
+    if reward_dir:
+        adapters.append(AdapterSpec("reward", path=reward_dir))
+        rewards = [RewardSpec("adapter", adapter="reward")]
+    temperature = options.pop("temperature", 0.7)
+    checkpointing = options.pop("gradient_checkpointing", False)
+    steps = dict(update_epochs=options.pop("update_epochs", 1), num_mini_batches=options.pop("num_mini_batches", 1))
+    method = make_online(cls, adapters=adapters, rewards=rewards, **steps,
+                         sampling=SamplingConfig(max_new_tokens=6, temperature=temperature), **LORA_OPTIM, **options)
+    method.bank_spec.gradient_checkpointing = checkpointing
+    method.configure_model()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in method.bank.named_parameters():
+            if "lora_" in name and ".policy." in name and not sft_dir:  # a fresh adapter, moved off the base
+                p.copy_(torch.randn_like(p) * 0.3)
+            elif "lora_" in name and ".value." in name:
+                p.copy_(torch.randn_like(p) * 0.3)
+    start = {k: p.detach().clone() for k, p in _lora_tensors(method.bank.model, "policy").items()}
+    value_start = {k: p.detach().clone() for k, p in _lora_tensors(method.bank.model, "value").items()}
+    record = _Recorded(method)
+    heads = [h for h in method.bank.heads.values() if h.kind == "value"]
+    if heads:
+        record.head_start = [p.detach().clone() for p in heads[0].linear.parameters()]
+    pl.seed_everything(0, verbose=False)
+    trainer(1).fit(method, prompts(batch_size=2))
+    return method, record, start, value_start, temperature
+
+
+def _trl_policy(start: dict, sft_dir: str | None, temperature: float, ref_adapter: bool = True):
+    """TRL's policy: the same base with TRL's fused LM head, the same adapter; loaded: plus TRL's ``ref`` copy."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from tests.paths import TOY_BASE
+
+    base = AutoModelForCausalLM.from_pretrained(TOY_BASE)
+    add_fused_lm_head(base, temperature=temperature, outputs=("log_probs", "entropy"))
+    if sft_dir:
+        model = PeftModel.from_pretrained(base, sft_dir, is_trainable=True)
+    if sft_dir and ref_adapter:
+        # GRPOTrainer.__init__, a PeftModel with beta != 0: a frozen "ref" copy of the loaded adapter.
+        model.add_adapter("ref", model.peft_config["default"])
+        for name, param in model.named_parameters():
+            if ".default." in name:
+                model.get_parameter(name.replace(".default.", ".ref.")).data.copy_(param.data)
+                model.get_parameter(name.replace(".default.", ".ref.")).requires_grad_(False)
+    if not sft_dir:
+        model = get_peft_model(base, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear",
+                                                lora_dropout=0.0, task_type="CAUSAL_LM"))
+    theirs = _lora_tensors(model, "default")
+    assert set(theirs) == set(start), (sorted(set(theirs) ^ set(start)))[:4]
+    with torch.no_grad():
+        for key, p in theirs.items():
+            p.copy_(start[key])
+    model.train()
+    return model, theirs
+
+
+class _TRLForward:
+    """TRL's forward of the policy and of its reference on a rollout (GRPOTrainer's own code)."""
+
+    def __init__(self, model, rollout, temperature):
+        from trl.trainer.utils import use_adapter
+
+        self.model, self.rollout, self.use_adapter = model, rollout, use_adapter
+        self.stub = GRPOTrainer.__new__(GRPOTrainer)
+        self.stub.__dict__.update(accelerator=SimpleNamespace(autocast=contextlib.nullcontext, is_main_process=True), temperature=temperature,
+                                  args=SimpleNamespace(report_to=[]))
+
+    def logps(self, *, grad=False, entropy=False):
+        r = self.rollout
+        with torch.set_grad_enabled(grad):
+            logps, ent, _ = GRPOTrainer._get_per_token_logps_and_entropies(
+                self.stub, self.model, r.input_ids, r.attention_mask, r.response_ids.shape[1], compute_entropy=entropy)
+        return (logps * r.response_mask, ent) if entropy else logps * r.response_mask
+
+    def ref_logps(self):
+        with self.use_adapter(self.model, adapter_name="ref" if "ref" in self.model.peft_config else None):
+            return self.logps()
+
+
+def _trl_step(theirs: dict, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    """backward, clipping and one AdamW step as transformers' Trainer takes them (LoRA matrices decayed); returns
+    the clipped gradients."""
+    params = list(theirs.values())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, LORA_OPTIM["max_grad_norm"])
+    grads = {k: p.grad.detach().clone() for k, p in theirs.items()}
+    torch.optim.AdamW(params, lr=LORA_OPTIM["learning_rate"], weight_decay=LORA_OPTIM["weight_decay"]).step()
+    return grads
+
+
+def _compare_step(method_name, case, ours_tensors, record, trl_grads, theirs, start, grad_scale=1.0, note=""):
+    ours_g = torch.cat([record.grads[id(ours_tensors[k])].flatten() for k in sorted(theirs)])
+    theirs_g = torch.cat([trl_grads[k].flatten() for k in sorted(theirs)])
+    largest = theirs_g.abs().max()
+    check(method_name, f"LoRA clipped gradients / largest, {case}", ours_g * grad_scale / largest, theirs_g / largest,
+          tol=1e-4, note=note)
+    moved = max((theirs[k].detach() - start[k]).abs().max().item() for k in theirs)
+    # Adam's first step is about lr x sign(gradient): an entry whose gradient is float32 rounding noise (within
+    # 100x of Adam's eps) may step either way; those are left out, as in agree_with_trl_offline.py --lora.
+    kept = {k: trl_grads[k].abs() > 100 * ADAM_EPS for k in theirs}
+    ours_w = torch.cat([ours_tensors[k].detach()[kept[k]] for k in sorted(theirs)])
+    theirs_w = torch.cat([theirs[k].detach()[kept[k]] for k in sorted(theirs)])
+    check(method_name, f"LoRA weights after one step / largest move, {case}", ours_w / moved, theirs_w / moved,
+          tol=1e-2)
+
+
+def _compare_rollout(method_name, case, scored, forward):
+    mask = scored.rollout.response_mask.bool()
+    check(method_name, f"behaviour log-probs, {case}", scored.old_logprobs[mask], forward.logps()[mask], tol=1e-5)
+    if scored.ref_logprobs is not None:
+        ref = forward.ref_logps()
+        check(method_name, f"reference log-probs, {case}", scored.ref_logprobs[mask], ref[mask], tol=1e-5)
+        return ref
+    return None
+
+
+def _after_step(method_name: str, case: str, method, scored, forward, theirs: dict) -> None:
+    """After the step and one more generation by the trained policy (its LoRA merged into the base and the base
+    restored): the reference must still be the starting policy, and the policy's forward TRL's forward of the same
+    trained LoRA weights (ours, copied in: Adam amplifies float32 rounding where a gradient is near 0, so the two
+    runs' weights differ slightly in those entries)."""
+    r = scored.rollout
+    method.bank.generate(r.prompt_ids, r.prompt_mask, adapter=method.policy_adapter, max_new_tokens=4, do_sample=False)
+    mask = r.response_mask.bool()
+    with torch.no_grad(), eval_mode(method.bank):
+        ref = method.reference_logprobs(r)
+        policy = method.policy_forward(r).logprobs
+    check(method_name, f"reference log-probs after the step and a generation, {case}", ref[mask],
+          forward.ref_logps()[mask], tol=1e-5)
+    ours = _lora_tensors(method.bank.model, method.policy_adapter)
+    kept = {k: p.detach().clone() for k, p in theirs.items()}
+    with torch.no_grad():
+        for k, p in theirs.items():
+            p.copy_(ours[k])
+        check(method_name, f"policy log-probs after the step (our trained weights in TRL's model), {case}",
+              policy[mask], forward.logps()[mask], tol=1e-5)
+        for k, p in theirs.items():
+            p.copy_(kept[k])
+
+def lora_grpo(case: str, sft_dir: str | None) -> None:
+    method, rec, start, _, temperature = _fit_ours(GRPO, sft_dir=sft_dir, options=dict(beta=0.04, loss_type="grpo"))
+    scored, targets = rec.rollout_and_score, rec.compute_advantages
+    model, theirs = _trl_policy(start, sft_dir, temperature)
+    forward = _TRLForward(model, scored.rollout, temperature)
+    ref = _compare_rollout("GRPO LoRA", case, scored, forward)
+    advantages, _ = trl_group_advantages(scored.scores, method.num_samples_per_prompt, "group")
+    check("GRPO LoRA", f"advantages, {case}", targets.advantages, advantages)
+    old = forward.logps()
+    r = scored.rollout
+    stub = _stub(GRPOTrainer, None, None, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+                 importance_sampling_level="token", beta=method.beta,
+                 args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1, report_to=[]),
+                 loss_type="grpo", epsilon_low=method.epsilon, epsilon_high=method.epsilon, use_vllm=False,
+                 max_completion_length=r.response_ids.shape[1], _entropy_bonus_enabled=False)
+    stub._get_per_token_logps_and_entropies = lambda model, *a, **kw: (*forward.logps(grad=True, entropy=True), None)
+    inputs = dict(prompt_ids=r.prompt_ids, prompt_mask=r.prompt_mask, completion_ids=r.response_ids,
+                  completion_mask=r.response_mask, advantages=advantages, old_per_token_logps=old,
+                  ref_per_token_logps=ref, num_items_in_batch=r.response_mask.sum())
+    loss = stub._compute_loss(model, inputs)
+    check("GRPO LoRA", f"loss, {case}", rec.losses[0], loss.detach())
+    check("GRPO LoRA", f"objective/kl vs kl, {case}", rec.metrics[0]["objective/kl"],
+          torch.tensor(stub._metrics["train"]["kl"]).mean(), tol=1e-5)
+    grads = _trl_step(theirs, loss)
+    _compare_step("GRPO LoRA", case, _lora_tensors(method.bank.model, "policy"), rec, grads, theirs, start)
+    _after_step("GRPO LoRA", case, method, scored, forward, theirs)
+
+
+def lora_grpo_steps(case: str, sft_dir: str | None) -> None:
+    """GRPO with ``update_epochs: 2`` and ``num_mini_batches: 2`` (four optimizer steps on one rollout: ratios off 1
+    after the first, behaviour log-probs from their own forward) against TRL's ``num_iterations=2``,
+    ``steps_per_generation=2``, each step over the rows ours took (recorded), with one AdamW across the steps."""
+    method, rec, start, _, temperature = _fit_ours(GRPO, sft_dir=sft_dir, options=dict(
+        beta=0.04, loss_type="grpo", update_epochs=2, num_mini_batches=2))
+    scored = rec.rollout_and_score
+    model, theirs = _trl_policy(start, sft_dir, temperature)
+    whole = _TRLForward(model, scored.rollout, temperature)
+    ref = _compare_rollout("GRPO LoRA 4 steps", case, scored, whole)
+    old = whole.logps()
+    advantages, _ = trl_group_advantages(scored.scores, method.num_samples_per_prompt, "group")
+    optimizer = torch.optim.AdamW(list(theirs.values()), lr=LORA_OPTIM["learning_rate"],
+                                  weight_decay=LORA_OPTIM["weight_decay"])
+    losses = []
+    for micros in rec.micro_batches:
+        (rows,) = micros
+        r = Rollout(*(x[rows] for x in scored.rollout))
+        forward = _TRLForward(model, r, temperature)
+        stub = _stub(GRPOTrainer, None, None, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+                     importance_sampling_level="token", beta=method.beta,
+                     args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=2, report_to=[]),
+                     loss_type="grpo", epsilon_low=method.epsilon, epsilon_high=method.epsilon, use_vllm=False,
+                     max_completion_length=r.response_ids.shape[1], _entropy_bonus_enabled=False)
+        stub._get_per_token_logps_and_entropies = lambda model, *a, forward=forward, **kw: (
+            *forward.logps(grad=True, entropy=True), None)
+        inputs = dict(prompt_ids=r.prompt_ids, prompt_mask=r.prompt_mask, completion_ids=r.response_ids,
+                      completion_mask=r.response_mask, advantages=advantages[rows], old_per_token_logps=old[rows],
+                      ref_per_token_logps=ref[rows], num_items_in_batch=r.response_mask.sum())
+        loss = stub._compute_loss(model, inputs)
+        losses.append(loss.detach())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(theirs.values()), LORA_OPTIM["max_grad_norm"])
+        optimizer.step()
+        optimizer.zero_grad()
+    check("GRPO LoRA 4 steps", f"loss of each step, {case}", torch.stack(rec.losses), torch.stack(losses), tol=1e-5)
+    ours = _lora_tensors(method.bank.model, "policy")
+    moved = max((theirs[k].detach() - start[k]).abs().max().item() for k in theirs)
+    check("GRPO LoRA 4 steps", f"LoRA weights after four steps / largest move, {case}",
+          torch.cat([ours[k].detach().flatten() for k in sorted(theirs)]) / moved,
+          torch.cat([theirs[k].detach().flatten() for k in sorted(theirs)]) / moved, tol=1e-2)
+    _after_step("GRPO LoRA 4 steps", case, method, scored, whole, theirs)
+
+
+def lora_rloo(case: str, sft_dir: str | None) -> None:
+    method, rec, start, _, temperature = _fit_ours(RLOO, sft_dir=sft_dir, options=dict(kl_coef=0.05))
+    scored, targets = rec.rollout_and_score, rec.compute_advantages
+    model, theirs = _trl_policy(start, sft_dir, temperature)
+    forward = _TRLForward(model, scored.rollout, temperature)
+    ref = _compare_rollout("RLOO LoRA", case, scored, forward)
+    old = forward.logps()
+    r = scored.rollout
+    seq_kl = ((old - ref) * r.response_mask).sum(1)
+    advantages = trl_rloo_advantages(scored.scores, seq_kl, 0.05, method.num_samples_per_prompt, False)
+    check("RLOO LoRA", f"advantages (KL in the reward), {case}", targets.advantages, advantages, tol=1e-5)
+    stub = _stub(RLOOTrainer, None, None, epsilon_low=0.2, epsilon_high=0.2)
+    stub._get_per_token_logps_and_entropies = lambda model, *a, **kw: (*forward.logps(grad=True, entropy=True), None)
+    inputs = dict(prompt_ids=r.prompt_ids, prompt_mask=r.prompt_mask, completion_ids=r.response_ids,
+                  completion_mask=r.response_mask, advantages=advantages, old_logps=old.sum(1))
+    loss = stub._compute_loss(model, inputs)
+    grads = _trl_step(theirs, loss)
+    # On-policy, ours is REINFORCE-LOO's gradient over the step's tokens, TRL's over its responses (README): the
+    # same direction, a mean response length apart, which clipping to max_grad_norm (both sides past it) removes.
+    _compare_step("RLOO LoRA", case, _lora_tensors(method.bank.model, "policy"), rec, grads, theirs, start)
+    _after_step("RLOO LoRA", case, method, scored, forward, theirs)
+
+
+def lora_online_dpo(case: str, sft_dir: str | None) -> None:
+    """TRL's OnlineDPOTrainer: log-probs at temperature 1 (``_forward``); the reference is the base with the adapter
+    disabled (a fresh adapter, ``peft_config``), or a frozen copy of the loaded PeftModel (``create_reference_model``)."""
+    import copy
+
+    from trl.experimental.online_dpo import OnlineDPOTrainer
+
+    method, rec, start, _, _ = _fit_ours(OnlineDPO, sft_dir=sft_dir, options=dict(temperature=1.0, beta=0.1, num_samples_per_prompt=2))
+    scored = rec.rollout_and_score
+    model, theirs = _trl_policy(start, sft_dir, 1.0, ref_adapter=False)
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if sft_dir else None
+    r = scored.rollout
+    stub = OnlineDPOTrainer.__new__(OnlineDPOTrainer)
+    stub.max_length = 10_000
+
+    def forward(m):
+        return stub._forward(m, r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask) * r.response_mask
+
+    mask = r.response_mask.bool()
+    with torch.no_grad():
+        if reference is None:
+            with model.disable_adapter():
+                ref = forward(model)
+        else:
+            ref = forward(reference)
+    check("OnlineDPO LoRA", f"reference log-probs, {case}", scored.ref_logprobs[mask], ref[mask], tol=1e-5)
+    logps = forward(model)
+    # TRL's rows: first samples, then second samples; a tie trains with the first as chosen, ours weighs 0 (README):
+    # TRL's loss over the untied pairs.
+    first, second = torch.arange(0, r.response_ids.shape[0], 2), torch.arange(1, r.response_ids.shape[0], 2)
+    untied = scored.scores[first] != scored.scores[second]
+    order = torch.cat([first[untied], second[untied]])
+    loss = trl_online_dpo_loss(scored.scores[order], logps.sum(1)[order], ref.sum(1)[order], method.beta, "sigmoid")
+    check("OnlineDPO LoRA", f"loss over untied pairs ({int(untied.sum())} of {untied.numel()}), {case}", rec.losses[0],
+          loss.detach(), tol=1e-6)
+    grads = _trl_step(theirs, loss)
+    _compare_step("OnlineDPO LoRA", case, _lora_tensors(method.bank.model, "policy"), rec, grads, theirs, start)
+
+
+def _value_model(value_start: dict, head: torch.nn.Module):
+    """TRL 0.x PPO's value model, written out on a LoRA adapter: a separate base carrying the value adapter (the same
+    starting weights), ``score`` = our value head (TRL's sequence-classification head has no bias; ours does)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tests.paths import TOY_BASE
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(TOY_BASE),
+                           LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules="all-linear", lora_dropout=0.0,
+                                      task_type="CAUSAL_LM"))
+    tensors = _lora_tensors(model, "default")
+    with torch.no_grad():
+        for key, p in tensors.items():
+            p.copy_(value_start[key])
+    score = copy.deepcopy(head)
+    return model, score, tensors
+
+
+def _trl_values(model, score, rollout) -> torch.Tensor:
+    """TRL 0.x ``get_reward`` on the value model, sliced ``[context_length - 1 : -1]`` (the positions predicting each
+    response token)."""
+    mask = rollout.attention_mask
+    out = model.get_base_model().model(input_ids=rollout.input_ids, attention_mask=mask,
+                                       position_ids=mask.cumsum(1) - mask, use_cache=False)
+    values = score(out.last_hidden_state)
+    context = rollout.prompt_ids.shape[1]
+    return values[:, context - 1 : -1] * rollout.response_mask
+
+
+def lora_ppo(case: str, sft_dir: str | None, reward_dir: str | None = None, critic: str = "adapter",
+             gradient_checkpointing: bool | list[str] = False) -> None:
+    """PPO with its value adapter (``critic: adapter``). TRL 1.16 has no PPOTrainer: its last one (0.x) is written
+    out above (``trl_ppo_targets``, ``trl_ppo_losses``); here on TRL's forward of the same LoRA policy, and its value
+    model as a separate base carrying the same value adapter (TRL trains a whole separate model: by design)."""
+    method, rec, start, value_start, temperature = _fit_ours(PPO, sft_dir=sft_dir, reward_dir=reward_dir,
+                                                             options=dict(kl_coef=0.05, critic=critic,
+                                                                          gradient_checkpointing=gradient_checkpointing))
+    scored, targets = rec.rollout_and_score, rec.compute_advantages
+    model, theirs = _trl_policy(start, sft_dir, temperature)
+    forward = _TRLForward(model, scored.rollout, temperature)
+    ref = _compare_rollout("PPO LoRA", case, scored, forward)
+    head_start = {"weight": rec.head_start[0], "bias": rec.head_start[1]}
+    value_adapter = "value" if critic == "adapter" else "policy"
+    head = copy.deepcopy(method.bank.heads[value_adapter])
+    with torch.no_grad():
+        head.linear.weight.copy_(head_start["weight"])
+        head.linear.bias.copy_(head_start["bias"])
+    if critic == "adapter":
+        value_model, score, value_tensors = _value_model(value_start, head)
+    else:  # the value head on the policy's own trunk: TRL has no such critic; written out on TRL's policy
+        value_model, score, value_tensors = model, head, {}
+    r = scored.rollout
+    mask = r.response_mask.bool()
+    with torch.no_grad():
+        values = _trl_values(value_model, score, r)
+    check("PPO LoRA", f"rollout values (value adapter + head), {case}", scored.old_values[mask], values[mask], tol=1e-5)
+    old = forward.logps()
+    lengths = r.response_mask.sum(1)
+    t_adv, t_returns, t_values, pm, pm1 = trl_ppo_targets(scored.scores, old, ref, values, lengths - 1,
+                                                          method.kl_controller.value, method.gamma, method.lam, False,
+                                                          p1=False)
+    check("PPO LoRA", f"advantages (TRL's score moved onto the last token), {case}", targets.advantages[mask],
+          t_adv[mask], tol=1e-5)
+    check("PPO LoRA", f"returns (TRL's score moved onto the last token), {case}", targets.returns[mask],
+          t_returns[mask], tol=1e-5)
+    new = forward.logps(grad=True)
+    vpred = _trl_values(value_model, score, r)
+    pg, _, vf, _ = trl_ppo_losses(new, old, t_adv, vpred, t_values, t_returns, pm, pm1, method.cliprange,
+                                  method.cliprange_value)
+    loss = pg + method.vf_coef * vf
+    check("PPO LoRA", f"loss (policy + vf_coef x value), {case}", rec.losses[0], loss.detach(), tol=1e-6)
+    both = {**{f"policy.{k}": v for k, v in theirs.items()}, **{f"value.{k}": v for k, v in value_tensors.items()},
+            "value.head.weight": score.linear.weight, "value.head.bias": score.linear.bias}
+    params = list(both.values())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, LORA_OPTIM["max_grad_norm"])
+    grads = {k: p.grad.detach().clone() for k, p in both.items()}
+    decay = [p for k, p in both.items() if k != "value.head.bias"]
+    torch.optim.AdamW([{"params": decay}, {"params": [score.linear.bias], "weight_decay": 0.0}],
+                      lr=LORA_OPTIM["learning_rate"], weight_decay=LORA_OPTIM["weight_decay"]).step()
+    ours = {**{f"policy.{k}": v for k, v in _lora_tensors(method.bank.model, "policy").items()},
+            **{f"value.{k}": v for k, v in _lora_tensors(method.bank.model, "value").items()},
+            "value.head.weight": method.bank.heads[value_adapter].linear.weight,
+            "value.head.bias": method.bank.heads[value_adapter].linear.bias}
+    begin = {**{f"policy.{k}": v for k, v in start.items()}, **{f"value.{k}": v for k, v in value_start.items()},
+             "value.head.weight": head_start["weight"], "value.head.bias": head_start["bias"]}
+    _compare_step("PPO LoRA", f"{case} (policy, value {'adapter and ' * (critic == 'adapter')}head)", ours, rec,
+                  grads, both, begin)
+    _after_step("PPO LoRA", case, method, scored, forward, theirs)
+    if reward_dir:
+        saved = load_file(f"{reward_dir}/adapter_model.safetensors")
+        moved = max((p.detach() - saved[f"base_model.model.{key}"]).abs().max().item()
+                    for key, p in _lora_tensors(method.bank.model, "reward").items())
+        check("PPO LoRA", "reward adapter after the step: as loaded", moved, 0.0, tol=0.0)
+        check("PPO LoRA", "reward adapter scores on the bank vs a sequence-classification model carrying it",
+              scored.scores, _trl_reward(reward_dir, r), tol=1e-5)
+
+
+def _trl_reward(reward_dir: str, rollout) -> torch.Tensor:
+    """A reward adapter read as TRL reads a reward model: ``AutoModelForSequenceClassification`` with the adapter
+    loaded (peft), its ``score`` our head's weight (+ its bias, which TRL's head lacks), at the last non-pad token of
+    prompt + response right-padded. On the rollout's own ids: TRL re-tokenizes the decoded text, which drops the
+    EOS a reward adapter on the bank reads (README, reward sources)."""
+    from peft import PeftConfig, PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from lit_rlhf.models.saving import HEAD_FILE
+    from tests.paths import TOY_BASE
+
+    verbosity = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()  # its load report: the LM head unused, the score head new
+    base = AutoModelForSequenceClassification.from_pretrained(TOY_BASE, num_labels=1)
+    transformers.utils.logging.set_verbosity(verbosity)
+    head = load_file(f"{reward_dir}/{HEAD_FILE}")
+    with torch.no_grad():
+        base.score.weight.copy_(head["linear.weight"])
+    config = PeftConfig.from_pretrained(reward_dir)
+    config.task_type = None  # saved as a causal LM's adapter: the same LoRA tensors on the classifier's trunk
+    model = PeftModel.from_pretrained(base, reward_dir, config=config).eval()
+    rows = []
+    for p, pm, c, cm in zip(rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask):
+        rows.append(torch.cat([p[pm.bool()], c[cm.bool()]]))
+    width = max(len(x) for x in rows)
+    pad = model.config.pad_token_id
+    ids = torch.stack([torch.cat([x, x.new_full((width - len(x),), pad)]) for x in rows])
+    attention = torch.stack([torch.arange(width) < len(x) for x in rows]).long()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, 0]
+    return logits + head["linear.bias"]
+
+
+def lora_checks() -> None:
+    with tempfile.TemporaryDirectory() as root:
+        sft_dir = _saved_sft_adapter(root)
+        for case, path in (("fresh adapter", None), ("from a loaded SFT adapter", sft_dir)):
+            lora_grpo(case, path)
+            lora_grpo_steps(case, path)
+            lora_rloo(case, path)
+            lora_online_dpo(case, path)
+            lora_ppo(case, path)
+            lora_ppo(f"{case}, critic: shared", path, critic="shared")
+        lora_ppo("fresh adapter, reward adapter on the bank", None, reward_dir=_saved_reward_adapter(root))
+        lora_ppo("from a loaded SFT adapter, gradient_checkpointing: true", sft_dir, gradient_checkpointing=True)
+        lora_ppo("fresh adapter, gradient_checkpointing: [policy]", None, gradient_checkpointing=["policy"])
+        with_head = _saved_sft_adapter(root, modules_to_save=["lm_head"])
+        lora_grpo("from a loaded SFT adapter + lm_head (modules_to_save)", with_head)
+        lora_ppo("from a loaded SFT adapter + lm_head (modules_to_save)", with_head)
+
+
 def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     show_all = "--all" in sys.argv
     torch.manual_seed(0)
+    if "--lora" in sys.argv:
+        lora_checks()
+        return report(show_all)
     grpo_checks()
     grpo_dapo_steps_checks()
     grpo_entropy_bonus_checks()
@@ -667,6 +1225,10 @@ def main() -> None:
     online_dpo_checks()
     gkd_checks()
     gkd_method_checks()
+    report(show_all)
+
+
+def report(show_all: bool) -> None:
     width = max(len(f"{m} {w}") for m, w, _, _ in ROWS)
     for method, what, diff, verdict in ROWS:
         if show_all or verdict != "agree":

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers
 from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -502,11 +502,14 @@ class AdapterBank(nn.Module):
 
     def _lora_config(self, adapter: AdapterSpec, base: nn.Module) -> LoraConfig:
         lora = adapter.lora or self.spec.lora
+        target_modules = lora.target_modules
+        if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
+            target_modules = set(self._all_linear)
         return LoraConfig(
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
+            target_modules=target_modules,
             # GPT-2-style Conv1D layers store the weight transposed.
             fan_in_fan_out=any(isinstance(m, Conv1D) for m in base.modules()),
             task_type="CAUSAL_LM",
@@ -519,6 +522,11 @@ class AdapterBank(nn.Module):
             return self._wrap_with_adapters(base)
 
     def _wrap_with_adapters(self, base) -> PeftModel:
+        # "all-linear" resolved once, on the bare base, by peft's own rule: peft resolves it on the model it is
+        # handed, and once a loaded adapter has wrapped the LM head whole (`modules_to_save`) it no longer sees that
+        # wrapper as the output layer, so a fresh adapter added after it got LoRA on the LM head (both copies), and a
+        # second load of that adapter (the policy's `reference` copy) failed.
+        self._all_linear = _maybe_include_all_linear_layers(LoraConfig(target_modules="all-linear"), base).target_modules
         model = None
         for a in self.adapters.values():
             if model is None:

@@ -188,6 +188,28 @@ def test_an_adapter_with_lora_biases_is_refused_before_it_overwrites_the_base(bi
         AdapterBank(BankSpec(adapters=[AdapterSpec("policy", path=str(tmp_path / "sft"))]))
 
 
+def test_all_linear_targets_the_same_layers_after_an_adapter_that_saved_the_lm_head_whole(tmp_path):
+    """PPO's bank from an SFT adapter that trained the LM head whole (``modules_to_save``, as TRL's SFT does for
+    added tokens): peft resolved the value adapter's ``all-linear`` on the wrapped model, put LoRA on the LM head
+    (both copies), and the policy's reference copy then failed to load."""
+    from peft import LoraConfig, get_peft_model
+
+    sft = get_peft_model(AutoModelForCausalLM.from_pretrained("assets/toy/base"),
+                         LoraConfig(r=2, target_modules="all-linear", modules_to_save=["lm_head"]))
+    sft.save_pretrained(tmp_path / "sft")
+    spec = BankSpec(adapters=[AdapterSpec("policy", path=str(tmp_path / "sft"))])
+    bank = AdapterBank(spec, require=[AdapterSpec("policy"), AdapterSpec("value", head="value")], reference_of="policy")
+    alone = AdapterBank(BankSpec(), require=[AdapterSpec("value", head="value")])
+
+    def lora_layers(b):
+        return sorted(n.split(".lora_A.")[0].replace("base_model.model.", "")
+                      for n, _ in b.named_parameters() if ".lora_A.value." in n)
+
+    assert lora_layers(bank) == lora_layers(alone)
+    assert not any("lm_head" in n for n in lora_layers(bank))
+    assert bank.reference_adapter is not None
+
+
 def test_pad_token_rule_is_stated_and_logged(tmp_path, caplog):
     tokenizer = AutoTokenizer.from_pretrained("assets/toy/base")
     tokenizer.pad_token = None
