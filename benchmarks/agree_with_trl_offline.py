@@ -19,7 +19,9 @@ weights and the same ``LoraConfig`` (r 4, alpha 12, all linear layers, no dropou
 adapter (reference: the base with adapters off; DPO also on a 4-bit base, on Llama) and from a saved SFT adapter
 (reference: its frozen copy, TRL's ``ref`` adapter, or log-probs precomputed from it; DPO also from one saved
 with the LM head in ``modules_to_save``, on Llama), reward modelling (TRL: a sequence-classification model, ``task_type=SEQ_CLS``)
-and SFT, on each model. Columns: the trained tensors (the same names and starting values), each step's loss,
+and SFT, on each model; on Llama also the rest of the DPO family (``lora_dpo_family``: every DPO loss type fresh, from
+the SFT adapter and precomputed from it, RPO, TR-DPO, ``reference_free``, SimPO, CPO, CPO-SimPO, gradient
+checkpointing). Columns: the trained tensors (the same names and starting values), each step's loss,
 the first step's clipped gradients, the weights after both steps (tolerances: ``LORA_GRADIENTS_TOL``,
 ``WEIGHTS_TOL``).
 
@@ -31,6 +33,7 @@ applying it, which must agree. Anything else prints ``DIFFERS`` and the script e
     pip install -e ".[bench]"                      # TRL, pinned; never a runtime dependency
     OMP_NUM_THREADS=1 python benchmarks/agree_with_trl_offline.py
     OMP_NUM_THREADS=1 python benchmarks/agree_with_trl_offline.py --lora
+    OMP_NUM_THREADS=1 python benchmarks/agree_with_trl_offline.py --lora --only TR-DPO SimPO   # runs named so
 """
 
 from __future__ import annotations
@@ -43,11 +46,13 @@ import tempfile
 import types
 import warnings
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 TOL = 1e-5
+ONLY: list[str] = []  # --only: run the LoRA rows whose name holds one of these words
 PREFERENCE, UNPAIRED, SFT_DATA = (f"assets/toy/data/{name}_train.jsonl" for name in ("preference", "unpaired", "sft"))
 COLUMNS = ("tokenization", "logps", "loss", "metrics", "gradients")
 NOTES = {
@@ -658,6 +663,8 @@ LORA_NOTES = {
     "sft_dropout": "SFT: TRL's SFTTrainer trains with the model's dropout (GPT-2's config: 0.1); our bank zeroes every "
                    "dropout by default (`bank.disable_dropout`, as TRL's DPO, KTO and reward trainers do): compared "
                    "with TRL's dropout zeroed (README, LoRA settings against TRL and peft)",
+    "bco_delta": "bco_pair: our δ is the running mean of past batch-mean rewards (the paper, TRL 0.x); TRL 1.16's "
+                 "is 0 (README loss table): compared with ours at δ = 0",
     "qlora_dtype": "QLoRA: TRL casts the adapter of a quantized model to bfloat16; ours stays in the bank's dtype "
                    "(float32 here): compared with TRL's cast back to float32 (README, LoRA settings against TRL and peft)",
 }
@@ -752,8 +759,11 @@ def lora_row(table: Table, name: str, ours: dict, theirs: dict, start: dict, our
 def lora_pair(method_cls, trainer_cls, config_cls, model_dir: str, rows: list[dict], data_cls, *, adapter: str,
               trl_model, out: str, peft_config=None, bank_adapters=(), ours_kwargs=None, trl_kwargs=None,
               trl_rows=None, copy_start: bool = True, excused=None, table: Table, name: str,
-              trl_dropout_note: str | None = None, train_mode: str = "lora") -> None:
-    """One method on one model: ours through Lightning, TRL through its trainer, from the same LoRA weights."""
+              trl_dropout_note: str | None = None, train_mode: str = "lora", bank_kwargs=None, trl_callbacks=(),
+              aligned: tuple[Callable, str] | None = None, float64: bool = False) -> None:
+    """One method on one model: ours through Lightning, TRL through its trainer, from the same LoRA weights.
+    ``aligned``: a change to our method that applies TRL's convention where it differs by design, and its note.
+    ``float64``: both sides in float64, for a run whose float32 rounding Adam amplifies past the tolerances."""
     import json
 
     import lightning.pytorch as pl
@@ -761,12 +771,20 @@ def lora_pair(method_cls, trainer_cls, config_cls, model_dir: str, rows: list[di
 
     from lit_rlhf.models import BankSpec, LoraSpec
 
-    rows_file = Path(out) / f"{name.replace(' ', '_')}.jsonl"
+    if ONLY and not any(word in name for word in ONLY):
+        return
+    rows_file = Path(out) / f"{name.replace(' ', '_').replace('/', '_')}.jsonl"
     rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ours = method_cls(bank=BankSpec(model=model_dir, train_mode=train_mode, lora=LoraSpec(**LORA),
-                                    adapters=list(bank_adapters)),
+                                    adapters=list(bank_adapters), **(bank_kwargs or {})),
                       learning_rate=OPTIM["learning_rate"], weight_decay=OPTIM["weight_decay"], **(ours_kwargs or {}))
     ours.configure_model()
+    if float64:
+        ours.bank.double()
+        trl_model = trl_model.double()
+    if aligned is not None:
+        aligned[0](ours)
+        table.add(name, "adapter", float("inf"), aligned[1])
     ours_trained = trained(ours.bank, adapter)
     if copy_start:  # B away from 0, so that A has a gradient and the reference differs from the policy
         torch.manual_seed(7)
@@ -782,7 +800,7 @@ def lora_pair(method_cls, trainer_cls, config_cls, model_dir: str, rows: list[di
                       max_grad_norm=OPTIM["max_grad_norm"], lr_scheduler_type="constant", warmup_steps=0,
                       logging_steps=1, seed=0, **(trl_kwargs or {}))
     trainer = trainer_cls(model=trl_model, args=args, processing_class=ours.tokenizer, peft_config=peft_config,
-                          train_dataset=Dataset.from_list(trl_rows or rows))
+                          train_dataset=Dataset.from_list(trl_rows or rows), callbacks=list(trl_callbacks))
     if trl_dropout_note and any(m.p > 0 for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout)):
         from trl.trainer.utils import disable_dropout_in_model
 
@@ -881,6 +899,8 @@ def lora(table: Table, models: dict[str, str], out: str) -> None:
             lora_pair(DPO, DPOTrainer, DPOConfig, model_dir, preference, PreferenceDataModule, adapter="policy",
                       **loaded(sft_dir), out=out, ours_kwargs=dict(beta=0.3), trl_kwargs=dict(beta=0.3, **length),
                       table=table, name=f"DPO from SFT adapter{' + lm_head' if saved_modules else ''} {family}")
+        if family == "llama":
+            lora_dpo_family(table, model_dir, out, preference, peft, loaded, causal)
         if family == "llama":  # reference log-probs computed once before training, from the loaded adapter
             lora_pair(DPO, DPOTrainer, DPOConfig, model_dir, preference, PreferenceDataModule, adapter="policy",
                       **loaded(Path(out) / f"sft_adapter_{family}"), out=out,
@@ -891,9 +911,11 @@ def lora(table: Table, models: dict[str, str], out: str) -> None:
         # precomputes the reference (the KL pairs are then fixed in the data, as TRL's are).
         kto = dict(trl_rows=unpaired[::-1], ours_kwargs=dict(beta=0.3, precompute_ref_logps=True),
                    trl_kwargs=dict(beta=0.3, **length), table=table)
+        # TRL's reference for a `peft_config` adapter is the base with adapters off; ours precomputes the starting
+        # policy, which the B moved off zero above makes differ from the base: `bank.reference: base` is TRL's.
         lora_pair(KTO, KTOTrainer, KTOConfig, model_dir, unpaired, UnpairedDataModule, adapter="policy",
                   trl_model=causal(), peft_config=LoraConfig(**peft, task_type="CAUSAL_LM"), out=out, **kto,
-                  name=f"KTO {family}")
+                  bank_kwargs=dict(reference="base"), name=f"KTO {family}")
         lora_pair(KTO, KTOTrainer, KTOConfig, model_dir, unpaired, UnpairedDataModule, adapter="policy",
                   **loaded(Path(out) / f"sft_adapter_{family}"), out=out, **kto, name=f"KTO from SFT adapter {family}")
         scorer = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
@@ -906,11 +928,119 @@ def lora(table: Table, models: dict[str, str], out: str) -> None:
                   trl_kwargs=length, trl_dropout_note="sft_dropout", table=table, name=f"SFT {family}")
 
 
+def tr_dpo_sync(alpha: float, steps: int):
+    """TR-DPO on TRL's side (its DPOTrainer refuses ``sync_ref_model`` with peft): after every ``steps``-th optimizer
+    step its frozen ``ref`` adapter (the loaded adapter's copy) moves toward the trained one, ``ref <- a policy +
+    (1-a) ref`` on each LoRA factor and saved module, as ours mixes its ``policy_reference`` adapter."""
+    from transformers import TrainerCallback
+
+    class Sync(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % steps:
+                return
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, ref in params.items():
+                    if ".ref." in name:
+                        ref.lerp_(params[name.replace(".ref.", ".default.")], alpha)
+
+    return Sync()
+
+
+def lora_dpo_family(table: Table, model_dir: str, out: str, rows: list[dict], peft: dict, loaded: Callable,
+                    causal: Callable) -> None:
+    """The rest of the DPO family, LoRA, on one model: every other DPO loss type (fresh adapter; from the saved SFT
+    adapter with its live frozen copy; and with reference log-probs precomputed from it), RPO's NLL term, TR-DPO from
+    an adapter with a saved LM head, ``reference_free``, SimPO, CPO and CPO-SimPO (TRL's experimental CPO trainer;
+    ``reference_free`` DPO is its sigmoid loss without NLL), and gradient checkpointing (non-reentrant) on both
+    sides. ORPO is left out: TRL's NLL covers the prompt tokens too (README loss table), which no choice of rows
+    aligns."""
+    from peft import LoraConfig
+    from trl import DPOConfig
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    from lit_rlhf.data import PreferenceDataModule
+    from lit_rlhf.losses import DPO_LOSS_TYPES
+    from lit_rlhf.methods import CPO, DPO, SimPO
+
+    sft_dir, lm_head_dir = (Path(out) / f"sft_adapter_llama{tail}" for tail in ("", "_lm_head"))
+    fresh = lambda: dict(trl_model=causal(), peft_config=LoraConfig(**peft, task_type="CAUSAL_LM"))  # noqa: E731
+    starts = {"": fresh, " from SFT adapter": lambda: loaded(sft_dir)}
+    common = dict(out=out, table=table, adapter="policy")
+    # The NLL terms average the chosen tokens per example, then over the batch; TRL averages the batch's tokens
+    # (README loss table): rows whose chosen completions are one length make the two equal, so they must agree.
+    even = [{**r, "chosen": " " + " ".join(r["chosen"].split()[:3]) + " ."} for r in rows]
+
+    def dpo(name, ours, trl, start, data=rows, **kwargs):
+        lora_pair(DPO, DPOTrainer, DPOConfig, model_dir, data, PreferenceDataModule, **start(), **common, name=name,
+                  ours_kwargs=dict(beta=0.3, **ours), trl_kwargs=dict(beta=0.3, max_length=None, **trl), **kwargs)
+
+    def cpo(name, method, ours, trl, start, data=rows, **kwargs):
+        lora_pair(method, CPOTrainer, CPOConfig, model_dir, data, PreferenceDataModule, **start(), **common, name=name,
+                  ours_kwargs=ours, trl_kwargs=dict(max_length=None, **trl), **kwargs)
+
+    no_delta = (lambda method: setattr(method, "bco_delta", lambda chosen, rejected: 0.0), "bco_delta")
+    for loss_type in DPO_LOSS_TYPES:
+        if loss_type in ("sigmoid", "sft"):  # the sigmoid rows above; sft below, with RPO
+            continue
+        eps = 0.2 if loss_type in ("robust", "exo_pair", "aot", "aot_unpaired") else 0.0
+        settings = dict(ours=dict(loss_type=loss_type, label_smoothing=eps),
+                        trl=dict(loss_type=[loss_type], label_smoothing=eps),
+                        aligned=no_delta if loss_type == "bco_pair" else None)
+        label = f"DPO {loss_type}" + (f" (ε={eps})" if eps else "")
+        for where, start in starts.items():
+            dpo(label + where, start=start, **settings)
+        dpo(label + " from SFT adapter, precomputed", start=starts[" from SFT adapter"],
+            ours={**settings["ours"], "precompute_ref_logps": True},
+            trl={**settings["trl"], "precompute_ref_log_probs": True}, aligned=settings["aligned"])
+    rpo = dict(ours=dict(rpo_alpha=0.5), trl=dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]), data=even)
+    for where, start in starts.items():
+        dpo("DPO RPO (α=0.5)" + where, start=start, **rpo)
+    dpo("DPO RPO (α=0.5) from SFT adapter, precomputed", start=starts[" from SFT adapter"],
+        ours=dict(rpo_alpha=0.5, precompute_ref_logps=True),
+        trl=dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], precompute_ref_log_probs=True), data=even)
+    dpo("DPO [sft]", start=fresh, ours=dict(loss_type="sft"), trl=dict(loss_type=["sft"]), data=even)
+    for alpha in (1.0, 0.5):
+        dpo(f"TR-DPO (α={alpha}, every step) from SFT adapter + lm_head", start=lambda: loaded(lm_head_dir),
+            ours=dict(sync_ref_model=True, ref_model_mixup_alpha=alpha, ref_model_sync_steps=1), trl={},
+            trl_callbacks=[tr_dpo_sync(alpha, 1)])
+    checkpointing = dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    for where, start in starts.items():
+        dpo("DPO, gradient checkpointing" + where, start=start, ours={}, trl=checkpointing,
+            bank_kwargs=dict(gradient_checkpointing=True))
+    for where, start in starts.items():
+        cpo("DPO reference_free (TRL: CPO sigmoid, no NLL)" + where, DPO, dict(beta=0.3, reference_free=True),
+            dict(beta=0.3, cpo_alpha=0.0, loss_type="sigmoid"), start)
+        cpo("SimPO" + where, SimPO, dict(beta=2.0, gamma_beta_ratio=0.25),
+            dict(beta=2.0, cpo_alpha=0.0, loss_type="simpo", simpo_gamma=0.5), start)
+    cpo("SimPO (ε=0.2)", SimPO, dict(beta=2.0, gamma_beta_ratio=0.25, label_smoothing=0.2),
+        dict(beta=2.0, cpo_alpha=0.0, loss_type="simpo", simpo_gamma=0.5, label_smoothing=0.2), fresh)
+    for loss_type in ("sigmoid", "hinge", "ipo", "simpo"):
+        for where, start in starts.items():
+            cpo(("CPO-SimPO" if loss_type == "simpo" else f"CPO {loss_type}") + where, CPO,
+                dict(beta=0.3, alpha=1.0, loss_type=loss_type, simpo_gamma=0.5),
+                dict(beta=0.3, cpo_alpha=1.0, loss_type=loss_type, simpo_gamma=0.5), start, data=even)
+    # In float32 one LoRA entry's first gradient is 3.4e-8 (3x Adam's eps), where Adam's step is the ratio of two
+    # rounding-sized numbers: the sides' first steps differ there by 3.3e-4, enough to turn the sign of second-step
+    # gradients near 1e-5 elsewhere, and the weights after two steps differ by 0.49 of a step (losses 9e-6,
+    # first-step gradients 2e-6). In float64 the run agrees (weights 4e-6).
+    cpo("CPO sigmoid (ε=0.2), float64", CPO, dict(beta=0.3, label_smoothing=0.2),
+        dict(beta=0.3, cpo_alpha=1.0, loss_type="sigmoid", label_smoothing=0.2), fresh, data=even, float64=True)
+    cpo("CPO, gradient checkpointing from SFT adapter", CPO, dict(beta=0.3),
+        dict(beta=0.3, cpo_alpha=1.0, loss_type="sigmoid", **checkpointing), starts[" from SFT adapter"], data=even,
+        bank_kwargs=dict(gradient_checkpointing=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lora", action="store_true", help="LoRA adapters trained two optimizer steps on both sides "
                         "(DPO, DPO from an SFT adapter, KTO, reward, SFT) instead of the full-parameter checks")
-    lora_mode = parser.parse_args(argv).lora
+    parser.add_argument("--only", nargs="+", default=[], help="--lora: only the runs whose name holds one of these "
+                        "words (e.g. TR-DPO SimPO)")
+    args = parser.parse_args(argv)
+    lora_mode = args.lora
+    ONLY[:] = args.only
     torch.set_num_threads(1)
     from lit_rlhf.models import BankSpec, load_tokenizer
     from lit_rlhf.toy.families import build_tiny

@@ -233,7 +233,10 @@ class DPO(PreferenceMethod):
     def required_adapters(self) -> list[AdapterSpec]:
         required = super().required_adapters()
         if self.sync_ref_model and self.bank_spec.train_mode != "full":
-            required.append(AdapterSpec(self.reference_adapter, trainable=False))
+            # A policy loaded from a path: the reference loads the same adapter, so it has its config (rank, target
+            # modules, a module it trains whole) and not the bank's `lora`, which a fresh adapter would take.
+            start = next((a.path for a in self.bank_spec.adapters if a.name == self.policy_adapter), None)
+            required.append(AdapterSpec(self.reference_adapter, path=start, trainable=False))
         return required
 
     def _reference_state(self) -> dict[str, torch.Tensor]:

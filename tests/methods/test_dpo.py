@@ -326,3 +326,34 @@ def test_tr_dpo_reference_follows_the_policy(tmp_path):
     with method.bank.reference():
         base = method.pair_logps(batch)
     assert (method.policy_pair_logps(batch).chosen - base.chosen).abs().max() > 1e-3
+
+
+def test_tr_dpo_reference_from_a_saved_adapter_starts_as_that_adapter(tmp_path):
+    """TR-DPO from a saved SFT adapter: the moving reference is the SFT adapter at step 0, whole: the LM head
+    it trained (``modules_to_save``) and every module it targets, whatever the bank's own ``lora`` says (a fresh
+    reference adapter read the original head and only the bank's target modules)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tests.paths import TOY_BASE
+
+    start = tmp_path / "sft"
+    torch.manual_seed(0)
+    saved = get_peft_model(AutoModelForCausalLM.from_pretrained(TOY_BASE), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        for name, p in saved.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(torch.randn_like(p), alpha=0.1)
+    saved.save_pretrained(start)
+    method = _configured(small_dpo(bank=BankSpec(lora=LoraSpec(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+                                                 adapters=[AdapterSpec("policy", path=str(start))]),
+                                   sync_ref_model=True))
+    method._start_synced_reference()
+    data = PreferenceDataModule(train=VAL, batch_size=4, max_length=64).prepare(method.tokenizer)
+    batch = data.collator(data.train_examples[:4])
+    method.bank.eval()
+    with torch.no_grad():
+        policy, reference = method.policy_pair_logps(batch), method.reference_pair_logps(batch)
+    torch.testing.assert_close(reference.chosen, policy.chosen)
+    torch.testing.assert_close(reference.rejected, policy.rejected)
