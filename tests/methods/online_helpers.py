@@ -59,6 +59,16 @@ def perturbed(method):
     return method
 
 
+def lora_off_zero(module: torch.nn.Module, scale: float, seed: int = 0) -> None:
+    """Draw every LoRA B of ``module`` from N(0, scale^2) (one seeded generator, parameter order), so that a
+    fresh adapter stops being the base and "which adapter ran" shows in what it computes."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
 def first_batch(method, batch_size=4) -> dict:
     return next(iter(prompts(batch_size).prepare(method.tokenizer).train_dataloader()))
 

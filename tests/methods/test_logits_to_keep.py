@@ -11,7 +11,7 @@ from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.rollout import Rollout, SamplingConfig
 from lit_rlhf.toy.families import build_tiny
 
-from tests.methods.online_helpers import TOY_REWARD
+from tests.methods.online_helpers import TOY_REWARD, lora_off_zero
 
 FAMILIES = ("llama", "gpt2", "opt", "gemma2")
 
@@ -27,11 +27,7 @@ def shared_critic_ppo(model: str) -> PPO:
     method = PPO(bank=BankSpec(model=model, lora=LoraSpec(r=4, alpha=8)), critic="shared", rewards=[TOY_REWARD],
                  engine="hf", sampling=SamplingConfig(max_new_tokens=5, temperature=0.7))
     method.configure_model()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in method.bank.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    lora_off_zero(method.bank, 0.3)
     return method
 
 

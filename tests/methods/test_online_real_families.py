@@ -24,7 +24,7 @@ from lit_rlhf.models import BankSpec, LoraSpec, eval_mode
 from lit_rlhf.rollout import RewardSpec, SamplingConfig, truncate_at_stop
 from lit_rlhf.toy.families import FAMILIES as ARCHITECTURES
 from tests.data.real_tokenizers import build_family
-from tests.methods.online_helpers import first_batch, perturbed
+from tests.methods.online_helpers import first_batch, lora_off_zero, perturbed
 from tests.methods.tiny_families import build_families
 
 TEMPERATURE = 0.7
@@ -88,11 +88,7 @@ def test_behaviour_log_probs_are_the_sampling_distributions(tmp_path, sampled_lo
                   rewards=REWARD, engine="hf_static", beta=0.1, num_samples_per_prompt=2, update_epochs=2,
                   sampling=SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE))
     method.configure_model()
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in method.bank.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    lora_off_zero(method.bank, 0.3)
     data = PromptDataModule(train=chat_prompts(tmp_path / "prompts.jsonl", family), batch_size=3, max_length=128)
     batch = next(iter(data.prepare(method.tokenizer).train_dataloader()))
 
