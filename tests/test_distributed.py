@@ -3,21 +3,14 @@ advantages whitened with the statistics of the whole rollout. The two ranks are 
 module (a spawned interpreter costs seconds of imports; the checks take milliseconds)."""
 
 import math
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lit_rlhf.distributed import all_rows, every_rank, global_means, global_whiten
 from lit_rlhf.losses import whiten
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests import _distributed_workers as workers
 
 
 def _whiten_inputs() -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,8 +38,7 @@ def _on_rank(rank: int, port: int, out: str) -> None:
 def on_two_ranks(tmp_path_factory) -> list[dict]:
     """What each of two gloo ranks computed with the helpers (``_on_rank``), in rank order."""
     out = tmp_path_factory.mktemp("ranks")
-    mp.start_processes(_on_rank, args=(_free_port(), str(out)), nprocs=2, start_method="spawn")
-    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    return workers.on_two_ranks(_on_rank, out)
 
 
 def test_helpers_agree_across_two_ranks(on_two_ranks):

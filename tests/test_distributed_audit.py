@@ -18,7 +18,6 @@ from types import SimpleNamespace
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.multiprocessing as mp
 from transformers import AutoTokenizer
 
 from lit_rlhf.data import PromptDataModule
@@ -27,7 +26,7 @@ from lit_rlhf.methods import BestOfN, OnlineDPO
 from lit_rlhf.methods.best_of_n import BestOfNTargets
 
 from tests._distributed_workers import (
-    free_port,
+    on_two_ranks,
     rollout_metrics_on_rank,
     token_mean_inputs,
     token_mean_on_rank,
@@ -88,12 +87,6 @@ def test_online_dpo_mean_is_over_the_untied_pairs_of_every_rank():
 
 
 # -- a token mean over every rank (SFT, GKD): two gloo processes ---------------------------------------
-
-
-def on_two_ranks(worker, out) -> list[dict]:
-    """What each of two gloo ranks running ``worker`` (``tests._distributed_workers``) saved, in rank order."""
-    mp.start_processes(worker, args=(free_port(), str(out)), nprocs=2, start_method="spawn")
-    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
 
 
 def test_global_mean_loss_on_two_ranks_is_the_mean_over_every_ranks_items(tmp_path):
@@ -160,8 +153,7 @@ def test_training_step_metrics_on_two_ranks_are_those_of_one_process_on_both_ran
     """DPO, KTO, RewardModeling and SFT log, on every rank, what one process logs on the union of the ranks'
     rows (pairs, labelled rows, loss tokens): rank 0 holds 1 of 5 rows, so its own metrics (or the mean of the
     two ranks') differ; KTO's rank 0 holds no undesirable row, yet its rejected means and margin are logged."""
-    mp.start_processes(training_step_logs_on_rank, args=(free_port(), str(tmp_path)), nprocs=2, start_method="fork")
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)["logs"] for rank in (0, 1)]
+    ranks = [saved["logs"] for saved in on_two_ranks(training_step_logs_on_rank, tmp_path, "fork")]
     one_process = training_step_logs(None)
     assert set(one_process["kto"]) >= {"rewards/rejected", "rewards/margins", "logps/rejected", "kl", "loss"}
     for logs in ranks:
@@ -176,8 +168,7 @@ def test_training_step_metrics_on_two_ranks_are_those_of_one_process_on_both_ran
 def online_logs_on_two_ranks(tmp_path_factory) -> list[dict]:
     """``update_metrics_on_rank`` of each of two ranks (one GRPO and one PPO rollout each), in rank order."""
     out = tmp_path_factory.mktemp("online_logs")
-    mp.start_processes(update_metrics_on_rank, args=(free_port(), str(out)), nprocs=2, start_method="fork")
-    return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    return on_two_ranks(update_metrics_on_rank, out, "fork")
 
 
 def test_update_metrics_on_two_ranks_are_the_mean_over_every_ranks_micro_batches(online_logs_on_two_ranks):
