@@ -2,6 +2,7 @@
 rank imports the module of its function, and the test module's (Lightning, transformers) cost seconds."""
 
 import socket
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -53,7 +54,7 @@ def token_mean_on_rank(rank: int, port: int, out: str) -> None:
 
 
 def rollout_metrics_on_rank(rank: int, port: int, out: str) -> None:
-    """Rank ``rank`` of two: ``OnlineMethod.rollout_metrics`` of its half of ``rollout_inputs``."""
+    """Rank ``rank`` of two: ``OnlineMethod.global_rollout_metrics`` of its half of ``rollout_inputs``."""
     from lit_rlhf.methods.online import OnlineMethod  # seconds of imports: only in the ranks that need it
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -62,7 +63,9 @@ def rollout_metrics_on_rank(rank: int, port: int, out: str) -> None:
         mine = SimpleNamespace(scores=whole.scores[share], per_source={n: v[share] for n, v in whole.per_source.items()},
                                rollout=SimpleNamespace(response_lengths=whole.response_lengths[share],
                                                        ended=whole.ended[share]))
-        metrics = OnlineMethod.rollout_metrics(SimpleNamespace(rollout_count=1), mine, None)
+        method = SimpleNamespace(rollout_count=1, device="cpu")
+        method.rollout_metrics = partial(OnlineMethod.rollout_metrics, method)
+        metrics = OnlineMethod.global_rollout_metrics(method, mine, None)
         torch.save({"metrics": metrics}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

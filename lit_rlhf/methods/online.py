@@ -43,7 +43,7 @@ from typing import Literal, NamedTuple
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
-from lit_rlhf.distributed import all_rows, every_rank, global_means, global_sum, rank_seed
+from lit_rlhf.distributed import every_rank, global_means, global_sum, rank_seed
 from lit_rlhf.losses import entropy_chunk, entropy_from_logits, head_token_logps, kl_penalty, token_logps
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.methods.kl_control import FixedKLController
@@ -377,30 +377,28 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         """The scalar loss of a micro-batch and detached metrics; see the class docstring."""
 
     def rollout_metrics(self, scored: ScoredRollout, targets: NamedTuple) -> dict[str, float | torch.Tensor]:
-        """Metrics of the rollout itself (scores, lengths) over every data-parallel rank's rows (a collective:
-        the logger writes rank 0's values); subclasses add theirs to these."""
+        """Means over this rank's rollout rows (scores, lengths; subclasses add theirs, means over their rows
+        or over as many groups per row on every rank); ``global_rollout_metrics`` takes them over every rank."""
         rollout = scored.rollout
         per_source = scored.per_source if len(scored.per_source) > 1 else {}
-        columns = [scored.scores, rollout.response_lengths, rollout.ended, *per_source.values()]
-        rows = all_rows(torch.stack([c.float() for c in columns], dim=1))
-        means = rows.mean(dim=0).tolist()
         metrics = {
-            "objective/scores": means[0],
-            "response_length": means[1],
-            "rollout/ended_with_eos": means[2],
-            "rollout/episodes": float((self.rollout_count + 1) * rows.shape[0]),
+            "objective/scores": scored.scores.float().mean(),
+            "response_length": rollout.response_lengths.float().mean(),
+            "rollout/ended_with_eos": rollout.ended.float().mean(),
         }
-        metrics.update({f"objective/scores/{name}": mean for name, mean in zip(per_source, means[3:])})
+        metrics.update({f"objective/scores/{name}": values.float().mean() for name, values in per_source.items()})
         return metrics
 
     def global_rollout_metrics(self, scored: ScoredRollout, targets: NamedTuple) -> dict[str, float]:
-        """``rollout_metrics`` over every data-parallel rank's rows (a collective): a subclass's metrics are
-        means over its rank's rows (or groups, as many per row on every rank), averaged here weighted by the
-        rows; the base's are over every rank's rows already, and stay. A ratio of two means (PPO's
-        ``value/explained_variance``) becomes the mean of the ranks' ratios."""
+        """``rollout_metrics`` over every data-parallel rank's rows, weighted by the rows, in one all-reduce (a
+        collective; the logger writes rank 0's values). A ratio of two means (PPO's ``value/explained_variance``)
+        becomes the mean of the ranks' ratios."""
         rows = scored.scores.shape[0]
         local = {name: (value, rows) for name, value in self.rollout_metrics(scored, targets).items()}
-        return {name: mean for name, (mean, _) in global_means(local, self.device).items()}
+        means = global_means(local, self.device)
+        metrics = {name: mean for name, (mean, _) in means.items()}
+        metrics["rollout/episodes"] = float((self.rollout_count + 1) * means["objective/scores"][1])
+        return metrics
 
     def uses_reference(self) -> bool:
         """Whether the reference's log-probs are computed for each rollout."""
