@@ -222,6 +222,10 @@ class DPO(PreferenceMethod):
         self._last_sync_step = 0
 
     def needs_reference(self) -> bool:
+        if self.sync_ref_model and self.bank_spec.train_mode != "full":
+            # TR-DPO on adapters reads its own moving reference adapter: a frozen copy of the starting one
+            # would never run. In full mode the bank's frozen copy is what moves.
+            return False
         return not (self.reference_free or self.precompute_ref_logps)
 
     # -- TR-DPO: a reference that moves toward the policy ----------------------------------------

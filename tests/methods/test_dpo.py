@@ -335,6 +335,7 @@ def test_tr_dpo_reference_from_a_saved_adapter_starts_as_that_adapter(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from lit_rlhf.methods.dpo import mix_adapter_weights
     from tests.paths import TOY_BASE
 
     start = tmp_path / "sft"
@@ -349,11 +350,23 @@ def test_tr_dpo_reference_from_a_saved_adapter_starts_as_that_adapter(tmp_path):
     method = _configured(small_dpo(bank=BankSpec(lora=LoraSpec(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
                                                  adapters=[AdapterSpec("policy", path=str(start))]),
                                    sync_ref_model=True))
+    # The moving reference is the only copy: no unused frozen `reference` adapter beside it.
+    assert sorted(method.bank.model.peft_config) == ["policy", "policy_reference"]
     method._start_synced_reference()
     data = PreferenceDataModule(train=VAL, batch_size=4, max_length=64).prepare(method.tokenizer)
     batch = data.collator(data.train_examples[:4])
     method.bank.eval()
+
+    def assert_reference_is_policy():
+        with torch.no_grad():
+            policy, reference = method.policy_pair_logps(batch), method.reference_pair_logps(batch)
+        torch.testing.assert_close(reference.chosen, policy.chosen)
+        torch.testing.assert_close(reference.rejected, policy.rejected)
+
+    assert_reference_is_policy()
+    # A sync carries the policy's trained LM head copy too (α = 1: the reference is the policy again).
+    params = dict(method.bank.named_parameters())
     with torch.no_grad():
-        policy, reference = method.policy_pair_logps(batch), method.reference_pair_logps(batch)
-    torch.testing.assert_close(reference.chosen, policy.chosen)
-    torch.testing.assert_close(reference.rejected, policy.rejected)
+        params["model.base_model.model.lm_head.modules_to_save.policy.weight"].add_(0.5)
+    mix_adapter_weights(method.bank, "policy", "policy_reference", 1.0)
+    assert_reference_is_policy()
