@@ -352,6 +352,8 @@ class UnpairedDataModule(_FormatDataModule):
     KTO pairs each prompt with another row's completion, so ``batch_size`` must be at least 2,
     and when an epoch's rows (per rank) leave a last batch of one row, that row is dropped
     from this epoch (the order reshuffles each epoch, so it is a different row each time).
+    Such a KL row keeps the head of its completion, up to the longest row of train and val
+    (at most ``max_length``).
     """
 
     format = "unpaired"
@@ -360,7 +362,13 @@ class UnpairedDataModule(_FormatDataModule):
                              "completion, so a batch of one row would pair a row with itself")
 
     def make_collator(self, tokenizer) -> Callable:
-        return UnpairedCollator(pad_token_id_of(tokenizer), self.max_length)
+        # A KL row joins a prompt with another row's completion: with max_length null (or above the model's
+        # positions) it can be longer than every row, and than the model's positions, which the setup checks
+        # against the rows only. Cut at the longest row of the data (never above max_length, where TRL cuts), a
+        # KL row is no longer than a row that check has read; the cut is fixed, as precomputed KL log-probs need.
+        rows = [len(e["prompt_ids"]) + len(e["completion_ids"]) for e in self.train_examples + self.val_examples]
+        limits = [n for n in (self.max_length, max(rows, default=None)) if n is not None]
+        return UnpairedCollator(pad_token_id_of(tokenizer), min(limits, default=None))
 
 
 class SFTDataModule(_FormatDataModule):

@@ -77,6 +77,30 @@ def test_unpaired_kl_rows_are_cut_to_the_data_modules_max_length(toy_tokenizer, 
     assert batch["input_ids"].shape == (3, 5)  # the rows themselves are untouched
 
 
+def test_unpaired_kl_rows_without_max_length_are_cut_to_the_longest_row_of_the_data(toy_tokenizer, tmp_path):
+    """With max_length: null a long prompt with another row's long completion made a KL row longer than any
+    row of the data, which the setup's check against the model's positions never saw (GPT-2: an IndexError
+    mid-run). It keeps the head of that completion, up to the longest row."""
+    import json
+
+    from lit_rlhf.data import UnpairedDataModule
+
+    words = "the movie was great fun but boring . "
+    rows = [{"prompt": words * 4, "completion": "fun .", "label": True},
+            {"prompt": "the book was", "completion": words * 4, "label": False}]
+    path = tmp_path / "unpaired.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = UnpairedDataModule(train=str(path), batch_size=2, max_length=None).prepare(toy_tokenizer)
+    long_prompt, long_completion = data.train_examples
+    longest = max(len(e["prompt_ids"]) + len(e["completion_ids"]) for e in data.train_examples)
+    assert len(long_prompt["prompt_ids"]) + len(long_completion["completion_ids"]) > longest
+    batch = data.collator(data.train_examples)
+    assert batch["kl_input_ids"].shape[1] == longest
+    kept = longest - len(long_prompt["prompt_ids"])
+    assert batch["kl_input_ids"][0].tolist() == long_prompt["prompt_ids"] + long_completion["completion_ids"][:kept]
+    assert batch["input_ids"].shape[1] == longest  # the rows themselves are untouched
+
+
 def test_unpaired_collator_keeps_kl_pairs_fixed_in_the_data():
     """Examples carrying their own KL pair (KTO's precomputed reference) keep it whatever the batch,
     one row included, and bring their reference log-probs."""

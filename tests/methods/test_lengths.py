@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from lit_rlhf.data import PromptDataModule, SFTDataModule
+from lit_rlhf.data import PromptDataModule, SFTDataModule, UnpairedDataModule
 from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.inference import Policy, prompt_batches, sample
-from lit_rlhf.methods import GKD, GRPO, SFT
+from lit_rlhf.methods import GKD, GRPO, KTO, SFT
 from lit_rlhf.methods.gkd import dataset_batch, rollout_batch
 from lit_rlhf.methods.lengths import check_positions, position_limit
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, TeacherSpec, load_tokenizer
@@ -67,6 +67,21 @@ def test_capped_prompts_fit_and_an_offline_row_past_the_positions_names_max_leng
     with pytest.raises(ValueError, match=r"133 tokens.*n_positions=128.*data.init_args.max_length"):
         trainer(1).fit(sft, datamodule=SFTDataModule(train=rows, batch_size=1, max_length=None))
     assert sft.bank is None
+
+
+def test_kto_kl_rows_of_rows_that_fit_stay_within_the_positions(families, tmp_path):
+    """max_length: null, both rows fit GPT-2's 128 positions (116 and 117 tokens), but the first prompt
+    with the second completion made a 226-token KL row: an IndexError at the first step. The KL rows are
+    cut to the longest row, which the setup's check has read."""
+    rows = write_rows(tmp_path / "unpaired.jsonl", [
+        {"prompt": WORDS * 14, "completion": "fun .", "label": True},
+        {"prompt": "the book was", "completion": WORDS * 14, "label": False}])
+    kto = KTO(bank=BankSpec(model=families["gpt2"]))
+    data = UnpairedDataModule(train=rows, batch_size=2, max_length=None)
+    fit = trainer(1)
+    fit.fit(kto, datamodule=data)  # GPT-2: IndexError before
+    assert fit.global_step == 1
+    assert data.collator(data.train_examples)["kl_input_ids"].shape[1] == 117
 
 
 def test_rope_scaling_stretches_the_positions_a_config_states(families):
