@@ -11,7 +11,9 @@ policy the training run used: the adapter the policy was trained from when the e
   and ``win_rate``: how often the policy's i-th response outscores the reference's i-th response
   to the same prompt (ties count one half);
 - ``kl``: KL(policy || reference) per response, estimated on the policy's own samples as the sum
-  over response tokens of ``log pi(y_t) - log pi_ref(y_t)`` (TRL's ``objective/kl``);
+  over response tokens of ``log pi(y_t) - log pi_ref(y_t)`` (TRL's ``objective/kl``). With
+  ``--do_sample false`` the replies are greedy, not samples, so that sum estimates no KL: it is
+  reported as ``log_ratio_greedy`` instead (at temperature 1, which greedy decoding ignores), with a warning;
 - ``response_length``: mean tokens per response, stop token included;
 - ``toy_score`` / ``toy_score_greedy``: the toy task's ground truth, when the base speaks the toy language.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,6 +38,8 @@ from lit_rlhf.inference import POLICY, Policy, add_policy_arguments, add_samplin
     prompt_batches, sample, sampling_from
 from lit_rlhf.losses import token_logps
 from lit_rlhf.rollout import RewardRequest, Rewards, RewardSpec, SamplingConfig
+
+log = logging.getLogger("lit_rlhf.evaluate")
 
 
 def speaks_toy(tokenizer) -> bool:
@@ -100,6 +105,11 @@ def evaluate(policy: Policy, prompts: list, where: list[Where], *, sampling: Sam
     toy_base = speaks_toy(policy.tokenizer)
     if rewards is not None:
         rewards.setup(policy.bank, policy.tokenizer)
+    # The log-ratio summed over a reply estimates KL(policy || reference) only on the policy's own samples.
+    divergence = "kl" if sampling.do_sample else "log_ratio_greedy"
+    if not sampling.do_sample:
+        log.warning("evaluate: do_sample is false, so the replies are greedy: the policy's log-ratio to the reference "
+                    "on them is no KL estimate, and is reported as `log_ratio_greedy` (temperature 1), not `kl`")
     repeated = [p for p in prompts for _ in range(samples)]
     repeated_where = [w for w in where for _ in range(samples)]
     results = {}
@@ -115,7 +125,7 @@ def evaluate(policy: Policy, prompts: list, where: list[Where], *, sampling: Sam
                 request = RewardRequest(list(batch["prompts"]), completions, rollout, batch.get("raw_prompts"))
                 scores += rewards(request, update_stats=False).scores.tolist()
             if role == "policy":
-                kl += sequence_kl(policy, rollout, sampling.temperature).tolist()
+                kl += sequence_kl(policy, rollout, sampling.temperature if sampling.do_sample else 1.0).tolist()
         metrics = {"response_length": sum(lengths) / len(lengths), "example": texts[0]}
         if rewards is not None:
             metrics["reward"] = sum(scores) / len(scores)
@@ -129,7 +139,7 @@ def evaluate(policy: Policy, prompts: list, where: list[Where], *, sampling: Sam
     reference = str(policy.bank.adapters[policy.reference].path) if policy.reference else "base"
     out = {"model": str(policy.path), "reference_model": reference, "prompts": len(prompts), "samples_per_prompt": samples,
            "sampling": asdict(sampling),
-           "kl": sum(kl) / len(kl)}
+           divergence: sum(kl) / len(kl)}
     if rewards is not None:
         ours, theirs = results["policy"].pop("_scores"), results["reference"].pop("_scores")
         out["win_rate"] = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs)) / len(ours)
@@ -148,7 +158,8 @@ def table(result: dict) -> str:
             lines.append(f"{label:<22}{result['reference'][key]:>{sign}12.3f}{result['policy'][key]:>{sign}12.3f}")
     if "win_rate" in result:
         lines.append(f"{'win rate vs reference':<22}{'':>12}{result['win_rate']:>12.3f}")
-    lines.append(f"{'KL to reference':<22}{'':>12}{result['kl']:>12.3f}")
+    label, key = ("KL to reference", "kl") if "kl" in result else ("log-ratio, greedy", "log_ratio_greedy")
+    lines.append(f"{label:<22}{'':>12}{result[key]:>12.3f}")
     lines.append(f"e.g. reference: {result['reference']['example']!r}   policy: {result['policy']['example']!r}")
     return "\n".join(lines)
 

@@ -189,3 +189,35 @@ def test_evaluate_kl_is_the_log_ratio_summed_over_each_responses_tokens(tmp_path
 
         expected.append(logp(tuned) - logp(base))
     torch.testing.assert_close(sequence_kl(policy, rollout, 0.7), torch.stack(expected), atol=1e-4, rtol=1e-5)
+
+
+def test_evaluate_with_greedy_replies_reports_a_labelled_log_ratio_not_a_kl(tmp_path, caplog, capsys):
+    """``--do_sample false``: greedy replies are no samples of the policy, so the log-ratio on them is no KL
+    estimate. It is reported as ``log_ratio_greedy``, at temperature 1 (which greedy decoding ignores), with
+    one warning; the result has no ``kl``."""
+    import logging
+
+    from lit_rlhf.evaluate import main as evaluate_main, sequence_kl
+
+    torch.manual_seed(0)
+    bank = AdapterBank(BankSpec(model="assets/toy/base"), require=[AdapterSpec("policy")])
+    with torch.no_grad():
+        for name, param in bank.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    adapter = bank.save_adapter("policy", tmp_path / "adapter")
+    prompts = ["the movie was", "i think the car is really"]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    with caplog.at_level(logging.WARNING, logger="lit_rlhf.evaluate"):
+        result = evaluate_main([str(adapter), "--prompts", str(tmp_path / "prompts.jsonl"), "--samples", "1",
+                                "--do_sample", "false", "--temperature", "0.5", "--max_new_tokens", "8",
+                                "--out", str(tmp_path / "eval.json")])
+    assert "kl" not in result and "log-ratio, greedy" in capsys.readouterr().out
+    assert caplog.text.count("no KL estimate") == 1
+
+    policy = inference.load_policy(adapter)
+    greedy = SamplingConfig(do_sample=False, max_new_tokens=8)
+    rollout = inference.sample(policy, next(inference.prompt_batches(policy, prompts)), greedy)[2]
+    expected = sequence_kl(policy, rollout, 1.0).mean()
+    assert abs(float(expected)) > 1e-2  # the policy is off its reference
+    assert result["log_ratio_greedy"] == pytest.approx(float(expected), abs=1e-4)
