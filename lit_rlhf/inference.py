@@ -26,7 +26,7 @@ import torch
 
 from lit_rlhf.data import PromptCollator, Where, build_examples, load_rows, pad_token_id_of, report_invalid
 from lit_rlhf.errors import InvalidArgument
-from lit_rlhf.methods.lengths import position_limit
+from lit_rlhf.models.positions import position_limit
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer, read_adapter_meta
 from lit_rlhf.rollout import SamplingConfig, build_engine
 

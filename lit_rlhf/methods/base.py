@@ -225,6 +225,10 @@ class BankMethod(pl.LightningModule):
         """Whether a training step samples from the policy (which some strategies cannot shard)."""
         return False
 
+    def separate_reward_models(self) -> list[str]:
+        """Where the configs of the separate reward models that score the policy's replies are."""
+        return []
+
     def setup(self, stage: str) -> None:
         # Before configure_model: an unsupported strategy fails here, before any weights load.
         check_trainer_support(self.trainer, self)
@@ -244,6 +248,9 @@ class BankMethod(pl.LightningModule):
         models = [("policy", spec.model, spec.trust_remote_code)]
         if spec.teacher is not None:
             models.append(("teacher", spec.teacher.model, spec.teacher.trust_remote_code))
+        # A separate reward model reads the prompt and the reply again, counted here in the policy's tokens (its own
+        # tokenizer and closing eos aside: a text still past its positions is cut at scoring, see RewardScorer).
+        models += [("reward", model, False) for model in self.separate_reward_models()]
         new_tokens = self.sampling.max_new_tokens if self.generates_during_training() else 0
         check_positions(models, [*datamodule.train_examples, *datamodule.val_examples], new_tokens=new_tokens)
 

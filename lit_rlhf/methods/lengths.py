@@ -14,27 +14,10 @@ from collections.abc import Iterable, Sequence
 from transformers import AutoConfig
 
 from lit_rlhf.errors import InvalidArgument
+from lit_rlhf.models.positions import position_limit
 
 #: Example keys holding token ids that follow the prompt (see ``lit_rlhf.data.tokenize``).
 COMPLETION_KEYS = ("completion_ids", "chosen_ids", "rejected_ids")
-
-
-def position_limit(config) -> tuple[str, int] | None:
-    """``(config key, number of positions)`` of a transformers config, ``None`` when it states none.
-
-    A rope scaling ``factor`` (YaRN, linear, dynamic) stretches the positions the model reads well:
-    Qwen2.5 ships ``max_position_embeddings: 32768`` and asks users to add YaRN with factor 4.
-    """
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    key = "n_positions" if "n_positions" in vars(config) else "max_position_embeddings"
-    limit = getattr(config, key, None)
-    if not isinstance(limit, int):
-        return None
-    scaling = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-    if isinstance(scaling, dict) and isinstance(scaling.get("factor"), (int, float)):
-        original = scaling.get("original_max_position_embeddings") or limit
-        limit = max(limit, int(original * scaling["factor"]))
-    return key, limit
 
 
 def longest_sequence(examples: Iterable[dict], new_tokens: int) -> tuple[int, int]:

@@ -50,7 +50,9 @@ from lit_rlhf.methods.kl_control import FixedKLController
 from lit_rlhf.models import AdapterSpec, eval_mode
 from lit_rlhf.models.head import accepts_logits_to_keep, head_skipped
 from lit_rlhf.models.prefix import prompt_groups, prompt_sharing_supported, shared_prompt_logits
-from lit_rlhf.rollout import RewardOutput, RewardRequest, Rewards, RewardSpec, Rollout, SamplingConfig, build_engine
+from lit_rlhf.rollout import (
+    ModelReward, RewardOutput, RewardRequest, Rewards, RewardSpec, Rollout, SamplingConfig, build_engine,
+)
 
 log = logging.getLogger("lit_rlhf.methods")
 
@@ -771,6 +773,10 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
 
     def generates_during_training(self) -> bool:
         return True
+
+    def separate_reward_models(self) -> list[str]:
+        sources = [s.config_source() for s in self.rewards.sources if isinstance(s, ModelReward)]
+        return [source for source in sources if source]
 
     def configure_model(self) -> None:
         if self.bank is not None:

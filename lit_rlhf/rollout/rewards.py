@@ -50,6 +50,7 @@ from lit_rlhf.data import SFTCollator, Where, pad_token_id_of, tokenize_record
 from lit_rlhf.data.tokenize import end_of_turn_ids, join_prompt_completion
 from lit_rlhf.distributed import all_rows
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer, read_adapter_meta
+from lit_rlhf.models.positions import position_limit
 from lit_rlhf.models.saving import HEAD_FILE
 from lit_rlhf.rollout.engine import Rollout
 
@@ -307,7 +308,9 @@ class RewardScorer:
     closing eos; a pair is joined as the pipeline joins a prompt and its completion; messages are
     rendered by the chat template, which owns the special tokens. A text whose response was cut
     off (``ended`` False: it reached ``max_new_tokens`` without a stop token) gets no closing eos,
-    and a chat reply no turn end.
+    and a chat reply no turn end. A text longer than the model's positions (past them GPT-2 fails
+    with an index error, a rotary model reads positions it was never trained at) keeps its end, where
+    the score is read, behind its bos; the first such text is logged.
 
     Args:
         model: an ``AdapterBank`` carrying ``adapter`` with a ``score`` head, or a transformers
@@ -329,6 +332,9 @@ class RewardScorer:
         # attention mask says: padded with another id (the tokenizer's), a shorter row would be read on padding.
         pad = None if isinstance(model, AdapterBank) else getattr(getattr(model, "config", None), "pad_token_id", None)
         self.collate = SFTCollator(pad if pad is not None else pad_token_id_of(tokenizer))
+        config = model.model.config if isinstance(model, AdapterBank) else getattr(model, "config", None)
+        self.positions = position_limit(config) if config is not None else None
+        self._warned_positions = False
 
     @classmethod
     def load(cls, path: str | Path, *, base: str | None = None, tokenizer: str | None = None,
@@ -358,8 +364,7 @@ class RewardScorer:
         meta = read_adapter_meta(path)
         if (path / "adapter_config.json").exists():
             if base is None:
-                peft_base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-                base = meta.get("base_model") or peft_base
+                base = adapter_base(path)
                 tokenizer = tokenizer or meta.get("tokenizer")
             if not base:
                 raise ValueError(f"reward adapter {path} records no base model: pass the model it was trained on "
@@ -431,7 +436,7 @@ class RewardScorer:
     @torch.no_grad()
     def scores(self, texts: Sequence[Text], *, ended: Sequence[bool] | None = None) -> torch.Tensor:
         """``(len(texts),)`` float32 raw scores on the model's device (``ended``: see :meth:`encode`)."""
-        examples = self.encode(texts, ended=ended)
+        examples = [self._fit_positions(example) for example in self.encode(texts, ended=ended)]
         device = next(self.model.parameters()).device
         scores = [torch.zeros(0, device=device)]
         for start in range(0, len(examples), self.batch_size):
@@ -442,6 +447,20 @@ class RewardScorer:
             else:
                 scores.append(self.model(input_ids=ids, attention_mask=mask).logits[:, 0].float())
         return torch.cat(scores)
+
+    def _fit_positions(self, example: dict) -> dict:
+        """``example``, or, when it is longer than the model's positions, its bos and its last tokens."""
+        ids = example["prompt_ids"] + example["completion_ids"]
+        if self.positions is None or len(ids) <= self.positions[1]:
+            return example
+        key, limit = self.positions
+        head = ids[:1] if ids[0] == self.tokenizer.bos_token_id else []
+        if not self._warned_positions:
+            self._warned_positions = True
+            log.warning("a %d-token text is longer than the reward model's %d positions (%s=%d): it is scored on its "
+                        "last %d tokens (and its bos); shorten the prompts or the replies to score them whole "
+                        "(warned once)", len(ids), limit, key, limit, limit - len(head))
+        return {"prompt_ids": head, "completion_ids": ids[len(ids) - limit + len(head):]}
 
     def __call__(self, texts: Sequence[Text], *, normalize: bool = False) -> list[float]:
         """One score per text; ``normalize`` maps them to ``(score - mean) / std`` of the recorded statistics."""
@@ -464,6 +483,13 @@ def _sft_record(text: Text, index: int) -> tuple[dict, bool]:
         return {"prompt": text[:-1], "completion": text[-1:]}, True
     raise TypeError(f"text {index}: expected a string, a (prompt, completion) pair of strings, or a list of "
                     f'{{"role", "content"}} messages ending with the assistant\'s reply; got {repr(text)[:80]}')
+
+
+def adapter_base(path: str | Path) -> str | None:
+    """The base a saved adapter was trained on: the one its ``META_FILE`` records, else PEFT's
+    ``base_model_name_or_path``."""
+    peft_base = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    return read_adapter_meta(path).get("base_model") or peft_base
 
 
 def _sequence_classifier(path: Path, dtype: str) -> nn.Module:
@@ -558,6 +584,13 @@ class ModelReward(RewardSource):
 
     def saved_normalization(self) -> dict | None:
         return read_adapter_meta(self.path).get("normalization")
+
+    def config_source(self) -> str | None:
+        """Where the config stating the reward model's positions is, read without loading weights: the base
+        of an adapter directory, else the model directory itself."""
+        if (Path(self.path) / "adapter_config.json").exists():
+            return self.base or adapter_base(self.path)
+        return self.path
 
 
 def build_source(spec: RewardSpec) -> RewardSource:

@@ -24,6 +24,7 @@ from lit_rlhf.toy.families import POSITIONS, build_tiny
 
 from tests.methods.online_helpers import TOY_REWARD, trainer
 from tests.methods.tiny_families import TOL, build_families
+from tests.rollout._rollout_helpers import gpt2_reward_model
 from tests.paths import TOY_DATA
 
 WORDS = "the movie was great fun but boring . "  # 8 toy words, one token each
@@ -51,6 +52,20 @@ def test_an_online_run_past_the_models_positions_stops_at_setup_naming_max_new_t
                                               r"sampling.max_new_tokens=16") as refused:
         trainer(1).fit(grpo, datamodule=data)
     assert refused.value.argument == "sampling"
+    assert grpo.bank is None, "refused before any weights load"
+
+
+def test_a_separate_reward_model_past_its_positions_stops_the_run_at_setup(families, tmp_path):
+    """The policy's 128 positions hold a 4-token prompt + 32 sampled tokens, a 32-position reward model does
+    not: the run went on, to an IndexError at the first scoring of a long reply (cut at scoring now, with a warning:
+    tests/rollout/test_rewards.py), and stops before any weights load."""
+    reward_model = gpt2_reward_model(tmp_path / "rm", load_tokenizer(BankSpec(model=families["gpt2"])), positions=32)
+    prompts = write_rows(tmp_path / "prompts.jsonl", [{"prompt": "the book was"}, {"prompt": "the movie was"}])
+    grpo = GRPO(bank=BankSpec(model=families["gpt2"]), rewards=[{"kind": "model", "path": reward_model}],
+                num_samples_per_prompt=2, sampling=SamplingConfig(max_new_tokens=32))
+    with pytest.raises(InvalidArgument, match=r"36 tokens, past the 32 positions of the reward model .*n_positions=32"
+                                              r".*4-token prompt \+ sampling.max_new_tokens=32"):
+        trainer(1).fit(grpo, datamodule=PromptDataModule(train=prompts, batch_size=2))
     assert grpo.bank is None, "refused before any weights load"
 
 

@@ -21,3 +21,16 @@ def make_rollout(tokenizer, prompts, completions, ended=None):
     lengths = torch.tensor([len(r) for r in rows])
     mask = (torch.arange(width)[None] < lengths[:, None]).long()
     return rollout._replace(response_mask=mask, ended=torch.tensor(ended))
+
+
+def gpt2_reward_model(out, tokenizer, positions: int):
+    """A random one-label GPT-2 sequence classifier with ``positions`` learned positions and ``tokenizer``, saved to ``out``."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=positions, n_embd=32, n_layer=1, n_head=2, num_labels=1,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    GPT2ForSequenceClassification(config).eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)

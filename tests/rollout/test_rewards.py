@@ -221,3 +221,26 @@ def test_separate_model_tokenises_a_conversation_as_its_training_rows(tokenizer,
     with torch.no_grad():
         expected = bank.score(batch["input_ids"], batch["attention_mask"], adapter="reward")
     assert source(req).tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_a_text_past_the_reward_models_positions_is_scored_on_its_end(tmp_path, tokenizer, caplog):
+    """A 32-position GPT-2 reward model and a 40-token text (bos, prompt, reply, eos): it failed with an
+    IndexError. The text keeps its bos and its last 31 tokens, where the score is read; logged once."""
+    import logging
+
+    from lit_rlhf.rollout import RewardScorer
+    from tests.rollout._rollout_helpers import gpt2_reward_model
+
+    scorer = RewardScorer.load(gpt2_reward_model(tmp_path / "rm", tokenizer, positions=32))
+    long, short = ("the movie was great fun but boring . " * 4 + "the book was", "good great ."), PROMPTS[0]
+    with caplog.at_level(logging.WARNING, logger="lit_rlhf.rollout"):
+        scores = scorer.scores([long, short, long])
+    assert caplog.text.count("longer than the reward model's 32 positions (n_positions=32)") == 1
+    ids = tokenizer(" ".join(long))["input_ids"] + [tokenizer.eos_token_id]
+    assert len(ids) == 40
+    with torch.no_grad():
+        end = scorer.model(input_ids=torch.tensor([ids[:1] + ids[-31:]])).logits[0, 0]
+        whole_short = scorer.model(input_ids=torch.tensor([tokenizer(short)["input_ids"] + [tokenizer.eos_token_id]]))
+    torch.testing.assert_close(scores[0], end)
+    torch.testing.assert_close(scores[2], end)
+    torch.testing.assert_close(scores[1], whole_short.logits[0, 0])
