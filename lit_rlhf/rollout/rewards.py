@@ -587,10 +587,12 @@ class ModelReward(RewardSource):
 
     def config_source(self) -> str | None:
         """Where the config stating the reward model's positions is, read without loading weights: the base
-        of an adapter directory, else the model directory itself."""
-        if (Path(self.path) / "adapter_config.json").exists():
-            return self.base or adapter_base(self.path)
-        return self.path
+        of an adapter directory, else the model directory itself; ``None`` when ``path`` is neither (loading
+        it says so)."""
+        path = Path(self.path)
+        if (path / "adapter_config.json").exists():
+            return self.base or adapter_base(path)
+        return self.path if (path / "config.json").exists() else None
 
 
 def build_source(spec: RewardSpec) -> RewardSource:
