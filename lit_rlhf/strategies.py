@@ -20,6 +20,8 @@ combination that is not supported, naming what to use instead.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +29,8 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
 from torch import nn
+
+from lit_rlhf.models.saving import fsync_directory
 
 StrategyKind = Literal["single", "ddp", "fsdp", "fsdp1", "deepspeed", "other"]
 
@@ -167,6 +171,23 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        """A sharded checkpoint is written whole into a fresh ``<name>.next`` directory, then renamed into place:
+        ``ModelParallelStrategy`` writes into the directory already there, so a save killed after some shards left
+        new shards beside old ones under the previous ``meta.pt``, which read as complete and loaded mixed."""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        target = Path(self.broadcast(filepath))
+        staged = target.with_name(target.name + STAGED_SUFFIX)
+        if self.global_rank == 0 and staged.exists():
+            shutil.rmtree(staged)  # a save cut short before
+        self.barrier("staging a sharded checkpoint")
+        super().save_checkpoint(checkpoint, staged, storage_options)
+        self.barrier("sharded checkpoint written")
+        if self.global_rank == 0:
+            swap_in(staged, target)
+        self.barrier("sharded checkpoint in place")
+
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         """Load a sharded checkpoint that holds only the trainable tensors (lit_rlhf never writes the
         frozen base): ``torch.distributed.checkpoint`` loads exactly the keys it asks for, so ask for
@@ -198,6 +219,28 @@ class FSDP2Strategy(ModelParallelStrategy):
         # The names of what was restored, for the module's on_load_checkpoint (the tensors are in place).
         checkpoint["state_dict"] = model_state
         return checkpoint
+
+
+#: Beside a sharded checkpoint ``<name>``, the directory its next save is written into. Once it holds ``meta.pt``
+#: (written after every shard) it is complete, and ``--ckpt_path last`` finds it when a kill between the two
+#: renames of :func:`swap_in` left no ``<name>``.
+STAGED_SUFFIX = ".next"
+
+
+def swap_in(staged: Path, target: Path) -> None:
+    """Put the complete checkpoint ``staged`` at ``target``: the previous one moves aside, then goes. At every
+    moment a complete checkpoint is found at ``target`` or at ``staged``."""
+    previous = target.with_name(target.name + ".previous")
+    if previous.is_dir():
+        shutil.rmtree(previous)
+    if target.exists():
+        os.rename(target, previous)
+    os.rename(staged, target)
+    fsync_directory(target.parent)
+    if previous.is_dir():
+        shutil.rmtree(previous)
+    elif previous.exists():
+        previous.unlink()  # a one-file checkpoint of the same name
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -26,6 +26,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_rlhf.models.saving import fsync_directory
+from lit_rlhf.strategies import STAGED_SUFFIX
 
 # ModelCheckpoint warns, at every periodic save of a manually optimized method, that the state saved
 # is the one after the optimizer step: for a resume that is the step boundary it needs.
@@ -260,8 +261,10 @@ class ResumableCheckpoint(ModelCheckpoint):
 
 def find_last_checkpoint(root: str | os.PathLike) -> Optional[Path]:
     """The newest ``last*.ckpt`` under ``root`` (any ``version_N/checkpoints`` folder), or ``None``: a file, or
-    a sharded (FSDP) checkpoint directory whose save completed."""
-    written = {p: at for p in Path(root).rglob("last*.ckpt") if (at := _written_at(p)) is not None}
+    a sharded (FSDP) checkpoint directory whose save completed, under its name or still under the name it was
+    written to (``FSDP2Strategy.save_checkpoint``: a kill before its rename)."""
+    found = [*Path(root).rglob("last*.ckpt"), *(p for p in Path(root).rglob(f"last*.ckpt{STAGED_SUFFIX}") if p.is_dir())]
+    written = {p: at for p in found if (at := _written_at(p)) is not None}
     return max(written, key=written.get) if written else None
 
 

@@ -365,3 +365,52 @@ def test_last_finds_a_sharded_checkpoint_directory_once_its_save_completed(tmp_p
     cut_short = checkpoint(2, sharded=True, complete=False)
     os.utime(cut_short, ns=(3 * 10**9, 3 * 10**9))
     assert find_last_checkpoint(tmp_path) == newest
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_a_sharded_save_cut_short_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    """FSDP (``FSDP2Strategy``, one process here) wrote a sharded ``last.ckpt`` into the directory already there:
+    a save killed after its shards, before its meta.pt, left the new shards under the previous meta.pt, found
+    complete and loaded mixed (step 2's loops, step 3's weights). It is written whole beside, then renamed in."""
+    from lit_rlhf.methods.checkpoints import consolidated_checkpoint, find_last_checkpoint
+    from lit_rlhf.strategies import FSDP2Strategy
+
+    strategy, last = FSDP2Strategy(), tmp_path / "last.ckpt"
+
+    def save(step: int) -> None:
+        strategy.save_checkpoint({"state_dict": {"w": torch.full((3,), float(step))}, "optimizer_states": [],
+                                  "global_step": step}, last)
+
+    def found() -> tuple[Path, int, list[float]]:
+        path = find_last_checkpoint(tmp_path)
+        whole = consolidated_checkpoint(path)
+        return path.name, whole["global_step"], whole["state_dict"]["w"].tolist()
+
+    save(1)
+    save(2)
+    assert found() == ("last.ckpt", 2, [2.0] * 3) and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    real_save, real_rename = torch.save, os.rename
+
+    def killed_before_meta(obj, f, *args, **kwargs):
+        if str(f).endswith("meta.pt"):
+            raise KeyboardInterrupt  # the kill: every shard is written, meta.pt is not
+        real_save(obj, f, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", killed_before_meta)
+        with pytest.raises(KeyboardInterrupt):
+            save(3)
+    assert found() == ("last.ckpt", 2, [2.0] * 3)
+
+    def killed_between_renames(source, destination):
+        if Path(destination) == last:
+            raise KeyboardInterrupt  # the previous checkpoint is moved aside, the new one not yet in place
+        real_rename(source, destination)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "rename", killed_between_renames)
+        with pytest.raises(KeyboardInterrupt):
+            save(4)
+    assert not last.exists() and found() == ("last.ckpt.next", 4, [4.0] * 3)
+    save(5)
+    assert found() == ("last.ckpt", 5, [5.0] * 3) and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
