@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_rlhf.data import PreferenceDataModule, UnpairedDataModule
+from lit_rlhf.data import PreferenceDataModule, UnpairedCollator, UnpairedDataModule
 from lit_rlhf.losses import sequence_logps, unpack_tokens
 from lit_rlhf.methods import DPO, KTO, PreferenceMethod, RewardModeling
 from lit_rlhf.models import BankSpec, LoraSpec
@@ -48,7 +48,10 @@ def preference_batch(method, batch_size: int = 4) -> dict:
 
 def unpaired_batch(method, batch_size: int = 4) -> dict:
     data = UnpairedDataModule(train=UNPAIRED, max_length=64).prepare(method.tokenizer)
-    return data.collator(long_tailed(data.train_examples[:batch_size], ("completion_ids",)))
+    # The long-tailed row is none of the data's, whose longest row bounds the data module's KL rows: cut at
+    # max_length only, the KL rows keep a long tail too.
+    collator = UnpairedCollator(data.collator.pad_token_id, data.max_length)
+    return collator(long_tailed(data.train_examples[:batch_size], ("completion_ids",)))
 
 
 def packs_several_per_row(method, batch: dict, prefix: str = "") -> bool:
