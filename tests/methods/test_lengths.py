@@ -78,6 +78,17 @@ def test_rope_scaling_stretches_the_positions_a_config_states(families):
     assert position_limit(config) == ("max_position_embeddings", 4 * POSITIONS)
 
 
+def test_alibi_models_have_no_position_limit_and_rotary_falcon_its_table(tmp_path):
+    # BLOOM and Falcon-RW add ALiBi biases: no position table, whatever Falcon's config class fills in.
+    limits = {family: position_limit(AutoConfig.from_pretrained(build_tiny(family, tmp_path / family)))
+              for family in ("bloom", "falcon_alibi", "falcon")}
+    assert limits == {"bloom": None, "falcon_alibi": None, "falcon": ("max_position_embeddings", POSITIONS)}
+    long_rows = [{"prompt_ids": [5] * 100, "completion_ids": [6] * 100}]
+    check_positions([("policy", str(tmp_path / "falcon_alibi"), False)], long_rows, new_tokens=0)
+    with pytest.raises(ValueError, match="200 tokens.*max_position_embeddings=128"):
+        check_positions([("policy", str(tmp_path / "falcon"), False)], long_rows, new_tokens=0)
+
+
 # -- packed rows: sequences past the sliding window, rows past the positions ------------------------
 
 
