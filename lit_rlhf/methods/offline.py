@@ -102,8 +102,9 @@ class CompletionLogpsForward:
 
 def check_packed_batches(method: BankMethod, roles: dict[str, Callable[[], AbstractContextManager]]) -> None:
     """Refuse packed batches (``SFTDataModule(packing=True)``) where a model reading them lets packed
-    sequences attend to each other: OPT (5.x) builds its mask and its learned positions without
-    ``position_ids``, so its packed SFT loss was silently another (4.186 for the padded 4.182 on a toy batch).
+    sequences attend to each other: OPT and BLOOM (5.x) build their mask (and OPT its learned positions, BLOOM its
+    ALiBi biases) without ``position_ids``, so OPT's packed SFT loss was silently another (4.186 for the padded
+    4.182 on a toy batch).
     Checked once per method, at its first packed batch, for every role in ``roles`` (name -> context
     that makes the bank run that model)."""
     if getattr(method, "_packed_batches_checked", False):
@@ -113,7 +114,7 @@ def check_packed_batches(method: BankMethod, roles: dict[str, Callable[[], Abstr
             if not bank_supports_packing(method.bank):
                 raise ValueError(
                     f"packing: true, but the {role} model lets packed sequences attend to each other (its attention "
-                    "mask ignores position_ids, as OPT's does): set packing: false in the data module "
+                    "mask ignores position_ids, as OPT's and BLOOM's do): set packing: false in the data module "
                     "(data.init_args.packing)"
                 )
     method._packed_batches_checked = True

@@ -94,7 +94,8 @@ def test_alibi_models_have_no_position_limit_and_rotary_falcon_its_table(tmp_pat
 
 @pytest.fixture(scope="module")
 def packing_families(tmp_path_factory):
-    return build_families(tmp_path_factory.mktemp("packing"), ["mistral", "gemma2", "gpt2", "opt"])
+    return build_families(tmp_path_factory.mktemp("packing"),
+                          ["mistral", "gemma2", "gemma3_text", "gpt2", "falcon_alibi", "opt", "bloom"])
 
 
 def sft_batches(method, path, max_length=None):
@@ -104,9 +105,10 @@ def sft_batches(method, path, max_length=None):
     return next(iter(padded.train_dataloader())), next(iter(packed.train_dataloader()))
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma2", "gpt2"])
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text", "gpt2", "falcon_alibi"])
 def test_packed_rows_past_the_sliding_window_and_the_positions_give_the_padded_loss(family, packing_families, tmp_path):
-    # 21-61 token sequences (Mistral's and Gemma 2's window is 16) in one packed row of 156 (> 128 positions).
+    # 21-61 token sequences (Mistral's and Gemma 2/3's window is 16) in one packed row of 156 (> 128 positions;
+    # Falcon-RW's ALiBi biases grow along the row).
     rows = write_rows(tmp_path / "sft.jsonl", [{"prompt": "the book was", "completion": WORDS * n} for n in (2, 7, 3, 5)])
     method = SFT(bank=BankSpec(model=packing_families[family]))
     method.configure_model()
@@ -119,8 +121,9 @@ def test_packed_rows_past_the_sliding_window_and_the_positions_give_the_padded_l
     torch.testing.assert_close(loss_packed, loss_padded, **TOL)
 
 
-def test_packing_on_a_model_that_ignores_position_ids_is_refused(packing_families):
-    method = SFT(bank=BankSpec(model=packing_families["opt"]))
+@pytest.mark.parametrize("family", ["opt", "bloom"])
+def test_packing_on_a_model_that_ignores_position_ids_is_refused(family, packing_families):
+    method = SFT(bank=BankSpec(model=packing_families[family]))
     method.configure_model()
     padded, packed = sft_batches(method, f"{TOY_DATA}/sft_train.jsonl", max_length=64)
     method.compute_loss(padded)  # padded batches need no check
