@@ -2,12 +2,12 @@
 
 One Llama never shows what breaks on GPT-2 (Conv1D layers, absolute positions, dropout 0.1 in
 its config), GPT-NeoX (a ``gpt_neox`` trunk), OPT (float dropout rates read at call time, a
-learned position offset), Gemma 2 and 3 (soft-capped logits, tied embeddings, sliding windows),
-Phi-3 (fused projections), BLOOM and Falcon-RW (ALiBi biases from the attention mask), Falcon
-(dropout read from its config, layers bitsandbytes does not quantize), Cohere and Granite (logits
-scaled after the head), Phi-2 and GPT-J (partial rotary, an LM head with a bias). Each model here
-speaks the toy tokenizer's vocabulary, so every method and config runs on it unchanged:
-``--model.init_args.bank.model <dir>``.
+learned position offset), Gemma 2 (soft-capped logits, tied embeddings, sliding windows), Gemma 3
+(sliding and full layers with their own rope), Phi-3 (fused projections), BLOOM and Falcon-RW
+(ALiBi biases from the attention mask), Falcon (dropout read from its config, layers bitsandbytes
+does not quantize), Cohere and Granite (logits scaled after the head), Phi-2 and GPT-J (partial
+rotary, an LM head with a bias). Each model here speaks the toy tokenizer's vocabulary, so every
+method and config runs on it unchanged: ``--model.init_args.bank.model <dir>``.
 
     python -m lit_rlhf.toy.families OUT_DIR        # one directory per family
 """
@@ -62,10 +62,11 @@ FAMILIES: dict[str, dict] = {
     "falcon_alibi": dict(model_type="falcon", hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                          alibi=True, multi_query=True, parallel_attn=False, bias=True,
                          max_position_embeddings=POSITIONS),
+    # Gemma 3's text model: sliding and full layers with their own rope, q/k norms, no soft-capping (as shipped).
     "gemma3_text": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, head_dim=8,
                         num_key_value_heads=KV_HEADS, intermediate_size=FFN, max_position_embeddings=POSITIONS,
                         sliding_window=16, layer_types=["sliding_attention", "full_attention"],
-                        query_pre_attn_scalar=8, final_logit_softcapping=30.0),
+                        query_pre_attn_scalar=8),
     # Logits multiplied by logit_scale after the head (tied): a fused head would skip it.
     "cohere": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                    num_key_value_heads=KV_HEADS, intermediate_size=FFN, max_position_embeddings=POSITIONS,

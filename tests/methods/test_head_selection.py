@@ -1,6 +1,6 @@
 """The LM head on completion-predicting positions only (``models.head``), fused with the log-probs where
 nothing follows it (``losses.head_token_logps``): the same log-probs, losses and gradients as full
-logits, padded and padding-free, on families with different heads (tied GPT-2, Phi-2's bias; Gemma 2 and 3's
+logits, padded and padding-free, on families with different heads (tied GPT-2 and Gemma 3, Phi-2's bias; Gemma 2's
 soft-capping, Cohere's logit scale and Granite's division after the head, which keep the unfused head), for the
 offline methods and SFT, and full logits where a model's forward does not allow it."""
 
@@ -172,8 +172,8 @@ def test_a_dpo_step_has_the_loss_and_gradients_of_full_logits(models, family, pa
 
 @pytest.mark.parametrize("family", FAMILIES + MORE)
 def test_the_head_is_fused_where_nothing_follows_it(models, caplog, family):
-    """The check picks the fused head on plain linear heads (tied GPT-2, Phi-2's with a bias), and not where
-    the forward changes the logits after the head (Gemma 2 and 3 soft-cap them, Cohere scales them, Granite
+    """The check picks the fused head on plain linear heads (tied GPT-2 and Gemma 3, Phi-2's with a bias), and
+    not where the forward changes the logits after the head (Gemma 2 soft-caps them, Cohere scales them, Granite
     divides them: fusing would skip it); logged either way."""
     fused = family not in AFTER_HEAD
     method = make(DPO, models[family])
