@@ -1,6 +1,6 @@
 """Padding-free forwards of the offline methods: the same log-probs, losses and gradients as the padded
-batch on every family that supports packing (Falcon-RW's ALiBi, Gemma 3's sliding windows too), and padding
-where a model does not (OPT, BLOOM)."""
+batch on every family that supports packing (Gemma 3's sliding windows too), and padding where a model does not
+(OPT, BLOOM: masks without position_ids; Falcon-RW: ALiBi biases counted along the row)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.models.packing import pack_rows
 from tests.methods.tiny_families import FAMILIES, PREFERENCE, TOL, UNPAIRED, build_families, move_off_reference
 
-MORE = ["falcon_alibi", "gemma3_text"]  # ALiBi biases from positions in the row; sliding-window layers
+MORE = ["gemma3_text"]  # sliding-window layers
 UNPACKED = {"opt": "OPTForCausalLM", "bloom": "BloomForCausalLM"}  # masks built without position_ids
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
-    return build_families(tmp_path_factory.mktemp("families"), [*FAMILIES, *MORE, *UNPACKED])
+    return build_families(tmp_path_factory.mktemp("families"), [*FAMILIES, *MORE, *UNPACKED, "falcon_alibi"])
 
 
 def twins(cls, model: str, train_mode: str = "lora", **kwargs):
@@ -178,4 +178,32 @@ def test_a_model_whose_mask_ignores_position_ids_falls_back_to_padding(models, f
     strict = DPO(bank=BankSpec(model=models[family], lora=LoraSpec(r=4)), padding_free=True)
     strict.configure_model()
     with pytest.raises(ValueError, match=f"padding_free: true, but {UNPACKED[family]}"):
+        strict.uses_packing()
+
+
+def test_alibi_counted_along_the_row_falls_back_to_padding(models, caplog):
+    """Falcon-RW adds ALiBi biases from each token's place in the whole row, computed in bfloat16 whatever the
+    model's dtype: a sequence packed after 256 tokens of others reads other biases than alone (the short probe row
+    passes), so auto mode pads and padding_free: true is refused."""
+    auto = DPO(bank=BankSpec(model=models["falcon_alibi"], lora=LoraSpec(r=4)))
+    auto.configure_model()
+    with caplog.at_level("INFO", logger="lit_rlhf.methods"):
+        assert not auto.uses_packing()
+    assert "padding-free forward off (its ALiBi biases count positions along the whole packed row" in caplog.text
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(7, 60, (4, 100), generator=g)
+    mask = torch.ones_like(ids)
+    completion = mask.clone()
+    completion[:, :10] = 0
+    packed = pack_rows(ids, mask)  # one row of 400 tokens
+    with torch.no_grad():
+        forced = sequence_logps(auto.bank(packed.input_ids, None, packed.position_ids).logits, ids, completion,
+                                packed.layout)
+        padded = sequence_logps(auto.bank(ids, mask).logits, ids, completion)
+    assert (forced.logps[0] - padded.logps[0]).abs() < 1e-5  # at the start of the row: as alone
+    assert (forced.logps[1:] - padded.logps[1:]).abs().max() > 1e-3, "past 256 tokens the biases are others"
+
+    strict = DPO(bank=BankSpec(model=models["falcon_alibi"], lora=LoraSpec(r=4)), padding_free=True)
+    strict.configure_model()
+    with pytest.raises(ValueError, match="padding_free: true, but FalconForCausalLM .*ALiBi biases"):
         strict.uses_packing()
