@@ -29,7 +29,7 @@ from lit_rlhf.losses import (
 )
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.models.head import head_on
-from lit_rlhf.models.packing import PackedRows, bank_supports_packing, pack_rows
+from lit_rlhf.models.packing import PackedRows, pack_rows, packing_unsupported
 
 log = logging.getLogger("lit_rlhf.methods")
 
@@ -101,21 +101,19 @@ class CompletionLogpsForward:
 
 
 def check_packed_batches(method: BankMethod, roles: dict[str, Callable[[], AbstractContextManager]]) -> None:
-    """Refuse packed batches (``SFTDataModule(packing=True)``) where a model reading them lets packed
-    sequences attend to each other: OPT (5.x) builds its mask and its learned positions without
-    ``position_ids``, so its packed SFT loss was silently another (4.186 for the padded 4.182 on a toy batch).
-    Checked once per method, at its first packed batch, for every role in ``roles`` (name -> context
-    that makes the bank run that model)."""
+    """Refuse packed batches (``SFTDataModule(packing=True)``) where a model reading them gives other log-probs
+    than on the padded rows (``models.packing.packing_unsupported``): OPT (5.x) builds its mask and its learned
+    positions without ``position_ids``, so its packed SFT loss was silently another (4.186 for the padded 4.182
+    on a toy batch). Checked once per method, at its first packed batch, for every role in ``roles`` (name ->
+    context that makes the bank run that model)."""
     if getattr(method, "_packed_batches_checked", False):
         return
     for role, context in roles.items():
         with context():
-            if not bank_supports_packing(method.bank):
-                raise ValueError(
-                    f"packing: true, but the {role} model lets packed sequences attend to each other (its attention "
-                    "mask ignores position_ids, as OPT's does): set packing: false in the data module "
-                    "(data.init_args.packing)"
-                )
+            reason = packing_unsupported(method.bank)
+        if reason is not None:
+            raise ValueError(f"packing: true, but the {role} model cannot read packed rows ({reason}): set packing: "
+                             "false in the data module (data.init_args.packing)")
     method._packed_batches_checked = True
 
 
@@ -126,9 +124,10 @@ class OfflineMethod(CompletionLogpsForward, BankMethod):
         padding_free: run each batch's real tokens as one packed row (``position_ids`` restarting
             per sequence, no attention mask) instead of the padded batch: the same log-probs, no
             compute or activation memory spent on padding. ``None`` (default): on when the model
-            keeps packed sequences apart (checked once, on a tiny packed row, at the first forward),
-            else padded, with the reason logged. ``True``: on, and an error where the model does not
-            support it (e.g. OPT). ``False``: always padded.
+            reads packed rows as it reads the padded batch (``models.packing.packing_unsupported``:
+            checked once, at the first forward), else padded, with the reason logged. ``True``: on, and
+            an error where the model does not support it (e.g. OPT, BLOOM, Falcon-RW). ``False``: always
+            padded.
         **kwargs: optimizer and bank arguments of ``BankMethod``.
     """
 
@@ -140,18 +139,16 @@ class OfflineMethod(CompletionLogpsForward, BankMethod):
     def uses_packing(self) -> bool:
         """Whether forwards run padding-free: ``padding_free`` resolved against the model, once."""
         if self._packing is None:
-            supported = bank_supports_packing(self.bank)
+            reason = packing_unsupported(self.bank)
             model = type(self.bank.model.get_base_model() if self.bank.is_peft else self.bank.model).__name__
             attention = self.bank.model.config._attn_implementation
-            if self.padding_free and not supported:
-                raise ValueError(
-                    f"padding_free: true, but {model} ({attention} attention) lets packed sequences attend to each "
-                    "other (its attention mask ignores position_ids): set padding_free: false, or null to fall back "
-                    "to padding automatically"
-                )
-            log.info("padding-free forward %s for %s (%s attention)", "on" if supported else
-                     "off (the model lets packed sequences attend to each other): padded batches", model, attention)
-            self._packing = supported
+            if self.padding_free and reason is not None:
+                raise ValueError(f"padding_free: true, but {model} ({attention} attention) cannot run padding-free "
+                                 f"rows ({reason}): set padding_free: false, or null to fall back to padding "
+                                 "automatically")
+            log.info("padding-free forward %s for %s (%s attention)", "on" if reason is None else
+                     f"off ({reason}): padded batches", model, attention)
+            self._packing = reason is None
         return self._packing
 
     def packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PackedRows:

@@ -747,6 +747,10 @@ class AdapterBank(nn.Module):
         """The active role's LM head (``models.head.head_on`` hooks it)."""
         return self._current_model().get_output_embeddings()
 
+    def active_config(self):
+        """The transformers config of the model the active role runs (the teacher's inside ``teacher()``)."""
+        return self._current_model().config
+
     def _trunk(self) -> nn.Module:
         """The decoder stack of the active model without its LM head, found the transformers way
         (``base_model_prefix``: ``model`` for Llama, ``transformer`` for GPT-2, ``gpt_neox``...)."""

@@ -126,7 +126,28 @@ def load_base(spec: BankSpec, *, quantize: bool = True):
     kwargs = dict(common, dtype=DTYPES[spec.dtype], use_safetensors=True)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
-    return AutoModelForCausalLM.from_pretrained(spec.model, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(spec.model, **kwargs)
+    if qconfig is not None:
+        _require_quantized(model, spec)
+    return model
+
+
+def _require_quantized(model, spec: BankSpec) -> None:
+    """Fail where bitsandbytes quantized none of ``model``'s layers.
+
+    transformers (5.x) replaces layers whose type is exactly ``nn.Linear`` (or ``Conv1D``); Falcon's are
+    ``FalconLinear``, a subclass, and load in full precision with only a log line (naming another
+    quantizer). The run would train a full-precision base (upcast to float32 by
+    ``prepare_model_for_kbit_training``) while its adapters record a quantized one."""
+    if any(type(p).__name__ in ("Params4bit", "Int8Params") for p in model.parameters()):
+        return
+    kinds = sorted({type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.Linear)})
+    raise ValueError(
+        f"{spec.effective_quantization} quantization of {spec.model!r} quantized none of its layers: transformers "
+        f"quantizes plain torch.nn.Linear and Conv1D layers only, and {type(model).__name__}'s are {kinds} (its LM "
+        "head is never quantized). Set bank.train_mode: lora without bank.quantization (or the teacher's "
+        "quantization: null) to train on the full-precision base"
+    )
 
 
 def fingerprint(config) -> dict:

@@ -7,9 +7,11 @@ restarts in ``position_ids`` (``masking_utils.find_packed_sequence_indices``) an
 block-diagonal causal mask for sdpa and eager attention; flash-attention runs varlen on one row.
 No token is spent on padding, so the forward costs the batch's real tokens only.
 
-Not every model honours that: OPT (5.x) builds its mask without ``position_ids``, so packed
+Not every model honours that: OPT and BLOOM (5.x) build their mask without ``position_ids``, so packed
 sequences would attend to each other. :func:`packing_supported` finds out by running the model
-once on a tiny packed row, rather than trusting a list of model types that goes stale.
+once on a tiny packed row, rather than trusting a list of model types that goes stale. Falcon-RW's
+ALiBi biases count positions along the whole row, in bfloat16: what no short probe row shows, its
+config does (:func:`packing_unsupported`).
 """
 
 from __future__ import annotations
@@ -93,11 +95,24 @@ def packing_supported(forward, vocab_size: int, device: torch.device) -> bool:
     return bool(packed_error <= 0.05 * leak_size)
 
 
-def bank_supports_packing(bank) -> bool:
-    """:func:`packing_supported` for the bank's active role, in eval mode (no dropout)."""
+def packing_unsupported(bank) -> str | None:
+    """Why padding-free rows would give the bank's active role other log-probs than the padded batch, or
+    ``None`` where they give the same.
+
+    A model whose mask ignores ``position_ids`` (OPT, BLOOM) is found by :func:`packing_supported`, in eval
+    mode (no dropout). A model adding ALiBi biases (Falcon-RW, ``alibi: true``) counts each token's place in
+    the whole row: exact by shift invariance, but Falcon computes the biases in bfloat16 whatever the model's
+    dtype, so a sequence packed after 256 tokens of others reads coarser positions than alone (its logits
+    off by 2e-2 at an offset of 3000 on the tiny model, in float32), past any short probe row's reach."""
+    if getattr(bank.active_config(), "alibi", False) is True:
+        return ("its ALiBi biases count positions along the whole packed row, in bfloat16 (alibi: true, as "
+                "Falcon-RW's): past 256 tokens a packed sequence reads other biases than alone")
+
     def forward(input_ids, attention_mask, position_ids):
         return bank(input_ids, attention_mask, position_ids).logits
 
     embeddings = bank.model.get_input_embeddings()  # a LoRA embedding lacks num_embeddings
     with eval_mode(bank):
-        return packing_supported(forward, embeddings.weight.shape[0], embeddings.weight.device)
+        if packing_supported(forward, embeddings.weight.shape[0], embeddings.weight.device):
+            return None
+    return "its attention mask ignores position_ids (as OPT's and BLOOM's do): packed sequences attend to each other"

@@ -10,8 +10,12 @@ def position_limit(config) -> tuple[str, int] | None:
 
     A rope scaling ``factor`` (YaRN, linear, dynamic) stretches the positions the model reads well:
     Qwen2.5 ships ``max_position_embeddings: 32768`` and asks users to add YaRN with factor 4.
+    ALiBi models have no positions to run out of: BLOOM states none, and Falcon-RW (``alibi: true``) never
+    reads the ``max_position_embeddings`` its config class fills in (2048, which refused longer runs).
     """
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(config, "alibi", False) is True:
+        return None
     key = "n_positions" if "n_positions" in vars(config) else "max_position_embeddings"
     limit = getattr(config, key, None)
     if not isinstance(limit, int):

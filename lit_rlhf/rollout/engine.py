@@ -405,7 +405,7 @@ class HFStaticCacheEngine:
         stops = torch.tensor(list(sampling.stop_token_ids), device=device)
         check_every = self.stop_check_every or (STOP_CHECK_EVERY_CUDA if device.type == "cuda" else 1)
 
-        logits = prefill(net, ids, mask, positions, cache, share_prompts=not sliding)
+        logits = prefill(net, ids, full_mask, positions, cache, share_prompts=not sliding)
         response = torch.full((batch, max_new), sampling.pad_token_id, dtype=torch.long, device=device)
         stopped = torch.zeros(batch, dtype=torch.bool, device=device)
         with one_token_attention(net, eager=not compiled):
@@ -523,16 +523,23 @@ def prefill(net, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
             share_prompts: bool) -> torch.Tensor:
     """Writes the prompts' keys and values to ``cache``; returns their last positions' float32 logits.
 
+    ``mask`` is the whole rollout's ``(batch, capacity)`` attention mask, as the decode steps get it: the
+    prompts' columns, then 1 for every column the decode writes (causality hides them). A forward into the
+    static cache reads it whole: BLOOM and Falcon-RW build their ALiBi biases from the mask, as wide as it is,
+    and add them to a causal mask as wide as the cache (a prompt-wide mask fails to broadcast there).
+
     With ``share_prompts``, rows that share a prompt (``num_samples_per_prompt > 1``) run it once
     (``models.prefix``): the distinct prompts fill a dynamic cache whose entries are gathered per row into
     ``cache``. Not for a sliding-window cache, whose layers keep only the window."""
     keep = {"logits_to_keep": 1} if accepts_logits_to_keep(net) else {}
-    groups = prompt_groups(ids, mask) if share_prompts else None
+    prompt_mask = mask[:, : ids.shape[1]]
+    groups = prompt_groups(ids, prompt_mask) if share_prompts else None
     if groups is None or not groups.shared:
         out = net(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, **keep)
         return out.logits[:, -1].float()
     first, of_row = groups
-    out = net(input_ids=ids[first], attention_mask=mask[first], position_ids=positions[first], use_cache=True, **keep)
+    out = net(input_ids=ids[first], attention_mask=prompt_mask[first], position_ids=positions[first], use_cache=True,
+              **keep)
     for index, layer in enumerate(out.cache.layers):
         cache.update(layer.keys.index_select(0, of_row), layer.values.index_select(0, of_row), index)
     return out.logits[:, -1].float().index_select(0, of_row)

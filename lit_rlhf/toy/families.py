@@ -2,9 +2,12 @@
 
 One Llama never shows what breaks on GPT-2 (Conv1D layers, absolute positions, dropout 0.1 in
 its config), GPT-NeoX (a ``gpt_neox`` trunk), OPT (float dropout rates read at call time, a
-learned position offset), Gemma 2 (soft-capped logits, tied embeddings) or Phi-3 (fused
-projections). Each model here speaks the toy tokenizer's vocabulary, so every method and config
-runs on it unchanged: ``--model.init_args.bank.model <dir>``.
+learned position offset), Gemma 2 (soft-capped logits, tied embeddings, sliding windows), Gemma 3
+(sliding and full layers with their own rope), Phi-3 (fused projections), BLOOM and Falcon-RW
+(ALiBi biases from the attention mask), Falcon (dropout read from its config, layers bitsandbytes
+does not quantize), Cohere and Granite (logits scaled after the head), Phi-2 and GPT-J (partial
+rotary, an LM head with a bias). Each model here speaks the toy tokenizer's vocabulary, so every
+method and config runs on it unchanged: ``--model.init_args.bank.model <dir>``.
 
     python -m lit_rlhf.toy.families OUT_DIR        # one directory per family
 """
@@ -22,7 +25,8 @@ from lit_rlhf.models import BankSpec, load_tokenizer
 TOY_TOKENIZER = "assets/toy/base"
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, POSITIONS = 32, 2, 4, 2, 64, 128
 
-#: model_type -> config fields of a tiny model (vocabulary and special ids are added from the tokenizer).
+#: family -> config fields of a tiny model (vocabulary and special ids are added from the tokenizer); the
+#: family is the config's model_type unless a ``model_type`` field names it (a variant of one model type).
 FAMILIES: dict[str, dict] = {
     "llama": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                   num_key_value_heads=KV_HEADS, intermediate_size=FFN, max_position_embeddings=POSITIONS),
@@ -49,19 +53,55 @@ FAMILIES: dict[str, dict] = {
     "opt": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, ffn_dim=FFN,
                 max_position_embeddings=POSITIONS, word_embed_proj_dim=HIDDEN, dropout=0.1,
                 attention_dropout=0.1),
+    # ALiBi biases built from the attention mask, no position ids: no positions table, no packing.
+    "bloom": dict(hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS, hidden_dropout=0.1, attention_dropout=0.1),
+    # Falcon 40B/180B's layout (grouped KV, rotary) and Falcon-RW's (ALiBi, one KV head, sequential blocks).
+    "falcon": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_kv_heads=KV_HEADS,
+                   new_decoder_architecture=True, max_position_embeddings=POSITIONS, hidden_dropout=0.1,
+                   attention_dropout=0.1),
+    "falcon_alibi": dict(model_type="falcon", hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                         alibi=True, multi_query=True, parallel_attn=False, bias=True,
+                         max_position_embeddings=POSITIONS),
+    # Gemma 3's text model: sliding and full layers with their own rope, q/k norms, no soft-capping (as shipped).
+    "gemma3_text": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, head_dim=8,
+                        num_key_value_heads=KV_HEADS, intermediate_size=FFN, max_position_embeddings=POSITIONS,
+                        sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                        query_pre_attn_scalar=8),
+    # Logits multiplied by logit_scale after the head (tied): a fused head would skip it.
+    "cohere": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                   num_key_value_heads=KV_HEADS, intermediate_size=FFN, max_position_embeddings=POSITIONS,
+                   logit_scale=0.25),
+    # Logits divided by logits_scaling; embeddings, residuals and attention scaled by multipliers.
+    "granite": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                    num_key_value_heads=KV_HEADS, intermediate_size=FFN, max_position_embeddings=POSITIONS,
+                    logits_scaling=4.0, embedding_multiplier=12.0, residual_multiplier=0.22,
+                    attention_multiplier=0.125, attention_dropout=0.1),
+    # Phi-2: partial rotary, an LM head with a bias, three dropout rates.
+    "phi": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=FFN,
+                max_position_embeddings=POSITIONS, partial_rotary_factor=0.5, resid_pdrop=0.1, embd_pdrop=0.1,
+                attention_dropout=0.1),
+    "gptj": dict(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=FFN, n_positions=POSITIONS, rotary_dim=4,
+                 resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1),
+    "stablelm": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                     num_key_value_heads=KV_HEADS, intermediate_size=FFN, max_position_embeddings=POSITIONS,
+                     partial_rotary_factor=0.25, hidden_dropout=0.1, attention_dropout=0.1),
+    "olmo2": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                  num_key_value_heads=KV_HEADS, intermediate_size=FFN, max_position_embeddings=POSITIONS,
+                  attention_dropout=0.1),
 }
 
 
 def build_tiny(family: str, out: str | Path, *, seed: int = 0) -> Path:
     """Save a random tiny ``family`` model with the toy tokenizer to ``out`` (safetensors)."""
     tokenizer = load_tokenizer(BankSpec(model=TOY_TOKENIZER))
+    fields = dict(FAMILIES[family])
     config = AutoConfig.for_model(
-        family,
+        fields.pop("model_type", family),
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        **FAMILIES[family],
+        **fields,
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

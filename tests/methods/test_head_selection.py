@@ -1,8 +1,8 @@
 """The LM head on completion-predicting positions only (``models.head``), fused with the log-probs where
 nothing follows it (``losses.head_token_logps``): the same log-probs, losses and gradients as full
-logits, padded and padding-free, on families with different heads (tied GPT-2, Gemma2's soft-capping
-after the head, which keeps the unfused head), for the offline methods and SFT, and full logits where a
-model's forward does not allow it."""
+logits, padded and padding-free, on families with different heads (tied GPT-2 and Gemma 3, Phi-2's bias; Gemma 2's
+soft-capping, Cohere's logit scale and Granite's division after the head, which keep the unfused head), for the
+offline methods and SFT, and full logits where a model's forward does not allow it."""
 
 from __future__ import annotations
 
@@ -15,13 +15,23 @@ from lit_rlhf.losses import logprobs
 from lit_rlhf.methods import DPO, KTO, SFT, PreferenceMethod
 from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.models.head import fused_head_supported, head_on
-from tests.methods.tiny_families import FAMILIES, PREFERENCE, TOL, UNPAIRED, build_families, move_off_reference
+from tests.methods.tiny_families import (
+    AFTER_HEAD,
+    FAMILIES,
+    PREFERENCE,
+    TOL,
+    UNPAIRED,
+    build_families,
+    move_off_reference,
+)
+
+MORE = ["gemma3_text", "cohere", "granite", "phi"]
 from tests.paths import TOY_DATA
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
-    return build_families(tmp_path_factory.mktemp("families"), FAMILIES)
+    return build_families(tmp_path_factory.mktemp("families"), FAMILIES + MORE)
 
 
 def make(cls, model: str, *, train_mode: str = "lora", padding_free: bool | None = None, **kwargs):
@@ -104,15 +114,17 @@ def test_head_on_passthrough_hands_back_the_selected_input_without_running_the_h
     assert head.__dict__["forward"] is wrapped
 
 
-@pytest.mark.parametrize("padding_free", [None, False], ids=["packed", "padded"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("family", "padding_free"), [
+    *(pytest.param(family, padding_free, id=f"{family}-{'padded' if padding_free is False else 'packed'}")
+      for family in FAMILIES for padding_free in (None, False)),
+    *(pytest.param(family, None, id=f"{family}-packed") for family in MORE)])
 def test_dpo_log_probs_and_loss_match_full_logits(models, family, padding_free):
     # LD-DPO's reweighted sums and WPO's weights read per-token log-probs and the logits themselves.
     method = make(DPO, models[family], padding_free=padding_free, beta=0.5, ld_alpha=0.5, use_weighting=True)
     batch = preference_batch(method)
     with torch.no_grad(), method.bank.role("policy"):
         results = head_paths(method, lambda: method.pair_logps(batch, with_weights=True))
-        assert set(results) == ({"selected", "full"} if family == "gemma2" else {"fused", "selected", "full"})
+        assert set(results) == ({"selected", "full"} if family in AFTER_HEAD else {"fused", "selected", "full"})
         assert_paths_agree(results, close_fields)
         assert_paths_agree(head_paths(method, lambda: PreferenceMethod.pair_logps(method, batch)), close_fields)
     results = head_paths(method, lambda: method.compute_loss(batch)[0])
@@ -158,10 +170,12 @@ def test_a_dpo_step_has_the_loss_and_gradients_of_full_logits(models, family, pa
         torch.testing.assert_close(a, b, **TOL, msg=f"{path}: {name}") for name, a, b in zip(names, ours, theirs)])
 
 
-@pytest.mark.parametrize(("family", "fused"), [("llama", True), ("qwen2", True), ("gpt2", True), ("gemma2", False)])
-def test_the_head_is_fused_where_nothing_follows_it(models, caplog, family, fused):
-    """The check picks the fused head on plain linear heads (tied GPT-2 too), and not on Gemma2, whose
-    forward soft-caps the logits after its head (fusing would skip it); logged either way."""
+@pytest.mark.parametrize("family", FAMILIES + MORE)
+def test_the_head_is_fused_where_nothing_follows_it(models, caplog, family):
+    """The check picks the fused head on plain linear heads (tied GPT-2 and Gemma 3, Phi-2's with a bias), and
+    not where the forward changes the logits after the head (Gemma 2 soft-caps them, Cohere scales them, Granite
+    divides them: fusing would skip it); logged either way."""
+    fused = family not in AFTER_HEAD
     method = make(DPO, models[family])
     with caplog.at_level("INFO", logger="lit_rlhf.methods"):
         assert method.uses_fused_head() is fused

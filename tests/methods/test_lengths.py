@@ -108,12 +108,24 @@ def test_rope_scaling_stretches_the_positions_a_config_states(families):
     assert position_limit(config) == ("max_position_embeddings", 4 * POSITIONS)
 
 
+def test_alibi_models_have_no_position_limit_and_rotary_falcon_its_table(tmp_path):
+    # BLOOM and Falcon-RW add ALiBi biases: no position table, whatever Falcon's config class fills in.
+    limits = {family: position_limit(AutoConfig.from_pretrained(build_tiny(family, tmp_path / family)))
+              for family in ("bloom", "falcon_alibi", "falcon")}
+    assert limits == {"bloom": None, "falcon_alibi": None, "falcon": ("max_position_embeddings", POSITIONS)}
+    long_rows = [{"prompt_ids": [5] * 100, "completion_ids": [6] * 100}]
+    check_positions([("policy", str(tmp_path / "falcon_alibi"), False)], long_rows, new_tokens=0)
+    with pytest.raises(ValueError, match="200 tokens.*max_position_embeddings=128"):
+        check_positions([("policy", str(tmp_path / "falcon"), False)], long_rows, new_tokens=0)
+
+
 # -- packed rows: sequences past the sliding window, rows past the positions ------------------------
 
 
 @pytest.fixture(scope="module")
 def packing_families(tmp_path_factory):
-    return build_families(tmp_path_factory.mktemp("packing"), ["mistral", "gemma2", "gpt2", "opt"])
+    return build_families(tmp_path_factory.mktemp("packing"),
+                          ["mistral", "gemma2", "gemma3_text", "gpt2", "falcon_alibi", "opt", "bloom"])
 
 
 def sft_batches(method, path, max_length=None):
@@ -123,9 +135,9 @@ def sft_batches(method, path, max_length=None):
     return next(iter(padded.train_dataloader())), next(iter(packed.train_dataloader()))
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma2", "gpt2"])
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3_text", "gpt2"])
 def test_packed_rows_past_the_sliding_window_and_the_positions_give_the_padded_loss(family, packing_families, tmp_path):
-    # 21-61 token sequences (Mistral's and Gemma 2's window is 16) in one packed row of 156 (> 128 positions).
+    # 21-61 token sequences (Mistral's and Gemma 2/3's window is 16) in one packed row of 156 (> 128 positions).
     rows = write_rows(tmp_path / "sft.jsonl", [{"prompt": "the book was", "completion": WORDS * n} for n in (2, 7, 3, 5)])
     method = SFT(bank=BankSpec(model=packing_families[family]))
     method.configure_model()
@@ -138,12 +150,15 @@ def test_packed_rows_past_the_sliding_window_and_the_positions_give_the_padded_l
     torch.testing.assert_close(loss_packed, loss_padded, **TOL)
 
 
-def test_packing_on_a_model_that_ignores_position_ids_is_refused(packing_families):
-    method = SFT(bank=BankSpec(model=packing_families["opt"]))
+@pytest.mark.parametrize(("family", "reason"), [("opt", "its attention mask ignores position_ids"),
+                                               ("bloom", "its attention mask ignores position_ids"),
+                                               ("falcon_alibi", "its ALiBi biases count positions along the whole")])
+def test_packing_on_a_model_that_reads_packed_rows_otherwise_is_refused(family, reason, packing_families):
+    method = SFT(bank=BankSpec(model=packing_families[family]))
     method.configure_model()
     padded, packed = sft_batches(method, f"{TOY_DATA}/sft_train.jsonl", max_length=64)
     method.compute_loss(padded)  # padded batches need no check
-    with pytest.raises(ValueError, match=r"packing: true, but the policy model lets packed sequences attend.*"
+    with pytest.raises(ValueError, match=rf"packing: true, but the policy model cannot read packed rows \({reason}.*"
                                          r"data.init_args.packing"):
         method.compute_loss(packed)
 
@@ -152,7 +167,7 @@ def test_supervised_kd_on_packed_rows_checks_student_and_teacher(packing_familie
     gkd = GKD(bank=BankSpec(model=packing_families["opt"]), lmbda=0.0)
     gkd.configure_model()
     _, packed = sft_batches(gkd, f"{TOY_DATA}/sft_train.jsonl", max_length=64)
-    with pytest.raises(ValueError, match=r"packing: true, but the student model lets packed sequences attend"):
+    with pytest.raises(ValueError, match=r"packing: true, but the student model cannot read packed rows"):
         gkd.aligned_logits(dataset_batch(packed))
 
 

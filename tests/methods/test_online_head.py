@@ -1,8 +1,8 @@
 """The online forwards with the LM head fused into the log-probs (``OnlineMethod.fused_response_logprobs``):
 the response log-probs, the entropy metric and the gradients of the logits path, with each distinct prompt run
 once or whole rows, at a sampling temperature other than 1, on LoRA and full weights (tied GPT-2 and Qwen2
-heads, a head with a bias); the logits path where the model changes its logits after the head (Gemma2's
-soft-capping) or the loss differentiates the entropy."""
+heads, a head with a bias: Phi-2's own); the logits path where the model changes its logits after the head
+(Gemma2's soft-capping, Cohere's logit scale, Granite's division) or the loss differentiates the entropy."""
 
 from __future__ import annotations
 
@@ -20,12 +20,13 @@ from tests.methods.test_prompt_sharing import rollout
 from tests.methods.tiny_families import TOL, build_families
 
 REWARD = [RewardSpec("function", function="lit_rlhf.toy:reward")]
-FUSING = ["llama", "qwen2", "gpt2"]
+FUSING = ["llama", "qwen2", "gpt2", "phi"]
+SCALING = ["gemma2", "cohere", "granite"]
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
-    return build_families(tmp_path_factory.mktemp("families"), FUSING + ["gemma2"])
+    return build_families(tmp_path_factory.mktemp("families"), FUSING + SCALING)
 
 
 def make_grpo(model: str, *, train_mode: str = "lora", head_bias: bool = False, **kwargs) -> GRPO:
@@ -90,6 +91,7 @@ def assert_same(fused, logits):
 @pytest.mark.parametrize(("family", "train_mode", "head_bias"), [
     ("llama", "lora", False), ("qwen2", "lora", False), ("gpt2", "lora", False),
     ("llama", "full", True), ("gpt2", "full", False),  # full: the head's (GPT-2: the tied embeddings') gradient
+    ("phi", "full", False),  # Phi-2's LM head has a bias of its own
 ])
 def test_the_fused_head_gives_the_logits_path_s_log_probs_entropy_and_gradients(models, family, train_mode,
                                                                                 head_bias, sharing):
@@ -127,8 +129,9 @@ def test_no_vocabulary_wide_tensor_leaves_the_head_on_the_fused_path(models):
     assert widths and set(widths) == {method.bank.model.config.hidden_size}
 
 
-def test_a_model_that_changes_its_logits_after_the_head_keeps_the_logits_path(models):
-    method = make_grpo(models["gemma2"])
+@pytest.mark.parametrize("family", SCALING)
+def test_a_model_that_changes_its_logits_after_the_head_keeps_the_logits_path(models, family):
+    method = make_grpo(models[family])
     r = rollout(method.bank.model.config.vocab_size)
     assert not method.uses_fused_head() and not method.fuses_policy_head()
     taken = method.policy_pass(r)

@@ -107,14 +107,14 @@ def test_the_forward_probes_run_with_a_lora_on_the_input_embedding(tmp_path):
     """Head selection, the fused head and padding-free packing are probed on a tiny batch of vocabulary
     ids (DPO's forwards); peft's LoRA embedding has no ``num_embeddings`` to size it with."""
     from lit_rlhf.methods import DPO
-    from lit_rlhf.models.packing import bank_supports_packing
+    from lit_rlhf.models.packing import packing_unsupported
 
     method = DPO(bank=BankSpec(model=tiny_model("qwen2", "qwen2.5", tmp_path),
                                lora=LoraSpec(r=4, alpha=8, target_modules=["q_proj", "embed_tokens"])))
     method.configure_model()
     assert method.uses_head_selection() and method.uses_fused_head()
     with method.bank.role("policy"):
-        assert bank_supports_packing(method.bank)
+        assert packing_unsupported(method.bank) is None
 
 
 # -- a hand-made rollout on Llama-3's conventions: pad == EOS, turns end with <|eot_id|> -----------------

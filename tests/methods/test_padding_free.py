@@ -1,5 +1,6 @@
 """Padding-free forwards of the offline methods: the same log-probs, losses and gradients as the padded
-batch on every family that supports packing, and padding where a model does not (OPT)."""
+batch on every family that supports packing (Gemma 3's sliding windows too), and padding where a model does not
+(OPT, BLOOM: masks without position_ids; Falcon-RW: ALiBi biases counted along the row)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,13 @@ from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.models.packing import pack_rows
 from tests.methods.tiny_families import FAMILIES, PREFERENCE, TOL, UNPAIRED, build_families, move_off_reference
 
+MORE = ["gemma3_text"]  # sliding-window layers
+UNPACKED = {"opt": "OPTForCausalLM", "bloom": "BloomForCausalLM"}  # masks built without position_ids
+
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
-    return build_families(tmp_path_factory.mktemp("families"), [*FAMILIES, "opt"])
+    return build_families(tmp_path_factory.mktemp("families"), [*FAMILIES, *MORE, *UNPACKED, "falcon_alibi"])
 
 
 def twins(cls, model: str, train_mode: str = "lora", **kwargs):
@@ -93,7 +97,7 @@ def test_one_row_layout_gives_the_padded_log_probs(models):
     assert torch.equal(ours.num_tokens, expected.num_tokens)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + MORE)
 def test_dpo_log_probs_and_loss_match_the_padded_batch(models, family):
     # LD-DPO's reweighted sums and WPO's weights read per-token log-probs and the logits: both paths.
     packed, padded = twins(DPO, models[family], beta=0.5, ld_alpha=0.5, use_weighting=True)
@@ -156,14 +160,15 @@ def test_full_mode_training_step_gradients_match_the_padded_batch(models):
         torch.testing.assert_close(param.grad, others[name].grad, **TOL, msg=name)
 
 
-def test_opt_falls_back_to_padding(models, caplog):
-    """OPT builds its attention mask without position_ids: packed sequences would attend to each other
-    (forced packing gives other log-probs), so auto mode pads and padding_free: true is refused."""
-    auto = DPO(bank=BankSpec(model=models["opt"], lora=LoraSpec(r=4)))
+@pytest.mark.parametrize("family", UNPACKED)
+def test_a_model_whose_mask_ignores_position_ids_falls_back_to_padding(models, family, caplog):
+    """OPT and BLOOM build their attention mask without position_ids: packed sequences would attend to each
+    other (forced packing gives other log-probs), so auto mode pads and padding_free: true is refused."""
+    auto = DPO(bank=BankSpec(model=models[family], lora=LoraSpec(r=4)))
     auto.configure_model()
     with caplog.at_level("INFO", logger="lit_rlhf.methods"):
         assert not auto.uses_packing()
-    assert "padding-free forward off" in caplog.text and "OPTForCausalLM" in caplog.text
+    assert "padding-free forward off" in caplog.text and UNPACKED[family] in caplog.text
     batch = preference_batch(auto)
     ids, mask, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
     packed = pack_rows(ids, mask)
@@ -173,7 +178,35 @@ def test_opt_falls_back_to_padding(models, caplog):
         padded = sequence_logps(auto.bank(ids, mask).logits, ids, completion)
     assert (forced.logps - padded.logps).abs().max() > 1e-3, "packed sequences should have read each other"
 
-    strict = DPO(bank=BankSpec(model=models["opt"], lora=LoraSpec(r=4)), padding_free=True)
+    strict = DPO(bank=BankSpec(model=models[family], lora=LoraSpec(r=4)), padding_free=True)
     strict.configure_model()
-    with pytest.raises(ValueError, match="padding_free: true, but OPTForCausalLM"):
+    with pytest.raises(ValueError, match=f"padding_free: true, but {UNPACKED[family]}"):
+        strict.uses_packing()
+
+
+def test_alibi_counted_along_the_row_falls_back_to_padding(models, caplog):
+    """Falcon-RW adds ALiBi biases from each token's place in the whole row, computed in bfloat16 whatever the
+    model's dtype: a sequence packed after 256 tokens of others reads other biases than alone (the short probe row
+    passes), so auto mode pads and padding_free: true is refused."""
+    auto = DPO(bank=BankSpec(model=models["falcon_alibi"], lora=LoraSpec(r=4)))
+    auto.configure_model()
+    with caplog.at_level("INFO", logger="lit_rlhf.methods"):
+        assert not auto.uses_packing()
+    assert "padding-free forward off (its ALiBi biases count positions along the whole packed row" in caplog.text
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(7, 60, (4, 100), generator=g)
+    mask = torch.ones_like(ids)
+    completion = mask.clone()
+    completion[:, :10] = 0
+    packed = pack_rows(ids, mask)  # one row of 400 tokens
+    with torch.no_grad():
+        forced = sequence_logps(auto.bank(packed.input_ids, None, packed.position_ids).logits, ids, completion,
+                                packed.layout)
+        padded = sequence_logps(auto.bank(ids, mask).logits, ids, completion)
+    assert (forced.logps[0] - padded.logps[0]).abs() < 1e-5  # at the start of the row: as alone
+    assert (forced.logps[1:] - padded.logps[1:]).abs().max() > 1e-3, "past 256 tokens the biases are others"
+
+    strict = DPO(bank=BankSpec(model=models["falcon_alibi"], lora=LoraSpec(r=4)), padding_free=True)
+    strict.configure_model()
+    with pytest.raises(ValueError, match="padding_free: true, but FalconForCausalLM .*ALiBi biases"):
         strict.uses_packing()

@@ -1,6 +1,7 @@
 """Rows that share a prompt run it once (``models.prefix``): the same logits and gradients as whole
 rows, on families with different position schemes (rotary Llama and Qwen2, GPT-2's learned absolute
-positions), and whole rows where the cache has sliding windows or gradient checkpointing drops it."""
+positions, BLOOM's and Falcon-RW's ALiBi from the attention mask), and whole rows where the cache has sliding
+windows or gradient checkpointing drops it."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from tests.methods.online_helpers import perturbed
 from tests.methods.tiny_families import TOL, build_families
 
 REWARD = [RewardSpec("function", function="lit_rlhf.toy:reward")]
-SHARING = ["llama", "qwen2", "gpt2"]
-SLIDING = ["mistral", "gemma2"]
+SHARING = ["llama", "qwen2", "gpt2", "bloom", "falcon_alibi"]
+SLIDING = ["mistral", "gemma2", "gemma3_text"]
 
 
 @pytest.fixture(scope="module")

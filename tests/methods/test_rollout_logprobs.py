@@ -1,7 +1,8 @@
 """The log-probs the online loop recomputes for a sampled rollout (behaviour and reference; left-padded,
 prompt-shared, LM head fused where it can be) are those of a plain forward of each row alone, unpadded, at
-the sampling temperature; on GPT-2 (absolute positions) with a tokenizer whose pad token is its EOS, the
-first EOS of a response counts and the pad (= EOS) tokens after it do not."""
+the sampling temperature, on position schemes and heads of several families (GPT-2's absolute positions,
+BLOOM's ALiBi, Phi-2's partial rotary and biased head, Cohere's logit scale); with a tokenizer whose pad token
+is its EOS, the first EOS of a response counts and the pad (= EOS) tokens after it do not."""
 
 import lightning.pytorch as pl
 import pytest
@@ -14,6 +15,7 @@ from lit_rlhf.rollout import SamplingConfig
 from lit_rlhf.toy.families import build_tiny
 
 from tests.methods.online_helpers import TOY_REWARD
+from tests.methods.tiny_families import AFTER_HEAD
 
 TEMPERATURE = 0.7
 MAX_NEW_TOKENS = 30
@@ -21,10 +23,10 @@ MAX_NEW_TOKENS = 30
 
 @pytest.fixture(scope="module")
 def pad_is_eos_models(tmp_path_factory):
-    """Tiny gpt2 and llama whose tokenizer pads with its EOS token (GPT-2's convention)."""
+    """Tiny models whose tokenizer pads with its EOS token (GPT-2's convention)."""
     root = tmp_path_factory.mktemp("pad_is_eos")
     models = {}
-    for family in ("gpt2", "llama"):
+    for family in ("gpt2", "llama", "bloom", "phi", "cohere"):
         path = build_tiny(family, root / family)
         tokenizer = AutoTokenizer.from_pretrained(path)
         tokenizer.pad_token = tokenizer.eos_token
@@ -51,14 +53,17 @@ def plain_logprobs(model, rollout, temperature: float) -> tuple[torch.Tensor, to
 # entropy_coef > 0 differentiates the entropy: the policy's forward keeps its logits instead of fusing the LM head.
 @pytest.mark.parametrize("family, engine, shared, entropy_coef", [("gpt2", "hf", True, 0.0),
                                                                   ("gpt2", "hf_static", False, 0.01),
-                                                                  ("llama", "hf", False, 0.0)])
+                                                                  ("llama", "hf", False, 0.0),
+                                                                  ("bloom", "hf_static", True, 0.0),
+                                                                  ("phi", "hf_static", False, 0.0),
+                                                                  ("cohere", "hf", True, 0.0)])
 def test_recomputed_log_probs_are_a_plain_forward_of_each_row(pad_is_eos_models, family, engine, shared, entropy_coef):
     pl.seed_everything(0)
     method = GRPO(bank=BankSpec(model=pad_is_eos_models[family], lora=LoraSpec(r=4, alpha=8)), rewards=[TOY_REWARD],
                   engine=engine, beta=0.1, num_samples_per_prompt=2, entropy_coef=entropy_coef,
                   sampling=SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE))
     method.configure_model()
-    assert method.fuses_policy_head() == (entropy_coef == 0)
+    assert method.fuses_policy_head() == (entropy_coef == 0 and family not in AFTER_HEAD)
     assert method.shares_prompts()  # the tiny families run each distinct prompt once: or whole rows, when told to
     if not shared:
         method.shares_prompts = lambda: False

@@ -13,6 +13,9 @@ from tests.paths import TOY_DATA
 PREFERENCE = str(TOY_DATA / "preference_train.jsonl")
 UNPAIRED = str(TOY_DATA / "unpaired_train.jsonl")
 FAMILIES = ["llama", "qwen2", "gpt2", "gemma2"]
+#: Families whose forward changes the logits after the LM head (soft-capping, a logit scale, a division):
+#: their head is never fused with the log-probs.
+AFTER_HEAD = {"gemma2", "cohere", "granite"}
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 

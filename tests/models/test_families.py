@@ -1,5 +1,5 @@
-"""The bank on tiny random models of nine transformers families: heads, roles, modes, dropout and
-gradient checkpointing behave the same whatever the architecture."""
+"""The bank on tiny random models of the transformers families users bring: heads, roles, LoRA targets,
+modes, dropout and gradient checkpointing behave the same whatever the architecture."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import json
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers import AutoModelForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.pytorch_utils import Conv1D
 
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, LoraSpec, load_tokenizer
 from lit_rlhf.toy.families import FAMILIES, build_tiny
@@ -65,9 +68,22 @@ def policy_and_critic_grads(bank: AdapterBank, batch) -> dict[str, torch.Tensor]
     return {n: p.grad.clone() for n, p in bank.named_parameters() if p.grad is not None}
 
 
+def adapted_layers(bank: AdapterBank) -> set[str]:
+    return {name.removeprefix("base_model.model.") for name, module in bank.model.named_modules()
+            if isinstance(module, BaseTunerLayer)}
+
+
+def linear_layers_but_the_lm_head(model: str) -> set[str]:
+    plain = AutoModelForCausalLM.from_pretrained(model)
+    head = plain.get_output_embeddings()
+    return {name for name, module in plain.named_modules() if isinstance(module, (nn.Linear, Conv1D)) and module is not head}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_heads_read_the_trunk_and_roles_differ(family, family_dirs, batch):
     bank = make_bank(family_dirs[family])
+    # "all-linear" (the default targets): LoRA on every linear layer of the trunk (fused QKV, Conv1D), not the LM head.
+    assert adapted_layers(bank) == linear_layers_but_the_lm_head(family_dirs[family])
     with torch.no_grad():
         scores = bank.score(*batch, adapter="reward")
         values = bank.values(*batch, adapter="policy")
@@ -84,8 +100,13 @@ def test_heads_read_the_trunk_and_roles_differ(family, family_dirs, batch):
     assert bank.active == "policy"
 
 
-@pytest.mark.parametrize("train_mode", ["lora", pytest.param("qlora", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("family", FAMILIES)
+#: Families whose linear layers bitsandbytes does not quantize (Falcon's are a subclass of nn.Linear).
+UNQUANTIZABLE = ("falcon", "falcon_alibi")
+
+
+@pytest.mark.parametrize(("family", "train_mode"), [
+    *((family, "lora") for family in FAMILIES),
+    *(pytest.param(family, "qlora", marks=pytest.mark.slow) for family in FAMILIES if family not in UNQUANTIZABLE)])
 def test_checkpointing_recomputes_in_the_forward_s_role(family, train_mode, family_dirs, batch):
     # With the configs' own dropout live (GPT-2, GPT-NeoX, OPT, Phi-3): the recomputation must replay the
     # forward's dropout masks (torch's checkpoint restores the RNG state) or the gradients differ.
@@ -104,7 +125,9 @@ def test_checkpointing_recomputes_in_the_forward_s_role(family, train_mode, fami
         torch.testing.assert_close(grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "opt", "phi3"])
+# Dropout as modules, float rates read at call time (OPT, BLOOM's hidden_dropout), rates read from the config (Falcon).
+@pytest.mark.parametrize("family", ["gpt2", "opt", "phi3", "bloom", "falcon", "phi", "gptj", "stablelm", "granite",
+                                    "olmo2"])
 def test_dropout_is_off_by_default_and_the_reference_never_drops(family, family_dirs, batch):
     bank = make_bank(family_dirs[family])
     assert bank.model.training  # the trainable path trains (so checkpointing can run)...
@@ -129,15 +152,9 @@ def test_full_mode_reference_copy_stays_in_eval_mode(family_dirs, batch):
         torch.testing.assert_close(bank(*batch).logits, bank(*batch).logits, atol=0, rtol=0)
 
 
-def test_dropout_rates_read_from_the_config_are_off_and_exported_as_loaded(tmp_path, batch):
+def test_dropout_rates_read_from_the_config_are_off_and_exported_as_loaded(family_dirs, tmp_path, batch):
     # Falcon reads hidden_dropout and attention_dropout from its config in every forward, not from a module.
-    tokenizer = load_tokenizer(BankSpec())
-    config = AutoConfig.for_model("falcon", vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=4, hidden_dropout=0.1, attention_dropout=0.1)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "falcon")
-    tokenizer.save_pretrained(tmp_path / "falcon")
-    bank = AdapterBank(BankSpec(model=str(tmp_path / "falcon"), train_mode="full"), require=[AdapterSpec("policy")])
+    bank = AdapterBank(BankSpec(model=family_dirs["falcon"], train_mode="full"), require=[AdapterSpec("policy")])
     assert bank.model.training
     with torch.no_grad():
         torch.testing.assert_close(bank(*batch).logits, bank(*batch).logits, atol=0, rtol=0)
@@ -145,3 +162,11 @@ def test_dropout_rates_read_from_the_config_are_off_and_exported_as_loaded(tmp_p
     saved = json.loads((tmp_path / "export" / "config.json").read_text())
     assert saved["hidden_dropout"] == saved["attention_dropout"] == 0.1 and saved["use_cache"] is True
     assert bank.model.config.hidden_dropout == 0.0  # and training goes on without it
+
+
+@pytest.mark.parametrize("spec", [dict(train_mode="qlora"), dict(quantization="8bit")])
+def test_quantizing_a_model_bitsandbytes_cannot_quantize_is_refused(spec, family_dirs):
+    # transformers quantizes exactly nn.Linear: Falcon's FalconLinear layers loaded in full precision, and the
+    # run trained a float32 base while its adapters recorded a 4-bit one.
+    with pytest.raises(ValueError, match=r"quantized none of its layers.*FalconLinear.*bank.train_mode: lora"):
+        AdapterBank(BankSpec(model=family_dirs["falcon"], **spec), require=[AdapterSpec("policy")])

@@ -1,6 +1,6 @@
 """What lit_rlhf writes reloads to the same function, on the families users bring (GPT-2: Conv1D,
 tied embeddings, absolute positions; Qwen2: tied; Gemma 2: scaled and tied embeddings, soft-capped
-logits; GPT-NeoX) and in every train mode: the PEFT adapter (plain peft, and as a starting policy
+logits; GPT-NeoX; Cohere: tied, logits scaled after the head) and in every train mode: the PEFT adapter (plain peft, and as a starting policy
 whose reference is the loaded adapter), the merged export (plain transformers), the reward export."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from lit_rlhf.models.loading import load_base
 from lit_rlhf.models.saving import META_FILE
 from tests.methods.tiny_families import build_families, move_off_reference
 
-FAMILIES = ["gpt2", "qwen2", "gemma2", "gpt_neox"]
+FAMILIES = ["gpt2", "qwen2", "gemma2", "gpt_neox", "cohere"]
 TOL = dict(atol=1e-5, rtol=1e-5)
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [1, 1, 13, 14, 15, 16, 17, 18]])
 MASK = torch.tensor([[1] * 8, [0, 0] + [1] * 6])
