@@ -271,9 +271,11 @@ class DPO(PreferenceMethod):
     def on_fit_start(self) -> None:
         if self.sync_ref_model:
             self._start_synced_reference()
-        if not self.precompute_ref_logps:
-            return
-        self.attach_reference_logps(("ref_chosen_logps", "ref_rejected_logps"), self._chosen_and_rejected_logps)
+        super().on_fit_start()
+
+    def attach_precomputed_reference(self) -> None:
+        if self.precompute_ref_logps:
+            self.attach_reference_logps(("ref_chosen_logps", "ref_rejected_logps"), self._chosen_and_rejected_logps)
 
     def _chosen_and_rejected_logps(self, batch: dict) -> torch.Tensor:
         logps = self.pair_logps(batch)

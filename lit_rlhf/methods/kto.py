@@ -116,11 +116,14 @@ class KTO(OfflineMethod):
     def needs_reference(self) -> bool:
         return not self.precompute_ref_logps
 
-    def on_fit_start(self) -> None:
+    def attach_precomputed_reference(self) -> None:
         if self.precompute_ref_logps:
             if self.uses_kl_estimate:
                 fix_kl_pairs(self.trainer.datamodule)
             self.attach_reference_logps(self.reference_fields, self._reference_rows)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
         examples = getattr(self.trainer.datamodule, "train_examples", None) if self.trainer.datamodule else None
         if not examples:
             return
