@@ -19,7 +19,7 @@ import logging
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_rlhf.distributed import all_rows, global_means
+from lit_rlhf.distributed import all_rows, global_means, global_sum
 from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.losses import (
     KTO_LOSS_TYPES, KTOLossType, SequenceLogps, check_beta, check_loss_type, kto_kl_estimate, kto_loss,
@@ -69,7 +69,8 @@ class KTO(OfflineMethod):
 
     Logs ``loss``, ``kl``, ``rewards/chosen`` and ``logps/chosen`` (desirable rows),
     ``rewards/rejected`` and ``logps/rejected`` (undesirable rows), ``rewards/margins``, and the
-    same under ``val/``. Warns once at fit start when the weighted class balance is outside
+    same under ``val/``: each over the validation epoch's rows (``val/rewards/margins`` is the epoch's
+    desirable mean reward minus its undesirable one, as TRL's, not a mean of per-batch margins). Warns once at fit start when the weighted class balance is outside
     the paper's recommended range.
 
     Args:
@@ -108,6 +109,8 @@ class KTO(OfflineMethod):
         self.undesirable_weight = undesirable_weight
         self.loss_type = loss_type
         self.precompute_ref_logps = precompute_ref_logps
+        # Validation's (or test's) reward sums and row counts, desirable then undesirable, for the epoch's margin.
+        self._evaluation_rewards = torch.zeros(4, dtype=torch.float64)
 
     @property
     def uses_kl_estimate(self) -> bool:
@@ -190,32 +193,50 @@ class KTO(OfflineMethod):
             metrics[f"logps/{side}"] = (logps[rows].mean() if count else 0.0, count)
         return out.losses.mean(), metrics
 
-    def _log_metrics(self, metrics: dict[str, tuple[torch.Tensor | float, float]], prefix: str = "") -> None:
-        # The margin is the chosen rows' mean reward minus the rejected rows' (TRL's too), taken over the
-        # rows the two means were (a step's, over every rank), when there are both.
-        (chosen, n_chosen), (rejected, n_rejected) = metrics["rewards/chosen"], metrics["rewards/rejected"]
-        if n_chosen and n_rejected:
-            metrics = metrics | {"rewards/margins": (chosen - rejected, n_chosen + n_rejected)}
-        if not prefix:
-            self.log_means(metrics, prog_bar=("loss",))
-            return
-        # Epoch averages are over rows, not batches: each mean is weighted by its own row count.
-        for name, (value, count) in metrics.items():
-            if count:
-                self.log(f"{prefix}{name}", value, batch_size=count, sync_dist=True)
-
     def training_step(self, batch: dict, batch_idx: int):
         loss, metrics = self.compute_loss(batch)
         # Every metric over every rank's rows, as TRL gathers them (its margin too: of the gathered means).
-        self._log_metrics(global_means({"loss": (loss, batch["labels"].shape[0])} | metrics, self.device))
+        metrics = global_means({"loss": (loss, batch["labels"].shape[0])} | metrics, self.device)
+        (chosen, n_chosen), (rejected, n_rejected) = metrics["rewards/chosen"], metrics["rewards/rejected"]
+        if n_chosen and n_rejected:
+            metrics["rewards/margins"] = (chosen - rejected, n_chosen + n_rejected)
+        self.log_means(metrics, prog_bar=("loss",))
         return self.skip_if_nonfinite(loss)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    # -- validation and test: every metric over the epoch's rows ------------------------------------
+
+    def _evaluation_step(self, batch: dict, prefix: str) -> None:
         loss, metrics = self.compute_loss(batch)
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0], sync_dist=True)
-        self._log_metrics(metrics, "val/")
+        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", batch_size=batch["labels"].shape[0], sync_dist=True)
+        # Each mean weighted by its own row count: the epoch's means are over rows, not batches.
+        for name, (value, count) in metrics.items():
+            if count:
+                self.log(f"{prefix}/{name}", value, batch_size=count, sync_dist=True)
+        (chosen, n_chosen), (rejected, n_rejected) = metrics["rewards/chosen"], metrics["rewards/rejected"]
+        self._evaluation_rewards += torch.tensor([float(chosen) * n_chosen, n_chosen,
+                                                  float(rejected) * n_rejected, n_rejected], dtype=torch.float64)
+
+    def _log_evaluation_margin(self, prefix: str) -> None:
+        """The epoch's margin, from its reward sums over every rank's rows (a collective: every rank logs it)."""
+        chosen, n_chosen, rejected, n_rejected = global_sum(self._evaluation_rewards.to(self.device)).tolist()
+        self._evaluation_rewards.zero_()
+        if n_chosen and n_rejected:
+            self.log(f"{prefix}/rewards/margins", chosen / n_chosen - rejected / n_rejected)
+
+    def on_validation_epoch_start(self) -> None:
+        self._evaluation_rewards.zero_()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluation_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation_margin("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._evaluation_rewards.zero_()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        loss, metrics = self.compute_loss(batch)
-        self.log("test/loss", loss, batch_size=batch["labels"].shape[0], sync_dist=True)
-        self._log_metrics(metrics, "test/")
+        self._evaluation_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation_margin("test")

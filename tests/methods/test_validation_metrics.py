@@ -9,7 +9,7 @@ from lit_rlhf.data import PreferenceDataModule, UnpairedDataModule
 from lit_rlhf.methods import DPO, KTO
 from lit_rlhf.models import AdapterSpec, BankSpec, LoraSpec
 
-from tests.methods.online_helpers import saved_random_adapter
+from tests.methods.online_helpers import lora_off_zero, saved_random_adapter
 from tests.paths import TOY_BASE, TOY_DATA
 
 
@@ -33,3 +33,38 @@ def test_validate_alone_reads_the_precomputed_reference_of_a_loaded_policy(cls, 
     logged = validate(cls(bank=spec, precompute_ref_logps=True), data, limit_val_batches=2)
     assert logged["val/rewards/chosen"] == pytest.approx(0.0, abs=1e-5)
     assert logged["val/rewards/rejected"] == pytest.approx(0.0, abs=1e-5)
+
+
+def hand_kto_rewards(method, data, batches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``beta * (log pi - log ref)`` of every row of the first ``batches`` validation batches, and their labels:
+    the policy in eval mode (no dropout), the reference with adapters off."""
+    rewards, labels = [], []
+    method.bank.eval()
+    with torch.no_grad():
+        for _, batch in zip(range(batches), data.val_dataloader()):
+            with method.bank.role("policy"):
+                policy = method.completion_logps(batch).logps
+            with method.bank.reference():
+                reference = method.completion_logps(batch).logps
+            rewards.append(method.beta * (policy - reference))
+            labels.append(batch["labels"].bool())
+    return torch.cat(rewards), torch.cat(labels)
+
+
+def test_kto_validation_margin_is_the_epochs_desirable_mean_minus_its_undesirable_mean():
+    """TRL's eval margin: the mean reward of the epoch's desirable rows minus its undesirable rows'. A mean of the
+    batches' margins (weighted by their rows, batches of one class left out) differs when the batches' class
+    balance does: 0.0087 against -0.0049 here (the sign flipped)."""
+    torch.manual_seed(0)
+    method = KTO(bank=BankSpec(model=TOY_BASE, lora=LoraSpec(r=8, alpha=16)), beta=0.5)
+    method.configure_model()
+    lora_off_zero(method.bank, 0.1)
+    data = UnpairedDataModule(str(TOY_DATA / "unpaired_val.jsonl"), val=str(TOY_DATA / "unpaired_val.jsonl"),
+                              batch_size=5, max_length=64).prepare(method.tokenizer)
+    logged = validate(method, data, limit_val_batches=4)
+    rewards, desirable = hand_kto_rewards(method, data, 4)
+    assert 0 < int(desirable.sum()) < 20  # both classes, in unequal shares per batch
+    chosen, rejected = rewards[desirable].mean().item(), rewards[~desirable].mean().item()
+    assert logged["val/rewards/chosen"] == pytest.approx(chosen, rel=1e-4)
+    assert logged["val/rewards/rejected"] == pytest.approx(rejected, rel=1e-4)
+    assert logged["val/rewards/margins"] == pytest.approx(chosen - rejected, rel=1e-4)
