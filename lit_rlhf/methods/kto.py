@@ -19,7 +19,7 @@ import logging
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_rlhf.distributed import all_rows, global_means, global_sum
+from lit_rlhf.distributed import all_rows, global_means
 from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.losses import (
     KTO_LOSS_TYPES, KTOLossType, SequenceLogps, check_beta, check_loss_type, kto_kl_estimate, kto_loss,
@@ -109,8 +109,6 @@ class KTO(OfflineMethod):
         self.undesirable_weight = undesirable_weight
         self.loss_type = loss_type
         self.precompute_ref_logps = precompute_ref_logps
-        # Validation's (or test's) reward sums and row counts, desirable then undesirable, for the epoch's margin.
-        self._evaluation_rewards = torch.zeros(4, dtype=torch.float64)
 
     @property
     def uses_kl_estimate(self) -> bool:
@@ -203,40 +201,27 @@ class KTO(OfflineMethod):
         self.log_means(metrics, prog_bar=("loss",))
         return self.skip_if_nonfinite(loss)
 
-    # -- validation and test: every metric over the epoch's rows ------------------------------------
+    # -- validation and test: every metric over the epoch's rows (of every rank, each once) ------------
 
-    def _evaluation_step(self, batch: dict, prefix: str) -> None:
+    def _evaluation_step(self, batch: dict) -> None:
         loss, metrics = self.compute_loss(batch)
-        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", batch_size=batch["labels"].shape[0], sync_dist=True)
-        # Each mean weighted by its own row count: the epoch's means are over rows, not batches.
-        for name, (value, count) in metrics.items():
-            if count:
-                self.log(f"{prefix}/{name}", value, batch_size=count, sync_dist=True)
-        (chosen, n_chosen), (rejected, n_rejected) = metrics["rewards/chosen"], metrics["rewards/rejected"]
-        self._evaluation_rewards += torch.tensor([float(chosen) * n_chosen, n_chosen,
-                                                  float(rejected) * n_rejected, n_rejected], dtype=torch.float64)
+        # Each mean weighted by its own rows: the desirable rows' rewards over the desirable rows, ...
+        self.accumulate_evaluation_means({"loss": (loss, batch["labels"].shape[0])} | metrics)
 
-    def _log_evaluation_margin(self, prefix: str) -> None:
-        """The epoch's margin, from its reward sums over every rank's rows (a collective: every rank logs it)."""
-        chosen, n_chosen, rejected, n_rejected = global_sum(self._evaluation_rewards.to(self.device)).tolist()
-        self._evaluation_rewards.zero_()
-        if n_chosen and n_rejected:
-            self.log(f"{prefix}/rewards/margins", chosen / n_chosen - rejected / n_rejected)
-
-    def on_validation_epoch_start(self) -> None:
-        self._evaluation_rewards.zero_()
+    def _log_evaluation(self, prefix: str) -> None:
+        means = self.log_evaluation_means(prefix, prog_bar=("loss",) if prefix == "val" else ())
+        chosen, rejected = means.get(f"{prefix}/rewards/chosen"), means.get(f"{prefix}/rewards/rejected")
+        if chosen is not None and rejected is not None:
+            self.log(f"{prefix}/rewards/margins", chosen - rejected)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluation_step(batch, "val")
+        self._evaluation_step(batch)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_evaluation_margin("val")
-
-    def on_test_epoch_start(self) -> None:
-        self._evaluation_rewards.zero_()
+        self._log_evaluation("val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluation_step(batch, "test")
+        self._evaluation_step(batch)
 
     def on_test_epoch_end(self) -> None:
-        self._log_evaluation_margin("test")
+        self._log_evaluation("test")

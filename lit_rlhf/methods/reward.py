@@ -20,7 +20,6 @@ from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torchmetrics import MeanMetric
 
 from lit_rlhf.distributed import global_means
 from lit_rlhf.errors import InvalidArgument
@@ -73,8 +72,6 @@ class RewardModeling(OfflineMethod):
         self.reward_adapter = reward_adapter
         self.center_coefficient = center_coefficient
         self.normalize_on = normalize_on
-        self.val_accuracy = MeanMetric()
-        self.test_accuracy = MeanMetric()
         self.normalization: dict[str, float] | None = None
         self._normalized_at: int | None = None
 
@@ -114,27 +111,25 @@ class RewardModeling(OfflineMethod):
         self.log_means(means, prog_bar=("loss", "accuracy"))
         return self.skip_if_nonfinite(loss)
 
-    def _eval_step(self, batch: dict, prefix: str, accuracy: MeanMetric) -> None:
+    # Validation and test: every metric a mean over the epoch's pairs (of every rank, each once).
+
+    def _evaluation_step(self, batch: dict) -> None:
         loss, correct, metrics = self.compute_loss(batch)
-        batch_size = correct.shape[0]
-        accuracy.update(correct)
-        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", batch_size=batch_size, sync_dist=True)
-        self.log(f"{prefix}/accuracy", accuracy, prog_bar=prefix == "val", batch_size=batch_size)
-        self.log_dict({f"{prefix}/{k}": v for k, v in metrics.items()}, batch_size=batch_size, sync_dist=True)
-
-    # Reset at the start too: a reset under inference mode (trainer.validate) leaves inference
-    # tensors that a later no-grad validation (inside fit) may not update in place.
-    def on_validation_epoch_start(self) -> None:
-        self.val_accuracy.reset()
-
-    def on_test_epoch_start(self) -> None:
-        self.test_accuracy.reset()
+        pairs = correct.shape[0]
+        self.accumulate_evaluation_means({"loss": (loss, pairs), "accuracy": (correct.mean(), pairs)}
+                                         | {name: (value, pairs) for name, value in metrics.items()})
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val", self.val_accuracy)
+        self._evaluation_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_evaluation_means("val", prog_bar=("loss", "accuracy"))
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.test_accuracy)
+        self._evaluation_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_evaluation_means("test")
 
     # -- normalisation and export ---------------------------------------------------------------
 
