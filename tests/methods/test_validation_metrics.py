@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from lit_rlhf.data import PreferenceDataModule, UnpairedDataModule
-from lit_rlhf.methods import DPO, KTO
+from lit_rlhf.methods import DPO, GRPO, KTO
 from lit_rlhf.models import AdapterSpec, BankSpec, LoraSpec
+from lit_rlhf.rollout import RewardSpec
 
-from tests.methods.online_helpers import lora_off_zero, saved_random_adapter
+from tests.methods.online_helpers import lora_off_zero, make_online, prompts, saved_random_adapter
 from tests.paths import TOY_BASE, TOY_DATA
 
 
@@ -68,3 +69,25 @@ def test_kto_validation_margin_is_the_epochs_desirable_mean_minus_its_undesirabl
     assert logged["val/rewards/chosen"] == pytest.approx(chosen, rel=1e-4)
     assert logged["val/rewards/rejected"] == pytest.approx(rejected, rel=1e-4)
     assert logged["val/rewards/margins"] == pytest.approx(chosen - rejected, rel=1e-4)
+
+
+def length_or_nan(prompts, completions):
+    """The completion's length in characters, but NaN (a score ``nonfinite: skip`` drops) for prompts of odd length."""
+    return [float("nan") if len(p) % 2 else float(len(c)) for p, c in zip(prompts, completions)]
+
+
+def test_online_validation_score_is_the_mean_over_the_scored_responses_of_the_epoch():
+    """GRPO's ``val/score``: the mean of the greedy responses' finite scores over the 12 validation prompts (batches
+    of 5, 5 and 2). Each batch's mean of its finite scores, weighted by all its rows, gave 17.458 for 17.5 here."""
+    torch.manual_seed(0)
+    reward = RewardSpec("function", function=f"{__name__}:length_or_nan", nonfinite="skip")
+    method = make_online(GRPO, rewards=(reward,), num_samples_per_prompt=2, max_new_tokens=4)
+    logged = validate(method, prompts(batch_size=5), limit_val_batches=3)
+    batch = next(iter(prompts(batch_size=12).prepare(method.tokenizer).val_dataloader()))
+    with torch.no_grad():
+        rollout = method.generate_rollout(batch["prompt_input_ids"], batch["prompt_attention_mask"],
+                                          method.train_sampling.greedy())
+        _, scored = method.score_responses(rollout, list(batch["prompts"]), batch.get("raw_prompts"), update_stats=False)
+    finite = scored.scores[scored.scores.isfinite()]
+    assert 0 < finite.numel() < 12
+    assert logged["val/score"] == pytest.approx(finite.mean().item(), rel=1e-5)
