@@ -5,8 +5,8 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from lit_rlhf.data import PreferenceDataModule, UnpairedDataModule
-from lit_rlhf.methods import DPO, GRPO, KTO
+from lit_rlhf.data import PreferenceDataModule, SFTDataModule, UnpairedDataModule
+from lit_rlhf.methods import DPO, GRPO, KTO, SFT
 from lit_rlhf.models import AdapterSpec, BankSpec, LoraSpec
 from lit_rlhf.rollout import RewardSpec
 
@@ -91,3 +91,25 @@ def test_online_validation_score_is_the_mean_over_the_scored_responses_of_the_ep
     finite = scored.scores[scored.scores.isfinite()]
     assert 0 < finite.numel() < 12
     assert logged["val/score"] == pytest.approx(finite.mean().item(), rel=1e-5)
+
+
+def test_validation_inside_fit_runs_without_dropout_on_the_trained_weights():
+    """SFT with the dropouts on in training (``disable_dropout: false``, LoRA dropout 0.5): the ``val/loss`` of the
+    validation at the end of a one-step fit is the token mean a pass in eval mode computes on the trained weights."""
+    torch.manual_seed(0)
+    method = SFT(bank=BankSpec(model=TOY_BASE, lora=LoraSpec(r=8, alpha=16, dropout=0.5), disable_dropout=False),
+                 learning_rate=1e-2)
+    rows = str(TOY_DATA / "sft_val.jsonl")
+    data = SFTDataModule(rows, val=rows, batch_size=5, max_length=64, packing=False)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, max_steps=1, limit_train_batches=1, limit_val_batches=3,
+                         num_sanity_val_steps=0)
+    trainer.fit(method, data)
+    assert method.bank.training  # back in train mode after validation
+    nll, tokens = 0.0, 0
+    method.bank.eval()
+    with torch.no_grad():
+        for _, batch in zip(range(3), data.val_dataloader()):  # 15 rows
+            batch_nll, batch_tokens = method.nll(batch)
+            nll, tokens = nll + batch_nll.item(), tokens + batch_tokens.item()
+    assert float(trainer.callback_metrics["val/loss"]) == pytest.approx(nll / tokens, rel=1e-5)
