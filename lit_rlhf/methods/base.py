@@ -461,6 +461,13 @@ class BankMethod(pl.LightningModule):
             pair = torch.stack([torch.where(weight > 0, mean * weight, 0.0), weight])
             self._evaluation_sums[name] = self._evaluation_sums[name] + pair if name in self._evaluation_sums else pair
 
+    # A validation cut short (an exception caught around trainer.validate) leaves sums: each epoch starts afresh.
+    def on_validation_epoch_start(self) -> None:
+        self._evaluation_sums = {}
+
+    def on_test_epoch_start(self) -> None:
+        self._evaluation_sums = {}
+
     def log_evaluation_means(self, prefix: str, *, prog_bar: tuple[str, ...] = ()) -> dict[str, float]:
         """Log the epoch's ``prefix/name`` means over every rank's rows (or tokens), from one all-reduce of the
         sums (a collective: call it at every rank's epoch end); returns them (names without items left out).

@@ -20,7 +20,9 @@ from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
 
+from lit_rlhf.data.datamodules import ExampleDataset
 from lit_rlhf.distributed import global_means
 from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.losses import bradley_terry_loss
@@ -157,12 +159,13 @@ class RewardModeling(OfflineMethod):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None or self.normalize_on is None:
             return None
-        if self.normalize_on == "val":
-            loader = datamodule.val_dataloader()
-            if loader:
-                return loader
+        split = self.normalize_on
+        if split == "val" and not datamodule.val_examples:
             rank_zero_warn("normalize_on='val' but there is no validation data: normalising on the training data")
-        return datamodule.train_dataloader()
+            split = "train"
+        # The whole split in order, as one process reads it: rank 0 exports, and the loaders hold one rank's share.
+        return DataLoader(ExampleDataset(getattr(datamodule, f"{split}_examples")), batch_size=datamodule.batch_size,
+                          collate_fn=datamodule.collator)
 
     def export(self, path: str | Path, *, merged: bool = False) -> Path:
         """Save the adapter and head (or, ``merged``/full, the model plus ``head.safetensors``) with metadata.

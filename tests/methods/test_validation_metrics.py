@@ -1,12 +1,14 @@
 """Validation metrics are what one pass over the validation rows computes by hand: the reference a
 validation-only run reads, KTO's margin over the epoch, and every row counted once under DDP."""
 
+from types import SimpleNamespace
+
 import lightning.pytorch as pl
 import pytest
 import torch
 
 from lit_rlhf.data import PreferenceDataModule, SFTDataModule, UnpairedDataModule
-from lit_rlhf.methods import DPO, GRPO, KTO, SFT
+from lit_rlhf.methods import DPO, GRPO, KTO, SFT, RewardModeling
 from lit_rlhf.models import AdapterSpec, BankSpec, LoraSpec
 from lit_rlhf.rollout import RewardSpec
 
@@ -113,3 +115,18 @@ def test_validation_inside_fit_runs_without_dropout_on_the_trained_weights():
             batch_nll, batch_tokens = method.nll(batch)
             nll, tokens = nll + batch_nll.item(), tokens + batch_tokens.item()
     assert float(trainer.callback_metrics["val/loss"]) == pytest.approx(nll / tokens, rel=1e-5)
+
+
+@pytest.mark.parametrize("split", ["val", "train"])
+def test_reward_normalisation_reads_the_whole_split_on_rank_0_of_two(split):
+    """The export (rank 0 only) records score statistics over every row of the split, not over rank 0's share that
+    its loaders hold under DDP (the training loader's half: 48 of 96 rows, before)."""
+    method = RewardModeling(bank=BankSpec(model=TOY_BASE, lora=LoraSpec(r=4, alpha=8)), normalize_on=split)
+    rows = str(TOY_DATA / "preference_val.jsonl")
+    data = PreferenceDataModule(rows, val=rows, batch_size=8, max_length=64)
+    data.trainer = SimpleNamespace(world_size=2, global_rank=0)  # what the loaders read of it
+    data.prepare(method.tokenizer)
+    method._trainer = SimpleNamespace(datamodule=data)
+    assert len(data.val_dataloader()) == 6  # rank 0's share: 6 of the 12 batches
+    read = [row for batch in method._reference_loader() for row in batch["input_ids"].tolist()]
+    assert len(read) == 2 * 96  # chosen and rejected of every row
