@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from lit_rlhf.data import PreferenceDataModule, SFTDataModule, UnpairedDataModule
-from lit_rlhf.methods import DPO, GRPO, KTO, SFT, RewardModeling
+from lit_rlhf.methods import DPO, GKD, GRPO, KTO, SFT, RewardModeling
+from lit_rlhf.methods.gkd import dataset_batch
 from lit_rlhf.models import AdapterSpec, BankSpec, LoraSpec
+from lit_rlhf.models.spec import TeacherSpec
 from lit_rlhf.rollout import RewardSpec
 
 from tests.methods.online_helpers import lora_off_zero, make_online, prompts, saved_random_adapter
-from tests.paths import TOY_BASE, TOY_DATA
+from tests.paths import TOY_BASE, TOY_DATA, TOY_TEACHER
 
 
 def validate(method, data, **kwargs) -> dict[str, float]:
@@ -130,3 +132,21 @@ def test_reward_normalisation_reads_the_whole_split_on_rank_0_of_two(split):
     assert len(data.val_dataloader()) == 6  # rank 0's share: 6 of the 12 batches
     read = [row for batch in method._reference_loader() for row in batch["input_ids"].tolist()]
     assert len(read) == 2 * 96  # chosen and rejected of every row
+
+
+def test_gkd_validation_kl_is_the_token_mean_over_the_split_with_a_short_last_batch():
+    """GKD's ``val/kl_teacher``: forward KL(teacher ‖ student), written out, summed over every completion token of
+    the 96 validation rows (batches of 40, 40 and 16) and divided by their number; each row run alone here."""
+    torch.manual_seed(0)
+    method = GKD(bank=BankSpec(model=TOY_BASE, lora=LoraSpec(r=4, alpha=8), teacher=TeacherSpec(model=TOY_TEACHER)))
+    rows = str(TOY_DATA / "sft_val.jsonl")
+    data = SFTDataModule(rows, val=rows, batch_size=40, max_length=64, packing=False)
+    logged = validate(method, data)
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for example in data.val_examples:
+            student, teacher, mask = method.aligned_logits(dataset_batch(data.collator([example])))
+            teacher_logps, student_logps = teacher.log_softmax(-1).double(), student.log_softmax(-1).double()
+            kl = (teacher_logps.exp() * (teacher_logps - student_logps)).sum(-1)
+            total, tokens = total + (kl * mask).sum().item(), tokens + int(mask.sum())
+    assert logged["val/kl_teacher"] == pytest.approx(total / tokens, rel=1e-4)
