@@ -481,10 +481,15 @@ class BankMethod(pl.LightningModule):
         if not names:
             return {}
         totals = global_sum(torch.stack([sums[name] for name in names]))
-        means = {f"{prefix}/{name}": (total / weight, weight) for name, (total, weight) in zip(names, totals.tolist())
-                 if weight > 0}
-        self.log_means(means, prog_bar=tuple(f"{prefix}/{name}" for name in prog_bar))
-        return {name: mean for name, (mean, _) in means.items()}
+        means = {f"{prefix}/{name}": total / weight for name, (total, weight) in zip(names, totals.tolist()) if weight > 0}
+        for name, mean in means.items():
+            self.log_global(name, mean, prog_bar=name.removeprefix(f"{prefix}/") in prog_bar)
+        return means
+
+    def log_global(self, name: str, value: torch.Tensor | float, *, prog_bar: bool = False) -> None:
+        """Log an epoch's value that is the same on every rank already (reduced over the ranks). Its
+        ``sync_dist`` max is that value, exactly, and keeps Lightning from warning that it is not synced."""
+        self.log(name, value, prog_bar=prog_bar, sync_dist=True, reduce_fx="max")
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Runs before every optimizer step, automatic or manual: a step that runs ends a streak of skips.

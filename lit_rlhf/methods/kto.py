@@ -212,7 +212,7 @@ class KTO(OfflineMethod):
         means = self.log_evaluation_means(prefix, prog_bar=("loss",) if prefix == "val" else ())
         chosen, rejected = means.get(f"{prefix}/rewards/chosen"), means.get(f"{prefix}/rewards/rejected")
         if chosen is not None and rejected is not None:
-            self.log(f"{prefix}/rewards/margins", chosen - rejected)
+            self.log_global(f"{prefix}/rewards/margins", chosen - rejected)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluation_step(batch)
