@@ -235,3 +235,43 @@ def validation_logs_on_rank(rank: int, port: int, out: str) -> None:
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     torch.save({"logs": validation_logs(out, devices=2, strategy="ddp")}, f"{out}/rank{rank}.pt")
+
+
+# -- the learning-rate schedule of a data-parallel run -----------------------------------------------------
+
+
+def learning_rates(kind: str = "linear", **trainer_options) -> list[float]:
+    """The learning rate of every optimizer step of an SFT fit with ``kind`` decay after 1 warmup step (2 epochs of
+    5 batches, ``limit_train_batches``, per rank, in windows of 3), then the one after the last step."""
+    import lightning.pytorch as pl
+
+    from lit_rlhf.data import SFTDataModule
+    from lit_rlhf.methods import SFT
+    from lit_rlhf.models import BankSpec, LoraSpec
+
+    from tests.paths import TOY_BASE, TOY_DATA
+
+    lrs = []
+
+    class Seen(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            lrs.append(optimizer.param_groups[0]["lr"])
+
+    method = SFT(bank=BankSpec(model=TOY_BASE, lora=LoraSpec(r=4, alpha=8)), learning_rate=0.1, warmup_steps=1,
+                 lr_scheduler=kind)
+    data = SFTDataModule(str(TOY_DATA / "sft_train.jsonl"), batch_size=4, max_length=64)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, max_epochs=2, limit_train_batches=5, accumulate_grad_batches=3,
+                         limit_val_batches=0, callbacks=[Seen()], **trainer_options)
+    trainer.fit(method, data)
+    return lrs + [trainer.optimizers[0].param_groups[0]["lr"]]
+
+
+def learning_rates_on_rank(rank: int, port: int, out: str) -> None:
+    """Rank ``rank`` of two: ``learning_rates`` under Lightning's DDP (gloo)."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    torch.save({"lrs": learning_rates(devices=2, strategy="ddp")}, f"{out}/rank{rank}.pt")
