@@ -52,7 +52,8 @@ class PairLogps(NamedTuple):
 class PreferenceMethod(OfflineMethod):
     """Shared forward, steps and metrics of the pairwise preference methods.
 
-    A subclass defines ``compute_loss(batch) -> (scalar loss, metrics dict)`` with its loss.
+    A subclass defines ``compute_loss(batch) -> (scalar loss, metrics dict)`` with its loss. The ``val/`` and
+    ``test/`` metrics are means over the epoch's pairs (every rank's, each once).
     """
 
     def pair_logps(self, batch: dict) -> PairLogps:

@@ -231,7 +231,8 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         rewards: the reward sources (``RewardSpec``), e.g.
             ``[{kind: function, function: "lit_rlhf.toy:reward"}]``.
         sampling: how responses are sampled during training (validation decodes greedily with
-            the same ``max_new_tokens``).
+            the same ``max_new_tokens``; ``val/score`` is the mean over the epoch's responses with a
+            finite score, ``val/response_length`` over all of them).
         engine: the rollout engine's registered name: ``auto`` (``hf_static`` on CUDA; see
             ``lit_rlhf.rollout.engine.AutoEngine``), ``hf``, ``hf_static``, or one you register.
         num_samples_per_prompt: responses sampled per prompt (``k``; RLOO and GRPO need ``k >= 2``).
