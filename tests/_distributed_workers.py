@@ -240,9 +240,10 @@ def validation_logs_on_rank(rank: int, port: int, out: str) -> None:
 # -- the learning-rate schedule of a data-parallel run -----------------------------------------------------
 
 
-def learning_rates(kind: str = "linear", **trainer_options) -> list[float]:
+def learning_rates(kind: str = "linear", *, callbacks=(), ckpt_path=None, **trainer_options) -> list[float]:
     """The learning rate of every optimizer step of an SFT fit with ``kind`` decay after 1 warmup step (2 epochs of
-    5 batches, ``limit_train_batches``, per rank, in windows of 3), then the one after the last step."""
+    5 batches, ``limit_train_batches``, per rank, in windows of 3), then the one after the last step; from
+    ``ckpt_path`` when given."""
     import lightning.pytorch as pl
 
     from lit_rlhf.data import SFTDataModule
@@ -260,10 +261,11 @@ def learning_rates(kind: str = "linear", **trainer_options) -> list[float]:
     method = SFT(bank=BankSpec(model=TOY_BASE, lora=LoraSpec(r=4, alpha=8)), learning_rate=0.1, warmup_steps=1,
                  lr_scheduler=kind)
     data = SFTDataModule(str(TOY_DATA / "sft_train.jsonl"), batch_size=4, max_length=64)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, max_epochs=2, limit_train_batches=5, accumulate_grad_batches=3,
-                         limit_val_batches=0, callbacks=[Seen()], **trainer_options)
-    trainer.fit(method, data)
+    options = dict(accelerator="cpu", logger=False, enable_checkpointing=bool(callbacks), enable_progress_bar=False,
+                   enable_model_summary=False, max_epochs=2, limit_train_batches=5, accumulate_grad_batches=3,
+                   limit_val_batches=0, callbacks=[Seen(), *callbacks])
+    trainer = pl.Trainer(**options | trainer_options)
+    trainer.fit(method, data, ckpt_path=ckpt_path)
     return lrs + [trainer.optimizers[0].param_groups[0]["lr"]]
 
 
