@@ -188,31 +188,34 @@ def update_metrics_on_rank(rank: int, port: int, out: str) -> None:
 
 #: Validation rows per method, in batches of 3: one process reads 3 + 3 + 1 (KTO 3 + 3 + 3), which two ranks
 #: cannot share evenly; Lightning's sampler repeated a row to even them.
-VALIDATION_ROWS = {"sft": 7, "dpo": 7, "kto": 9}
+VALIDATION_ROWS = {"sft": 7, "dpo": 7, "reward": 7, "kto": 9}
 
 
 def write_validation_rows(out) -> None:
     """The first ``VALIDATION_ROWS`` rows of each toy validation file, under ``out``."""
     from tests.paths import TOY_DATA
 
-    for name, file in (("sft", "sft_val.jsonl"), ("dpo", "preference_val.jsonl"), ("kto", "unpaired_val.jsonl")):
+    files = {"sft": "sft_val.jsonl", "dpo": "preference_val.jsonl", "reward": "preference_val.jsonl",
+             "kto": "unpaired_val.jsonl"}
+    for name, file in files.items():
         lines = (TOY_DATA / file).read_text().splitlines()[: VALIDATION_ROWS[name]]
         (Path(out) / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
 
 
 def validation_logs(out, **trainer_options) -> dict[str, dict[str, float]]:
-    """What ``trainer.validate`` logs for SFT, DPO and KTO on the rows of ``write_validation_rows``, their LoRA
+    """What ``trainer.validate`` logs for SFT, DPO, the reward model and KTO on the rows of ``write_validation_rows``, their LoRA
     weights moved off zero alike in every process."""
     import lightning.pytorch as pl
 
     from lit_rlhf.data import PreferenceDataModule, SFTDataModule, UnpairedDataModule
-    from lit_rlhf.methods import DPO, KTO, SFT
+    from lit_rlhf.methods import DPO, KTO, SFT, RewardModeling
     from lit_rlhf.models import BankSpec, LoraSpec
 
     from tests.methods.online_helpers import lora_off_zero
     from tests.paths import TOY_BASE
 
-    cases = {"sft": (SFT, SFTDataModule), "dpo": (DPO, PreferenceDataModule), "kto": (KTO, UnpairedDataModule)}
+    cases = {"sft": (SFT, SFTDataModule), "dpo": (DPO, PreferenceDataModule), "reward": (RewardModeling, PreferenceDataModule),
+             "kto": (KTO, UnpairedDataModule)}
     logs = {}
     for name, (method_class, data_class) in cases.items():
         torch.manual_seed(0)  # LoRA A's draw
