@@ -203,8 +203,8 @@ def write_validation_rows(out) -> None:
 
 
 def validation_logs(out, **trainer_options) -> dict[str, dict[str, float]]:
-    """What ``trainer.validate`` logs for SFT, DPO, the reward model and KTO on the rows of ``write_validation_rows``, their LoRA
-    weights moved off zero alike in every process."""
+    """What ``trainer.validate`` logs for SFT, DPO, the reward model and KTO on the rows of
+    ``write_validation_rows``, their LoRA weights moved off zero alike in every process."""
     import lightning.pytorch as pl
 
     from lit_rlhf.data import PreferenceDataModule, SFTDataModule, UnpairedDataModule

@@ -210,8 +210,8 @@ def test_rollout_metrics_of_online_methods_on_two_ranks_are_over_every_ranks_row
 
 
 def test_validation_metrics_on_two_ranks_count_every_row_once_as_one_process(tmp_path):
-    """SFT, DPO, the reward model and KTO validated on two DDP ranks log what one process logs: 7 rows in batches of 3 are dealt
-    out as 3 + 1 and 2 + 1 rows, where Lightning's sampler gave rank 1 row 0 a second time. KTO's loss and KL
+    """SFT, DPO, the reward model and KTO validated on two DDP ranks log what one process logs: 7 rows in batches
+    of 3 are dealt out as 3 + 1 and 2 + 1 rows, where Lightning's sampler gave rank 1 row 0 a second time. KTO's loss and KL
     are left out: its reference point is each batch's, over the ranks' batches together."""
     write_validation_rows(tmp_path)
     one_process = validation_logs(tmp_path, devices=1)

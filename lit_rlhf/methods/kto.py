@@ -70,8 +70,8 @@ class KTO(OfflineMethod):
     Logs ``loss``, ``kl``, ``rewards/chosen`` and ``logps/chosen`` (desirable rows),
     ``rewards/rejected`` and ``logps/rejected`` (undesirable rows), ``rewards/margins``, and the
     same under ``val/``: each over the validation epoch's rows (``val/rewards/margins`` is the epoch's
-    desirable mean reward minus its undesirable one, as TRL's, not a mean of per-batch margins). Warns once at fit start when the weighted class balance is outside
-    the paper's recommended range.
+    desirable mean reward minus its undesirable one, as TRL's, not a mean of per-batch margins). Warns
+    once at fit start when the weighted class balance is outside the paper's recommended range.
 
     Args:
         beta: scale of the implicit reward, the strength of the KL constraint to the reference.

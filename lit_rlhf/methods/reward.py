@@ -42,8 +42,9 @@ class RewardModeling(OfflineMethod):
     Trains the ``reward`` adapter and its score head (``train_mode: lora``), or the whole base
     plus the head (``train_mode: full``). Logs ``loss``, ``accuracy`` (fraction of pairs with
     score(chosen) > score(rejected)), ``rewards/chosen``, ``rewards/rejected``,
-    ``rewards/margins``, and the same under ``val/`` (means over the epoch's pairs). Preference rows may carry a ``margin``
-    (how much better ``chosen`` is): the loss is then ``-logσ(r_c - r_r - margin)`` (Llama 2).
+    ``rewards/margins``, and the same under ``val/`` (means over the epoch's pairs). Preference rows
+    may carry a ``margin`` (how much better ``chosen`` is): the loss is then
+    ``-logσ(r_c - r_r - margin)`` (Llama 2).
 
     Args:
         reward_adapter: the adapter (with a ``score`` head) trained and exported.
