@@ -182,3 +182,101 @@ def update_metrics_on_rank(rank: int, port: int, out: str) -> None:
         saved[name] = {"logged": {k: float(v) for k, v in fit.callback_metrics.items()},
                        "micro_batches": micro_batches, "rollout": rollouts[0]}
     torch.save(saved, f"{out}/rank{rank}.pt")
+
+
+# -- validation metrics: every validation row once, as one process counts them ---------------------------
+
+#: Validation rows per method, in batches of 3: one process reads 3 + 3 + 1 (KTO 3 + 3 + 3), which two ranks
+#: cannot share evenly; Lightning's sampler repeated a row to even them.
+VALIDATION_ROWS = {"sft": 7, "dpo": 7, "reward": 7, "kto": 9}
+
+
+def write_validation_rows(out) -> None:
+    """The first ``VALIDATION_ROWS`` rows of each toy validation file, under ``out``."""
+    from tests.paths import TOY_DATA
+
+    files = {"sft": "sft_val.jsonl", "dpo": "preference_val.jsonl", "reward": "preference_val.jsonl",
+             "kto": "unpaired_val.jsonl"}
+    for name, file in files.items():
+        lines = (TOY_DATA / file).read_text().splitlines()[: VALIDATION_ROWS[name]]
+        (Path(out) / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def validation_logs(out, **trainer_options) -> dict[str, dict[str, float]]:
+    """What ``trainer.validate`` logs for SFT, DPO, the reward model and KTO on the rows of
+    ``write_validation_rows``, their LoRA weights moved off zero alike in every process."""
+    import lightning.pytorch as pl
+
+    from lit_rlhf.data import PreferenceDataModule, SFTDataModule, UnpairedDataModule
+    from lit_rlhf.methods import DPO, KTO, SFT, RewardModeling
+    from lit_rlhf.models import BankSpec, LoraSpec
+
+    from tests.methods.online_helpers import lora_off_zero
+    from tests.paths import TOY_BASE
+
+    cases = {"sft": (SFT, SFTDataModule), "dpo": (DPO, PreferenceDataModule), "reward": (RewardModeling, PreferenceDataModule),
+             "kto": (KTO, UnpairedDataModule)}
+    logs = {}
+    for name, (method_class, data_class) in cases.items():
+        torch.manual_seed(0)  # LoRA A's draw
+        method = method_class(bank=BankSpec(model=TOY_BASE, lora=LoraSpec(r=4, alpha=8)))
+        method.configure_model()
+        lora_off_zero(method.bank, 0.1)
+        rows = str(Path(out) / f"{name}.jsonl")
+        data = data_class(rows, val=rows, batch_size=3, max_length=64)
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             **trainer_options)
+        logs[name] = {k: float(v) for k, v in trainer.validate(method, data, verbose=False)[0].items()}
+    return logs
+
+
+def validation_logs_on_rank(rank: int, port: int, out: str) -> None:
+    """Rank ``rank`` of two: ``validation_logs`` under Lightning's DDP (gloo)."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    torch.save({"logs": validation_logs(out, devices=2, strategy="ddp")}, f"{out}/rank{rank}.pt")
+
+
+# -- the learning-rate schedule of a data-parallel run -----------------------------------------------------
+
+
+def learning_rates(kind: str = "linear", *, callbacks=(), ckpt_path=None, **trainer_options) -> list[float]:
+    """The learning rate of every optimizer step of an SFT fit with ``kind`` decay after 1 warmup step (2 epochs of
+    5 batches, ``limit_train_batches``, per rank, in windows of 3), then the one after the last step; from
+    ``ckpt_path`` when given."""
+    import lightning.pytorch as pl
+
+    from lit_rlhf.data import SFTDataModule
+    from lit_rlhf.methods import SFT
+    from lit_rlhf.models import BankSpec, LoraSpec
+
+    from tests.paths import TOY_BASE, TOY_DATA
+
+    lrs = []
+
+    class Seen(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            lrs.append(optimizer.param_groups[0]["lr"])
+
+    method = SFT(bank=BankSpec(model=TOY_BASE, lora=LoraSpec(r=4, alpha=8)), learning_rate=0.1, warmup_steps=1,
+                 lr_scheduler=kind)
+    data = SFTDataModule(str(TOY_DATA / "sft_train.jsonl"), batch_size=4, max_length=64)
+    options = dict(accelerator="cpu", logger=False, enable_checkpointing=bool(callbacks), enable_progress_bar=False,
+                   enable_model_summary=False, max_epochs=2, limit_train_batches=5, accumulate_grad_batches=3,
+                   limit_val_batches=0, callbacks=[Seen(), *callbacks])
+    trainer = pl.Trainer(**options | trainer_options)
+    trainer.fit(method, data, ckpt_path=ckpt_path)
+    return lrs + [trainer.optimizers[0].param_groups[0]["lr"]]
+
+
+def learning_rates_on_rank(rank: int, port: int, out: str) -> None:
+    """Rank ``rank`` of two: ``learning_rates`` under Lightning's DDP (gloo)."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    torch.save({"lrs": learning_rates(devices=2, strategy="ddp")}, f"{out}/rank{rank}.pt")

@@ -26,6 +26,7 @@ from lit_rlhf.methods import BestOfN, OnlineDPO
 from lit_rlhf.methods.best_of_n import BestOfNTargets
 
 from tests._distributed_workers import (
+    learning_rates_on_rank,
     on_two_ranks,
     rollout_metrics_on_rank,
     token_mean_inputs,
@@ -33,6 +34,9 @@ from tests._distributed_workers import (
     training_step_logs,
     training_step_logs_on_rank,
     update_metrics_on_rank,
+    validation_logs,
+    validation_logs_on_rank,
+    write_validation_rows,
 )
 from tests.methods.online_helpers import first_batch, make_online, perturbed
 from tests.paths import TOY_BASE
@@ -200,3 +204,30 @@ def test_rollout_metrics_of_online_methods_on_two_ranks_are_over_every_ranks_row
         for rank in ranks:
             logged = {n: v for n, v in rank[method]["logged"].items() if n in names}
             assert logged == pytest.approx(expected, rel=1e-5, abs=1e-7), method
+
+
+# -- validation: every row once --------------------------------------------------------------------------
+
+
+def test_validation_metrics_on_two_ranks_count_every_row_once_as_one_process(tmp_path):
+    """SFT, DPO, the reward model and KTO validated on two DDP ranks log what one process logs: 7 rows in batches
+    of 3 are dealt out as 3 + 1 and 2 + 1 rows, where Lightning's sampler gave rank 1 row 0 a second time. KTO's loss and KL
+    are left out: its reference point is each batch's, over the ranks' batches together."""
+    write_validation_rows(tmp_path)
+    one_process = validation_logs(tmp_path, devices=1)
+    for logs in (saved["logs"] for saved in on_two_ranks(validation_logs_on_rank, tmp_path, "fork")):
+        for method, expected in one_process.items():
+            expected = {k: v for k, v in expected.items() if method != "kto" or k not in ("val/loss", "val/kl")}
+            assert {k: logs[method][k] for k in expected} == pytest.approx(expected, rel=1e-5, abs=1e-6), method
+
+
+# -- the learning-rate schedule: over the optimizer steps each rank takes ---------------------------------
+
+
+def test_the_learning_rate_schedule_on_two_ranks_spans_the_steps_each_rank_takes(tmp_path):
+    """``limit_train_batches`` counts each rank's batches: 2 epochs of 5 in windows of 3 are 4 optimizer steps on
+    each rank, the linear decay after 1 warmup step spans them and ends at 0 (as in one process:
+    ``tests/methods/test_lr_schedule.py``)."""
+    expected = [0.1, 0.1, 0.1 * 2 / 3, 0.1 / 3, 0.0]
+    for saved in on_two_ranks(learning_rates_on_rank, tmp_path, "fork"):
+        assert saved["lrs"] == pytest.approx(expected, abs=1e-12)

@@ -10,21 +10,22 @@ a Trainer whose LightningModule exposes ``.tokenizer`` (every lit_rlhf method do
 The training loader shuffles with a ``DistributedSampler`` seeded with ``seed``: its order
 depends only on ``(seed, epoch)`` and Lightning calls its ``set_epoch`` every epoch, so a
 resumed run sees the same order as an uninterrupted one. It is built with the Trainer's
-world size and rank, so under DDP Lightning keeps it instead of injecting its own.
+world size and rank, so under DDP Lightning keeps it instead of injecting its own. The
+validation loader reads the batches one process reads, dealt out to the ranks (``EvaluationShard``):
+each validation row is counted once, where Lightning's sampler would repeat rows to even the ranks.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import math
 import random
 import warnings
 from typing import Any, Callable, ClassVar, Literal, Optional, Union
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
 from lit_rlhf.data.collate import (
@@ -52,8 +53,9 @@ class ExampleDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, index: int) -> Example:
-        return self.examples[index]
+    def __getitem__(self, index: int | list[int]) -> Example | list[Example]:
+        # A list of indices is a whole batch (EvaluationShard's, read with batch_size=None).
+        return [self.examples[i] for i in index] if isinstance(index, list) else self.examples[index]
 
 
 # The DataModule restores the data position itself (see ResumableSampler), so Lightning's
@@ -88,6 +90,57 @@ def epoch_sampler(dataset: Dataset, seed: int, num_replicas: int = 1, rank: int 
                   resume: Optional[tuple[int, int]] = None) -> ResumableSampler:
     """A shuffling sampler whose order depends only on ``(seed, epoch)``; call ``set_epoch`` each epoch."""
     return ResumableSampler(dataset, seed, num_replicas=num_replicas, rank=rank, resume=resume)
+
+
+def evaluation_batches(rows: int, batch_size: int, world: int = 1, min_rows: int = 1) -> list[list[int]]:
+    """The batches of an evaluation split of ``rows`` rows over ``world`` ranks, each row in exactly one:
+    the batches one process reads in order (the last shorter, dropped below ``min_rows``); where their
+    number is not a multiple of ``world``, the fewest last ones are split evenly into as many more as it
+    takes. Rank ``r`` reads batches ``r, r + world, ...``.
+
+    Raises:
+        ValueError: where ``world`` ranks cannot get as many batches of ``min_rows`` rows or more.
+    """
+    sizes = [batch_size] * (rows // batch_size)
+    if rows % batch_size >= min_rows:
+        sizes.append(rows % batch_size)
+    missing = -len(sizes) % world
+    if missing:
+        for last in range(1, len(sizes) + 1):
+            tail = sum(sizes[-last:])
+            if tail // (last + missing) >= min_rows:
+                size, larger = divmod(tail, last + missing)
+                sizes[-last:] = [size + 1] * larger + [size] * (last + missing - larger)
+                break
+        else:
+            raise ValueError(f"{rows} validation rows cannot give each of the {world} ranks as many batches of at least "
+                             f"{min_rows} row(s) without repeating rows: add validation rows (val, val_fraction) or "
+                             "validate on fewer devices")
+    starts = itertools.accumulate(sizes, initial=0)
+    return [list(range(start, start + size)) for start, size in zip(starts, sizes)]
+
+
+class EvaluationShard(DistributedSampler):
+    """One rank's batches of an evaluation split (``evaluation_batches``): every row once over the ranks,
+    and as many batches on every rank. Yields a list of row indices per batch (a DataLoader with
+    ``batch_size=None`` reads it whole).
+
+    Lightning's own ``DistributedSampler`` pads the split by repeating rows until the ranks hold as many:
+    a validation mean then counts those rows twice. Unrepeated per-row shares (Lightning's for predict)
+    leave ranks with different numbers of batches, and every forward under FSDP or ZeRO-3 (every KTO
+    validation batch too: its KL reference point gathers every rank's rows) is a collective. Being a
+    ``DistributedSampler``, it is kept by Lightning as it is.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int = 1, rank: int = 0, min_rows: int = 1):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.batches = evaluation_batches(len(dataset), batch_size, num_replicas, min_rows)[rank::num_replicas]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 class _FormatDataModule(L.LightningDataModule):
@@ -256,11 +309,12 @@ class _FormatDataModule(L.LightningDataModule):
         if not self.val_examples:
             return []  # Lightning skips validation
         dataset = ExampleDataset(self.val_examples)
-        # Under DDP Lightning swaps in a DistributedSampler: each rank then holds ceil(rows / world) rows.
-        world = self.trainer.world_size if self.trainer is not None else 1
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=SequentialSampler(dataset),
-                          drop_last=self._drop_last(math.ceil(len(dataset) / world)),
-                          generator=torch.Generator().manual_seed(self.seed),
+        replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        try:
+            sampler = EvaluationShard(dataset, self.batch_size, replicas, rank, min_rows=self.min_batch_rows)
+        except ValueError as error:
+            raise ValueError(f"{type(self).__name__}: {error}") from None
+        return DataLoader(dataset, batch_size=None, sampler=sampler, generator=torch.Generator().manual_seed(self.seed),
                           collate_fn=self.collator, num_workers=self.num_workers)
 
     def _drop_last(self, rows_per_rank: int) -> bool:

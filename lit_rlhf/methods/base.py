@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from lit_rlhf.distributed import every_rank
+from lit_rlhf.distributed import every_rank, global_sum
 from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.methods.lengths import check_positions
 from lit_rlhf.methods.precision import fit_precision_plugin
@@ -182,6 +182,7 @@ class BankMethod(pl.LightningModule):
         self.skipped_nonfinite = 0  # optimizer steps skipped for a non-finite loss, over the run and its resumes
         self._consecutive_nonfinite = 0
         self._drop_next_step = False
+        self._evaluation_sums: dict[str, torch.Tensor] = {}  # name -> (sum of mean x weight, weight), this epoch's
         # Checkpoints hold only trainable state, so the frozen base is missing from them by design.
         self.strict_loading = False
 
@@ -456,6 +457,46 @@ class BankMethod(pl.LightningModule):
         for name, (mean, weight) in metrics.items():
             if weight > 0:
                 self.log(name, mean, prog_bar=name in prog_bar, batch_size=max(1, round(weight)))
+
+    def accumulate_evaluation_means(self, metrics: dict[str, tuple[torch.Tensor | float, torch.Tensor | float]]) -> None:
+        """Add a validation (or test) batch's ``name -> (mean, weight)`` (weight: the rows or tokens the mean is
+        over; 0, and any mean, where the batch has none) to the epoch's sums. Every batch of every rank gives the
+        same names; ``log_evaluation_means`` logs them at the epoch's end."""
+        for name, (mean, weight) in metrics.items():
+            weight = torch.as_tensor(weight, dtype=torch.float64, device=self.device).detach()
+            mean = torch.as_tensor(mean, dtype=torch.float64, device=self.device).detach()
+            pair = torch.stack([torch.where(weight > 0, mean * weight, 0.0), weight])
+            self._evaluation_sums[name] = self._evaluation_sums[name] + pair if name in self._evaluation_sums else pair
+
+    # A validation cut short (an exception caught around trainer.validate) leaves sums: each epoch starts afresh.
+    def on_validation_epoch_start(self) -> None:
+        self._evaluation_sums = {}
+
+    def on_test_epoch_start(self) -> None:
+        self._evaluation_sums = {}
+
+    def log_evaluation_means(self, prefix: str, *, prog_bar: tuple[str, ...] = ()) -> dict[str, float]:
+        """Log the epoch's ``prefix/name`` means over every rank's rows (or tokens), from one all-reduce of the
+        sums (a collective: call it at every rank's epoch end); returns them (names without items left out).
+
+        Lightning's ``self.log(..., batch_size=n, sync_dist=True)`` is exact in one process only: under DDP it
+        averages the ranks' row counts in an integer tensor (7 rows on two ranks: 3, not 3.5), and reduces
+        the metrics in the order each rank first logged them, which a metric logged only when a batch has
+        items for it (KTO's undesirable rows) makes differ between ranks."""
+        sums, self._evaluation_sums = self._evaluation_sums, {}
+        names = sorted(sums)
+        if not names:
+            return {}
+        totals = global_sum(torch.stack([sums[name] for name in names]))
+        means = {f"{prefix}/{name}": total / weight for name, (total, weight) in zip(names, totals.tolist()) if weight > 0}
+        for name, mean in means.items():
+            self.log_global(name, mean, prog_bar=name.removeprefix(f"{prefix}/") in prog_bar)
+        return means
+
+    def log_global(self, name: str, value: torch.Tensor | float, *, prog_bar: bool = False) -> None:
+        """Log an epoch's value that is the same on every rank already (reduced over the ranks). Its
+        ``sync_dist`` max is that value, exactly, and keeps Lightning from warning that it is not synced."""
+        self.log(name, value, prog_bar=prog_bar, sync_dist=True, reduce_fx="max")
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Runs before every optimizer step, automatic or manual: a step that runs ends a streak of skips.

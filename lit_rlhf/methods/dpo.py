@@ -52,7 +52,8 @@ class PairLogps(NamedTuple):
 class PreferenceMethod(OfflineMethod):
     """Shared forward, steps and metrics of the pairwise preference methods.
 
-    A subclass defines ``compute_loss(batch) -> (scalar loss, metrics dict)`` with its loss.
+    A subclass defines ``compute_loss(batch) -> (scalar loss, metrics dict)`` with its loss. The ``val/`` and
+    ``test/`` metrics are means over the epoch's pairs (every rank's, each once).
     """
 
     def pair_logps(self, batch: dict) -> PairLogps:
@@ -85,17 +86,24 @@ class PreferenceMethod(OfflineMethod):
         self.log_means(means, prog_bar=("loss", "rewards/accuracies"))
         return self.skip_if_nonfinite(loss)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    # Validation and test: every metric a mean over the epoch's pairs (of every rank, each once).
+
+    def _evaluation_step(self, batch: dict) -> None:
         loss, metrics = self.compute_loss(batch)
-        batch_size = batch["input_ids"].shape[0] // 2
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, batch_size=batch_size, sync_dist=True)
+        pairs = batch["input_ids"].shape[0] // 2
+        self.accumulate_evaluation_means({"loss": (loss, pairs)} | {name: (value, pairs) for name, value in metrics.items()})
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluation_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_evaluation_means("val", prog_bar=("loss",))
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        loss, metrics = self.compute_loss(batch)
-        batch_size = batch["input_ids"].shape[0] // 2
-        self.log("test/loss", loss, batch_size=batch_size, sync_dist=True)
-        self.log_dict({f"test/{k}": v for k, v in metrics.items()}, batch_size=batch_size, sync_dist=True)
+        self._evaluation_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_evaluation_means("test")
 
 
 def mix_adapter_weights(bank, source: str, target: str, alpha: float) -> None:
@@ -275,9 +283,11 @@ class DPO(PreferenceMethod):
     def on_fit_start(self) -> None:
         if self.sync_ref_model:
             self._start_synced_reference()
-        if not self.precompute_ref_logps:
-            return
-        self.attach_reference_logps(("ref_chosen_logps", "ref_rejected_logps"), self._chosen_and_rejected_logps)
+        super().on_fit_start()
+
+    def attach_precomputed_reference(self) -> None:
+        if self.precompute_ref_logps:
+            self.attach_reference_logps(("ref_chosen_logps", "ref_rejected_logps"), self._chosen_and_rejected_logps)
 
     def _chosen_and_rejected_logps(self, batch: dict) -> torch.Tensor:
         logps = self.pair_logps(batch)

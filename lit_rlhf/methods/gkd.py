@@ -306,8 +306,8 @@ class GKD(BankMethod):
     def _log_epoch(self, loss_metric: MeanMetric, kl_metric: MeanMetric, prefix: str) -> None:
         if loss_metric.update_count == 0:
             return
-        self.log(f"{prefix}/loss", loss_metric.compute(), prog_bar=prefix == "val")
-        self.log(f"{prefix}/kl_teacher", kl_metric.compute(), prog_bar=prefix == "val")
+        self.log_global(f"{prefix}/loss", loss_metric.compute(), prog_bar=prefix == "val")  # every rank's tokens
+        self.log_global(f"{prefix}/kl_teacher", kl_metric.compute(), prog_bar=prefix == "val")
         loss_metric.reset()
         kl_metric.reset()
 

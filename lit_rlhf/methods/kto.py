@@ -69,8 +69,9 @@ class KTO(OfflineMethod):
 
     Logs ``loss``, ``kl``, ``rewards/chosen`` and ``logps/chosen`` (desirable rows),
     ``rewards/rejected`` and ``logps/rejected`` (undesirable rows), ``rewards/margins``, and the
-    same under ``val/``. Warns once at fit start when the weighted class balance is outside
-    the paper's recommended range.
+    same under ``val/``: each over the validation epoch's rows (``val/rewards/margins`` is the epoch's
+    desirable mean reward minus its undesirable one, as TRL's, not a mean of per-batch margins). Warns
+    once at fit start when the weighted class balance is outside the paper's recommended range.
 
     Args:
         beta: scale of the implicit reward, the strength of the KL constraint to the reference.
@@ -116,11 +117,14 @@ class KTO(OfflineMethod):
     def needs_reference(self) -> bool:
         return not self.precompute_ref_logps
 
-    def on_fit_start(self) -> None:
+    def attach_precomputed_reference(self) -> None:
         if self.precompute_ref_logps:
             if self.uses_kl_estimate:
                 fix_kl_pairs(self.trainer.datamodule)
             self.attach_reference_logps(self.reference_fields, self._reference_rows)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
         examples = getattr(self.trainer.datamodule, "train_examples", None) if self.trainer.datamodule else None
         if not examples:
             return
@@ -187,32 +191,37 @@ class KTO(OfflineMethod):
             metrics[f"logps/{side}"] = (logps[rows].mean() if count else 0.0, count)
         return out.losses.mean(), metrics
 
-    def _log_metrics(self, metrics: dict[str, tuple[torch.Tensor | float, float]], prefix: str = "") -> None:
-        # The margin is the chosen rows' mean reward minus the rejected rows' (TRL's too), taken over the
-        # rows the two means were (a step's, over every rank), when there are both.
-        (chosen, n_chosen), (rejected, n_rejected) = metrics["rewards/chosen"], metrics["rewards/rejected"]
-        if n_chosen and n_rejected:
-            metrics = metrics | {"rewards/margins": (chosen - rejected, n_chosen + n_rejected)}
-        if not prefix:
-            self.log_means(metrics, prog_bar=("loss",))
-            return
-        # Epoch averages are over rows, not batches: each mean is weighted by its own row count.
-        for name, (value, count) in metrics.items():
-            if count:
-                self.log(f"{prefix}{name}", value, batch_size=count, sync_dist=True)
-
     def training_step(self, batch: dict, batch_idx: int):
         loss, metrics = self.compute_loss(batch)
         # Every metric over every rank's rows, as TRL gathers them (its margin too: of the gathered means).
-        self._log_metrics(global_means({"loss": (loss, batch["labels"].shape[0])} | metrics, self.device))
+        metrics = global_means({"loss": (loss, batch["labels"].shape[0])} | metrics, self.device)
+        (chosen, n_chosen), (rejected, n_rejected) = metrics["rewards/chosen"], metrics["rewards/rejected"]
+        if n_chosen and n_rejected:
+            metrics["rewards/margins"] = (chosen - rejected, n_chosen + n_rejected)
+        self.log_means(metrics, prog_bar=("loss",))
         return self.skip_if_nonfinite(loss)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    # -- validation and test: every metric over the epoch's rows (of every rank, each once) ------------
+
+    def _evaluation_step(self, batch: dict) -> None:
         loss, metrics = self.compute_loss(batch)
-        self.log("val/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0], sync_dist=True)
-        self._log_metrics(metrics, "val/")
+        # Each mean weighted by its own rows: the desirable rows' rewards over the desirable rows, ...
+        self.accumulate_evaluation_means({"loss": (loss, batch["labels"].shape[0])} | metrics)
+
+    def _log_evaluation(self, prefix: str) -> None:
+        means = self.log_evaluation_means(prefix, prog_bar=("loss",) if prefix == "val" else ())
+        chosen, rejected = means.get(f"{prefix}/rewards/chosen"), means.get(f"{prefix}/rewards/rejected")
+        if chosen is not None and rejected is not None:
+            self.log_global(f"{prefix}/rewards/margins", chosen - rejected)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluation_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        loss, metrics = self.compute_loss(batch)
-        self.log("test/loss", loss, batch_size=batch["labels"].shape[0], sync_dist=True)
-        self._log_metrics(metrics, "test/")
+        self._evaluation_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")

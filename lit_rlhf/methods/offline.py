@@ -17,6 +17,7 @@ from contextlib import AbstractContextManager
 from typing import NamedTuple
 
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 from lit_rlhf.losses import (
     PackedLayout,
@@ -135,6 +136,18 @@ class OfflineMethod(CompletionLogpsForward, BankMethod):
         super().__init__(**kwargs)
         self.padding_free = padding_free
         self._packing: bool | None = None if padding_free is not False else False
+
+    def attach_precomputed_reference(self) -> None:
+        """Write the precomputed reference log-probs into the rows (``precompute_ref_logps``); by default none."""
+
+    def on_fit_start(self) -> None:
+        self.attach_precomputed_reference()
+
+    def on_validation_start(self) -> None:
+        # trainer.validate runs no on_fit_start: without the rows' precomputed log-probs the loss would fall
+        # back to bank.reference(), which such a bank does not keep (adapters off: the pre-SFT base).
+        if self.trainer.state.fn != TrainerFn.FITTING:
+            self.attach_precomputed_reference()
 
     def uses_packing(self) -> bool:
         """Whether forwards run padding-free: ``padding_free`` resolved against the model, once."""

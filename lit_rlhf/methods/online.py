@@ -233,7 +233,8 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         rewards: the reward sources (``RewardSpec``), e.g.
             ``[{kind: function, function: "lit_rlhf.toy:reward"}]``.
         sampling: how responses are sampled during training (validation decodes greedily with
-            the same ``max_new_tokens``).
+            the same ``max_new_tokens``; ``val/score`` is the mean over the epoch's responses with a
+            finite score, ``val/response_length`` over all of them).
         engine: the rollout engine's registered name: ``auto`` (``hf_static`` on CUDA; see
             ``lit_rlhf.rollout.engine.AutoEngine``), ``hf``, ``hf_static``, or one you register.
         num_samples_per_prompt: responses sampled per prompt (``k``; RLOO and GRPO need ``k >= 2``).
@@ -841,12 +842,14 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         rollout = self.generate_rollout(batch["prompt_input_ids"], batch["prompt_attention_mask"], self.train_sampling.greedy())
         _, reward = self.score_responses(rollout, list(batch["prompts"]), batch.get("raw_prompts"), update_stats=False)
-        size = rollout.response_ids.shape[0]
-        self.log("val/score", reward.scores.nanmean(), prog_bar=True, batch_size=size, sync_dist=True)
-        self.log("val/response_length", rollout.response_lengths.float().mean(), batch_size=size, sync_dist=True)
+        metrics = {"score": finite_mean(reward.scores),
+                   "response_length": (rollout.response_lengths.float().mean(), rollout.response_ids.shape[0])}
         if len(reward.per_source) > 1:
-            for name, value in reward.per_source.items():
-                self.log(f"val/scores/{name}", value.mean(), batch_size=size, sync_dist=True)
+            metrics |= {f"scores/{name}": finite_mean(value) for name, value in reward.per_source.items()}
+        self.accumulate_evaluation_means(metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_evaluation_means("val", prog_bar=("score",))
 
     # -- checkpoints: rollout counter and reward statistics ------------------------------------------
 
@@ -869,6 +872,13 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
             self._sampling_seed = state.get("sampling_seed", self._sampling_seed)
         if self.kl_controller is not None and "kl_controller" in checkpoint:
             self.kl_controller.load_state_dict(checkpoint["kl_controller"])
+
+
+def finite_mean(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, count)`` of the finite ``values``: a response whose score was skipped (``nonfinite: skip``
+    leaves it NaN) counts in no validation score."""
+    finite = torch.isfinite(values)
+    return torch.where(finite, values, 0.0).sum() / finite.sum().clamp(min=1), finite.sum()
 
 
 def resolve_update_epochs(update_epochs: int, ppo_epochs: int | None) -> int:

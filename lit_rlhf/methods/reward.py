@@ -20,8 +20,9 @@ from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torchmetrics import MeanMetric
+from torch.utils.data import DataLoader
 
+from lit_rlhf.data.datamodules import ExampleDataset
 from lit_rlhf.distributed import global_means
 from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.losses import bradley_terry_loss
@@ -41,8 +42,9 @@ class RewardModeling(OfflineMethod):
     Trains the ``reward`` adapter and its score head (``train_mode: lora``), or the whole base
     plus the head (``train_mode: full``). Logs ``loss``, ``accuracy`` (fraction of pairs with
     score(chosen) > score(rejected)), ``rewards/chosen``, ``rewards/rejected``,
-    ``rewards/margins``, and the same under ``val/``. Preference rows may carry a ``margin``
-    (how much better ``chosen`` is): the loss is then ``-logσ(r_c - r_r - margin)`` (Llama 2).
+    ``rewards/margins``, and the same under ``val/`` (means over the epoch's pairs). Preference rows
+    may carry a ``margin`` (how much better ``chosen`` is): the loss is then
+    ``-logσ(r_c - r_r - margin)`` (Llama 2).
 
     Args:
         reward_adapter: the adapter (with a ``score`` head) trained and exported.
@@ -73,8 +75,6 @@ class RewardModeling(OfflineMethod):
         self.reward_adapter = reward_adapter
         self.center_coefficient = center_coefficient
         self.normalize_on = normalize_on
-        self.val_accuracy = MeanMetric()
-        self.test_accuracy = MeanMetric()
         self.normalization: dict[str, float] | None = None
         self._normalized_at: int | None = None
 
@@ -114,27 +114,25 @@ class RewardModeling(OfflineMethod):
         self.log_means(means, prog_bar=("loss", "accuracy"))
         return self.skip_if_nonfinite(loss)
 
-    def _eval_step(self, batch: dict, prefix: str, accuracy: MeanMetric) -> None:
+    # Validation and test: every metric a mean over the epoch's pairs (of every rank, each once).
+
+    def _evaluation_step(self, batch: dict) -> None:
         loss, correct, metrics = self.compute_loss(batch)
-        batch_size = correct.shape[0]
-        accuracy.update(correct)
-        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", batch_size=batch_size, sync_dist=True)
-        self.log(f"{prefix}/accuracy", accuracy, prog_bar=prefix == "val", batch_size=batch_size)
-        self.log_dict({f"{prefix}/{k}": v for k, v in metrics.items()}, batch_size=batch_size, sync_dist=True)
-
-    # Reset at the start too: a reset under inference mode (trainer.validate) leaves inference
-    # tensors that a later no-grad validation (inside fit) may not update in place.
-    def on_validation_epoch_start(self) -> None:
-        self.val_accuracy.reset()
-
-    def on_test_epoch_start(self) -> None:
-        self.test_accuracy.reset()
+        pairs = correct.shape[0]
+        self.accumulate_evaluation_means({"loss": (loss, pairs), "accuracy": (correct.mean(), pairs)}
+                                         | {name: (value, pairs) for name, value in metrics.items()})
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val", self.val_accuracy)
+        self._evaluation_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_evaluation_means("val", prog_bar=("loss", "accuracy"))
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.test_accuracy)
+        self._evaluation_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_evaluation_means("test")
 
     # -- normalisation and export ---------------------------------------------------------------
 
@@ -162,12 +160,13 @@ class RewardModeling(OfflineMethod):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is None or self.normalize_on is None:
             return None
-        if self.normalize_on == "val":
-            loader = datamodule.val_dataloader()
-            if loader:
-                return loader
+        split = self.normalize_on
+        if split == "val" and not datamodule.val_examples:
             rank_zero_warn("normalize_on='val' but there is no validation data: normalising on the training data")
-        return datamodule.train_dataloader()
+            split = "train"
+        # The whole split in order, as one process reads it: rank 0 exports, and the loaders hold one rank's share.
+        return DataLoader(ExampleDataset(getattr(datamodule, f"{split}_examples")), batch_size=datamodule.batch_size,
+                          collate_fn=datamodule.collator)
 
     def export(self, path: str | Path, *, merged: bool = False) -> Path:
         """Save the adapter and head (or, ``merged``/full, the model plus ``head.safetensors``) with metadata.

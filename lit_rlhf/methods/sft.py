@@ -78,8 +78,8 @@ class SFT(CompletionLogpsForward, BankMethod):
         if metric.update_count == 0:
             return
         mean_nll = metric.compute()
-        self.log(f"{prefix}/loss", mean_nll, prog_bar=prefix == "val")
-        self.log(f"{prefix}/ppl", torch.exp(mean_nll))
+        self.log_global(f"{prefix}/loss", mean_nll, prog_bar=prefix == "val")  # MeanMetric: every rank's tokens
+        self.log_global(f"{prefix}/ppl", torch.exp(mean_nll))
         metric.reset()
 
     # Reset at the start too: a reset under inference mode (trainer.validate) leaves inference

@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import lightning as L
 import pytest
 import torch
@@ -10,7 +12,7 @@ from lit_rlhf.data import (
     UnpairedDataModule,
     epoch_sampler,
 )
-from lit_rlhf.data.datamodules import ExampleDataset
+from lit_rlhf.data.datamodules import ExampleDataset, evaluation_batches
 
 KEYS = {
     PromptDataModule: {"prompt_input_ids", "prompt_attention_mask", "prompts", "raw_prompts"},
@@ -172,3 +174,35 @@ def test_kto_batches_never_hold_a_single_row(tmp_path, toy_tokenizer, write_json
     assert [len(b["labels"]) for b in dm.train_dataloader()] == [4, 3]  # a remainder of 2 or more is kept
     with pytest.raises(ValueError, match="at least 2 rows"):
         dm.collator(dm.train_examples[:1])
+
+
+@pytest.mark.parametrize("rows, batch_size, world, min_rows, sizes", [
+    (96, 8, 1, 1, [8] * 12),  # one process: the batches in order, untouched
+    (7, 3, 1, 2, [3, 3]),  # a last batch below min_rows is dropped
+    (7, 3, 2, 1, [3, 2, 1, 1]),  # 3 batches for 2 ranks: the last two split into three
+    (9, 3, 2, 2, [3, 2, 2, 2]),  # halving the last 3 would leave a batch of 1: the last two into three
+    (8, 8, 2, 1, [4, 4]),
+])
+def test_evaluation_batches_give_every_rank_as_many_and_every_row_once(rows, batch_size, world, min_rows, sizes):
+    batches = evaluation_batches(rows, batch_size, world, min_rows)
+    assert [len(b) for b in batches] == sizes
+    assert [i for b in batches for i in b] == list(range(sum(sizes)))  # in order, none twice
+    assert len(batches) % world == 0
+
+
+def test_evaluation_batches_refuse_fewer_rows_than_the_ranks_need():
+    with pytest.raises(ValueError, match="3 validation rows cannot give each of the 2 ranks as many batches of at "
+                                         "least 2 row"):
+        evaluation_batches(3, 2, world=2, min_rows=2)
+
+
+def test_each_rank_validates_on_its_batches_of_the_one_process_order(toy_tokenizer, toy_data):
+    shares = []
+    for rank in (0, 1):
+        rows = str(toy_data / "sft_val.jsonl")
+        data = SFTDataModule(rows, val=rows, batch_size=9, max_length=64)
+        data.trainer = SimpleNamespace(world_size=2, global_rank=rank)  # what the loaders read of it
+        shares.append(list(data.prepare(toy_tokenizer).val_dataloader().sampler))
+    one = evaluation_batches(96, 9, world=2)  # 10 batches of 9 and one of 6, split into two of 3
+    assert len(one) == 12
+    assert shares == [one[0::2], one[1::2]]
