@@ -54,18 +54,27 @@ log = logging.getLogger("lit_rlhf.models")
 REFERENCE = "reference"
 
 
+#: Module attributes that mixture-of-experts layers read in train mode only, as the spread of a random factor
+#: multiplying the router's input (Mixtral, MiniMax, Switch: ``jitter_noise``; PhiMoE: ``input_jitter_noise``;
+#: DBRX: ``moe_jitter_eps``): dropout by another name. Not PhiMoE's ``router_jitter_noise``, a threshold of its
+#: routing in eval mode too.
+ROUTER_NOISE = ("jitter_noise", "input_jitter_noise", "moe_jitter_eps")
+
+
 def disable_dropout(model: nn.Module) -> dict[str, float]:
     """Set every dropout of ``model`` to 0: ``nn.Dropout`` modules (peft's LoRA dropout among them), the
     float rates that attention and layer code read at call time (``attention_dropout``, OPT's ``dropout``
-    and ``layerdrop``) and those some models read from their config at call time (Falcon's
-    ``hidden_dropout`` and ``attention_dropout``).
+    and ``layerdrop``), those some models read from their config at call time (Falcon's
+    ``hidden_dropout`` and ``attention_dropout``), and the router noise of mixtures of experts
+    (``ROUTER_NOISE``: with Mixtral's ``router_jitter_noise`` on, two train-mode forwards of a fresh policy
+    differed by 4e-3 in the logits, and its log-probs were not the reference's before the first step).
 
     Returns the config's changed rates with their loaded values, for an export to write back."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
         for name, value in vars(module).items():
-            if _is_dropout_rate(name, value):
+            if _is_dropout_rate(name, value) or (name in ROUTER_NOISE and isinstance(value, float) and value != 0.0):
                 setattr(module, name, 0.0)
     config = getattr(model, "config", None)
     loaded = {name: value for name, value in vars(config).items() if _is_dropout_rate(name, value)} if config else {}

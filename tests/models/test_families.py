@@ -1,4 +1,4 @@
-"""The bank on tiny random models of nine transformers families: heads, roles, modes, dropout and
+"""The bank on tiny random models of thirteen transformers families (four of them mixtures of experts): heads, roles, modes, dropout and
 gradient checkpointing behave the same whatever the architecture."""
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def test_checkpointing_recomputes_in_the_forward_s_role(family, train_mode, fami
         torch.testing.assert_close(grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "opt", "phi3"])
+@pytest.mark.parametrize("family", ["gpt2", "opt", "phi3", "mixtral"])
 def test_dropout_is_off_by_default_and_the_reference_never_drops(family, family_dirs, batch):
     bank = make_bank(family_dirs[family])
     assert bank.model.training  # the trainable path trains (so checkpointing can run)...
