@@ -1,5 +1,5 @@
-"""The bank on tiny random models of thirteen transformers families (four of them mixtures of experts): heads, roles, modes, dropout and
-gradient checkpointing behave the same whatever the architecture."""
+"""The bank on tiny random models of thirteen transformers families (four of them mixtures of experts):
+heads, roles, modes, dropout and gradient checkpointing behave the same whatever the architecture."""
 
 from __future__ import annotations
 
