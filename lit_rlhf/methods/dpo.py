@@ -78,6 +78,7 @@ class PreferenceMethod(OfflineMethod):
 
     def training_step(self, batch: dict, batch_idx: int):
         loss, metrics = self.compute_loss(batch)
+        loss = self.add_router_aux_loss(loss)
         pairs = batch["input_ids"].shape[0] // 2
         # Every metric is a mean over the batch's pairs: logged over every rank's pairs, as TRL gathers them.
         means = global_means({"loss": (loss, pairs)} | {name: (value, pairs) for name, value in metrics.items()},

@@ -203,6 +203,7 @@ class KTO(OfflineMethod):
 
     def training_step(self, batch: dict, batch_idx: int):
         loss, metrics = self.compute_loss(batch)
+        loss = self.add_router_aux_loss(loss)
         # Every metric over every rank's rows, as TRL gathers them (its margin too: of the gathered means).
         self._log_metrics(global_means({"loss": (loss, batch["labels"].shape[0])} | metrics, self.device))
         return self.skip_if_nonfinite(loss)

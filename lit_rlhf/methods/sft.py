@@ -64,6 +64,7 @@ class SFT(CompletionLogpsForward, BankMethod):
         nll_sum, num_tokens = self.nll(batch)
         # The mean over the loss tokens of every data-parallel rank, as one process holding the global batch takes it.
         loss, mean_nll = global_mean_loss(nll_sum, num_tokens)
+        loss = self.add_router_aux_loss(loss)
         self.log("loss", mean_nll, prog_bar=True)
         self.log("ppl", torch.exp(mean_nll))
         self.log("num_tokens", global_sum(num_tokens.float()), reduce_fx="sum")  # the step's, every rank's

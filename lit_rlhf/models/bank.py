@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import tempfile
 import warnings
 import weakref
@@ -398,6 +399,17 @@ def merge_adapter(base: nn.Module, adapter_dir: str) -> nn.Module:
     return merged
 
 
+def _is_all_linear(target_modules) -> bool:
+    return isinstance(target_modules, str) and target_modules.lower() == "all-linear"
+
+
+def fused_expert_parameters(model: nn.Module) -> list[str]:
+    """The names (past the layer index: ``mlp.experts.gate_up_proj``) of ``model``'s stacked expert weights
+    (3-D, ``(experts, out, in)``), which LoRA reaches through ``target_parameters`` only."""
+    names = {re.split(r"\.\d+\.", name)[-1] for name, p in model.named_parameters() if p.ndim == 3 and "expert" in name}
+    return sorted(names)
+
+
 #: peft's containers keyed by adapter name besides the ``lora_*`` ones: a module a saved adapter trains whole
 #: (``modules_to_save``, e.g. an LM head TRL's SFT trained for new tokens) and trainable token rows.
 ADAPTER_KEYED = ("modules_to_save", "trainable_tokens_delta")
@@ -512,13 +524,14 @@ class AdapterBank(nn.Module):
     def _lora_config(self, adapter: AdapterSpec, base: nn.Module) -> LoraConfig:
         lora = adapter.lora or self.spec.lora
         target_modules = lora.target_modules
-        if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
+        if _is_all_linear(target_modules):
             target_modules = set(self._all_linear)
         return LoraConfig(
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
             target_modules=target_modules,
+            target_parameters=lora.target_parameters or None,
             # GPT-2-style Conv1D layers store the weight transposed.
             fan_in_fan_out=any(isinstance(m, Conv1D) for m in base.modules()),
             task_type="CAUSAL_LM",
@@ -536,8 +549,17 @@ class AdapterBank(nn.Module):
         # wrapper as the output layer, so a fresh adapter added after it got LoRA on the LM head (both copies), and a
         # second load of that adapter (the policy's `reference` copy) failed.
         self._all_linear = _maybe_include_all_linear_layers(LoraConfig(target_modules="all-linear"), base).target_modules
+        experts = fused_expert_parameters(base)
         model = None
         for a in self.adapters.values():
+            lora = a.lora or self.spec.lora
+            if experts and not a.path and lora.target_parameters is None and _is_all_linear(lora.target_modules):
+                log.warning(
+                    "adapter %r: LoRA target_modules 'all-linear' adapts linear layers only, and this mixture of experts "
+                    "keeps its experts' weights as 3-D parameters (%s): they get no LoRA and stay frozen, so the adapter "
+                    "trains attention (and any shared linear layers) only. To train the experts as well, set "
+                    "bank.lora.target_parameters: [%s] (peft's LoRA on parameters, one per expert; needs lora.dropout 0); "
+                    "set it to [] to keep them frozen without this warning", a.name, ", ".join(experts), ", ".join(experts))
             if model is None:
                 if a.path:
                     model = PeftModel.from_pretrained(base, a.path, adapter_name=a.name, is_trainable=a.trainable)

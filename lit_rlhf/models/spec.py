@@ -15,12 +15,19 @@ class LoraSpec:
         alpha: scaling numerator; the update is scaled by ``alpha / r``.
         dropout: dropout on the adapter input.
         target_modules: module names to adapt, or ``"all-linear"`` for every linear layer but the output.
+            A mixture of experts in transformers 5 keeps its experts' weights as 3-D parameters, not
+            linear layers: ``"all-linear"`` leaves them without LoRA (as in peft and TRL; the bank warns).
+        target_parameters: parameter names to adapt (peft's ``target_parameters``, matched as name
+            suffixes), e.g. ``[mlp.experts.gate_up_proj, mlp.experts.down_proj]`` for the experts of
+            Mixtral, Qwen2/3-MoE or OLMoE: one LoRA per expert. Needs ``dropout: 0``. ``None``: none (and
+            a warning where ``"all-linear"`` leaves experts out); ``[]``: none, without the warning.
     """
 
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
+    target_parameters: list[str] | None = None
 
 
 @dataclass

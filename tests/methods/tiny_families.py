@@ -12,7 +12,7 @@ from tests.paths import TOY_DATA
 
 PREFERENCE = str(TOY_DATA / "preference_train.jsonl")
 UNPAIRED = str(TOY_DATA / "unpaired_train.jsonl")
-FAMILIES = ["llama", "qwen2", "gpt2", "gemma2"]
+FAMILIES = ["llama", "qwen2", "gpt2", "gemma2", "mixtral"]  # mixtral: routing is per token, so packing keeps it
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
