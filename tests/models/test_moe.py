@@ -1,0 +1,104 @@
+"""LoRA on mixtures of experts: what ``all-linear`` adapts (and the warning that it leaves the fused experts
+frozen), the experts adapted through ``target_parameters`` as peft does it, and the bank's roles, saving and
+merged export with them."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, LoraSpec, load_tokenizer
+from lit_rlhf.toy.families import build_tiny
+
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+TEXTS = ["the movie was good and fun .", "i think the car is"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("moe")
+    return {family: str(build_tiny(family, root / family)) for family in ("mixtral", "qwen2_moe")}
+
+
+@pytest.fixture(scope="module")
+def batch():
+    enc = load_tokenizer(BankSpec())(TEXTS, return_tensors="pt", padding=True)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def adapted_modules(bank: AdapterBank, adapter: str = "policy") -> set[str]:
+    """The module paths (past the layer index) holding ``adapter``'s LoRA."""
+    names = {n.split(".layers.")[-1].split(".", 1)[-1] for n in bank.trainable_names() if f".{adapter}." in n}
+    return {n.split(".lora_")[0].removesuffix(".base_layer") for n in names}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_all_linear_leaves_the_fused_experts_and_the_router_frozen_and_says_so(family, models, caplog):
+    with caplog.at_level(logging.WARNING, logger="lit_rlhf.models"):
+        bank = AdapterBank(BankSpec(model=models[family], lora=LoraSpec(r=4)), require=[AdapterSpec("policy")])
+    attention = {f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    # peft's all-linear rule (TRL's too): Qwen2-MoE's shared expert and its sigmoid gate are linear layers.
+    shared = {f"mlp.shared_expert.{p}" for p in ("gate_proj", "up_proj", "down_proj")} | {"mlp.shared_expert_gate"}
+    assert adapted_modules(bank) == (attention | shared if family == "qwen2_moe" else attention)
+    warned = [r.getMessage() for r in caplog.records if "get no LoRA and stay frozen" in r.getMessage()]
+    assert len(warned) == 1 and "mlp.experts.down_proj, mlp.experts.gate_up_proj" in warned[0], warned
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lit_rlhf.models"):  # frozen on purpose: no warning
+        AdapterBank(BankSpec(model=models[family], lora=LoraSpec(r=4, target_parameters=[])), require=[AdapterSpec("policy")])
+    assert not [r for r in caplog.records if "stay frozen" in r.getMessage()]
+
+
+def expert_bank(model: str, **spec) -> AdapterBank:
+    bank = AdapterBank(BankSpec(model=model, lora=LoraSpec(r=4, alpha=8, target_parameters=EXPERTS), **spec),
+                       require=[AdapterSpec("policy"), AdapterSpec("value", head="value")], reference_of="policy")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # every adapter off the base
+        for name, p in bank.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    return bank
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_target_parameters_train_every_expert_and_the_reference_is_the_base(family, models, batch):
+    bank = expert_bank(models[family])
+    assert {"mlp.experts", "self_attn.q_proj"} <= adapted_modules(bank)
+    assert "mlp.gate" not in adapted_modules(bank)  # the router is not the experts: never a LoRA target
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(models[family])(*batch).logits
+        with bank.reference():
+            torch.testing.assert_close(bank(*batch).logits, base, atol=0, rtol=0)
+    out = bank(*batch, output_router_logits=True)
+    out.logits.logsumexp(-1).mean().backward()
+    expert_grads = {n: p.grad for n, p in bank.named_parameters() if "experts" in n and ".policy." in n}
+    assert len(expert_grads) == 2 * 2 * 2  # lora_A and lora_B of two expert parameters in two layers
+    # One LoRA per expert: lora_A stacks the experts' rank-4 blocks; an expert's block gets a gradient exactly
+    # when the router sends it a token.
+    routed = [torch.bincount(layer.topk(2).indices.flatten(), minlength=4) > 0 for layer in out.router_logits]
+    for name, grad in expert_grads.items():
+        assert grad is not None, name
+        if "lora_A" in name:
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            assert (grad.reshape(4, 4, -1).abs().sum(dim=(1, 2)) > 0).tolist() == routed[layer].tolist(), name
+    assert not [n for n, p in bank.named_parameters() if ".value." in n and p.grad is not None]
+
+
+def test_expert_lora_saves_reloads_and_merges_into_the_same_function(models, batch, tmp_path):
+    bank = expert_bank(models["mixtral"]).eval()
+    with torch.no_grad():
+        policy = bank(*batch).logits
+    bank.save_adapter("policy", tmp_path / "adapter")
+    bank.export_merged(tmp_path / "merged", adapter="policy")
+    reloaded = AdapterBank(BankSpec(model=models["mixtral"]), require=[AdapterSpec("policy", path=str(tmp_path / "adapter"))],
+                           reference_of="policy").eval()
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(*batch).logits
+        torch.testing.assert_close(reloaded(*batch).logits, policy, atol=0, rtol=0)
+        with reloaded.reference():  # the frozen copy of the loaded policy
+            torch.testing.assert_close(reloaded(*batch).logits, policy, atol=0, rtol=0)
+    torch.testing.assert_close(merged, policy, atol=1e-5, rtol=1e-5)
+    assert (policy - AutoModelForCausalLM.from_pretrained(models["mixtral"])(*batch).logits).abs().max() > 0.1
