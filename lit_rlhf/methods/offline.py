@@ -71,15 +71,21 @@ class CompletionLogpsForward:
         **kwargs: the arguments of the next class (``BankMethod``'s).
     """
 
+    adds_router_aux_loss = True
+
     def __init__(self, *, router_aux_loss_coef: float | None = None, **kwargs):
         super().__init__(**kwargs)
+        if router_aux_loss_coef is not None and not self.adds_router_aux_loss:
+            raise InvalidArgument("router_aux_loss_coef", f"{type(self).__name__} adds no router load-balancing loss "
+                                  "(its forward reads no language-model output): leave router_aux_loss_coef unset")
         self.router_aux_loss_coef = router_aux_loss_coef
         self._router_aux_weight = 0.0  # resolved against the model config in configure_model
         self._router_aux_losses: list[torch.Tensor] = []
 
     def configure_model(self) -> None:
         super().configure_model()
-        self._router_aux_weight = router_aux_weight(self.router_aux_loss_coef, self.bank.model.config)
+        if self.adds_router_aux_loss:
+            self._router_aux_weight = router_aux_weight(self.router_aux_loss_coef, self.bank.model.config)
 
     def _logits(self, forward_args: tuple, real_tokens: torch.Tensor | None) -> torch.Tensor:
         """The active role's logits; with gradients on a mixture of experts whose load-balancing loss is weighted,
@@ -101,7 +107,7 @@ class CompletionLogpsForward:
             return loss
         aux = torch.stack(self._router_aux_losses).mean()
         self._router_aux_losses.clear()
-        self.log("aux_loss", aux.detach())
+        self.log("aux_loss", aux.detach(), sync_dist=True)  # the mean over ranks, as TRL gathers it
         return loss + self._router_aux_weight * aux
 
     def forward_logps(self, forward_args: tuple, input_ids: torch.Tensor, completion_mask: torch.Tensor,

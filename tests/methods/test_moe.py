@@ -3,6 +3,7 @@ policy computing the reference's function before the first step (router jitter o
 
 from __future__ import annotations
 
+import logging
 import math
 
 import lightning.pytorch as pl
@@ -12,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lit_rlhf.data import PreferenceDataModule, SFTDataModule
 from lit_rlhf.errors import InvalidArgument
-from lit_rlhf.methods import DPO, GRPO, SFT
+from lit_rlhf.methods import DPO, GRPO, SFT, RewardModeling
 from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.toy.families import build_tiny
 
@@ -93,13 +94,15 @@ def test_sft_adds_the_weighted_router_aux_loss(mixtral, tmp_path):
     assert record.losses[0] == pytest.approx(step["loss"] + 0.25 * step["aux_loss"], rel=1e-6)
 
 
-def test_a_router_aux_loss_coef_on_a_dense_model_is_refused():
+def test_a_router_aux_loss_coef_on_a_dense_model_or_a_reward_model_is_refused():
     method = SFT(bank=BankSpec(model=TOY_BASE), router_aux_loss_coef=0.01)
     with pytest.raises(InvalidArgument, match="router_aux_loss_coef is 0.01, but LlamaConfig is no mixture of experts"):
         method.configure_model()
+    with pytest.raises(InvalidArgument, match="RewardModeling adds no router load-balancing loss"):
+        RewardModeling(bank=BankSpec(model=TOY_BASE), router_aux_loss_coef=0.01)
 
 
-def test_grpo_first_rollout_has_zero_kl_and_ratio_one_with_router_jitter_in_the_config(mixtral):
+def test_grpo_first_rollout_has_zero_kl_and_ratio_one_with_router_jitter_in_the_config(mixtral, caplog):
     # The update's forward runs in train mode and the reference's in eval mode: with the jitter live (before the
     # fix) the first rollout's KL to the reference was about 3e-7, not 0 up to float rounding.
     pl.seed_everything(0)
@@ -111,7 +114,11 @@ def test_grpo_first_rollout_has_zero_kl_and_ratio_one_with_router_jitter_in_the_
         def on_train_batch_end(self, trainer, *args):
             metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
-    trainer(rollouts=1, callbacks=[Record()]).fit(method, datamodule=prompts(batch_size=2))
+    with caplog.at_level(logging.WARNING, logger="lit_rlhf.methods"):
+        trainer(rollouts=1, callbacks=[Record()]).fit(method, datamodule=prompts(batch_size=2))
+    # The online methods add no load-balancing loss, and say so.
+    assert any("GRPO does not add this mixture of experts' router load-balancing loss" in r.getMessage()
+               for r in caplog.records)
     first = metrics[0]
     assert abs(first["objective/kl"]) < 1e-11 and abs(first["policy/approxkl"]) < 1e-11, first
     assert first["policy/clipfrac"] == 0.0
