@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lit_rlhf.losses import load_balancing_loss
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, LoraSpec, load_tokenizer
 from lit_rlhf.toy.families import build_tiny
 
@@ -102,3 +103,39 @@ def test_expert_lora_saves_reloads_and_merges_into_the_same_function(models, bat
             torch.testing.assert_close(reloaded(*batch).logits, policy, atol=0, rtol=0)
     torch.testing.assert_close(merged, policy, atol=1e-5, rtol=1e-5)
     assert (policy - AutoModelForCausalLM.from_pretrained(models["mixtral"])(*batch).logits).abs().max() > 0.1
+
+
+def loss_and_grads(bank: AdapterBank, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    """An LM term plus the router load-balancing loss, as SFT weighs them, and the gradients they give."""
+    out = bank(*batch, output_router_logits=True)
+    loss = out.logits.logsumexp(-1).mean() + 0.5 * load_balancing_loss(out.router_logits, 2, batch[1])
+    loss.backward()
+    return float(loss.detach()), {n: p.grad for n, p in bank.named_parameters() if p.grad is not None}
+
+
+def test_checkpointing_recomputes_the_experts_lora_and_the_router_loss_exactly(models, batch):
+    torch.manual_seed(0)
+    plain = loss_and_grads(expert_bank(models["mixtral"]), batch)
+    torch.manual_seed(0)
+    checkpointed_bank = expert_bank(models["mixtral"], gradient_checkpointing=True)
+    checkpointed = loss_and_grads(checkpointed_bank, batch)
+    assert plain[0] == checkpointed[0]
+    assert plain[1].keys() == checkpointed[1].keys() and any("experts" in n for n in plain[1])
+    for name, grad in plain[1].items():
+        torch.testing.assert_close(checkpointed[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_expert_lora_on_a_quantized_base(quantization, models, batch):
+    # bitsandbytes quantizes the linear layers (attention, the shared expert); the fused experts stay in full
+    # precision and their LoRA works as on the unquantized base.
+    bank = expert_bank(models["qwen2_moe"], quantization=quantization)
+    with torch.no_grad(), bank.reference():
+        reference = bank(*batch).logits
+    with torch.no_grad():
+        assert (bank(*batch).logits - reference).abs().max() > 1e-2
+    bank(*batch).logits.logsumexp(-1).mean().backward()
+    policy = [n for n in bank.trainable_names() if ".policy." in n]
+    assert all(dict(bank.named_parameters())[n].grad is not None for n in policy)
+    assert any("experts" in n for n in policy)
