@@ -197,7 +197,8 @@ class OfflineMethod(CompletionLogpsForward, BankMethod):
             keeps packed sequences apart (checked once, on a tiny packed row, at the first forward),
             else padded, with the reason logged. ``True``: on, and an error where the model does not
             support it (e.g. OPT). ``False``: always padded.
-        **kwargs: optimizer and bank arguments of ``BankMethod``.
+        **kwargs: optimizer and bank arguments of ``BankMethod``, and ``router_aux_loss_coef`` of
+            ``CompletionLogpsForward``.
     """
 
     def __init__(self, *, padding_free: bool | None = None, **kwargs):

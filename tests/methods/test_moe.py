@@ -11,9 +11,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lit_rlhf.data import PreferenceDataModule, SFTDataModule
+from lit_rlhf.data import PreferenceDataModule, SFTDataModule, UnpairedDataModule
 from lit_rlhf.errors import InvalidArgument
-from lit_rlhf.methods import DPO, GRPO, SFT, RewardModeling
+from lit_rlhf.methods import DPO, GRPO, KTO, SFT, RewardModeling
 from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.toy.families import build_tiny
 
@@ -92,6 +92,18 @@ def test_sft_adds_the_weighted_router_aux_loss(mixtral, tmp_path):
     step = record.metrics[0]
     assert step["aux_loss"] == pytest.approx(record.model_aux[0], rel=1e-5)
     assert record.losses[0] == pytest.approx(step["loss"] + 0.25 * step["aux_loss"], rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:KTO class balance")  # the toy data's; the loss checked is per row
+def test_kto_adds_the_router_aux_loss_of_its_policy_forward_only(mixtral, tmp_path):
+    # The KL pairs' forward runs without gradient: one load-balancing loss, of the rows' own forward. At the
+    # start the policy is the reference and the KL estimate 0, so each row's KTO loss is 1 - σ(0) = 0.5.
+    pl.seed_everything(0)
+    record = fit(KTO(bank=bank(mixtral), router_aux_loss_coef=0.5),
+                 UnpairedDataModule(str(TOY_DATA / "unpaired_train.jsonl"), batch_size=4, max_length=48), 1, tmp_path)
+    aux = record.metrics[0]["aux_loss"]
+    assert aux == pytest.approx(record.model_aux[0], rel=1e-5)
+    assert record.losses[0] == pytest.approx(0.5 + 0.5 * aux, rel=1e-6)
 
 
 def test_a_router_aux_loss_coef_on_a_dense_model_or_a_reward_model_is_refused():
