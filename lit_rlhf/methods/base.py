@@ -257,7 +257,8 @@ class BankMethod(pl.LightningModule):
         new_tokens = self.sampling.max_new_tokens if self.generates_during_training() else 0
         check_positions(models, [*datamodule.train_examples, *datamodule.val_examples], new_tokens=new_tokens)
 
-    #: Whether the training loss adds a mixture of experts' router load-balancing loss (``offline.CompletionLogpsForward``).
+    #: Whether the training loss adds a mixture of experts' router load-balancing loss
+    #: (``offline.CompletionLogpsForward``).
     adds_router_aux_loss = False
 
     def configure_model(self) -> None:

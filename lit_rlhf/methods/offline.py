@@ -160,9 +160,9 @@ def router_aux_weight(coef: float | None, config) -> float:
     text = config.get_text_config()
     moe = hasattr(text, "output_router_logits")
     if coef and not moe:
-        raise InvalidArgument("router_aux_loss_coef", f"router_aux_loss_coef is {coef}, but {type(text).__name__} is no "
-                              "mixture of experts returning router logits: there is no load-balancing loss to weight "
-                              "(leave it unset)")
+        raise InvalidArgument("router_aux_loss_coef", f"router_aux_loss_coef is {coef}, but {type(text).__name__} is "
+                              "no mixture of experts returning router logits: there is no load-balancing loss to "
+                              "weight (leave it unset)")
     if not moe:
         return 0.0
     return float(getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef)

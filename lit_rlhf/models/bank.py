@@ -410,6 +410,17 @@ def fused_expert_parameters(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def _warn_frozen_experts(adapter: str, experts: list[str]) -> None:
+    """``all-linear`` on a mixture of experts whose experts are 3-D parameters: peft and TRL leave them frozen
+    without a word, and the adapter trains attention only."""
+    names = ", ".join(experts)
+    log.warning("adapter %r: LoRA target_modules 'all-linear' adapts linear layers only, and this mixture of experts "
+                "keeps its experts' weights as 3-D parameters (%s): they get no LoRA and stay frozen, so the adapter "
+                "trains attention (and any shared linear layers) only. To train the experts as well, set "
+                "bank.lora.target_parameters: [%s] (peft's LoRA on parameters, one per expert; needs lora.dropout 0); "
+                "set it to [] to keep them frozen without this warning", adapter, names, names)
+
+
 #: peft's containers keyed by adapter name besides the ``lora_*`` ones: a module a saved adapter trains whole
 #: (``modules_to_save``, e.g. an LM head TRL's SFT trained for new tokens) and trainable token rows.
 ADAPTER_KEYED = ("modules_to_save", "trainable_tokens_delta")
@@ -554,12 +565,7 @@ class AdapterBank(nn.Module):
         for a in self.adapters.values():
             lora = a.lora or self.spec.lora
             if experts and not a.path and lora.target_parameters is None and _is_all_linear(lora.target_modules):
-                log.warning(
-                    "adapter %r: LoRA target_modules 'all-linear' adapts linear layers only, and this mixture of experts "
-                    "keeps its experts' weights as 3-D parameters (%s): they get no LoRA and stay frozen, so the adapter "
-                    "trains attention (and any shared linear layers) only. To train the experts as well, set "
-                    "bank.lora.target_parameters: [%s] (peft's LoRA on parameters, one per expert; needs lora.dropout 0); "
-                    "set it to [] to keep them frozen without this warning", a.name, ", ".join(experts), ", ".join(experts))
+                _warn_frozen_experts(a.name, experts)
             if model is None:
                 if a.path:
                     model = PeftModel.from_pretrained(base, a.path, adapter_name=a.name, is_trainable=a.trainable)

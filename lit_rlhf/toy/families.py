@@ -3,9 +3,10 @@
 One Llama never shows what breaks on GPT-2 (Conv1D layers, absolute positions, dropout 0.1 in
 its config), GPT-NeoX (a ``gpt_neox`` trunk), OPT (float dropout rates read at call time, a
 learned position offset), Gemma 2 (soft-capped logits, tied embeddings), Phi-3 (fused
-projections) or the mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE: experts stored as fused
-3-D parameters, not linear layers; a top-k router; Mixtral's router jitter noise in training). Each model here speaks the toy tokenizer's vocabulary, so every method and config
-runs on it unchanged: ``--model.init_args.bank.model <dir>``.
+projections) or the mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE: experts stored as
+3-D parameters, not linear layers; a top-k router; Mixtral's router jitter noise in training). Each
+model here speaks the toy tokenizer's vocabulary, so every method and config runs on it unchanged:
+``--model.init_args.bank.model <dir>``.
 
     python -m lit_rlhf.toy.families OUT_DIR        # one directory per family
 """

@@ -49,7 +49,8 @@ def test_all_linear_leaves_the_fused_experts_and_the_router_frozen_and_says_so(f
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="lit_rlhf.models"):  # frozen on purpose: no warning
-        AdapterBank(BankSpec(model=models[family], lora=LoraSpec(r=4, target_parameters=[])), require=[AdapterSpec("policy")])
+        AdapterBank(BankSpec(model=models[family], lora=LoraSpec(r=4, target_parameters=[])),
+                    require=[AdapterSpec("policy")])
     assert not [r for r in caplog.records if "stay frozen" in r.getMessage()]
 
 
@@ -94,8 +95,8 @@ def test_expert_lora_saves_reloads_and_merges_into_the_same_function(models, bat
         policy = bank(*batch).logits
     bank.save_adapter("policy", tmp_path / "adapter")
     bank.export_merged(tmp_path / "merged", adapter="policy")
-    reloaded = AdapterBank(BankSpec(model=models["mixtral"]), require=[AdapterSpec("policy", path=str(tmp_path / "adapter"))],
-                           reference_of="policy").eval()
+    reloaded = AdapterBank(BankSpec(model=models["mixtral"]),
+                           require=[AdapterSpec("policy", path=str(tmp_path / "adapter"))], reference_of="policy").eval()
     with torch.no_grad():
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(*batch).logits
         torch.testing.assert_close(reloaded(*batch).logits, policy, atol=0, rtol=0)
