@@ -144,6 +144,7 @@ def held_out_dpo_loss(method) -> float:
         return float(method.compute_loss(batch)[0])
 
 
+@pytest.mark.slow
 def test_dpo_on_mixtral_experts_learns(mixtral, tmp_path):
     pl.seed_everything(0)
     method = DPO(bank=bank(mixtral, target_parameters=EXPERTS), learning_rate=5e-3, beta=0.5)
