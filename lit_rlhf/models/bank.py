@@ -84,6 +84,20 @@ def disable_dropout(model: nn.Module) -> dict[str, float]:
     return loaded
 
 
+def router_logits_on_request(model: nn.Module) -> dict[str, bool]:
+    """Set a mixture of experts' config ``output_router_logits`` to false: the methods that add the router
+    load-balancing loss ask for router logits in their training forwards (``methods.offline``). Left true
+    (TRL's SFT saves its MoE models so), every forward returned them, and a KV-cached decode step failed in
+    the model's own load-balancing loss (its attention mask covers the cache, the router logits the new token).
+
+    Returns the loaded value where it was true, for an export to write back."""
+    config = model.config.get_text_config()
+    if not getattr(config, "output_router_logits", False):
+        return {}
+    config.output_router_logits = False
+    return {"output_router_logits": True}
+
+
 def _is_dropout_rate(name: str, value) -> bool:
     return isinstance(value, float) and value != 0.0 and ("dropout" in name or "pdrop" in name or name == "layerdrop")
 
@@ -479,6 +493,7 @@ class AdapterBank(nn.Module):
         # What an export writes back into the config: the loaded values of what training changes in it.
         self._loaded_config = {"use_cache": base.config.use_cache}
         base.config.use_cache = False
+        self._loaded_config.update(router_logits_on_request(base))
         if spec.disable_dropout:
             self._loaded_config.update(disable_dropout(base))
             dropping = sorted(a.name for a in self.adapters.values() if (a.lora or spec.lora).dropout > 0)
@@ -596,6 +611,7 @@ class AdapterBank(nn.Module):
         """The separate teacher: frozen, in eval mode, in its own dtype (and quantization)."""
         model = load_base(teacher_load_spec(teacher))
         disable_dropout(model)
+        router_logits_on_request(model)
         model.requires_grad_(False)
         model.eval()
         log.info("teacher: %s (%s%s), frozen", teacher.model, teacher.dtype,

@@ -3,6 +3,7 @@ policy computing the reference's function before the first step (router jitter o
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -134,6 +135,26 @@ def test_grpo_first_rollout_has_zero_kl_and_ratio_one_with_router_jitter_in_the_
     first = metrics[0]
     assert abs(first["objective/kl"]) < 1e-11 and abs(first["policy/approxkl"]) < 1e-11, first
     assert first["policy/clipfrac"] == 0.0
+
+
+def test_a_config_asking_for_router_logits_samples_and_exports_as_loaded(tmp_path):
+    # TRL's SFT saves its MoE models with output_router_logits: true. Every forward then returned router logits,
+    # and the first KV-cached decode step of a rollout failed in the model's own load-balancing loss (a size
+    # mismatch between its attention mask and the step's router logits).
+    model = build_tiny("olmoe", tmp_path / "olmoe")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"output_router_logits": True}))
+    pl.seed_everything(0)
+    method = make_online(GRPO, update_epochs=1, num_mini_batches=1, num_samples_per_prompt=2)
+    method.bank_spec.model = str(model)
+    trainer(rollouts=1).fit(method, datamodule=prompts(batch_size=2))
+    assert method.rollout_count == 1
+
+    full = SFT(bank=BankSpec(model=str(model), train_mode="full"))
+    full.configure_model()
+    assert full.bank.model.config.output_router_logits is False and full._router_aux_weight == 0.01
+    full.export(tmp_path / "export")
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["output_router_logits"] is True
 
 
 def held_out_dpo_loss(method) -> float:
