@@ -280,6 +280,7 @@ def check_bank_spec(spec: BankSpec, adapters: Sequence[AdapterSpec]) -> dict:
         _check_full_mode(spec, adapters)
     _check_not_saved_quantized(spec, config, adapters)
     _check_recomputed_roles(spec.gradient_checkpointing, adapters)
+    _check_parameter_lora_dropout(spec, adapters)
     if not spec.random_init:
         require_safetensors(spec.model, what="model", convert=CONVERT_MODEL)
     for adapter in adapters:
@@ -351,6 +352,20 @@ def _check_recomputed_roles(setting, adapters: Sequence[AdapterSpec]) -> None:
             f"{key} lists {wrong}, not trainable adapters of this bank: its trainable adapters are {trainable}"
             f"{frozen_note}. List the trainable roles whose forwards recompute, or set true (all) or false (none).",
         )
+
+
+def _check_parameter_lora_dropout(spec: BankSpec, adapters: Sequence[AdapterSpec]) -> None:
+    """peft's LoRA on parameters (``target_parameters``) has no dropout. With ``disable_dropout`` every LoRA
+    dropout is 0 anyway (the bank builds those adapters without it); otherwise a configured one is refused."""
+    if spec.disable_dropout:
+        return
+    for adapter in adapters:
+        lora = adapter.lora or spec.lora
+        if not adapter.path and lora.target_parameters and lora.dropout > 0:
+            key = f"adapter {adapter.name!r} lora" if adapter.lora else "bank.lora"
+            raise InvalidArgument("bank", f"{key}.dropout is {lora.dropout} with target_parameters "
+                                  f"{lora.target_parameters}: peft's LoRA on parameters has no dropout; set it to 0, "
+                                  "or bank.disable_dropout: true")
 
 
 def _check_saved_adapter(adapter: AdapterSpec, model: str, base_fingerprint: dict, quantization: dict | None) -> None:
@@ -555,7 +570,8 @@ class AdapterBank(nn.Module):
         return LoraConfig(
             r=lora.r,
             lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
+            # disable_dropout zeroes it after: built without, for peft's LoRA on parameters, which has none.
+            lora_dropout=0.0 if lora.target_parameters and self.spec.disable_dropout else lora.dropout,
             target_modules=target_modules,
             target_parameters=lora.target_parameters or None,
             # GPT-2-style Conv1D layers store the weight transposed.

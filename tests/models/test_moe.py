@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.losses import load_balancing_loss
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, LoraSpec, load_tokenizer
 from lit_rlhf.toy.families import build_tiny
@@ -140,3 +141,11 @@ def test_expert_lora_on_a_quantized_base(quantization, models, batch):
     policy = [n for n in bank.trainable_names() if ".policy." in n]
     assert all(dict(bank.named_parameters())[n].grad is not None for n in policy)
     assert any("experts" in n for n in policy)
+
+
+def test_lora_dropout_with_target_parameters_is_off_with_disable_dropout_and_refused_without(models):
+    lora = LoraSpec(r=4, dropout=0.1, target_parameters=EXPERTS)
+    bank = AdapterBank(BankSpec(model=models["mixtral"], lora=lora), require=[AdapterSpec("policy")])
+    assert "mlp.experts" in adapted_modules(bank)
+    with pytest.raises(InvalidArgument, match=r"bank.lora.dropout is 0.1 with target_parameters .*has no dropout"):
+        AdapterBank(BankSpec(model=models["mixtral"], lora=lora, disable_dropout=False), require=[AdapterSpec("policy")])
