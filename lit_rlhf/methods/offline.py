@@ -80,12 +80,18 @@ class CompletionLogpsForward:
                                   "(its forward reads no language-model output): leave router_aux_loss_coef unset")
         self.router_aux_loss_coef = router_aux_loss_coef
         self._router_aux_weight = 0.0  # resolved against the model config in configure_model
+        self._router_top_k: int | None = None
         self._router_aux_losses: list[torch.Tensor] = []
 
     def configure_model(self) -> None:
         super().configure_model()
         if self.adds_router_aux_loss:
             self._router_aux_weight = router_aux_weight(self.router_aux_loss_coef, self.bank.model.config)
+            self._router_top_k = getattr(self.bank.model.config.get_text_config(), "num_experts_per_tok", None)
+            if self._router_aux_weight and not self._router_top_k:
+                raise InvalidArgument("router_aux_loss_coef", "this mixture of experts' config declares no "
+                                      "num_experts_per_tok, which its load-balancing loss counts routings by: set "
+                                      "router_aux_loss_coef: 0")
 
     def _logits(self, forward_args: tuple, real_tokens: torch.Tensor | None) -> torch.Tensor:
         """The active role's logits; with gradients on a mixture of experts whose load-balancing loss is weighted,
@@ -93,8 +99,7 @@ class CompletionLogpsForward:
         if not (self._router_aux_weight and torch.is_grad_enabled()):
             return self.bank(*forward_args).logits
         out = self.bank(*forward_args, output_router_logits=True)
-        top_k = self.bank.model.config.get_text_config().num_experts_per_tok
-        self._router_aux_losses.append(load_balancing_loss(out.router_logits, top_k, real_tokens))
+        self._router_aux_losses.append(load_balancing_loss(out.router_logits, self._router_top_k, real_tokens))
         return out.logits
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
