@@ -65,8 +65,8 @@ class CompletionLogpsForward:
 
     Args:
         router_aux_loss_coef: the weight of the load-balancing loss in the training loss; ``None``: the model
-            config's ``router_aux_loss_coef`` (Mixtral, Qwen2/3-MoE: 0.001 as transformers builds them; the
-            hub's Mixtral 0.02, OLMoE 0.01), whatever its ``output_router_logits`` says; ``0``: off. A model
+            config's ``router_aux_loss_coef`` (transformers' defaults: Mixtral, Qwen2/3-MoE 0.001, OLMoE 0.01),
+            whatever its ``output_router_logits`` says; ``0``: off. A model
             that is no mixture of experts has none (a non-zero value is refused).
         **kwargs: the arguments of the next class (``BankMethod``'s).
     """
