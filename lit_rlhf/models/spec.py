@@ -14,13 +14,15 @@ class LoraSpec:
         r: rank of the update.
         alpha: scaling numerator; the update is scaled by ``alpha / r``.
         dropout: dropout on the adapter input.
-        target_modules: module names to adapt, or ``"all-linear"`` for every linear layer but the output.
-            A mixture of experts in transformers 5 keeps its experts' weights as 3-D parameters, not
-            linear layers: ``"all-linear"`` leaves them without LoRA (as in peft and TRL; the bank warns).
-        target_parameters: parameter names to adapt (peft's ``target_parameters``, matched as name
+        target_modules: module names to adapt, or ``"all-linear"`` for every linear layer but the output, as
+            peft (0.21) resolves it on transformers 5: on the mixtures of experts peft remaps from
+            transformers 4 (Mixtral, Qwen3-MoE, OLMoE, DeepSeek-V3...) also the experts (3-D parameters; the
+            fused ``gate_up_proj`` with twice the rank and alpha) and the router's weight; not on the others
+            (Qwen2-MoE), whose experts stay frozen (the bank warns).
+        target_parameters: parameter names to adapt as well (peft's ``target_parameters``, matched as name
             suffixes), e.g. ``[mlp.experts.gate_up_proj, mlp.experts.down_proj]`` for the experts of
-            Mixtral, Qwen2/3-MoE or OLMoE: one LoRA per expert. Needs ``dropout: 0``. ``None``: none (and
-            a warning where ``"all-linear"`` leaves experts out); ``[]``: none, without the warning.
+            Qwen2-MoE: one LoRA per expert, without dropout. ``None``: none beyond ``target_modules``' (and a
+            warning where experts get no LoRA); ``[]``: the same, without the warning.
     """
 
     r: int = 16
