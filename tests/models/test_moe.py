@@ -89,7 +89,7 @@ def expert_bank(model: str, **spec) -> AdapterBank:
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
-def test_target_parameters_train_every_expert_and_the_reference_is_the_base(family, models, batch):
+def test_expert_lora_trains_each_routed_expert_and_the_reference_is_the_base(family, models, batch):
     bank = expert_bank(models[family])
     assert {"mlp.experts", "self_attn.q_proj"} <= adapted_modules(bank)
     with torch.no_grad():
