@@ -21,7 +21,7 @@ adapter (reference: the base with adapters off; DPO also on a 4-bit base, on Lla
 with the LM head in ``modules_to_save``, on Llama), reward modelling (TRL: a sequence-classification model, ``task_type=SEQ_CLS``)
 and SFT, on each model; on Llama also the rest of the DPO family (``lora_dpo_family``: every DPO loss type fresh, from
 the SFT adapter and precomputed from it, RPO, TR-DPO, ``reference_free``, SimPO, CPO, CPO-SimPO, gradient
-checkpointing). Columns: the trained tensors (the same names and starting values), each step's loss,
+checkpointing); DPO and SFT on the tiny mixtures of experts (``MOE``). Columns: the trained tensors (the same names and starting values), each step's loss,
 the first step's clipped gradients, the weights after both steps (tolerances: ``LORA_GRADIENTS_TOL``,
 ``WEIGHTS_TOL``).
 
@@ -867,6 +867,9 @@ def lora(table: Table, models: dict[str, str], out: str) -> None:
     length = dict(max_length=None)
     for family, model_dir in models.items():
         causal = lambda: AutoModelForCausalLM.from_pretrained(model_dir)  # noqa: E731
+        if family in MOE:
+            moe_pair(table, family, model_dir, causal, out, preference, sft_rows, peft)
+            continue
 
         def loaded(path: Path) -> dict:  # both start from it; the reference: TRL's frozen `ref` copy, our `reference`
             return dict(trl_model=PeftModel.from_pretrained(causal(), str(path), is_trainable=True),
@@ -926,6 +929,44 @@ def lora(table: Table, models: dict[str, str], out: str) -> None:
         lora_pair(SFT, SFTTrainer, SFTConfig, model_dir, sft_rows, SFTDataModule, adapter="policy",
                   trl_model=causal(), peft_config=LoraConfig(**peft, task_type="CAUSAL_LM"), out=out,
                   trl_kwargs=length, trl_dropout_note="sft_dropout", table=table, name=f"SFT {family}")
+
+
+#: Mixtures of experts run by ``--lora`` (DPO and SFT): all-linear as peft remaps it (experts and router LoRA on
+#: Mixtral, Qwen3-MoE, OLMoE; attention and the shared expert on Qwen2-MoE), the router load-balancing loss in both
+#: sides' losses at the config's coefficient.
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
+def moe_model(family: str, root: Path) -> str:
+    """A tiny ``family`` model without Mixtral's router jitter: TRL's ``disable_dropout`` leaves it on (ours does
+    not), and its training forwards would be random."""
+    import json
+
+    from lit_rlhf.toy.families import build_tiny
+
+    model_dir = build_tiny(family, root / family)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "router_jitter_noise": 0.0}))
+    return str(model_dir)
+
+
+def moe_pair(table: Table, family: str, model_dir: str, causal: Callable, out: str, preference: list[dict],
+             sft_rows: list[dict], peft: dict) -> None:
+    from peft import LoraConfig
+    from trl import DPOConfig, SFTConfig
+    from trl.trainer.dpo_trainer import DPOTrainer
+    from trl.trainer.sft_trainer import SFTTrainer
+
+    from lit_rlhf.data import PreferenceDataModule, SFTDataModule
+    from lit_rlhf.methods import DPO, SFT
+
+    length = dict(max_length=None)
+    lora_pair(DPO, DPOTrainer, DPOConfig, model_dir, preference, PreferenceDataModule, adapter="policy",
+              trl_model=causal(), peft_config=LoraConfig(**peft, task_type="CAUSAL_LM"), out=out,
+              ours_kwargs=dict(beta=0.3), trl_kwargs=dict(beta=0.3, **length), table=table, name=f"DPO {family}")
+    lora_pair(SFT, SFTTrainer, SFTConfig, model_dir, sft_rows, SFTDataModule, adapter="policy", trl_model=causal(),
+              peft_config=LoraConfig(**peft, task_type="CAUSAL_LM"), out=out, trl_kwargs=length,
+              trl_dropout_note="sft_dropout", table=table, name=f"SFT {family}")
 
 
 def tr_dpo_sync(alpha: float, steps: int):
@@ -1051,7 +1092,7 @@ def main(argv: list[str] | None = None) -> int:
                   for family in ("llama", "qwen2", "gpt2", "gemma2")}
         if lora_mode:
             table = Table(LORA_COLUMNS, LORA_NOTES, {"weights": WEIGHTS_TOL, "gradients": LORA_GRADIENTS_TOL})
-            lora(table, models, root)
+            lora(table, models | {family: moe_model(family, Path(root)) for family in MOE}, root)
             return 0 if table.print() else 1
         table = Table()
         tokenization(table, tokenizer)

@@ -7,6 +7,7 @@
 - :mod:`.kto`: KTO
 - :mod:`.policy_gradient`: PPO, GAE, RLOO, GRPO and helpers
 - :mod:`.distill`: generalised JSD for GKD
+- :mod:`.moe`: the load-balancing loss of mixtures of experts
 """
 
 from lit_rlhf.losses.distill import JSD_REDUCTIONS, generalized_jsd_loss
@@ -24,6 +25,7 @@ from lit_rlhf.losses.logprobs import (
     token_logps,
     unpack_tokens,
 )
+from lit_rlhf.losses.moe import load_balancing_loss
 from lit_rlhf.losses.policy_gradient import (
     GRPO_LOSS_TYPES,
     IMPORTANCE_SAMPLING_LEVELS,
@@ -124,6 +126,7 @@ __all__ = [
     "kl_penalty",
     "kto_kl_estimate",
     "kto_loss",
+    "load_balancing_loss",
     "length_desensitized_logps",
     "head_token_logps",
     "log_sum_squared_chunk",

@@ -136,6 +136,16 @@ def settle_epoch_progress(loops: dict, trainer: pl.Trainer) -> None:
         progress["is_last_batch"] = False
 
 
+def _warn_router_loss_left_out(method: str, config) -> None:
+    """Say so where a mixture of experts declares a router load-balancing loss that ``method`` does not add."""
+    text = config.get_text_config()
+    coef = getattr(text, "router_aux_loss_coef", 0.0)
+    if hasattr(text, "output_router_logits") and coef:
+        log.warning("%s does not add this mixture of experts' router load-balancing loss (router_aux_loss_coef %s in "
+                    "its config) to its loss (SFT, the DPO family and KTO add it; TRL's GRPO and RLOO add it too)",
+                    method, coef)
+
+
 class BankMethod(pl.LightningModule):
     """Base of every method: owns an ``AdapterBank`` built from a light spec in ``configure_model``.
 
@@ -255,6 +265,10 @@ class BankMethod(pl.LightningModule):
         new_tokens = self.sampling.max_new_tokens if self.generates_during_training() else 0
         check_positions(models, [*datamodule.train_examples, *datamodule.val_examples], new_tokens=new_tokens)
 
+    #: Whether the training loss adds a mixture of experts' router load-balancing loss
+    #: (``offline.CompletionLogpsForward``).
+    adds_router_aux_loss = False
+
     def configure_model(self) -> None:
         if self.bank is not None:
             return
@@ -263,6 +277,8 @@ class BankMethod(pl.LightningModule):
             require=self.required_adapters(),
             reference_of=self.trained_adapter if self.needs_reference() else None,
         )
+        if not self.adds_router_aux_loss:
+            _warn_router_loss_left_out(type(self).__name__, self.bank.model.config)
         if self.device_mesh is not None:  # ModelParallelStrategy (configs/strategy/fsdp.yaml)
             shard_bank(self.bank, self.device_mesh["data_parallel"])
 

@@ -79,6 +79,7 @@ class PreferenceMethod(OfflineMethod):
 
     def training_step(self, batch: dict, batch_idx: int):
         loss, metrics = self.compute_loss(batch)
+        loss = self.add_router_aux_loss(loss)
         pairs = batch["input_ids"].shape[0] // 2
         # Every metric is a mean over the batch's pairs: logged over every rank's pairs, as TRL gathers them.
         means = global_means({"loss": (loss, pairs)} | {name: (value, pairs) for name, value in metrics.items()},
@@ -167,7 +168,9 @@ class DPO(PreferenceMethod):
         precompute_ref_logps: compute the reference log-probs of every training and validation
             row once before training, so the reference never runs again (and, in ``full`` mode, no
             frozen copy of the base is kept).
-        **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``.
+        **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``; ``padding_free`` of
+            ``OfflineMethod``; ``router_aux_loss_coef``, the weight of a mixture of experts' router
+            load-balancing loss in the training loss (``CompletionLogpsForward``; TRL's rule).
     """
 
     def __init__(
@@ -435,7 +438,9 @@ class SimPO(PreferenceMethod):
         beta: reward scale of the length-normalised log-probs.
         gamma_beta_ratio: target margin gamma as a fraction of beta.
         label_smoothing: probability that a preference label is flipped.
-        **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``.
+        **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``; ``padding_free`` of
+            ``OfflineMethod``; ``router_aux_loss_coef``, the weight of a mixture of experts' router
+            load-balancing loss in the training loss (``CompletionLogpsForward``; TRL's rule).
     """
 
     def __init__(
@@ -482,7 +487,9 @@ class CPO(PreferenceMethod):
             log-prob ``ℓ`` becomes ``(1 - e^(-aℓ))/a``; 0 (default) is plain CPO. TRL's CPO calls
             it ``alpha`` (and our ``alpha``, the NLL weight, ``cpo_alpha``); TRL's ``alphapo``
             loss type is ``loss_type: simpo, alpha: 0, alphapo_alpha: a`` here.
-        **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``.
+        **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``; ``padding_free`` of
+            ``OfflineMethod``; ``router_aux_loss_coef``, the weight of a mixture of experts' router
+            load-balancing loss in the training loss (``CompletionLogpsForward``; TRL's rule).
     """
 
     def __init__(
@@ -537,7 +544,9 @@ class ORPO(PreferenceMethod):
 
     Args:
         beta: weight λ of the odds-ratio term (the paper's λ; TRL's ``beta``).
-        **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``.
+        **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``; ``padding_free`` of
+            ``OfflineMethod``; ``router_aux_loss_coef``, the weight of a mixture of experts' router
+            load-balancing loss in the training loss (``CompletionLogpsForward``; TRL's rule).
     """
 
     def __init__(self, *, beta: float = 0.1, **kwargs):

@@ -84,8 +84,9 @@ class KTO(OfflineMethod):
             row, and of its mismatched KL pair (``kto``), once before training: the reference then
             never runs again (no frozen copy kept in ``full`` mode). The KL pairs are then fixed:
             row i with the completion of row i+1 of its split, instead of the next row of its batch.
-        **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``, and
-            ``padding_free`` of ``OfflineMethod``.
+        **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``; ``padding_free`` of
+            ``OfflineMethod``; ``router_aux_loss_coef``, the weight of a mixture of experts' router
+            load-balancing loss in the training loss (``CompletionLogpsForward``; TRL's rule).
     """
 
     def __init__(
@@ -193,6 +194,7 @@ class KTO(OfflineMethod):
 
     def training_step(self, batch: dict, batch_idx: int):
         loss, metrics = self.compute_loss(batch)
+        loss = self.add_router_aux_loss(loss)
         # Every metric over every rank's rows, as TRL gathers them (its margin too: of the gathered means).
         metrics = global_means({"loss": (loss, batch["labels"].shape[0])} | metrics, self.device)
         (chosen, n_chosen), (rejected, n_rejected) = metrics["rewards/chosen"], metrics["rewards/rejected"]

@@ -19,11 +19,13 @@ from typing import NamedTuple
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
+from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.losses import (
     PackedLayout,
     SequenceLogps,
     completion_token_logps,
     head_token_logps,
+    load_balancing_loss,
     log_sum_squared_chunk,
     log_sum_squared_probs,
     unpack_tokens,
@@ -57,7 +59,62 @@ class CompletionLogpsForward:
     the first forward, and logged; where not allowed, the logits are made (of the kept positions, or of
     every position) and reduced by ``losses.completion_token_logps``. The checks are ``BankMethod``'s
     (``uses_head_selection``, ``uses_fused_head``): the online methods' forwards read them too.
+
+    On a mixture of experts, each forward with gradients (the trained role's, in training) also gives the
+    router load-balancing loss of its real tokens (``losses.load_balancing_loss``), which the training step
+    adds to its loss with weight ``router_aux_loss_coef`` (:meth:`add_router_aux_loss`), as TRL (1.16) does.
+
+    Args:
+        router_aux_loss_coef: the weight of the load-balancing loss in the training loss; ``None``: the model
+            config's ``router_aux_loss_coef`` (transformers' defaults: Mixtral, Qwen2/3-MoE 0.001, OLMoE 0.01),
+            whatever its ``output_router_logits`` says; ``0``: off. A model
+            that is no mixture of experts has none (a non-zero value is refused).
+        **kwargs: the arguments of the next class (``BankMethod``'s).
     """
+
+    adds_router_aux_loss = True
+
+    def __init__(self, *, router_aux_loss_coef: float | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if router_aux_loss_coef is not None and not self.adds_router_aux_loss:
+            raise InvalidArgument("router_aux_loss_coef", f"{type(self).__name__} adds no router load-balancing loss "
+                                  "(its forward reads no language-model output): leave router_aux_loss_coef unset")
+        self.router_aux_loss_coef = router_aux_loss_coef
+        self._router_aux_weight = 0.0  # resolved against the model config in configure_model
+        self._router_top_k: int | None = None
+        self._router_aux_losses: list[torch.Tensor] = []
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.adds_router_aux_loss:
+            self._router_aux_weight = router_aux_weight(self.router_aux_loss_coef, self.bank.model.config)
+            self._router_top_k = getattr(self.bank.model.config.get_text_config(), "num_experts_per_tok", None)
+            if self._router_aux_weight and not self._router_top_k:
+                raise InvalidArgument("router_aux_loss_coef", "this mixture of experts' config declares no "
+                                      "num_experts_per_tok, which its load-balancing loss counts routings by: set "
+                                      "router_aux_loss_coef: 0")
+
+    def _logits(self, forward_args: tuple, real_tokens: torch.Tensor | None) -> torch.Tensor:
+        """The active role's logits; with gradients on a mixture of experts whose load-balancing loss is weighted,
+        that loss over ``real_tokens`` (the forward's positions holding a token; ``None``: all) kept for the step."""
+        if not (self._router_aux_weight and torch.is_grad_enabled()):
+            return self.bank(*forward_args).logits
+        out = self.bank(*forward_args, output_router_logits=True)
+        self._router_aux_losses.append(load_balancing_loss(out.router_logits, self._router_top_k, real_tokens))
+        return out.logits
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._router_aux_losses.clear()  # nothing kept from a step that did not take its own
+
+    def add_router_aux_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss + router_aux_loss_coef · aux``, ``aux`` the mean load-balancing loss of this step's forwards with
+        gradients (logged as ``aux_loss``, TRL's name); ``loss`` itself where there is none."""
+        if not self._router_aux_losses:
+            return loss
+        aux = torch.stack(self._router_aux_losses).mean()
+        self._router_aux_losses.clear()
+        self.log("aux_loss", aux.detach(), sync_dist=True)  # the mean over ranks, as TRL gathers it
+        return loss + self._router_aux_weight * aux
 
     def forward_logps(self, forward_args: tuple, input_ids: torch.Tensor, completion_mask: torch.Tensor,
                       layout: PackedLayout | None = None, *, with_log_sum_sq: bool = False) -> CompletionLogps:
@@ -71,6 +128,7 @@ class CompletionLogpsForward:
             layout: where the real tokens of padding-free ``forward_args`` sit; ``None`` for the batch itself.
             with_log_sum_sq: also WPO's ``log Σ_v p(v)²`` per position.
         """
+        real_tokens = forward_args[1] if layout is None else layout.slot_mask
         # Position t predicts token t + 1: the head runs where that token is a completion token.
         predicts = torch.cat([completion_mask[:, 1:], torch.zeros_like(completion_mask[:, :1])], dim=1).bool()
         # No completion token at all: full logits keep the loss attached to the graph (a zero gradient).
@@ -81,7 +139,7 @@ class CompletionLogpsForward:
                 keep[layout.slot_mask] = predicts[layout.token_mask]
             head, fused = self.bank.output_embeddings(), self.uses_fused_head()
             with head_on(head, keep, passthrough=fused) as selected:
-                logits = self.bank(*forward_args).logits
+                logits = self._logits(forward_args, real_tokens)
             if selected:  # else a role's model the first check did not see: its full logits are still right
                 slots = torch.ones(1, int(predicts.sum()), dtype=torch.bool, device=predicts.device)
                 layout = PackedLayout(predicts, slots)
@@ -92,13 +150,28 @@ class CompletionLogpsForward:
                     return CompletionLogps(unpack_tokens(logps[None], layout), predicts,
                                            None if log_sum_sq is None else unpack_tokens(log_sum_sq[None], layout))
         else:
-            logits = self.bank(*forward_args).logits
+            logits = self._logits(forward_args, real_tokens)
         per_token, mask = completion_token_logps(logits, input_ids, completion_mask, layout)
         log_sum_sq = None
         if with_log_sum_sq:
             log_sum_sq = log_sum_squared_probs(logits)
             log_sum_sq = log_sum_sq if layout is None else unpack_tokens(log_sum_sq, layout)
         return CompletionLogps(per_token, mask, log_sum_sq)
+
+
+def router_aux_weight(coef: float | None, config) -> float:
+    """The weight of a model's router load-balancing loss in the training loss, TRL's rule: ``coef``, else the
+    config's ``router_aux_loss_coef``, on any mixture of experts that returns router logits (its config has
+    ``output_router_logits``, true or false); 0 for any other model, where a non-zero ``coef`` is refused."""
+    text = config.get_text_config()
+    moe = hasattr(text, "output_router_logits")
+    if coef and not moe:
+        raise InvalidArgument("router_aux_loss_coef", f"router_aux_loss_coef is {coef}, but {type(text).__name__} is "
+                              "no mixture of experts returning router logits: there is no load-balancing loss to "
+                              "weight (leave it unset)")
+    if not moe:
+        return 0.0
+    return float(getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef)
 
 
 def check_packed_batches(method: BankMethod, roles: dict[str, Callable[[], AbstractContextManager]]) -> None:
@@ -129,7 +202,8 @@ class OfflineMethod(CompletionLogpsForward, BankMethod):
             checked once, at the first forward), else padded, with the reason logged. ``True``: on, and
             an error where the model does not support it (e.g. OPT, BLOOM, Falcon-RW). ``False``: always
             padded.
-        **kwargs: optimizer and bank arguments of ``BankMethod``.
+        **kwargs: optimizer and bank arguments of ``BankMethod``, and ``router_aux_loss_coef`` of
+            ``CompletionLogpsForward``.
     """
 
     def __init__(self, *, padding_free: bool | None = None, **kwargs):

@@ -57,6 +57,9 @@ class RewardModeling(OfflineMethod):
         **kwargs: optimizer and bank arguments of ``BankMethod``.
     """
 
+    # Scores come from the trunk's hidden states, as TRL's reward model adds no load-balancing loss either.
+    adds_router_aux_loss = False
+
     def __init__(
         self,
         *,

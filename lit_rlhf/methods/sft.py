@@ -12,6 +12,10 @@ logits tensor exists. Packed batches
 (``SFTDataModule(packing=True)``) carry ``position_ids`` and no attention mask; the loss is the
 same as on the padded batch.
 
+On a mixture of experts the training loss adds the router load-balancing loss of the policy's forward,
+``router_aux_loss_coef · aux`` (TRL's SFT does too); with ``packing: true`` the padding of a packed batch's
+last row counts in ``aux`` (the batch has no attention mask to leave it out).
+
 Perplexity is token-weighted: ``ppl = exp(total NLL / total tokens)``, per step in training
 and over the whole epoch in validation (not a mean of per-batch perplexities).
 """
@@ -33,7 +37,10 @@ class SFT(CompletionLogpsForward, BankMethod):
     (token-weighted over the validation epoch).
 
     Args:
-        **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``.
+        **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``; ``router_aux_loss_coef``,
+            the weight of a mixture of experts' router load-balancing loss in the training loss
+            (``CompletionLogpsForward``; TRL's rule). The logged ``loss`` and ``ppl`` are the NLL's; the
+            weighted load-balancing loss is added to the loss optimized, and logged as ``aux_loss``.
     """
 
     def __init__(self, **kwargs):
@@ -64,6 +71,7 @@ class SFT(CompletionLogpsForward, BankMethod):
         nll_sum, num_tokens = self.nll(batch)
         # The mean over the loss tokens of every data-parallel rank, as one process holding the global batch takes it.
         loss, mean_nll = global_mean_loss(nll_sum, num_tokens)
+        loss = self.add_router_aux_loss(loss)
         self.log("loss", mean_nll, prog_bar=True)
         self.log("ppl", torch.exp(mean_nll))
         self.log("num_tokens", global_sum(num_tokens.float()), reduce_fx="sum")  # the step's, every rank's

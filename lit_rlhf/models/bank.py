@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import tempfile
 import warnings
 import weakref
@@ -24,6 +25,10 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, prepare_model_for_kbit_training
 from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers
+from peft.utils.transformers_weight_conversion import (
+    convert_peft_config_for_transformers,
+    get_model_conversion_mapping,
+)
 from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -54,24 +59,47 @@ log = logging.getLogger("lit_rlhf.models")
 REFERENCE = "reference"
 
 
+#: Module attributes that mixture-of-experts layers read in train mode only, as the spread of a random factor
+#: multiplying the router's input (Mixtral, MiniMax, Switch: ``jitter_noise``; PhiMoE: ``input_jitter_noise``;
+#: DBRX: ``moe_jitter_eps``): dropout by another name. Not PhiMoE's ``router_jitter_noise``, a threshold of its
+#: routing in eval mode too.
+ROUTER_NOISE = ("jitter_noise", "input_jitter_noise", "moe_jitter_eps")
+
+
 def disable_dropout(model: nn.Module) -> dict[str, float]:
     """Set every dropout of ``model`` to 0: ``nn.Dropout`` modules (peft's LoRA dropout among them), the
     float rates that attention and layer code read at call time (``attention_dropout``, OPT's ``dropout``
-    and ``layerdrop``) and those some models read from their config at call time (Falcon's
-    ``hidden_dropout`` and ``attention_dropout``).
+    and ``layerdrop``), those some models read from their config at call time (Falcon's
+    ``hidden_dropout`` and ``attention_dropout``), and the router noise of mixtures of experts
+    (``ROUTER_NOISE``: with Mixtral's ``router_jitter_noise`` on, two train-mode forwards of a fresh policy
+    differed by 4e-3 in the logits, and its log-probs were not the reference's before the first step).
 
     Returns the config's changed rates with their loaded values, for an export to write back."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
         for name, value in vars(module).items():
-            if _is_dropout_rate(name, value):
+            if _is_dropout_rate(name, value) or (name in ROUTER_NOISE and isinstance(value, float) and value != 0.0):
                 setattr(module, name, 0.0)
     config = getattr(model, "config", None)
     loaded = {name: value for name, value in vars(config).items() if _is_dropout_rate(name, value)} if config else {}
     for name in loaded:
         setattr(config, name, 0.0)
     return loaded
+
+
+def router_logits_on_request(model: nn.Module) -> dict[str, bool]:
+    """Set a mixture of experts' config ``output_router_logits`` to false: the methods that add the router
+    load-balancing loss ask for router logits in their training forwards (``methods.offline``). Left true
+    (TRL's SFT saves its MoE models so), every forward returned them, and a KV-cached decode step failed in
+    the model's own load-balancing loss (its attention mask covers the cache, the router logits the new token).
+
+    Returns the loaded value where it was true, for an export to write back."""
+    config = model.config.get_text_config()
+    if not getattr(config, "output_router_logits", False):
+        return {}
+    config.output_router_logits = False
+    return {"output_router_logits": True}
 
 
 def _is_dropout_rate(name: str, value) -> bool:
@@ -379,6 +407,7 @@ def merge_adapter(base: nn.Module, adapter_dir: str) -> nn.Module:
     with warnings.catch_warnings():
         # A QLoRA GPT-2 adapter was made on 4-bit linears; peft transposes it for the Conv1D it merges into.
         warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False but the target module is `Conv1D`")
+        ignore_peft_fused_pattern_note()
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     if tied:
         if torch.equal(merged.get_output_embeddings().weight, merged.get_input_embeddings().weight):
@@ -387,6 +416,55 @@ def merge_adapter(base: nn.Module, adapter_dir: str) -> nn.Module:
         else:
             log.info("the adapter changes the tied LM head or input embedding: the merged model saves them untied")
     return merged
+
+
+def _is_all_linear(target_modules) -> bool:
+    return isinstance(target_modules, str) and target_modules.lower() == "all-linear"
+
+
+def resolve_all_linear(config: LoraConfig, base: nn.Module) -> None:
+    """``config.target_modules = "all-linear"`` resolved as peft (0.21) resolves it on transformers 5, on the bare
+    ``base``: first peft's remapping of the mixtures of experts whose layers changed since transformers 4 (Mixtral,
+    Qwen3-MoE, OLMoE, DeepSeek-V3...: the experts, now 3-D parameters, and the router become ``target_parameters``,
+    the fused ``gate_up_proj`` with twice the rank and alpha of the two linear layers it replaces), then every linear
+    layer but the output. Resolved once, before any adapter wraps the base: peft resolves it on the model it is
+    handed, and once a loaded adapter has wrapped the LM head whole (``modules_to_save``) it no longer sees that
+    wrapper as the output layer, so a fresh adapter added after it got LoRA on the LM head (both copies)."""
+    convert_peft_config_for_transformers(config, model=base, conversions=get_model_conversion_mapping(base))
+    if _is_all_linear(config.target_modules):
+        config.target_modules = set(_maybe_include_all_linear_layers(copy.copy(config), base).target_modules)
+
+
+def ignore_peft_fused_pattern_note() -> None:
+    """Inside ``warnings.catch_warnings``: peft (0.21) says the rank and alpha patterns of a fused expert parameter
+    (``.*\\.gate_up_proj``, from its transformers-4 remapping) "did not match any targeted module and were
+    ignored", while it applies them (the parameter's LoRA has twice the rank, as peft's own model has)."""
+    warnings.filterwarnings("ignore", category=RuntimeWarning,
+                            message=r"The following (rank|alpha)_pattern keys did not match any targeted module")
+
+
+def fused_expert_parameters(model: nn.Module) -> list[str]:
+    """The names (past the layer index: ``mlp.experts.gate_up_proj``) of ``model``'s stacked expert weights
+    (3-D, ``(experts, out, in)``), which LoRA reaches through ``target_parameters`` only."""
+    names = {re.split(r"\.\d+\.", name)[-1] for name, p in model.named_parameters() if p.ndim == 3 and "expert" in name}
+    return sorted(names)
+
+
+def uncovered_experts(experts: list[str], config: LoraConfig) -> list[str]:
+    """The expert parameters (``fused_expert_parameters``) that ``config``'s ``target_parameters`` leave out."""
+    targets = config.target_parameters or ()
+    return [e for e in experts if not any(e == t or e.endswith("." + t) or t.endswith("." + e) for t in targets)]
+
+
+def _warn_frozen_experts(adapters: list[str], experts: list[str]) -> None:
+    """A mixture of experts whose experts get no LoRA: peft leaves them out of ``all-linear`` without a word for the
+    model types it does not remap from transformers 4 (Qwen2-MoE among them), and the adapter trains attention only."""
+    names = ", ".join(experts)
+    log.warning("adapters %s: their LoRA targets leave this mixture of experts' experts (3-D parameters, not linear "
+                "layers: %s) without LoRA, so they stay frozen and the adapters train attention and any shared linear "
+                "layers only (peft's all-linear adds the experts only for the model types it remaps from transformers "
+                "4). To train them as well, set bank.lora.target_parameters: [%s] (peft's LoRA on parameters, one per "
+                "expert; no LoRA dropout); [] keeps them frozen without this warning", adapters, names, names)
 
 
 #: peft's containers keyed by adapter name besides the ``lora_*`` ones: a module a saved adapter trains whole
@@ -447,6 +525,7 @@ class AdapterBank(nn.Module):
         # What an export writes back into the config: the loaded values of what training changes in it.
         self._loaded_config = {"use_cache": base.config.use_cache}
         base.config.use_cache = False
+        self._loaded_config.update(router_logits_on_request(base))
         if spec.disable_dropout:
             self._loaded_config.update(disable_dropout(base))
             dropping = sorted(a.name for a in self.adapters.values() if (a.lora or spec.lora).dropout > 0)
@@ -501,43 +580,56 @@ class AdapterBank(nn.Module):
         return AdapterSpec(REFERENCE, path=start.path, trainable=False, lora=start.lora)
 
     def _lora_config(self, adapter: AdapterSpec, base: nn.Module) -> LoraConfig:
+        """peft's ``LoraConfig`` of a fresh adapter, built on the bare ``base`` (``resolve_all_linear``)."""
         lora = adapter.lora or self.spec.lora
-        target_modules = lora.target_modules
-        if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
-            target_modules = set(self._all_linear)
-        return LoraConfig(
+        config = LoraConfig(
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            target_modules=target_modules,
+            target_modules=lora.target_modules,
+            target_parameters=lora.target_parameters or None,
             # GPT-2-style Conv1D layers store the weight transposed.
             fan_in_fan_out=any(isinstance(m, Conv1D) for m in base.modules()),
             task_type="CAUSAL_LM",
         )
+        if _is_all_linear(config.target_modules):
+            resolve_all_linear(config, base)
+        if config.target_parameters and config.lora_dropout > 0:
+            if not self.spec.disable_dropout:
+                key = f"adapter {adapter.name!r} lora" if adapter.lora else "bank.lora"
+                raise InvalidArgument("bank", f"{key}.dropout is {lora.dropout}, but LoRA on parameters (the experts: "
+                                      f"{sorted(config.target_parameters)}) has no dropout in peft; set it to 0, or "
+                                      "bank.disable_dropout: true")
+            config.lora_dropout = 0.0  # disable_dropout zeroes every LoRA dropout anyway
+        return config
 
     def _attach_adapters(self, base) -> PeftModel:
         with warnings.catch_warnings():
             # peft (0.21) reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model.
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            ignore_peft_fused_pattern_note()
             return self._wrap_with_adapters(base)
 
     def _wrap_with_adapters(self, base) -> PeftModel:
-        # "all-linear" resolved once, on the bare base, by peft's own rule: peft resolves it on the model it is
-        # handed, and once a loaded adapter has wrapped the LM head whole (`modules_to_save`) it no longer sees that
-        # wrapper as the output layer, so a fresh adapter added after it got LoRA on the LM head (both copies), and a
-        # second load of that adapter (the policy's `reference` copy) failed.
-        self._all_linear = _maybe_include_all_linear_layers(LoraConfig(target_modules="all-linear"), base).target_modules
+        # Every fresh adapter's config built on the bare base, before any adapter wraps it (resolve_all_linear).
+        configs = {a.name: self._lora_config(a, base) for a in self.adapters.values() if not a.path}
+        experts = fused_expert_parameters(base)
+        frozen = {a.name: uncovered_experts(experts, configs[a.name]) for a in self.adapters.values()
+                  if a.name in configs and (a.lora or self.spec.lora).target_parameters is None}
+        if any(frozen.values()):
+            _warn_frozen_experts(sorted(name for name, left in frozen.items() if left),
+                                 sorted(set().union(*frozen.values())))
         model = None
         for a in self.adapters.values():
             if model is None:
                 if a.path:
                     model = PeftModel.from_pretrained(base, a.path, adapter_name=a.name, is_trainable=a.trainable)
                 else:
-                    model = get_peft_model(base, self._lora_config(a, base), adapter_name=a.name)
+                    model = get_peft_model(base, configs[a.name], adapter_name=a.name)
             elif a.path:
                 model.load_adapter(a.path, adapter_name=a.name, is_trainable=a.trainable)
             else:
-                model.add_adapter(a.name, self._lora_config(a, base))
+                model.add_adapter(a.name, configs[a.name])
             log.info("adapter %r: %s, %s", a.name, a.path or "fresh", "trainable" if a.trainable else "frozen")
         return model
 
@@ -559,6 +651,7 @@ class AdapterBank(nn.Module):
         """The separate teacher: frozen, in eval mode, in its own dtype (and quantization)."""
         model = load_base(teacher_load_spec(teacher))
         disable_dropout(model)
+        router_logits_on_request(model)
         model.requires_grad_(False)
         model.eval()
         log.info("teacher: %s (%s%s), frozen", teacher.model, teacher.dtype,

@@ -14,13 +14,22 @@ class LoraSpec:
         r: rank of the update.
         alpha: scaling numerator; the update is scaled by ``alpha / r``.
         dropout: dropout on the adapter input.
-        target_modules: module names to adapt, or ``"all-linear"`` for every linear layer but the output.
+        target_modules: module names to adapt, or ``"all-linear"`` for every linear layer but the output, as
+            peft (0.21) resolves it on transformers 5: on the mixtures of experts peft remaps from
+            transformers 4 (Mixtral, Qwen3-MoE, OLMoE, DeepSeek-V3...) also the experts (3-D parameters; the
+            fused ``gate_up_proj`` with twice the rank and alpha) and the router's weight; not on the others
+            (Qwen2-MoE), whose experts stay frozen (the bank warns).
+        target_parameters: parameter names to adapt as well (peft's ``target_parameters``, matched as name
+            suffixes), e.g. ``[mlp.experts.gate_up_proj, mlp.experts.down_proj]`` for the experts of
+            Qwen2-MoE: one LoRA per expert, without dropout. ``None``: none beyond ``target_modules``' (and a
+            warning where experts get no LoRA); ``[]``: the same, without the warning.
     """
 
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
+    target_parameters: list[str] | None = None
 
 
 @dataclass

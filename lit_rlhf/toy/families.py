@@ -6,7 +6,9 @@ learned position offset), Gemma 2 (soft-capped logits, tied embeddings, sliding 
 (sliding and full layers with their own rope), Phi-3 (fused projections), BLOOM and Falcon-RW
 (ALiBi biases from the attention mask), Falcon (dropout read from its config, layers bitsandbytes
 does not quantize), Cohere and Granite (logits scaled after the head), Phi-2 and GPT-J (partial
-rotary, an LM head with a bias). Each model here speaks the toy tokenizer's vocabulary, so every
+rotary, an LM head with a bias), or the mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE,
+OLMoE: experts stored as 3-D parameters, not linear layers; a top-k router; Mixtral's router
+jitter noise in training). Each model here speaks the toy tokenizer's vocabulary, so every
 method and config runs on it unchanged: ``--model.init_args.bank.model <dir>``.
 
     python -m lit_rlhf.toy.families OUT_DIR        # one directory per family
@@ -24,6 +26,8 @@ from lit_rlhf.models import BankSpec, load_tokenizer
 
 TOY_TOKENIZER = "assets/toy/base"
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, POSITIONS = 32, 2, 4, 2, 64, 128
+#: Two experts per token (of four, each 16 wide).
+EXPERTS = dict(num_experts_per_tok=2)
 
 #: family -> config fields of a tiny model (vocabulary and special ids are added from the tokenizer); the
 #: family is the config's model_type unless a ``model_type`` field names it (a variant of one model type).
@@ -88,7 +92,25 @@ FAMILIES: dict[str, dict] = {
     "olmo2": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                   num_key_value_heads=KV_HEADS, intermediate_size=FFN, max_position_embeddings=POSITIONS,
                   attention_dropout=0.1),
+    # Mixtral's training-mode router jitter (multiplicative noise on the router's input) is on, as dropout is above.
+    "mixtral": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                    num_key_value_heads=KV_HEADS, intermediate_size=16, max_position_embeddings=POSITIONS,
+                    num_local_experts=4, router_jitter_noise=0.1, **EXPERTS),
+    # A shared expert beside the routed ones, with its own sigmoid gate (a linear layer).
+    "qwen2_moe": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                      num_key_value_heads=KV_HEADS, intermediate_size=FFN, moe_intermediate_size=16,
+                      shared_expert_intermediate_size=32, max_position_embeddings=POSITIONS, num_experts=4,
+                      **EXPERTS),
+    "qwen3_moe": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, head_dim=8,
+                      num_key_value_heads=KV_HEADS, intermediate_size=FFN, moe_intermediate_size=16,
+                      max_position_embeddings=POSITIONS, num_experts=4, **EXPERTS),
+    "olmoe": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                  num_key_value_heads=KV_HEADS, intermediate_size=16, max_position_embeddings=POSITIONS,
+                  num_experts=4, **EXPERTS),
 }
+
+#: The mixture-of-experts families of ``FAMILIES``.
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
 def build_tiny(family: str, out: str | Path, *, seed: int = 0) -> Path:

@@ -12,7 +12,7 @@ from tests.paths import TOY_DATA
 
 PREFERENCE = str(TOY_DATA / "preference_train.jsonl")
 UNPAIRED = str(TOY_DATA / "unpaired_train.jsonl")
-FAMILIES = ["llama", "qwen2", "gpt2", "gemma2"]
+FAMILIES = ["llama", "qwen2", "gpt2", "gemma2", "mixtral"]  # mixtral: routing is per token, so packing keeps it
 #: Families whose forward changes the logits after the LM head (soft-capping, a logit scale, a division):
 #: their head is never fused with the log-probs.
 AFTER_HEAD = {"gemma2", "cohere", "granite"}

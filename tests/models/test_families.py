@@ -1,4 +1,5 @@
-"""The bank on tiny random models of the transformers families users bring: heads, roles, LoRA targets,
+"""The bank on tiny random models of the transformers families users bring (mixtures
+of experts among them): heads, roles, LoRA targets,
 modes, dropout and gradient checkpointing behave the same whatever the architecture."""
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def test_checkpointing_recomputes_in_the_forward_s_role(family, train_mode, fami
 
 # Dropout as modules, float rates read at call time (OPT, BLOOM's hidden_dropout), rates read from the config (Falcon).
 @pytest.mark.parametrize("family", ["gpt2", "opt", "phi3", "bloom", "falcon", "phi", "gptj", "stablelm", "granite",
-                                    "olmo2"])
+                                    "olmo2", "mixtral"])
 def test_dropout_is_off_by_default_and_the_reference_never_drops(family, family_dirs, batch):
     bank = make_bank(family_dirs[family])
     assert bank.model.training  # the trainable path trains (so checkpointing can run)...
