@@ -45,6 +45,7 @@ from lit_rlhf.models.loading import (
     require_safetensors,
     saved_quantization,
     text_config,
+    text_decoder_prefix,
 )
 from lit_rlhf.models.saving import HEAD_FILE, atomic_directory, read_adapter_meta, write_head_and_meta
 from lit_rlhf.models.spec import AdapterSpec, BankSpec, TeacherSpec
@@ -369,11 +370,8 @@ def text_decoder_linears(base: nn.Module) -> set[str]:
     tower and projector never run on the text the bank trains on: a LoRA there would get no gradient, yet be
     saved, merged and counted as trained (TRL's text-only runs of such models adapt them for nothing)."""
     linears = _maybe_include_all_linear_layers(LoraConfig(target_modules="all-linear"), base).target_modules
-    if text_config(base.config) is base.config:
-        return set(linears)
-    decoder = base.get_decoder()
-    prefix = next(name for name, module in base.named_modules() if module is decoder) + "."
-    return {name for name in linears if name.startswith(prefix)}
+    text = text_decoder_prefix(base)
+    return {name for name in linears if name.startswith(text)}
 
 
 def merge_adapter(base: nn.Module, adapter_dir: str) -> nn.Module:

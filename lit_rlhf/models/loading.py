@@ -118,6 +118,15 @@ def text_config(config):
     return config.get_text_config(decoder=True)
 
 
+def text_decoder_prefix(model) -> str:
+    """Where ``model``'s text decoder sits (``model.language_model.`` in Gemma 3's ``Gemma3ForConditionalGeneration``),
+    ``""`` for a text model, which is all text decoder (and its LM head)."""
+    if text_config(model.config) is model.config:
+        return ""
+    decoder = model.get_decoder()
+    return next(name for name, module in model.named_modules() if module is decoder) + "."
+
+
 def load_config(model: str, *, trust_remote_code: bool, what: str = "bank.model"):
     """The transformers config of ``model``, refused unless ``AutoModelForCausalLM`` loads it.
 
@@ -206,6 +215,8 @@ def load_dequantized_base(spec: BankSpec):
     their size). Here every quantized linear of a fresh quantized load is dequantized into an
     unquantized load of the same model (quantization is deterministic), so the merge reproduces the
     model that was trained. GPT-2's ``Conv1D`` layers are quantized as ``nn.Linear``: transposed back.
+    A multimodal model's vision tower and projector keep their original weights: no adapter trained against
+    them (the bank runs text only), and rounded they would only serve images worse.
     """
     from transformers.integrations.bitsandbytes import dequantize_bnb_weight
     from transformers.pytorch_utils import Conv1D
@@ -214,10 +225,11 @@ def load_dequantized_base(spec: BankSpec):
     if getattr(base, "hf_quantizer", None) is not None:  # saved quantized: its weights are the only ones there are
         return base.dequantize(dtype=DTYPES[spec.dtype])
     quantized = load_base(spec)
+    text = text_decoder_prefix(base)
     with torch.no_grad():
         for name, module in quantized.named_modules():
             weight = getattr(module, "weight", None)
-            if type(weight).__name__ not in ("Params4bit", "Int8Params"):
+            if type(weight).__name__ not in ("Params4bit", "Int8Params") or not name.startswith(text):
                 continue
             value = dequantize_bnb_weight(weight, getattr(module, "state", None))
             target = base.get_submodule(name)

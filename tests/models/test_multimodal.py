@@ -16,9 +16,12 @@ from transformers import AutoConfig, AutoModelForImageTextToText, Gemma3ForCondi
 from lit_rlhf.data import PreferenceDataModule
 from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.methods import DPO
-from lit_rlhf.models import AdapterBank, BankSpec, LoraSpec
+from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, LoraSpec, load_tokenizer
+from lit_rlhf.rollout import build_engine
 from lit_rlhf.toy.families import build_tiny_multimodal
+from tests.methods.online_helpers import lora_off_zero
 from tests.paths import TOY_DATA
+from tests.rollout.test_static_engine import PROMPTS, encode, fast_engine, greedy
 
 PREFERENCE = str(TOY_DATA / "preference_train.jsonl")
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -47,6 +50,14 @@ def completion_logps(model: nn.Module, batch: dict) -> torch.Tensor:
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     logps = logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
     return (logps * batch["completion_mask"][:, 1:]).sum(-1)
+
+
+def assert_vision_as_loaded(model: Gemma3ForConditionalGeneration, original: str) -> None:
+    """The vision tower and projector of ``model`` are those saved at ``original``, bit for bit."""
+    loaded = Gemma3ForConditionalGeneration.from_pretrained(original)
+    for part in ("vision_tower", "multi_modal_projector"):
+        for name, weight in getattr(loaded.model, part).state_dict().items():
+            assert torch.equal(getattr(model.model, part).state_dict()[name], weight), f"{part}.{name}"
 
 
 def test_gemma3_log_probs_are_those_of_gemma3_for_conditional_generation(gemma3):
@@ -92,10 +103,7 @@ def test_gemma3_dpo_fit_lowers_its_loss_and_exports_as_gemma3_for_conditional_ge
     reloaded = AutoModelForImageTextToText.from_pretrained(merged).eval()
     assert isinstance(reloaded, Gemma3ForConditionalGeneration)
     torch.testing.assert_close(completion_logps(reloaded, batch), torch.cat([trained.chosen, trained.rejected]), **TOL)
-    original = Gemma3ForConditionalGeneration.from_pretrained(gemma3)
-    for part in ("vision_tower", "multi_modal_projector"):  # carried over as loaded
-        for name, weight in getattr(original.model, part).state_dict().items():
-            assert torch.equal(getattr(reloaded.model, part).state_dict()[name], weight), name
+    assert_vision_as_loaded(reloaded, gemma3)
 
     encoded = method.tokenizer("the movie was", return_tensors="pt")
     prompt = encoded["input_ids"], encoded["attention_mask"]
@@ -112,3 +120,29 @@ def test_a_multimodal_layout_automodelforcausallm_does_not_load_is_refused_at_se
     with pytest.raises(InvalidArgument, match=rf"bank.model '{tmp_path}' is a '{model_type}' checkpoint \({architecture}\) "
                        rf"that transformers' AutoModelForCausalLM does not load: .*a '{text_type}' causal LM.*set bank.model"):
         AdapterBank(BankSpec(model=str(tmp_path)))
+
+
+def test_a_qlora_export_merges_into_the_dequantized_text_decoder_and_keeps_the_vision_tower(gemma3, tmp_path):
+    torch.manual_seed(0)
+    bank = AdapterBank(BankSpec(model=gemma3, train_mode="qlora", lora=LoraSpec(r=4, alpha=8)),
+                       require=[AdapterSpec("policy")]).eval()
+    lora_off_zero(bank, 0.05)
+    ids = torch.tensor([[2, 5, 6, 7, 8, 9], [2, 10, 11, 12, 13, 3]])
+    with torch.no_grad():
+        trained = bank(ids, torch.ones_like(ids)).logits
+    reloaded = AutoModelForImageTextToText.from_pretrained(bank.export_merged(tmp_path / "merged")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, trained, **TOL)
+    assert_vision_as_loaded(reloaded, gemma3)  # not rounded to 4 bits: no adapter trained against it
+
+
+def test_the_static_cache_engine_samples_gemma3_as_generate_does(gemma3):
+    tokenizer = load_tokenizer(BankSpec(model=gemma3))
+    torch.manual_seed(0)
+    bank = AdapterBank(BankSpec(model=gemma3), require=[AdapterSpec("policy")]).eval()
+    lora_off_zero(bank, 0.5)
+    ids, mask = encode(tokenizer, PROMPTS)
+    sampling = greedy(tokenizer, max_new_tokens=20, stop_token_ids=[tokenizer.eos_token_id])  # past the window
+    for adapter in ("policy", None):
+        expected = build_engine("hf").generate(bank, adapter, ids, mask, sampling).response_ids
+        assert torch.equal(fast_engine().generate(bank, adapter, ids, mask, sampling).response_ids, expected)
