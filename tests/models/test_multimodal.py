@@ -146,3 +146,22 @@ def test_the_static_cache_engine_samples_gemma3_as_generate_does(gemma3):
     for adapter in ("policy", None):
         expected = build_engine("hf").generate(bank, adapter, ids, mask, sampling).response_ids
         assert torch.equal(fast_engine().generate(bank, adapter, ids, mask, sampling).response_ids, expected)
+
+
+def test_score_and_value_heads_read_the_hidden_state_gemma3_s_lm_head_reads(gemma3):
+    bank = AdapterBank(BankSpec(model=gemma3), require=[AdapterSpec("reward", head="score"),
+                                                        AdapterSpec("value", head="value")]).eval()
+    lora_off_zero(bank, 0.5)
+    ids = torch.tensor([[2, 5, 6, 7, 8, 9], [2, 10, 11, 12, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    read = []
+    hook = bank.output_embeddings().register_forward_pre_hook(lambda module, args: read.append(args[0]))
+    with torch.no_grad():
+        try:
+            for adapter in ("reward", "value"):
+                with bank.role(adapter):
+                    bank(ids, mask)
+        finally:
+            hook.remove()
+        torch.testing.assert_close(bank.score(ids, mask, adapter="reward"), bank.heads["reward"](read[0])[[0, 1], [5, 3]])
+        torch.testing.assert_close(bank.values(ids, mask, adapter="value"), bank.heads["value"](read[1]))
