@@ -33,7 +33,6 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoConfig
 from transformers.pytorch_utils import Conv1D
 
 from lit_rlhf.errors import InvalidArgument
@@ -44,11 +43,14 @@ from lit_rlhf.models.loading import (
     CONVERT_MODEL,
     fingerprint,
     load_base,
+    load_config,
     load_dequantized_base,
     load_tokenizer,
     quantization_record,
     require_safetensors,
     saved_quantization,
+    text_config,
+    text_decoder_prefix,
 )
 from lit_rlhf.models.saving import HEAD_FILE, atomic_directory, read_adapter_meta, write_head_and_meta
 from lit_rlhf.models.spec import AdapterSpec, BankSpec, TeacherSpec
@@ -81,7 +83,7 @@ def disable_dropout(model: nn.Module) -> dict[str, float]:
         for name, value in vars(module).items():
             if _is_dropout_rate(name, value) or (name in ROUTER_NOISE and isinstance(value, float) and value != 0.0):
                 setattr(module, name, 0.0)
-    config = getattr(model, "config", None)
+    config = text_config(model.config) if hasattr(model, "config") else None
     loaded = {name: value for name, value in vars(config).items() if _is_dropout_rate(name, value)} if config else {}
     for name in loaded:
         setattr(config, name, 0.0)
@@ -251,10 +253,8 @@ def check_shared_vocabulary(student: BankSpec, teacher: TeacherSpec, student_wid
             "next-token distributions id by id, so both models need the same tokenizer: choose a teacher of the "
             "student's model family (same tokenizer), or set bank.teacher: null to distill from the base without adapters."
         )
-    teacher_config = AutoConfig.from_pretrained(teacher.model, trust_remote_code=teacher.trust_remote_code)
-    teacher_width = getattr(teacher_config, "vocab_size", None)
-    if teacher_width is None and hasattr(teacher_config, "get_text_config"):
-        teacher_width = teacher_config.get_text_config().vocab_size
+    teacher_config = load_config(teacher.model, trust_remote_code=teacher.trust_remote_code, what="bank.teacher.model")
+    teacher_width = text_config(teacher_config).vocab_size
     if min(student_width, teacher_width) < len(student_vocab):
         raise ValueError(
             f"the teacher {teacher.model!r} ({teacher_width} logits) and the student {student.model!r} "
@@ -278,7 +278,7 @@ def check_bank_spec(spec: BankSpec, adapters: Sequence[AdapterSpec]) -> dict:
         spec: the bank.
         adapters: its adapters, merged with those the method requires (``merge_adapter_specs``).
     """
-    config = AutoConfig.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code)
+    config = load_config(spec.model, trust_remote_code=spec.trust_remote_code)
     base_fingerprint = fingerprint(config)
     if spec.train_mode == "full":
         _check_full_mode(spec, adapters)
@@ -290,7 +290,7 @@ def check_bank_spec(spec: BankSpec, adapters: Sequence[AdapterSpec]) -> dict:
         if adapter.path:
             _check_saved_adapter(adapter, spec.model, base_fingerprint, quantization_record(spec))
     if spec.teacher is not None:
-        check_shared_vocabulary(spec, spec.teacher, config.vocab_size)
+        check_shared_vocabulary(spec, spec.teacher, text_config(config).vocab_size)
     return base_fingerprint
 
 
@@ -432,7 +432,12 @@ def resolve_all_linear(config: LoraConfig, base: nn.Module) -> None:
     wrapper as the output layer, so a fresh adapter added after it got LoRA on the LM head (both copies)."""
     convert_peft_config_for_transformers(config, model=base, conversions=get_model_conversion_mapping(base))
     if _is_all_linear(config.target_modules):
-        config.target_modules = set(_maybe_include_all_linear_layers(copy.copy(config), base).target_modules)
+        # On a multimodal model (Gemma 3 as ``Gemma3ForConditionalGeneration``) its text decoder's only: the vision
+        # tower and projector never run on the text the bank trains on, so a LoRA there would get no gradient, yet
+        # be saved, merged and counted as trained (TRL's text-only runs of such models adapt them for nothing).
+        text = text_decoder_prefix(base)
+        linears = _maybe_include_all_linear_layers(copy.copy(config), base).target_modules
+        config.target_modules = {name for name in linears if name.startswith(text)}
 
 
 def ignore_peft_fused_pattern_note() -> None:
@@ -523,8 +528,8 @@ class AdapterBank(nn.Module):
             one_int8_path(base)
         # Off for training forwards (the bank turns the cache on to generate); an export writes the loaded value.
         # What an export writes back into the config: the loaded values of what training changes in it.
-        self._loaded_config = {"use_cache": base.config.use_cache}
-        base.config.use_cache = False
+        self._loaded_config = {"use_cache": text_config(base.config).use_cache}
+        text_config(base.config).use_cache = False
         self._loaded_config.update(router_logits_on_request(base))
         if spec.disable_dropout:
             self._loaded_config.update(disable_dropout(base))
@@ -841,8 +846,8 @@ class AdapterBank(nn.Module):
         return self._current_model().get_output_embeddings()
 
     def active_config(self):
-        """The transformers config of the model the active role runs (the teacher's inside ``teacher()``)."""
-        return self._current_model().config
+        """The transformers config of the text decoder the active role runs (the teacher's inside ``teacher()``)."""
+        return text_config(self._current_model().config)
 
     def _trunk(self) -> nn.Module:
         """The decoder stack of the active model without its LM head, found the transformers way
@@ -1013,7 +1018,7 @@ class AdapterBank(nn.Module):
                 write_head_and_meta(directory, self.heads[adapter], {"base": None, **(metadata or {})})
 
         if self.full:
-            config = self.model.config
+            config = text_config(self.model.config)
             training = {name: getattr(config, name) for name in self._loaded_config}
             for name, value in self._loaded_config.items():
                 setattr(config, name, value)

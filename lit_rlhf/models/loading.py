@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.models.spec import BankSpec
 
 log = logging.getLogger("lit_rlhf.models")
@@ -109,6 +111,48 @@ CONVERT_MODEL = "AutoModelForCausalLM.from_pretrained(path, use_safetensors=Fals
 CONVERT_ADAPTER = "PeftModel.from_pretrained(base_model, path).save_pretrained(path)"
 
 
+def text_config(config):
+    """The config of ``config``'s text decoder: its ``text_config`` for a multimodal checkpoint (Gemma 3 4B and
+    up, saved as ``Gemma3ForConditionalGeneration``), the config itself otherwise. Vocabulary, width, depth and
+    positions live there; the top level of a multimodal config names none of them."""
+    return config.get_text_config(decoder=True)
+
+
+def text_decoder_prefix(model) -> str:
+    """Where ``model``'s text decoder sits (``model.language_model.`` in Gemma 3's ``Gemma3ForConditionalGeneration``),
+    ``""`` for a text model, which is all text decoder (and its LM head)."""
+    if text_config(model.config) is model.config:
+        return ""
+    decoder = model.get_decoder()
+    return next(name for name, module in model.named_modules() if module is decoder) + "."
+
+
+def load_config(model: str, *, trust_remote_code: bool, what: str = "bank.model"):
+    """The transformers config of ``model``, refused unless ``AutoModelForCausalLM`` loads it.
+
+    Some multimodal checkpoints are registered there (Gemma 3's ``gemma3`` loads its whole
+    ``Gemma3ForConditionalGeneration``, which runs on text alone; Llama 4's ``llama4`` loads its text model
+    alone), others are not (Mistral-Small-3.1's ``mistral3``, Qwen2.5-VL, LLaVA): those fail here, before any
+    weights load, with what to do, rather than deep inside transformers. Remote-code models register themselves
+    through ``auto_map``."""
+    config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or "AutoModelForCausalLM" in getattr(config, "auto_map", {}):
+        return config
+    architectures = ", ".join(getattr(config, "architectures", None) or []) or "an unnamed architecture"
+    text = text_config(config)
+    if text is config:
+        how = "lit_rlhf trains decoder-only causal language models: choose one (config.json model_type)"
+    else:
+        how = (f"lit_rlhf trains a multimodal model's text decoder only where AutoModelForCausalLM loads it; save "
+               f"this one's language model on its own (a {text.model_type!r} causal LM built from its text_config, "
+               f"holding its language model's and LM head's weights) and set {what} to that directory")
+    raise InvalidArgument(
+        "bank",
+        f"{what} {model!r} is a {config.model_type!r} checkpoint ({architectures}) that transformers' "
+        f"AutoModelForCausalLM does not load: {how}",
+    )
+
+
 def load_base(spec: BankSpec, *, quantize: bool = True):
     """The transformers causal LM of ``spec`` (weights from safetensors; no remote code unless asked)."""
     common = {"trust_remote_code": spec.trust_remote_code}
@@ -117,7 +161,7 @@ def load_base(spec: BankSpec, *, quantize: bool = True):
     if spec.random_init:
         if spec.effective_quantization and quantize:
             raise ValueError("random_init cannot be combined with quantization: quantize a saved model instead")
-        config = AutoConfig.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code)
+        config = load_config(spec.model, trust_remote_code=spec.trust_remote_code)
         return AutoModelForCausalLM.from_config(config, dtype=DTYPES[spec.dtype], **common)
     require_safetensors(spec.model, what="model", convert=CONVERT_MODEL)
     # A model saved quantized loads as saved (``check_bank_spec`` has the bank's settings agree to train on it).
@@ -152,12 +196,14 @@ def _require_quantized(model, spec: BankSpec) -> None:
 
 def fingerprint(config) -> dict:
     """What an adapter saved on a base must match to load onto another base: from the base's
-    ``config.json`` (a ``PretrainedConfig``), so it is checked before any weights load."""
+    ``config.json`` (a ``PretrainedConfig``), so it is checked before any weights load. The sizes are the text
+    decoder's, the only part an adapter adapts (``text_config``)."""
+    text = text_config(config)
     return {
         "model_type": config.model_type,
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "num_hidden_layers": config.num_hidden_layers,
+        "vocab_size": text.vocab_size,
+        "hidden_size": text.hidden_size,
+        "num_hidden_layers": text.num_hidden_layers,
     }
 
 
@@ -169,6 +215,8 @@ def load_dequantized_base(spec: BankSpec):
     their size). Here every quantized linear of a fresh quantized load is dequantized into an
     unquantized load of the same model (quantization is deterministic), so the merge reproduces the
     model that was trained. GPT-2's ``Conv1D`` layers are quantized as ``nn.Linear``: transposed back.
+    A multimodal model's vision tower and projector keep their original weights: no adapter trained against
+    them (the bank runs text only), and rounded they would only serve images worse.
     """
     from transformers.integrations.bitsandbytes import dequantize_bnb_weight
     from transformers.pytorch_utils import Conv1D
@@ -177,10 +225,11 @@ def load_dequantized_base(spec: BankSpec):
     if getattr(base, "hf_quantizer", None) is not None:  # saved quantized: its weights are the only ones there are
         return base.dequantize(dtype=DTYPES[spec.dtype])
     quantized = load_base(spec)
+    text = text_decoder_prefix(base)
     with torch.no_grad():
         for name, module in quantized.named_modules():
             weight = getattr(module, "weight", None)
-            if type(weight).__name__ not in ("Params4bit", "Int8Params"):
+            if type(weight).__name__ not in ("Params4bit", "Int8Params") or not name.startswith(text):
                 continue
             value = dequantize_bnb_weight(weight, getattr(module, "state", None))
             target = base.get_submodule(name)

@@ -3,7 +3,8 @@
 One Llama never shows what breaks on GPT-2 (Conv1D layers, absolute positions, dropout 0.1 in
 its config), GPT-NeoX (a ``gpt_neox`` trunk), OPT (float dropout rates read at call time, a
 learned position offset), Gemma 2 (soft-capped logits, tied embeddings, sliding windows), Gemma 3
-(sliding and full layers with their own rope), Phi-3 (fused projections), BLOOM and Falcon-RW
+(sliding and full layers with their own rope; from 4B up released with a vision tower, ``MULTIMODAL``),
+Phi-3 (fused projections), BLOOM and Falcon-RW
 (ALiBi biases from the attention mask), Falcon (dropout read from its config, layers bitsandbytes
 does not quantize), Cohere and Granite (logits scaled after the head), Phi-2 and GPT-J (partial
 rotary, an LM head with a bias), or the mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE,
@@ -20,7 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from lit_rlhf.models import BankSpec, load_tokenizer
 
@@ -113,6 +114,16 @@ FAMILIES: dict[str, dict] = {
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
+#: family -> a multimodal checkpoint around the text family's decoder (``text``) and a tiny vision tower, saved as
+#: the release is (Gemma 3 4B/12B/27B: ``Gemma3ForConditionalGeneration``). The image token sits past the text
+#: vocabulary, as Gemma 3's soft image token does: the logits are one wider than the tokenizer.
+MULTIMODAL: dict[str, dict] = {
+    "gemma3": dict(text="gemma3_text", mm_tokens_per_image=1,
+                   vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      image_size=28, patch_size=14)),
+}
+
+
 def build_tiny(family: str, out: str | Path, *, seed: int = 0) -> Path:
     """Save a random tiny ``family`` model with the toy tokenizer to ``out`` (safetensors)."""
     tokenizer = load_tokenizer(BankSpec(model=TOY_TOKENIZER))
@@ -133,12 +144,33 @@ def build_tiny(family: str, out: str | Path, *, seed: int = 0) -> Path:
     return out
 
 
+def build_tiny_multimodal(family: str, out: str | Path, *, seed: int = 0) -> Path:
+    """Save a random tiny multimodal ``family`` checkpoint (``MULTIMODAL``) with the toy tokenizer to ``out``."""
+    tokenizer = load_tokenizer(BankSpec(model=TOY_TOKENIZER))
+    fields = dict(MULTIMODAL[family])
+    text = fields.pop("text")
+    image_token = len(tokenizer)
+    text_config = dict(FAMILIES[text], vocab_size=image_token + 1, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = AutoConfig.for_model(family, text_config=text_config, image_token_index=image_token,
+                                  boi_token_index=tokenizer.bos_token_id, eoi_token_index=tokenizer.eos_token_id,
+                                  **fields)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config)
+    out = Path(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         raise SystemExit("usage: python -m lit_rlhf.toy.families OUT_DIR")
     for family in FAMILIES:
         print(build_tiny(family, Path(argv[0]) / family))
+    for family in MULTIMODAL:
+        print(build_tiny_multimodal(family, Path(argv[0]) / f"{family}_multimodal"))
 
 
 if __name__ == "__main__":
