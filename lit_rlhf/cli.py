@@ -21,6 +21,7 @@ import os
 # here, before any import of torch; a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import copy  # noqa: E402
 import difflib  # noqa: E402
 import importlib  # noqa: E402
 import re  # noqa: E402
@@ -82,6 +83,8 @@ def _cli_classes():
     from lightning.pytorch import LightningDataModule
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+    from lightning.pytorch.utilities import rank_zero_info
+
     from lit_rlhf.errors import InvalidArgument, SourceNotFound
     from lit_rlhf.methods.base import BankMethod
     from lit_rlhf.methods.checkpoints import find_last_checkpoint, finished_message
@@ -116,6 +119,24 @@ def _cli_classes():
                 print(f"--ckpt_path last: {found or f'no last*.ckpt under {root}, starting from scratch'}",
                       file=sys.stderr)
                 config["ckpt_path"] = str(found) if found else None
+
+        def _parse_ckpt_path(self) -> None:
+            # LightningCLI replaces the config's model with the hyperparameters saved in the checkpoint:
+            # `--model.init_args.beta 0.5`, a moved `bank.model`, even another method's config were
+            # silently swapped for the checkpoint's run. Here the config is the run: the checkpoint must
+            # be of its method, and where the saved arguments differ the config's are used, and listed.
+            subcommand = self.config.get("subcommand")
+            config = self.config.get(subcommand) if subcommand else None
+            ckpt_path = config.get("ckpt_path") if config is not None else None
+            if not ckpt_path or not Path(ckpt_path).is_file():
+                return
+            if config.get("model") is None:  # no method in the config: the checkpoint's, as LightningCLI does
+                super()._parse_ckpt_path()
+                return
+            differences = checkpoint_differences(ckpt_path, self.parser, self.config)
+            if differences:
+                rank_zero_info(f"--ckpt_path {ckpt_path}: the config differs from the checkpoint's run; the config's "
+                               "values are used:\n" + "\n".join(f"  {line}" for line in differences))
 
         def instantiate_classes(self) -> None:
             # A constructor that refuses a value names its argument (InvalidArgument): say which config key
@@ -226,14 +247,61 @@ def build_cli(args: list[str], *, run: bool = True):
 # -- commands that read a run: its config through the parser of `fit`, and a checkpoint ----------------
 
 
+def _import_class(class_path: str) -> type | None:
+    """The class ``module.Name`` names, or ``None`` when it cannot be imported."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def check_same_method(ckpt_path: str | Path, checkpoint: dict, method_class: str | type) -> None:
+    """Refuse a checkpoint of another method than the config's (its weights would load, partly, into
+    the wrong run). LightningCLI saves the class in the hyperparameters; a checkpoint without it passes."""
+    saved = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+    wanted = _import_class(method_class) if isinstance(method_class, str) else method_class
+    if saved is None or _import_class(saved) is wanted:
+        return
+    name = getattr(wanted, "__name__", method_class)
+    raise ConfigError(f"checkpoint {ckpt_path} (--ckpt_path) is of a {saved.rpartition('.')[2]} run, but the config's "
+                      f"model is {name}: pass the config that run was trained with (config.yaml in its log directory); "
+                      "to start a new method from a run's policy, load its exported adapter (bank.adapters: path)")
+
+
+def checkpoint_differences(ckpt_path: str, parser, config) -> list[str]:
+    """``model.init_args.KEY: SAVED in the checkpoint, NOW in the config`` for each argument of the config's
+    method that differs from the hyperparameters saved in the checkpoint (read as LightningCLI reads them)."""
+    import torch
+
+    subcommand = config["subcommand"]
+    model = config[subcommand]["model"]
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    check_same_method(ckpt_path, checkpoint, model["class_path"])
+    saved = dict(checkpoint.get("hyper_parameters") or {})
+    saved.pop("_instantiator", None)
+    saved_class = saved.pop("_class_path", None)
+    if saved_class is None or not saved:
+        return []
+    try:
+        as_saved = parser.parse_object({subcommand: {"model": {"class_path": saved_class, "dict_kwargs": saved}}},
+                                       copy.deepcopy(config))[subcommand]["model"]
+    except (ConfigError, SystemExit):  # arguments of an older version of the method: nothing to compare
+        return []
+    now, then = dict(model.items()), dict(as_saved.items())
+    return [f"model.{key}: {then.get(key)!r} in the checkpoint, {now.get(key)!r} in the config"
+            for key in sorted(set(now) | set(then)) if now.get(key) != then.get(key)]
+
+
 def load_checkpoint(method, ckpt_path: str | Path) -> None:
     """Build ``method``'s bank and load a checkpoint of its run into it: the trained tensors and the
     method's own state (``on_load_checkpoint``: KL coefficient, reward statistics, ...). The file is
     read with ``weights_only=True`` (``read_checkpoint``)."""
     from lit_rlhf.methods.base import read_checkpoint
 
-    method.configure_model()
     checkpoint = read_checkpoint(ckpt_path)
+    check_same_method(ckpt_path, checkpoint, type(method))
+    method.configure_model()
     method.on_load_checkpoint(checkpoint)
     # A LoRA run's checkpoint holds only the trainable tensors: the frozen base is not in it.
     method.load_state_dict(checkpoint["state_dict"], strict=False)
@@ -323,9 +391,10 @@ def _accepted_options(class_path: str) -> list[str]:
     """The init options jsonargparse accepts for ``class_path`` (empty if it cannot be imported)."""
     from jsonargparse import ArgumentParser
 
-    module, _, name = class_path.rpartition(".")
+    cls = _import_class(class_path)
+    if cls is None:
+        return []
     try:
-        cls = getattr(importlib.import_module(module), name)
         parser = ArgumentParser()
         parser.add_class_arguments(cls, "x")
     except Exception:  # a suggestion is a courtesy; never let it hide the real error
