@@ -53,3 +53,17 @@ def test_a_checkpoint_of_another_method_is_refused(built_only, dpo_checkpoint, c
     kto = build_cli(["--config", "configs/kto.yaml", "--trainer.logger", "false"], run=False).model
     with pytest.raises(ConfigError, match="is of a DPO run, but the config's model is KTO"):
         load_checkpoint(kto, dpo_checkpoint)
+
+
+def test_deepspeed_preset_refuses_the_zero_arguments_its_config_replaces(capsys):
+    """Lightning's ZeRO arguments build the DeepSpeed config that ``deepspeed_config`` replaces: they were
+    accepted (and printed by --print_config: ``offload_optimizer: false`` under ``offload: true``) and ignored."""
+    deepspeed = ["fit", "--config", "configs/dpo.yaml", "--config", "configs/strategy/deepspeed_zero3_offload.yaml"]
+    with pytest.raises(SystemExit):
+        console([*deepspeed, "--trainer.strategy.init_args.reduce_bucket_size", "5", "--print_config"])
+    assert ("config key 'trainer.strategy.init_args.reduce_bucket_size': lit_rlhf.strategies.DeepSpeedZeRO has no "
+            "option 'reduce_bucket_size'") in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        console([*deepspeed, "--print_config"])
+    printed = capsys.readouterr().out
+    assert "offload: true" in printed and "offload_optimizer" not in printed and "timeout: 0:30:00" in printed
