@@ -84,6 +84,7 @@ def _cli_classes():
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
     from lightning.pytorch.utilities import rank_zero_info
+    from lightning.pytorch.utilities.model_helpers import is_overridden
 
     from lit_rlhf.errors import InvalidArgument, SourceNotFound
     from lit_rlhf.methods.base import BankMethod
@@ -112,13 +113,19 @@ def _cli_classes():
             self.config = parser.parse_args(args)
             # `--ckpt_path last` names the newest last.ckpt of any version of this run, resolved before
             # LightningCLI reads the checkpoint's hyperparameters (which it does for a file path only).
-            config = self.config.get(self.config.get("subcommand") or "", None)
+            subcommand = self.config.get("subcommand")
+            config = self.config.get(subcommand or "", None)
             if config is not None and config.get("ckpt_path") == "last":
                 root = config["trainer"].get("default_root_dir") or "."
                 found = find_last_checkpoint(root)
+                if found is None and subcommand != "fit":  # evaluating the untrained start is not what was asked
+                    raise ConfigError(f"--ckpt_path last: no last*.ckpt under {root} (trainer.default_root_dir) "
+                                      f"to {subcommand}")
                 print(f"--ckpt_path last: {found or f'no last*.ckpt under {root}, starting from scratch'}",
                       file=sys.stderr)
                 config["ckpt_path"] = str(found) if found else None
+            elif config is not None and subcommand != "fit" and not config.get("ckpt_path"):
+                print(f"no --ckpt_path: {subcommand} runs the untrained starting policy", file=sys.stderr)
 
         def _parse_ckpt_path(self) -> None:
             # LightningCLI replaces the config's model with the hyperparameters saved in the checkpoint:
@@ -211,6 +218,13 @@ def _cli_classes():
             self._prepare_data()
 
         def before_test(self) -> None:
+            # Lightning would fail inside the loop, with a traceback, on a method or data without a test split.
+            if not is_overridden("test_step", self.model):
+                raise ConfigError(f"{type(self.model).__name__} has no test loop: its validation samples and scores "
+                                  "held-out prompts (lit-rlhf validate), as lit-rlhf evaluate does on an export")
+            if getattr(self.datamodule, "test", None) is None:
+                raise ConfigError("lit-rlhf test runs on the test split: set data.init_args.test (a file in the "
+                                  "format of train and val)")
             self._read_checkpoints_safely()
             self._prepare_data()
 
@@ -440,7 +454,8 @@ def explain(message: str, options: list[str] = ()) -> str:
     # Otherwise the innermost lines that say something (not the Union bookkeeping around them).
     noise = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value",
              "- Expected a <class 'NoneType'>")
-    lines = [ln.strip(" -") for ln in message.splitlines() if ln.strip() and not any(n in ln for n in noise)]
+    lines = [ln.strip().removeprefix("- ") for ln in message.splitlines()
+             if ln.strip() and not any(n in ln for n in noise)]
     return " / ".join(dict.fromkeys(lines)) or message
 
 

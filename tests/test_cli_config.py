@@ -4,6 +4,7 @@ config it names (parsed and built in process; nothing trains here)."""
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 from lit_rlhf.cli import ConfigError, build_cli, console, load_checkpoint
+from lit_rlhf.data import DataError
 
 
 @pytest.fixture
@@ -67,3 +69,37 @@ def test_deepspeed_preset_refuses_the_zero_arguments_its_config_replaces(capsys)
         console([*deepspeed, "--print_config"])
     printed = capsys.readouterr().out
     assert "offload: true" in printed and "offload_optimizer" not in printed and "timeout: 0:30:00" in printed
+
+
+# -- validate and test -------------------------------------------------------------------------------
+
+
+def test_test_runs_the_data_test_split(tmp_path):
+    # Untrained, the DPO policy is its reference: every pair's loss is -log sigmoid(0) = log 2.
+    cli = build_cli(["test", "--config", "configs/dpo.yaml", "--data.init_args.test", "assets/toy/data/preference_val.jsonl",
+                     "--trainer.limit_test_batches", "1", "--trainer.logger", "false",
+                     "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path)])
+    assert cli.datamodule.test_examples and not cli.trainer.validating
+    assert cli.trainer.callback_metrics["test/loss"].item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["test", "--config", "configs/dpo.yaml"], "lit-rlhf test runs on the test split: set data.init_args.test"),
+    (["test", "--config", "configs/grpo.yaml"], "GRPO has no test loop"),
+    (["validate", "--config", "configs/dpo.yaml", "--ckpt_path", "last"], "--ckpt_path last: no last*.ckpt under"),
+], ids=["no test split", "online method", "no last checkpoint"])
+def test_validate_and_test_refuse_what_they_cannot_run_in_one_line(tmp_path, capsys, args, expected):
+    """Before: a traceback from inside Lightning's loop, or (``--ckpt_path last`` with no checkpoint) the
+    untrained model validated as if it were the run's."""
+    with pytest.raises(SystemExit) as info:
+        console([*args, "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert info.value.code == 1 and expected in err and "Traceback" not in err
+
+
+def test_a_bad_test_row_is_reported_before_the_loop(tmp_path):
+    bad = tmp_path / "test.jsonl"
+    bad.write_text('{"prompt": "the car was", "chosen": "fun .", "rejected": "fun ."}\n')
+    with pytest.raises(DataError, match=rf"{bad}:1: field 'chosen'"):
+        build_cli(["test", "--config", "configs/dpo.yaml", "--data.init_args.test", str(bad), "--trainer.logger", "false",
+                   "--trainer.default_root_dir", str(tmp_path)])

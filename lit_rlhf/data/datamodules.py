@@ -1,7 +1,7 @@
 """LightningDataModules for the four formats: load, validate every row, tokenise, collate.
 
 All the work happens in :meth:`_FormatDataModule.prepare` (idempotent), which ``setup()``
-calls and which a CLI may call earlier to fail fast: every row of ``train`` and ``val`` is
+calls and which a CLI may call earlier to fail fast: every row of ``train``, ``val`` and ``test`` is
 checked before training starts, and the problems are reported together.
 
 The tokenizer is never loaded here: pass one as ``tokenizer``, or attach the DataModule to
@@ -107,6 +107,7 @@ class _FormatDataModule(L.LightningDataModule):
         self,
         train: Union[str, list[str]],
         val: Optional[Union[str, list[str]]] = None,
+        test: Optional[Union[str, list[str]]] = None,
         val_fraction: float = 0.0,
         split_seed: int = 0,
         conversational: Optional[bool] = None,
@@ -125,6 +126,7 @@ class _FormatDataModule(L.LightningDataModule):
             train: training data: a .jsonl/.json/.parquet/.csv file, a folder of them, a saved
                 ``datasets`` directory, a ``datasets`` hub name, or a list of these.
             val: validation data, in the same forms; None holds out ``val_fraction`` of train.
+            test: the data of ``lit-rlhf test`` (``trainer.test``), in the same forms; None: no test split.
             val_fraction: the fraction of train held out for validation when ``val`` is None
                 (0 disables validation).
             split_seed: the seed of that hold-out split.
@@ -154,6 +156,7 @@ class _FormatDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["tokenizer"])
         self.train = train
         self.val = val
+        self.test = test
         self.val_fraction = val_fraction
         self.split_seed = split_seed
         self.conversational = conversational
@@ -168,6 +171,7 @@ class _FormatDataModule(L.LightningDataModule):
         self.hub_split = hub_split
         self.train_examples: list[Example] = []
         self.val_examples: list[Example] = []
+        self.test_examples: list[Example] = []
         self.collator: Optional[Callable] = None
         self._prepared_with: Any = None
         self._resumed_state: Optional[dict] = None
@@ -176,7 +180,7 @@ class _FormatDataModule(L.LightningDataModule):
     # -- preparation ----------------------------------------------------------------------------
 
     def prepare(self, tokenizer: Optional[PreTrainedTokenizerBase] = None) -> _FormatDataModule:
-        """Load, validate and tokenise train and val; idempotent for the same tokenizer.
+        """Load, validate and tokenise train, val and test; idempotent for the same tokenizer.
 
         Raises:
             DataError: listing every invalid row (file, line, field), unless on_invalid="skip".
@@ -193,17 +197,19 @@ class _FormatDataModule(L.LightningDataModule):
         errors: list[DataError] = []
         train_rows = self._load("train", errors)
         val_rows = self._load("val", errors) if self.val is not None else []
+        test_rows = self._load("test", errors) if self.test is not None else []
         flag, hint = resolve_conversational(self.format, train_rows or val_rows, self.conversational)
         settings = dict(conversational=flag, hint=hint, max_length=self.max_length,
                         max_prompt_length=self.max_prompt_length, truncation=self.truncation)
         train, train_errors = build_examples(self.format, train_rows, tokenizer, **settings)
         val, val_errors = build_examples(self.format, val_rows, tokenizer, **settings)
-        report_invalid(errors + train_errors + val_errors, self.on_invalid, f"the {self.format} data")
+        test, test_errors = build_examples(self.format, test_rows, tokenizer, **settings)
+        report_invalid(errors + train_errors + val_errors + test_errors, self.on_invalid, f"the {self.format} data")
         if not train:
             raise DataError(f"no usable training rows in {self.train}")
         if self.val is None and self.val_fraction > 0:
             train, val = _hold_out(train, self.val_fraction, self.split_seed)
-        self.train_examples, self.val_examples = train, val
+        self.train_examples, self.val_examples, self.test_examples = train, val, test
         self.collator = self.make_collator(tokenizer)
         self._prepared_with = tokenizer
         log.info("%s: %d train / %d val examples (%s)", type(self).__name__, len(train), len(val),
@@ -252,10 +258,16 @@ class _FormatDataModule(L.LightningDataModule):
                           collate_fn=self.collator, num_workers=self.num_workers)
 
     def val_dataloader(self) -> Union[DataLoader, list]:
+        return self._evaluation_loader(self.val_examples)
+
+    def test_dataloader(self) -> Union[DataLoader, list]:
+        return self._evaluation_loader(self.test_examples)
+
+    def _evaluation_loader(self, examples: list[Example]) -> Union[DataLoader, list]:
         self._require_prepared()
-        if not self.val_examples:
-            return []  # Lightning skips validation
-        dataset = ExampleDataset(self.val_examples)
+        if not examples:
+            return []  # Lightning skips the loop
+        dataset = ExampleDataset(examples)
         # Under DDP Lightning swaps in a DistributedSampler: each rank then holds ceil(rows / world) rows.
         world = self.trainer.world_size if self.trainer is not None else 1
         return DataLoader(dataset, batch_size=self.batch_size, sampler=SequentialSampler(dataset),
@@ -379,6 +391,7 @@ class SFTDataModule(_FormatDataModule):
         self,
         train: Union[str, list[str]],
         val: Optional[Union[str, list[str]]] = None,
+        test: Optional[Union[str, list[str]]] = None,
         val_fraction: float = 0.0,
         split_seed: int = 0,
         conversational: Optional[bool] = None,
@@ -399,6 +412,7 @@ class SFTDataModule(_FormatDataModule):
             train: training data: a .jsonl/.json/.parquet/.csv file, a folder of them, a saved
                 ``datasets`` directory, a ``datasets`` hub name, or a list of these.
             val: validation data, in the same forms; None holds out ``val_fraction`` of train.
+            test: the data of ``lit-rlhf test`` (``trainer.test``), in the same forms; None: no test split.
             val_fraction: the fraction of train held out for validation when ``val`` is None.
             split_seed: the seed of that hold-out split.
             conversational: whether rows are chat messages; None detects it from the first row.
@@ -417,7 +431,7 @@ class SFTDataModule(_FormatDataModule):
             completion_only_loss: take the loss on completion tokens (and a ``messages`` row's
                 earlier assistant turns) only.
         """
-        super().__init__(train, val, val_fraction, split_seed, conversational, batch_size, max_length,
+        super().__init__(train, val, test, val_fraction, split_seed, conversational, batch_size, max_length,
                          max_prompt_length, truncation, on_invalid, num_workers, seed, tokenizer, hub_split)
         self.packing = packing
         self.completion_only_loss = completion_only_loss
