@@ -44,6 +44,11 @@ COMMANDS: dict[str, tuple[str, str | None]] = {
     "report": ("PNG plots and a markdown summary of a run from its logs", "lit_rlhf.report:main"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
+#: Where the options of a config's method and data are (``--config X --help`` lists the Trainer's only).
+METHOD_HELP = ("A method's options, with their docs: --model.help DPO (or SFT, RewardModeling, PPO, RLOO, GRPO, "
+               "OnlineDPO, BestOfN, SimPO, CPO, ORPO, KTO, GKD), the base model's and LoRA's under its --model.bank; "
+               "its data's: --data.help PreferenceDataModule. Any of them overrides the config: "
+               "--model.init_args.beta 0.2, --model.init_args.bank.lora.r 16.")
 
 
 class ConfigError(Exception):
@@ -62,7 +67,8 @@ def usage() -> str:
     lines = ["usage: lit-rlhf COMMAND [options]   (lit-rlhf COMMAND --help for a command's options)", "",
              "Align language models on PyTorch Lightning: one base model, many LoRA adapters.", "", "commands:"]
     lines += [f"  {name:<{width}}  {summary}" for name, (summary, _) in COMMANDS.items()]
-    lines += ["", "--debug (or LIT_RLHF_DEBUG=1) shows tracebacks for data, config and file errors."]
+    lines += ["", "A method's options: lit-rlhf fit --model.help DPO (any method class; --data.help for a DataModule).",
+              "--debug (or LIT_RLHF_DEBUG=1) shows tracebacks for data, config and file errors."]
     return "\n".join(lines)
 
 
@@ -252,7 +258,8 @@ def build_cli(args: list[str], *, run: bool = True):
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         parser_class=parser_class,
-        parser_kwargs={"prog": "lit-rlhf"},
+        parser_kwargs={"prog": "lit-rlhf", **{name: {"description": f"{COMMANDS[name][0]}. {METHOD_HELP}"}
+                                              for name in LIGHTNING_COMMANDS}},
         args=args,
         run=run,
     )

@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-from lit_rlhf.cli import ConfigError, build_cli, console, load_checkpoint
+from lit_rlhf.cli import ConfigError, build_cli, console, load_checkpoint, main
 from lit_rlhf.data import DataError
 
 
@@ -103,3 +103,15 @@ def test_a_bad_test_row_is_reported_before_the_loop(tmp_path):
     with pytest.raises(DataError, match=rf"{bad}:1: field 'chosen'"):
         build_cli(["test", "--config", "configs/dpo.yaml", "--data.init_args.test", str(bad), "--trainer.logger", "false",
                    "--trainer.default_root_dir", str(tmp_path)])
+
+
+def test_fit_help_says_where_a_methods_options_are(capsys):
+    """``fit --config X --help`` lists the Trainer's options only (the method is a subclass): it names the
+    command that lists the method's, whose help documents the bank's fields too."""
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "configs/dpo.yaml", "--help"])
+    assert "--model.help DPO" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "DPO"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--model.beta BETA strength of the implicit KL constraint" in out and "--model.init_args.bank.lora.r 16" in out

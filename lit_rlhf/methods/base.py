@@ -143,7 +143,10 @@ class BankMethod(pl.LightningModule):
     train and export (``trained_adapter``).
 
     Args:
-        bank: the base model and its adapters.
+        bank: the base model and its adapters (``lit_rlhf.models.BankSpec``): ``model`` (a directory or hub id),
+            ``train_mode`` (lora, qlora, full), ``dtype``, ``quantization``, ``lora`` (``r``, ``alpha``, ``dropout``,
+            ``target_modules``), ``adapters``, ``gradient_checkpointing``, ``reference``, ``teacher``, ...; one is
+            set as ``--model.init_args.bank.lora.r 16``.
         policy_adapter: the adapter trained (and exported) as the policy; several may live on one bank.
         learning_rate: peak learning rate of AdamW.
         weight_decay: AdamW weight decay, on every trained tensor but biases and norm weights.
