@@ -328,25 +328,55 @@ def load_checkpoint(method, ckpt_path: str | Path) -> None:
     method.load_state_dict(checkpoint["state_dict"], strict=False)
 
 
+def checkpoint_arg(text: str) -> str:
+    """argparse ``type`` of ``--ckpt_path``: a checkpoint file, a complete sharded checkpoint directory, or
+    ``last``; a run directory names the checkpoints under it."""
+    import argparse
+
+    from lit_rlhf.methods.checkpoints import is_complete_checkpoint
+
+    if text == "last" or is_complete_checkpoint(text):
+        return text
+    below = sorted(Path(text).rglob("*.ckpt"))[:3] if Path(text).is_dir() else []
+    hint = f" (checkpoints under it: {', '.join(map(str, below))})" if below else ""
+    raise argparse.ArgumentTypeError(f"{text}: not a checkpoint file or sharded checkpoint directory{hint}")
+
+
+def resolve_last(ckpt_path: str, root: str, parser) -> str:
+    """``ckpt_path``, or for ``last`` the newest last*.ckpt under the config's ``trainer.default_root_dir``."""
+    from lit_rlhf.methods.checkpoints import find_last_checkpoint
+
+    if ckpt_path != "last":
+        return ckpt_path
+    found = find_last_checkpoint(root)
+    if found is None:
+        parser.error(f"--ckpt_path last: no last*.ckpt under {root} (the config's trainer.default_root_dir)")
+    return str(found)
+
+
 def export_main(args: list[str]) -> None:
     """Export the adapter (PEFT format) or the merged model of a checkpoint, with a model card."""
     import argparse
 
+    from lit_rlhf.inference import parse_bool
     from lit_rlhf.methods.export import write_model_card
 
     parser = argparse.ArgumentParser(prog="lit-rlhf export", description=export_main.__doc__)
     parser.add_argument("--config", required=True, help="the YAML the run was trained with")
-    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by that run (file, or FSDP directory)")
+    parser.add_argument("--ckpt_path", required=True, type=checkpoint_arg,
+                        help="a checkpoint written by that run (file, or FSDP directory); last: the newest last.ckpt "
+                             "under the config's trainer.default_root_dir")
     parser.add_argument("--out", required=True, help="directory to write")
-    parser.add_argument("--merged", type=lambda s: s.lower() in ("true", "1", "yes"), default=False,
+    parser.add_argument("--merged", type=parse_bool, default=False,
                         help="merge the adapter into the base (save_pretrained): true or false")
     opts = parser.parse_args(args)
     cli = build_cli(["--config", opts.config], run=False)
     method = cli.model
-    load_checkpoint(method, opts.ckpt_path)
+    ckpt_path = resolve_last(opts.ckpt_path, cli.trainer.default_root_dir, parser)
+    load_checkpoint(method, ckpt_path)
     out = method.export(opts.out, merged=opts.merged)
     write_model_card(out, method, datamodule=cli.datamodule, merged=opts.merged or method.bank.full,
-                     metrics=_last_logged(Path(opts.ckpt_path).parent.parent), source=f"checkpoint `{opts.ckpt_path}`")
+                     metrics=_last_logged(Path(ckpt_path).parent.parent), source=f"checkpoint `{ckpt_path}`")
     print(out)
 
 
@@ -368,7 +398,8 @@ def best_of_n_main(args: list[str]) -> None:
     parser.add_argument("--n", type=int, default=None, help="responses per prompt (default: the config's num_samples_per_prompt)")
     parser.add_argument("--min_score", type=float, default=None, help="drop prompts whose best reward is below this")
     parser.add_argument("--with_scores", action="store_true", help="also write the rewards of the kept responses")
-    parser.add_argument("--ckpt_path", default=None, help="sample from the policy of this checkpoint of the config's run")
+    parser.add_argument("--ckpt_path", default=None, type=checkpoint_arg,
+                        help="sample from the policy of this checkpoint of the config's run (last: the newest)")
     parser.add_argument("--seed", type=int, default=None, help="default: the config's seed_everything")
     opts = parser.parse_args(args)
 
@@ -384,7 +415,7 @@ def best_of_n_main(args: list[str]) -> None:
     # Built before any sampling, with or without a checkpoint, so a seed gives the same samples either way.
     method.configure_model()
     if opts.ckpt_path:
-        load_checkpoint(method, opts.ckpt_path)
+        load_checkpoint(method, resolve_last(opts.ckpt_path, cli.trainer.default_root_dir, parser))
     data.prepare(method.tokenizer)
     examples = data.train_examples if opts.split == "train" else data.val_examples
     if not examples:
@@ -567,4 +598,8 @@ def console(args: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    console()
+    # `python -m lit_rlhf.cli` runs this file as `__main__`, and the commands import `lit_rlhf.cli`: a second
+    # copy, whose ConfigError the first copy's `console` would not know (a traceback instead of one line).
+    from lit_rlhf.cli import console as single_console
+
+    single_console()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import math
+import runpy
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,12 +25,15 @@ def built_only(monkeypatch):
 
 @pytest.fixture(scope="module")
 def dpo_checkpoint(tmp_path_factory) -> Path:
-    """A checkpoint of configs/dpo.yaml's run as LightningCLI saves its hyperparameters (the class path
-    with the init arguments); its tensors play no part in what is checked here."""
+    """A checkpoint of configs/dpo.yaml's untrained run: its trainable tensors, and its hyperparameters as
+    LightningCLI saves them (the class path with the init arguments)."""
     model = build_cli(["--config", "configs/dpo.yaml", "--trainer.logger", "false"], run=False).model
     assert model.hparams["_class_path"] == "lit_rlhf.methods.DPO"
+    model.configure_model()
+    checkpoint = {"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)  # keeps the trainable tensors, as a LoRA run's checkpoint holds
     path = tmp_path_factory.mktemp("dpo") / "last.ckpt"
-    torch.save({"hyper_parameters": dict(model.hparams), "state_dict": {}}, path)
+    torch.save(checkpoint, path)
     return path
 
 
@@ -55,6 +60,42 @@ def test_a_checkpoint_of_another_method_is_refused(built_only, dpo_checkpoint, c
     kto = build_cli(["--config", "configs/kto.yaml", "--trainer.logger", "false"], run=False).model
     with pytest.raises(ConfigError, match="is of a DPO run, but the config's model is KTO"):
         load_checkpoint(kto, dpo_checkpoint)
+
+
+def test_a_checkpoint_of_another_adapter_layout_is_refused(dpo_checkpoint):
+    """Loading is not strict (the frozen base is not in a checkpoint): the LoRA tensors of modules the config
+    does not adapt were dropped without a word, and export wrote a q_proj-only adapter of an all-linear run."""
+    narrower = build_cli(["--config", "configs/dpo.yaml", "--model.init_args.bank.lora.target_modules", "[q_proj]",
+                          "--trainer.logger", "false"], run=False).model
+    with pytest.raises(ValueError, match=r"it holds 24 tensors this method does not have \(e.g. \['bank.model.base_"):
+        load_checkpoint(narrower, dpo_checkpoint)
+    same = build_cli(["--config", "configs/dpo.yaml", "--trainer.logger", "false"], run=False).model
+    load_checkpoint(same, dpo_checkpoint)
+
+
+def test_export_refuses_a_bad_flag_value_or_a_run_directory_for_a_checkpoint(dpo_checkpoint, capsys):
+    export = ["export", "--config", "configs/dpo.yaml", "--out", "unused"]
+    with pytest.raises(SystemExit) as info:  # `--merged maybe` exported the adapter only, as `false`
+        main([*export, "--ckpt_path", str(dpo_checkpoint), "--merged", "maybe"])
+    assert info.value.code == 2 and "argument --merged: expected true or false, got 'maybe'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # a traceback from torch.distributed.checkpoint
+        main([*export, "--ckpt_path", str(dpo_checkpoint.parent.parent)])
+    assert info.value.code == 2
+    assert (f"argument --ckpt_path: {dpo_checkpoint.parent.parent}: not a checkpoint file or sharded checkpoint "
+            f"directory (checkpoints under it: {dpo_checkpoint})") in capsys.readouterr().err
+
+
+# runpy warns that the module it runs as __main__ is imported already: the very situation under test.
+@pytest.mark.filterwarnings("ignore:'lit_rlhf.cli' found in sys.modules:RuntimeWarning")
+def test_python_m_lit_rlhf_cli_prints_a_commands_config_error_in_one_line(monkeypatch, capsys):
+    """Run as ``python -m lit_rlhf.cli`` (torchrun, SLURM), the file was ``__main__`` and the commands raised
+    the ConfigError of a second copy, ``lit_rlhf.cli``: a traceback instead of the one line."""
+    monkeypatch.setattr(sys, "argv", ["lit_rlhf.cli", "export", "--config", "nope.yaml", "--ckpt_path", "last",
+                                      "--out", "unused"])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_module("lit_rlhf.cli", run_name="__main__")
+    assert info.value.code == 1
+    assert capsys.readouterr().err.strip().startswith("lit-rlhf: error: --config ")
 
 
 def test_deepspeed_preset_refuses_the_zero_arguments_its_config_replaces(capsys):
