@@ -113,6 +113,15 @@ def _cli_classes():
         def subcommands() -> dict[str, set[str]]:
             return {name: keys for name, keys in LightningCLI.subcommands().items() if name in LIGHTNING_COMMANDS}
 
+        def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+            super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+            if not add_subcommands:
+                # A run built without a subcommand (export, best-of-n, tests) reads the config a fit saved beside
+                # its logs, or printed: it also holds fit's own keys. Those commands name their checkpoint
+                # themselves, so a config's (where that run resumed from) plays no part.
+                for key in ("ckpt_path", "weights_only"):
+                    self.parser.add_argument(f"--{key}", default=None, help="fit's own key, not used here")
+
         def parse_arguments(self, parser, args) -> None:
             # lit-rlhf always passes the arguments explicitly (from sys.argv or a caller), so
             # LightningCLI's warning about `args` beside a non-empty sys.argv does not apply.
