@@ -460,7 +460,35 @@ def _accepted_options(class_path: str) -> list[str]:
         parser.add_class_arguments(cls, "x")
     except Exception:  # a suggestion is a courtesy; never let it hide the real error
         return []
-    return [a.dest.removeprefix("x.") for a in parser._actions if a.dest.startswith("x.")]
+    return [a.dest.removeprefix("x.") for a in parser._actions if a.dest.startswith("x.") and not a.dest.endswith(".help")]
+
+
+#: A TRL argument given as a method option, and the key that means the same here (a ``model.init_args``
+#: key is offered only when the method has it: RLOO's β is TRL's ``beta`` but ``kl_coef`` here, PPO's both).
+TRL_NAMES = {
+    "num_generations": "model.init_args.num_samples_per_prompt",
+    "num_ppo_epochs": "model.init_args.update_epochs",
+    "num_iterations": "model.init_args.update_epochs",
+    "max_completion_length": "model.init_args.sampling.max_new_tokens",
+    "beta": "model.init_args.kl_coef",
+    "kl_coef": "model.init_args.beta",
+    "lr_scheduler_type": "model.init_args.lr_scheduler",
+    "gradient_accumulation_steps": "trainer.accumulate_grad_batches",
+    "max_grad_norm": "trainer.gradient_clip_val",
+    "max_length": "data.init_args.max_length",
+    "max_prompt_length": "data.init_args.max_prompt_length",
+    "per_device_train_batch_size": "data.init_args.batch_size",
+    "num_train_epochs": "trainer.max_epochs",
+}
+
+
+def _trl_hint(option: str, options: list[str]) -> str:
+    """``; TRL's X is Y here`` when ``option`` is a TRL argument with another name here, else ``""``."""
+    key = TRL_NAMES.get(option)
+    if key is None or (key.startswith("model.init_args.") and key.removeprefix("model.init_args.").split(".")[0]
+                       not in options):
+        return ""
+    return f"; TRL's {option} is {key} here"
 
 
 def explain(message: str, options: list[str] = ()) -> str:
@@ -488,7 +516,8 @@ def explain(message: str, options: list[str] = ()) -> str:
         key = f"{top.group(1)}.init_args.{given[-1] if given else unknown[-1]}" if top else unknown[-1]
         options = _accepted_options(classes[-1])
         close = difflib.get_close_matches(unknown[-1], options, n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close else (f"; options: {', '.join(options)}" if options else "")
+        hint = f"; did you mean '{close[0]}'?" if close else (
+            _trl_hint(unknown[-1], options) or (f"; options: {', '.join(options)}" if options else ""))
         return f"config key '{key}': {classes[-1]} has no option '{unknown[-1]}'{hint}"
     missing_config = re.match(r"""Parser key "config": File does not exist: '([^']+)'""", message)
     if missing_config:

@@ -156,3 +156,16 @@ def test_fit_help_says_where_a_methods_options_are(capsys):
         main(["fit", "--model.help", "DPO"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--model.beta BETA strength of the implicit KL constraint" in out and "--model.init_args.bank.lora.r 16" in out
+
+
+@pytest.mark.parametrize("config, method, option, here", [
+    ("rloo", "RLOO", "beta", "model.init_args.kl_coef"),
+    ("grpo", "GRPO", "num_generations", "model.init_args.num_samples_per_prompt"),
+    ("dpo", "DPO", "max_length", "data.init_args.max_length"),
+])
+def test_a_trl_argument_name_points_to_its_name_here(capsys, config, method, option, here):
+    with pytest.raises(SystemExit):
+        console(["fit", "--config", f"configs/{config}.yaml", f"--model.init_args.{option}", "4"])
+    assert capsys.readouterr().err.strip() == (f"lit-rlhf: error: config key 'model.init_args.{option}': "
+                                               f"lit_rlhf.methods.{method} has no option '{option}'; TRL's {option} "
+                                               f"is {here} here")
