@@ -212,6 +212,10 @@ def _cli_classes():
             except BaseException:
                 self._remove_run_that_trained_nothing()
                 raise
+            # Beside the report and export lines of the callbacks: where this run continues from.
+            last = getattr(self.trainer.checkpoint_callback, "last_model_path", "")
+            if last:
+                rank_zero_info(f"last checkpoint -> {last} (continue: --ckpt_path last)")
 
         def _remove_run_that_trained_nothing(self) -> None:
             # A fit that fails before its first optimizer step (a reward function that raises, say) has
