@@ -88,7 +88,6 @@ def _option_keys(parser) -> list[str]:
 def _cli_classes():
     from lightning.pytorch import LightningDataModule
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
     from lightning.pytorch.utilities import rank_zero_info
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
@@ -464,7 +463,8 @@ def _accepted_options(class_path: str) -> list[str]:
         parser.add_class_arguments(cls, "x")
     except Exception:  # a suggestion is a courtesy; never let it hide the real error
         return []
-    return [a.dest.removeprefix("x.") for a in parser._actions if a.dest.startswith("x.") and not a.dest.endswith(".help")]
+    return [a.dest.removeprefix("x.") for a in parser._actions
+            if a.dest.startswith("x.") and not a.dest.endswith(".help")]
 
 
 #: A TRL argument given as a method option, and the key that means the same here (a ``model.init_args``
