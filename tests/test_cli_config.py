@@ -32,7 +32,8 @@ def dpo_checkpoint(tmp_path_factory) -> Path:
     model.configure_model()
     checkpoint = {"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}
     model.on_save_checkpoint(checkpoint)  # keeps the trainable tensors, as a LoRA run's checkpoint holds
-    path = tmp_path_factory.mktemp("dpo") / "last.ckpt"
+    path = tmp_path_factory.mktemp("dpo") / "checkpoints" / "last.ckpt"  # a run directory's layout
+    path.parent.mkdir()
     torch.save(checkpoint, path)
     return path
 
