@@ -21,6 +21,7 @@ import os
 # here, before any import of torch; a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import copy  # noqa: E402
 import difflib  # noqa: E402
 import importlib  # noqa: E402
 import re  # noqa: E402
@@ -43,6 +44,11 @@ COMMANDS: dict[str, tuple[str, str | None]] = {
     "report": ("PNG plots and a markdown summary of a run from its logs", "lit_rlhf.report:main"),
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
+#: Where the options of a config's method and data are (``--config X --help`` lists the Trainer's only).
+METHOD_HELP = ("A method's options, with their docs: --model.help DPO (or SFT, RewardModeling, PPO, RLOO, GRPO, "
+               "OnlineDPO, BestOfN, SimPO, CPO, ORPO, KTO, GKD), the base model's and LoRA's under its --model.bank; "
+               "its data's: --data.help PreferenceDataModule. Any of them overrides the config: "
+               "--model.init_args.beta 0.2, --model.init_args.bank.lora.r 16.")
 
 
 class ConfigError(Exception):
@@ -61,7 +67,8 @@ def usage() -> str:
     lines = ["usage: lit-rlhf COMMAND [options]   (lit-rlhf COMMAND --help for a command's options)", "",
              "Align language models on PyTorch Lightning: one base model, many LoRA adapters.", "", "commands:"]
     lines += [f"  {name:<{width}}  {summary}" for name, (summary, _) in COMMANDS.items()]
-    lines += ["", "--debug (or LIT_RLHF_DEBUG=1) shows tracebacks for data, config and file errors."]
+    lines += ["", "A method's options: lit-rlhf fit --model.help DPO (any method class; --data.help for a DataModule).",
+              "--debug (or LIT_RLHF_DEBUG=1) shows tracebacks for data, config and file errors."]
     return "\n".join(lines)
 
 
@@ -81,6 +88,8 @@ def _option_keys(parser) -> list[str]:
 def _cli_classes():
     from lightning.pytorch import LightningDataModule
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+    from lightning.pytorch.utilities import rank_zero_info
+    from lightning.pytorch.utilities.model_helpers import is_overridden
 
     from lit_rlhf.errors import InvalidArgument, SourceNotFound
     from lit_rlhf.methods.base import BankMethod
@@ -103,19 +112,52 @@ def _cli_classes():
         def subcommands() -> dict[str, set[str]]:
             return {name: keys for name, keys in LightningCLI.subcommands().items() if name in LIGHTNING_COMMANDS}
 
+        def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+            super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+            if not add_subcommands:
+                # A run built without a subcommand (export, best-of-n, tests) reads the config a fit saved beside
+                # its logs, or printed: it also holds fit's own keys. Those commands name their checkpoint
+                # themselves, so a config's (where that run resumed from) plays no part.
+                for key in ("ckpt_path", "weights_only"):
+                    self.parser.add_argument(f"--{key}", default=None, help="fit's own key, not used here")
+
         def parse_arguments(self, parser, args) -> None:
             # lit-rlhf always passes the arguments explicitly (from sys.argv or a caller), so
             # LightningCLI's warning about `args` beside a non-empty sys.argv does not apply.
             self.config = parser.parse_args(args)
             # `--ckpt_path last` names the newest last.ckpt of any version of this run, resolved before
             # LightningCLI reads the checkpoint's hyperparameters (which it does for a file path only).
-            config = self.config.get(self.config.get("subcommand") or "", None)
+            subcommand = self.config.get("subcommand")
+            config = self.config.get(subcommand or "", None)
             if config is not None and config.get("ckpt_path") == "last":
                 root = config["trainer"].get("default_root_dir") or "."
                 found = find_last_checkpoint(root)
+                if found is None and subcommand != "fit":  # evaluating the untrained start is not what was asked
+                    raise ConfigError(f"--ckpt_path last: no last*.ckpt under {root} (trainer.default_root_dir) "
+                                      f"to {subcommand}")
                 print(f"--ckpt_path last: {found or f'no last*.ckpt under {root}, starting from scratch'}",
                       file=sys.stderr)
                 config["ckpt_path"] = str(found) if found else None
+            elif config is not None and subcommand != "fit" and not config.get("ckpt_path"):
+                print(f"no --ckpt_path: {subcommand} runs the untrained starting policy", file=sys.stderr)
+
+        def _parse_ckpt_path(self) -> None:
+            # LightningCLI replaces the config's model with the hyperparameters saved in the checkpoint:
+            # `--model.init_args.beta 0.5`, a moved `bank.model`, even another method's config were
+            # silently swapped for the checkpoint's run. Here the config is the run: the checkpoint must
+            # be of its method, and where the saved arguments differ the config's are used, and listed.
+            subcommand = self.config.get("subcommand")
+            config = self.config.get(subcommand) if subcommand else None
+            ckpt_path = config.get("ckpt_path") if config is not None else None
+            if not ckpt_path or not Path(ckpt_path).is_file():
+                return
+            if config.get("model") is None:  # no method in the config: the checkpoint's, as LightningCLI does
+                super()._parse_ckpt_path()
+                return
+            differences = checkpoint_differences(ckpt_path, self.parser, self.config)
+            if differences:
+                rank_zero_info(f"--ckpt_path {ckpt_path}: the config differs from the checkpoint's run; the config's "
+                               "values are used:\n" + "\n".join(f"  {line}" for line in differences))
 
         def instantiate_classes(self) -> None:
             # A constructor that refuses a value names its argument (InvalidArgument): say which config key
@@ -169,6 +211,10 @@ def _cli_classes():
             except BaseException:
                 self._remove_run_that_trained_nothing()
                 raise
+            # Beside the report and export lines of the callbacks: where this run continues from.
+            last = getattr(self.trainer.checkpoint_callback, "last_model_path", "")
+            if last:
+                rank_zero_info(f"last checkpoint -> {last} (continue: --ckpt_path last)")
 
         def _remove_run_that_trained_nothing(self) -> None:
             # A fit that fails before its first optimizer step (a reward function that raises, say) has
@@ -190,6 +236,13 @@ def _cli_classes():
             self._prepare_data()
 
         def before_test(self) -> None:
+            # Lightning would fail inside the loop, with a traceback, on a method or data without a test split.
+            if not is_overridden("test_step", self.model):
+                raise ConfigError(f"{type(self.model).__name__} has no test loop: its validation samples and scores "
+                                  "held-out prompts (lit-rlhf validate), as lit-rlhf evaluate does on an export")
+            if getattr(self.datamodule, "test", None) is None:
+                raise ConfigError("lit-rlhf test runs on the test split: set data.init_args.test (a file in the "
+                                  "format of train and val)")
             self._read_checkpoints_safely()
             self._prepare_data()
 
@@ -217,7 +270,8 @@ def build_cli(args: list[str], *, run: bool = True):
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         parser_class=parser_class,
-        parser_kwargs={"prog": "lit-rlhf"},
+        parser_kwargs={"prog": "lit-rlhf", **{name: {"description": f"{COMMANDS[name][0]}. {METHOD_HELP}"}
+                                              for name in LIGHTNING_COMMANDS}},
         args=args,
         run=run,
     )
@@ -226,38 +280,115 @@ def build_cli(args: list[str], *, run: bool = True):
 # -- commands that read a run: its config through the parser of `fit`, and a checkpoint ----------------
 
 
+def _import_class(class_path: str) -> type | None:
+    """The class ``module.Name`` names, or ``None`` when it cannot be imported."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+
+
+def check_same_method(ckpt_path: str | Path, checkpoint: dict, method_class: str | type) -> None:
+    """Refuse a checkpoint of another method than the config's (its weights would load, partly, into
+    the wrong run). LightningCLI saves the class in the hyperparameters; a checkpoint without it passes."""
+    saved = (checkpoint.get("hyper_parameters") or {}).get("_class_path")
+    wanted = _import_class(method_class) if isinstance(method_class, str) else method_class
+    if saved is None or _import_class(saved) is wanted:
+        return
+    name = getattr(wanted, "__name__", method_class)
+    raise ConfigError(f"checkpoint {ckpt_path} (--ckpt_path) is of a {saved.rpartition('.')[2]} run, but the config's "
+                      f"model is {name}: pass the config that run was trained with (config.yaml in its log directory); "
+                      "to start a new method from a run's policy, load its exported adapter (bank.adapters: path)")
+
+
+def checkpoint_differences(ckpt_path: str, parser, config) -> list[str]:
+    """``model.init_args.KEY: SAVED in the checkpoint, NOW in the config`` for each argument of the config's
+    method that differs from the hyperparameters saved in the checkpoint (read as LightningCLI reads them)."""
+    import torch
+
+    subcommand = config["subcommand"]
+    model = config[subcommand]["model"]
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    check_same_method(ckpt_path, checkpoint, model["class_path"])
+    saved = dict(checkpoint.get("hyper_parameters") or {})
+    saved.pop("_instantiator", None)
+    saved_class = saved.pop("_class_path", None)
+    if saved_class is None or not saved:
+        return []
+    try:
+        as_saved = parser.parse_object({subcommand: {"model": {"class_path": saved_class, "dict_kwargs": saved}}},
+                                       copy.deepcopy(config))[subcommand]["model"]
+    except (ConfigError, SystemExit):  # arguments of an older version of the method: nothing to compare
+        return []
+    now, then = dict(model.items()), dict(as_saved.items())
+    return [f"model.{key}: {then.get(key)!r} in the checkpoint, {now.get(key)!r} in the config"
+            for key in sorted(set(now) | set(then)) if now.get(key) != then.get(key)]
+
+
 def load_checkpoint(method, ckpt_path: str | Path) -> None:
     """Build ``method``'s bank and load a checkpoint of its run into it: the trained tensors and the
     method's own state (``on_load_checkpoint``: KL coefficient, reward statistics, ...). The file is
     read with ``weights_only=True`` (``read_checkpoint``)."""
     from lit_rlhf.methods.base import read_checkpoint
 
-    method.configure_model()
     checkpoint = read_checkpoint(ckpt_path)
+    check_same_method(ckpt_path, checkpoint, type(method))
+    method.configure_model()
     method.on_load_checkpoint(checkpoint)
     # A LoRA run's checkpoint holds only the trainable tensors: the frozen base is not in it.
     method.load_state_dict(checkpoint["state_dict"], strict=False)
+
+
+def checkpoint_arg(text: str) -> str:
+    """argparse ``type`` of ``--ckpt_path``: a checkpoint file, a complete sharded checkpoint directory, or
+    ``last``; a run directory names the checkpoints under it."""
+    import argparse
+
+    from lit_rlhf.methods.checkpoints import is_complete_checkpoint
+
+    if text == "last" or is_complete_checkpoint(text):
+        return text
+    below = sorted(Path(text).rglob("*.ckpt"))[:3] if Path(text).is_dir() else []
+    hint = f" (checkpoints under it: {', '.join(map(str, below))})" if below else ""
+    raise argparse.ArgumentTypeError(f"{text}: not a checkpoint file or sharded checkpoint directory{hint}")
+
+
+def resolve_last(ckpt_path: str, root: str, parser) -> str:
+    """``ckpt_path``, or for ``last`` the newest last*.ckpt under the config's ``trainer.default_root_dir``."""
+    from lit_rlhf.methods.checkpoints import find_last_checkpoint
+
+    if ckpt_path != "last":
+        return ckpt_path
+    found = find_last_checkpoint(root)
+    if found is None:
+        parser.error(f"--ckpt_path last: no last*.ckpt under {root} (the config's trainer.default_root_dir)")
+    return str(found)
 
 
 def export_main(args: list[str]) -> None:
     """Export the adapter (PEFT format) or the merged model of a checkpoint, with a model card."""
     import argparse
 
+    from lit_rlhf.inference import parse_bool
     from lit_rlhf.methods.export import write_model_card
 
     parser = argparse.ArgumentParser(prog="lit-rlhf export", description=export_main.__doc__)
     parser.add_argument("--config", required=True, help="the YAML the run was trained with")
-    parser.add_argument("--ckpt_path", required=True, help="a checkpoint written by that run (file, or FSDP directory)")
+    parser.add_argument("--ckpt_path", required=True, type=checkpoint_arg,
+                        help="a checkpoint written by that run (file, or FSDP directory); last: the newest last.ckpt "
+                             "under the config's trainer.default_root_dir")
     parser.add_argument("--out", required=True, help="directory to write")
-    parser.add_argument("--merged", type=lambda s: s.lower() in ("true", "1", "yes"), default=False,
+    parser.add_argument("--merged", type=parse_bool, default=False,
                         help="merge the adapter into the base (save_pretrained): true or false")
     opts = parser.parse_args(args)
     cli = build_cli(["--config", opts.config], run=False)
     method = cli.model
-    load_checkpoint(method, opts.ckpt_path)
+    ckpt_path = resolve_last(opts.ckpt_path, cli.trainer.default_root_dir, parser)
+    load_checkpoint(method, ckpt_path)
     out = method.export(opts.out, merged=opts.merged)
     write_model_card(out, method, datamodule=cli.datamodule, merged=opts.merged or method.bank.full,
-                     metrics=_last_logged(Path(opts.ckpt_path).parent.parent), source=f"checkpoint `{opts.ckpt_path}`")
+                     metrics=_last_logged(Path(ckpt_path).parent.parent), source=f"checkpoint `{ckpt_path}`")
     print(out)
 
 
@@ -279,7 +410,8 @@ def best_of_n_main(args: list[str]) -> None:
     parser.add_argument("--n", type=int, default=None, help="responses per prompt (default: the config's num_samples_per_prompt)")
     parser.add_argument("--min_score", type=float, default=None, help="drop prompts whose best reward is below this")
     parser.add_argument("--with_scores", action="store_true", help="also write the rewards of the kept responses")
-    parser.add_argument("--ckpt_path", default=None, help="sample from the policy of this checkpoint of the config's run")
+    parser.add_argument("--ckpt_path", default=None, type=checkpoint_arg,
+                        help="sample from the policy of this checkpoint of the config's run (last: the newest)")
     parser.add_argument("--seed", type=int, default=None, help="default: the config's seed_everything")
     opts = parser.parse_args(args)
 
@@ -295,7 +427,7 @@ def best_of_n_main(args: list[str]) -> None:
     # Built before any sampling, with or without a checkpoint, so a seed gives the same samples either way.
     method.configure_model()
     if opts.ckpt_path:
-        load_checkpoint(method, opts.ckpt_path)
+        load_checkpoint(method, resolve_last(opts.ckpt_path, cli.trainer.default_root_dir, parser))
     data.prepare(method.tokenizer)
     examples = data.train_examples if opts.split == "train" else data.val_examples
     if not examples:
@@ -323,14 +455,44 @@ def _accepted_options(class_path: str) -> list[str]:
     """The init options jsonargparse accepts for ``class_path`` (empty if it cannot be imported)."""
     from jsonargparse import ArgumentParser
 
-    module, _, name = class_path.rpartition(".")
+    cls = _import_class(class_path)
+    if cls is None:
+        return []
     try:
-        cls = getattr(importlib.import_module(module), name)
         parser = ArgumentParser()
         parser.add_class_arguments(cls, "x")
     except Exception:  # a suggestion is a courtesy; never let it hide the real error
         return []
-    return [a.dest.removeprefix("x.") for a in parser._actions if a.dest.startswith("x.")]
+    return [a.dest.removeprefix("x.") for a in parser._actions
+            if a.dest.startswith("x.") and not a.dest.endswith(".help")]
+
+
+#: A TRL argument given as a method option, and the key that means the same here (a ``model.init_args``
+#: key is offered only when the method has it: RLOO's β is TRL's ``beta`` but ``kl_coef`` here, PPO's both).
+TRL_NAMES = {
+    "num_generations": "model.init_args.num_samples_per_prompt",
+    "num_ppo_epochs": "model.init_args.update_epochs",
+    "num_iterations": "model.init_args.update_epochs",
+    "max_completion_length": "model.init_args.sampling.max_new_tokens",
+    "beta": "model.init_args.kl_coef",
+    "kl_coef": "model.init_args.beta",
+    "lr_scheduler_type": "model.init_args.lr_scheduler",
+    "gradient_accumulation_steps": "trainer.accumulate_grad_batches",
+    "max_grad_norm": "trainer.gradient_clip_val",
+    "max_length": "data.init_args.max_length",
+    "max_prompt_length": "data.init_args.max_prompt_length",
+    "per_device_train_batch_size": "data.init_args.batch_size",
+    "num_train_epochs": "trainer.max_epochs",
+}
+
+
+def _trl_hint(option: str, options: list[str]) -> str:
+    """``; TRL's X is Y here`` when ``option`` is a TRL argument with another name here, else ``""``."""
+    key = TRL_NAMES.get(option)
+    if key is None or (key.startswith("model.init_args.") and key.removeprefix("model.init_args.").split(".")[0]
+                       not in options):
+        return ""
+    return f"; TRL's {option} is {key} here"
 
 
 def explain(message: str, options: list[str] = ()) -> str:
@@ -358,7 +520,8 @@ def explain(message: str, options: list[str] = ()) -> str:
         key = f"{top.group(1)}.init_args.{given[-1] if given else unknown[-1]}" if top else unknown[-1]
         options = _accepted_options(classes[-1])
         close = difflib.get_close_matches(unknown[-1], options, n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close else (f"; options: {', '.join(options)}" if options else "")
+        hint = f"; did you mean '{close[0]}'?" if close else (
+            _trl_hint(unknown[-1], options) or (f"; options: {', '.join(options)}" if options else ""))
         return f"config key '{key}': {classes[-1]} has no option '{unknown[-1]}'{hint}"
     missing_config = re.match(r"""Parser key "config": File does not exist: '([^']+)'""", message)
     if missing_config:
@@ -371,7 +534,8 @@ def explain(message: str, options: list[str] = ()) -> str:
     # Otherwise the innermost lines that say something (not the Union bookkeeping around them).
     noise = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value",
              "- Expected a <class 'NoneType'>")
-    lines = [ln.strip(" -") for ln in message.splitlines() if ln.strip() and not any(n in ln for n in noise)]
+    lines = [ln.strip().removeprefix("- ") for ln in message.splitlines()
+             if ln.strip() and not any(n in ln for n in noise)]
     return " / ".join(dict.fromkeys(lines)) or message
 
 
@@ -476,4 +640,8 @@ def console(args: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    console()
+    # `python -m lit_rlhf.cli` runs this file as `__main__`, and the commands import `lit_rlhf.cli`: a second
+    # copy, whose ConfigError the first copy's `console` would not know (a traceback instead of one line).
+    from lit_rlhf.cli import console as single_console
+
+    single_console()

@@ -182,7 +182,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, **defaults) -> None:
         if field.name in ("stop_token_ids", "pad_token_id"):
             continue
         default = defaults.get(field.name, field.default)
-        kind = {"do_sample": _bool}.get(field.name, type(field.default))
+        kind = {"do_sample": parse_bool}.get(field.name, type(field.default))
         group.add_argument(f"--{field.name}", type=kind, default=default, help=f"default {default}")
 
 
@@ -190,7 +190,8 @@ def sampling_from(args: argparse.Namespace) -> SamplingConfig:
     return SamplingConfig(**{f.name: getattr(args, f.name) for f in fields(SamplingConfig) if hasattr(args, f.name)})
 
 
-def _bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
+    """An argparse ``type`` for true/false flags: anything else is an error, not ``False``."""
     if text.lower() in ("true", "1", "yes"):
         return True
     if text.lower() in ("false", "0", "no"):

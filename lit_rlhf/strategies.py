@@ -20,12 +20,15 @@ combination that is not supported, naming what to use instead.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
 from torch import nn
@@ -356,17 +359,43 @@ class DeepSpeedZeRO(LightningDeepSpeedStrategy):
     Args:
         stage: ZeRO stage, 2 or 3.
         offload: offload optimizer state (and, at stage 3, parameters) to CPU.
-        **kwargs: Lightning ``DeepSpeedStrategy`` arguments (``process_group_backend``, ...).
+        remote_device, load_full_weights, exclude_frozen_parameters, process_group_backend, timeout,
+            logging_level, loss_scale, initial_scale_power, loss_scale_window, hysteresis,
+            min_loss_scale: Lightning ``DeepSpeedStrategy``'s. Its ZeRO arguments (``offload_optimizer``,
+            ``reduce_bucket_size``, ...) are not taken: they build the DeepSpeed config that
+            ``deepspeed_config`` replaces, so a value given there was silently ignored.
     """
 
-    def __init__(self, stage: Literal[2, 3] = 2, offload: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        stage: Literal[2, 3] = 2,
+        offload: bool = False,
+        *,
+        remote_device: str | None = None,
+        load_full_weights: bool = False,
+        exclude_frozen_parameters: bool = False,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        logging_level: int = logging.WARN,
+        loss_scale: float = 0,
+        initial_scale_power: int = 16,
+        loss_scale_window: int = 1000,
+        hysteresis: int = 2,
+        min_loss_scale: int = 1,
+    ) -> None:
         if not torch.cuda.is_available():
             # Before Lightning's own checks, which on a machine without CUDA first ask to install deepspeed.
             raise ScaleError(
                 f"DeepSpeed ZeRO-{stage} runs on CUDA GPUs only and none is visible; on CPU use "
                 "configs/strategy/ddp.yaml (or configs/strategy/fsdp.yaml for the offline methods)"
             )
-        super().__init__(config=deepspeed_config(stage, offload=offload), **kwargs)
+        super().__init__(
+            config=deepspeed_config(stage, offload=offload), remote_device=remote_device,
+            load_full_weights=load_full_weights, exclude_frozen_parameters=exclude_frozen_parameters,
+            process_group_backend=process_group_backend, timeout=timeout, logging_level=logging_level,
+            loss_scale=loss_scale, initial_scale_power=initial_scale_power, loss_scale_window=loss_scale_window,
+            hysteresis=hysteresis, min_loss_scale=min_loss_scale,
+        )
 
     def _format_batch_size_and_grad_accum_config(self) -> None:
         module = self.lightning_module

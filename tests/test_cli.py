@@ -104,11 +104,9 @@ def test_a_printed_config_builds_the_same_run_and_prints_itself(tmp_path, capsys
     first = tmp_path / "printed.yaml"
     first.write_text(printed("configs/kto.yaml"))
     assert printed(first) == first.read_text()
-    # Built as `fit` builds it (the keys of `fit` itself, ckpt_path and weights_only, are not a run's).
-    run = tmp_path / "run.yaml"
-    run.write_text("".join(line for line in first.read_text().splitlines(keepends=True)
-                           if not line.startswith(("ckpt_path:", "weights_only:"))))
-    cli = build_cli(["--config", str(run)], run=False)
+    # Built as export and best-of-n build a run, from it as printed (fit's own keys, ckpt_path and
+    # weights_only, included: a saved config.yaml holds them too).
+    cli = build_cli(["--config", str(first)], run=False)
     assert type(cli.model).__name__ == "KTO" and cli.model.beta == 0.1 and cli.trainer.max_epochs == 3
     assert {type(c).__name__ for c in cli.trainer.callbacks} >= {"ResumableCheckpoint", "ReportOnFitEnd", "ExportOnFitEnd"}
 

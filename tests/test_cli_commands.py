@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch.utilities
 import pytest
 from PIL import Image
 from transformers import AutoModelForCausalLM
@@ -27,10 +28,15 @@ EVERY_COMMAND = ["fit", "validate", "test", "export", "best-of-n", "generate", "
 def dpo_run(tmp_path_factory) -> Path:
     """The log directory of a 3-step DPO fit (export and report callbacks of the shipped config)."""
     root = tmp_path_factory.mktemp("dpo")
+    said = []  # the lines `lit-rlhf fit` itself logs at its end, kept in fit_output.txt beside the run
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(REPO)
+        # Its own rank_zero_info (imported when the CLI is built), not Lightning's logger, whose level and
+        # handlers other tests and libraries set.
+        mp.setattr(lightning.pytorch.utilities, "rank_zero_info", said.append)
         main(["fit", "--config", "configs/dpo.yaml", "--trainer.default_root_dir", str(root), *QUICK,
               "--trainer.log_every_n_steps", "1"])
+    (root / "fit_output.txt").write_text("\n".join(said))
     return root / "lightning_logs" / "version_0"
 
 
@@ -169,6 +175,11 @@ def test_debug_lets_the_traceback_through(tmp_path, monkeypatch, capsys):
 
 
 # -- after fit: report and model card ------------------------------------------------------------------
+
+
+def test_fit_ends_by_naming_where_its_outputs_are(dpo_run):
+    said = (dpo_run.parents[1] / "fit_output.txt").read_text().splitlines()
+    assert f"last checkpoint -> {dpo_run / 'checkpoints' / 'last.ckpt'} (continue: --ckpt_path last)" in said
 
 
 @pytest.mark.report_pngs

@@ -1,7 +1,7 @@
 """LightningDataModules for the four formats: load, validate every row, tokenise, collate.
 
 All the work happens in :meth:`_FormatDataModule.prepare` (idempotent), which ``setup()``
-calls and which a CLI may call earlier to fail fast: every row of ``train`` and ``val`` is
+calls and which a CLI may call earlier to fail fast: every row of ``train``, ``val`` and ``test`` is
 checked before training starts, and the problems are reported together.
 
 The tokenizer is never loaded here: pass one as ``tokenizer``, or attach the DataModule to
@@ -92,7 +92,8 @@ def epoch_sampler(dataset: Dataset, seed: int, num_replicas: int = 1, rank: int 
     return ResumableSampler(dataset, seed, num_replicas=num_replicas, rank=rank, resume=resume)
 
 
-def evaluation_batches(rows: int, batch_size: int, world: int = 1, min_rows: int = 1) -> list[list[int]]:
+def evaluation_batches(rows: int, batch_size: int, world: int = 1, min_rows: int = 1,
+                       split: str = "validation") -> list[list[int]]:
     """The batches of an evaluation split of ``rows`` rows over ``world`` ranks, each row in exactly one:
     the batches one process reads in order (the last shorter, dropped below ``min_rows``); where their
     number is not a multiple of ``world``, the fewest last ones are split evenly into as many more as it
@@ -113,9 +114,9 @@ def evaluation_batches(rows: int, batch_size: int, world: int = 1, min_rows: int
                 sizes[-last:] = [size + 1] * larger + [size] * (last + missing - larger)
                 break
         else:
-            raise ValueError(f"{rows} validation rows cannot give each of the {world} ranks as many batches of at least "
-                             f"{min_rows} row(s) without repeating rows: add validation rows (val, val_fraction) or "
-                             "validate on fewer devices")
+            more = "add validation rows (val, val_fraction)" if split == "validation" else f"add {split} rows"
+            raise ValueError(f"{rows} {split} rows cannot give each of the {world} ranks as many batches of at least "
+                             f"{min_rows} row(s) without repeating rows: {more} or run on fewer devices")
     starts = itertools.accumulate(sizes, initial=0)
     return [list(range(start, start + size)) for start, size in zip(starts, sizes)]
 
@@ -132,9 +133,10 @@ class EvaluationShard(DistributedSampler):
     ``DistributedSampler``, it is kept by Lightning as it is.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int = 1, rank: int = 0, min_rows: int = 1):
+    def __init__(self, dataset: Dataset, batch_size: int, num_replicas: int = 1, rank: int = 0, min_rows: int = 1,
+                 split: str = "validation"):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.batches = evaluation_batches(len(dataset), batch_size, num_replicas, min_rows)[rank::num_replicas]
+        self.batches = evaluation_batches(len(dataset), batch_size, num_replicas, min_rows, split)[rank::num_replicas]
 
     def __iter__(self):
         return iter(self.batches)
@@ -160,6 +162,7 @@ class _FormatDataModule(L.LightningDataModule):
         self,
         train: Union[str, list[str]],
         val: Optional[Union[str, list[str]]] = None,
+        test: Optional[Union[str, list[str]]] = None,
         val_fraction: float = 0.0,
         split_seed: int = 0,
         conversational: Optional[bool] = None,
@@ -178,6 +181,7 @@ class _FormatDataModule(L.LightningDataModule):
             train: training data: a .jsonl/.json/.parquet/.csv file, a folder of them, a saved
                 ``datasets`` directory, a ``datasets`` hub name, or a list of these.
             val: validation data, in the same forms; None holds out ``val_fraction`` of train.
+            test: the data of ``lit-rlhf test`` (``trainer.test``), in the same forms; None: no test split.
             val_fraction: the fraction of train held out for validation when ``val`` is None
                 (0 disables validation).
             split_seed: the seed of that hold-out split.
@@ -207,6 +211,7 @@ class _FormatDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["tokenizer"])
         self.train = train
         self.val = val
+        self.test = test
         self.val_fraction = val_fraction
         self.split_seed = split_seed
         self.conversational = conversational
@@ -221,6 +226,7 @@ class _FormatDataModule(L.LightningDataModule):
         self.hub_split = hub_split
         self.train_examples: list[Example] = []
         self.val_examples: list[Example] = []
+        self.test_examples: list[Example] = []
         self.collator: Optional[Callable] = None
         self._prepared_with: Any = None
         self._resumed_state: Optional[dict] = None
@@ -229,7 +235,7 @@ class _FormatDataModule(L.LightningDataModule):
     # -- preparation ----------------------------------------------------------------------------
 
     def prepare(self, tokenizer: Optional[PreTrainedTokenizerBase] = None) -> _FormatDataModule:
-        """Load, validate and tokenise train and val; idempotent for the same tokenizer.
+        """Load, validate and tokenise train, val and test; idempotent for the same tokenizer.
 
         Raises:
             DataError: listing every invalid row (file, line, field), unless on_invalid="skip".
@@ -246,17 +252,19 @@ class _FormatDataModule(L.LightningDataModule):
         errors: list[DataError] = []
         train_rows = self._load("train", errors)
         val_rows = self._load("val", errors) if self.val is not None else []
+        test_rows = self._load("test", errors) if self.test is not None else []
         flag, hint = resolve_conversational(self.format, train_rows or val_rows, self.conversational)
         settings = dict(conversational=flag, hint=hint, max_length=self.max_length,
                         max_prompt_length=self.max_prompt_length, truncation=self.truncation)
         train, train_errors = build_examples(self.format, train_rows, tokenizer, **settings)
         val, val_errors = build_examples(self.format, val_rows, tokenizer, **settings)
-        report_invalid(errors + train_errors + val_errors, self.on_invalid, f"the {self.format} data")
+        test, test_errors = build_examples(self.format, test_rows, tokenizer, **settings)
+        report_invalid(errors + train_errors + val_errors + test_errors, self.on_invalid, f"the {self.format} data")
         if not train:
             raise DataError(f"no usable training rows in {self.train}")
         if self.val is None and self.val_fraction > 0:
             train, val = _hold_out(train, self.val_fraction, self.split_seed)
-        self.train_examples, self.val_examples = train, val
+        self.train_examples, self.val_examples, self.test_examples = train, val, test
         self.collator = self.make_collator(tokenizer)
         self._prepared_with = tokenizer
         log.info("%s: %d train / %d val examples (%s)", type(self).__name__, len(train), len(val),
@@ -305,13 +313,19 @@ class _FormatDataModule(L.LightningDataModule):
                           collate_fn=self.collator, num_workers=self.num_workers)
 
     def val_dataloader(self) -> Union[DataLoader, list]:
+        return self._evaluation_loader(self.val_examples, "validation")
+
+    def test_dataloader(self) -> Union[DataLoader, list]:
+        return self._evaluation_loader(self.test_examples, "test")
+
+    def _evaluation_loader(self, examples: list[Example], split: str) -> Union[DataLoader, list]:
         self._require_prepared()
-        if not self.val_examples:
-            return []  # Lightning skips validation
-        dataset = ExampleDataset(self.val_examples)
+        if not examples:
+            return []  # Lightning skips the loop
+        dataset = ExampleDataset(examples)
         replicas, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
         try:
-            sampler = EvaluationShard(dataset, self.batch_size, replicas, rank, min_rows=self.min_batch_rows)
+            sampler = EvaluationShard(dataset, self.batch_size, replicas, rank, min_rows=self.min_batch_rows, split=split)
         except ValueError as error:
             raise ValueError(f"{type(self).__name__}: {error}") from None
         return DataLoader(dataset, batch_size=None, sampler=sampler, generator=torch.Generator().manual_seed(self.seed),
@@ -441,6 +455,7 @@ class SFTDataModule(_FormatDataModule):
         self,
         train: Union[str, list[str]],
         val: Optional[Union[str, list[str]]] = None,
+        test: Optional[Union[str, list[str]]] = None,
         val_fraction: float = 0.0,
         split_seed: int = 0,
         conversational: Optional[bool] = None,
@@ -461,6 +476,7 @@ class SFTDataModule(_FormatDataModule):
             train: training data: a .jsonl/.json/.parquet/.csv file, a folder of them, a saved
                 ``datasets`` directory, a ``datasets`` hub name, or a list of these.
             val: validation data, in the same forms; None holds out ``val_fraction`` of train.
+            test: the data of ``lit-rlhf test`` (``trainer.test``), in the same forms; None: no test split.
             val_fraction: the fraction of train held out for validation when ``val`` is None.
             split_seed: the seed of that hold-out split.
             conversational: whether rows are chat messages; None detects it from the first row.
@@ -479,7 +495,7 @@ class SFTDataModule(_FormatDataModule):
             completion_only_loss: take the loss on completion tokens (and a ``messages`` row's
                 earlier assistant turns) only.
         """
-        super().__init__(train, val, val_fraction, split_seed, conversational, batch_size, max_length,
+        super().__init__(train, val, test, val_fraction, split_seed, conversational, batch_size, max_length,
                          max_prompt_length, truncation, on_invalid, num_workers, seed, tokenizer, hub_split)
         self.packing = packing
         self.completion_only_loss = completion_only_loss

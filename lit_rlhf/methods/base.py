@@ -153,7 +153,10 @@ class BankMethod(pl.LightningModule):
     train and export (``trained_adapter``).
 
     Args:
-        bank: the base model and its adapters.
+        bank: the base model and its adapters (``lit_rlhf.models.BankSpec``): ``model`` (a directory or hub id),
+            ``train_mode`` (lora, qlora, full), ``dtype``, ``quantization``, ``lora`` (``r``, ``alpha``, ``dropout``,
+            ``target_modules``), ``adapters``, ``gradient_checkpointing``, ``reference``, ``teacher``, ...; one is
+            set as ``--model.init_args.bank.lora.r 16``.
         policy_adapter: the adapter trained (and exported) as the policy; several may live on one bank.
         learning_rate: peak learning rate of AdamW.
         weight_decay: AdamW weight decay, on every trained tensor but biases and norm weights.
@@ -436,11 +439,18 @@ class BankMethod(pl.LightningModule):
         self._consecutive_nonfinite = int(nonfinite.get("consecutive", 0))
         if self.bank is None:
             return
-        missing = self._trainable_keys() - set(checkpoint["state_dict"])
-        if missing:
-            raise KeyError(
-                f"checkpoint lacks {len(missing)} trainable tensors of this method (e.g. {sorted(missing)[:3]}); "
-                "was it written by a run with the same adapters and train_mode?"
+        # Loading is not strict (the frozen base is not in a checkpoint), so a tensor of another layout
+        # (other target_modules or adapters) would be dropped without a word: the saved set must be ours.
+        trainable, saved = self._trainable_keys(), set(checkpoint["state_dict"])
+        missing, unexpected = trainable - saved, saved - trainable
+        if missing or unexpected:
+            found = [f"{verb} {len(keys)} {what} (e.g. {sorted(keys)[:2]})" for verb, keys, what in
+                     (("lacks", missing, "trainable tensors of this method"),
+                      ("holds", unexpected, "tensors this method does not have")) if keys]
+            raise ValueError(
+                f"the checkpoint does not fit this method's bank: it {' and '.join(found)}; was it written by a run "
+                "with the same adapters, LoRA settings (r, target_modules) and train_mode? Its config is config.yaml "
+                "in its log directory"
             )
 
     def on_train_start(self) -> None:

@@ -268,6 +268,11 @@ def find_last_checkpoint(root: str | os.PathLike) -> Optional[Path]:
     return max(written, key=written.get) if written else None
 
 
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a checkpoint file or a sharded checkpoint directory whose save completed."""
+    return _written_at(Path(path)) is not None
+
+
 def _written_at(checkpoint: Path) -> Optional[int]:
     """When ``checkpoint`` was last written, or ``None`` when it is not a complete checkpoint."""
     if checkpoint.is_file():
