@@ -149,8 +149,8 @@ def _rss_kib(field: str) -> int:
 def measure(fn, *args) -> dict:
     """Wall and CPU seconds of ``fn(*args)``, and its peak RSS above the RSS before it (MiB)."""
     gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (the peak RSS) to the current RSS
     before = _rss_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (the peak RSS) to the current RSS
     wall, cpu = time.perf_counter(), time.process_time()
     rows = fn(*args)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -176,6 +176,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     work = Path(tempfile.mkdtemp())
     tokenizer = build_family(args.family, work)
+    for name in ("trl", "trl.trainer.dpo_trainer", "trl.trainer.kto_trainer", "trl.trainer.sft_trainer", "datasets"):
+        __import__(name)  # imported before measuring: their import is no part of preparing data
     if args.profile:
         import cProfile
         import pstats

@@ -37,7 +37,7 @@ from lit_rlhf.data.collate import (
 )
 from lit_rlhf.data.formats import DataError, report_invalid
 from lit_rlhf.data.sources import load_rows
-from lit_rlhf.data.tokenize import Example, build_examples, resolve_conversational
+from lit_rlhf.data.tokenize import Example, check_rows, resolve_conversational, tokenize_records
 from lit_rlhf.errors import SourceNotFound
 
 log = logging.getLogger("lit_rlhf.data")
@@ -194,10 +194,16 @@ class _FormatDataModule(L.LightningDataModule):
         train_rows = self._load("train", errors)
         val_rows = self._load("val", errors) if self.val is not None else []
         flag, hint = resolve_conversational(self.format, train_rows or val_rows, self.conversational)
+        train_records, invalid = check_rows(self.format, train_rows, flag, hint)
+        val_records, val_invalid = check_rows(self.format, val_rows, flag, hint)
+        del train_rows, val_rows  # the records hold what is kept of them
+        errors += invalid + val_invalid
+        if self.on_invalid == "error":  # before tokenising anything: a bad row costs a read of the data, no more
+            report_invalid(errors, "error", f"the {self.format} data")
         settings = dict(conversational=flag, hint=hint, max_length=self.max_length,
                         max_prompt_length=self.max_prompt_length, truncation=self.truncation)
-        train, train_errors = build_examples(self.format, train_rows, tokenizer, **settings)
-        val, val_errors = build_examples(self.format, val_rows, tokenizer, **settings)
+        train, train_errors = tokenize_records(self.format, train_records, tokenizer, **settings)
+        val, val_errors = tokenize_records(self.format, val_records, tokenizer, **settings)
         report_invalid(errors + train_errors + val_errors, self.on_invalid, f"the {self.format} data")
         if not train:
             raise DataError(f"no usable training rows in {self.train}")
