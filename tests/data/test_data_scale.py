@@ -190,3 +190,21 @@ def test_a_bad_row_deep_in_a_large_file_is_named_before_any_row_is_tokenised(tmp
     assert f"{path}:45000: field 'rejected': is missing" in str(error.value)
     assert len(error.value.errors) == 1
     assert calls == []
+
+
+def test_jsonl_read_line_by_line_reads_as_the_whole_text_did(tmp_path):
+    """A JSONL file is read a line at a time (never whole beside its rows), with the same rows, lines and
+    errors as splitting the whole decoded text: a BOM, CRLF ends, blank lines, invalid UTF-8 bytes (also
+    right before a newline), bad JSON, no newline at the end."""
+    from lit_rlhf.data.sources import _load_jsonl, _read_text
+
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\r\n\n{"prompt": "b\xff"}\n{"prompt": "\xe2\x82"}\n\xe2\x82\n'
+                     b'not json\n  \n{"prompt": "\xc3\xa9"}')
+    line_by_line, whole = [], []
+    rows = _load_jsonl(path, line_by_line)
+    assert rows == _load_jsonl(path, whole, text=_read_text(path))
+    assert [str(e) for e in line_by_line] == [str(e) for e in whole]
+    assert [(where.line, row["prompt"]) for where, row in rows] == [(1, "a"), (3, "b\udcff"), (4, "\udce2\udc82"),
+                                                                   (8, "é")]
+    assert [e.where.line for e in line_by_line] == [5, 6]
