@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal, NamedTuple
 
 from jinja2 import TemplateError
@@ -136,7 +136,18 @@ def _encode_chat_whole(tokenizer, text: str) -> ChatIds:
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(encoded["input_ids"])
     offsets = encoded["offset_mapping"]
-    return ChatIds(text, ids, [(i, offsets[i][0]) for i, t in enumerate(ids) if t in resume])
+    return ChatIds(text, ids, [(i, offsets[i][0]) for i in sorted(i for t in resume for i in _indices(ids, t))])
+
+
+def _indices(ids: list[int], value: int) -> Iterator[int]:
+    """Where ``value`` is in ``ids`` (each search runs in C, unlike a scan of every id in Python)."""
+    i = -1
+    while True:
+        try:
+            i = ids.index(value, i + 1)
+        except ValueError:
+            return
+        yield i
 
 
 def encode_chat(tokenizer, text: str, like: ChatIds | None = None) -> ChatIds:
