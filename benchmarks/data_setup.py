@@ -13,13 +13,14 @@ Synthetic JSONL of ``--rows`` rows per case, shaped like the public sets people 
 
 Both sides read the JSONL file (TRL's through ``json`` + ``Dataset.from_list``, in memory: no arrow cache).
 The tokenizer is a fast byte-level BPE with a real family's chat template and special tokens
-(``tests/data/real_tokenizers.py``, ``--family``). Reported per side: wall and CPU seconds per 10k rows,
-and the peak RSS above the RSS before (``VmHWM`` reset through ``/proc/self/clear_refs``), then ours / TRL.
+(``tests/data/real_tokenizers.py``, ``--family``). Reported per side: wall and CPU seconds per 10k rows
+(median of ``--repeats``, the sides interleaved), with ``--memory`` the peak RSS above the RSS before
+(``VmHWM`` reset through ``/proc/self/clear_refs``; each side once, in its own process), then ours / TRL.
 TRL's side does less for ``sft_messages``: its default trains on every token, so it renders each
 conversation once, where ours finds every assistant turn (``prompt_loss_mask``).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/data_setup.py                 # ~1 minute
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/data_setup.py --rows 10000 --cases sft_messages
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/data_setup.py --rows 10000 --repeats 1 --memory
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/data_setup.py --profile sft_messages   # cProfile of ours
 """
 
@@ -32,6 +33,8 @@ import logging
 import random
 import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import types
@@ -148,7 +151,8 @@ def _rss_kib(field: str) -> int:
 
 
 def measure(fn, *args) -> dict:
-    """Wall and CPU seconds of ``fn(*args)``, and its peak RSS above the RSS before it (MiB)."""
+    """Wall and CPU seconds of ``fn(*args)``, and its peak RSS above the RSS before it (MiB): a fair
+    peak only in a fresh process, where no earlier run left freed memory to reuse (``--memory``)."""
     gc.collect()
     before = _rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (the peak RSS) to the current RSS
@@ -156,6 +160,13 @@ def measure(fn, *args) -> dict:
     rows = fn(*args)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     return {"rows": rows, "wall_s": wall, "cpu_s": cpu, "peak_mib": (_rss_kib("VmHWM") - before) / 1024}
+
+
+def peak_in_own_process(case: str, side: str, path: Path, family: str) -> float:
+    """The peak RSS of one side's run (MiB above the RSS before it), in a fresh process."""
+    command = [sys.executable, __file__, "--child", case, side, str(path), "--family", family]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
 
 def main() -> None:
@@ -166,7 +177,10 @@ def main() -> None:
     parser.add_argument("--family", default="qwen2.5", help="a chat family of tests/data/real_tokenizers.py")
     parser.add_argument("--sides", nargs="+", default=["ours", "trl"], choices=["ours", "trl"])
     parser.add_argument("--profile", choices=CASES, help="cProfile ours on this case instead, top 25 by own time")
+    parser.add_argument("--memory", action="store_true",
+                        help="also the peak RSS of each side, each run once in a fresh process (slower)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--child", nargs=3, metavar=("CASE", "SIDE", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     import torch
@@ -181,6 +195,10 @@ def main() -> None:
     for name in ("lit_rlhf.data", "trl", "trl.trainer.dpo_trainer", "trl.trainer.kto_trainer", "trl.trainer.sft_trainer",
                  "datasets"):
         __import__(name)  # imported before measuring: their import is no part of preparing data
+    if args.child:
+        case, side, path = args.child
+        print(json.dumps(measure({"ours": ours, "trl": trl}[side], case, Path(path), tokenizer)))
+        return
     if args.profile:
         import cProfile
         import pstats
@@ -193,7 +211,7 @@ def main() -> None:
     sides = {"ours": ours, "trl": trl}
     results = {}
     print(f"{args.rows} rows per case, tokenizer {args.family}, median of {args.repeats} (sides interleaved); "
-          "per 10k rows: wall s, CPU s; peak RSS above the start, MiB")
+          "per 10k rows: wall s, CPU s" + ("; peak RSS above the start, MiB (own process)" if args.memory else ""))
     print(f"{'case':16} {'side':5} {'wall/10k':>9} {'cpu/10k':>9} {'peak MiB':>9}")
     scale = 10_000 / args.rows
     for case in args.cases:
@@ -206,7 +224,8 @@ def main() -> None:
                 runs[side].append(r)
         results[case] = {}
         for side, measured in runs.items():
-            r = {k: statistics.median(m[k] for m in measured) for k in measured[0]}
+            r = {k: statistics.median(m[k] for m in measured) for k in ("wall_s", "cpu_s")}
+            r["peak_mib"] = peak_in_own_process(case, side, path, args.family) if args.memory else float("nan")
             r.update(wall_per_10k=r["wall_s"] * scale, cpu_per_10k=r["cpu_s"] * scale, runs=measured)
             results[case][side] = r
             print(f"{case:16} {side:5} {r['wall_per_10k']:9.1f} {r['cpu_per_10k']:9.1f} {r['peak_mib']:9.1f}")
@@ -214,7 +233,7 @@ def main() -> None:
             a, b = results[case]["ours"], results[case]["trl"]
             # A peak below 1 MiB is within the RSS counters' rounding: no ratio of it.
             ratio = {k: a[k] / b[k] if b[k] >= (1 if k == "peak_mib" else 0.001) else None
-                     for k in ("wall_s", "cpu_s", "peak_mib")}
+                     for k in ("wall_s", "cpu_s", "peak_mib")[: 3 if args.memory else 2]}
             results[case]["ratio"] = ratio
             print(f"{case:16} ours/TRL: " + ", ".join(f"{k.split('_')[0]} " + ("n/a" if v is None else f"{v:.2f}")
                                                      for k, v in ratio.items()))

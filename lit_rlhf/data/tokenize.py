@@ -98,20 +98,30 @@ class ChatIds(NamedTuple):
     resume_at: list[tuple[int, int]]
 
 
-#: Per tokenizer: {id: content} of the added tokens a chat's encoding can be resumed at (see ``encode_chat``).
-_RESUME_TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+class _Resumable(NamedTuple):
+    """What ``encode_chat`` knows of a tokenizer."""
+
+    size: int  # len(tokenizer) when read: a token added since makes it stale
+    contents: dict[int, str]  # {id: content} of the added tokens an encoding can resume at
+    short: dict[str, ChatIds]  # short texts from one of them on, encoded: every row repeats its turn headers and ends
 
 
-def _resume_tokens(tokenizer) -> dict[int, str]:
-    known = _RESUME_TOKENS.get(tokenizer)
-    if known is None:
-        added = {i: t for i, t in tokenizer.added_tokens_decoder.items()} if tokenizer.is_fast else {}
+_RESUMABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: The longest text, and the most texts, ``_Resumable.short`` keeps.
+_SHORT_CHARS, _SHORT_TEXTS = 64, 4096
+
+
+def _resumable(tokenizer) -> _Resumable:
+    known = _RESUMABLE.get(tokenizer)
+    if known is None or known.size != len(tokenizer):
+        added = dict(tokenizer.added_tokens_decoder) if tokenizer.is_fast else {}
         # A token that strips the whitespace beside it, or that a longer added token holds, matches
         # depending on the text around it, so the text before it is not encoded on its own.
-        known = {i: t.content for i, t in added.items()
-                 if not (t.lstrip or t.rstrip or t.single_word) and t.content
-                 and not any(t.content in o.content for j, o in added.items() if j != i)}
-        _RESUME_TOKENS[tokenizer] = known
+        contents = {i: t.content for i, t in added.items()
+                    if not (t.lstrip or t.rstrip or t.single_word) and t.content
+                    and not any(t.content in o.content for j, o in added.items() if j != i)}
+        known = _Resumable(len(tokenizer), contents, {})
+        _RESUMABLE[tokenizer] = known
     return known
 
 
@@ -130,7 +140,7 @@ def _common_prefix(a: Sequence, b: Sequence) -> int:
 
 
 def _encode_chat_whole(tokenizer, text: str) -> ChatIds:
-    resume = _resume_tokens(tokenizer)
+    resume = _resumable(tokenizer).contents
     if not resume:
         return ChatIds(text, list(tokenizer(text, add_special_tokens=False)["input_ids"]), [])
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -158,17 +168,23 @@ def encode_chat(tokenizer, text: str, like: ChatIds | None = None) -> ChatIds:
     inside the shared start is encoded. A fast tokenizer cuts its input at added tokens and encodes
     the pieces between them each on its own, so the ids before that token are ``like``'s. Rendering a
     conversation once per turn (``_earlier_turns_mask``) thus costs each turn's tokens once, not the
-    whole conversation per turn.
+    whole conversation per turn, and the short rests every row repeats (a turn's header, its end) are
+    encoded once per tokenizer.
     """
     if like is None or not like.resume_at:
         return _encode_chat_whole(tokenizer, text)
     shared = _common_prefix(like.text, text)
-    contents = _resume_tokens(tokenizer)
+    known = _resumable(tokenizer)
     for k in range(len(like.resume_at) - 1, -1, -1):
         index, start = like.resume_at[k]
         token = like.ids[index]
-        if start + len(contents[token]) <= shared:
-            rest = _encode_chat_whole(tokenizer, text[start:])
+        if start + len(known.contents[token]) <= shared:
+            rest_text = text[start:]
+            rest = known.short.get(rest_text)
+            if rest is None:
+                rest = _encode_chat_whole(tokenizer, rest_text)
+                if len(rest_text) <= _SHORT_CHARS and len(known.short) < _SHORT_TEXTS:
+                    known.short[rest_text] = rest
             if rest.ids[:1] != [token]:  # the token did not open the rest: encode it all
                 break
             return ChatIds(text, like.ids[:index] + rest.ids,
