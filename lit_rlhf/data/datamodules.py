@@ -178,6 +178,9 @@ class _FormatDataModule(L.LightningDataModule):
     def prepare(self, tokenizer: Optional[PreTrainedTokenizerBase] = None) -> _FormatDataModule:
         """Load, validate and tokenise train and val; idempotent for the same tokenizer.
 
+        Every row is validated before any is tokenised: with on_invalid="error", invalid rows are
+        reported without tokenising the data (rows too long or split badly are found by tokenising).
+
         Raises:
             DataError: listing every invalid row (file, line, field), unless on_invalid="skip".
         """

@@ -347,7 +347,8 @@ def _tokenize_chat(fmt: str, record: dict, tokenizer, where: Where) -> tuple[Cha
     completions = {}
     turn_end = end_of_turn_ids(tokenizer)
     for field in fields:
-        full = encode_chat(tokenizer, render_chat(tokenizer, prompt + messages[field], False, where, field), encoded).ids
+        text = render_chat(tokenizer, prompt + messages[field], False, where, field)
+        full = encode_chat(tokenizer, text, encoded).ids
         completions[field] = _through_turn_end(_split(encoded.ids, full, where, field, chat=True), turn_end, tokenizer)
     return encoded, completions, prompt_text, prompt
 

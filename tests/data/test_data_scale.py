@@ -79,7 +79,8 @@ def _plain_rows() -> dict[str, list[dict]]:
     for i, text in enumerate(TEXTS):
         other = TEXTS[i - 1]
         rows["preference"].append({"prompt": text.strip() + ":", "chosen": other, "rejected": text})
-        rows["preference"].append({"chosen": f"question : {text} answer : {other}", "rejected": f"question : {text} no"})
+        rows["preference"].append({"chosen": f"question : {text} answer : {other}",
+                                   "rejected": f"question : {text} no"})
         rows["sft"].append({"text": text + other})
     return rows
 
