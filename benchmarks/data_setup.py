@@ -212,7 +212,7 @@ def main() -> None:
     results = {}
     print(f"{args.rows} rows per case, tokenizer {args.family}, median of {args.repeats} (sides interleaved); "
           "per 10k rows: wall s, CPU s" + ("; peak RSS above the start, MiB (own process)" if args.memory else ""))
-    print(f"{'case':16} {'side':5} {'wall/10k':>9} {'cpu/10k':>9} {'peak MiB':>9}")
+    print(f"{'case':16} {'side':5} {'wall/10k':>9} {'cpu/10k':>9}" + (f" {'peak MiB':>9}" if args.memory else ""))
     scale = 10_000 / args.rows
     for case in args.cases:
         path = write_jsonl(make_rows(case, args.rows), work / f"{case}.jsonl")
@@ -228,7 +228,8 @@ def main() -> None:
             r["peak_mib"] = peak_in_own_process(case, side, path, args.family) if args.memory else float("nan")
             r.update(wall_per_10k=r["wall_s"] * scale, cpu_per_10k=r["cpu_s"] * scale, runs=measured)
             results[case][side] = r
-            print(f"{case:16} {side:5} {r['wall_per_10k']:9.1f} {r['cpu_per_10k']:9.1f} {r['peak_mib']:9.1f}")
+            print(f"{case:16} {side:5} {r['wall_per_10k']:9.1f} {r['cpu_per_10k']:9.1f}"
+                  + (f" {r['peak_mib']:9.1f}" if args.memory else ""))
         if len(runs) == 2:
             a, b = results[case]["ours"], results[case]["trl"]
             # A peak below 1 MiB is within the RSS counters' rounding: no ratio of it.
