@@ -38,7 +38,7 @@ from lit_rlhf.data.collate import (
 )
 from lit_rlhf.data.formats import DataError, report_invalid
 from lit_rlhf.data.sources import load_rows
-from lit_rlhf.data.tokenize import Example, build_examples, resolve_conversational
+from lit_rlhf.data.tokenize import Example, check_rows, resolve_conversational, tokenize_records
 from lit_rlhf.errors import SourceNotFound
 
 log = logging.getLogger("lit_rlhf.data")
@@ -237,6 +237,9 @@ class _FormatDataModule(L.LightningDataModule):
     def prepare(self, tokenizer: Optional[PreTrainedTokenizerBase] = None) -> _FormatDataModule:
         """Load, validate and tokenise train, val and test; idempotent for the same tokenizer.
 
+        Every row is validated before any is tokenised: with on_invalid="error", invalid rows are
+        reported without tokenising the data (rows too long or split badly are found by tokenising).
+
         Raises:
             DataError: listing every invalid row (file, line, field), unless on_invalid="skip".
         """
@@ -254,11 +257,18 @@ class _FormatDataModule(L.LightningDataModule):
         val_rows = self._load("val", errors) if self.val is not None else []
         test_rows = self._load("test", errors) if self.test is not None else []
         flag, hint = resolve_conversational(self.format, train_rows or val_rows, self.conversational)
+        train_records, invalid = check_rows(self.format, train_rows, flag, hint)
+        val_records, val_invalid = check_rows(self.format, val_rows, flag, hint)
+        test_records, test_invalid = check_rows(self.format, test_rows, flag, hint)
+        del train_rows, val_rows, test_rows  # the records hold what is kept of them
+        errors += invalid + val_invalid + test_invalid
+        if self.on_invalid == "error":  # before tokenising anything: a bad row costs a read of the data, no more
+            report_invalid(errors, "error", f"the {self.format} data")
         settings = dict(conversational=flag, hint=hint, max_length=self.max_length,
                         max_prompt_length=self.max_prompt_length, truncation=self.truncation)
-        train, train_errors = build_examples(self.format, train_rows, tokenizer, **settings)
-        val, val_errors = build_examples(self.format, val_rows, tokenizer, **settings)
-        test, test_errors = build_examples(self.format, test_rows, tokenizer, **settings)
+        train, train_errors = tokenize_records(self.format, train_records, tokenizer, **settings)
+        val, val_errors = tokenize_records(self.format, val_records, tokenizer, **settings)
+        test, test_errors = tokenize_records(self.format, test_records, tokenizer, **settings)
         report_invalid(errors + train_errors + val_errors + test_errors, self.on_invalid, f"the {self.format} data")
         if not train:
             raise DataError(f"no usable training rows in {self.train}")

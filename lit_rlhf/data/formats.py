@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -128,9 +129,12 @@ def detect_conversational(fmt: str, row: dict) -> bool:
 # Field checks. Each returns the problems it found; an empty list means the field is usable.
 
 
+# Sources decode with errors="surrogateescape", so an invalid UTF-8 byte b becomes U+DC00+b.
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+
 def _has_bad_bytes(text: str) -> bool:
-    # Sources decode with errors="surrogateescape", so an invalid UTF-8 byte b becomes U+DC00+b.
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
+    return _ESCAPED_BYTE.search(text) is not None
 
 
 _BAD_BYTES = "contains bytes that are not valid UTF-8; re-save the file as UTF-8"

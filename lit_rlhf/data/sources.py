@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Union
 
@@ -92,10 +93,20 @@ def _read_text(path: Path) -> str:
     return path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
 
 
+def _read_lines(path: Path) -> Iterator[str]:
+    """The lines of a text file as ``_read_text(path).split("\n")`` has them, read one at a time: a
+    large file is never held whole next to its parsed rows. (No UTF-8 sequence holds the byte of
+    ``\n``, so each line decodes as it does within the whole text.)"""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f):
+            line = raw.decode("utf-8", errors="surrogateescape")
+            yield (line.removeprefix("\ufeff") if number == 0 else line).removesuffix("\n")
+
+
 def _load_jsonl(path: Path, errors: list[DataError], text: str | None = None) -> list[Row]:
     rows = []
-    text = _read_text(path) if text is None else text
-    for number, line in enumerate(text.split("\n"), start=1):
+    lines = _read_lines(path) if text is None else text.split("\n")
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = Where(str(path), number, "line", "jsonl")

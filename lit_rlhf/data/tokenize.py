@@ -48,7 +48,8 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any, Literal
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal, NamedTuple
 
 from jinja2 import TemplateError
 
@@ -86,6 +87,109 @@ def encode(tokenizer, text: str, special_tokens: bool) -> list[int]:
         if ids[1:] == own:  # the first BOS is the tokenizer's, the second the text's
             return own
     return ids
+
+
+class ChatIds(NamedTuple):
+    """A rendered chat's ids (``add_special_tokens=False``: the template writes them), with where
+    its encoding can be resumed: ``(index in ids, offset in text)`` of each safe added token."""
+
+    text: str
+    ids: list[int]
+    resume_at: list[tuple[int, int]]
+
+
+class _Resumable(NamedTuple):
+    """What ``encode_chat`` knows of a tokenizer."""
+
+    size: int  # len(tokenizer) when read: a token added since makes it stale
+    contents: dict[int, str]  # {id: content} of the added tokens an encoding can resume at
+    short: dict[str, ChatIds]  # short texts from one of them on, encoded: every row repeats its turn headers and ends
+
+
+_RESUMABLE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: The longest text, and the most texts, ``_Resumable.short`` keeps.
+_SHORT_CHARS, _SHORT_TEXTS = 64, 4096
+
+
+def _resumable(tokenizer) -> _Resumable:
+    known = _RESUMABLE.get(tokenizer)
+    if known is None or known.size != len(tokenizer):
+        added = dict(tokenizer.added_tokens_decoder) if tokenizer.is_fast else {}
+        # A token that strips the whitespace beside it, or that a longer added token holds, matches
+        # depending on the text around it, so the text before it is not encoded on its own.
+        contents = {i: t.content for i, t in added.items()
+                    if not (t.lstrip or t.rstrip or t.single_word) and t.content
+                    and not any(t.content in o.content for j, o in added.items() if j != i)}
+        known = _Resumable(len(tokenizer), contents, {})
+        _RESUMABLE[tokenizer] = known
+    return known
+
+
+def _common_prefix(a: Sequence, b: Sequence) -> int:
+    """The length of the common start of two strings or lists (slice comparisons run in C)."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while lo < hi:  # a[:lo] == b[:lo], a[:hi + 1] != b[:hi + 1]
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _encode_chat_whole(tokenizer, text: str) -> ChatIds:
+    resume = _resumable(tokenizer).contents
+    if not resume:
+        return ChatIds(text, list(tokenizer(text, add_special_tokens=False)["input_ids"]), [])
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])
+    offsets = encoded["offset_mapping"]
+    return ChatIds(text, ids, [(i, offsets[i][0]) for i in sorted(i for t in resume for i in _indices(ids, t))])
+
+
+def _indices(ids: list[int], value: int) -> Iterator[int]:
+    """Where ``value`` is in ``ids`` (each search runs in C, unlike a scan of every id in Python)."""
+    i = -1
+    while True:
+        try:
+            i = ids.index(value, i + 1)
+        except ValueError:
+            return
+        yield i
+
+
+def encode_chat(tokenizer, text: str, like: ChatIds | None = None) -> ChatIds:
+    """The ids of a rendered chat, equal to ``tokenizer(text, add_special_tokens=False)``.
+
+    With ``like`` (an encoded text that ``text`` shares a start with: the same conversation up to
+    an earlier turn, or with one more turn), only the rest of ``text`` from the last added token
+    inside the shared start is encoded. A fast tokenizer cuts its input at added tokens and encodes
+    the pieces between them each on its own, so the ids before that token are ``like``'s. Rendering a
+    conversation once per turn (``_earlier_turns_mask``) thus costs each turn's tokens once, not the
+    whole conversation per turn, and the short rests every row repeats (a turn's header, its end) are
+    encoded once per tokenizer.
+    """
+    if like is None or not like.resume_at:
+        return _encode_chat_whole(tokenizer, text)
+    shared = _common_prefix(like.text, text)
+    known = _resumable(tokenizer)
+    for k in range(len(like.resume_at) - 1, -1, -1):
+        index, start = like.resume_at[k]
+        token = like.ids[index]
+        if start + len(known.contents[token]) <= shared:
+            rest_text = text[start:]
+            rest = known.short.get(rest_text)
+            if rest is None:
+                rest = _encode_chat_whole(tokenizer, rest_text)
+                if len(rest_text) <= _SHORT_CHARS and len(known.short) < _SHORT_TEXTS:
+                    known.short[rest_text] = rest
+            if rest.ids[:1] != [token]:  # the token did not open the rest: encode it all
+                break
+            return ChatIds(text, like.ids[:index] + rest.ids,
+                           like.resume_at[:k] + [(index + i, start + s) for i, s in rest.resume_at])
+    return _encode_chat_whole(tokenizer, text)
 
 
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool, where: Where, field: str = "prompt") -> str:
@@ -153,15 +257,6 @@ def join_prompt_completion(prompt: str, completion: str) -> str:
     return prompt + " " + completion
 
 
-def _common_prefix(a: list, b: list) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _split(prompt_ids: list[int], full_ids: list[int], where: Where, field: str, chat: bool = False,
            prompt: str = "") -> list[int]:
     """Completion ids = full ids after the prompt ids, which must be their prefix."""
@@ -189,9 +284,11 @@ def _through_turn_end(ids: list[int], turn_end: list[int], tokenizer) -> list[in
     """``ids`` up to their last end-of-turn token when the template writes only whitespace after it
     (Qwen's and Gemma's ``\n``): a rollout stops at that token, so the completion a reward adapter
     is trained on ends where it is read on rollouts, and SFT teaches nothing a rollout never samples."""
-    ends = [i for i, t in enumerate(ids) if t in turn_end]
-    if ends and not tokenizer.decode(ids[ends[-1] + 1:]).strip():
-        return ids[: ends[-1] + 1]
+    if not turn_end or turn_end[0] not in ids:
+        return ids
+    last = len(ids) - 1 - ids[::-1].index(turn_end[0])
+    if not tokenizer.decode(ids[last + 1:]).strip():
+        return ids[: last + 1]
     return ids
 
 
@@ -227,7 +324,7 @@ def _tokenize_plain(fmt: str, record: dict, tokenizer, where: Where) -> tuple[li
     return prompt_ids, completions, prompt, prompt
 
 
-def _tokenize_chat(fmt: str, record: dict, tokenizer, where: Where) -> tuple[list[int], dict[str, list[int]], str, Any]:
+def _tokenize_chat(fmt: str, record: dict, tokenizer, where: Where) -> tuple[ChatIds, dict[str, list[int]], str, Any]:
     fields = COMPLETION_FIELDS[fmt]
     prompt = record.get("prompt")
     messages = {f: record[f] for f in fields}
@@ -246,13 +343,14 @@ def _tokenize_chat(fmt: str, record: dict, tokenizer, where: Where) -> tuple[lis
     # All completions of a row start with the same role in practice; the prompt is rendered per completion.
     generation = not fields or messages[fields[0]][0]["role"] == "assistant"
     prompt_text = render_chat(tokenizer, prompt, add_generation_prompt=generation, where=where)
-    prompt_ids = encode(tokenizer, prompt_text, False)
+    encoded = encode_chat(tokenizer, prompt_text)
     completions = {}
     turn_end = end_of_turn_ids(tokenizer)
     for field in fields:
-        full = encode(tokenizer, render_chat(tokenizer, prompt + messages[field], False, where, field), False)
-        completions[field] = _through_turn_end(_split(prompt_ids, full, where, field, chat=True), turn_end, tokenizer)
-    return prompt_ids, completions, prompt_text, prompt
+        text = render_chat(tokenizer, prompt + messages[field], False, where, field)
+        full = encode_chat(tokenizer, text, encoded).ids
+        completions[field] = _through_turn_end(_split(encoded.ids, full, where, field, chat=True), turn_end, tokenizer)
+    return encoded, completions, prompt_text, prompt
 
 
 def _has_earlier_turns(fmt: str, record: dict) -> bool:
@@ -261,7 +359,7 @@ def _has_earlier_turns(fmt: str, record: dict) -> bool:
         m["role"] == "assistant" for m in record["prompt"])
 
 
-def _earlier_turns_mask(prompt: list[dict], prompt_ids: list[int], tokenizer, where: Where) -> list[int] | None:
+def _earlier_turns_mask(prompt: list[dict], encoded: ChatIds, tokenizer, where: Where) -> list[int] | None:
     """1 on the prompt ids of each assistant turn, from after its generation prompt through its
     end-of-turn token (the span a completion covers), 0 elsewhere; None when the chat template renders
     a conversation ending at some assistant turn differently from the start of the whole prompt (Qwen3
@@ -270,6 +368,7 @@ def _earlier_turns_mask(prompt: list[dict], prompt_ids: list[int], tokenizer, wh
     Each turn is found by rendering the messages before it with the generation prompt and the messages
     through it without, as the last turn is split off (TRL's ``assistant_only_loss`` reads the same
     spans from the template's ``{% generation %}`` markers instead, which few templates carry)."""
+    prompt_ids = encoded.ids
     mask = [0] * len(prompt_ids)
     turn_end = end_of_turn_ids(tokenizer)
     for i, message in enumerate(prompt):
@@ -278,8 +377,8 @@ def _earlier_turns_mask(prompt: list[dict], prompt_ids: list[int], tokenizer, wh
         if i == 0:  # no messages to render a generation prompt after: its header is unknown
             return None
         try:
-            head = encode(tokenizer, render_chat(tokenizer, prompt[:i], True, where), False)
-            turn = encode(tokenizer, render_chat(tokenizer, prompt[: i + 1], False, where), False)
+            head = encode_chat(tokenizer, render_chat(tokenizer, prompt[:i], True, where), encoded).ids
+            turn = encode_chat(tokenizer, render_chat(tokenizer, prompt[: i + 1], False, where), encoded).ids
         except DataError:  # the template refuses a conversation ending here
             return None
         turn = _through_turn_end(turn, turn_end, tokenizer)
@@ -343,14 +442,17 @@ def tokenize_record(fmt: str, record: dict, tokenizer, where: Where, *, conversa
         ``(example, truncated)``. Raises :class:`DataError` for a row that cannot be
         tokenised (boundary merge, over-long with ``truncation="error"``).
     """
-    tokenize = _tokenize_chat if conversational else _tokenize_plain
-    full_prompt_ids, completions, prompt_text, raw_prompt = tokenize(fmt, record, tokenizer, where)
+    if conversational:
+        encoded, completions, prompt_text, raw_prompt = _tokenize_chat(fmt, record, tokenizer, where)
+        full_prompt_ids = encoded.ids
+    else:
+        full_prompt_ids, completions, prompt_text, raw_prompt = _tokenize_plain(fmt, record, tokenizer, where)
     prompt_ids, completions, cut = _fit(full_prompt_ids, completions, where, max_length=max_length,
                                         max_prompt_length=max_prompt_length, truncation=truncation,
                                         bos=tokenizer.bos_token_id)
     example: Example = {"prompt_ids": prompt_ids, "prompt_text": prompt_text, "prompt": raw_prompt}
     if conversational and _has_earlier_turns(fmt, record):
-        mask = _earlier_turns_mask(record["prompt"], full_prompt_ids, tokenizer, where)
+        mask = _earlier_turns_mask(record["prompt"], encoded, tokenizer, where)
         if mask is not None:
             keep_first = _starts_with_bos(full_prompt_ids, tokenizer.bos_token_id)
             example["prompt_loss_mask"] = _keep_end(mask, len(prompt_ids), keep_first)
@@ -361,6 +463,60 @@ def tokenize_record(fmt: str, record: dict, tokenizer, where: Where, *, conversa
     if "margin" in record:
         example["margin"] = record["margin"]
     return example, cut
+
+
+def check_rows(fmt: str, rows: list[tuple[Where, Any]], conversational: bool, hint: str
+               ) -> tuple[list[tuple[Where, dict]], list[DataError]]:
+    """Validate every row (``check_row``) before any is tokenised, so a bad row deep in a large
+    file is reported in the time it takes to read the file, not to tokenise it.
+
+    Returns:
+        ``(records, errors)``: ``(Where, record)`` of the valid rows, in order, and one
+        :class:`DataError` per problem.
+    """
+    records, errors = [], []
+    for where, row in rows:
+        record, problems = check_row(fmt, row, where, conversational, hint)
+        if problems:
+            errors.extend(problems)
+        else:
+            records.append((where, record))
+    return records, errors
+
+
+def tokenize_records(fmt: str, records: list[tuple[Where, dict]], tokenizer, *, conversational: bool,
+                     max_length: int | None = 512, max_prompt_length: int | None = None,
+                     truncation: Truncation = "error", hint: str = "") -> tuple[list[Example], list[DataError]]:
+    """Tokenise validated records (from :func:`check_rows`); arguments as :func:`build_examples`."""
+    if conversational and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"the {fmt} data is conversational ({hint}) but the tokenizer has no chat template; set "
+                         "tokenizer.chat_template, or give plain-text data")
+    if conversational and not end_of_turn_ids(tokenizer):
+        # Nothing in the rows marks where an answer ends, so nothing teaches the policy to stop.
+        log.warning("the chat template closes an assistant turn with no special token (neither EOS nor an "
+                    "end-of-turn token): a policy trained on such rows never learns to stop and rollouts run to "
+                    "max_new_tokens; use a template that ends turns with one, or set sampling.stop_token_ids")
+    examples, errors, truncated, last_turn_only = [], [], 0, 0
+    for where, record in records:
+        try:
+            example, cut = tokenize_record(fmt, record, tokenizer, where, conversational=conversational,
+                                           max_length=max_length, max_prompt_length=max_prompt_length,
+                                           truncation=truncation)
+        except DataError as e:
+            errors.append(e)
+            continue
+        examples.append(example)
+        truncated += cut
+        last_turn_only += _has_earlier_turns(fmt, record) and conversational and "prompt_loss_mask" not in example
+    if last_turn_only:
+        log.warning("the chat template renders %d of %d multi-turn messages row(s) differently up to an earlier "
+                    "assistant turn than in the whole conversation (it rewrites earlier turns, or refuses a "
+                    "conversation ending there), or they open with an assistant turn, so their earlier assistant "
+                    "turns carry no loss: only their last turn is trained on", last_turn_only, len(examples))
+    if truncated:
+        log.info("truncated %d of %d %s example(s) (max_length=%s, max_prompt_length=%s)", truncated, len(examples),
+                 fmt, max_length, max_prompt_length)
+    return examples, errors
 
 
 def build_examples(fmt: str, rows: list[tuple[Where, Any]], tokenizer, *, conversational: bool | None = None,
@@ -381,39 +537,12 @@ def build_examples(fmt: str, rows: list[tuple[Where, Any]], tokenizer, *, conver
 
     Returns:
         ``(examples, errors)``: the examples of the good rows, in order, and one
-        :class:`DataError` per problem. Truncation counts are logged.
+        :class:`DataError` per problem (validation problems first, then those of tokenising).
+        Truncation counts are logged.
     """
     flag, derived = resolve_conversational(fmt, rows, conversational)
     hint = hint or derived
-    if flag and getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(f"the {fmt} data is conversational ({hint}) but the tokenizer has no chat template; set "
-                         "tokenizer.chat_template, or give plain-text data")
-    if flag and not end_of_turn_ids(tokenizer):
-        # Nothing in the rows marks where an answer ends, so nothing teaches the policy to stop.
-        log.warning("the chat template closes an assistant turn with no special token (neither EOS nor an "
-                    "end-of-turn token): a policy trained on such rows never learns to stop and rollouts run to "
-                    "max_new_tokens; use a template that ends turns with one, or set sampling.stop_token_ids")
-    examples, errors, truncated, last_turn_only = [], [], 0, 0
-    for where, row in rows:
-        record, problems = check_row(fmt, row, where, flag, hint)
-        if problems:
-            errors.extend(problems)
-            continue
-        try:
-            example, cut = tokenize_record(fmt, record, tokenizer, where, conversational=flag, max_length=max_length,
-                                           max_prompt_length=max_prompt_length, truncation=truncation)
-        except DataError as e:
-            errors.append(e)
-            continue
-        examples.append(example)
-        truncated += cut
-        last_turn_only += _has_earlier_turns(fmt, record) and flag and "prompt_loss_mask" not in example
-    if last_turn_only:
-        log.warning("the chat template renders %d of %d multi-turn messages row(s) differently up to an earlier "
-                    "assistant turn than in the whole conversation (it rewrites earlier turns, or refuses a "
-                    "conversation ending there), or they open with an assistant turn, so their earlier assistant "
-                    "turns carry no loss: only their last turn is trained on", last_turn_only, len(examples))
-    if truncated:
-        log.info("truncated %d of %d %s example(s) (max_length=%s, max_prompt_length=%s)", truncated, len(examples),
-                 fmt, max_length, max_prompt_length)
-    return examples, errors
+    records, errors = check_rows(fmt, rows, flag, hint)
+    examples, tokenize_errors = tokenize_records(fmt, records, tokenizer, conversational=flag, max_length=max_length,
+                                                 max_prompt_length=max_prompt_length, truncation=truncation, hint=hint)
+    return examples, errors + tokenize_errors
