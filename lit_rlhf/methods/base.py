@@ -291,6 +291,10 @@ class BankMethod(pl.LightningModule):
             betas=tuple(self.hparams.adam_betas),
         )
         total = self.total_optimizer_steps()
+        if self.hparams.warmup_steps > total and self.global_rank == 0:
+            log.warning("warmup_steps=%d is longer than this run's %d optimizer steps: the learning rate never reaches "
+                        "learning_rate=%g (lower warmup_steps or train longer)", self.hparams.warmup_steps, total,
+                        self.hparams.learning_rate)
         scheduler = LambdaLR(
             optimizer,
             lambda step: schedule_factor(
