@@ -2,6 +2,7 @@
 rank imports the module of its function, and the test module's (Lightning, transformers) cost seconds."""
 
 import socket
+import time
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,10 +20,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def on_two_ranks(worker, out, start_method: str = "spawn") -> list[dict]:
+def on_two_ranks(worker, out, start_method: str = "spawn", timeout: float = 240) -> list[dict]:
     """What each of two gloo ranks running ``worker(rank, port, out)`` saved as ``out/rank<r>.pt``, in rank
-    order. ``fork`` skips the seconds of imports a spawned rank pays, for workers that need no fresh process."""
-    mp.start_processes(worker, args=(free_port(), str(out)), nprocs=2, start_method=start_method)
+    order. ``fork`` skips the seconds of imports a spawned rank pays, for workers that need no fresh process.
+
+    Raises:
+        TimeoutError: where the ranks are not done after ``timeout`` seconds (a collective entered by one rank
+            only waits for ever): they are killed, and the test fails instead of hanging.
+    """
+    ranks = mp.start_processes(worker, args=(free_port(), str(out)), nprocs=2, start_method=start_method, join=False)
+    deadline = time.monotonic() + timeout
+    while not ranks.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in ranks.processes:
+                process.kill()
+            raise TimeoutError(f"{worker.__name__} on two ranks was not done after {timeout} s")
     return [torch.load(Path(out) / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
 
 
@@ -280,3 +292,58 @@ def learning_rates_on_rank(rank: int, port: int, out: str) -> None:
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     torch.save({"lrs": learning_rates(devices=2, strategy="ddp")}, f"{out}/rank{rank}.pt")
+
+
+# -- validation where one rank's batches hold no loss tokens ------------------------------------------------
+
+
+def first_row_without_loss_tokens(collator, first: dict):
+    """``collator`` whose batches holding the example ``first`` have no loss tokens (an all-zero completion mask)."""
+    def collate(examples):
+        batch = collator(examples)
+        if first in examples:
+            batch["completion_mask"] = torch.zeros_like(batch["completion_mask"])
+        return batch
+
+    return collate
+
+
+def token_mean_validation_logs(out, **trainer_options) -> dict[str, dict[str, float]]:
+    """What ``trainer.validate`` logs for SFT and GKD on 4 toy validation rows in batches of 2, the batch of the
+    first row without loss tokens: on two ranks, rank 0 has none and rank 1 has some."""
+    import lightning.pytorch as pl
+
+    from lit_rlhf.data import SFTDataModule
+    from lit_rlhf.methods import GKD, SFT
+    from lit_rlhf.models import BankSpec, LoraSpec
+    from lit_rlhf.models.spec import TeacherSpec
+
+    from tests.methods.online_helpers import lora_off_zero
+    from tests.paths import TOY_BASE, TOY_DATA, TOY_TEACHER
+
+    rows = Path(out) / "token_mean_val.jsonl"
+    if not rows.exists():  # forked ranks share the parent's file
+        rows.write_text("\n".join((TOY_DATA / "sft_val.jsonl").read_text().splitlines()[:4]) + "\n")
+    cases = {"sft": SFT(bank=BankSpec(model=TOY_BASE, lora=LoraSpec(r=4, alpha=8))),
+             "gkd": GKD(bank=BankSpec(model=TOY_BASE, lora=LoraSpec(r=4, alpha=8), teacher=TeacherSpec(model=TOY_TEACHER)))}
+    logs = {}
+    for name, method in cases.items():
+        torch.manual_seed(0)
+        method.configure_model()
+        lora_off_zero(method.bank, 0.1)
+        data = SFTDataModule(str(rows), val=str(rows), batch_size=2, max_length=64).prepare(method.tokenizer)
+        data.collator = first_row_without_loss_tokens(data.collator, data.val_examples[0])
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             **trainer_options)
+        logs[name] = {k: float(v) for k, v in trainer.validate(method, data, verbose=False)[0].items()}
+    return logs
+
+
+def token_mean_validation_logs_on_rank(rank: int, port: int, out: str) -> None:
+    """Rank ``rank`` of two: ``token_mean_validation_logs`` under Lightning's DDP (gloo)."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    torch.save({"logs": token_mean_validation_logs(out, devices=2, strategy="ddp")}, f"{out}/rank{rank}.pt")

@@ -20,7 +20,9 @@ from lit_rlhf.data import DataError
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec
 
 from tests.paths import REPO
-QUICK = ["--trainer.max_steps", "3", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"]
+# warmup 0: the shipped configs warm up over more steps than these smoke runs take.
+QUICK = ["--model.init_args.warmup_steps", "0", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1",
+         "--trainer.enable_progress_bar", "false"]
 EVERY_COMMAND = ["fit", "validate", "test", "export", "best-of-n", "generate", "chat", "evaluate", "report"]
 
 

@@ -29,6 +29,8 @@ from tests._distributed_workers import (
     learning_rates_on_rank,
     on_two_ranks,
     rollout_metrics_on_rank,
+    token_mean_validation_logs,
+    token_mean_validation_logs_on_rank,
     token_mean_inputs,
     token_mean_on_rank,
     training_step_logs,
@@ -219,6 +221,18 @@ def test_validation_metrics_on_two_ranks_count_every_row_once_as_one_process(tmp
         for method, expected in one_process.items():
             expected = {k: v for k, v in expected.items() if method != "kto" or k not in ("val/loss", "val/kl")}
             assert {k: logs[method][k] for k in expected} == pytest.approx(expected, rel=1e-5, abs=1e-6), method
+
+
+
+def test_token_mean_validation_on_two_ranks_where_one_ranks_batches_hold_no_loss_tokens(tmp_path):
+    """SFT and GKD validated on two DDP ranks, rank 0's one batch without loss tokens and rank 1's with some, log
+    what one process logs (the token means over rank 1's tokens) on both ranks: no rank leaves out a collective
+    the other enters (the timeout turns such a hang into a failure)."""
+    one_process = token_mean_validation_logs(tmp_path, devices=1)
+    assert set(one_process["sft"]) == {"val/loss", "val/ppl"} and set(one_process["gkd"]) == {"val/loss", "val/kl_teacher"}
+    for saved in on_two_ranks(token_mean_validation_logs_on_rank, tmp_path, "fork", timeout=120):
+        for method, expected in one_process.items():
+            assert saved["logs"][method] == pytest.approx(expected, rel=1e-5, abs=1e-6), method
 
 
 # -- the learning-rate schedule: over the optimizer steps each rank takes ---------------------------------

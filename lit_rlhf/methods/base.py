@@ -195,6 +195,7 @@ class BankMethod(pl.LightningModule):
         self.skipped_nonfinite = 0  # optimizer steps skipped for a non-finite loss, over the run and its resumes
         self._consecutive_nonfinite = 0
         self._drop_next_step = False
+        self._last_step_dropped = False  # read by lr_scheduler_step, right after the optimizer step
         self._evaluation_sums: dict[str, torch.Tensor] = {}  # name -> (sum of mean x weight, weight), this epoch's
         # Checkpoints hold only trainable state, so the frozen base is missing from them by design.
         self.strict_loading = False
@@ -293,6 +294,10 @@ class BankMethod(pl.LightningModule):
             betas=tuple(self.hparams.adam_betas),
         )
         total = self.total_optimizer_steps()
+        if self.hparams.warmup_steps > total and self.global_rank == 0:
+            log.warning("warmup_steps=%d is longer than this run's %d optimizer steps: the learning rate never reaches "
+                        "learning_rate=%g (lower warmup_steps or train longer)", self.hparams.warmup_steps, total,
+                        self.hparams.learning_rate)
         scheduler = LambdaLR(
             optimizer,
             lambda step: schedule_factor(
@@ -526,6 +531,7 @@ class BankMethod(pl.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Runs before every optimizer step, automatic or manual: a step that runs ends a streak of skips.
+        self._last_step_dropped = self._drop_next_step
         if not self._drop_next_step:
             self._consecutive_nonfinite = 0
             return
@@ -535,6 +541,12 @@ class BankMethod(pl.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         self.count_skipped_step()
         self.log("train/skipped_nonfinite", float(self.skipped_nonfinite))
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        # A step dropped for a non-finite loss leaves the schedule where it was, as the online update's skip and
+        # transformers' Trainer (for a step its AMP grad scaler skips) do: the schedule counts applied updates.
+        if not self._last_step_dropped:
+            super().lr_scheduler_step(scheduler, metric)
 
     def count_skipped_step(self) -> None:
         """Count an optimizer step skipped for a non-finite loss; stop the run after

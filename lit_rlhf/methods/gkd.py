@@ -50,7 +50,6 @@ import random
 from typing import Literal, NamedTuple
 
 import torch
-from torchmetrics import MeanMetric
 
 from lit_rlhf.data.collate import pad, pad_token_id_of
 from lit_rlhf.distributed import global_mean_loss, global_means
@@ -180,11 +179,6 @@ class GKD(BankMethod):
         self.chunk_size = chunk_size
         self.distill_batches = 0
         self.on_policy_batches = 0
-        # Weighted by token counts: compute() = sum over tokens / number of tokens (synced across ranks).
-        self.val_loss = MeanMetric()
-        self.val_kl_teacher = MeanMetric()
-        self.test_loss = MeanMetric()
-        self.test_kl_teacher = MeanMetric()
 
     def needs_reference(self) -> bool:
         # Without a separate teacher the teacher is the base as loaded: in full mode, a frozen copy of it.
@@ -294,44 +288,27 @@ class GKD(BankMethod):
         return rollout_batch(self.generate(batch, "teacher", self.sampling.resolved(self.tokenizer, self.bank.model).greedy()))
 
     @torch.no_grad()
-    def _accumulate(self, loss_metric: MeanMetric, kl_metric: MeanMetric, batch: dict) -> None:
+    def _accumulate(self, batch: dict) -> None:
         student, teacher, mask = self.aligned_logits(self.evaluation_sequences(batch))
         num_tokens = mask.sum()
-        if num_tokens == 0:
+        if num_tokens == 0:  # still every name, weight 0: each rank's sums hold the same ones
+            self.accumulate_evaluation_means({"loss": (0.0, 0), "kl_teacher": (0.0, 0)})
             return
-        loss_metric.update(self.divergence(student, teacher, mask, beta=self.beta, temperature=self.temperature),
-                           weight=num_tokens)
-        kl_metric.update(self.divergence(student, teacher, mask, beta=0.0, temperature=1.0), weight=num_tokens)
-
-    def _log_epoch(self, loss_metric: MeanMetric, kl_metric: MeanMetric, prefix: str) -> None:
-        if loss_metric.update_count == 0:
-            return
-        self.log_global(f"{prefix}/loss", loss_metric.compute(), prog_bar=prefix == "val")  # every rank's tokens
-        self.log_global(f"{prefix}/kl_teacher", kl_metric.compute(), prog_bar=prefix == "val")
-        loss_metric.reset()
-        kl_metric.reset()
-
-    # Reset at the start too: a reset under inference mode (trainer.validate) leaves inference
-    # tensors that a later no-grad validation (inside fit) may not update in place.
-    def on_validation_epoch_start(self) -> None:
-        self.val_loss.reset()
-        self.val_kl_teacher.reset()
+        self.accumulate_evaluation_means({
+            "loss": (self.divergence(student, teacher, mask, beta=self.beta, temperature=self.temperature), num_tokens),
+            "kl_teacher": (self.divergence(student, teacher, mask, beta=0.0, temperature=1.0), num_tokens)})
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._accumulate(self.val_loss, self.val_kl_teacher, batch)
+        self._accumulate(batch)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch(self.val_loss, self.val_kl_teacher, "val")
-
-    def on_test_epoch_start(self) -> None:
-        self.test_loss.reset()
-        self.test_kl_teacher.reset()
+        self.log_evaluation_means("val", prog_bar=("loss", "kl_teacher"))
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._accumulate(self.test_loss, self.test_kl_teacher, batch)
+        self._accumulate(batch)
 
     def on_test_epoch_end(self) -> None:
-        self._log_epoch(self.test_loss, self.test_kl_teacher, "test")
+        self.log_evaluation_means("test")
 
     # -- checkpoints: the on-policy counters ----------------------------------------------------
 

@@ -22,8 +22,9 @@ and over the whole epoch in validation (not a mean of per-batch perplexities).
 
 from __future__ import annotations
 
+import math
+
 import torch
-from torchmetrics import MeanMetric
 
 from lit_rlhf.distributed import global_mean_loss, global_sum
 from lit_rlhf.methods.base import BankMethod
@@ -42,12 +43,6 @@ class SFT(CompletionLogpsForward, BankMethod):
             (``CompletionLogpsForward``; TRL's rule). The logged ``loss`` and ``ppl`` are the NLL's; the
             weighted load-balancing loss is added to the loss optimized, and logged as ``aux_loss``.
     """
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        # Weighted by token counts: compute() = total NLL / total tokens (synced across ranks).
-        self.val_nll = MeanMetric()
-        self.test_nll = MeanMetric()
 
     def nll(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """``(nll_sum, num_tokens)`` of the policy on a padded or packed SFT batch: ``-Σ m·log p`` over the
@@ -77,35 +72,19 @@ class SFT(CompletionLogpsForward, BankMethod):
         self.log("num_tokens", global_sum(num_tokens.float()), reduce_fx="sum")  # the step's, every rank's
         return self.skip_if_nonfinite(loss)
 
-    def _accumulate(self, metric: MeanMetric, batch: dict) -> None:
-        loss, num_tokens = self.compute_loss(batch)
-        if num_tokens > 0:
-            metric.update(loss.detach(), weight=num_tokens)
-
-    def _log_epoch(self, metric: MeanMetric, prefix: str) -> None:
-        if metric.update_count == 0:
-            return
-        mean_nll = metric.compute()
-        self.log_global(f"{prefix}/loss", mean_nll, prog_bar=prefix == "val")  # MeanMetric: every rank's tokens
-        self.log_global(f"{prefix}/ppl", torch.exp(mean_nll))
-        metric.reset()
-
-    # Reset at the start too: a reset under inference mode (trainer.validate) leaves inference
-    # tensors that a later no-grad validation (inside fit) may not update in place.
-    def on_validation_epoch_start(self) -> None:
-        self.val_nll.reset()
+    def _log_epoch(self, prefix: str) -> None:
+        means = self.log_evaluation_means(prefix, prog_bar=("loss",) if prefix == "val" else ())
+        if f"{prefix}/loss" in means:  # an epoch without loss tokens logs neither
+            self.log_global(f"{prefix}/ppl", math.exp(means[f"{prefix}/loss"]))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._accumulate(self.val_nll, batch)
+        self.accumulate_evaluation_means({"loss": self.compute_loss(batch)})  # weighted by the batch's loss tokens
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch(self.val_nll, "val")
-
-    def on_test_epoch_start(self) -> None:
-        self.test_nll.reset()
+        self._log_epoch("val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._accumulate(self.test_nll, batch)
+        self.accumulate_evaluation_means({"loss": self.compute_loss(batch)})
 
     def on_test_epoch_end(self) -> None:
-        self._log_epoch(self.test_nll, "test")
+        self._log_epoch("test")

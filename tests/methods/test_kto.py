@@ -123,6 +123,7 @@ def test_kto_raises_ground_truth_score_on_held_out_prompts(tmp_path):
 def test_kto_config_fits_and_exports(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     cli_main(["fit", "--config", "configs/kto.yaml", "--trainer.default_root_dir", str(tmp_path),
+              "--model.init_args.warmup_steps", "0",  # a smoke run shorter than the config's warmup
               "--trainer.max_steps", "3", "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false"])
     run = tmp_path / "lightning_logs" / "version_0"
     assert (run / "checkpoints" / "last.ckpt").exists()
@@ -133,6 +134,7 @@ def test_kto_full_fine_tune_keeps_a_frozen_reference(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     cli_main(["fit", "--config", "configs/kto.yaml", "--trainer.default_root_dir", str(tmp_path),
               "--model.init_args.bank.train_mode", "full", "--model.init_args.learning_rate", "1e-3",
+              "--model.init_args.warmup_steps", "0",  # a smoke run shorter than the config's warmup
               "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"])
     assert (tmp_path / "lightning_logs" / "version_0" / "export" / "merged" / "model.safetensors").exists()
 

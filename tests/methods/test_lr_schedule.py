@@ -36,3 +36,25 @@ def test_a_run_resumed_mid_epoch_continues_the_schedule(tmp_path):
     resumed = learning_rates(callbacks=every_step(tmp_path / "resumed"), ckpt_path=next(tmp_path.glob("*step=1.ckpt")),
                              default_root_dir=tmp_path / "resumed")
     assert resumed == pytest.approx(straight[1:], abs=1e-12) and resumed[-1] == 0
+
+
+def test_a_warmup_longer_than_the_run_is_named_in_one_line(caplog):
+    """``--trainer.max_steps 2`` on a config whose warmup is 3 steps: one warning names both numbers; a warmup the
+    run completes (2 of 2 steps) says nothing."""
+    from lit_rlhf.data import SFTDataModule
+    from lit_rlhf.methods import SFT
+    from lit_rlhf.models import BankSpec, LoraSpec
+
+    from tests.paths import TOY_BASE, TOY_DATA
+
+    def fit(warmup_steps):
+        method = SFT(bank=BankSpec(model=TOY_BASE, lora=LoraSpec(r=4, alpha=8)), warmup_steps=warmup_steps)
+        data = SFTDataModule(str(TOY_DATA / "sft_train.jsonl"), batch_size=4, max_length=64)
+        pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, max_steps=2, limit_val_batches=0).fit(method, data)
+        return [r.getMessage() for r in caplog.records if "warmup_steps" in r.getMessage()]
+
+    caplog.set_level("WARNING", logger="lit_rlhf.methods")
+    assert fit(2) == []
+    assert fit(3) == ["warmup_steps=3 is longer than this run's 2 optimizer steps: the learning rate never reaches "
+                      "learning_rate=0.0001 (lower warmup_steps or train longer)"]

@@ -113,3 +113,57 @@ def test_a_resumed_run_keeps_its_streak_of_non_finite_steps(tmp_path):
     with pytest.raises(RuntimeError, match=r"3 optimizer steps in a row had a non-finite loss \(step 3, 3 skipped"):
         fit_sft(resumed, steps=5, ckpt_path=tmp_path / "skipping.ckpt")
     assert resumed.skipped_nonfinite == 3
+
+
+# -- the learning-rate schedule: a skipped step leaves it where it was ---------------------------------------
+
+
+def linear_after_one_warmup_step(step: int, total: int) -> float:
+    """``schedule_factor`` written out for ``warmup_steps=1``, linear decay over ``total`` steps, times lr 0.1."""
+    return 0.1 * (1.0 if step < 1 else 1 - (step - 1) / (total - 1))
+
+
+class LearningRates(pl.Callback):
+    """The learning rate of every optimizer step the run attempts (skipped or not), then the one after the last."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        self.seen.append(optimizer.param_groups[0]["lr"])
+
+    def on_train_end(self, trainer, module):
+        self.seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_a_skipped_offline_step_leaves_the_learning_rate_schedule_where_it_was():
+    """5 steps, the 2nd and 3rd skipped: the schedule (1 warmup step, linear decay over 5) advances after the 3
+    steps applied only, as the online update's (and transformers' Trainer's, for an AMP step its grad scaler
+    skips): steps 1..3 run at the rate of schedule step 1, and the run ends 2 steps short of the decay."""
+    pl.seed_everything(0)
+    method = FlakySFT(nan_steps={1, 2}, learning_rate=0.1, warmup_steps=1, lr_scheduler="linear")
+    rates = LearningRates()
+    fit_sft(method, steps=5, callbacks=[rates])
+    applied_before = [0, 1, 1, 1, 2, 3]  # schedule steps taken before each attempted step, then after the run
+    assert rates.seen == pytest.approx([linear_after_one_warmup_step(s, 5) for s in applied_before], abs=1e-12)
+
+
+def test_a_skipped_online_step_leaves_the_learning_rate_schedule_where_it_was():
+    """2 rollouts of 2 optimizer steps, the 2nd skipped: as offline, the schedule over the 4 planned steps advances
+    after the 3 applied ones only."""
+    rates = []
+
+    class Recorded(FlakyRLOO):
+        def policy_loss(self, batch):  # one micro-batch per optimizer step
+            rates.append(self.optimizers().param_groups[0]["lr"])
+            return super().policy_loss(batch)
+
+    pl.seed_everything(0)
+    method = make_online(Recorded, kl_coef=0.0, max_new_tokens=4, num_samples_per_prompt=2, update_epochs=1,
+                         num_mini_batches=2, learning_rate=0.1, warmup_steps=1, lr_scheduler="linear")
+    method.nan_calls = {1}
+    fit = trainer(rollouts=2)
+    fit.fit(method, datamodule=prompts(batch_size=2))
+    assert method.skipped_nonfinite == 1
+    rates.append(fit.optimizers[0].param_groups[0]["lr"])
+    assert rates == pytest.approx([linear_after_one_warmup_step(s, 4) for s in (0, 1, 1, 2, 3)], abs=1e-12)

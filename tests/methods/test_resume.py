@@ -229,6 +229,7 @@ def test_cli_resumes_from_last_and_says_when_there_is_nothing_to_do(tmp_path, ca
 
     def run(max_steps, *extra):
         main(["fit", "--config", "configs/dpo.yaml", "--trainer.default_root_dir", str(tmp_path),
+              "--model.init_args.warmup_steps", "0",  # a smoke run shorter than the config's warmup
               "--trainer.max_steps", str(max_steps), "--trainer.limit_val_batches", "0",
               "--trainer.enable_progress_bar", "false", *extra])
         return capsys.readouterr().err

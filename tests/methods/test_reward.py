@@ -197,6 +197,7 @@ def test_a_config_naming_the_earlier_class_name_still_builds(tmp_path, monkeypat
 def test_reward_config_fits_and_exports(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     cli_main(["fit", "--config", "configs/reward.yaml", "--trainer.default_root_dir", str(tmp_path),
+              "--model.init_args.warmup_steps", "0",  # a smoke run shorter than the config's warmup
               "--trainer.max_steps", "3", "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false"])
     run = tmp_path / "lightning_logs" / "version_0"
     assert (run / "checkpoints" / "last.ckpt").exists()
@@ -209,6 +210,7 @@ def test_full_fine_tune_exports_a_merged_model_with_its_head(tmp_path, monkeypat
     monkeypatch.chdir(REPO)
     cli_main(["fit", "--config", "configs/reward.yaml", "--trainer.default_root_dir", str(tmp_path),
               "--model.init_args.bank.train_mode", "full", "--model.init_args.learning_rate", "1e-3",
+              "--model.init_args.warmup_steps", "0",  # a smoke run shorter than the config's warmup
               "--trainer.max_steps", "3", "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false"])
     merged = tmp_path / "lightning_logs" / "version_0" / "export" / "merged"
     assert (merged / "model.safetensors").exists() and (merged / "head.safetensors").exists()

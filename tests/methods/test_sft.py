@@ -177,6 +177,7 @@ def test_multi_turn_rows_train_every_assistant_turn(tmp_path):
 def test_sft_config_fits_and_exports(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     cli_main(["fit", "--config", "configs/sft.yaml", "--trainer.default_root_dir", str(tmp_path),
+              "--model.init_args.warmup_steps", "0",  # a smoke run shorter than the config's warmup
               "--trainer.max_steps", "3", "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false"])
     run = tmp_path / "lightning_logs" / "version_0"
     assert (run / "checkpoints" / "last.ckpt").exists()
@@ -188,6 +189,7 @@ def test_sft_full_fine_tune(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     cli_main(["fit", "--config", "configs/sft.yaml", "--trainer.default_root_dir", str(tmp_path),
               "--model.init_args.bank.train_mode", "full", "--model.init_args.learning_rate", "1e-3",
+              "--model.init_args.warmup_steps", "0",  # a smoke run shorter than the config's warmup
               "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false"])
     merged = tmp_path / "lightning_logs" / "version_0" / "export" / "merged"
     assert (merged / "model.safetensors").exists() and (merged / "config.json").exists()
