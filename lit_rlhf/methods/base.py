@@ -142,7 +142,7 @@ def _warn_router_loss_left_out(method: str, config) -> None:
     coef = getattr(text, "router_aux_loss_coef", 0.0)
     if hasattr(text, "output_router_logits") and coef:
         log.warning("%s does not add this mixture of experts' router load-balancing loss (router_aux_loss_coef %s in "
-                    "its config) to its loss (SFT, the DPO family and KTO add it; TRL's GRPO and RLOO add it too)",
+                    "its config) to its loss, as TRL 1.16's does not (SFT, the DPO family, KTO, GRPO and RLOO add it)",
                     method, coef)
 
 

@@ -87,12 +87,8 @@ class CompletionLogpsForward:
     def configure_model(self) -> None:
         super().configure_model()
         if self.adds_router_aux_loss:
-            self._router_aux_weight = router_aux_weight(self.router_aux_loss_coef, self.bank.model.config)
-            self._router_top_k = getattr(self.bank.model.config.get_text_config(), "num_experts_per_tok", None)
-            if self._router_aux_weight and not self._router_top_k:
-                raise InvalidArgument("router_aux_loss_coef", "this mixture of experts' config declares no "
-                                      "num_experts_per_tok, which its load-balancing loss counts routings by: set "
-                                      "router_aux_loss_coef: 0")
+            self._router_aux_weight, self._router_top_k = router_aux_settings(self.router_aux_loss_coef,
+                                                                              self.bank.model.config)
 
     def _logits(self, forward_args: tuple, real_tokens: torch.Tensor | None) -> torch.Tensor:
         """The active role's logits; with gradients on a mixture of experts whose load-balancing loss is weighted,
@@ -172,6 +168,17 @@ def router_aux_weight(coef: float | None, config) -> float:
     if not moe:
         return 0.0
     return float(getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef)
+
+
+def router_aux_settings(coef: float | None, config) -> tuple[float, int | None]:
+    """``(weight, top_k)`` of a model's router load-balancing loss (:func:`router_aux_weight`, and the experts
+    per token it counts routings by); refused where the loss is weighted but ``top_k`` is not declared."""
+    weight = router_aux_weight(coef, config)
+    top_k = getattr(config.get_text_config(), "num_experts_per_tok", None)
+    if weight and not top_k:
+        raise InvalidArgument("router_aux_loss_coef", "this mixture of experts' config declares no num_experts_per_tok, "
+                              "which its load-balancing loss counts routings by: set router_aux_loss_coef: 0")
+    return weight, top_k
 
 
 def check_packed_batches(method: BankMethod, roles: dict[str, Callable[[], AbstractContextManager]]) -> None:
