@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from typing import NamedTuple
 
 import torch
@@ -60,9 +60,10 @@ class CompletionLogpsForward:
     every position) and reduced by ``losses.completion_token_logps``. The checks are ``BankMethod``'s
     (``uses_head_selection``, ``uses_fused_head``): the online methods' forwards read them too.
 
-    On a mixture of experts, each forward with gradients (the trained role's, in training) also gives the
-    router load-balancing loss of its real tokens (``losses.load_balancing_loss``), which the training step
-    adds to its loss with weight ``router_aux_loss_coef`` (:meth:`add_router_aux_loss`), as TRL (1.16) does.
+    On a mixture of experts, each loss forward of the trained role (:meth:`trained_role`, in training and in
+    evaluation) also gives the router load-balancing loss of its real tokens (``losses.load_balancing_loss``),
+    which the step adds to its loss with weight ``router_aux_loss_coef`` (:meth:`add_router_aux_loss`), as TRL
+    (1.16) does, its evaluation loss included.
 
     Args:
         router_aux_loss_coef: the weight of the load-balancing loss in the training loss; ``None``: the model
@@ -83,6 +84,7 @@ class CompletionLogpsForward:
         self._router_aux_weight = 0.0  # resolved against the model config in configure_model
         self._router_top_k: int | None = None
         self._router_aux_losses: list[torch.Tensor] = []
+        self._in_loss_forward = False
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -90,10 +92,23 @@ class CompletionLogpsForward:
             self._router_aux_weight, self._router_top_k = router_aux_settings(self.router_aux_loss_coef,
                                                                               self.bank.model.config)
 
+    @contextmanager
+    def trained_role(self):
+        """The trained role active for the loss's forward of it (in training, the one with gradients): on a
+        mixture of experts its load-balancing loss counts, the reference's and no-grad passes' (KTO's KL
+        estimate) do not."""
+        with self.bank.role(self.trained_adapter):
+            previous, self._in_loss_forward = self._in_loss_forward, True
+            try:
+                yield
+            finally:
+                self._in_loss_forward = previous
+
     def _logits(self, forward_args: tuple, real_tokens: torch.Tensor | None) -> torch.Tensor:
-        """The active role's logits; with gradients on a mixture of experts whose load-balancing loss is weighted,
-        that loss over ``real_tokens`` (the forward's positions holding a token; ``None``: all) kept for the step."""
-        if not (self._router_aux_weight and torch.is_grad_enabled()):
+        """The active role's logits; in a loss forward (:meth:`trained_role`) on a mixture of experts whose
+        load-balancing loss is weighted, that loss over ``real_tokens`` (the forward's positions holding a token;
+        ``None``: all) kept for the step."""
+        if not (self._router_aux_weight and self._in_loss_forward):
             return self.bank(*forward_args).logits
         out = self.bank(*forward_args, output_router_logits=True)
         self._router_aux_losses.append(load_balancing_loss(out.router_logits, self._router_top_k, real_tokens))
@@ -102,14 +117,36 @@ class CompletionLogpsForward:
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._router_aux_losses.clear()  # nothing kept from a step that did not take its own
 
-    def add_router_aux_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """``loss + router_aux_loss_coef · aux``, ``aux`` the mean load-balancing loss of this step's forwards with
-        gradients (logged as ``aux_loss``, TRL's name); ``loss`` itself where there is none."""
+    def on_validation_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._router_aux_losses.clear()
+
+    def on_test_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._router_aux_losses.clear()
+
+    def take_router_aux_loss(self) -> torch.Tensor | None:
+        """The mean load-balancing loss of the loss forwards since the last call, or ``None`` where none was taken."""
         if not self._router_aux_losses:
-            return loss
+            return None
         aux = torch.stack(self._router_aux_losses).mean()
         self._router_aux_losses.clear()
+        return aux
+
+    def add_router_aux_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss + router_aux_loss_coef · aux``, ``aux`` the mean load-balancing loss of this training step's
+        loss forwards (logged as ``aux_loss``, TRL's name); ``loss`` itself where there is none."""
+        aux = self.take_router_aux_loss()
+        if aux is None:
+            return loss
         self.log("aux_loss", aux.detach(), sync_dist=True)  # the mean over ranks, as TRL gathers it
+        return loss + self._router_aux_weight * aux
+
+    def evaluation_router_aux_loss(self, loss: torch.Tensor, metrics: dict, weight) -> torch.Tensor:
+        """An evaluation batch's ``loss`` plus ``router_aux_loss_coef · aux``, as TRL's evaluation loss counts it,
+        and ``aux_loss`` added to ``metrics`` as ``(aux, weight)``; ``loss`` itself where there is none."""
+        aux = self.take_router_aux_loss()
+        if aux is None:
+            return loss
+        metrics["aux_loss"] = (aux, weight)
         return loss + self._router_aux_weight * aux
 
     def forward_logps(self, forward_args: tuple, input_ids: torch.Tensor, completion_mask: torch.Tensor,

@@ -12,9 +12,10 @@ logits tensor exists. Packed batches
 (``SFTDataModule(packing=True)``) carry ``position_ids`` and no attention mask; the loss is the
 same as on the padded batch.
 
-On a mixture of experts the training loss adds the router load-balancing loss of the policy's forward,
-``router_aux_loss_coef · aux`` (TRL's SFT does too); with ``packing: true`` the padding of a packed batch's
-last row counts in ``aux`` (the batch has no attention mask to leave it out).
+On a mixture of experts the training and evaluation losses add the router load-balancing loss of the policy's
+forward, ``router_aux_loss_coef · aux`` (TRL's SFT does too; ``loss`` and ``val/loss`` are logged with it, ``ppl``
+is of the NLL alone); with ``packing: true`` the padding of a packed batch's last row counts in ``aux`` (the batch
+has no attention mask to leave it out).
 
 Perplexity is token-weighted: ``ppl = exp(total NLL / total tokens)``, per step in training
 and over the whole epoch in validation (not a mean of per-batch perplexities).
@@ -48,6 +49,7 @@ class SFT(CompletionLogpsForward, BankMethod):
         # Weighted by token counts: compute() = total NLL / total tokens (synced across ranks).
         self.val_nll = MeanMetric()
         self.test_nll = MeanMetric()
+        self.val_aux, self.test_aux = MeanMetric(), MeanMetric()  # a mixture of experts' load-balancing loss
 
     def nll(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """``(nll_sum, num_tokens)`` of the policy on a padded or packed SFT batch: ``-Σ m·log p`` over the
@@ -55,7 +57,7 @@ class SFT(CompletionLogpsForward, BankMethod):
         forward_args = (batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
         if forward_args[1] is None:
             check_packed_batches(self, {"policy": lambda: self.bank.role(self.trained_adapter)})
-        with self.bank.role(self.trained_adapter):
+        with self.trained_role():
             per_token, mask, _ = self.forward_logps(forward_args, batch["input_ids"], batch["completion_mask"])
         return -per_token.sum(), mask.sum()
 
@@ -70,23 +72,33 @@ class SFT(CompletionLogpsForward, BankMethod):
     def training_step(self, batch: dict, batch_idx: int):
         nll_sum, num_tokens = self.nll(batch)
         # The mean over the loss tokens of every data-parallel rank, as one process holding the global batch takes it.
-        loss, mean_nll = global_mean_loss(nll_sum, num_tokens)
-        loss = self.add_router_aux_loss(loss)
-        self.log("loss", mean_nll, prog_bar=True)
+        nll_loss, mean_nll = global_mean_loss(nll_sum, num_tokens)
+        loss = self.add_router_aux_loss(nll_loss)
+        self.log("loss", mean_nll + (loss - nll_loss).detach(), prog_bar=True)  # the objective, as TRL logs it
         self.log("ppl", torch.exp(mean_nll))
         self.log("num_tokens", global_sum(num_tokens.float()), reduce_fx="sum")  # the step's, every rank's
         return self.skip_if_nonfinite(loss)
 
-    def _accumulate(self, metric: MeanMetric, batch: dict) -> None:
+    def _accumulate(self, metric: MeanMetric, aux_metric: MeanMetric, batch: dict) -> None:
         loss, num_tokens = self.compute_loss(batch)
         if num_tokens > 0:
             metric.update(loss.detach(), weight=num_tokens)
+        aux = self.take_router_aux_loss()
+        if aux is not None:  # weighted by rows, as transformers' evaluation loop averages TRL's batch losses
+            aux_metric.update(aux.detach(), weight=batch["input_ids"].shape[0])
 
-    def _log_epoch(self, metric: MeanMetric, prefix: str) -> None:
+    def _log_epoch(self, metric: MeanMetric, aux_metric: MeanMetric, prefix: str) -> None:
+        """``loss``: the mean NLL over the epoch's tokens plus ``router_aux_loss_coef`` times the epoch's mean
+        load-balancing loss (as TRL's evaluation loss counts it); ``ppl``: of the NLL alone."""
         if metric.update_count == 0:
             return
-        mean_nll = metric.compute()
-        self.log_global(f"{prefix}/loss", mean_nll, prog_bar=prefix == "val")  # MeanMetric: every rank's tokens
+        mean_nll = loss = metric.compute()  # MeanMetric: every rank's tokens
+        if aux_metric.update_count:
+            aux = aux_metric.compute()
+            self.log_global(f"{prefix}/aux_loss", aux)
+            loss = mean_nll + self._router_aux_weight * aux
+            aux_metric.reset()
+        self.log_global(f"{prefix}/loss", loss, prog_bar=prefix == "val")
         self.log_global(f"{prefix}/ppl", torch.exp(mean_nll))
         metric.reset()
 
@@ -94,18 +106,20 @@ class SFT(CompletionLogpsForward, BankMethod):
     # tensors that a later no-grad validation (inside fit) may not update in place.
     def on_validation_epoch_start(self) -> None:
         self.val_nll.reset()
+        self.val_aux.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._accumulate(self.val_nll, batch)
+        self._accumulate(self.val_nll, self.val_aux, batch)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch(self.val_nll, "val")
+        self._log_epoch(self.val_nll, self.val_aux, "val")
 
     def on_test_epoch_start(self) -> None:
         self.test_nll.reset()
+        self.test_aux.reset()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._accumulate(self.test_nll, batch)
+        self._accumulate(self.test_nll, self.test_aux, batch)
 
     def on_test_epoch_end(self) -> None:
-        self._log_epoch(self.test_nll, "test")
+        self._log_epoch(self.test_nll, self.test_aux, "test")
