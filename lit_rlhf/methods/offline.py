@@ -33,6 +33,7 @@ from lit_rlhf.losses import (
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.models.head import head_on
 from lit_rlhf.models.packing import PackedRows, pack_rows, packing_unsupported
+from lit_rlhf.models.routers import computes_load_balancing_loss
 
 log = logging.getLogger("lit_rlhf.methods")
 
@@ -90,7 +91,7 @@ class CompletionLogpsForward:
         super().configure_model()
         if self.adds_router_aux_loss:
             self._router_aux_weight, self._router_top_k = router_aux_settings(self.router_aux_loss_coef,
-                                                                              self.bank.model.config)
+                                                                              self.bank.model)
 
     @contextmanager
     def trained_role(self):
@@ -192,26 +193,28 @@ class CompletionLogpsForward:
         return CompletionLogps(per_token, mask, log_sum_sq)
 
 
-def router_aux_weight(coef: float | None, config) -> float:
+def router_aux_weight(coef: float | None, model) -> float:
     """The weight of a model's router load-balancing loss in the training loss, TRL's rule: ``coef``, else the
-    config's ``router_aux_loss_coef``, on any mixture of experts that returns router logits (its config has
-    ``output_router_logits``, true or false); 0 for any other model, where a non-zero ``coef`` is refused."""
-    text = config.get_text_config()
-    moe = hasattr(text, "output_router_logits")
+    config's ``router_aux_loss_coef``, on any mixture of experts whose transformers code gives that loss
+    (``models.routers.computes_load_balancing_loss``, whatever its config's ``output_router_logits`` says); 0 for
+    any other model, where a non-zero ``coef`` is refused. Llama 4 declares a ``router_aux_loss_coef`` yet its
+    code has no such loss (TRL 1.16 fails on the missing ``aux_loss``): 0, unless asked for, which is refused."""
+    text = model.config.get_text_config()
+    moe = computes_load_balancing_loss(model)
     if coef and not moe:
         raise InvalidArgument("router_aux_loss_coef", f"router_aux_loss_coef is {coef}, but {type(text).__name__} is "
-                              "no mixture of experts returning router logits: there is no load-balancing loss to "
-                              "weight (leave it unset)")
+                              "no mixture of experts with a router load-balancing loss in transformers: there is no "
+                              "load-balancing loss to weight (leave it unset)")
     if not moe:
         return 0.0
     return float(getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef)
 
 
-def router_aux_settings(coef: float | None, config) -> tuple[float, int | None]:
+def router_aux_settings(coef: float | None, model) -> tuple[float, int | None]:
     """``(weight, top_k)`` of a model's router load-balancing loss (:func:`router_aux_weight`, and the experts
     per token it counts routings by); refused where the loss is weighted but ``top_k`` is not declared."""
-    weight = router_aux_weight(coef, config)
-    top_k = getattr(config.get_text_config(), "num_experts_per_tok", None)
+    weight = router_aux_weight(coef, model)
+    top_k = getattr(model.config.get_text_config(), "num_experts_per_tok", None)
     if weight and not top_k:
         raise InvalidArgument("router_aux_loss_coef", "this mixture of experts' config declares no num_experts_per_tok, "
                               "which its load-balancing loss counts routings by: set router_aux_loss_coef: 0")

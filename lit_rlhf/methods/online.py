@@ -857,7 +857,7 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         super().configure_model()
         if self.adds_router_aux_loss:
             self._router_aux_weight, self._router_top_k = router_aux_settings(self.router_aux_loss_coef,
-                                                                              self.bank.model.config)
+                                                                              self.bank.model)
         if not self.bank_spec.disable_dropout:
             log.warning("bank.disable_dropout is false: the update's forward drops units the rollout's did not, so "
                         "the importance ratio is not 1 on the first update and clipping sees dropout noise")

@@ -1,4 +1,5 @@
-"""The router logits of a mixture of experts' forward, read by hooks on its routers.
+"""The routers of mixtures of experts: whether a model has a load-balancing loss, its router logits read by hooks,
+and the routers LoRA cannot wrap.
 
 A KV-cached forward cannot return them through ``output_router_logits``: the model then takes its own
 load-balancing loss over an attention mask covering the cached prompt too, and fails on the shapes. The
@@ -7,11 +8,35 @@ hooks read the module transformers itself records router logits from (``_can_rec
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+
+def computes_load_balancing_loss(model: nn.Module) -> bool:
+    """Whether ``model`` (or the base a peft model wraps) is a mixture of experts whose transformers code gives a
+    router load-balancing loss: its config has ``output_router_logits`` and its modeling module the loss
+    (``load_balancing_loss_func``). Llama 4 has the config field and no such loss (sigmoid routing)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    module = sys.modules.get(type(base).__module__)
+    return (hasattr(base.config.get_text_config(), "output_router_logits")
+            and hasattr(module, "load_balancing_loss_func"))
+
+
+def returns_more_than_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers ``nn.Linear`` subclass whose own forward returns more than a tensor
+    (Llama 4's router: ``(scores, logits)``), found by running it on one zero row: a LoRA layer adds its update to
+    the tensor its base layer returns, so peft's LoRA on it fails in the forward. Falcon's linear layers have their
+    own forward and return a tensor; quantized ones (bitsandbytes') are not transformers'."""
+    cls = type(module)
+    if not (isinstance(module, nn.Linear) and cls.forward is not nn.Linear.forward
+            and cls.__module__.startswith("transformers.")):
+        return False
+    with torch.no_grad():
+        return not isinstance(module(module.weight.new_zeros(1, module.in_features)), torch.Tensor)
 
 
 def _router_recorder(model: nn.Module) -> tuple[type[nn.Module], int] | None:
