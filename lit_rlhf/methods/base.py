@@ -266,7 +266,7 @@ class BankMethod(pl.LightningModule):
         check_positions(models, [*datamodule.train_examples, *datamodule.val_examples], new_tokens=new_tokens)
 
     #: Whether the training loss adds a mixture of experts' router load-balancing loss
-    #: (``offline.CompletionLogpsForward``).
+    #: (``offline.CompletionLogpsForward``; ``OnlineMethod.rollout_logits`` for GRPO and RLOO).
     adds_router_aux_loss = False
 
     def configure_model(self) -> None:

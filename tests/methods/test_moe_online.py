@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_rlhf.methods import GRPO, RLOO
+from lit_rlhf.errors import InvalidArgument
+from lit_rlhf.methods import GRPO, PPO, RLOO, OnlineDPO
 from lit_rlhf.methods.online import MiniBatch, ScoredRollout
 from lit_rlhf.models import BankSpec, LoraSpec
 from lit_rlhf.rollout import RewardSpec
@@ -73,5 +74,11 @@ def test_the_loss_adds_the_weighted_aux_loss_of_its_micro_batch(mixtral, cls, kw
     plain, _ = method.policy_loss(batch)
     assert "aux_loss" not in _
     assert float(metrics["aux_loss"]) == pytest.approx(model_aux(method, r), rel=1e-5)
-    assert float(loss - plain) == pytest.approx(COEF * micro_share * float(metrics["aux_loss"]), rel=1e-4)
+    assert float((loss - plain).detach()) == pytest.approx(COEF * micro_share * float(metrics["aux_loss"]), rel=1e-4)
     assert method.accumulation_weight(batch) * micro_share == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("cls", [PPO, OnlineDPO])
+def test_the_online_methods_trl_adds_none_to_refuse_a_router_aux_loss_coef(cls):
+    with pytest.raises(InvalidArgument, match=f"{cls.__name__} adds no router load-balancing loss"):
+        cls(bank=BankSpec(model="unused"), rewards=REWARD, router_aux_loss_coef=0.01)
