@@ -293,7 +293,8 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         super().__init__(**kwargs)
         if router_aux_loss_coef is not None and not self.adds_router_aux_loss:
             raise InvalidArgument("router_aux_loss_coef", f"{type(self).__name__} adds no router load-balancing loss "
-                                  "(of the online methods only GRPO and RLOO add it, as in TRL 1.16): leave router_aux_loss_coef unset")
+                                  "(of the online methods only GRPO and RLOO add it, as in TRL 1.16): leave "
+                                  "router_aux_loss_coef unset")
         self.router_aux_loss_coef = router_aux_loss_coef
         self._router_aux_weight = 0.0  # resolved against the model config in configure_model
         self._router_top_k: int | None = None
