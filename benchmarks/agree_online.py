@@ -21,6 +21,10 @@ and compares behaviour / reference log-probs, KL, advantages, loss, clipped LoRA
 step (see "LoRA mode" below).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/agree_online.py --lora
+
+``--moe`` compares GRPO's and RLOO's router load-balancing loss with TRL's on a tiny Mixtral (``moe_checks``).
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/agree_online.py --moe --all
 """
 
 from __future__ import annotations
@@ -1207,6 +1211,43 @@ def lora_checks() -> None:
         lora_ppo("from a loaded SFT adapter + lm_head (modules_to_save)", with_head)
 
 
+# -- mixtures of experts (--moe) --------------------------------------------------------------------
+
+
+def moe_checks() -> None:
+    """GRPO's and RLOO's router load-balancing loss of the update forward against TRL 1.16's: its
+    ``_get_per_token_logps_and_entropies(..., compute_aux_loss=True)`` (the model's own ``aux_loss`` of the rows,
+    fused LM head) on a tiny Mixtral, our forward over whole rows and with shared prompts, fused head and logits.
+    TRL's model in eval mode: ours turns router jitter off (README), TRL's trains with it."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    root = tempfile.mkdtemp()
+    path = str(build_tiny("mixtral", f"{root}/mixtral"))
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    add_fused_lm_head(model, temperature=1.0, outputs=("log_probs", "entropy"))
+    g = torch.Generator().manual_seed(0)
+    prompts_ = torch.randint(4, model.config.vocab_size, (2, 6), generator=g).repeat_interleave(3, dim=0)
+    response_mask = (torch.arange(5)[None] < torch.tensor([5, 2, 4, 1, 5, 3])[:, None]).long()
+    responses = torch.randint(4, model.config.vocab_size, (6, 5), generator=g) * response_mask
+    r = Rollout(prompts_, torch.ones_like(prompts_), responses, response_mask, torch.zeros(6, dtype=torch.bool))
+    stub = GRPOTrainer.__new__(GRPOTrainer)
+    stub.__dict__.update(accelerator=SimpleNamespace(autocast=contextlib.nullcontext, is_main_process=True),
+                         temperature=1.0, args=SimpleNamespace(report_to=[]))
+    _, _, theirs = GRPOTrainer._get_per_token_logps_and_entropies(stub, model, r.input_ids, r.attention_mask, 5,
+                                                                  compute_aux_loss=True)
+    for cls in (GRPO, RLOO):
+        method = cls(bank=BankSpec(model=path, lora=LoraSpec(r=LORA_R, alpha=LORA_ALPHA)), num_samples_per_prompt=3,
+                     rewards=[{"kind": "function", "function": "lit_rlhf.toy:reward"}])
+        method.configure_model()  # a fresh adapter: the policy is the base TRL's model is
+        for shared in (True, False):
+            for fused in (True, False):
+                method._prompt_sharing, method.fuses_policy_head = shared, (lambda fused=fused: fused)
+                ours = method.policy_pass(r).router_aux.detach()
+                check(cls.__name__, f"MoE aux_loss, {'shared prompts' if shared else 'whole rows'}, "
+                      f"{'fused head' if fused else 'logits'}", ours, theirs, tol=1e-6)
+
+
 def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
@@ -1214,6 +1255,9 @@ def main() -> None:
     torch.manual_seed(0)
     if "--lora" in sys.argv:
         lora_checks()
+        return report(show_all)
+    if "--moe" in sys.argv:
+        moe_checks()
         return report(show_all)
     grpo_checks()
     grpo_dapo_steps_checks()

@@ -23,15 +23,18 @@ def load_balancing_loss(router_logits: Sequence[torch.Tensor], top_k: int,
     Args:
         router_logits: one ``(tokens, experts)`` tensor per MoE layer, the batch's positions flattened row-major.
         top_k: experts per token (``num_experts_per_tok``).
-        token_mask: the positions that count, any shape flattening to ``tokens``; ``None``: all of them.
+        token_mask: the positions that count, any shape flattening to ``tokens``; ``None``: all of them. A
+            count per position (not only 0/1) counts a position that many times: a prompt run once for the
+            ``k`` rows sharing it (``models.prefix``) counts ``k`` times, as in the ``k`` whole rows.
     """
-    mask = None if token_mask is None else token_mask.reshape(-1).bool()
-    routed, probs, rows = 0.0, 0.0, 0
+    weight = None if token_mask is None else token_mask.reshape(-1).float()
+    routed, probs, rows = 0.0, 0.0, 0.0
     for logits in router_logits:
         p = logits.float().softmax(dim=-1)
-        if mask is not None:
-            p = p[mask.to(p.device)]
-        routed = routed + F.one_hot(p.topk(top_k, dim=-1).indices, p.shape[-1]).sum(dim=(0, 1))
-        probs = probs + p.sum(dim=0)
-        rows += p.shape[0]
+        picked = F.one_hot(p.topk(top_k, dim=-1).indices, p.shape[-1]).sum(dim=1).float()
+        if weight is None:
+            routed, probs, rows = routed + picked.sum(dim=0), probs + p.sum(dim=0), rows + p.shape[0]
+        else:
+            w = weight.to(p.device)[:, None]
+            routed, probs, rows = routed + (w * picked).sum(dim=0), probs + (w * p).sum(dim=0), rows + w.sum()
     return p.shape[-1] * ((routed / rows) * (probs / rows)).sum()

@@ -25,6 +25,7 @@ from lit_rlhf.methods.precision import fit_precision_plugin
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, eval_mode, load_tokenizer
 from lit_rlhf.models.bank import adapter_of, check_bank_spec, merge_adapter_specs
 from lit_rlhf.models.head import fused_head_supported, head_selection_supported
+from lit_rlhf.models.routers import computes_load_balancing_loss
 from lit_rlhf.strategies import check_trainer_support, shard_bank, synchronise_generation
 
 log = logging.getLogger("lit_rlhf.methods")
@@ -136,13 +137,12 @@ def settle_epoch_progress(loops: dict, trainer: pl.Trainer) -> None:
         progress["is_last_batch"] = False
 
 
-def _warn_router_loss_left_out(method: str, config) -> None:
+def _warn_router_loss_left_out(method: str, model) -> None:
     """Say so where a mixture of experts declares a router load-balancing loss that ``method`` does not add."""
-    text = config.get_text_config()
-    coef = getattr(text, "router_aux_loss_coef", 0.0)
-    if hasattr(text, "output_router_logits") and coef:
+    coef = getattr(model.config.get_text_config(), "router_aux_loss_coef", 0.0)
+    if coef and computes_load_balancing_loss(model):
         log.warning("%s does not add this mixture of experts' router load-balancing loss (router_aux_loss_coef %s in "
-                    "its config) to its loss (SFT, the DPO family and KTO add it; TRL's GRPO and RLOO add it too)",
+                    "its config) to its loss, as TRL 1.16's does not (SFT, the DPO family, KTO, GRPO and RLOO add it)",
                     method, coef)
 
 
@@ -270,7 +270,7 @@ class BankMethod(pl.LightningModule):
         check_positions(models, [*datamodule.train_examples, *datamodule.val_examples], new_tokens=new_tokens)
 
     #: Whether the training loss adds a mixture of experts' router load-balancing loss
-    #: (``offline.CompletionLogpsForward``).
+    #: (``offline.CompletionLogpsForward``; ``OnlineMethod.rollout_logits`` for GRPO and RLOO).
     adds_router_aux_loss = False
 
     def configure_model(self) -> None:
@@ -282,7 +282,7 @@ class BankMethod(pl.LightningModule):
             reference_of=self.trained_adapter if self.needs_reference() else None,
         )
         if not self.adds_router_aux_loss:
-            _warn_router_loss_left_out(type(self).__name__, self.bank.model.config)
+            _warn_router_loss_left_out(type(self).__name__, self.bank.model)
         if self.device_mesh is not None:  # ModelParallelStrategy (configs/strategy/fsdp.yaml)
             shard_bank(self.bank, self.device_mesh["data_parallel"])
 

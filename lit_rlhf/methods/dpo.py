@@ -63,7 +63,7 @@ class PreferenceMethod(OfflineMethod):
         return PairLogps(logps[:half], logps[half:], lengths[:half], lengths[half:])
 
     def policy_pair_logps(self, batch: dict) -> PairLogps:
-        with self.bank.role(self.trained_adapter):
+        with self.trained_role():
             return self.pair_logps(batch)
 
     @staticmethod
@@ -92,7 +92,9 @@ class PreferenceMethod(OfflineMethod):
     def _evaluation_step(self, batch: dict) -> None:
         loss, metrics = self.compute_loss(batch)
         pairs = batch["input_ids"].shape[0] // 2
-        self.accumulate_evaluation_means({"loss": (loss, pairs)} | {name: (value, pairs) for name, value in metrics.items()})
+        metrics = {name: (value, pairs) for name, value in metrics.items()}
+        loss = self.evaluation_router_aux_loss(loss, metrics, pairs)
+        self.accumulate_evaluation_means({"loss": (loss, pairs)} | metrics)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._evaluation_step(batch)
@@ -359,7 +361,7 @@ class DPO(PreferenceMethod):
         return PairLogps(chosen, rejected, lengths[:half], lengths[half:], chosen_nll, weights)
 
     def policy_pair_logps(self, batch: dict) -> PairLogps:
-        with self.bank.role(self.trained_adapter):
+        with self.trained_role():
             return self.pair_logps(batch, with_weights=self.use_weighting)
 
     def compute_loss(self, batch: dict):

@@ -99,8 +99,11 @@ class GRPO(OnlineMethod):
         mask_truncated_completions: leave responses without a stop token out of the loss.
         entropy_coef: weight of an entropy bonus (mean entropy of the learning tokens).
         top_entropy_quantile: fraction of highest-entropy tokens that keep a policy term (1 keeps all).
-        **kwargs: rollout, update, optimizer and bank arguments of ``OnlineMethod``.
+        **kwargs: rollout, update, optimizer and bank arguments of ``OnlineMethod``; ``router_aux_loss_coef``, the
+            weight of a mixture of experts' router load-balancing loss (``OnlineMethod``; TRL's own).
     """
+
+    adds_router_aux_loss = True
 
     def __init__(
         self,
@@ -208,4 +211,4 @@ class GRPO(OnlineMethod):
         }
         if batch.ref_logprobs is not None:
             metrics["objective/kl"] = result.kl
-        return result.loss, metrics
+        return self.add_router_aux_loss(result.loss, out, batch, metrics), metrics

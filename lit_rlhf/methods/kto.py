@@ -174,7 +174,7 @@ class KTO(OfflineMethod):
         else:
             with self.bank.reference():
                 reference_logps = self.completion_logps(batch).logps
-        with self.bank.role(self.trained_adapter):
+        with self.trained_role():
             policy = self.completion_logps(batch)
         labels = batch["labels"]
         out = kto_loss(policy.logps, reference_logps, labels, kl, beta=self.beta,
@@ -207,6 +207,7 @@ class KTO(OfflineMethod):
 
     def _evaluation_step(self, batch: dict) -> None:
         loss, metrics = self.compute_loss(batch)
+        loss = self.evaluation_router_aux_loss(loss, metrics, batch["labels"].shape[0])
         # Each mean weighted by its own rows: the desirable rows' rewards over the desirable rows, ...
         self.accumulate_evaluation_means({"loss": (loss, batch["labels"].shape[0])} | metrics)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from typing import NamedTuple
 
 import torch
@@ -33,6 +33,7 @@ from lit_rlhf.losses import (
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.models.head import head_on
 from lit_rlhf.models.packing import PackedRows, pack_rows, packing_unsupported
+from lit_rlhf.models.routers import computes_load_balancing_loss
 
 log = logging.getLogger("lit_rlhf.methods")
 
@@ -60,9 +61,10 @@ class CompletionLogpsForward:
     every position) and reduced by ``losses.completion_token_logps``. The checks are ``BankMethod``'s
     (``uses_head_selection``, ``uses_fused_head``): the online methods' forwards read them too.
 
-    On a mixture of experts, each forward with gradients (the trained role's, in training) also gives the
-    router load-balancing loss of its real tokens (``losses.load_balancing_loss``), which the training step
-    adds to its loss with weight ``router_aux_loss_coef`` (:meth:`add_router_aux_loss`), as TRL (1.16) does.
+    On a mixture of experts, each loss forward of the trained role (:meth:`trained_role`, in training and in
+    evaluation) also gives the router load-balancing loss of its real tokens (``losses.load_balancing_loss``),
+    which the step adds to its loss with weight ``router_aux_loss_coef`` (:meth:`add_router_aux_loss`), as TRL
+    (1.16) does, its evaluation loss included.
 
     Args:
         router_aux_loss_coef: the weight of the load-balancing loss in the training loss; ``None``: the model
@@ -83,21 +85,31 @@ class CompletionLogpsForward:
         self._router_aux_weight = 0.0  # resolved against the model config in configure_model
         self._router_top_k: int | None = None
         self._router_aux_losses: list[torch.Tensor] = []
+        self._in_loss_forward = False
 
     def configure_model(self) -> None:
         super().configure_model()
         if self.adds_router_aux_loss:
-            self._router_aux_weight = router_aux_weight(self.router_aux_loss_coef, self.bank.model.config)
-            self._router_top_k = getattr(self.bank.model.config.get_text_config(), "num_experts_per_tok", None)
-            if self._router_aux_weight and not self._router_top_k:
-                raise InvalidArgument("router_aux_loss_coef", "this mixture of experts' config declares no "
-                                      "num_experts_per_tok, which its load-balancing loss counts routings by: set "
-                                      "router_aux_loss_coef: 0")
+            self._router_aux_weight, self._router_top_k = router_aux_settings(self.router_aux_loss_coef,
+                                                                              self.bank.model)
+
+    @contextmanager
+    def trained_role(self):
+        """The trained role active for the loss's forward of it (in training, the one with gradients): on a
+        mixture of experts its load-balancing loss counts, the reference's and no-grad passes' (KTO's KL
+        estimate) do not."""
+        with self.bank.role(self.trained_adapter):
+            previous, self._in_loss_forward = self._in_loss_forward, True
+            try:
+                yield
+            finally:
+                self._in_loss_forward = previous
 
     def _logits(self, forward_args: tuple, real_tokens: torch.Tensor | None) -> torch.Tensor:
-        """The active role's logits; with gradients on a mixture of experts whose load-balancing loss is weighted,
-        that loss over ``real_tokens`` (the forward's positions holding a token; ``None``: all) kept for the step."""
-        if not (self._router_aux_weight and torch.is_grad_enabled()):
+        """The active role's logits; in a loss forward (:meth:`trained_role`) on a mixture of experts whose
+        load-balancing loss is weighted, that loss over ``real_tokens`` (the forward's positions holding a token;
+        ``None``: all) kept for the step."""
+        if not (self._router_aux_weight and self._in_loss_forward):
             return self.bank(*forward_args).logits
         out = self.bank(*forward_args, output_router_logits=True)
         self._router_aux_losses.append(load_balancing_loss(out.router_logits, self._router_top_k, real_tokens))
@@ -106,14 +118,36 @@ class CompletionLogpsForward:
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._router_aux_losses.clear()  # nothing kept from a step that did not take its own
 
-    def add_router_aux_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """``loss + router_aux_loss_coef · aux``, ``aux`` the mean load-balancing loss of this step's forwards with
-        gradients (logged as ``aux_loss``, TRL's name); ``loss`` itself where there is none."""
+    def on_validation_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._router_aux_losses.clear()
+
+    def on_test_batch_start(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._router_aux_losses.clear()
+
+    def take_router_aux_loss(self) -> torch.Tensor | None:
+        """The mean load-balancing loss of the loss forwards since the last call, or ``None`` where none was taken."""
         if not self._router_aux_losses:
-            return loss
+            return None
         aux = torch.stack(self._router_aux_losses).mean()
         self._router_aux_losses.clear()
+        return aux
+
+    def add_router_aux_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss + router_aux_loss_coef · aux``, ``aux`` the mean load-balancing loss of this training step's
+        loss forwards (logged as ``aux_loss``, TRL's name); ``loss`` itself where there is none."""
+        aux = self.take_router_aux_loss()
+        if aux is None:
+            return loss
         self.log("aux_loss", aux.detach(), sync_dist=True)  # the mean over ranks, as TRL gathers it
+        return loss + self._router_aux_weight * aux
+
+    def evaluation_router_aux_loss(self, loss: torch.Tensor, metrics: dict, weight) -> torch.Tensor:
+        """An evaluation batch's ``loss`` plus ``router_aux_loss_coef · aux``, as TRL's evaluation loss counts it,
+        and ``aux_loss`` added to ``metrics`` as ``(aux, weight)``; ``loss`` itself where there is none."""
+        aux = self.take_router_aux_loss()
+        if aux is None:
+            return loss
+        metrics["aux_loss"] = (aux, weight)
         return loss + self._router_aux_weight * aux
 
     def forward_logps(self, forward_args: tuple, input_ids: torch.Tensor, completion_mask: torch.Tensor,
@@ -159,19 +193,32 @@ class CompletionLogpsForward:
         return CompletionLogps(per_token, mask, log_sum_sq)
 
 
-def router_aux_weight(coef: float | None, config) -> float:
+def router_aux_weight(coef: float | None, model) -> float:
     """The weight of a model's router load-balancing loss in the training loss, TRL's rule: ``coef``, else the
-    config's ``router_aux_loss_coef``, on any mixture of experts that returns router logits (its config has
-    ``output_router_logits``, true or false); 0 for any other model, where a non-zero ``coef`` is refused."""
-    text = config.get_text_config()
-    moe = hasattr(text, "output_router_logits")
+    config's ``router_aux_loss_coef``, on any mixture of experts whose transformers code gives that loss
+    (``models.routers.computes_load_balancing_loss``, whatever its config's ``output_router_logits`` says); 0 for
+    any other model, where a non-zero ``coef`` is refused. Llama 4 declares a ``router_aux_loss_coef`` yet its
+    code has no such loss (TRL 1.16 fails on the missing ``aux_loss``): 0, unless asked for, which is refused."""
+    text = model.config.get_text_config()
+    moe = computes_load_balancing_loss(model)
     if coef and not moe:
         raise InvalidArgument("router_aux_loss_coef", f"router_aux_loss_coef is {coef}, but {type(text).__name__} is "
-                              "no mixture of experts returning router logits: there is no load-balancing loss to "
-                              "weight (leave it unset)")
+                              "no mixture of experts with a router load-balancing loss in transformers: there is no "
+                              "load-balancing loss to weight (leave it unset)")
     if not moe:
         return 0.0
     return float(getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef)
+
+
+def router_aux_settings(coef: float | None, model) -> tuple[float, int | None]:
+    """``(weight, top_k)`` of a model's router load-balancing loss (:func:`router_aux_weight`, and the experts
+    per token it counts routings by); refused where the loss is weighted but ``top_k`` is not declared."""
+    weight = router_aux_weight(coef, model)
+    top_k = getattr(model.config.get_text_config(), "num_experts_per_tok", None)
+    if weight and not top_k:
+        raise InvalidArgument("router_aux_loss_coef", "this mixture of experts' config declares no num_experts_per_tok, "
+                              "which its load-balancing loss counts routings by: set router_aux_loss_coef: 0")
+    return weight, top_k
 
 
 def check_packed_batches(method: BankMethod, roles: dict[str, Callable[[], AbstractContextManager]]) -> None:

@@ -44,12 +44,16 @@ import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
 from lit_rlhf.distributed import every_rank, global_means, global_sum, rank_seed
-from lit_rlhf.losses import entropy_chunk, entropy_from_logits, head_token_logps, kl_penalty, token_logps
+from lit_rlhf.errors import InvalidArgument
+from lit_rlhf.losses import (entropy_chunk, entropy_from_logits, head_token_logps, kl_penalty, load_balancing_loss,
+                             token_logps)
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.methods.kl_control import FixedKLController
+from lit_rlhf.methods.offline import router_aux_settings
 from lit_rlhf.models import AdapterSpec, eval_mode
 from lit_rlhf.models.head import accepts_logits_to_keep, head_skipped
 from lit_rlhf.models.prefix import prompt_groups, prompt_sharing_supported, shared_prompt_logits
+from lit_rlhf.models.routers import recording_router_logits
 from lit_rlhf.rollout import (
     ModelReward, RewardOutput, RewardRequest, Rewards, RewardSpec, Rollout, SamplingConfig, build_engine,
 )
@@ -138,12 +142,15 @@ class PolicyPass(NamedTuple):
         logprobs: ``(b, T)`` float32 log-probs of the response tokens, 0 on padding.
         values: ``(b, T)`` critic values at those positions when the forward yields them, else ``None``.
         entropy: ``(b, T)`` float32 entropy without gradient, 0 on padding, of a fused pass asked for it.
+        router_aux: the scalar router load-balancing loss of this forward's real tokens, where the method adds
+            it (``OnlineMethod.adds_router_aux_loss``) on a mixture of experts, else ``None``.
     """
 
     logits: torch.Tensor | None
     logprobs: torch.Tensor
     values: torch.Tensor | None
     entropy: torch.Tensor | None = None
+    router_aux: torch.Tensor | None = None
 
 
 class PolicyOutput(NamedTuple):
@@ -153,11 +160,13 @@ class PolicyOutput(NamedTuple):
         logprobs: log-probs of the response tokens (temperature applied as when sampling).
         entropy: per-token entropy of the policy, when asked for.
         values: critic values at the positions predicting each response token, when the forward yields them.
+        router_aux: ``PolicyPass.router_aux``.
     """
 
     logprobs: torch.Tensor
     entropy: torch.Tensor | None
     values: torch.Tensor | None
+    router_aux: torch.Tensor | None = None
 
 
 def select_rows(rows, index: torch.Tensor):
@@ -247,6 +256,10 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
             (TensorBoard text); 0 never.
         num_logged_samples: rows in that table.
         ppo_epochs: deprecated name of ``update_epochs``.
+        router_aux_loss_coef: where the method adds it (``adds_router_aux_loss``: GRPO, RLOO), the weight of a
+            mixture of experts' router load-balancing loss over the update forward's real tokens (prompt and
+            response, ``rollout_logits``), as TRL 1.16 adds it; ``None``: the model config's, ``0``: off (the
+            rule of ``offline.router_aux_weight``). Logged as ``aux_loss``.
         **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``.
     """
 
@@ -274,9 +287,18 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         log_samples_every_n_rollouts: int = 10,
         num_logged_samples: int = 8,
         ppo_epochs: int | None = None,
+        router_aux_loss_coef: float | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if router_aux_loss_coef is not None and not self.adds_router_aux_loss:
+            raise InvalidArgument("router_aux_loss_coef", f"{type(self).__name__} adds no router load-balancing loss "
+                                  "(of the online methods only GRPO and RLOO add it, as in TRL 1.16): leave "
+                                  "router_aux_loss_coef unset")
+        self.router_aux_loss_coef = router_aux_loss_coef
+        self._router_aux_weight = 0.0  # resolved against the model config in configure_model
+        self._router_top_k: int | None = None
+        self._router_aux: torch.Tensor | None = None  # of the last forward with gradients, for its PolicyPass
         if not rewards:
             raise ValueError(
                 "an online method needs reward sources, e.g. rewards: [{kind: function, function: 'lit_rlhf.toy:reward'}]"
@@ -526,12 +548,54 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
 
         With ``runs_shared_prompts()`` the rows that share a prompt run it once (``models.prefix``). The choice
         never depends on the rows: every rank makes the same forward calls (FSDP and ZeRO-3 gather parameters
-        in lockstep), also for a mini-batch whose prompts happen to be distinct."""
-        if self.runs_shared_prompts():
+        in lockstep), also for a mini-batch whose prompts happen to be distinct.
+
+        With gradients, where the method adds it (``adds_router_aux_loss``), the router load-balancing loss of
+        the rows' real tokens is kept for the pass (``PolicyPass.router_aux``): a shared prompt counts once per
+        row sharing it, so it is the whole rows' value either way."""
+        shared = self.runs_shared_prompts()
+        groups = prompt_groups(rollout.prompt_ids, rollout.prompt_mask) if shared else None
+        if not (self._router_aux_weight and torch.is_grad_enabled()):
+            return self._rollout_forward(rollout, groups)
+        with recording_router_logits(self.bank.model) as routed:
+            logits = self._rollout_forward(rollout, groups)
+        if groups is None:
+            self._router_aux = load_balancing_loss(routed, self._router_top_k, rollout.attention_mask)
+            return logits
+        # The prompts' forward, then the responses': per layer, its prompt tokens (each counted once per row
+        # sharing it) and its response tokens.
+        layers = len(routed) // 2
+        routed = [torch.cat([routed[i], routed[layers + i]]) for i in range(layers)]
+        rows_per_prompt = torch.bincount(groups.of_row, minlength=groups.first.numel())
+        counts = torch.cat([(rollout.prompt_mask[groups.first] * rows_per_prompt[:, None]).reshape(-1),
+                            rollout.response_mask.reshape(-1)])
+        self._router_aux = load_balancing_loss(routed, self._router_top_k, counts)
+        return logits
+
+    def _rollout_forward(self, rollout: Rollout, groups) -> torch.Tensor:
+        """``rollout_logits``' forward: of whole rows, or of the prompts ``groups`` shares and the responses."""
+        if groups is not None:
             return shared_prompt_logits(self.bank, rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids,
-                                        rollout.response_mask, prompt_groups(rollout.prompt_ids, rollout.prompt_mask))
+                                        rollout.response_mask, groups)
         keep = self.logits_to_keep(rollout)
         return self.bank(rollout.input_ids, rollout.attention_mask, rollout.position_ids, **kept_logits(keep)).logits
+
+    def take_router_aux(self) -> torch.Tensor | None:
+        """The router load-balancing loss kept by the last ``rollout_logits`` with gradients, once."""
+        aux, self._router_aux = self._router_aux, None
+        return aux
+
+    def add_router_aux_loss(self, loss: torch.Tensor, out: PolicyOutput, batch: MiniBatch,
+                            metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``loss`` plus the micro-batch's share of ``router_aux_loss_coef · aux`` (logged as ``aux_loss``), so
+        that an optimizer step's gradient is that of the weight times the mean load-balancing loss of its
+        micro-batches, as TRL's GRPO and RLOO take it (each micro-batch's ``aux`` divided by the accumulation
+        steps). ``loss`` itself where the forward gave none."""
+        if out.router_aux is None:
+            return loss
+        metrics["aux_loss"] = out.router_aux.detach()
+        share = batch.rollout.response_ids.shape[0] / batch.step_rows / self.accumulation_weight(batch)
+        return loss + self._router_aux_weight * share * out.router_aux
 
     def runs_shared_prompts(self) -> bool:
         """Whether the policy, behaviour and reference forwards run each distinct prompt once: with several
@@ -605,14 +669,16 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
     def policy_pass(self, rollout: Rollout, *, with_entropy: bool = False) -> PolicyPass:
         """One forward of the policy over the rows, cut to the response: logits (unless fused), log-probs,
         values if it gives them, and on a fused pass the entropy if ``with_entropy``."""
+        self._router_aux = None
         if self.fuses_policy_head():
             with self.bank.role(self.policy_adapter):
                 logprobs, entropy = self.fused_response_logprobs(rollout, with_entropy=with_entropy)
-            return PolicyPass(None, logprobs, None, entropy)
+            return PolicyPass(None, logprobs, None, entropy, self.take_router_aux())
         logits, values = self.policy_logits_and_values(rollout)
         logits = self.response_logits(logits, rollout)
         logprobs = token_logps(logits, rollout.response_ids) * rollout.response_mask
-        return PolicyPass(logits, logprobs, None if values is None else self.response_slice(values, rollout))
+        return PolicyPass(logits, logprobs, None if values is None else self.response_slice(values, rollout),
+                          router_aux=self.take_router_aux())
 
     def policy_forward(self, rollout: Rollout, *, with_entropy: bool = False, taken: PolicyPass | None = None) -> PolicyOutput:
         """The policy's response log-probs (+ entropy, + values if the pass gives them) over the rows: of
@@ -623,7 +689,7 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
             entropy = taken.entropy if taken.logits is None else entropy_from_logits(taken.logits) * rollout.response_mask
             if entropy is None:  # a subclass whose loss reads the entropy must say so in loss_entropy()
                 raise RuntimeError("the fused policy pass was taken without entropy, which the loss reads")
-        return PolicyOutput(taken.logprobs, entropy, taken.values)
+        return PolicyOutput(taken.logprobs, entropy, taken.values, taken.router_aux)
 
     @torch.no_grad()
     def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
@@ -790,6 +856,9 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
                     f"reward adapter under bank.adapters, e.g. {{name: {name}, path: runs/reward/.../export/adapter}}"
                 )
         super().configure_model()
+        if self.adds_router_aux_loss:
+            self._router_aux_weight, self._router_top_k = router_aux_settings(self.router_aux_loss_coef,
+                                                                              self.bank.model)
         if not self.bank_spec.disable_dropout:
             log.warning("bank.disable_dropout is false: the update's forward drops units the rollout's did not, so "
                         "the importance ratio is not 1 on the first update and clipping sees dropout noise")

@@ -82,8 +82,11 @@ class RLOO(OnlineMethod):
         epsilon_high: upper clip of the ratio (DAPO's clip-higher); ``None`` means ``cliprange``.
         importance_sampling_level: ``token`` ratios, or one ``sequence`` ratio per response, the
             geometric mean of its token ratios (GSPO, arXiv 2507.18071).
-        **kwargs: rollout, update, optimizer and bank arguments of ``OnlineMethod``.
+        **kwargs: rollout, update, optimizer and bank arguments of ``OnlineMethod``; ``router_aux_loss_coef``, the
+            weight of a mixture of experts' router load-balancing loss (``OnlineMethod``; TRL's own).
     """
+
+    adds_router_aux_loss = True
 
     def __init__(
         self,
@@ -180,4 +183,4 @@ class RLOO(OnlineMethod):
             kl_loss = (kl_penalty(out.logprobs, batch.ref_logprobs, kind="k3") * mask).sum() / num_tokens
             loss = loss + self.kl_controller.value * kl_loss
             metrics["loss/kl"] = kl_loss.detach()
-        return loss, metrics
+        return self.add_router_aux_loss(loss, out, batch, metrics), metrics

@@ -12,9 +12,10 @@ logits tensor exists. Packed batches
 (``SFTDataModule(packing=True)``) carry ``position_ids`` and no attention mask; the loss is the
 same as on the padded batch.
 
-On a mixture of experts the training loss adds the router load-balancing loss of the policy's forward,
-``router_aux_loss_coef · aux`` (TRL's SFT does too); with ``packing: true`` the padding of a packed batch's
-last row counts in ``aux`` (the batch has no attention mask to leave it out).
+On a mixture of experts the training and evaluation losses add the router load-balancing loss of the policy's
+forward, ``router_aux_loss_coef · aux`` (TRL's SFT does too; ``loss`` and ``val/loss`` are logged with it, ``ppl``
+is of the NLL alone); with ``packing: true`` the padding of a packed batch's last row counts in ``aux`` (the batch
+has no attention mask to leave it out).
 
 Perplexity is token-weighted: ``ppl = exp(total NLL / total tokens)``, per step in training
 and over the whole epoch in validation (not a mean of per-batch perplexities).
@@ -50,7 +51,7 @@ class SFT(CompletionLogpsForward, BankMethod):
         forward_args = (batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"))
         if forward_args[1] is None:
             check_packed_batches(self, {"policy": lambda: self.bank.role(self.trained_adapter)})
-        with self.bank.role(self.trained_adapter):
+        with self.trained_role():
             per_token, mask, _ = self.forward_logps(forward_args, batch["input_ids"], batch["completion_mask"])
         return -per_token.sum(), mask.sum()
 
@@ -65,26 +66,42 @@ class SFT(CompletionLogpsForward, BankMethod):
     def training_step(self, batch: dict, batch_idx: int):
         nll_sum, num_tokens = self.nll(batch)
         # The mean over the loss tokens of every data-parallel rank, as one process holding the global batch takes it.
-        loss, mean_nll = global_mean_loss(nll_sum, num_tokens)
-        loss = self.add_router_aux_loss(loss)
-        self.log("loss", mean_nll, prog_bar=True)
+        nll_loss, mean_nll = global_mean_loss(nll_sum, num_tokens)
+        loss = self.add_router_aux_loss(nll_loss)
+        self.log("loss", mean_nll + (loss - nll_loss).detach(), prog_bar=True)  # the objective, as TRL logs it
         self.log("ppl", torch.exp(mean_nll))
         self.log("num_tokens", global_sum(num_tokens.float()), reduce_fx="sum")  # the step's, every rank's
         return self.skip_if_nonfinite(loss)
 
     def _log_epoch(self, prefix: str) -> None:
+        """``loss``: the mean NLL over the epoch's tokens, plus ``router_aux_loss_coef`` times the epoch's mean
+        load-balancing loss on a mixture of experts (as TRL's evaluation loss counts it; the NLL alone is then
+        logged as ``nll``); ``ppl``: of the NLL alone."""
         means = self.log_evaluation_means(prefix, prog_bar=("loss",) if prefix == "val" else ())
-        if f"{prefix}/loss" in means:  # an epoch without loss tokens logs neither
-            self.log_global(f"{prefix}/ppl", math.exp(means[f"{prefix}/loss"]))
+        nll = means.get(f"{prefix}/nll", means.get(f"{prefix}/loss"))
+        if nll is None:  # an epoch without loss tokens logs neither
+            return
+        if f"{prefix}/nll" in means:
+            loss = nll + self._router_aux_weight * means.get(f"{prefix}/aux_loss", 0.0)
+            self.log_global(f"{prefix}/loss", loss, prog_bar=prefix == "val")
+        self.log_global(f"{prefix}/ppl", math.exp(nll))
+
+    def _accumulate(self, batch: dict) -> None:
+        loss, num_tokens = self.compute_loss(batch)  # weighted by the batch's loss tokens
+        aux = self.take_router_aux_loss()
+        if aux is None:
+            self.accumulate_evaluation_means({"loss": (loss, num_tokens)})
+        else:  # weighted by rows, as transformers' evaluation loop averages TRL's batch losses
+            self.accumulate_evaluation_means({"nll": (loss, num_tokens), "aux_loss": (aux, batch["input_ids"].shape[0])})
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.accumulate_evaluation_means({"loss": self.compute_loss(batch)})  # weighted by the batch's loss tokens
+        self._accumulate(batch)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.accumulate_evaluation_means({"loss": self.compute_loss(batch)})
+        self._accumulate(batch)
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")

@@ -52,6 +52,7 @@ from lit_rlhf.models.loading import (
     text_config,
     text_decoder_prefix,
 )
+from lit_rlhf.models.routers import returns_more_than_linear
 from lit_rlhf.models.saving import HEAD_FILE, atomic_directory, read_adapter_meta, write_head_and_meta
 from lit_rlhf.models.spec import AdapterSpec, BankSpec, TeacherSpec
 
@@ -429,7 +430,10 @@ def resolve_all_linear(config: LoraConfig, base: nn.Module) -> None:
     the fused ``gate_up_proj`` with twice the rank and alpha of the two linear layers it replaces), then every linear
     layer but the output. Resolved once, before any adapter wraps the base: peft resolves it on the model it is
     handed, and once a loaded adapter has wrapped the LM head whole (``modules_to_save``) it no longer sees that
-    wrapper as the output layer, so a fresh adapter added after it got LoRA on the LM head (both copies)."""
+    wrapper as the output layer, so a fresh adapter added after it got LoRA on the LM head (both copies).
+
+    Unlike peft, not the linear layers that return more than a tensor (``routers.returns_more_than_linear``:
+    Llama 4's router), whose LoRA failed in the first forward (peft 0.21 and TRL 1.16 wrap it)."""
     convert_peft_config_for_transformers(config, model=base, conversions=get_model_conversion_mapping(base))
     if _is_all_linear(config.target_modules):
         # On a multimodal model (Gemma 3 as ``Gemma3ForConditionalGeneration``) its text decoder's only: the vision
@@ -437,7 +441,23 @@ def resolve_all_linear(config: LoraConfig, base: nn.Module) -> None:
         # be saved, merged and counted as trained (TRL's text-only runs of such models adapt them for nothing).
         text = text_decoder_prefix(base)
         linears = _maybe_include_all_linear_layers(copy.copy(config), base).target_modules
-        config.target_modules = {name for name in linears if name.startswith(text)}
+        unwrappable = {name for name, module in base.named_modules() if returns_more_than_linear(module)}
+        if left_out := sorted(unwrappable & set(linears)):
+            log.info("all-linear leaves out %d linear layers returning more than a tensor, which LoRA cannot add to "
+                     "(%s, ...)", len(left_out), left_out[0])
+        config.target_modules = {name for name in linears if name.startswith(text) and name not in unwrappable}
+
+
+def _refuse_unwrappable_lora(model: PeftModel) -> None:
+    """Refuse, before any forward, a LoRA on a linear layer that returns more than a tensor (Llama 4's router,
+    named in ``target_modules`` or in a loaded adapter's config): peft's LoRA layer failed in the first forward."""
+    wrapped = sorted(name for name, module in model.named_modules()
+                     if isinstance(module, BaseTunerLayer) and returns_more_than_linear(module.get_base_layer()))
+    if wrapped:
+        raise InvalidArgument("bank", f"LoRA targets {wrapped[:3]}{' ...' if len(wrapped) > 3 else ''}: these "
+                              f"{type(model.get_submodule(wrapped[0]).get_base_layer()).__name__} layers return more "
+                              "than a tensor (a router's scores and logits), which a LoRA layer cannot add its update "
+                              "to; leave them out of bank.lora.target_modules (all-linear does)")
 
 
 def ignore_peft_fused_pattern_note() -> None:
@@ -636,6 +656,7 @@ class AdapterBank(nn.Module):
             else:
                 model.add_adapter(a.name, configs[a.name])
             log.info("adapter %r: %s, %s", a.name, a.path or "fresh", "trainable" if a.trainable else "frozen")
+        _refuse_unwrappable_lora(model)
         return model
 
     def _make_head(self, adapter: AdapterSpec) -> ScalarHead:
@@ -856,6 +877,8 @@ class AdapterBank(nn.Module):
         if isinstance(model, PeftModel):
             model = model.get_base_model()
         trunk = model.base_model
+        if trunk is model:  # Llama4ForCausalLM: its prefix is the multimodal checkpoint's, its decoder is `model`
+            trunk = getattr(model, "model", model)
         if trunk is model:
             raise TypeError(f"{type(model).__name__} has no decoder stack under base_model_prefix {model.base_model_prefix!r}")
         return trunk

@@ -108,10 +108,16 @@ FAMILIES: dict[str, dict] = {
     "olmoe": dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                   num_key_value_heads=KV_HEADS, intermediate_size=16, max_position_embeddings=POSITIONS,
                   num_experts=4, **EXPERTS),
+    # Llama 4's text decoder: a router that is an nn.Linear returning (scores, logits), sigmoid routing, a shared
+    # expert, layers without rope; MoE on every layer (the release alternates). No load-balancing loss in transformers.
+    "llama4": dict(model_type="llama4_text", hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                   num_key_value_heads=KV_HEADS, head_dim=8, intermediate_size=16, intermediate_size_mlp=FFN,
+                   max_position_embeddings=POSITIONS, num_local_experts=4, num_experts_per_tok=1,
+                   interleave_moe_layer_step=1),
 }
 
 #: The mixture-of-experts families of ``FAMILIES``.
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama4")
 
 
 #: family -> a multimodal checkpoint around the text family's decoder (``text``) and a tiny vision tower, saved as

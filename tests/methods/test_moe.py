@@ -92,7 +92,44 @@ def test_sft_adds_the_weighted_router_aux_loss(mixtral, tmp_path):
                  SFTDataModule(str(TOY_DATA / "sft_train.jsonl"), batch_size=4, max_length=48), 1, tmp_path)
     step = record.metrics[0]
     assert step["aux_loss"] == pytest.approx(record.model_aux[0], rel=1e-5)
-    assert record.losses[0] == pytest.approx(step["loss"] + 0.25 * step["aux_loss"], rel=1e-6)
+    assert record.losses[0] == pytest.approx(math.log(step["ppl"]) + 0.25 * step["aux_loss"], rel=1e-6)
+    assert step["loss"] == pytest.approx(record.losses[0], rel=1e-6)  # the objective, as TRL logs it
+
+
+def validate(method, data) -> dict[str, float]:
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    return {k: float(v) for k, v in trainer.validate(method, data, verbose=False)[0].items()}
+
+
+def model_aux_of(method, batch) -> float:
+    with torch.no_grad(), method.bank.role(method.trained_adapter):
+        out = method.bank.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                output_router_logits=True, use_cache=False)
+    return float(out.aux_loss)
+
+
+def test_validation_loss_adds_the_weighted_router_aux_loss_as_trl_does(mixtral, tmp_path):
+    # TRL's evaluation runs its training compute_loss: eval_loss counts router_aux_loss_coef · aux too. Before,
+    # ours left it out (no val/aux_loss, val/loss the bare DPO / NLL loss).
+    rows = (TOY_DATA / "preference_val.jsonl").read_text().splitlines()[:4]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(rows) + "\n")
+    data = PreferenceDataModule(str(TOY_DATA / "preference_train.jsonl"), str(tmp_path / "pairs.jsonl"),
+                                batch_size=4, max_length=48)
+    dpo = DPO(bank=bank(mixtral), router_aux_loss_coef=0.5)
+    metrics = validate(dpo, data)
+    # One batch; the fresh policy is its reference (loss ln 2) and the base whose aux transformers computes.
+    assert metrics["val/aux_loss"] == pytest.approx(model_aux_of(dpo, data.collator(data.val_examples)), rel=1e-5)
+    assert metrics["val/loss"] == pytest.approx(math.log(2) + 0.5 * metrics["val/aux_loss"], rel=1e-6)
+
+    sft_rows = (TOY_DATA / "sft_train.jsonl").read_text().splitlines()[:4]
+    (tmp_path / "sft.jsonl").write_text("\n".join(sft_rows) + "\n")
+    data = SFTDataModule(str(tmp_path / "sft.jsonl"), str(tmp_path / "sft.jsonl"), batch_size=4, max_length=48)
+    sft = SFT(bank=bank(mixtral), router_aux_loss_coef=0.25)
+    metrics = validate(sft, data)
+    assert metrics["val/aux_loss"] == pytest.approx(model_aux_of(sft, data.collator(data.val_examples)), rel=1e-5)
+    assert metrics["val/loss"] == pytest.approx(math.log(metrics["val/ppl"]) + 0.25 * metrics["val/aux_loss"],
+                                                rel=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:KTO class balance")  # the toy data's; the loss checked is per row
@@ -129,10 +166,10 @@ def test_grpo_first_rollout_has_zero_kl_and_ratio_one_with_router_jitter_in_the_
 
     with caplog.at_level(logging.WARNING, logger="lit_rlhf.methods"):
         trainer(rollouts=1, callbacks=[Record()]).fit(method, datamodule=prompts(batch_size=2))
-    # The online methods add no load-balancing loss, and say so.
-    assert any("GRPO does not add this mixture of experts' router load-balancing loss" in r.getMessage()
-               for r in caplog.records)
+    # GRPO adds the load-balancing loss of its update forward (tests/methods/test_moe_online.py), so no warning.
+    assert not any("does not add this mixture of experts' router" in r.getMessage() for r in caplog.records)
     first = metrics[0]
+    assert first["aux_loss"] > 0
     assert abs(first["objective/kl"]) < 1e-11 and abs(first["policy/approxkl"]) < 1e-11, first
     assert first["policy/clipfrac"] == 0.0
 

@@ -87,7 +87,10 @@ def test_heads_read_the_trunk_and_roles_differ(family, family_dirs, batch):
     layers = adapted_layers(bank)
     if family in MOE_FAMILIES:  # and peft's LoRA on expert and router parameters (tests/models/test_moe.py)
         layers = {name for name in layers if ".mlp.experts" not in name and not name.endswith(".mlp.gate")}
-    assert layers == linear_layers_but_the_lm_head(family_dirs[family])
+    expected = linear_layers_but_the_lm_head(family_dirs[family])
+    if family == "llama4":  # its router returns (scores, logits): no LoRA there (tests/models/test_llama4.py)
+        expected = {name for name in expected if not name.endswith(".feed_forward.router")}
+    assert layers == expected
     with torch.no_grad():
         scores = bank.score(*batch, adapter="reward")
         values = bank.values(*batch, adapter="policy")
