@@ -38,6 +38,16 @@ def on_two_ranks(worker, out, start_method: str = "spawn", timeout: float = 240)
     return [torch.load(Path(out) / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
 
 
+def as_lightning_rank(rank: int, port: int) -> None:
+    """Make this process rank ``rank`` of a two-process job Lightning's DDP takes as launched (it launches
+    nothing: LOCAL_RANK says so), on one thread."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+
+
 def token_mean_inputs() -> torch.Tensor:
     torch.manual_seed(0)
     return torch.randn(5, 3)  # five items (tokens): rank 0 holds one, rank 1 four
@@ -157,18 +167,13 @@ def update_metrics_on_rank(rank: int, port: int, out: str) -> None:
     """Rank ``rank`` of two: one GRPO and one PPO rollout under Lightning's DDP (gloo), each rank sampling its
     own rows. Saves, per method, what the rank logged, the metrics of every micro-batch it computed, and its
     rollout metrics (as ``rollout_metrics`` returned them) with its number of rows."""
-    import os
-
     import lightning.pytorch as pl
 
     from lit_rlhf.methods import GRPO, PPO
 
     from tests.methods.online_helpers import make_online, prompts, trainer
 
-    # LOCAL_RANK makes Lightning take this process as one rank of a launched job (it launches nothing).
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+    as_lightning_rank(rank, port)
     saved = {}
     for name, method_class in (("grpo", GRPO), ("ppo", PPO)):
         pl.seed_everything(0)
@@ -217,8 +222,6 @@ def write_validation_rows(out) -> None:
 def validation_logs(out, **trainer_options) -> dict[str, dict[str, float]]:
     """What ``trainer.validate`` logs for SFT, DPO, the reward model and KTO on the rows of
     ``write_validation_rows``, their LoRA weights moved off zero alike in every process."""
-    import lightning.pytorch as pl
-
     from lit_rlhf.data import PreferenceDataModule, SFTDataModule, UnpairedDataModule
     from lit_rlhf.methods import DPO, KTO, SFT, RewardModeling
     from lit_rlhf.models import BankSpec, LoraSpec
@@ -235,20 +238,22 @@ def validation_logs(out, **trainer_options) -> dict[str, dict[str, float]]:
         method.configure_model()
         lora_off_zero(method.bank, 0.1)
         rows = str(Path(out) / f"{name}.jsonl")
-        data = data_class(rows, val=rows, batch_size=3, max_length=64)
-        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                             **trainer_options)
-        logs[name] = {k: float(v) for k, v in trainer.validate(method, data, verbose=False)[0].items()}
+        logs[name] = validated(method, data_class(rows, val=rows, batch_size=3, max_length=64), **trainer_options)
     return logs
+
+
+def validated(method, data, **trainer_options) -> dict[str, float]:
+    """What ``trainer.validate`` of ``method`` on ``data`` logs, quietly."""
+    import lightning.pytorch as pl
+
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         **trainer_options)
+    return {k: float(v) for k, v in trainer.validate(method, data, verbose=False)[0].items()}
 
 
 def validation_logs_on_rank(rank: int, port: int, out: str) -> None:
     """Rank ``rank`` of two: ``validation_logs`` under Lightning's DDP (gloo)."""
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+    as_lightning_rank(rank, port)
     torch.save({"logs": validation_logs(out, devices=2, strategy="ddp")}, f"{out}/rank{rank}.pt")
 
 
@@ -286,11 +291,7 @@ def learning_rates(kind: str = "linear", *, callbacks=(), ckpt_path=None, **trai
 
 def learning_rates_on_rank(rank: int, port: int, out: str) -> None:
     """Rank ``rank`` of two: ``learning_rates`` under Lightning's DDP (gloo)."""
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+    as_lightning_rank(rank, port)
     torch.save({"lrs": learning_rates(devices=2, strategy="ddp")}, f"{out}/rank{rank}.pt")
 
 
@@ -311,8 +312,6 @@ def first_row_without_loss_tokens(collator, first: dict):
 def token_mean_validation_logs(out, **trainer_options) -> dict[str, dict[str, float]]:
     """What ``trainer.validate`` logs for SFT and GKD on 4 toy validation rows in batches of 2, the batch of the
     first row without loss tokens: on two ranks, rank 0 has none and rank 1 has some."""
-    import lightning.pytorch as pl
-
     from lit_rlhf.data import SFTDataModule
     from lit_rlhf.methods import GKD, SFT
     from lit_rlhf.models import BankSpec, LoraSpec
@@ -333,17 +332,11 @@ def token_mean_validation_logs(out, **trainer_options) -> dict[str, dict[str, fl
         lora_off_zero(method.bank, 0.1)
         data = SFTDataModule(str(rows), val=str(rows), batch_size=2, max_length=64).prepare(method.tokenizer)
         data.collator = first_row_without_loss_tokens(data.collator, data.val_examples[0])
-        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                             **trainer_options)
-        logs[name] = {k: float(v) for k, v in trainer.validate(method, data, verbose=False)[0].items()}
+        logs[name] = validated(method, data, **trainer_options)
     return logs
 
 
 def token_mean_validation_logs_on_rank(rank: int, port: int, out: str) -> None:
     """Rank ``rank`` of two: ``token_mean_validation_logs`` under Lightning's DDP (gloo)."""
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+    as_lightning_rank(rank, port)
     torch.save({"logs": token_mean_validation_logs(out, devices=2, strategy="ddp")}, f"{out}/rank{rank}.pt")

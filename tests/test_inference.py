@@ -4,6 +4,7 @@ tokenizers of ``tests/data/real_tokenizers.py`` on tiny random models)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +31,17 @@ def tiny_model(tok, *, always=None, seed=0):
             model.transformer.wte.weight.zero_()
             model.transformer.wte.weight[always] = 1.0
     return model
+
+
+def saved_moved_policy(out) -> Path:
+    """A toy policy adapter whose LoRA B is off zero (so it differs from the base), saved to ``out``."""
+    torch.manual_seed(0)
+    bank = AdapterBank(BankSpec(model="assets/toy/base"), require=[AdapterSpec("policy")])
+    with torch.no_grad():
+        for name, param in bank.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    return bank.save_adapter("policy", out)
 
 
 def test_a_reply_stops_at_every_end_token_the_models_generation_config_lists(tmp_path):
@@ -162,13 +174,7 @@ def test_evaluate_kl_is_the_log_ratio_summed_over_each_responses_tokens(tmp_path
 
     from lit_rlhf.evaluate import sequence_kl
 
-    torch.manual_seed(0)
-    bank = AdapterBank(BankSpec(model="assets/toy/base"), require=[AdapterSpec("policy")])
-    with torch.no_grad():
-        for name, param in bank.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.3)
-    adapter = bank.save_adapter("policy", tmp_path / "adapter")
+    adapter = saved_moved_policy(tmp_path / "adapter")
     policy = inference.load_policy(adapter)
     batch = next(inference.prompt_batches(policy, ["the movie was", "i think the car is really", "hi"]))
     torch.manual_seed(1)
@@ -199,13 +205,7 @@ def test_evaluate_with_greedy_replies_reports_a_labelled_log_ratio_not_a_kl(tmp_
 
     from lit_rlhf.evaluate import main as evaluate_main, sequence_kl
 
-    torch.manual_seed(0)
-    bank = AdapterBank(BankSpec(model="assets/toy/base"), require=[AdapterSpec("policy")])
-    with torch.no_grad():
-        for name, param in bank.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.3)
-    adapter = bank.save_adapter("policy", tmp_path / "adapter")
+    adapter = saved_moved_policy(tmp_path / "adapter")
     prompts = ["the movie was", "i think the car is really"]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
     with caplog.at_level(logging.WARNING, logger="lit_rlhf.evaluate"):

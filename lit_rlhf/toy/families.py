@@ -143,11 +143,7 @@ def build_tiny(family: str, out: str | Path, *, seed: int = 0) -> Path:
         **fields,
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    out = Path(out)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return _save(AutoModelForCausalLM.from_config(config), tokenizer, out)
 
 
 def build_tiny_multimodal(family: str, out: str | Path, *, seed: int = 0) -> Path:
@@ -162,7 +158,10 @@ def build_tiny_multimodal(family: str, out: str | Path, *, seed: int = 0) -> Pat
                                   boi_token_index=tokenizer.bos_token_id, eoi_token_index=tokenizer.eos_token_id,
                                   **fields)
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config)
+    return _save(AutoModelForImageTextToText.from_config(config), tokenizer, out)
+
+
+def _save(model, tokenizer, out: str | Path) -> Path:
     out = Path(out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
