@@ -78,7 +78,7 @@ def check_scale_support(
         method: the method's class name (for the message).
         kind, stage: from ``strategy_kind``.
         generates: whether the method samples from the policy during training.
-        manual_optimization: whether it optimizes by hand (PPO, RLOO, GRPO).
+        manual_optimization: whether it optimizes by hand (the online methods).
         train_mode: ``lora``, ``qlora`` or ``full``.
         engine: the rollout engine's name, when the method has one.
         gradient_accumulation_steps: the method's own micro-batching (manual optimization).
