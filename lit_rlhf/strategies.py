@@ -352,7 +352,7 @@ def deepspeed_config(
 class DeepSpeedZeRO(LightningDeepSpeedStrategy):
     """Lightning's ``DeepSpeedStrategy`` with the config from ``deepspeed_config``.
 
-    Manual optimization (PPO, RLOO, GRPO) cannot use the Trainer's ``gradient_clip_val``, and
+    Manual optimization (the online methods) cannot use the Trainer's ``gradient_clip_val``, and
     Lightning's ``clip_gradients`` does nothing under DeepSpeed (the engine clips inside its step),
     so the method's ``max_grad_norm`` becomes DeepSpeed's ``gradient_clipping`` here.
 
