@@ -219,7 +219,7 @@ def generate_main(argv: list[str]) -> None:
     parser.add_argument("--out", default="-", help="the JSONL file to write ('-': standard output)")
     parser.add_argument("--n", type=int, default=1, help="completions per prompt (a list in `completions` when > 1)")
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--engine", default="hf", help="a registered rollout engine (hf, hf_static)")
+    parser.add_argument("--engine", default="hf", help="a registered rollout engine (hf, hf_static, hf_compiled, auto)")
     parser.add_argument("--chat", action="store_true",
                         help="send each text prompt as a user turn through the chat template, with its generation "
                         "prompt (as `chat` does and as conversational training rows were); without it a text "

@@ -78,7 +78,7 @@ def check_scale_support(
         method: the method's class name (for the message).
         kind, stage: from ``strategy_kind``.
         generates: whether the method samples from the policy during training.
-        manual_optimization: whether it optimizes by hand (PPO, RLOO, GRPO).
+        manual_optimization: whether it optimizes by hand (the online methods).
         train_mode: ``lora``, ``qlora`` or ``full``.
         engine: the rollout engine's name, when the method has one.
         gradient_accumulation_steps: the method's own micro-batching (manual optimization).
@@ -352,7 +352,7 @@ def deepspeed_config(
 class DeepSpeedZeRO(LightningDeepSpeedStrategy):
     """Lightning's ``DeepSpeedStrategy`` with the config from ``deepspeed_config``.
 
-    Manual optimization (PPO, RLOO, GRPO) cannot use the Trainer's ``gradient_clip_val``, and
+    Manual optimization (the online methods) cannot use the Trainer's ``gradient_clip_val``, and
     Lightning's ``clip_gradients`` does nothing under DeepSpeed (the engine clips inside its step),
     so the method's ``max_grad_norm`` becomes DeepSpeed's ``gradient_clipping`` here.
 

@@ -41,8 +41,8 @@ class SFT(CompletionLogpsForward, BankMethod):
     Args:
         **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``; ``router_aux_loss_coef``,
             the weight of a mixture of experts' router load-balancing loss in the training loss
-            (``CompletionLogpsForward``; TRL's rule). The logged ``loss`` and ``ppl`` are the NLL's; the
-            weighted load-balancing loss is added to the loss optimized, and logged as ``aux_loss``.
+            (``CompletionLogpsForward``; TRL's rule). The weighted load-balancing loss is added to the loss
+            optimized and to the logged ``loss`` (as TRL logs it); ``ppl`` is the NLL's; ``aux_loss`` is logged too.
     """
 
     def nll(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

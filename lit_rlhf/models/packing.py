@@ -1,7 +1,7 @@
-"""Padding-free forwards: a padded batch's real tokens run as one row of packed sequences.
+"""Padding-free forwards: a padded batch's real tokens run as rows of packed sequences.
 
-The layout is the one ``PackingCollator`` gives SFT: sequences concatenated into one
-``(1, total_tokens)`` row, ``position_ids`` restarting at 0 for each, no attention mask, no KV
+The layout is the one ``PackingCollator`` gives SFT: sequences concatenated into rows (``pack_rows``: one
+row, or rows of at most ``row_width`` tokens), ``position_ids`` restarting at 0 for each, no attention mask, no KV
 cache. transformers (5.x) then keeps attention inside each sequence: its mask builder detects the
 restarts in ``position_ids`` (``masking_utils.find_packed_sequence_indices``) and builds a
 block-diagonal causal mask for sdpa and eager attention; flash-attention runs varlen on one row.

@@ -108,9 +108,9 @@ class BankSpec:
         disable_dropout: set every dropout of the base, the adapters and the teacher to 0 (as TRL does):
             the reference is then deterministic and an online method's first update has ratio
             exactly 1. ``false`` trains with the configured dropouts (``lora.dropout``, the base's own).
-        reference: the reference policy of DPO, KTO, PPO, RLOO and GRPO. ``start`` (default): the
-            starting policy, i.e. a frozen copy of the policy adapter when it is loaded from a path
-            (an SFT adapter), else the base with adapters off (a fresh LoRA adapter starts as the
+        reference: the reference policy of the DPO family, KTO, PPO, RLOO, GRPO and Online DPO.
+            ``start`` (default): the starting policy, i.e. a frozen copy of the policy adapter when it is
+            loaded from a path (an SFT adapter), else the base with adapters off (a fresh LoRA adapter starts as the
             base); in ``full`` mode a frozen copy of the base. ``base``: always the base with adapters off.
         random_init: build the architecture of ``model``'s config with fresh random weights.
         trust_remote_code: allow code shipped with a hub model to run (off unless you trust it).

@@ -3,7 +3,7 @@
 - :mod:`.engine`: ``SamplingConfig``, the ``Rollout`` tuple, the ``RolloutEngine`` protocol and
   its registry (``hf``: transformers ``generate``; ``hf_static``: our decode loop over a static KV
   cache, compiled on CUDA; ``hf_compiled``: the same compiled on every device; ``auto``: ``hf_static`` on CUDA,
-  the faster of ``hf`` and an eager ``hf_static`` on CPU)
+  an eager ``hf_static`` on CPU, measured the faster there)
 - :mod:`.rewards`: ``RewardSpec`` (config), the sources (bank adapter, separate model, Python
   function) and ``Rewards``, their weighted, normalised, clipped combination; ``RewardScorer``
   (and ``score_texts``), the one loader of a reward model saved on disk

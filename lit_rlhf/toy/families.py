@@ -9,7 +9,8 @@ Phi-3 (fused projections), BLOOM and Falcon-RW
 does not quantize), Cohere and Granite (logits scaled after the head), Phi-2 and GPT-J (partial
 rotary, an LM head with a bias), or the mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE,
 OLMoE: experts stored as 3-D parameters, not linear layers; a top-k router; Mixtral's router
-jitter noise in training). Each model here speaks the toy tokenizer's vocabulary, so every
+jitter noise in training; Llama 4: a sigmoid router with no load-balancing loss). Each model here
+speaks the toy tokenizer's vocabulary, so every
 method and config runs on it unchanged: ``--model.init_args.bank.model <dir>``.
 
     python -m lit_rlhf.toy.families OUT_DIR        # one directory per family
