@@ -108,6 +108,43 @@ def test_rope_scaling_stretches_the_positions_a_config_states(families):
     assert position_limit(config) == ("max_position_embeddings", 4 * POSITIONS)
 
 
+LLAMA3 = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+RELEASED = {  # name: (model_type, the released config's values, the positions its model card states)
+    "llama-3.1": ("llama", dict(max_position_embeddings=131072, rope_scaling={**LLAMA3, "factor": 8.0}), 131072),
+    "llama-3.2": ("llama", dict(max_position_embeddings=131072, rope_scaling={**LLAMA3, "factor": 32.0}), 131072),
+    "qwen2.5+yarn": ("qwen2", dict(max_position_embeddings=32768, rope_scaling={
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}), 131072),
+    "qwen3+yarn": ("qwen3", dict(max_position_embeddings=40960, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}), 131072),
+    "phi-3.5-longrope": ("phi3", dict(max_position_embeddings=131072, original_max_position_embeddings=4096, rope_scaling={
+        "type": "longrope", "long_factor": [1.5] * 48, "short_factor": [1.0] * 48}), 131072),
+    "gemma-3": ("gemma3_text", dict(max_position_embeddings=131072, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                                    rope_local_base_freq=10000.0), 131072),
+    "gemma-3-multimodal": ("gemma3", dict(text_config=dict(max_position_embeddings=131072, rope_local_base_freq=10000.0,
+                                                           rope_scaling={"rope_type": "linear", "factor": 8.0})), 131072),
+    "mistral-sliding": ("mistral", dict(max_position_embeddings=32768, sliding_window=4096), 32768),
+    "deepseek-v2-yarn-mscale": ("deepseek_v2", dict(max_position_embeddings=163840, rope_scaling={
+        "type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "mscale": 0.707,
+        "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1}), 163840),
+    "vicuna-16k-linear": ("llama", dict(max_position_embeddings=4096, rope_scaling={"type": "linear", "factor": 4.0}),
+                          16384),
+    "dynamic-ntk": ("llama", dict(max_position_embeddings=4096, rope_scaling={"type": "dynamic", "factor": 2.0}), 8192),
+    "gpt2": ("gpt2", {}, 1024),
+    "opt": ("opt", dict(max_position_embeddings=2048), 2048),
+    "bloom": ("bloom", {}, None),
+    "falcon-rw": ("falcon", dict(alibi=True, new_decoder_architecture=False), None),
+}
+
+
+@pytest.mark.parametrize("name", list(RELEASED))
+def test_the_position_limit_of_released_configs_is_what_their_model_card_states(name):
+    """Llama 3.2's llama3 factor 32 over 8192 made 262144 (its card: 128K); the others guard the rule."""
+    model_type, values, card = RELEASED[name]
+    found = position_limit(AutoConfig.for_model(model_type, **values))
+    assert (found and found[1]) == card
+
+
 def test_alibi_models_have_no_position_limit_and_rotary_falcon_its_table(tmp_path):
     # BLOOM and Falcon-RW add ALiBi biases: no position table, whatever Falcon's config class fills in.
     limits = {family: position_limit(AutoConfig.from_pretrained(build_tiny(family, tmp_path / family)))
