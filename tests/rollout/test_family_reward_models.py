@@ -34,9 +34,21 @@ def test_a_saved_reward_adapter_scores_after_reload_as_in_memory(family, tmp_pat
         for name, param in bank.named_parameters():
             if "lora_B" in name or "heads" in name:
                 param.normal_(0, 0.5)
-    scorer = RewardScorer(bank, load_tokenizer(BankSpec(model=model)))
-    in_memory = scorer.scores(TEXTS)
-    torch.testing.assert_close(in_memory, torch.cat([scorer.scores([text]) for text in TEXTS]), atol=1e-5, rtol=1e-5)
+    tokenizer = load_tokenizer(BankSpec(model=model))
+    scorer = RewardScorer(bank, tokenizer)
+    in_memory = scorer.scores(TEXTS)  # right-padded rows
+    alone = torch.cat([scorer.scores([text]) for text in TEXTS])
+    torch.testing.assert_close(in_memory, alone, atol=1e-5, rtol=1e-5)
+    tokenizer.padding_side = "left"  # as generation batches are
+
+    def score(texts: list[str]) -> torch.Tensor:
+        encoded = tokenizer(texts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            return bank.score(encoded["input_ids"], encoded["attention_mask"], adapter="reward")
+
+    scores = score([str(text) for text in TEXTS])
+    singles = torch.cat([score([str(text)]) for text in TEXTS])
+    torch.testing.assert_close(scores, singles, atol=1e-5, rtol=1e-5)
     bank.save_adapter("reward", tmp_path / "adapter")
     torch.testing.assert_close(RewardScorer.load(tmp_path / "adapter").scores(TEXTS), in_memory, atol=0, rtol=0)
 
