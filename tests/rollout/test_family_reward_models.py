@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer
 from lit_rlhf.rollout import RewardScorer
-from lit_rlhf.toy.families import FAMILIES, MOE_FAMILIES, build_tiny, build_tiny_multimodal
+from lit_rlhf.toy.families import MOE_FAMILIES, build_tiny, build_tiny_multimodal
 
 TEXTS = ["the movie was great fun .", ("hello there", "i think the car is awful and sad ."), "a"]
 NEW = ["bloom", "falcon", "falcon_alibi", "gemma3_text", "cohere", "granite", "phi", "gptj", "stablelm", "olmo2",
