@@ -50,6 +50,7 @@ from lit_rlhf.data import SFTCollator, Where, pad_token_id_of, tokenize_record
 from lit_rlhf.data.tokenize import end_of_turn_ids, join_prompt_completion
 from lit_rlhf.distributed import all_rows
 from lit_rlhf.models import AdapterBank, AdapterSpec, BankSpec, load_tokenizer, read_adapter_meta
+from lit_rlhf.models.loading import text_config
 from lit_rlhf.models.positions import position_limit
 from lit_rlhf.models.saving import HEAD_FILE
 from lit_rlhf.rollout.engine import Rollout
@@ -330,7 +331,7 @@ class RewardScorer:
         self.batch_size = batch_size
         # A sequence classifier reads its score at the last token that is not its config's pad id, whatever the
         # attention mask says: padded with another id (the tokenizer's), a shorter row would be read on padding.
-        pad = None if isinstance(model, AdapterBank) else getattr(getattr(model, "config", None), "pad_token_id", None)
+        pad = None if isinstance(model, AdapterBank) else _classifier_pad_id(model)
         self.collate = SFTCollator(pad if pad is not None else pad_token_id_of(tokenizer))
         config = model.model.config if isinstance(model, AdapterBank) else getattr(model, "config", None)
         self.positions = position_limit(config) if config is not None else None
@@ -387,9 +388,9 @@ class RewardScorer:
             raise FileNotFoundError(f"{path} is not a reward model: no saved reward adapter (adapter_config.json), "
                                     f"merged reward model (config.json + {HEAD_FILE}) or transformers model (config.json)")
         tokenizer = load_tokenizer(spec)
-        if not isinstance(model, AdapterBank) and model.config.pad_token_id is None:
+        if not isinstance(model, AdapterBank) and _classifier_pad_id(model) is None:
             # Sequence classifiers read the score at the last token that is not padding.
-            model.config.pad_token_id = tokenizer.pad_token_id
+            text_config(model.config).pad_token_id = tokenizer.pad_token_id
         model.requires_grad_(False)
         model.eval().to(device)
         log.info("reward model %s loaded (%s)", path, type(model).__name__)
@@ -490,6 +491,13 @@ def adapter_base(path: str | Path) -> str | None:
     ``base_model_name_or_path``."""
     peft_base = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
     return read_adapter_meta(path).get("base_model") or peft_base
+
+
+def _classifier_pad_id(model: nn.Module) -> int | None:
+    """The pad id a transformers sequence classifier reads its score before: its text config's (transformers'
+    ``GenericForSequenceClassification``), as Gemma 3's multimodal classifier names none at its config's top level."""
+    config = getattr(model, "config", None)
+    return None if config is None else getattr(text_config(config), "pad_token_id", None)
 
 
 def _sequence_classifier(path: Path, dtype: str) -> nn.Module:

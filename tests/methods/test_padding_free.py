@@ -16,11 +16,13 @@ from tests.methods.tiny_families import FAMILIES, PREFERENCE, TOL, UNPAIRED, bui
 
 MORE = ["gemma3_text"]  # sliding-window layers
 UNPACKED = {"opt": "OPTForCausalLM", "bloom": "BloomForCausalLM"}  # masks built without position_ids
+#: The score read from the trunk's hidden state: multipliers (Granite), Falcon's trunk, partial rotary, mixtures of experts.
+REWARD_MORE = ["granite", "falcon", "phi", "qwen3_moe"]
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
-    return build_families(tmp_path_factory.mktemp("families"), [*FAMILIES, *MORE, *UNPACKED, "falcon_alibi"])
+    return build_families(tmp_path_factory.mktemp("families"), [*FAMILIES, *MORE, *UNPACKED, "falcon_alibi", *REWARD_MORE])
 
 
 def twins(cls, model: str, train_mode: str = "lora", **kwargs):
@@ -131,7 +133,7 @@ def test_kto_log_probs_and_loss_match_the_padded_batch(models, family):
     torch.testing.assert_close(metrics["kl"][0], expected_metrics["kl"][0], **TOL)
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "gemma3_text", *REWARD_MORE])
 def test_reward_scores_read_each_sequence_last_token_as_padded(models, family):
     packed, padded = twins(RewardModeling, models[family])
     batch = preference_batch(packed)
