@@ -137,6 +137,34 @@ def settle_epoch_progress(loops: dict, trainer: pl.Trainer) -> None:
         progress["is_last_batch"] = False
 
 
+def router_aux_weight(coef: float | None, model) -> float:
+    """The weight of a model's router load-balancing loss in the training loss, TRL's rule: ``coef``, else the
+    config's ``router_aux_loss_coef``, on any mixture of experts whose transformers code gives that loss
+    (``lit_rlhf.models.routers.computes_load_balancing_loss``, whatever its config's ``output_router_logits`` says); 0 for
+    any other model, where a non-zero ``coef`` is refused. Llama 4 declares a ``router_aux_loss_coef`` yet its
+    code has no such loss (TRL 1.16 fails on the missing ``aux_loss``): 0, unless asked for, which is refused."""
+    text = model.config.get_text_config()
+    moe = computes_load_balancing_loss(model)
+    if coef and not moe:
+        raise InvalidArgument("router_aux_loss_coef", f"router_aux_loss_coef is {coef}, but {type(text).__name__} is "
+                              "no mixture of experts with a router load-balancing loss in transformers: there is no "
+                              "load-balancing loss to weight (leave it unset)")
+    if not moe:
+        return 0.0
+    return float(getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef)
+
+
+def router_aux_settings(coef: float | None, model) -> tuple[float, int | None]:
+    """``(weight, top_k)`` of a model's router load-balancing loss (:func:`router_aux_weight`, and the experts
+    per token it counts routings by); refused where the loss is weighted but ``top_k`` is not declared."""
+    weight = router_aux_weight(coef, model)
+    top_k = getattr(model.config.get_text_config(), "num_experts_per_tok", None)
+    if weight and not top_k:
+        raise InvalidArgument("router_aux_loss_coef", "this mixture of experts' config declares no num_experts_per_tok, "
+                              "which its load-balancing loss counts routings by: set router_aux_loss_coef: 0")
+    return weight, top_k
+
+
 def _warn_router_loss_left_out(method: str, model) -> None:
     """Say so where a mixture of experts declares a router load-balancing loss that ``method`` does not add."""
     coef = getattr(model.config.get_text_config(), "router_aux_loss_coef", 0.0)
@@ -273,6 +301,16 @@ class BankMethod(pl.LightningModule):
     #: (``offline.CompletionLogpsForward``; ``OnlineMethod.rollout_logits`` for GRPO and RLOO).
     adds_router_aux_loss = False
 
+    def keep_router_aux_loss_coef(self, coef: float | None, refusal: str) -> None:
+        """Keep ``router_aux_loss_coef`` for ``configure_model``, which resolves it against the model config
+        (:func:`router_aux_settings`); refused, ``refusal`` saying why, where the method adds no such loss."""
+        if coef is not None and not self.adds_router_aux_loss:
+            raise InvalidArgument("router_aux_loss_coef", f"{type(self).__name__} adds no router load-balancing loss "
+                                  f"({refusal}): leave router_aux_loss_coef unset")
+        self.router_aux_loss_coef = coef
+        self._router_aux_weight = 0.0
+        self._router_top_k: int | None = None
+
     def configure_model(self) -> None:
         if self.bank is not None:
             return
@@ -281,7 +319,9 @@ class BankMethod(pl.LightningModule):
             require=self.required_adapters(),
             reference_of=self.trained_adapter if self.needs_reference() else None,
         )
-        if not self.adds_router_aux_loss:
+        if self.adds_router_aux_loss:
+            self._router_aux_weight, self._router_top_k = router_aux_settings(self.router_aux_loss_coef, self.bank.model)
+        else:
             _warn_router_loss_left_out(type(self).__name__, self.bank.model)
         if self.device_mesh is not None:  # ModelParallelStrategy (configs/strategy/fsdp.yaml)
             shard_bank(self.bank, self.device_mesh["data_parallel"])

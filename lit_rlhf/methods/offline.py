@@ -19,7 +19,6 @@ from typing import NamedTuple
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
-from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.losses import (
     PackedLayout,
     SequenceLogps,
@@ -33,7 +32,6 @@ from lit_rlhf.losses import (
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.models.head import head_on
 from lit_rlhf.models.packing import PackedRows, pack_rows, packing_unsupported
-from lit_rlhf.models.routers import computes_load_balancing_loss
 
 log = logging.getLogger("lit_rlhf.methods")
 
@@ -78,20 +76,9 @@ class CompletionLogpsForward:
 
     def __init__(self, *, router_aux_loss_coef: float | None = None, **kwargs):
         super().__init__(**kwargs)
-        if router_aux_loss_coef is not None and not self.adds_router_aux_loss:
-            raise InvalidArgument("router_aux_loss_coef", f"{type(self).__name__} adds no router load-balancing loss "
-                                  "(its forward reads no language-model output): leave router_aux_loss_coef unset")
-        self.router_aux_loss_coef = router_aux_loss_coef
-        self._router_aux_weight = 0.0  # resolved against the model config in configure_model
-        self._router_top_k: int | None = None
+        self.keep_router_aux_loss_coef(router_aux_loss_coef, "its forward reads no language-model output")
         self._router_aux_losses: list[torch.Tensor] = []
         self._in_loss_forward = False
-
-    def configure_model(self) -> None:
-        super().configure_model()
-        if self.adds_router_aux_loss:
-            self._router_aux_weight, self._router_top_k = router_aux_settings(self.router_aux_loss_coef,
-                                                                              self.bank.model)
 
     @contextmanager
     def trained_role(self):
@@ -191,34 +178,6 @@ class CompletionLogpsForward:
             log_sum_sq = log_sum_squared_probs(logits)
             log_sum_sq = log_sum_sq if layout is None else unpack_tokens(log_sum_sq, layout)
         return CompletionLogps(per_token, mask, log_sum_sq)
-
-
-def router_aux_weight(coef: float | None, model) -> float:
-    """The weight of a model's router load-balancing loss in the training loss, TRL's rule: ``coef``, else the
-    config's ``router_aux_loss_coef``, on any mixture of experts whose transformers code gives that loss
-    (``models.routers.computes_load_balancing_loss``, whatever its config's ``output_router_logits`` says); 0 for
-    any other model, where a non-zero ``coef`` is refused. Llama 4 declares a ``router_aux_loss_coef`` yet its
-    code has no such loss (TRL 1.16 fails on the missing ``aux_loss``): 0, unless asked for, which is refused."""
-    text = model.config.get_text_config()
-    moe = computes_load_balancing_loss(model)
-    if coef and not moe:
-        raise InvalidArgument("router_aux_loss_coef", f"router_aux_loss_coef is {coef}, but {type(text).__name__} is "
-                              "no mixture of experts with a router load-balancing loss in transformers: there is no "
-                              "load-balancing loss to weight (leave it unset)")
-    if not moe:
-        return 0.0
-    return float(getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef)
-
-
-def router_aux_settings(coef: float | None, model) -> tuple[float, int | None]:
-    """``(weight, top_k)`` of a model's router load-balancing loss (:func:`router_aux_weight`, and the experts
-    per token it counts routings by); refused where the loss is weighted but ``top_k`` is not declared."""
-    weight = router_aux_weight(coef, model)
-    top_k = getattr(model.config.get_text_config(), "num_experts_per_tok", None)
-    if weight and not top_k:
-        raise InvalidArgument("router_aux_loss_coef", "this mixture of experts' config declares no num_experts_per_tok, "
-                              "which its load-balancing loss counts routings by: set router_aux_loss_coef: 0")
-    return weight, top_k
 
 
 def check_packed_batches(method: BankMethod, roles: dict[str, Callable[[], AbstractContextManager]]) -> None:

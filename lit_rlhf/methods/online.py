@@ -44,12 +44,10 @@ import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
 from lit_rlhf.distributed import every_rank, global_means, global_sum, rank_seed
-from lit_rlhf.errors import InvalidArgument
 from lit_rlhf.losses import (entropy_chunk, entropy_from_logits, head_token_logps, kl_penalty, load_balancing_loss,
                              token_logps)
 from lit_rlhf.methods.base import BankMethod
 from lit_rlhf.methods.kl_control import FixedKLController
-from lit_rlhf.methods.offline import router_aux_settings
 from lit_rlhf.models import AdapterSpec, eval_mode
 from lit_rlhf.models.head import accepts_logits_to_keep, head_skipped
 from lit_rlhf.models.prefix import prompt_groups, prompt_sharing_supported, shared_prompt_logits
@@ -259,7 +257,7 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         router_aux_loss_coef: where the method adds it (``adds_router_aux_loss``: GRPO, RLOO), the weight of a
             mixture of experts' router load-balancing loss over the update forward's real tokens (prompt and
             response, ``rollout_logits``), as TRL 1.16 adds it; ``None``: the model config's, ``0``: off (the
-            rule of ``offline.router_aux_weight``). Logged as ``aux_loss``.
+            rule of ``base.router_aux_weight``). Logged as ``aux_loss``.
         **kwargs: optimizer, bank and ``policy_adapter`` arguments of ``BankMethod``.
     """
 
@@ -291,13 +289,8 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if router_aux_loss_coef is not None and not self.adds_router_aux_loss:
-            raise InvalidArgument("router_aux_loss_coef", f"{type(self).__name__} adds no router load-balancing loss "
-                                  "(of the online methods only GRPO and RLOO add it, as in TRL 1.16): leave "
-                                  "router_aux_loss_coef unset")
-        self.router_aux_loss_coef = router_aux_loss_coef
-        self._router_aux_weight = 0.0  # resolved against the model config in configure_model
-        self._router_top_k: int | None = None
+        self.keep_router_aux_loss_coef(router_aux_loss_coef,
+                                       "of the online methods only GRPO and RLOO add it, as in TRL 1.16")
         self._router_aux: torch.Tensor | None = None  # of the last forward with gradients, for its PolicyPass
         if not rewards:
             raise ValueError(
@@ -856,9 +849,6 @@ class OnlineMethod(BankMethod, metaclass=ABCMeta):
                     f"reward adapter under bank.adapters, e.g. {{name: {name}, path: runs/reward/.../export/adapter}}"
                 )
         super().configure_model()
-        if self.adds_router_aux_loss:
-            self._router_aux_weight, self._router_top_k = router_aux_settings(self.router_aux_loss_coef,
-                                                                              self.bank.model)
         if not self.bank_spec.disable_dropout:
             log.warning("bank.disable_dropout is false: the update's forward drops units the rollout's did not, so "
                         "the importance ratio is not 1 on the first update and clipping sees dropout noise")
